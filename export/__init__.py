@@ -1,0 +1,1 @@
+"""Export stage: checkpoint -> ONNX (normalization inside) -> parity gate -> model repository."""

@@ -1,0 +1,119 @@
+"""Checkpoint -> ONNX graph that takes 0..255 RGB pixels and normalizes inside."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from train.checkpoint import atomic_write_bytes, model_from_checkpoint
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+OPSET = 18
+
+
+class PixelClassifier(nn.Module):
+    """``model((x / 255 - mean) / std)`` for float 0..255 NCHW RGB pixels ``x``.
+
+    The scaling is folded into one multiply-add: ``x * (1 / (255 std)) - mean / std``.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_t))
+        self.register_buffer("shift", mean_t / std_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x * self.scale - self.shift)
+
+
+def pixel_model(ckpt: dict[str, Any]) -> PixelClassifier:
+    """The checkpoint's model wrapped to take 0..255 pixels (eval mode)."""
+    pre = ckpt["preprocess"]
+    return PixelClassifier(model_from_checkpoint(ckpt), pre["mean"], pre["std"]).eval()
+
+
+def metadata(ckpt: dict[str, Any]) -> dict[str, str]:
+    """ONNX metadata_props: everything a server or client needs, as strings (JSON values)."""
+    return {
+        "model_name": ckpt.get("model_name", ""),
+        "arch": ckpt["arch"],
+        "classes": json.dumps(ckpt["classes"]),
+        "preprocess": json.dumps(ckpt["preprocess"]),
+        "input": json.dumps(
+            {
+                "name": INPUT_NAME,
+                "dtype": "float32",
+                "layout": "NCHW",
+                "color": "RGB",
+                "range": [0, 255],
+                "shape": [-1, *ckpt["preprocess"]["input_size"]],
+            }
+        ),
+        "output": json.dumps(
+            {
+                "name": OUTPUT_NAME,
+                "dtype": "float32",
+                "kind": "logits",
+                "shape": [-1, ckpt["num_classes"]],
+            }
+        ),
+        "pretrained": json.dumps(ckpt.get("pretrained", {})),
+        "metrics": json.dumps(ckpt.get("metrics", {})),
+        "torch_version": str(torch.__version__),
+    }
+
+
+def export_onnx(ckpt: dict[str, Any], path: str | Path, *, opset: int = OPSET) -> onnx.ModelProto:
+    """Export with a dynamic batch axis, attach metadata, check, and write atomically."""
+    path = Path(path)
+    model = pixel_model(ckpt)
+    c, h, w = ckpt["preprocess"]["input_size"]
+    example = torch.rand(2, c, h, w) * 255
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+        )
+    proto = program.model_proto
+    # Name the batch axis the same way Triton/TensorRT tools expect.
+    for value in (*proto.graph.input, *proto.graph.output):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        dim0.ClearField("dim_value")
+        dim0.dim_param = "batch"
+    del proto.metadata_props[:]
+    for key, value in metadata(ckpt).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "trainserve.export"
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write_bytes(path, lambda f: f.write(proto.SerializeToString()))
+    return proto
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Metadata of an exported model, JSON values decoded."""
+    proto = onnx.load(str(path), load_external_data=False)
+    out: dict[str, Any] = {}
+    for prop in proto.metadata_props:
+        try:
+            out[prop.key] = json.loads(prop.value)
+        except json.JSONDecodeError:
+            out[prop.key] = prop.value
+    return out

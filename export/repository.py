@@ -1,0 +1,199 @@
+"""Publish an exported model into a Triton model repository as the next numeric version.
+
+Layout (CPU target, the python backend running ONNX Runtime)::
+
+    model_repository/<name>/config.pbtxt      model-level config (protobuf text)
+    model_repository/<name>/labels.txt        one class name per line (label_filename)
+    model_repository/<name>/<N>/model.onnx    the exported graph
+    model_repository/<name>/<N>/model.py      python-backend model that runs it with ORT
+    model_repository/<name>/<N>/model_card.json   everything known about version N
+
+A version is assembled in a non-numeric staging folder (Triton ignores those) and
+renamed into place, so the server never sees a half-written version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME
+
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class ServingConfig:
+    """Knobs of the generated Triton model config."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    instances: int = 1
+    intra_op_threads: int = 0
+
+
+def check_model_name(name: str) -> str:
+    """Model names become directory names and URL parts: keep them plain."""
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"bad model name {name!r}: use letters, digits, '_', '-', '.' "
+            "(at most 64, not starting with a symbol)"
+        )
+    return name
+
+
+def sanitize_label(label: str) -> str:
+    """Labels go one per line into labels.txt: no line breaks or control characters."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in str(label)).strip()
+    if not clean:
+        raise ValueError(f"class name {label!r} is empty after removing control characters")
+    return clean
+
+
+def build_config(name: str, ckpt: dict[str, Any], serving: ServingConfig) -> mc.ModelConfig:
+    """The model-level config for the CPU (python backend + ONNX Runtime) target."""
+    pre = ckpt["preprocess"]
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=serving.max_batch_size)
+    cfg.input.add(
+        name=INPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        format=mc.ModelInput.FORMAT_NCHW,
+        dims=list(pre["input_size"]),
+    )
+    cfg.output.add(
+        name=OUTPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        dims=[int(ckpt["num_classes"])],
+        label_filename="labels.txt",
+    )
+    cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=serving.instances)
+    params = {
+        "onnx_file": "model.onnx",
+        "intra_op_threads": str(serving.intra_op_threads),
+        # What a client needs to turn an image into the input tensor (read via the API).
+        "preprocess_resize": str(pre["resize"]),
+        "preprocess_crop": str(pre["crop"]),
+        "preprocess_interpolation": str(pre.get("interpolation", "bilinear")),
+        "input_pixel_range": "0..255 RGB",
+        "arch": ckpt["arch"],
+    }
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def config_text(cfg: mc.ModelConfig) -> str:
+    """Protobuf text format, as Triton reads it."""
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    """Strict parse of a config.pbtxt (unknown fields are errors)."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def versions(model_dir: Path) -> list[int]:
+    """Numeric version folders present, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_compatible(model_dir: Path, cfg: mc.ModelConfig, labels: list[str]) -> None:
+    """A new version must keep the served signature (inputs, outputs, labels)."""
+    cfg_path, labels_path = model_dir / "config.pbtxt", model_dir / "labels.txt"
+    if not cfg_path.is_file() or not versions(model_dir):
+        return
+    old = parse_config(cfg_path.read_text())
+    old_sig = (
+        [(i.name, list(i.dims), i.data_type) for i in old.input],
+        [(o.name, list(o.dims), o.data_type) for o in old.output],
+    )
+    new_sig = (
+        [(i.name, list(i.dims), i.data_type) for i in cfg.input],
+        [(o.name, list(o.dims), o.data_type) for o in cfg.output],
+    )
+    old_labels = labels_path.read_text().splitlines() if labels_path.is_file() else []
+    if old_sig != new_sig or old_labels != labels:
+        raise ValueError(
+            f"{model_dir.name}: the new version changes what clients see "
+            f"(inputs/outputs {old_sig} -> {new_sig}; labels {old_labels} -> {labels}); "
+            "publish it under another model name"
+        )
+
+
+def publish(
+    repo: str | Path,
+    name: str,
+    onnx_path: str | Path,
+    ckpt: dict[str, Any],
+    card: dict[str, Any],
+    serving: ServingConfig | None = None,
+) -> Path:
+    """Add ``onnx_path`` as version N+1 of ``name`` in ``repo``; returns the version folder."""
+    check_model_name(name)
+    serving = serving or ServingConfig()
+    onnx_path = Path(onnx_path)
+    model_dir = Path(repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    labels = [sanitize_label(c) for c in ckpt["classes"]]
+    cfg = build_config(name, ckpt, serving)
+    _check_compatible(model_dir, cfg, labels)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        shutil.copyfile(onnx_path, staging / "model.onnx")
+        shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+        version = (versions(model_dir) or [0])[-1] + 1
+        card = {
+            **card,
+            "name": name,
+            "version": version,
+            "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "onnx_sha256": sha256(staging / "model.onnx"),
+            "labels": labels,
+            "target": "cpu",
+            "backend": "python (onnxruntime CPU)",
+        }
+        (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+        for f in staging.iterdir():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(staging, 0o755)
+        _write_text_atomic(model_dir / "labels.txt", "\n".join(labels) + "\n")
+        _write_text_atomic(model_dir / "config.pbtxt", config_text(cfg))
+        target = model_dir / str(version)
+        os.rename(staging, target)  # atomic; fails rather than overwrite an existing version
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,78 @@
+"""Triton python-backend model: runs this version's ONNX file with ONNX Runtime (CPU).
+
+Copied into each published version as ``model.py``. Config parameters used:
+``onnx_file`` (default model.onnx) and ``intra_op_threads`` (0 = ORT default).
+Requests of one dynamic batch run as one ORT call; a bad request gets its own
+error response and does not affect the others.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Python-backend entry points: initialize, execute, finalize."""
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        onnx_path = os.path.join(version_dir, params.get("onnx_file", "model.onnx"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(params.get("intra_op_threads", "0") or 0)
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        self.ort_input = self.session.get_inputs()[0].name
+        self.item_shape = tuple(int(d) for d in config["input"][0]["dims"])
+
+    def _check(self, x):
+        if x.dtype != np.float32:
+            return f"input '{self.input_name}' must be FP32, got {x.dtype}"
+        if x.ndim != 1 + len(self.item_shape) or tuple(x.shape[1:]) != self.item_shape:
+            return (
+                f"input '{self.input_name}' must have shape [batch, "
+                f"{', '.join(map(str, self.item_shape))}], got {list(x.shape)}"
+            )
+        if not np.isfinite(x).all():
+            return f"input '{self.input_name}' contains NaN or Inf values"
+        return None
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good, arrays = [], []
+        for i, request in enumerate(requests):
+            tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
+            if tensor is None:
+                problem = f"missing input '{self.input_name}'"
+            else:
+                x = tensor.as_numpy()
+                problem = self._check(x)
+            if problem:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(problem))
+            else:
+                good.append(i)
+                arrays.append(x)
+        if arrays:
+            try:
+                batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+                logits = self.session.run(None, {self.ort_input: batch})[0]
+                start = 0
+                for i, x in zip(good, arrays, strict=True):
+                    out = pb_utils.Tensor(self.output_name, logits[start : start + len(x)])
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+                    start += len(x)
+            except Exception as e:  # an ORT failure answers every request, never kills the model
+                for i in good:
+                    responses[i] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"inference failed: {e}")
+                    )
+        return responses
+
+    def finalize(self):
+        self.session = None

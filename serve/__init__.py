@@ -1,0 +1,1 @@
+"""Serving stage: run Triton on the model repository and talk to it (no torch here)."""

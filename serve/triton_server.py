@@ -1,0 +1,264 @@
+"""Start the ``tritonserver`` binary shipped in the nvidia-pytriton wheel.
+
+Everything is derived at run time from the running interpreter: the wheel's
+location (site-packages), the python-backend stub for this Python version, the
+interpreter's LIBDIR (for libpython) and the venv's ``bin`` (the stub's Python
+finds packages through the first ``python3`` on PATH).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+class TritonNotFound(RuntimeError):
+    """The nvidia-pytriton wheel (and its tritonserver) is not installed."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Paths inside the installed nvidia-pytriton wheel."""
+
+    root: Path  # .../site-packages/pytriton/tritonserver
+
+    @classmethod
+    def find(cls) -> TritonInstall:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonNotFound("nvidia-pytriton is not installed (run `make setup`)")
+        root = Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+        if not (root / "bin" / "tritonserver").is_file():
+            raise TritonNotFound(f"no tritonserver binary under {root}")
+        return cls(root)
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def libs(self) -> Path:
+        return self.root.parent.parent / "nvidia_pytriton.libs"
+
+    def python_stub(self) -> Path:
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise TritonNotFound(f"no python-backend stub for Python {version} at {stub}")
+        return stub
+
+    def backend_directory(self) -> Path:
+        """A backend dir whose ``python/`` holds the backend library, utils and the stub
+        for this interpreter (made once per venv, as symlinks into the wheel)."""
+        base = Path(sys.prefix) / "var" / "triton-backends"
+        if not os.access(Path(sys.prefix), os.W_OK):
+            base = Path.home() / ".cache" / "trainserve" / "triton-backends"
+        py = base / f"py{sys.version_info.major}{sys.version_info.minor}"
+        target = py / "python"
+        target.mkdir(parents=True, exist_ok=True)
+        links = {
+            "libtriton_python.so": self.root / "backends" / "python" / "libtriton_python.so",
+            "triton_python_backend_utils.py": self.root
+            / "backends"
+            / "python"
+            / "triton_python_backend_utils.py",
+            "triton_python_backend_stub": self.python_stub(),
+        }
+        for name, src in links.items():
+            dst = target / name
+            if dst.is_symlink() and dst.resolve() == src.resolve():
+                continue
+            tmp = target / f".{name}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(src)
+            os.replace(tmp, dst)
+        return py
+
+    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for the server: libpython + wheel libs, venv python first on PATH."""
+        env = dict(os.environ if base is None else base)
+        libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(self.libs)]
+        if env.get("LD_LIBRARY_PATH"):
+            libdirs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+
+@dataclass
+class ServerOptions:
+    """Command-line options of one server."""
+
+    model_repository: str = "model_repository"
+    host: str = LOOPBACK
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    model_control: str = "explicit"
+    load_models: list[str] = field(default_factory=lambda: ["*"])
+    exit_timeout: int = 10
+    log_verbose: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+
+def server_command(install: TritonInstall, opts: ServerOptions) -> list[str]:
+    """The tritonserver argv for ``opts``."""
+    repo = Path(opts.model_repository)
+    if not repo.is_dir():
+        raise FileNotFoundError(f"model repository {repo} does not exist (run `make export`)")
+    cmd = [
+        str(install.binary),
+        f"--model-repository={repo.resolve()}",
+        f"--backend-directory={install.backend_directory()}",
+        f"--http-address={opts.host}",
+        f"--http-port={opts.http_port}",
+        f"--grpc-address={opts.host}",
+        f"--grpc-port={opts.grpc_port}",
+        f"--metrics-address={opts.host}",
+        f"--metrics-port={opts.metrics_port}",
+        "--allow-gpu-metrics=false",
+        "--pinned-memory-pool-byte-size=0",
+        f"--exit-timeout-secs={opts.exit_timeout}",
+        "--disable-auto-complete-config",
+        f"--log-verbose={opts.log_verbose}",
+        f"--model-control-mode={opts.model_control}",
+    ]
+    if opts.model_control == "explicit":
+        cmd += [f"--load-model={m}" for m in opts.load_models]
+    return cmd + list(opts.extra_args)
+
+
+def exec_server(opts: ServerOptions) -> None:
+    """Replace this process with tritonserver (foreground; SIGTERM/Ctrl-C stop it cleanly)."""
+    install = TritonInstall.find()
+    cmd = server_command(install, opts)
+    print(
+        f"tritonserver: HTTP {opts.host}:{opts.http_port}, gRPC {opts.host}:{opts.grpc_port}, "
+        f"metrics {opts.host}:{opts.metrics_port}, repository {opts.model_repository}",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.execve(cmd[0], cmd, install.environment())
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A currently free TCP port on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """A tritonserver child process (for tests, benchmarks and tools).
+
+    ``with TritonServer(ServerOptions(...)) as server:`` starts it, waits until it
+    is ready, and stops it by PID on exit (SIGTERM, then SIGKILL after a timeout).
+    """
+
+    def __init__(self, opts: ServerOptions, log_path: str | Path | None = None) -> None:
+        self.opts = opts
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.opts.host}:{self.opts.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.opts.host}:{self.opts.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.opts.host}:{self.opts.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 120.0) -> TritonServer:
+        install = TritonInstall.find()
+        cmd = server_command(install, self.opts)
+        out = subprocess.DEVNULL
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("wb")
+            out = self._log
+        self.process = subprocess.Popen(
+            cmd,
+            env=install.environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def _get(self, path: str) -> int:
+        url = f"http://{self.http_url}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def is_ready(self) -> bool:
+        return self._get("/v2/health/ready") == 200
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until the server reports ready; raise with the log tail if it dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with {self.process.returncode}{self._log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.is_file():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- server log ---\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM by PID, wait, SIGKILL the process group if it does not exit."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        if self._log:
+            self._log.close()
+            self._log = None
+        return self.process.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,149 @@
+"""Export stage: ONNX graph, parity gate on every real val image, model repository layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from export.onnx_export import read_metadata
+from export.parity import FP32_GATE, diff_stats, judge
+from export.repository import parse_config, versions
+from tests.conftest import run_cli
+from train.checkpoint import load_checkpoint
+
+STAGE_KEYS = {
+    "name",
+    "reference",
+    "status",
+    "reason",
+    "images",
+    "top1_agreement",
+    "max_abs",
+    "mean_abs",
+    "median_abs",
+    "max_rel",
+    "min_required_atol",
+}
+
+
+def test_parity_report_on_every_val_image(trained_run: Path, model_repo: Path) -> None:
+    report = json.loads((trained_run / "parity.json").read_text())
+    assert report["passed"] is True and report["images"] == 153
+    # A meaningful check needs a model that really discriminates the images.
+    assert report["reference_top1"] > 0.85
+    (stage,) = report["stages"]
+    assert set(stage) >= STAGE_KEYS
+    assert (stage["name"], stage["reference"], stage["status"]) == (
+        "onnxruntime-fp32",
+        "pytorch-fp32",
+        "passed",
+    )
+    assert stage["images"] == 153
+    assert stage["top1_agreement"] == 1.0
+    assert stage["max_abs"] <= 1e-3
+    assert 0 <= stage["median_abs"] <= stage["max_abs"] == stage["min_required_atol"]
+
+
+def test_onnx_graph_contract(trained_run: Path, model_repo: Path) -> None:
+    path = trained_run / "model.onnx"
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert inp.name == "input" and out.name == "logits"
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == [
+        "batch",
+        3,
+        224,
+        224,
+    ]
+    meta = read_metadata(path)
+    ckpt = load_checkpoint(trained_run / "checkpoint.pt")
+    assert meta["classes"] == ckpt["classes"]
+    assert meta["preprocess"] == ckpt["preprocess"]
+    assert meta["arch"] == ckpt["arch"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for batch in (1, 5):
+        x = rng.uniform(0, 255, (batch, 3, 224, 224)).astype(np.float32)
+        assert session.run(None, {"input": x})[0].shape == (batch, 2)
+
+
+def test_published_repository_layout(model_repo: Path, trained_run: Path) -> None:
+    model_dir = model_repo / "antsbees"
+    assert versions(model_dir) == [1]
+    cfg = parse_config((model_dir / "config.pbtxt").read_text())  # strict protobuf parse
+    assert cfg.name == "antsbees" and cfg.backend == "python" and cfg.max_batch_size >= 16
+    assert cfg.HasField("dynamic_batching")
+    (inp,), (out,) = cfg.input, cfg.output
+    assert inp.format == inp.FORMAT_NCHW and list(inp.dims) == [3, 224, 224]
+    assert list(out.dims) == [2] and out.label_filename == "labels.txt"
+    assert (model_dir / "labels.txt").read_text() == "ants\nbees\n"
+    v1 = model_dir / "1"
+    assert sorted(p.name for p in v1.iterdir()) == ["model.onnx", "model.py", "model_card.json"]
+    card = json.loads((v1 / "model_card.json").read_text())
+    assert card["classes"] == ["ants", "bees"] and card["version"] == 1
+    assert card["parity"]["passed"] is True and card["preprocess"]["crop"] == 224
+    assert (v1 / "model.onnx").read_bytes() == (trained_run / "model.onnx").read_bytes()
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_export_publishes_next_version_and_gate_refuses(
+    tmp_path: Path, trained_run: Path, model_repo: Path, hymenoptera: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    ckpt = str(trained_run / "checkpoint.pt")
+    common = [
+        "export",
+        "--checkpoint",
+        ckpt,
+        "--data",
+        str(hymenoptera),
+        "--model-repository",
+        str(repo),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
+    run_cli(*common)
+    assert versions(repo / "antsbees") == [1, 2]
+    # A gate tighter than the real ORT-vs-PyTorch difference must refuse to publish.
+    proc = run_cli(*common, "--atol", "1e-12", check=False)
+    assert proc.returncode == 3
+    assert "parity failed, not publishing" in proc.stderr and "max abs diff" in proc.stderr
+    assert versions(repo / "antsbees") == [1, 2]
+    report = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert report["passed"] is False and report["stages"][0]["status"] == "failed"
+    # --force publishes anyway and the model card says so.
+    run_cli(*common, "--atol", "1e-12", "--force")
+    card = json.loads((repo / "antsbees" / "3" / "model_card.json").read_text())
+    assert card["parity"]["forced"] is True
+
+
+def test_parity_judge_thresholds() -> None:
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(50, 10)).astype(np.float32)
+    assert judge("a", "b", ref, ref).status == "passed"
+    near = ref + 5e-4
+    assert judge("a", "b", ref, near).status == "passed"
+    far = ref + 2e-3
+    stage = judge("a", "b", ref, far)
+    assert stage.status == "failed" and "max abs diff" in stage.reason
+    flipped = ref.copy()
+    flipped[0] = -flipped[0]
+    stage = judge("a", "b", ref, flipped, FP32_GATE)
+    assert stage.status == "failed" and "top-1 agreement" in stage.reason
+    stats = diff_stats(ref, near)
+    assert stats["max_abs"] == pytest.approx(5e-4, rel=1e-3)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        diff_stats(ref, ref[:, :5])
+
+
+def test_export_missing_checkpoint_is_clear(tmp_path: Path) -> None:
+    proc = run_cli("export", "--checkpoint", str(tmp_path / "none.pt"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

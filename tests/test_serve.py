@@ -1,0 +1,255 @@
+"""Serving: the real tritonserver on loopback, HTTP and gRPC, the classify CLI, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from serve.client import Classifier, ServerUnavailable
+from serve.preprocess import ResizeCrop, preprocess
+from serve.triton_server import free_port
+from tests.conftest import ROOT, run_cli
+
+GEOMETRY = ResizeCrop(256, 224)
+
+
+@pytest.fixture(scope="module")
+def val_pixels(val_images: list[Path]) -> tuple[list[Path], np.ndarray]:
+    paths = val_images[::8]  # 20 images, both classes
+    return paths, np.stack([preprocess(p, GEOMETRY) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def ort_logits(trained_run: Path, val_pixels) -> np.ndarray:
+    session = ort.InferenceSession(
+        str(trained_run / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, {"input": val_pixels[1]})[0]
+
+
+def _infer(module, url: str, x: np.ndarray, **output_kwargs) -> np.ndarray:
+    client = module.InferenceServerClient(url)
+    try:
+        inp = module.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        out = module.InferRequestedOutput("logits", **output_kwargs)
+        return client.infer("antsbees", [inp], outputs=[out]).as_numpy("logits")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_logits_bit_identical_to_onnxruntime(
+    server, val_pixels, ort_logits, protocol
+) -> None:
+    module, url = (
+        (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    )
+    served = _infer(module, url, val_pixels[1])
+    assert served.dtype == np.float32 and served.shape == ort_logits.shape
+    assert np.array_equal(served, ort_logits)
+    # Predictions vary across images: the comparison is not of a constant function.
+    assert len(set(served.argmax(1).tolist())) == 2
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_classification_extension_returns_labels(server, val_pixels, ort_logits, protocol) -> None:
+    module, url = (
+        (httpclient, server.http_url) if protocol == "http" else (grpcclient, server.grpc_url)
+    )
+    entries = _infer(module, url, val_pixels[1][:4], class_count=2)
+    for row, logits in zip(entries, ort_logits[:4], strict=True):
+        score, index, label = row[0].decode().split(":")
+        assert int(index) == int(logits.argmax())
+        assert label == ["ants", "bees"][int(index)]
+        assert float(score) == pytest.approx(float(logits.max()), abs=1e-5)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_classifier_client_top_k(server, val_pixels, ort_logits, protocol) -> None:
+    url = server.http_url if protocol == "http" else server.grpc_url
+    paths, _ = val_pixels
+    with Classifier(url, "antsbees", protocol=protocol) as clf:
+        results = clf.classify(paths, top_k=2)
+    assert len(results) == len(paths)
+    for preds, logits in zip(results, ort_logits, strict=True):
+        assert [p.label for p in preds][0] == ["ants", "bees"][int(logits.argmax())]
+        assert {p.label for p in preds} == {"ants", "bees"}
+        assert sum(p.probability for p in preds) == pytest.approx(1.0, abs=1e-6)
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        assert preds[0].probability == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+def test_classify_cli_on_real_images_and_a_corrupt_one(
+    server, val_pixels, ort_logits, tmp_path: Path
+) -> None:
+    paths, _ = val_pixels
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(paths[0].read_bytes()[:200])  # a truncated JPEG
+    proc = run_cli(
+        "serve",
+        "classify",
+        "--model",
+        "antsbees",
+        "--url",
+        server.http_url,
+        "--protocol",
+        "http",
+        "--top-k",
+        "2",
+        str(paths[0]),
+        str(corrupt),
+        str(paths[-1]),
+        check=False,
+    )
+    assert proc.returncode == 1  # one image failed, the others were answered
+    assert "corrupt.jpg" in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for line, logits in zip(lines, (ort_logits[0], ort_logits[-1]), strict=True):
+        top_label = line.split(": ", 1)[1].split()[0]
+        assert top_label == ["ants", "bees"][int(logits.argmax())]
+    assert server.is_ready()
+
+
+def test_wrong_inputs_get_errors_and_server_stays_ready(server, val_pixels, ort_logits) -> None:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        bad_cases = [
+            np.zeros((1, 3, 100, 100), np.float32),  # wrong shape
+            np.zeros((1, 224, 224, 3), np.float32),  # NHWC instead of NCHW
+        ]
+        for x in bad_cases:
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            with pytest.raises(InferenceServerException, match="unexpected shape"):
+                client.infer("antsbees", [inp])
+        x64 = np.zeros((1, 3, 224, 224), np.float64)
+        inp = grpcclient.InferInput("input", list(x64.shape), "FP64")
+        inp.set_data_from_numpy(x64)
+        with pytest.raises(InferenceServerException, match="FP64|data-type|datatype"):
+            client.infer("antsbees", [inp])
+        nan = np.full((1, 3, 224, 224), np.nan, np.float32)
+        inp = grpcclient.InferInput("input", list(nan.shape), "FP32")
+        inp.set_data_from_numpy(nan)
+        with pytest.raises(InferenceServerException, match="NaN"):
+            client.infer("antsbees", [inp])
+        assert client.is_server_ready() and client.is_model_ready("antsbees")
+    finally:
+        client.close()
+    good = _infer(httpclient, server.http_url, val_pixels[1][:1])
+    assert np.array_equal(good, ort_logits[:1])
+
+
+def test_metrics_endpoint_counts_requests(server, val_pixels) -> None:
+    _infer(grpcclient, server.grpc_url, val_pixels[1][:2])
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    lines = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("nv_inference_request_success") and 'model="antsbees"' in ln
+    ]
+    assert lines and float(lines[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_client_reports_server_down() -> None:
+    port = free_port()
+    for protocol in ("http", "grpc"):
+        with pytest.raises(ServerUnavailable, match=str(port)):
+            Classifier(f"127.0.0.1:{port}", "antsbees", protocol=protocol, timeout=5)
+    proc = run_cli(
+        "serve", "classify", "--url", f"127.0.0.1:{port}", str(ROOT / "README.md"), check=False
+    )
+    assert proc.returncode == 2 and "no Triton server" in proc.stderr
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"server never became ready at {url}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def _serve(cmd: list[str], model_repo: Path) -> tuple[subprocess.Popen, dict[str, int], str]:
+    ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
+    # Ports and repository travel as environment variables: make's `?=` and `serve run`
+    # both read HTTP_PORT / GRPC_PORT / METRICS_PORT (and make reads REPO).
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={
+            **os.environ,
+            **{k: str(v) for k, v in ports.items()},
+            "MAKEFLAGS": "",
+            "REPO": str(model_repo),
+        },
+    )
+    url = f"http://127.0.0.1:{ports['HTTP_PORT']}/v2/models/antsbees/ready"
+    return proc, ports, url
+
+
+def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path) -> None:
+    cmd = [os.sys.executable, "-m", "serve", "run", "--model-repository", str(model_repo)]
+    proc, _, url = _serve(cmd, model_repo)
+    try:
+        _wait_ready(url, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # `serve run` execs tritonserver: its own exit code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "successfully unloaded 'antsbees'" in proc.stdout.read()
+
+
+def test_make_serve_in_foreground_stops_on_sigterm(model_repo: Path) -> None:
+    proc, ports, url = _serve(["make", "--no-print-directory", "serve"], model_repo)
+    try:
+        _wait_ready(url, proc)
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        assert len(children) == 1, children
+        server_pid = int(children[0])
+        assert Path(f"/proc/{server_pid}/exe").resolve().name == "tritonserver"
+        proc.send_signal(signal.SIGTERM)  # make passes it on to the server
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server_pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "successfully unloaded 'antsbees'" in proc.stdout.read()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url, timeout=2)

@@ -1,0 +1,1 @@
+"""Training stage: datasets, architectures, pretrained weights, training loop, checkpoints."""

