@@ -253,3 +253,31 @@ def test_make_serve_in_foreground_stops_on_sigterm(model_repo: Path) -> None:
     assert "successfully unloaded 'antsbees'" in proc.stdout.read()
     with pytest.raises(OSError):
         urllib.request.urlopen(url, timeout=2)
+
+
+def test_stock_image_client_contract(server, val_images: list[Path]) -> None:
+    """What Triton's stock image_client.py checks and sends, asked over gRPC: one input with
+    3 dims + batch in FORMAT_NCHW, one FP32 vector output, classification with labels."""
+    from PIL import Image
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        meta = client.get_model_metadata("antsbees")
+        config = client.get_model_config("antsbees").config
+        assert len(meta.inputs) == len(meta.outputs) == len(config.input) == 1
+        assert meta.outputs[0].datatype == "FP32" and list(meta.outputs[0].shape) == [-1, 2]
+        assert config.max_batch_size > 0 and len(meta.inputs[0].shape) == 4
+        assert config.input[0].format == config.input[0].FORMAT_NCHW
+        # image_client: RGB, plain resize to (w, h), float, scaling NONE, CHW, batch of 2.
+        imgs = [
+            Image.open(p).convert("RGB").resize((224, 224), Image.BILINEAR) for p in val_images[:2]
+        ]
+        x = np.stack([np.asarray(im, np.float32).transpose(2, 0, 1) for im in imgs])
+        inp = grpcclient.InferInput(meta.inputs[0].name, list(x.shape), meta.inputs[0].datatype)
+        inp.set_data_from_numpy(x)
+        out = grpcclient.InferRequestedOutput(meta.outputs[0].name, class_count=1)
+        result = client.infer("antsbees", [inp], outputs=[out]).as_numpy("logits")
+        assert result.shape == (2, 1)
+        assert all(r[0].decode().split(":")[2] in ("ants", "bees") for r in result)
+    finally:
+        client.close()

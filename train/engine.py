@@ -86,5 +86,5 @@ def evaluate(
     bar.close()
     p = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
     t = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
-    acc = (p == t).float().mean().item() if seen else 0.0
+    acc = (p == t).sum().item() / seen if seen else 0.0
     return EpochResult(loss_sum / max(seen, 1), acc, seen), p, t
