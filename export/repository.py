@@ -29,6 +29,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME
+from train.checkpoint import atomic_write_bytes
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -121,12 +122,7 @@ def sha256(path: Path) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 def _check_compatible(model_dir: Path, cfg: mc.ModelConfig, labels: list[str]) -> None:

@@ -8,7 +8,7 @@ resize/crop, mean/std), pretrained source, metrics, epoch, optimizer state, conf
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,21 @@ def make_checkpoint(
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over it."""
+    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over it.
+
+    The temp file is created with the process umask (unlike mkstemp's 0600), so the
+    result is readable by a server running as another user.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
