@@ -6,12 +6,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-MODEL ?= antsbees
-DATA ?= $(if $(wildcard ../shared/data/hymenoptera_data),../shared/data/hymenoptera_data,data/hymenoptera_data)
-ARCH ?= resnet18
-MODE ?= finetune
-PRETRAINED ?= auto
-EPOCHS ?= 25
+# A recipe (train/recipes/<name>.yaml) holds a run's settings; the variables below
+# override it only when set (make train RECIPE=cifar10_resnet20 EPOCHS=5).
+RECIPE ?= antsbees_finetune
+RECIPE_FILE := $(if $(wildcard $(RECIPE)),$(RECIPE),train/recipes/$(RECIPE).yaml)
+MODEL ?= $(or $(shell sed -n 's/^model_name: *//p' $(RECIPE_FILE) 2>/dev/null),$(basename $(notdir $(RECIPE))))
+DATA ?=
+ARCH ?=
+MODE ?=
+PRETRAINED ?=
+EPOCHS ?=
 OUT ?= runs/$(MODEL)
 REPO ?= model_repository
 HTTP_PORT ?= 8000
@@ -21,11 +25,13 @@ TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock data train export serve test lint format clean
+.PHONY: help setup lock data train export serve test lint format clean bench-train
 
 help:
-	@echo "make setup | train | export | serve | test | data | lint | clean"
-	@echo "  MODEL=$(MODEL) DATA=$(DATA) ARCH=$(ARCH) MODE=$(MODE) PRETRAINED=$(PRETRAINED) EPOCHS=$(EPOCHS) OUT=$(OUT)"
+	@echo "make setup | train | export | serve | test | bench-train | data | lint | clean"
+	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
+	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
+	@echo "  recipes: $(notdir $(basename $(wildcard train/recipes/*.yaml)))"
 
 setup: $(STAMP)
 
@@ -50,12 +56,17 @@ data: $(STAMP)
 	$(PY) -m train data --root data
 
 train: $(STAMP)
-	$(PY) -m train --model $(MODEL) --data $(DATA) --arch $(ARCH) --mode $(MODE) \
-		--pretrained $(PRETRAINED) --epochs $(EPOCHS) --out $(OUT) $(TRAIN_ARGS)
+	$(PY) -m train --recipe $(RECIPE) --model $(MODEL) --out $(OUT) \
+		$(if $(DATA),--data $(DATA)) $(if $(ARCH),--arch $(ARCH)) $(if $(MODE),--mode $(MODE)) \
+		$(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
 export: $(STAMP)
-	$(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) --data $(DATA) \
-		--model-repository $(REPO) $(EXPORT_ARGS)
+	$(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) \
+		$(if $(DATA),--data $(DATA)) --model-repository $(REPO) $(EXPORT_ARGS)
+
+# Time-to-accuracy on ants/bees (finetune vs feature-extract) and CIFAR images/s.
+bench-train: $(STAMP)
+	$(PY) -m train bench --out bench $(BENCH_ARGS)
 
 serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \

@@ -41,6 +41,12 @@ def parser() -> argparse.ArgumentParser:
         help="publish even if parity fails (recorded in the model card)",
     )
     p.add_argument(
+        "--parity-limit",
+        type=int,
+        default=0,
+        help="compare on a fixed random subset of N images (0: every image)",
+    )
+    p.add_argument(
         "--atol",
         type=float,
         default=1e-3,
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         force=a.force,
         workers=a.workers,
         atol=a.atol,
+        parity_limit=a.parity_limit,
         serving=ServingConfig(
             a.max_batch_size, a.max_queue_delay_us, a.instances, a.intra_op_threads
         ),

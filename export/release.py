@@ -35,6 +35,7 @@ class ExportConfig:
     batch_size: int = 32
     workers: int = 2
     atol: float = FP32_GATE.max_abs or 1e-3
+    parity_limit: int = 0
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
@@ -69,7 +70,7 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
 
     say(f"exporting {ckpt_path} ({ckpt['arch']}, classes {ckpt['classes']}) -> {onnx_path}")
     export_onnx(ckpt, onnx_path)
-    pixels = load_pixels(ckpt, data, cfg.split, cfg.batch_size, cfg.workers)
+    pixels = load_pixels(ckpt, data, cfg.split, cfg.batch_size, cfg.workers, cfg.parity_limit)
     say(f"parity on {pixels.count} {cfg.split} images of {data}")
     reference = pytorch_logits(ckpt, pixels)
     stages: list[Stage] = [

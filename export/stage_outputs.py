@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from train.checkpoint import model_from_checkpoint
-from train.data import Preprocess, image_folder
+from train.data import Preprocess
+from train.datasets import dataset_split, subset
 from train.progress import progress
 
 
@@ -34,20 +35,36 @@ def load_pixels(
     split: str = "val",
     batch_size: int = 32,
     workers: int = 2,
+    limit: int = 0,
 ) -> PixelBatches:
-    """Every image of ``data/split`` through the checkpoint's own eval Resize + CenterCrop."""
+    """Every image of the split (or a fixed random ``limit`` of them) through the
+    checkpoint's own eval Resize + CenterCrop, as float32 0..255 pixels."""
     pre = Preprocess.from_dict(ckpt["preprocess"])
-    ds = image_folder(Path(data), split, pre.eval_transform(normalize=False))
-    if ds.classes != list(ckpt["classes"]):
+    config = ckpt.get("config", {})
+    kind = config.get("dataset", "auto") if str(data) == config.get("data") else "auto"
+    ds = subset(
+        dataset_split(data, split, pre.eval_transform(normalize=False), kind), limit, seed=0
+    )
+    if list(ds.classes) != list(ckpt["classes"]):
         raise ValueError(
-            f"{data}/{split} classes {ds.classes} differ from the checkpoint's {ckpt['classes']}"
+            f"{data} ({split}) classes {list(ds.classes)} differ from the "
+            f"checkpoint's {ckpt['classes']}"
         )
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     batches, labels = [], []
     for x, y in progress(loader, desc=f"load {split} images"):
         batches.append(x.numpy())
         labels.append(y.numpy())
-    return PixelBatches(batches, np.concatenate(labels), [p for p, _ in ds.samples])
+    return PixelBatches(batches, np.concatenate(labels), sample_names(ds))
+
+
+def sample_names(ds: Any) -> list[str]:
+    """File paths of an ImageFolder (also through a Subset), else ``<source>[i]``."""
+    base, idx = (ds.dataset, list(ds.indices)) if hasattr(ds, "indices") else (ds, None)
+    idx = idx if idx is not None else list(range(len(base)))
+    if hasattr(base, "samples"):
+        return [base.samples[i][0] for i in idx]
+    return [f"{getattr(base, 'source', 'dataset')}[{i}]" for i in idx]
 
 
 @torch.no_grad()

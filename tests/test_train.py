@@ -186,6 +186,6 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
 
 
 def test_every_arch_builds() -> None:
-    for name in ARCHS:
+    for name, spec in ARCHS.items():
         model = build_model(name, 3).eval()
-        assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
+        assert model(torch.zeros(1, 3, spec.crop, spec.crop)).shape == (1, 3)

@@ -1,17 +1,20 @@
 """Self-describing checkpoints, written atomically and read without unpickling code.
 
 A checkpoint is a plain dict (see :func:`make_checkpoint`) holding everything the
-export stage needs: weights, architecture, class names, preprocessing (input size,
-resize/crop, mean/std), pretrained source, metrics, epoch, optimizer state, config.
+export stage needs - weights, architecture and its build options, class names,
+preprocessing (input size, resize/crop, mean/std), pretrained source, metrics - and
+everything ``--resume`` needs: epoch, optimizer, scheduler, RNG states, history.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 FORMAT = "trainserve.checkpoint/1"
@@ -29,15 +32,19 @@ def make_checkpoint(
     epoch: int,
     config: dict[str, Any],
     model_name: str,
+    arch_options: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
+    scaler: Any = None,
     history: list[dict[str, Any]] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the checkpoint dict (tensors, strings, numbers, lists and dicts only)."""
     return {
         "format": FORMAT,
         "model_name": model_name,
         "arch": arch,
+        "arch_options": dict(arch_options or {}),
         "num_classes": len(classes),
         "classes": list(classes),
         "preprocess": dict(preprocess),
@@ -47,10 +54,47 @@ def make_checkpoint(
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "config": dict(config),
         "history": list(history or []),
+        "rng": rng,
         "torch_version": str(torch.__version__),
     }
+
+
+def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG a resumed run needs, in weights_only-loadable form."""
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "key": key,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "loader": loader_generator.get_state() if loader_generator is not None else None,
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | None = None) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    if loader_generator is not None and state.get("loader") is not None:
+        loader_generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
@@ -86,12 +130,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot load checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(
-            f"{path} is not a {FORMAT} checkpoint (format={ckpt.get('format')!r})"
-            if isinstance(ckpt, dict)
-            else f"{path} is not a checkpoint dict"
-        )
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint dict")
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format={ckpt.get('format')!r})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
@@ -102,7 +144,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
     """Rebuild the checkpoint's architecture and load its weights strictly (eval mode)."""
     from train.models import build_model
 
-    model = build_model(ckpt["arch"], int(ckpt["num_classes"]))
+    model = build_model(ckpt["arch"], int(ckpt["num_classes"]), **ckpt.get("arch_options", {}))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

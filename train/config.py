@@ -1,57 +1,128 @@
-"""Training configuration as a dataclass; stored verbatim in every checkpoint."""
+"""Training configuration: a dataclass, YAML recipes, and command-line overrides.
+
+Resolution order (timm's way): dataclass defaults <- recipe file <- explicit flags.
+The resolved config is saved with the run (``config.yaml``) and in every checkpoint.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 MODES = ("finetune", "feature-extract")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "multistep", "exponential", "cosine", "inverse-time", "constant")
+AMP = ("none", "bf16", "fp16")
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+DEFAULT_RECIPE = "antsbees_finetune"
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on (the PyTorch transfer-learning recipe by default)."""
+    """Everything a training run depends on (defaults: the PyTorch transfer-learning recipe)."""
 
+    # what and where
     model_name: str = "antsbees"
     data: str = ""
+    dataset: str = "auto"
+    download: bool = False
     out: str = ""
+    recipe: str = ""
+    # model
     arch: str = "resnet18"
+    batchnorm: bool = True
+    dropout: float | None = None
     mode: str = "finetune"
     pretrained: str = "auto"
+    # preprocessing (None: from the arch / pretrained weights)
+    resize: int | None = None
+    crop: int | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    augment: str | None = None
+    # optimisation
     epochs: int = 25
     batch_size: int = 4
+    optimizer: str = "sgd"
     lr: float = 0.001
     momentum: float = 0.9
+    nesterov: bool = False
     weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "step"
     step_size: int = 7
+    milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
+    decay: float = 0.1
+    min_lr: float = 0.0
+    warmup_epochs: int = 0
+    warmup_start: float = 0.1
+    label_smoothing: float = 0.0
+    # feature-extract speed-up: cache frozen-backbone features
+    cache_features: bool = True
+    feature_views: int = 4
+    # hardware
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    sync_bn: bool = False
     workers: int = 2
-    seed: int = 0
     threads: int = 0
+    # reproducibility and runs
+    seed: int = 0
+    deterministic: bool = False
+    resume: str = ""
+    train_subset: int = 0
+    val_subset: int = 0
     max_train_batches: int = 0
     max_val_batches: int = 0
     download_timeout: float = 15.0
-    resize: int = 256
-    crop: int = 224
-    extra: dict[str, Any] = field(default_factory=dict)
+    tensorboard: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        for name in ("epochs", "batch_size", "step_size", "resize", "crop"):
+        choices = {
+            "mode": MODES,
+            "optimizer": OPTIMIZERS,
+            "schedule": SCHEDULES,
+            "amp": AMP,
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "step_size"):
             if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("resize", "crop"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.crop > self.resize:
+        if self.crop and self.resize and self.crop > self.resize:
             raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
-        for name in ("workers", "threads", "max_train_batches", "max_val_batches"):
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs milestones (e.g. [100, 150])")
+        for name in (
+            "workers",
+            "threads",
+            "max_train_batches",
+            "max_val_batches",
+            "warmup_epochs",
+            "train_subset",
+            "val_subset",
+            "feature_views",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (safe for ``torch.load(weights_only=True)`` and JSON)."""
+        """Plain-dict form (safe for ``torch.load(weights_only=True)``, JSON and YAML)."""
         return asdict(self)
 
     @classmethod
@@ -60,5 +131,46 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ValueError(
+                f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
         return cls(**values)
+
+
+def recipe_path(name: str) -> Path:
+    """``name`` as a file, or ``train/recipes/<name>.yaml``; unknown names list the known."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    candidate = RECIPES_DIR / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no recipe {name!r}; known: {', '.join(known)} (or a .yaml path)")
+
+
+def load_recipe(name: str) -> dict[str, Any]:
+    """The recipe's key/values (validated against TrainConfig's fields)."""
+    path = recipe_path(name)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path} must be a mapping of config keys")
+    TrainConfig.from_dict(values)  # unknown keys -> error naming them
+    return values
+
+
+def resolve_config(
+    recipe: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Defaults <- recipe <- overrides, validated."""
+    values: dict[str, Any] = {}
+    if recipe:
+        values.update(load_recipe(recipe))
+        values["recipe"] = str(recipe)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    return cfg

@@ -16,6 +16,7 @@ from serve.preprocess import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+AUGMENTS = ("random-resized-crop", "pad-crop", "none")
 # torchvision's ImageFolder list plus GIF: every image is decoded and converted to RGB.
 IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif"}))
 
@@ -34,6 +35,14 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
+    augment: str = "random-resized-crop"
+    padding: int = 4
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std need 3 values each, std > 0 (got {self.mean}, {self.std})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict including the derived input size (C, H, W)."""
@@ -54,21 +63,31 @@ class Preprocess:
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
             interpolation=str(d.get("interpolation", "bilinear")),
+            augment=str(d.get("augment", "random-resized-crop")),
+            padding=int(d.get("padding", 4)),
         )
 
     def _interp(self) -> T.InterpolationMode:
         return T.InterpolationMode(self.interpolation)
 
     def train_transform(self) -> T.Compose:
-        """RandomResizedCrop + horizontal flip + normalize (the recipe's train transform)."""
-        return T.Compose(
-            [
+        """Augmentation + normalize. ``random-resized-crop``: RandomResizedCrop(crop) + flip
+        (ImageNet recipes); ``pad-crop``: Resize + RandomCrop(crop, padding) + flip (CIFAR);
+        ``none``: the eval transform."""
+        if self.augment == "random-resized-crop":
+            steps: list[Any] = [
                 T.RandomResizedCrop(self.crop, interpolation=self._interp()),
                 T.RandomHorizontalFlip(),
-                T.ToTensor(),
-                T.Normalize(self.mean, self.std),
             ]
-        )
+        elif self.augment == "pad-crop":
+            steps = [
+                T.Resize(self.resize, interpolation=self._interp()),
+                T.RandomCrop(self.crop, padding=self.padding),
+                T.RandomHorizontalFlip(),
+            ]
+        else:
+            return self.eval_transform()
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def eval_transform(self, normalize: bool = True) -> T.Compose:
         """Resize + CenterCrop, then either normalized floats or raw 0..255 float pixels."""

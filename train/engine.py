@@ -1,7 +1,8 @@
-"""One epoch of training and one pass of evaluation, with tqdm progress."""
+"""One epoch of training and one pass of evaluation: devices, AMP, channels_last, tqdm."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -9,16 +10,41 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from train.distributed import DistInfo, all_reduce_sum
 from train.progress import progress
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class EpochResult:
-    """Mean loss and accuracy over the samples seen."""
+    """Mean loss and accuracy over the samples seen (summed over all ranks)."""
 
     loss: float
     acc: float
     samples: int
+
+
+@dataclass
+class Precision:
+    """Where and how the math runs: device, autocast dtype, memory format."""
+
+    device: torch.device
+    amp: str = "none"
+    channels_last: bool = False
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def scaler(self) -> torch.amp.GradScaler:
+        """Loss scaling for fp16 (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
 
 def _limit(n_batches: int, max_batches: int) -> int:
@@ -30,61 +56,98 @@ def train_one_epoch(
     loader: DataLoader,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    scaler: torch.amp.GradScaler,
     *,
+    dist_info: DistInfo | None = None,
     desc: str = "train",
     max_batches: int = 0,
     set_train_mode: Callable[[bool], None] | None = None,
 ) -> EpochResult:
     """Train for one pass over ``loader`` (or its first ``max_batches`` batches)."""
+    dist_info = dist_info or DistInfo()
     if set_train_mode is not None:
         set_train_mode(True)
     else:
         model.train()
     total = _limit(len(loader), max_batches)
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = progress(loader, total=total, desc=desc)
+    bar = progress(loader, total=total, desc=desc, disable=not dist_info.is_main)
     for i, (x, y) in enumerate(bar):
         if i >= total:
             break
+        x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = criterion(logits, y)
-        loss.backward()
-        optimizer.step()
+        with precision.autocast():
+            logits = model(x)
+            loss = criterion(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{desc}: loss is {loss.item()} at batch {i + 1}; "
+                "lower the learning rate or check the data"
+            )
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
     bar.close()
-    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), seen)
+    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dist_info, precision.device)
+    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), int(seen))
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    precision: Precision | None = None,
+    *,
+    desc: str = "val",
+    max_batches: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and targets for ``loader`` in eval mode."""
+    precision = precision or Precision(torch.device("cpu"))
+    model.eval()
+    total = _limit(len(loader), max_batches)
+    logits, targets = [], []
+    bar = progress(loader, total=total, desc=desc)
+    for i, (x, y) in enumerate(bar):
+        if i >= total:
+            break
+        with precision.autocast():
+            out = model(precision.inputs(x))
+        logits.append(out.float().cpu())
+        targets.append(y)
+    bar.close()
+    if not logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def summarize(
+    logits: torch.Tensor, targets: torch.Tensor, criterion: nn.Module | None = None
+) -> EpochResult:
+    """Loss and top-1 of predicted logits."""
+    if len(targets) == 0:
+        return EpochResult(0.0, 0.0, 0)
+    criterion = criterion or nn.CrossEntropyLoss()
+    loss = criterion(logits, targets).item()
+    acc = (logits.argmax(1) == targets).sum().item() / len(targets)
+    return EpochResult(loss, acc, len(targets))
+
+
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
     criterion: nn.Module | None = None,
+    precision: Precision | None = None,
     *,
     desc: str = "val",
     max_batches: int = 0,
 ) -> tuple[EpochResult, torch.Tensor, torch.Tensor]:
     """Evaluate in eval mode; returns the result plus all predictions and targets."""
-    model.eval()
-    criterion = criterion or nn.CrossEntropyLoss()
-    total = _limit(len(loader), max_batches)
-    loss_sum, seen = 0.0, 0
-    preds, targets = [], []
-    bar = progress(loader, total=total, desc=desc)
-    for i, (x, y) in enumerate(bar):
-        if i >= total:
-            break
-        logits = model(x)
-        loss_sum += criterion(logits, y).item() * len(y)
-        seen += len(y)
-        preds.append(logits.argmax(1))
-        targets.append(y)
-    bar.close()
-    p = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-    t = torch.cat(targets) if targets else torch.empty(0, dtype=torch.long)
-    acc = (p == t).sum().item() / seen if seen else 0.0
-    return EpochResult(loss_sum / max(seen, 1), acc, seen), p, t
+    logits, targets = predict(model, loader, precision, desc=desc, max_batches=max_batches)
+    preds = logits.argmax(1) if len(targets) else torch.empty(0, dtype=torch.long)
+    return summarize(logits, targets, criterion), preds, targets

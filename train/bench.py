@@ -1,0 +1,240 @@
+"""``python -m train bench`` (``make bench-train``): time-to-accuracy and training speed.
+
+* ants/bees: the finetune and feature-extract recipes, each with the offline ImageNet
+  backbone (EfficientNet-Lite0) and with ResNet-18 when its ImageNet weights can be had
+  (otherwise the row is recorded as skipped, with the reason). Validation accuracy is
+  tracked against wall time from the start of the run, so feature caching counts.
+* CIFAR: training and inference images/s of every 32x32 architecture (batch 128).
+
+Writes ``bench/train-<date>.json``, ``bench/train-latest.json`` and a PNG beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.models import ARCHS, build_model
+
+TARGETS = (0.90, 0.93)
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _resnet18_weights_available(timeout: float) -> tuple[bool, str]:
+    from train.pretrained import PretrainedUnavailable, torchvision_resnet18_state_dict
+
+    try:
+        torchvision_resnet18_state_dict(timeout)
+        return True, ""
+    except PretrainedUnavailable as e:
+        return False, str(e)
+
+
+def time_to_accuracy(
+    name: str, recipe: str, arch: str, out: Path, epochs: int | None, data: str | None
+) -> dict[str, Any]:
+    """Run one recipe as a user would (``python -m train``) and read its metrics back."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "--recipe",
+        recipe,
+        "--arch",
+        arch,
+        "--out",
+        str(out),
+        "--model",
+        name,
+    ]
+    if epochs:
+        cmd += ["--epochs", str(epochs)]
+    if data:
+        cmd += ["--data", data]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"name": name, "status": "failed", "reason": proc.stderr[-2000:]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    # Wall time at the end of each epoch = total - time of the epochs still to come.
+    ends, remaining = [], wall
+    for row in reversed(rows):
+        ends.append(remaining)
+        remaining -= row["seconds"]
+    ends.reverse()
+    curve = [
+        {"epoch": r["epoch"], "seconds": round(t, 2), "val_acc": r["val_acc"]}
+        for r, t in zip(rows, ends, strict=True)
+    ]
+    reached = {
+        f"{t:.2f}": next((c["seconds"] for c in curve if c["val_acc"] >= t), None) for t in TARGETS
+    }
+    return {
+        "name": name,
+        "status": "done",
+        "recipe": recipe,
+        "arch": summary["arch"],
+        "mode": summary["mode"],
+        "epochs": len(rows),
+        "best_val_acc": summary["best_val_acc"],
+        "seconds_total": round(wall, 1),
+        "seconds_to_acc": reached,
+        "curve": curve,
+        "pretrained": summary["pretrained"]["source"],
+    }
+
+
+def images_per_second(arch: str, batch: int = 128, steps: int = 5) -> dict[str, Any]:
+    """Training (forward+backward+SGD step) and inference throughput at 32x32."""
+    model = build_model(arch, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model.train()
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    train_ips = batch * steps / (time.perf_counter() - t0)
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        infer_ips = batch * steps / (time.perf_counter() - t0)
+    return {
+        "arch": arch,
+        "batch": batch,
+        "train_images_per_s": round(train_ips, 1),
+        "infer_images_per_s": round(infer_ips, 1),
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+    }
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for run in report["time_to_accuracy"]:
+        if run["status"] == "done":
+            ax1.plot(
+                [c["seconds"] for c in run["curve"]],
+                [c["val_acc"] for c in run["curve"]],
+                "o-",
+                ms=3,
+                label=f"{run['name']} ({run['arch']})",
+            )
+    ax1.set(
+        xscale="log",
+        xlabel="wall time since start (s, log)",
+        ylabel="val accuracy",
+        title="ants/bees: time to accuracy",
+    )
+    for t in TARGETS:
+        ax1.axhline(t, color="gray", lw=0.5, ls="--")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    speeds = report["cifar_speed"]
+    names = [s["arch"] for s in speeds]
+    xs = range(len(names))
+    ax2.bar([i - 0.2 for i in xs], [s["train_images_per_s"] for s in speeds], 0.4, label="train")
+    ax2.bar([i + 0.2 for i in xs], [s["infer_images_per_s"] for s in speeds], 0.4, label="infer")
+    ax2.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax2.set(
+        yscale="log",
+        ylabel="images/s (log)",
+        title=f"CIFAR archs, batch 128, {report['machine']['cores']} cores",
+    )
+    ax2.legend()
+    ax2.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m train bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="bench")
+    p.add_argument("--data", default=None, help="ants/bees ImageFolder (default: the recipes')")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipes' 25 epochs")
+    p.add_argument("--skip-antsbees", action="store_true")
+    p.add_argument("--download-timeout", type=float, default=10.0)
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    runs = out / "runs"
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": _machine(),
+        "time_to_accuracy": [],
+        "cifar_speed": [],
+    }
+    if not a.skip_antsbees:
+        have_r18, why = _resnet18_weights_available(a.download_timeout)
+        for recipe, label in (
+            ("antsbees_feature_extract", "feature-extract"),
+            ("antsbees_finetune", "finetune"),
+        ):
+            for arch in ("efficientnet_lite0", "resnet18"):
+                name = f"{label}-{arch}"
+                if arch == "resnet18" and not have_r18:
+                    report["time_to_accuracy"].append(
+                        {"name": name, "status": "skipped", "reason": why}
+                    )
+                    continue
+                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                r = time_to_accuracy(name, recipe, arch, runs / name, a.epochs, a.data)
+                report["time_to_accuracy"].append(r)
+                print(
+                    f"  best val acc {r.get('best_val_acc')}, {r.get('seconds_total')} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    for arch, spec in ARCHS.items():
+        if spec.family == "cifar":
+            report["cifar_speed"].append(images_per_second(arch))
+            print(f"bench: {report['cifar_speed'][-1]}", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (f"train-{stamp}.json", "train-latest.json"):
+        (out / name).write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out / "train-latest.png")
+    print(f"wrote {out}/train-{stamp}.json, {out}/train-latest.json, {out}/train-latest.png")
+    return 0

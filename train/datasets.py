@@ -1,0 +1,139 @@
+"""Where images come from: an ImageFolder, NumPy archives, or torchvision's CIFAR-10/100.
+
+``--data`` names the source; ``--dataset auto`` recognises it:
+
+* a folder with ``train/`` and ``val/`` class subfolders -> ImageFolder;
+* a ``.npz`` file (``x`` uint8 [N, H, W, 3] RGB, ``y`` int [N]) -> that one split, class
+  names from ``classes.txt`` beside it;
+* a folder of such archives -> ``train.npz`` (else ``train_subset_5k.npz``) and ``test.npz``
+  (or ``val.npz``) as the val split;
+* a folder holding ``cifar-10-batches-py`` / ``cifar-100-python`` -> torchvision's
+  CIFAR10 / CIFAR100 (``--dataset cifar10 --download`` fetches it when online).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from train.data import image_folder
+
+KINDS = ("auto", "imagefolder", "npz", "cifar10", "cifar100")
+NPZ_TRAIN = ("train.npz", "train_subset_5k.npz")
+NPZ_VAL = ("val.npz", "test.npz")
+
+
+class ArrayDataset(Dataset):
+    """Images held as a uint8 [N, H, W, 3] array; items go through ``transform`` as PIL."""
+
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, classes: list[str], transform: Any, source: str = ""
+    ) -> None:
+        if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
+            raise ValueError(f"{source}: x must be uint8 [N, H, W, 3], got {x.dtype} {x.shape}")
+        if len(x) != len(y):
+            raise ValueError(f"{source}: {len(x)} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+            raise ValueError(f"{source}: labels outside 0..{len(classes) - 1}")
+        self.x, self.targets = x, [int(v) for v in y]
+        self.classes, self.transform, self.source = classes, transform, source
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img = Image.fromarray(self.x[i])
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def detect_kind(data: str | Path, kind: str = "auto") -> str:
+    """Resolve ``auto`` by looking at the path; explain what was expected if nothing fits."""
+    if kind not in KINDS:
+        raise ValueError(f"dataset must be one of {KINDS}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    p = Path(data)
+    if p.suffix == ".npz":
+        return "npz"
+    if not p.exists():
+        raise FileNotFoundError(f"data folder {p} does not exist")
+    if (p / "cifar-10-batches-py").is_dir():
+        return "cifar10"
+    if (p / "cifar-100-python").is_dir():
+        return "cifar100"
+    if any((p / n).is_file() for n in NPZ_TRAIN + NPZ_VAL):
+        return "npz"
+    return "imagefolder"
+
+
+def _npz_file(data: Path, split: str) -> Path:
+    if data.suffix == ".npz":
+        if not data.is_file():
+            raise FileNotFoundError(f"{data} does not exist")
+        return data
+    names = NPZ_TRAIN if split == "train" else NPZ_VAL
+    for name in names:
+        if (data / name).is_file():
+            return data / name
+    raise FileNotFoundError(f"{data} has none of {', '.join(names)} for the {split} split")
+
+
+def npz_classes(path: Path, num_classes: int) -> list[str]:
+    """Class names from ``classes.txt`` beside the archive, else class_0..class_{n-1}."""
+    txt = path.parent / "classes.txt"
+    if txt.is_file():
+        names = [ln.strip() for ln in txt.read_text().splitlines() if ln.strip()]
+        if len(names) < num_classes:
+            raise ValueError(f"{txt} lists {len(names)} classes, labels need {num_classes}")
+        return names
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def load_npz(path: Path, transform: Any) -> ArrayDataset:
+    """An ArrayDataset from an ``x``/``y`` archive."""
+    with np.load(path) as d:
+        if "x" not in d or "y" not in d:
+            raise ValueError(f"{path} must hold arrays 'x' and 'y' (has {list(d.keys())})")
+        x, y = d["x"], d["y"].astype(np.int64)
+    return ArrayDataset(
+        x, y, npz_classes(path, int(y.max()) + 1 if len(y) else 0), transform, str(path)
+    )
+
+
+def dataset_split(
+    data: str | Path, split: str, transform: Any, kind: str = "auto", download: bool = False
+) -> Dataset:
+    """One split (``train`` or ``val``) of a source; the dataset has ``classes`` and
+    ``targets`` attributes."""
+    data = Path(data)
+    kind = detect_kind(data, kind)
+    if kind == "imagefolder":
+        return image_folder(data, split, transform)
+    if kind == "npz":
+        return load_npz(_npz_file(data, split), transform)
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+    try:
+        return cls(str(data), train=split == "train", transform=transform, download=download)
+    except RuntimeError as e:  # "Dataset not found or corrupted"
+        raise FileNotFoundError(
+            f"{kind} not found under {data} ({e}); pass --download when "
+            "online, or point --data at the NumPy archives"
+        ) from e
+
+
+def subset(ds: Dataset, n: int, seed: int) -> Dataset:
+    """A fixed random subset of ``n`` items (all when n <= 0), keeping classes/targets."""
+    if n <= 0 or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    sub = torch.utils.data.Subset(ds, sorted(idx))
+    sub.classes = ds.classes  # type: ignore[attr-defined]
+    sub.targets = [ds.targets[i] for i in sub.indices]  # type: ignore[attr-defined]
+    return sub
