@@ -18,6 +18,8 @@ PRETRAINED ?=
 EPOCHS ?=
 OUT ?= runs/$(MODEL)
 REPO ?= model_repository
+TARGET ?= cpu
+GPU_BACKEND ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
@@ -31,6 +33,7 @@ help:
 	@echo "make setup | train | export | serve | test | bench-train | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
+	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime)"
 	@echo "  recipes: $(notdir $(basename $(wildcard train/recipes/*.yaml)))"
 
 setup: $(STAMP)
@@ -60,9 +63,12 @@ train: $(STAMP)
 		$(if $(DATA),--data $(DATA)) $(if $(ARCH),--arch $(ARCH)) $(if $(MODE),--mode $(MODE)) \
 		$(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
+# TARGET=cpu (default): python backend + ONNX Runtime. TARGET=gpu: TensorRT FP16 engine
+# (tensorrt_plan; GPU_BACKEND=onnxruntime for ORT + TensorRT accelerator instead).
 export: $(STAMP)
 	$(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) \
-		$(if $(DATA),--data $(DATA)) --model-repository $(REPO) $(EXPORT_ARGS)
+		$(if $(DATA),--data $(DATA)) --model-repository $(REPO) --target $(TARGET) \
+		$(if $(GPU_BACKEND),--gpu-backend $(GPU_BACKEND)) $(EXPORT_ARGS)
 
 # Time-to-accuracy on ants/bees (finetune vs feature-extract) and CIFAR images/s.
 bench-train: $(STAMP)

@@ -215,9 +215,11 @@ def test_every_arch_exports_and_passes_parity(
             repository=str(tmp_path / "repo"),
             parity_limit=64 if imagenet else 256,
             workers=0,
+            fp16=False,  # FP16 on random weights says little; FP32 parity is the point here
+            triton_parity=False,
         )
     )
-    (stage,) = report["stages"]
+    stage = report["stages"][0]
     assert stage["status"] == "passed", stage
     assert stage["top1_agreement"] == 1.0 and stage["max_abs"] <= 1e-3
     cfg = parse_config((tmp_path / "repo" / f"p_{arch}" / "config.pbtxt").read_text())

@@ -1,0 +1,80 @@
+"""The release parity report: ``parity.json`` + ``parity.md`` + ``parity.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.parity import Stage
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _fmt(v: float | None, spec: str = ".3g") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    """A table a reviewer can read in the PR: one row per stage, skipped ones with reasons."""
+    lines = [
+        f"# Parity report: {report['model']}",
+        "",
+        f"Checkpoint `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256'][:12]}`), "
+        f"{report['images']} {report['split']} images of `{report['data']}`; reference top-1 "
+        f"{report['reference_top1']:.2%}. Overall: **{'PASSED' if report['passed'] else 'FAILED'}**"
+        + (" (published with --force)" if report.get("forced") else "") + ".",
+        "",
+        "| stage | reference | status | images | top-1 agree | max abs | mean abs | median abs "
+        "| median rel | max rel | min req. atol | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for s in report["stages"]:
+        agree = "" if s["top1_agreement"] is None else f"{s['top1_agreement']:.2%}"
+        status = s["status"] if s["gating"] or s["status"] == "skipped" else \
+            f"{s['status']} (advisory)"
+        lines.append(
+            f"| {s['name']} | {s['reference']} | {status} | {s['images'] or ''} | {agree} "
+            f"| {_fmt(s['max_abs'])} | {_fmt(s['mean_abs'])} | {_fmt(s['median_abs'])} "
+            f"| {_fmt(s['median_rel'])} | {_fmt(s['max_rel'])} | {_fmt(s['min_required_atol'])} "
+            f"| {s['reason']} |")
+    lines += ["", "Gates: FP32 stages need 100% top-1 agreement and max |diff| <= 1e-3. FP16 "
+              "stages need >= 99.5% top-1 agreement and a median |diff| within the FP16 "
+              "tolerance, absolute or relative (Polygraphy's semantics). FP16 stages gate "
+              "publishing only for FP16 (GPU) targets; for the FP32 CPU target they are "
+              "advisory. `skipped` stages could not run here (reason given); they are never "
+              "dropped silently.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_histogram(stages: list[Stage], diffs: dict[str, np.ndarray], path: Path) -> None:
+    """Histogram of |diff| per stage (log-spaced bins), the shape behind the numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ran = [s for s in stages if s.name in diffs and diffs[s.name].size]
+    floor = 1e-9
+    all_vals = np.concatenate([np.maximum(diffs[s.name].ravel(), floor) for s in ran]) \
+        if ran else np.array([floor, 1.0])
+    bins = np.logspace(np.log10(floor), np.log10(max(all_vals.max(), 1e-3) * 2), 60)
+    for s in ran:
+        status = s.status if s.gating else f"{s.status}, advisory"
+        ax.hist(np.maximum(diffs[s.name].ravel(), floor), bins=bins, histtype="step", lw=1.5,
+                label=f"{s.name} vs {s.reference} ({status})")
+    ax.axvline(1e-3, color="gray", ls="--", lw=1, label="1e-3 (gate)")
+    ax.set(xscale="log", xlabel=f"|logit difference| (values < {floor:g} shown at {floor:g})",
+           ylabel="count", title="parity: |difference| per stage")
+    skipped = [s.name for s in stages if s.status == "skipped"]
+    ax.legend(fontsize=8, loc="upper right",
+              title=("skipped: " + ", ".join(skipped)) if skipped else None, title_fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,33 @@
+"""The Triton stages of the parity report: the model as published, through a real
+tritonserver (the one ``make serve`` runs), over HTTP and gRPC."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from export.stage_outputs import PixelBatches
+
+
+def triton_logits(publish_into: Callable[[Path], Path], model_name: str, pixels: PixelBatches,
+                  protocols: tuple[str, ...] = ("http", "grpc")) -> dict[str, np.ndarray]:
+    """Publish into a scratch repository, serve it on free loopback ports, and return
+    each protocol's logits for every image."""
+    from serve.client import Classifier
+    from serve.triton_server import ServerOptions, TritonServer, free_port
+
+    out: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="parity-repo-") as tmp:
+        repo = Path(tmp) / "repo"
+        publish_into(repo)
+        opts = ServerOptions(model_repository=str(repo), http_port=free_port(),
+                             grpc_port=free_port(), metrics_port=free_port())
+        with TritonServer(opts, log_path=Path(tmp) / "server.log") as server:
+            for protocol in protocols:
+                url = server.http_url if protocol == "http" else server.grpc_url
+                with Classifier(url, model_name, protocol=protocol) as clf:
+                    out[protocol] = np.concatenate([clf.logits(b) for b in pixels.batches])
+    return out
