@@ -28,8 +28,9 @@ def first_and_last_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in (compute[:1] + compute[-1:]) if n.name]
 
 
-def convert_fp16(src: str | Path, dst: str | Path, keep_first_last_fp32: bool = False
-                 ) -> onnx.ModelProto:
+def convert_fp16(
+    src: str | Path, dst: str | Path, keep_first_last_fp32: bool = False
+) -> onnx.ModelProto:
     """FP32 ONNX -> FP16 weights and activations, FP32 inputs/outputs kept (Cast at the
     edges), checked with ``onnx.checker`` and written atomically."""
     from onnxconverter_common import float16
@@ -61,8 +62,9 @@ def _fastest_layout(model: torch.nn.Module, x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def pytorch_fp16_logits(ckpt: dict[str, Any], pixels: PixelBatches, limit: int = 0
-                        ) -> tuple[np.ndarray, int]:
+def pytorch_fp16_logits(
+    ckpt: dict[str, Any], pixels: PixelBatches, limit: int = 0
+) -> tuple[np.ndarray, int]:
     """The trained model in FP16 (``.half()``), inputs normalized in FP32 then cast.
 
     Returns the logits (as float32) of the first ``limit`` images (all when 0) - CPU FP16

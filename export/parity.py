@@ -86,8 +86,14 @@ def diff_stats(reference: np.ndarray, output: np.ndarray, stat: str = "max") -> 
     return stats
 
 
-def judge(name: str, reference: str, ref: np.ndarray, out: np.ndarray,
-          gate: Thresholds = FP32_GATE, gating: bool = True) -> Stage:
+def judge(
+    name: str,
+    reference: str,
+    ref: np.ndarray,
+    out: np.ndarray,
+    gate: Thresholds = FP32_GATE,
+    gating: bool = True,
+) -> Stage:
     """Compare and apply ``gate``; a failed stage names the numbers that failed.
 
     A non-``gating`` (advisory) stage is judged and reported the same way but does not
@@ -105,8 +111,15 @@ def judge(name: str, reference: str, ref: np.ndarray, out: np.ndarray,
         problems.append(f"{gate.stat} abs diff {abs_val:.3g} > {gate.atol:g}{rel_text}")
     status = "failed" if problems else "passed"
     reason = "; ".join(problems)
-    return Stage(name=name, reference=reference, status=status, reason=reason,
-                 thresholds=asdict(gate), gating=gating, **stats)
+    return Stage(
+        name=name,
+        reference=reference,
+        status=status,
+        reason=reason,
+        thresholds=asdict(gate),
+        gating=gating,
+        **stats,
+    )
 
 
 def skipped(name: str, reference: str, reason: str) -> Stage:
@@ -119,7 +132,9 @@ def format_stage(s: Stage) -> str:
     if s.status == "skipped":
         return f"{s.name:>18s} vs {s.reference:<16s} skipped: {s.reason}"
     status = s.status.upper() if s.gating else f"{s.status} (advisory)"
-    line = (f"{s.name:>18s} vs {s.reference:<16s} {status:6s} images {s.images}  "
-            f"top-1 agree {s.top1_agreement:.2%}  max|d| {s.max_abs:.3g}  "
-            f"median|d| {s.median_abs:.3g}  median rel {s.median_rel:.3g}")
+    line = (
+        f"{s.name:>18s} vs {s.reference:<16s} {status:6s} images {s.images}  "
+        f"top-1 agree {s.top1_agreement:.2%}  max|d| {s.max_abs:.3g}  "
+        f"median|d| {s.median_abs:.3g}  median rel {s.median_rel:.3g}"
+    )
     return line + (f"  ({s.reason})" if s.reason else "")

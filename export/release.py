@@ -66,8 +66,15 @@ class Release:
         self.stages: list[Stage] = []
         self.diffs: dict[str, np.ndarray] = {}
 
-    def compare(self, name: str, reference: str, ref: np.ndarray, out: np.ndarray,
-                gate: Thresholds, gating: bool = True) -> Stage:
+    def compare(
+        self,
+        name: str,
+        reference: str,
+        ref: np.ndarray,
+        out: np.ndarray,
+        gate: Thresholds,
+        gating: bool = True,
+    ) -> Stage:
         stage = judge(name, reference, ref, out, gate, gating)
         self.stages.append(stage)
         self.diffs[name] = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
@@ -84,30 +91,53 @@ class Release:
         return all(s.status != "failed" or not s.gating for s in self.stages)
 
 
-def _tensorrt_stage(cfg: ExportConfig, rel: Release, onnx_path: Path, ckpt: dict[str, Any],
-                    pixels: Any, reference: np.ndarray, out_dir: Path,
-                    gate: Thresholds) -> Path | None:
+def _tensorrt_stage(
+    cfg: ExportConfig,
+    rel: Release,
+    onnx_path: Path,
+    ckpt: dict[str, Any],
+    pixels: Any,
+    reference: np.ndarray,
+    out_dir: Path,
+    gate: Thresholds,
+) -> Path | None:
     """Build (or take) the engine and compare it; returns the engine path if there is one."""
     wants_engine = cfg.serving.kind == "gpu-tensorrt"
     engine = Path(cfg.engine) if cfg.engine else None
     ok, why = tensorrt_status()
     if not ok:
         if wants_engine and engine is None:
-            raise RuntimeError(f"TARGET=gpu with the tensorrt backend needs TensorRT and a GPU "
-                               f"to build the engine ({why}); build it on a GPU host "
-                               "(`python -m export trt`) and pass --engine, or use "
-                               "--gpu-backend onnxruntime")
+            raise RuntimeError(
+                f"TARGET=gpu with the tensorrt backend needs TensorRT and a GPU "
+                f"to build the engine ({why}); build it on a GPU host "
+                "(`python -m export trt`) and pass --engine, or use "
+                "--gpu-backend onnxruntime"
+            )
         rel.skip("tensorrt-fp16", "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
         return engine
     if engine is None:
         engine = out_dir / "model.plan"
-        meta = build_engine(onnx_path, engine, cfg.profile, INPUT_NAME,
-                            ckpt["preprocess"]["input_size"], cfg.timing_cache or None)
-        say(f"built {engine} ({meta['precision']}, TensorRT {meta['tensorrt_version']}, "
-            f"{meta['gpu_name']}, {meta['build_seconds']}s)")
+        meta = build_engine(
+            onnx_path,
+            engine,
+            cfg.profile,
+            INPUT_NAME,
+            ckpt["preprocess"]["input_size"],
+            cfg.timing_cache or None,
+        )
+        say(
+            f"built {engine} ({meta['precision']}, TensorRT {meta['tensorrt_version']}, "
+            f"{meta['gpu_name']}, {meta['build_seconds']}s)"
+        )
     logits = tensorrt_logits(engine, pixels.batches, INPUT_NAME, OUTPUT_NAME)
-    rel.compare("tensorrt-fp16", "pytorch-fp32", reference, logits, gate,
-                gating=cfg.serving.kind == "gpu-tensorrt")
+    rel.compare(
+        "tensorrt-fp16",
+        "pytorch-fp32",
+        reference,
+        logits,
+        gate,
+        gating=cfg.serving.kind == "gpu-tensorrt",
+    )
     return engine
 
 
@@ -118,16 +148,23 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     failed and ``force`` is off.
     """
     if not 0 < cfg.atol <= FP32_GATE.atol:
-        raise ValueError(f"atol {cfg.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
-                         "be tightened, not loosened (use --force to publish anyway)")
+        raise ValueError(
+            f"atol {cfg.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
+            "be tightened, not loosened (use --force to publish anyway)"
+        )
     if cfg.fp16_tolerance <= 0:
         raise ValueError(f"fp16 tolerance must be > 0, got {cfg.fp16_tolerance:g}")
     fp32_gate = Thresholds(min_top1=FP32_GATE.min_top1, stat="max", atol=cfg.atol)
-    fp16_gate = Thresholds(min_top1=FP16_GATE.min_top1, stat="median",
-                           atol=cfg.fp16_tolerance, rtol=cfg.fp16_tolerance)
+    fp16_gate = Thresholds(
+        min_top1=FP16_GATE.min_top1, stat="median", atol=cfg.fp16_tolerance, rtol=cfg.fp16_tolerance
+    )
     # FP16 stages gate publishing only when the published model runs in FP16 (GPU targets);
     # for the CPU target (FP32) they are reported as advisory.
     fp16_gating = cfg.serving.target == "gpu"
+    if cfg.serving.kind == "gpu-tensorrt" and not cfg.engine:
+        ok, why = tensorrt_status()
+        if not ok:  # fail before any work
+            raise RuntimeError(NO_TENSORRT.format(why=why))
     ckpt_path = Path(cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     name = cfg.name or ckpt.get("model_name") or ckpt_path.parent.name
@@ -147,22 +184,34 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     ort32 = onnxruntime_logits(onnx_path, pixels)
     rel.compare("onnxruntime-fp32", "pytorch-fp32", reference, ort32, fp32_gate)
     if cfg.fp16:
-        rel.compare("onnxruntime-fp16", "pytorch-fp32", reference,
-                    onnxruntime_logits(fp16_path, pixels), fp16_gate, fp16_gating)
+        rel.compare(
+            "onnxruntime-fp16",
+            "pytorch-fp32",
+            reference,
+            onnxruntime_logits(fp16_path, pixels),
+            fp16_gate,
+            fp16_gating,
+        )
         half, n_half = pytorch_fp16_logits(ckpt, pixels, cfg.fp16_limit)
-        rel.compare("pytorch-fp16", "pytorch-fp32", reference[:n_half], half, fp16_gate,
-                    fp16_gating)
+        rel.compare(
+            "pytorch-fp16", "pytorch-fp32", reference[:n_half], half, fp16_gate, fp16_gating
+        )
     else:
         for stage_name in ("onnxruntime-fp16", "pytorch-fp16"):
             rel.skip(stage_name, "pytorch-fp32", "disabled (--no-fp16-stages)")
     engine = _tensorrt_stage(cfg, rel, onnx_path, ckpt, pixels, reference, out_dir, fp16_gate)
 
     card_base = {
-        "arch": ckpt["arch"], "arch_options": ckpt.get("arch_options", {}),
-        "classes": ckpt["classes"], "preprocess": ckpt["preprocess"],
-        "pretrained": ckpt.get("pretrained", {}), "metrics": ckpt.get("metrics", {}),
-        "epoch": ckpt.get("epoch"), "training_config": ckpt.get("config", {}),
-        "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256(ckpt_path),
+        "arch": ckpt["arch"],
+        "arch_options": ckpt.get("arch_options", {}),
+        "classes": ckpt["classes"],
+        "preprocess": ckpt["preprocess"],
+        "pretrained": ckpt.get("pretrained", {}),
+        "metrics": ckpt.get("metrics", {}),
+        "epoch": ckpt.get("epoch"),
+        "training_config": ckpt.get("config", {}),
+        "checkpoint": str(ckpt_path),
+        "checkpoint_sha256": sha256(ckpt_path),
         "input": {"name": INPUT_NAME, "dtype": "FP32", "layout": "NCHW", "range": "0..255 RGB"},
         "output": {"name": OUTPUT_NAME, "dtype": "FP32", "kind": "logits"},
     }
@@ -175,9 +224,13 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         if not cfg.triton_parity:
             rel.skip(stage_name, "onnxruntime-fp32", "disabled (--no-triton-parity)")
         elif cfg.serving.target != "cpu":
-            rel.skip(stage_name, "onnxruntime-fp32", "the bundled tritonserver has only the "
-                     "python backend; serve the GPU repository with the NGC container "
-                     "(serve/docker-compose.gpu.yml)")
+            rel.skip(
+                stage_name,
+                "onnxruntime-fp32",
+                "the bundled tritonserver has only the "
+                "python backend; serve the GPU repository with the NGC container "
+                "(serve/docker-compose.gpu.yml)",
+            )
     if cfg.triton_parity and cfg.serving.target == "cpu":
         from export.triton_parity import triton_logits
 
@@ -186,16 +239,26 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             rel.compare(f"triton-{protocol}", "onnxruntime-fp32", ort32, logits, fp32_gate)
 
     report = {
-        "model": name, "checkpoint": str(ckpt_path), "checkpoint_sha256": sha256(ckpt_path),
-        "onnx": str(onnx_path), "onnx_fp16": str(fp16_path),
-        "engine": str(engine) if engine else None, "target": cfg.serving.kind,
-        "data": str(data), "split": cfg.split, "images": pixels.count,
+        "model": name,
+        "checkpoint": str(ckpt_path),
+        "checkpoint_sha256": sha256(ckpt_path),
+        "onnx": str(onnx_path),
+        "onnx_fp16": str(fp16_path),
+        "engine": str(engine) if engine else None,
+        "target": cfg.serving.kind,
+        "data": str(data),
+        "split": cfg.split,
+        "images": pixels.count,
         "reference_top1": float((reference.argmax(1) == pixels.labels).mean()),
-        "passed": rel.passed, "forced": bool(cfg.force and not rel.passed),
+        "passed": rel.passed,
+        "forced": bool(cfg.force and not rel.passed),
         "stages": [s.to_dict() for s in rel.stages],
-        "versions": {"torch": str(torch.__version__), "onnx": onnx.__version__,
-                     "onnxruntime": onnxruntime.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": str(torch.__version__),
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(),
+        },
     }
     write_json(report, out_dir / "parity.json")
     write_markdown(report, out_dir / "parity.md")
@@ -203,11 +266,14 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     say(f"wrote {out_dir}/parity.json, parity.md, parity.png")
     if not rel.passed and not cfg.force:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in rel.stages if s.status == "failed")
-        raise ParityFailed(f"parity failed, not publishing ({reasons}); see "
-                           f"{out_dir / 'parity.md'}")
+        raise ParityFailed(
+            f"parity failed, not publishing ({reasons}); see {out_dir / 'parity.md'}"
+        )
     if cfg.publish:
-        card = {**card_base, "parity": {k: report[k] for k in ("passed", "forced", "images",
-                                                                "stages")}}
+        card = {
+            **card_base,
+            "parity": {k: report[k] for k in ("passed", "forced", "images", "stages")},
+        }
         target = publish_into(Path(cfg.repository), card)
         report["published"] = str(target)
         say(f"published {name} version {target.name} ({cfg.serving.kind}) -> {target}")

@@ -27,7 +27,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         f"Checkpoint `{report['checkpoint']}` (sha256 `{report['checkpoint_sha256'][:12]}`), "
         f"{report['images']} {report['split']} images of `{report['data']}`; reference top-1 "
         f"{report['reference_top1']:.2%}. Overall: **{'PASSED' if report['passed'] else 'FAILED'}**"
-        + (" (published with --force)" if report.get("forced") else "") + ".",
+        + (" (published with --force)" if report.get("forced") else "")
+        + ".",
         "",
         "| stage | reference | status | images | top-1 agree | max abs | mean abs | median abs "
         "| median rel | max rel | min req. atol | note |",
@@ -35,19 +36,25 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     ]
     for s in report["stages"]:
         agree = "" if s["top1_agreement"] is None else f"{s['top1_agreement']:.2%}"
-        status = s["status"] if s["gating"] or s["status"] == "skipped" else \
-            f"{s['status']} (advisory)"
+        status = (
+            s["status"] if s["gating"] or s["status"] == "skipped" else f"{s['status']} (advisory)"
+        )
         lines.append(
             f"| {s['name']} | {s['reference']} | {status} | {s['images'] or ''} | {agree} "
             f"| {_fmt(s['max_abs'])} | {_fmt(s['mean_abs'])} | {_fmt(s['median_abs'])} "
             f"| {_fmt(s['median_rel'])} | {_fmt(s['max_rel'])} | {_fmt(s['min_required_atol'])} "
-            f"| {s['reason']} |")
-    lines += ["", "Gates: FP32 stages need 100% top-1 agreement and max |diff| <= 1e-3. FP16 "
-              "stages need >= 99.5% top-1 agreement and a median |diff| within the FP16 "
-              "tolerance, absolute or relative (Polygraphy's semantics). FP16 stages gate "
-              "publishing only for FP16 (GPU) targets; for the FP32 CPU target they are "
-              "advisory. `skipped` stages could not run here (reason given); they are never "
-              "dropped silently.", ""]
+            f"| {s['reason']} |"
+        )
+    lines += [
+        "",
+        "Gates: FP32 stages need 100% top-1 agreement and max |diff| <= 1e-3. FP16 "
+        "stages need >= 99.5% top-1 agreement and a median |diff| within the FP16 "
+        "tolerance, absolute or relative (Polygraphy's semantics). FP16 stages gate "
+        "publishing only for FP16 (GPU) targets; for the FP32 CPU target they are "
+        "advisory. `skipped` stages could not run here (reason given); they are never "
+        "dropped silently.",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -61,19 +68,35 @@ def write_histogram(stages: list[Stage], diffs: dict[str, np.ndarray], path: Pat
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ran = [s for s in stages if s.name in diffs and diffs[s.name].size]
     floor = 1e-9
-    all_vals = np.concatenate([np.maximum(diffs[s.name].ravel(), floor) for s in ran]) \
-        if ran else np.array([floor, 1.0])
+    all_vals = (
+        np.concatenate([np.maximum(diffs[s.name].ravel(), floor) for s in ran])
+        if ran
+        else np.array([floor, 1.0])
+    )
     bins = np.logspace(np.log10(floor), np.log10(max(all_vals.max(), 1e-3) * 2), 60)
     for s in ran:
         status = s.status if s.gating else f"{s.status}, advisory"
-        ax.hist(np.maximum(diffs[s.name].ravel(), floor), bins=bins, histtype="step", lw=1.5,
-                label=f"{s.name} vs {s.reference} ({status})")
+        ax.hist(
+            np.maximum(diffs[s.name].ravel(), floor),
+            bins=bins,
+            histtype="step",
+            lw=1.5,
+            label=f"{s.name} vs {s.reference} ({status})",
+        )
     ax.axvline(1e-3, color="gray", ls="--", lw=1, label="1e-3 (gate)")
-    ax.set(xscale="log", xlabel=f"|logit difference| (values < {floor:g} shown at {floor:g})",
-           ylabel="count", title="parity: |difference| per stage")
+    ax.set(
+        xscale="log",
+        xlabel=f"|logit difference| (values < {floor:g} shown at {floor:g})",
+        ylabel="count",
+        title="parity: |difference| per stage",
+    )
     skipped = [s.name for s in stages if s.status == "skipped"]
-    ax.legend(fontsize=8, loc="upper right",
-              title=("skipped: " + ", ".join(skipped)) if skipped else None, title_fontsize=8)
+    ax.legend(
+        fontsize=8,
+        loc="upper right",
+        title=("skipped: " + ", ".join(skipped)) if skipped else None,
+        title_fontsize=8,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -60,8 +60,7 @@ class ServingConfig:
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.gpu_backend not in GPU_BACKENDS:
-            raise ValueError(f"gpu backend must be one of {GPU_BACKENDS}, got "
-                             f"{self.gpu_backend!r}")
+            raise ValueError(f"gpu backend must be one of {GPU_BACKENDS}, got {self.gpu_backend!r}")
         if self.max_batch_size < 1 or self.instances < 1:
             raise ValueError("max_batch_size and instances must be >= 1")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
@@ -77,8 +76,10 @@ class ServingConfig:
 def check_model_name(name: str) -> str:
     """Model names become directory names and URL parts: keep them plain."""
     if not NAME_RE.match(name):
-        raise ValueError(f"bad model name {name!r}: use letters, digits, '_', '-', '.' "
-                         "(at most 64, not starting with a symbol)")
+        raise ValueError(
+            f"bad model name {name!r}: use letters, digits, '_', '-', '.' "
+            "(at most 64, not starting with a symbol)"
+        )
     return name
 
 
@@ -94,10 +95,18 @@ def build_config(name: str, ckpt: dict[str, Any], serving: ServingConfig) -> mc.
     """The model-level config for ``serving.target`` (see the module docstring)."""
     pre = ckpt["preprocess"]
     cfg = mc.ModelConfig(name=name, max_batch_size=serving.max_batch_size)
-    cfg.input.add(name=INPUT_NAME, data_type=mc.TYPE_FP32, format=mc.ModelInput.FORMAT_NCHW,
-                  dims=list(pre["input_size"]))
-    cfg.output.add(name=OUTPUT_NAME, data_type=mc.TYPE_FP32, dims=[int(ckpt["num_classes"])],
-                   label_filename="labels.txt")
+    cfg.input.add(
+        name=INPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        format=mc.ModelInput.FORMAT_NCHW,
+        dims=list(pre["input_size"]),
+    )
+    cfg.output.add(
+        name=OUTPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        dims=[int(ckpt["num_classes"])],
+        label_filename="labels.txt",
+    )
     cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
     cfg.dynamic_batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
     params = {
@@ -121,7 +130,8 @@ def build_config(name: str, ckpt: dict[str, Any], serving: ServingConfig) -> mc.
         cfg.backend = "onnxruntime"
         cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=serving.instances)
         accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(
-            name="tensorrt")
+            name="tensorrt"
+        )
         accel.parameters["precision_mode"] = "FP16"
         accel.parameters["max_workspace_size_bytes"] = str(1 << 30)
     for key, value in params.items():
@@ -159,8 +169,10 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _signature(cfg: mc.ModelConfig) -> tuple:
-    return ([(i.name, list(i.dims), i.data_type) for i in cfg.input],
-            [(o.name, list(o.dims), o.data_type) for o in cfg.output])
+    return (
+        [(i.name, list(i.dims), i.data_type) for i in cfg.input],
+        [(o.name, list(o.dims), o.data_type) for o in cfg.output],
+    )
 
 
 def _check_compatible(model_dir: Path, cfg: mc.ModelConfig, labels: list[str]) -> None:
@@ -174,14 +186,16 @@ def _check_compatible(model_dir: Path, cfg: mc.ModelConfig, labels: list[str]) -
         raise ValueError(
             f"{model_dir.name}: the new version changes what clients see "
             f"(inputs/outputs {_signature(old)} -> {_signature(cfg)}; labels {old_labels} -> "
-            f"{labels}); publish it under another model name")
+            f"{labels}); publish it under another model name"
+        )
     old_target = old.parameters["target"].string_value if "target" in old.parameters else "cpu"
     new_target = cfg.parameters["target"].string_value
     if old_target != new_target:
         raise ValueError(
             f"{model_dir.name} in {model_dir.parent} holds {old_target} versions; a "
             f"{new_target} version cannot join them (one config serves all versions): "
-            "publish into another repository (REPO=...) or under another name")
+            "publish into another repository (REPO=...) or under another name"
+        )
 
 
 def version_files(onnx_path: Path, serving: ServingConfig, engine: Path | None) -> dict[str, Path]:
@@ -197,8 +211,13 @@ def version_files(onnx_path: Path, serving: ServingConfig, engine: Path | None) 
 
 
 def publish(
-    repo: str | Path, name: str, onnx_path: str | Path, ckpt: dict[str, Any],
-    card: dict[str, Any], serving: ServingConfig | None = None, engine: Path | None = None,
+    repo: str | Path,
+    name: str,
+    onnx_path: str | Path,
+    ckpt: dict[str, Any],
+    card: dict[str, Any],
+    serving: ServingConfig | None = None,
+    engine: Path | None = None,
 ) -> Path:
     """Add the model as version N+1 of ``name`` in ``repo``; returns the version folder."""
     check_model_name(name)
@@ -215,13 +234,18 @@ def publish(
             shutil.copyfile(src, staging / dst)
         version = (versions(model_dir) or [0])[-1] + 1
         card = {
-            **card, "name": name, "version": version,
+            **card,
+            "name": name,
+            "version": version,
             "published": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sha256": {f: sha256(staging / f) for f in sorted(files)},
-            "labels": labels, "target": serving.kind,
-            "backend": {"cpu": "python (onnxruntime CPU)", "gpu-tensorrt": "tensorrt_plan",
-                        "gpu-onnxruntime": "onnxruntime + TensorRT accelerator (FP16)"}[
-                            serving.kind],
+            "labels": labels,
+            "target": serving.kind,
+            "backend": {
+                "cpu": "python (onnxruntime CPU)",
+                "gpu-tensorrt": "tensorrt_plan",
+                "gpu-onnxruntime": "onnxruntime + TensorRT accelerator (FP16)",
+            }[serving.kind],
         }
         (staging / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
         for f in staging.iterdir():

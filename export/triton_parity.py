@@ -12,8 +12,12 @@ import numpy as np
 from export.stage_outputs import PixelBatches
 
 
-def triton_logits(publish_into: Callable[[Path], Path], model_name: str, pixels: PixelBatches,
-                  protocols: tuple[str, ...] = ("http", "grpc")) -> dict[str, np.ndarray]:
+def triton_logits(
+    publish_into: Callable[[Path], Path],
+    model_name: str,
+    pixels: PixelBatches,
+    protocols: tuple[str, ...] = ("http", "grpc"),
+) -> dict[str, np.ndarray]:
     """Publish into a scratch repository, serve it on free loopback ports, and return
     each protocol's logits for every image."""
     from serve.client import Classifier
@@ -23,8 +27,12 @@ def triton_logits(publish_into: Callable[[Path], Path], model_name: str, pixels:
     with tempfile.TemporaryDirectory(prefix="parity-repo-") as tmp:
         repo = Path(tmp) / "repo"
         publish_into(repo)
-        opts = ServerOptions(model_repository=str(repo), http_port=free_port(),
-                             grpc_port=free_port(), metrics_port=free_port())
+        opts = ServerOptions(
+            model_repository=str(repo),
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+        )
         with TritonServer(opts, log_path=Path(tmp) / "server.log") as server:
             for protocol in protocols:
                 url = server.http_url if protocol == "http" else server.grpc_url

@@ -21,8 +21,14 @@ from train.checkpoint import make_checkpoint, save_checkpoint
 from train.data import Preprocess
 from train.models import build_model
 
-STAGES = ["onnxruntime-fp32", "onnxruntime-fp16", "pytorch-fp16", "tensorrt-fp16",
-          "triton-http", "triton-grpc"]
+STAGES = [
+    "onnxruntime-fp32",
+    "onnxruntime-fp16",
+    "pytorch-fp16",
+    "tensorrt-fp16",
+    "triton-http",
+    "triton-grpc",
+]
 TRT_OK, TRT_WHY = tensorrt_status()
 
 
@@ -75,15 +81,28 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     test_npz = SHARED / "cifar10" / "test.npz"
     classes = (SHARED / "cifar10" / "classes.txt").read_text().split()
-    ckpt = make_checkpoint(model=model, arch="resnet20", classes=classes,
-                           preprocess=Preprocess(32, 32, augment="pad-crop").to_dict(),
-                           pretrained={"source": str(weights)}, metrics={}, epoch=0,
-                           config={"data": str(test_npz)}, model_name="cifar10_resnet20",
-                           arch_options={"batchnorm": True})
+    ckpt = make_checkpoint(
+        model=model,
+        arch="resnet20",
+        classes=classes,
+        preprocess=Preprocess(32, 32, augment="pad-crop").to_dict(),
+        pretrained={"source": str(weights)},
+        metrics={},
+        epoch=0,
+        config={"data": str(test_npz)},
+        model_name="cifar10_resnet20",
+        arch_options={"batchnorm": True},
+    )
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
-    report = run_export(ExportConfig(checkpoint=str(tmp_path / "checkpoint.pt"),
-                                     repository=str(tmp_path / "repo"), parity_limit=2000,
-                                     fp16_limit=500, workers=0))
+    report = run_export(
+        ExportConfig(
+            checkpoint=str(tmp_path / "checkpoint.pt"),
+            repository=str(tmp_path / "repo"),
+            parity_limit=2000,
+            fp16_limit=500,
+            workers=0,
+        )
+    )
     by_name = {s["name"]: s for s in report["stages"]}
     assert report["passed"] and 0.80 < report["reference_top1"] < 0.86
     for name in ("onnxruntime-fp16", "pytorch-fp16"):
@@ -94,9 +113,15 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
     # For an FP16 target the FP16 stages gate publishing: refused at the default 1e-3
     # (these logits are ~10, so FP16 rounding alone gives ~5e-3), accepted at 1e-2.
     gpu = ServingConfig(target="gpu", gpu_backend="onnxruntime")
-    common = dict(checkpoint=str(tmp_path / "checkpoint.pt"), repository=str(tmp_path / "gpu"),
-                  parity_limit=500, fp16_limit=200, workers=0, serving=gpu,
-                  out_dir=str(tmp_path / "gpu_out"))
+    common = dict(
+        checkpoint=str(tmp_path / "checkpoint.pt"),
+        repository=str(tmp_path / "gpu"),
+        parity_limit=500,
+        fp16_limit=200,
+        workers=0,
+        serving=gpu,
+        out_dir=str(tmp_path / "gpu_out"),
+    )
     with pytest.raises(ParityFailed, match="onnxruntime-fp16: median abs diff"):
         run_export(ExportConfig(**common))
     assert not (tmp_path / "gpu").exists() or not versions(tmp_path / "gpu" / "cifar10_resnet20")
@@ -105,24 +130,42 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
 
 
 def _ckpt(num_classes: int = 2) -> dict:
-    return {"preprocess": Preprocess().to_dict(), "num_classes": num_classes,
-            "arch": "resnet18", "classes": [f"c{i}" for i in range(num_classes)]}
+    return {
+        "preprocess": Preprocess().to_dict(),
+        "num_classes": num_classes,
+        "arch": "resnet18",
+        "classes": [f"c{i}" for i in range(num_classes)],
+    }
 
 
 def test_cpu_and_gpu_configs_parse_strictly() -> None:
     cpu = parse_config(config_text(build_config("m", _ckpt(), ServingConfig())))
     assert cpu.backend == "python" and cpu.instance_group[0].kind == cpu.instance_group[0].KIND_CPU
     profile = EngineProfile(1, 16, 64)
-    trt = parse_config(config_text(build_config("m", _ckpt(), ServingConfig(
-        max_batch_size=profile.max_batch, target="gpu", gpu_backend="tensorrt",
-        preferred_batch_sizes=[16, 64]))))
+    trt = parse_config(
+        config_text(
+            build_config(
+                "m",
+                _ckpt(),
+                ServingConfig(
+                    max_batch_size=profile.max_batch,
+                    target="gpu",
+                    gpu_backend="tensorrt",
+                    preferred_batch_sizes=[16, 64],
+                ),
+            )
+        )
+    )
     assert trt.platform == "tensorrt_plan" and trt.max_batch_size == 64
     assert trt.instance_group[0].kind == trt.instance_group[0].KIND_GPU
     assert list(trt.dynamic_batching.preferred_batch_size) == [16, 64]
     assert trt.input[0].format == trt.input[0].FORMAT_NCHW
     assert trt.output[0].label_filename == "labels.txt"
-    ort = parse_config(config_text(build_config("m", _ckpt(), ServingConfig(
-        target="gpu", gpu_backend="onnxruntime"))))
+    ort = parse_config(
+        config_text(
+            build_config("m", _ckpt(), ServingConfig(target="gpu", gpu_backend="onnxruntime"))
+        )
+    )
     assert ort.backend == "onnxruntime"
     (accel,) = ort.optimization.execution_accelerators.gpu_execution_accelerator
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
@@ -132,38 +175,89 @@ def test_cpu_and_gpu_configs_parse_strictly() -> None:
 
 def test_export_gpu_onnxruntime_target_here(trained_run: Path, tmp_path: Path) -> None:
     repo = tmp_path / "gpu_repo"
-    proc = run_cli("export", "--checkpoint", str(trained_run / "checkpoint.pt"), "--out-dir",
-                   str(tmp_path / "out"), "--model-repository", str(repo), "--target", "gpu",
-                   "--gpu-backend", "onnxruntime", "--parity-limit", "32", "--fp16-limit", "16",
-                   "--fp16-tolerance", "0.05")
+    proc = run_cli(
+        "export",
+        "--checkpoint",
+        str(trained_run / "checkpoint.pt"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--model-repository",
+        str(repo),
+        "--target",
+        "gpu",
+        "--gpu-backend",
+        "onnxruntime",
+        "--parity-limit",
+        "32",
+        "--fp16-limit",
+        "16",
+        "--fp16-tolerance",
+        "0.05",
+    )
     assert "published antsbees version 1 (gpu-onnxruntime)" in proc.stderr
     cfg = parse_config((repo / "antsbees" / "config.pbtxt").read_text())
     assert cfg.backend == "onnxruntime" and cfg.parameters["target"].string_value == (
-        "gpu-onnxruntime")
+        "gpu-onnxruntime"
+    )
     assert sorted(p.name for p in (repo / "antsbees" / "1").iterdir()) == [
-        "model.onnx", "model_card.json"]
+        "model.onnx",
+        "model_card.json",
+    ]
     report = json.loads((tmp_path / "out" / "parity.json").read_text())
     triton = [s for s in report["stages"] if s["name"].startswith("triton")]
     assert all(s["status"] == "skipped" and "NGC" in s["reason"] for s in triton)
     # A CPU version cannot join the GPU model: one config.pbtxt serves every version.
-    proc = run_cli("export", "--checkpoint", str(trained_run / "checkpoint.pt"), "--out-dir",
-                   str(tmp_path / "out"), "--model-repository", str(repo), "--parity-limit",
-                   "16", "--fp16-limit", "8", "--no-triton-parity", check=False)
+    proc = run_cli(
+        "export",
+        "--checkpoint",
+        str(trained_run / "checkpoint.pt"),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--model-repository",
+        str(repo),
+        "--parity-limit",
+        "16",
+        "--fp16-limit",
+        "8",
+        "--no-triton-parity",
+        check=False,
+    )
     assert proc.returncode == 2 and "holds gpu-onnxruntime versions" in proc.stderr
     assert versions(repo / "antsbees") == [1]
 
 
 @pytest.mark.skipif(TRT_OK, reason="checks the message shown where TensorRT is missing")
-def test_tensorrt_target_without_tensorrt_is_refused_clearly(trained_run: Path,
-                                                             tmp_path: Path) -> None:
-    proc = run_cli("export", "--checkpoint", str(trained_run / "checkpoint.pt"), "--out-dir",
-                   str(tmp_path), "--model-repository", str(tmp_path / "repo"), "--target",
-                   "gpu", "--parity-limit", "8", "--fp16-limit", "8", check=False)
+def test_tensorrt_target_without_tensorrt_is_refused_clearly(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    proc = run_cli(
+        "export",
+        "--checkpoint",
+        str(trained_run / "checkpoint.pt"),
+        "--out-dir",
+        str(tmp_path),
+        "--model-repository",
+        str(tmp_path / "repo"),
+        "--target",
+        "gpu",
+        "--parity-limit",
+        "8",
+        "--fp16-limit",
+        "8",
+        check=False,
+    )
     assert proc.returncode == 2
     assert "needs TensorRT and a GPU" in proc.stderr and "--gpu-backend onnxruntime" in proc.stderr
     assert not (tmp_path / "repo" / "antsbees").exists()
-    proc = run_cli("export", "trt", "--onnx", str(trained_run / "model.onnx"), "--out",
-                   str(tmp_path / "m.plan"), check=False)
+    proc = run_cli(
+        "export",
+        "trt",
+        "--onnx",
+        str(trained_run / "model.onnx"),
+        "--out",
+        str(tmp_path / "m.plan"),
+        check=False,
+    )
     assert proc.returncode == 2 and "TensorRT" in proc.stderr
 
 
@@ -183,12 +277,21 @@ def test_tensorrt_engine_build_parity_and_refusal(trained_run: Path, tmp_path: P
     from export.tensorrt_engine import EngineMismatch, check_compatible
 
     out = tmp_path / "out"
-    report = run_export(ExportConfig(
-        checkpoint=str(trained_run / "checkpoint.pt"), out_dir=str(out),
-        repository=str(tmp_path / "repo"), serving=ServingConfig(
-            max_batch_size=64, target="gpu", gpu_backend="tensorrt",
-            preferred_batch_sizes=[16, 64]),
-        timing_cache=str(tmp_path / "timing.cache"), fp16_tolerance=1e-2))
+    report = run_export(
+        ExportConfig(
+            checkpoint=str(trained_run / "checkpoint.pt"),
+            out_dir=str(out),
+            repository=str(tmp_path / "repo"),
+            serving=ServingConfig(
+                max_batch_size=64,
+                target="gpu",
+                gpu_backend="tensorrt",
+                preferred_batch_sizes=[16, 64],
+            ),
+            timing_cache=str(tmp_path / "timing.cache"),
+            fp16_tolerance=1e-2,
+        )
+    )
     stage = next(s for s in report["stages"] if s["name"] == "tensorrt-fp16")
     assert stage["status"] == "passed" and stage["gating"] is True
     assert stage["top1_agreement"] >= 0.995 and stage["median_rel"] < 1e-2
@@ -212,13 +315,16 @@ def test_gpu_compose_file_serves_the_repository() -> None:
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
 
 
-def test_fp16_onnx_differs_from_fp32_but_stays_close(model_repo: Path,
-                                                     trained_run: Path) -> None:
+def test_fp16_onnx_differs_from_fp32_but_stays_close(model_repo: Path, trained_run: Path) -> None:
     """The FP16 ONNX really is a different model (weights rounded), and a close one."""
     import onnxruntime as ort
 
     x = np.random.default_rng(0).uniform(0, 255, (4, 3, 224, 224)).astype(np.float32)
-    outs = [ort.InferenceSession(str(trained_run / f), providers=["CPUExecutionProvider"])
-            .run(None, {"input": x})[0] for f in ("model.onnx", "model_fp16.onnx")]
+    outs = [
+        ort.InferenceSession(str(trained_run / f), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x}
+        )[0]
+        for f in ("model.onnx", "model_fp16.onnx")
+    ]
     assert not np.array_equal(*outs)
     assert np.abs(outs[0] - outs[1]).max() < 0.05
