@@ -51,6 +51,11 @@ class ExportConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
+NO_TENSORRT = ("TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
+               "engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
+               "--engine, or use --gpu-backend onnxruntime")
+
+
 class ParityFailed(RuntimeError):
     """A stage missed its threshold and publishing was refused."""
 
@@ -107,12 +112,7 @@ def _tensorrt_stage(
     ok, why = tensorrt_status()
     if not ok:
         if wants_engine and engine is None:
-            raise RuntimeError(
-                f"TARGET=gpu with the tensorrt backend needs TensorRT and a GPU "
-                f"to build the engine ({why}); build it on a GPU host "
-                "(`python -m export trt`) and pass --engine, or use "
-                "--gpu-backend onnxruntime"
-            )
+            raise RuntimeError(NO_TENSORRT.format(why=why))
         rel.skip("tensorrt-fp16", "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
         return engine
     if engine is None:
