@@ -9,7 +9,7 @@ from pathlib import Path
 
 from export.release import ExportConfig, ParityFailed, run_export
 from export.repository import GPU_BACKENDS, TARGETS, ServingConfig
-from export.tensorrt_engine import EngineProfile, TensorRTUnavailable
+from export.tensorrt_engine import EngineProfile, TensorRTUnavailable, require_tensorrt
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -163,6 +163,7 @@ def run_trt(argv: list[str]) -> int:
     from export.tensorrt_engine import build_engine
 
     a = trt_parser().parse_args(argv)
+    require_tensorrt()  # the blocker first, before reading anything
     proto = onnx.load(a.onnx, load_external_data=False)
     inp = proto.graph.input[0]
     item = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]

@@ -228,7 +228,7 @@ def test_export_gpu_onnxruntime_target_here(trained_run: Path, tmp_path: Path) -
 
 @pytest.mark.skipif(TRT_OK, reason="checks the message shown where TensorRT is missing")
 def test_tensorrt_target_without_tensorrt_is_refused_clearly(
-    trained_run: Path, tmp_path: Path
+    trained_run: Path, tmp_path: Path, model_repo: Path
 ) -> None:
     proc = run_cli(
         "export",
