@@ -51,9 +51,11 @@ class ExportConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
 
-NO_TENSORRT = ("TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
-               "engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
-               "--engine, or use --gpu-backend onnxruntime")
+NO_TENSORRT = (
+    "TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
+    "engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
+    "--engine, or use --gpu-backend onnxruntime"
+)
 
 
 class ParityFailed(RuntimeError):
