@@ -88,6 +88,13 @@ def parser() -> argparse.ArgumentParser:
         help="skip the stages through a real tritonserver",
     )
     p.add_argument(
+        "--server-url",
+        default="auto",
+        help="after publishing, if a Triton server is up here (auto: 127.0.0.1:"
+        "$GRPC_PORT), load the new version and record its served accuracy; 'none' "
+        "to skip",
+    )
+    p.add_argument(
         "--atol",
         type=float,
         default=1e-3,
@@ -199,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             keep_fp16_edges=a.keep_fp16_edges,
             fp16_tolerance=a.fp16_tolerance,
             triton_parity=a.triton_parity,
+            server_url=a.server_url,
             engine=a.engine,
             timing_cache=a.timing_cache,
             profile=profile,

@@ -18,8 +18,13 @@ from export.fp16 import convert_fp16, pytorch_fp16_logits
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
 from export.parity import FP16_GATE, FP32_GATE, Stage, Thresholds, format_stage, judge, skipped
 from export.report import write_histogram, write_json, write_markdown
-from export.repository import ServingConfig, publish, sha256
-from export.stage_outputs import load_pixels, onnxruntime_logits, pytorch_logits
+from export.repository import ServingConfig, publish, publish_image_pipeline, sha256
+from export.stage_outputs import (
+    encoded_images,
+    load_pixels,
+    onnxruntime_logits,
+    pytorch_logits,
+)
 from export.tensorrt_engine import EngineProfile, build_engine, tensorrt_logits, tensorrt_status
 from train.checkpoint import load_checkpoint
 
@@ -45,6 +50,7 @@ class ExportConfig:
     keep_fp16_edges: bool = False
     fp16_tolerance: float = FP16_GATE.atol
     triton_parity: bool = True
+    server_url: str = "auto"
     engine: str = ""
     timing_cache: str = ""
     profile: EngineProfile = field(default_factory=EngineProfile)
@@ -219,26 +225,31 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     }
 
     def publish_into(repo: Path, card: dict[str, Any] | None = None) -> Path:
-        return publish(repo, name, onnx_path, ckpt, card or card_base, cfg.serving, engine)
+        version = publish(repo, name, onnx_path, ckpt, card or card_base, cfg.serving, engine)
+        publish_image_pipeline(repo, name, ckpt, cfg.serving)
+        return version
 
     for protocol in ("http", "grpc"):
         stage_name = f"triton-{protocol}"
         if not cfg.triton_parity:
             rel.skip(stage_name, "onnxruntime-fp32", "disabled (--no-triton-parity)")
+            if protocol == "grpc":
+                rel.skip("triton-image", "onnxruntime-fp32", "disabled (--no-triton-parity)")
         elif cfg.serving.target != "cpu":
-            rel.skip(
-                stage_name,
-                "onnxruntime-fp32",
-                "the bundled tritonserver has only the "
-                "python backend; serve the GPU repository with the NGC container "
-                "(serve/docker-compose.gpu.yml)",
+            reason = (
+                "the bundled tritonserver has only the python backend; serve the GPU "
+                "repository with the NGC container (serve/docker-compose.gpu.yml)"
             )
+            rel.skip(stage_name, "onnxruntime-fp32", reason)
+            if protocol == "grpc":
+                rel.skip("triton-image", "onnxruntime-fp32", reason)
     if cfg.triton_parity and cfg.serving.target == "cpu":
         from export.triton_parity import triton_logits
 
-        served = triton_logits(publish_into, name, pixels)
-        for protocol, logits in served.items():
-            rel.compare(f"triton-{protocol}", "onnxruntime-fp32", ort32, logits, fp32_gate)
+        images = encoded_images(ckpt, data, cfg.split, cfg.parity_limit)
+        served = triton_logits(publish_into, name, pixels, images)
+        for key, logits in served.items():
+            rel.compare(f"triton-{key}", "onnxruntime-fp32", ort32, logits, fp32_gate)
 
     report = {
         "model": name,
@@ -281,4 +292,20 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
         say(f"published {name} version {target.name} ({cfg.serving.kind}) -> {target}")
         if report["forced"]:
             say("WARNING: published despite failed parity (--force); recorded in the model card")
+        if cfg.server_url != "none":
+            from export.served import default_server_url, deploy_and_measure
+
+            url = default_server_url() if cfg.server_url == "auto" else cfg.server_url
+            served = deploy_and_measure(
+                url, name, target, str(data), cfg.split, report["reference_top1"]
+            )
+            report["served"] = served
+            if served["status"] == "measured":
+                say(
+                    f"live server {url}: loaded {name} v{target.name}; served accuracy "
+                    f"{served['accuracy']:.4f} on {served['images']} images (in-process "
+                    f"{served['in_process_top1']:.4f}); recorded in the model card"
+                )
+            elif served["status"] != "no server":
+                say(f"live server {url}: {served['status']}: {served.get('note', '')}")
     return report

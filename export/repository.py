@@ -39,6 +39,10 @@ from export.onnx_export import INPUT_NAME, OUTPUT_NAME
 from train.checkpoint import atomic_write_bytes
 
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+PREPROCESS_MODEL = Path(__file__).with_name("triton_preprocess_model.py")
+IMAGE_PREPROCESS = Path(__file__).resolve().parent.parent / "serve" / "preprocess.py"
+IMAGE_INPUT, PIXELS = "IMAGE", "PIXELS"
+KEEP_VERSIONS = 2  # the classifier's version policy: the latest 2 stay loaded
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TARGETS = ("cpu", "gpu")
 GPU_BACKENDS = ("tensorrt", "onnxruntime")
@@ -109,6 +113,7 @@ def build_config(name: str, ckpt: dict[str, Any], serving: ServingConfig) -> mc.
     )
     cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
     cfg.dynamic_batching.preferred_batch_size.extend(serving.preferred_batch_sizes)
+    cfg.version_policy.latest.num_versions = KEEP_VERSIONS
     params = {
         # What a client needs to turn an image into the input tensor (read via the API).
         "preprocess_resize": str(pre["resize"]),
@@ -260,3 +265,93 @@ def publish(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def preprocess_name(name: str) -> str:
+    return f"{name}_preprocess"
+
+
+def image_model_name(name: str) -> str:
+    return f"{name}_image"
+
+
+def preprocess_config(
+    name: str, ckpt: dict[str, Any], serving: ServingConfig, max_pixels: int
+) -> mc.ModelConfig:
+    """Python backend (CPU): encoded image bytes -> the classifier's input pixels."""
+    pre = ckpt["preprocess"]
+    cfg = mc.ModelConfig(
+        name=preprocess_name(name), backend="python", max_batch_size=serving.max_batch_size
+    )
+    cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(name=PIXELS, data_type=mc.TYPE_FP32, dims=list(pre["input_size"]))
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=serving.instances)
+    cfg.dynamic_batching.max_queue_delay_microseconds = serving.max_queue_delay_us
+    cfg.version_policy.latest.num_versions = 1
+    for key, value in {
+        "preprocess_resize": str(pre["resize"]),
+        "preprocess_crop": str(pre["crop"]),
+        "preprocess_interpolation": str(pre.get("interpolation", "bilinear")),
+        "max_pixels": str(max_pixels),
+        "max_image_bytes": str(64 << 20),
+    }.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def ensemble_config(name: str, ckpt: dict[str, Any], serving: ServingConfig) -> mc.ModelConfig:
+    """``<name>_image``: IMAGE bytes -> preprocess -> classifier -> labelled logits. The
+    classifier keeps its own dynamic batching and version policy."""
+    cfg = mc.ModelConfig(
+        name=image_model_name(name), platform="ensemble", max_batch_size=serving.max_batch_size
+    )
+    cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(
+        name=OUTPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        dims=[int(ckpt["num_classes"])],
+        label_filename="labels.txt",
+    )
+    pre = cfg.ensemble_scheduling.step.add(model_name=preprocess_name(name), model_version=-1)
+    pre.input_map[IMAGE_INPUT] = IMAGE_INPUT
+    pre.output_map[PIXELS] = "pixels"
+    clf = cfg.ensemble_scheduling.step.add(model_name=name, model_version=-1)
+    clf.input_map[INPUT_NAME] = "pixels"
+    clf.output_map[OUTPUT_NAME] = OUTPUT_NAME
+    cfg.parameters["classifier"].string_value = name
+    return cfg
+
+
+def publish_image_pipeline(
+    repo: str | Path,
+    name: str,
+    ckpt: dict[str, Any],
+    serving: ServingConfig | None = None,
+    max_pixels: int = 40_000_000,
+) -> dict[str, Path]:
+    """Publish ``<name>_preprocess`` (next version) and the ``<name>_image`` ensemble
+    beside the classifier ``name``; same atomic staging as :func:`publish`."""
+    serving = serving or ServingConfig()
+    repo = Path(repo)
+    labels = [sanitize_label(c) for c in ckpt["classes"]]
+    pre_dir = repo / preprocess_name(name)
+    pre_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=pre_dir))
+    try:
+        shutil.copyfile(PREPROCESS_MODEL, staging / "model.py")
+        shutil.copyfile(IMAGE_PREPROCESS, staging / "image_preprocess.py")
+        os.chmod(staging, 0o755)
+        _write_text_atomic(
+            pre_dir / "config.pbtxt",
+            config_text(preprocess_config(name, ckpt, serving, max_pixels)),
+        )
+        pre_version = pre_dir / str((versions(pre_dir) or [0])[-1] + 1)
+        os.rename(staging, pre_version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    ens_dir = repo / image_model_name(name)
+    (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version is empty
+    _write_text_atomic(ens_dir / "labels.txt", "\n".join(labels) + "\n")
+    _write_text_atomic(ens_dir / "config.pbtxt", config_text(ensemble_config(name, ckpt, serving)))
+    return {"preprocess": pre_version, "ensemble": ens_dir}

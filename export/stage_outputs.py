@@ -94,3 +94,27 @@ def onnxruntime_logits(onnx_path: str | Path, pixels: PixelBatches, threads: int
     return np.concatenate(
         [session.run(None, {name: x})[0] for x in progress(pixels.batches, desc="onnxruntime")]
     )
+
+
+def encoded_images(
+    ckpt: dict[str, Any], data: str | Path, split: str = "val", limit: int = 0
+) -> list[bytes]:
+    """The same images as :func:`load_pixels` (same order and subset), encoded: the files'
+    own bytes for an ImageFolder, lossless PNG for arrays. What a raw-image client sends."""
+    import io
+
+    from PIL import Image
+
+    config = ckpt.get("config", {})
+    kind = config.get("dataset", "auto") if str(data) == config.get("data") else "auto"
+    ds = subset(dataset_split(data, split, None, kind), limit, seed=0)
+    base, idx = (ds.dataset, list(ds.indices)) if hasattr(ds, "indices") else (ds, None)
+    idx = idx if idx is not None else list(range(len(base)))
+    if hasattr(base, "samples"):
+        return [Path(base.samples[i][0]).read_bytes() for i in idx]
+    out = []
+    for i in idx:
+        buf = io.BytesIO()
+        Image.fromarray(base.x[i]).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out

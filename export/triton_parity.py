@@ -16,10 +16,12 @@ def triton_logits(
     publish_into: Callable[[Path], Path],
     model_name: str,
     pixels: PixelBatches,
+    images: list[bytes] | None = None,
     protocols: tuple[str, ...] = ("http", "grpc"),
 ) -> dict[str, np.ndarray]:
     """Publish into a scratch repository, serve it on free loopback ports, and return
-    each protocol's logits for every image."""
+    each protocol's logits for every image; with ``images`` (the same images, encoded),
+    also the raw-image ensemble's logits under the key ``image``."""
     from serve.client import Classifier
     from serve.triton_server import ServerOptions, TritonServer, free_port
 
@@ -38,4 +40,7 @@ def triton_logits(
                 url = server.http_url if protocol == "http" else server.grpc_url
                 with Classifier(url, model_name, protocol=protocol) as clf:
                     out[protocol] = np.concatenate([clf.logits(b) for b in pixels.batches])
+            if images is not None:
+                with Classifier(server.grpc_url, f"{model_name}_image") as clf:
+                    out["image"] = clf.logits(np.array([[b] for b in images], dtype=object))
     return out

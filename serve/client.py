@@ -1,11 +1,17 @@
 """Classify images with a model served by Triton, over HTTP or gRPC (tritonclient; no torch).
 
-The client learns everything from the server: input name/shape/format from the
-model metadata, the eval geometry (resize, crop, interpolation) from the model
-config's parameters, and class labels through Triton's classification extension
-(the model's ``labels.txt``). Probabilities are the softmax of the logits.
+The client learns everything from the server: input name/shape/datatype from the model
+metadata, the eval geometry (resize, crop, interpolation) from the model config's
+parameters, and class labels through Triton's classification extension (the model's
+``labels.txt``). Probabilities are the softmax of the logits.
 
-tritonclient's HTTP client is not thread-safe (gevent): use one Classifier per thread.
+* a pixel model (``antsbees``, FP32 NCHW): images are decoded and resized here, exactly
+  like the training eval transform;
+* a raw-image model (``antsbees_image``, BYTES): encoded files are sent as they are and
+  the server preprocesses them.
+
+tritonclient's HTTP client is not thread-safe (gevent): use one Classifier per thread,
+or :class:`AsyncClassifier` for many requests in flight.
 """
 
 from __future__ import annotations
@@ -13,11 +19,19 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from serve.preprocess import DEFAULT_MAX_PIXELS, ImageSource, ResizeCrop, preprocess
+from serve.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageSource,
+    ResizeCrop,
+    describe,
+    preprocess,
+)
 
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 
@@ -48,11 +62,76 @@ class Prediction:
     logit: float
 
 
-def _protocol_module(protocol: str) -> Any:
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a client needs to know about a served model."""
+
+    name: str
+    input_name: str
+    input_dtype: str
+    input_shape: list[int]
+    output_name: str
+    num_classes: int
+    max_batch_size: int
+    geometry: ResizeCrop | None
+
+    @property
+    def raw(self) -> bool:
+        """True when the model takes encoded image bytes."""
+        return self.input_dtype == "BYTES"
+
+    @classmethod
+    def from_api(cls, name: str, meta: dict[str, Any], config: dict[str, Any]) -> ModelInfo:
+        if len(meta["inputs"]) != 1 or len(meta["outputs"]) != 1:
+            raise ClientError(f"model '{name}' must have one input and one output")
+        inp, out = meta["inputs"][0], meta["outputs"][0]
+        max_batch = int(config.get("max_batch_size", 0))
+        shape = [int(d) for d in inp["shape"][1 if max_batch else 0 :]]
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        geometry = None
+        if inp["datatype"] == "FP32":
+            try:
+                geometry = ResizeCrop(
+                    int(params["preprocess_resize"]),
+                    int(params["preprocess_crop"]),
+                    params.get("preprocess_interpolation", "bilinear"),
+                )
+            except KeyError as e:
+                raise ClientError(
+                    f"model '{name}' config lacks parameter {e}; was it published by `make export`?"
+                ) from e
+            if shape != [3, geometry.crop, geometry.crop]:
+                raise ClientError(
+                    f"model '{name}' input {shape} does not match crop {geometry.crop}"
+                )
+        elif inp["datatype"] != "BYTES":
+            raise ClientError(
+                f"model '{name}' input is {inp['datatype']}: neither pixels "
+                "(FP32) nor encoded images (BYTES)"
+            )
+        return cls(
+            name,
+            inp["name"],
+            inp["datatype"],
+            shape,
+            out["name"],
+            int(out["shape"][-1]),
+            max_batch,
+            geometry,
+        )
+
+
+def _protocol_module(protocol: str, aio: bool = False) -> Any:
     if protocol == "http":
-        import tritonclient.http as module
+        if aio:
+            import tritonclient.http.aio as module
+        else:
+            import tritonclient.http as module
     elif protocol == "grpc":
-        import tritonclient.grpc as module
+        if aio:
+            import tritonclient.grpc.aio as module
+        else:
+            import tritonclient.grpc as module
     else:
         raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
     return module
@@ -76,11 +155,89 @@ def parse_classification(entries: np.ndarray) -> list[tuple[float, int, str]]:
     return out
 
 
-class Classifier:
+def predictions(entries: np.ndarray, n: int, top_k: int) -> list[list[Prediction]]:
+    """Classification-extension rows (all classes) -> top-k Predictions per image."""
+    results = []
+    for row in entries.reshape(n, -1):
+        parsed = parse_classification(row)
+        probs = softmax(np.array([s for s, _, _ in parsed]))
+        ranked = sorted(zip(parsed, probs, strict=True), key=lambda t: -t[0][0])[:top_k]
+        results.append(
+            [Prediction(label, float(p), idx, score) for (score, idx, label), p in ranked]
+        )
+    return results
+
+
+def read_bytes(source: ImageSource) -> bytes:
+    """Encoded image bytes from a path (or bytes as they are)."""
+    if isinstance(source, bytes | bytearray):
+        return bytes(source)
+    path = Path(source)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    return path.read_bytes()
+
+
+def _classify_error(
+    e: Exception, what: str, url: str, protocol: str, model: str, version: str
+) -> ClientError:
+    text = str(e)
+    lowered = text.lower()
+    unreachable = (
+        "failed to connect",
+        "connection refused",
+        "unavailable",
+        "connect call",
+        "name or service not known",
+        "deadline exceeded",
+        "timed out",
+        "cannot connect",
+        "connection reset",
+    )
+    if any(s in lowered for s in unreachable) and "bad image" not in lowered:
+        return ServerUnavailable(f"no Triton server at {url} ({protocol}): {text}")
+    if any(
+        s in lowered
+        for s in ("not found", "not ready", "unknown model", "unavailable model", "is not loaded")
+    ):
+        v = f" version {version}" if version else ""
+        return ModelNotReady(f"model '{model}'{v} is not ready on {url}: {text}")
+    return InferenceFailed(f"{what} failed: {text}")
+
+
+class _Base:
+    """What the sync and async clients share: inputs, outputs, batching."""
+
+    protocol: str
+    module: Any
+    info: ModelInfo
+    max_batch: int
+    max_pixels: int
+    version: str
+
+    def encode(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Images -> the model's input array: pixels [N, 3, H, W] or bytes [N, 1]."""
+        if self.info.raw:
+            return np.array([[read_bytes(im)] for im in images], dtype=object)
+        assert self.info.geometry is not None
+        return np.stack([preprocess(im, self.info.geometry, self.max_pixels) for im in images])
+
+    def _request(self, batch: np.ndarray, class_count: int) -> tuple[list, list]:
+        m = self.module
+        dtype = "BYTES" if batch.dtype == object else self.info.input_dtype
+        inp = m.InferInput(self.info.input_name, list(batch.shape), dtype)
+        inp.set_data_from_numpy(batch)
+        return [inp], [m.InferRequestedOutput(self.info.output_name, class_count=class_count)]
+
+    def _chunks(self, array: np.ndarray) -> list[np.ndarray]:
+        return [array[i : i + self.max_batch] for i in range(0, len(array), self.max_batch)]
+
+
+class Classifier(_Base):
     """An image classifier behind a Triton server.
 
-    >>> clf = Classifier("127.0.0.1:8001", "antsbees", protocol="grpc")
-    >>> clf.classify(["ant.jpg"], top_k=2)[0][0].label
+    >>> with Classifier("127.0.0.1:8001", "antsbees", protocol="grpc") as clf:
+    ...     clf.classify(["ant.jpg"], top_k=2)[0][0].label
     'ants'
     """
 
@@ -98,9 +255,7 @@ class Classifier:
         self.protocol = protocol
         self.module = _protocol_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
-        self.model = model
-        self.version = version
-        self.timeout = timeout
+        self.model, self.version, self.timeout = model, version, timeout
         self.max_pixels = max_pixels
         try:
             if protocol == "http":
@@ -111,140 +266,100 @@ class Classifier:
                 self.client = self.module.InferenceServerClient(self.url)
         except Exception as e:
             raise ServerUnavailable(f"cannot create a {protocol} client for {self.url}: {e}") from e
-        self._describe_model()
-        self.max_batch = max(1, min(max_batch, self.max_batch_size or max_batch))
+        self.info = self._describe_model()
+        self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
 
-    # -- model description -------------------------------------------------------------
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from tritonclient.utils import InferenceServerException
 
         try:
             return fn(*args, **kwargs)
-        except InferenceServerException as e:
-            raise self._classify_error(e, what) from e
-        except (ConnectionError, OSError) as e:
-            raise ServerUnavailable(f"no Triton server at {self.url} ({self.protocol}): {e}") from e
+        except (InferenceServerException, ConnectionError, OSError) as e:
+            raise _classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
 
-    def _classify_error(self, e: Exception, what: str) -> ClientError:
-        text = str(e)
-        lowered = text.lower()
-        unreachable = (
-            "failed to connect",
-            "connection refused",
-            "unavailable",
-            "connect call",
-            "name or service not known",
-            "deadline exceeded",
-            "timed out",
-        )
-        if any(s in lowered for s in unreachable):
-            return ServerUnavailable(f"no Triton server at {self.url} ({self.protocol}): {text}")
-        if (
-            "not found" in lowered
-            or "not ready" in lowered
-            or "unknown model" in lowered
-            or "unavailable model" in lowered
-        ):
-            v = f" version {self.version}" if self.version else ""
-            return ModelNotReady(f"model '{self.model}'{v} is not ready on {self.url}: {text}")
-        return InferenceFailed(f"{what} failed: {text}")
-
-    def _describe_model(self) -> None:
-        live = self._call("server liveness", self.client.is_server_live)
-        if not live:
+    def _describe_model(self) -> ModelInfo:
+        if not self._call("server liveness", self.client.is_server_live):
             raise ServerUnavailable(f"Triton at {self.url} is not live")
-        ready = self._call("model readiness", self.client.is_model_ready, self.model, self.version)
-        if not ready:
+        if not self._call("model readiness", self.client.is_model_ready, self.model, self.version):
             v = f" version {self.version}" if self.version else ""
             raise ModelNotReady(f"model '{self.model}'{v} is not ready on {self.url}")
-        if self.protocol == "grpc":
-            meta = self._call(
-                "metadata", self.client.get_model_metadata, self.model, self.version, as_json=True
-            )
-            config = self._call(
-                "config", self.client.get_model_config, self.model, self.version, as_json=True
-            )["config"]
-        else:
-            meta = self._call("metadata", self.client.get_model_metadata, self.model, self.version)
-            config = self._call("config", self.client.get_model_config, self.model, self.version)
-        if len(meta["inputs"]) != 1 or len(meta["outputs"]) != 1:
-            raise ClientError(f"model '{self.model}' must have one input and one output")
-        inp, out = meta["inputs"][0], meta["outputs"][0]
-        self.input_name, self.input_dtype = inp["name"], inp["datatype"]
-        self.output_name = out["name"]
-        self.num_classes = int(out["shape"][-1])
-        self.max_batch_size = int(config.get("max_batch_size", 0))
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        self.input_shape = [int(d) for d in inp["shape"][1 if self.max_batch_size else 0 :]]
-        if self.input_dtype == "FP32":
-            try:
-                self.geometry: ResizeCrop | None = ResizeCrop(
-                    int(params["preprocess_resize"]),
-                    int(params["preprocess_crop"]),
-                    params.get("preprocess_interpolation", "bilinear"),
-                )
-            except KeyError as e:
-                raise ClientError(
-                    f"model '{self.model}' config lacks parameter {e}; "
-                    "was it published by `make export`?"
-                ) from e
-            if self.input_shape != [3, self.geometry.crop, self.geometry.crop]:
-                raise ClientError(
-                    f"model '{self.model}' input {self.input_shape} does not match "
-                    f"crop {self.geometry.crop}"
-                )
-        else:
-            self.geometry = None
+        kw = {"as_json": True} if self.protocol == "grpc" else {}
+        meta = self._call(
+            "metadata", self.client.get_model_metadata, self.model, self.version, **kw
+        )
+        config = self._call("config", self.client.get_model_config, self.model, self.version, **kw)
+        return ModelInfo.from_api(self.model, meta, config.get("config", config))
 
-    # -- inference ------------------------------------------------------------------------
     def _infer(self, batch: np.ndarray, class_count: int = 0) -> np.ndarray:
-        m = self.module
-        inp = m.InferInput(self.input_name, list(batch.shape), self.input_dtype)
-        inp.set_data_from_numpy(batch)
-        out = m.InferRequestedOutput(self.output_name, class_count=class_count)
-        kwargs: dict[str, Any] = {"model_version": self.version, "outputs": [out]}
+        inputs, outputs = self._request(batch, class_count)
+        kwargs: dict[str, Any] = {"model_version": self.version, "outputs": outputs}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout
-        result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
-        return result.as_numpy(self.output_name)
+        result = self._call("inference", self.client.infer, self.model, inputs, **kwargs)
+        return result.as_numpy(self.info.output_name)
 
+    # kept for callers that only preprocess
     def preprocess(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Images -> float32 [N, 3, crop, crop] pixels (raises ImageError naming the input)."""
-        if self.geometry is None:
-            raise ClientError(f"model '{self.model}' takes {self.input_dtype}, not pixels")
-        return np.stack([preprocess(im, self.geometry, self.max_pixels) for im in images])
+        if self.info.raw:
+            raise ClientError(f"model '{self.model}' takes encoded images, not pixels")
+        return self.encode(images)
 
-    def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """Raw logits for a float32 [N, 3, H, W] pixel batch (split by the model's max batch)."""
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
-        parts = [
-            self._infer(pixels[i : i + self.max_batch])
-            for i in range(0, len(pixels), self.max_batch)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.num_classes), np.float32)
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits for an input array (pixels or bytes), split by the model's max batch."""
+        if batch.dtype != object:
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
+        parts = [self._infer(chunk) for chunk in self._chunks(batch)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.info.num_classes), np.float32)
 
-    def classify_pixels(self, pixels: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
-        """Top-k predictions for a pixel batch, labels from the served model's labels.txt."""
-        top_k = max(1, min(int(top_k), self.num_classes))
+    def classify_array(self, batch: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
+        """Top-k predictions for an encoded input array (see :meth:`encode`)."""
+        top_k = max(1, min(int(top_k), self.info.num_classes))
+        if batch.dtype != object:
+            batch = np.ascontiguousarray(batch, dtype=np.float32)
         results: list[list[Prediction]] = []
-        for i in range(0, len(pixels), self.max_batch):
-            chunk = np.ascontiguousarray(pixels[i : i + self.max_batch], dtype=np.float32)
-            entries = self._infer(chunk, class_count=self.num_classes)
-            for row in entries.reshape(len(chunk), -1):
-                parsed = parse_classification(row)
-                scores = np.array([s for s, _, _ in parsed])
-                probs = softmax(scores)
-                results.append(
-                    [
-                        Prediction(label, float(p), idx, score)
-                        for (score, idx, label), p in list(zip(parsed, probs, strict=True))[:top_k]
-                    ]
-                )
+        for chunk in self._chunks(batch):
+            entries = self._infer(chunk, class_count=self.info.num_classes)
+            results += predictions(entries, len(chunk), top_k)
         return results
 
+    def classify_pixels(self, pixels: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
+        return self.classify_array(pixels, top_k)
+
     def classify(self, images: Sequence[ImageSource], top_k: int = 1) -> list[list[Prediction]]:
-        """Top-k (label, probability) per image; images are paths or encoded bytes."""
-        return self.classify_pixels(self.preprocess(images), top_k)
+        """Top-k (label, probability) per image; images are paths or encoded bytes.
+        Raises ImageError / InferenceFailed on the first bad image."""
+        return self.classify_array(self.encode(images), top_k)
+
+    def classify_each(
+        self, images: Sequence[ImageSource], top_k: int = 1
+    ) -> list[list[Prediction] | ClientError | ImageError]:
+        """Like :meth:`classify`, but a bad image yields its error in its slot and the
+        others are still answered (batched; a failed batch is retried image by image)."""
+        out: list[Any] = [None] * len(images)
+        encoded: list[tuple[int, np.ndarray]] = []
+        for i, im in enumerate(images):
+            try:
+                encoded.append((i, self.encode([im])[0]))
+            except ImageError as e:
+                out[i] = e
+        for start in range(0, len(encoded), self.max_batch):
+            group = encoded[start : start + self.max_batch]
+            batch = (
+                np.stack([a for _, a in group])
+                if group[0][1].dtype != object
+                else np.array([a for _, a in group], dtype=object)
+            )
+            try:
+                for (i, _), preds in zip(group, self.classify_array(batch, top_k), strict=True):
+                    out[i] = preds
+            except InferenceFailed:
+                for i, a in group:
+                    try:
+                        out[i] = self.classify_array(a[None], top_k)[0]
+                    except InferenceFailed as e:
+                        out[i] = InferenceFailed(f"{describe(images[i])}: {e}")
+        return out
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -255,3 +370,88 @@ class Classifier:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncClassifier(_Base):
+    """asyncio variant for many requests in flight (tritonclient's aio clients).
+
+    >>> clf = await AsyncClassifier.create("127.0.0.1:8001", "antsbees_image")
+    >>> results = await asyncio.gather(*(clf.classify([p]) for p in paths))
+    >>> await clf.close()
+    """
+
+    def __init__(
+        self,
+        url: str | None,
+        model: str,
+        protocol: str,
+        version: str,
+        max_batch: int,
+        max_pixels: int,
+    ) -> None:
+        self.protocol = protocol
+        self.module = _protocol_module(protocol, aio=True)
+        self.url = url or DEFAULT_URLS[protocol]
+        self.model, self.version, self.max_pixels = model, version, max_pixels
+        self.client = self.module.InferenceServerClient(self.url)
+        self.max_batch = max_batch
+
+    @classmethod
+    async def create(
+        cls,
+        url: str | None = None,
+        model: str = "antsbees",
+        *,
+        protocol: str = "grpc",
+        version: str = "",
+        max_batch: int = 32,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> AsyncClassifier:
+        self = cls(url, model, protocol, version, max_batch, max_pixels)
+        try:
+            if not await self._call("model readiness", self.client.is_model_ready, model, version):
+                raise ModelNotReady(f"model '{model}' is not ready on {self.url}")
+            kw = {"as_json": True} if protocol == "grpc" else {}
+            meta = await self._call(
+                "metadata", self.client.get_model_metadata, model, version, **kw
+            )
+            config = await self._call("config", self.client.get_model_config, model, version, **kw)
+        except BaseException:
+            await self.close()
+            raise
+        self.info = ModelInfo.from_api(model, meta, config.get("config", config))
+        self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
+        return self
+
+    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return await fn(*args, **kwargs)
+        except (InferenceServerException, ConnectionError, OSError) as e:
+            raise _classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
+        except Exception as e:  # aiohttp / grpc.aio transport errors
+            raise _classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
+
+    async def classify(
+        self, images: Sequence[ImageSource], top_k: int = 1
+    ) -> list[list[Prediction]]:
+        top_k = max(1, min(int(top_k), self.info.num_classes))
+        batch = self.encode(images)
+        results: list[list[Prediction]] = []
+        for chunk in self._chunks(batch):
+            inputs, outputs = self._request(chunk, self.info.num_classes)
+            result = await self._call(
+                "inference",
+                self.client.infer,
+                self.model,
+                inputs,
+                model_version=self.version,
+                outputs=outputs,
+            )
+            results += predictions(result.as_numpy(self.info.output_name), len(chunk), top_k)
+        return results
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.close()

@@ -90,7 +90,9 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{name}: not a readable image (unknown format or corrupt data)") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{name}: not a readable image ({e})") from e
 
 

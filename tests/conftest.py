@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 HYMENOPTERA = Path(os.environ.get("TEST_DATA", SHARED / "hymenoptera_data"))
 PY = sys.executable
+# `make export` looks for a live server on 127.0.0.1:$GRPC_PORT to deploy to; keep the
+# tests away from any server a developer is running (port 9 is closed). Tests that want
+# that behaviour pass --server-url / start their own server on free ports.
+os.environ["GRPC_PORT"] = "9"
 
 # A closed local port as HTTPS proxy: every download fails at once, as it does offline.
 OFFLINE_ENV = {

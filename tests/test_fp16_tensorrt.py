@@ -28,6 +28,7 @@ STAGES = [
     "tensorrt-fp16",
     "triton-http",
     "triton-grpc",
+    "triton-image",
 ]
 TRT_OK, TRT_WHY = tensorrt_status()
 
@@ -52,7 +53,7 @@ def test_release_report_covers_every_stage(trained_run: Path, model_repo: Path) 
     if not TRT_OK:
         assert by_name["tensorrt-fp16"]["status"] == "skipped"
         assert by_name["tensorrt-fp16"]["reason"].startswith(TRT_WHY)
-    for protocol in ("http", "grpc"):  # the real server returns ORT's numbers exactly
+    for protocol in ("http", "grpc", "image"):  # the real server returns ORT's numbers exactly
         stage = by_name[f"triton-{protocol}"]
         assert stage["reference"] == "onnxruntime-fp32" and stage["images"] == 153
         assert stage["max_abs"] == 0.0
