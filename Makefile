@@ -27,10 +27,10 @@ TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock data train export serve test lint format clean bench-train
+.PHONY: help setup lock data train export serve test lint format clean bench-train bench soak
 
 help:
-	@echo "make setup | train | export | serve | test | bench-train | data | lint | clean"
+	@echo "make setup | train | export | serve | test | bench | bench-train | soak | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
 	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime)"
@@ -73,6 +73,14 @@ export: $(STAMP)
 # Time-to-accuracy on ants/bees (finetune vs feature-extract) and CIFAR images/s.
 bench-train: $(STAMP)
 	$(PY) -m train bench --out bench $(BENCH_ARGS)
+
+# Triton HTTP/gRPC, tensor/raw, concurrency sweep vs in-process ORT and PyTorch.
+bench: $(STAMP)
+	$(PY) -m serve bench --model $(MODEL) --model-repository $(REPO) --out bench $(BENCH_ARGS)
+
+# 5 minutes at concurrency 16, mixed protocols and inputs: 0 failures, bounded RSS growth.
+soak: $(STAMP)
+	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench $(SOAK_ARGS)
 
 serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,28 @@ def unload(url: str | None, model: str) -> None:
         client.unload_model(model)
     finally:
         client.close()
+
+
+def restart(url: str | None, model: str) -> None:
+    """Unload and load ``model``: new backend processes. Measured on Triton 2.51: after a
+    python-backend stub dies, the model stays READY but every request fails with "Stub
+    process ... is not healthy", and a plain load is a no-op while the files are unchanged;
+    this brings it back."""
+    client = _client(url)
+    try:
+        client.unload_model(model)
+        deadline = time.monotonic() + 60
+        while model in {
+            m["name"]
+            for m in client.get_model_repository_index(as_json=True).get("models", [])
+            if m.get("state") == "READY"
+        }:
+            if time.monotonic() > deadline:
+                raise ModelNotReady(f"'{model}' did not unload within 60 s")
+            time.sleep(0.1)
+    finally:
+        client.close()
+    load(url, model)
 
 
 def rollback(url: str | None, model: str) -> tuple[int, int]:

@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (
         ("load", "load (or reload) a model from the repository"),
         ("unload", "unload a model"),
+        ("restart", "unload + load: fresh backend processes (after a crash)"),
         ("rollback", "serve the previous version (`load` undoes it)"),
     ):
         p = sub.add_parser(name, help=text)
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true")
 
+    sub.add_parser(
+        "soak", add_help=False, help="sustained mixed load: failures and memory growth (soak -h)"
+    )
+    sub.add_parser(
+        "bench", add_help=False, help="throughput/latency sweep vs in-process baselines (bench -h)"
+    )
     p = sub.add_parser(
         "evaluate", help="served accuracy on a labelled ImageFolder split", formatter_class=fmt
     )
@@ -141,6 +148,9 @@ def run_admin(a: argparse.Namespace) -> int:
     elif a.command == "unload":
         admin.unload(a.url, a.model)
         print(f"unloaded {a.model}")
+    elif a.command == "restart":
+        admin.restart(a.url, a.model)
+        print(f"restarted {a.model}: versions {admin.ready_versions(a.url, a.model)}")
     else:
         old, new = admin.rollback(a.url, a.model)
         print(
@@ -198,6 +208,11 @@ def run_evaluate(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Dispatch; errors print one clear line and exit non-zero."""
+    argv = list(__import__("sys").argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "soak"):  # own parsers (python -m serve bench -h)
+        from serve import bench, soak
+
+        return (bench if argv[0] == "bench" else soak).main(argv[1:])
     a = build_parser().parse_args(argv)
     try:
         if a.command == "run":

@@ -17,6 +17,8 @@ or :class:`AsyncClassifier` for many requests in flight.
 from __future__ import annotations
 
 import contextlib
+import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +180,33 @@ def read_bytes(source: ImageSource) -> bytes:
     return path.read_bytes()
 
 
+# Server-side failures that a retry can cure: the server or a backend process restarting.
+TRANSIENT_MARKERS = (
+    "stub process",
+    "unhealthy",
+    "failed to process the request",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "not ready",
+    "unavailable",
+    "restart",
+    "failed to connect",
+)
+
+
+def is_transient(error: Exception) -> bool:
+    """True for errors an idempotent request may retry (never for bad input)."""
+    if isinstance(error, ServerUnavailable | ModelNotReady):
+        return True
+    text = str(error).lower()
+    return (
+        "bad image" not in text
+        and "unexpected" not in text
+        and any(m in text for m in TRANSIENT_MARKERS)
+    )
+
+
 def _classify_error(
     e: Exception, what: str, url: str, protocol: str, model: str, version: str
 ) -> ClientError:
@@ -251,11 +280,14 @@ class Classifier(_Base):
         timeout: float = 60.0,
         max_batch: int = 32,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        retries: int = 0,
+        backoff: float = 0.25,
     ) -> None:
         self.protocol = protocol
         self.module = _protocol_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.model, self.version, self.timeout = model, version, timeout
+        self.retries, self.backoff = max(0, retries), backoff
         self.max_pixels = max_pixels
         try:
             if protocol == "http":
@@ -295,8 +327,17 @@ class Classifier(_Base):
         kwargs: dict[str, Any] = {"model_version": self.version, "outputs": outputs}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout
-        result = self._call("inference", self.client.infer, self.model, inputs, **kwargs)
-        return result.as_numpy(self.info.output_name)
+        attempt = 0
+        while True:
+            try:
+                result = self._call("inference", self.client.infer, self.model, inputs, **kwargs)
+                return result.as_numpy(self.info.output_name)
+            except ClientError as e:
+                if attempt >= self.retries or not is_transient(e):
+                    raise
+                # Inference is idempotent: retry with exponential backoff and jitter.
+                time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+                attempt += 1
 
     # kept for callers that only preprocess
     def preprocess(self, images: Sequence[ImageSource]) -> np.ndarray:

@@ -1,0 +1,167 @@
+"""``python -m serve soak`` (``make soak``): sustained mixed load with failure and memory
+accounting.
+
+``--concurrency`` closed-loop clients, alternating gRPC/HTTP and tensor/raw-image input,
+run for ``--seconds`` against a server started on free ports (or ``--url``). Every
+failure is counted with its message; the resident memory of tritonserver and its
+python-backend stubs is sampled every second. Passes with 0 failed requests and RSS
+growth after warm-up within ``--max-rss-growth-mib``. Writes bench/soak-latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serve.client import Classifier
+from serve.evaluate import list_image_folder
+from serve.preprocess import ResizeCrop, preprocess
+
+
+def process_tree_rss(pid: int) -> int:
+    """RSS in bytes of ``pid`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        stack += children.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def run_soak(
+    server_pid: int | None,
+    grpc_url: str,
+    http_url: str,
+    model: str,
+    pixels: np.ndarray,
+    raw: np.ndarray,
+    seconds: float,
+    concurrency: int,
+    warmup: float = 10.0,
+) -> dict[str, Any]:
+    """The load itself; returns counts, failures and the RSS series."""
+    stop = threading.Event()
+    lock = threading.Lock()
+    counts = {"ok": 0, "failed": 0}
+    failures: list[str] = []
+
+    def client(i: int) -> None:
+        protocol = ("grpc", "http")[i % 2]
+        kind = ("tensor", "raw")[(i // 2) % 2]
+        url = grpc_url if protocol == "grpc" else http_url
+        name = model if kind == "tensor" else f"{model}_image"
+        data = pixels if kind == "tensor" else raw
+        with Classifier(url, name, protocol=protocol) as clf:
+            j = 0
+            while not stop.is_set():
+                try:
+                    clf.logits(data[j % len(data)][None])
+                    with lock:
+                        counts["ok"] += 1
+                except Exception as e:  # noqa: BLE001 - every failure is recorded
+                    with lock:
+                        counts["failed"] += 1
+                        failures.append(f"{protocol}/{kind}: {e}"[:300])
+                j += 1
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    rss: list[tuple[float, int]] = []
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1.0)
+        if server_pid:
+            rss.append((round(time.monotonic() - t0, 1), process_tree_rss(server_pid)))
+    stop.set()
+    for t in threads:
+        t.join(60)
+    after_warmup = [r for s, r in rss if s >= min(warmup, seconds / 3)] or [0]
+    return {
+        "seconds": seconds,
+        "concurrency": concurrency,
+        **counts,
+        "requests_per_s": counts["ok"] / seconds,
+        "failures": failures[:20],
+        "rss_mib_start": after_warmup[0] / 2**20,
+        "rss_mib_max": max(after_warmup) / 2**20,
+        "rss_growth_mib": (max(after_warmup) - after_warmup[0]) / 2**20,
+        "rss_series_mib": [(s, round(r / 2**20, 1)) for s, r in rss],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m serve soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="antsbees")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--data", default="", help="ImageFolder split (default: the model card's)")
+    p.add_argument("--seconds", type=float, default=300)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-rss-growth-mib", type=float, default=64.0)
+    p.add_argument("--out", default="bench")
+    a = p.parse_args(argv)
+    from serve.triton_server import ServerOptions, TritonServer, free_port
+
+    repo = Path(a.model_repository)
+    version = sorted((int(v.name), v) for v in (repo / a.model).iterdir() if v.name.isdigit())
+    card = json.loads((version[-1][1] / "model_card.json").read_text())
+    pre = card["preprocess"]
+    geometry = ResizeCrop(
+        int(pre["resize"]), int(pre["crop"]), pre.get("interpolation", "bilinear")
+    )
+    _, samples = list_image_folder(a.data or Path(card["training_config"]["data"]) / "val")
+    paths = [s for s, _ in samples][:32]
+    pixels = np.stack([preprocess(s, geometry) for s in paths])
+    raw = np.array([[Path(s).read_bytes()] for s in paths], dtype=object)
+    opts = ServerOptions(
+        model_repository=str(repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with TritonServer(opts, log_path=out / "soak-server.log") as srv:
+        result = run_soak(
+            srv.pid, srv.grpc_url, srv.http_url, a.model, pixels, raw, a.seconds, a.concurrency
+        )
+        result["server_ready_after"] = srv.is_ready()
+    result["passed"] = (
+        result["failed"] == 0
+        and result["server_ready_after"]
+        and result["rss_growth_mib"] <= a.max_rss_growth_mib
+    )
+    result["max_rss_growth_mib"] = a.max_rss_growth_mib
+    (out / "soak-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"soak {a.seconds:.0f}s x{a.concurrency}: {result['ok']} ok, {result['failed']} "
+        f"failed, {result['requests_per_s']:.1f} req/s; RSS {result['rss_mib_start']:.0f} -> "
+        f"max {result['rss_mib_max']:.0f} MiB (growth {result['rss_growth_mib']:.1f}, bound "
+        f"{a.max_rss_growth_mib:.0f}): {'PASSED' if result['passed'] else 'FAILED'}"
+    )
+    return 0 if result["passed"] else 1

@@ -1,0 +1,270 @@
+"""Issue 6: bad input against the live server, a short soak, faults (backend process
+killed, server restarted, training killed mid-checkpoint) and security defaults."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from serve import admin
+from serve.client import Classifier, InferenceFailed
+from serve.preprocess import ResizeCrop, preprocess
+from serve.soak import run_soak
+from serve.triton_server import (
+    ServerOptions,
+    TritonInstall,
+    TritonServer,
+    free_port,
+    server_command,
+)
+from tests.conftest import ROOT
+from train.checkpoint import load_checkpoint
+
+GEOMETRY = ResizeCrop(256, 224)
+MODULES = {"grpc": grpcclient, "http": httpclient}
+
+
+def _input(module, name: str, array: np.ndarray, datatype: str | None = None):
+    dtype = (
+        datatype
+        or {
+            np.dtype(np.float32): "FP32",
+            np.dtype(np.float64): "FP64",
+            np.dtype(np.int8): "INT8",
+            np.dtype(object): "BYTES",
+        }[array.dtype]
+    )
+    inp = module.InferInput(name, list(array.shape), dtype)
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(buf, "PNG")  # 81 MP, a few hundred KB
+    return buf.getvalue()
+
+
+def _tensor_cases(good: np.ndarray) -> dict[str, tuple[list, str]]:
+    """name -> (inputs builder args, expected message fragment)."""
+    return {
+        "wrong dtype": ([("input", good.astype(np.float64))], "expects 'FP32'"),
+        "wrong dtype int8": ([("input", good.astype(np.int8))], "expects 'FP32'"),
+        "wrong shape": ([("input", np.zeros((1, 3, 100, 100), np.float32))], "shape"),
+        "channels last": ([("input", np.zeros((1, 224, 224, 3), np.float32))], "shape"),
+        "batch over max": ([("input", np.zeros((65, 3, 224, 224), np.float32))], "batch"),
+        "missing input": ([], "input"),
+        "extra input": ([("input", good), ("bogus", good)], "bogus"),
+        "NaN pixels": ([("input", np.full_like(good, np.nan))], "NaN"),
+        "Inf pixels": ([("input", np.full_like(good, np.inf))], "NaN or Inf"),
+        "wrong input name": ([("pixels", good)], "pixels"),
+    }
+
+
+def _image_cases(jpeg: bytes) -> dict[str, tuple[list, str]]:
+    obj = lambda b: np.array([[b]], dtype=object)  # noqa: E731
+    return {
+        "garbage bytes": ([("IMAGE", obj(b"\x00\x01garbage"))], "not a readable image"),
+        "truncated jpeg": ([("IMAGE", obj(jpeg[: len(jpeg) // 4]))], "bad image"),
+        "empty bytes": ([("IMAGE", obj(b""))], "empty input"),
+        "decompression bomb": ([("IMAGE", obj(_bomb()))], "limit"),
+        "pixels to image model": ([("IMAGE", np.zeros((1, 1), np.float32))], "expects 'BYTES'"),
+        "missing input": ([], "input"),
+        "batch over max": ([("IMAGE", np.array([[jpeg]] * 65, dtype=object))], "batch"),
+    }
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_bad_input_corpus_gets_clear_errors_and_server_stays_up(server, val_images, protocol):
+    module = MODULES[protocol]
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    good_pixels = preprocess(val_images[0], GEOMETRY)[None]
+    jpeg = val_images[0].read_bytes()
+    client = module.InferenceServerClient(url)
+    try:
+        expected = client.infer("antsbees", [_input(module, "input", good_pixels)]).as_numpy(
+            "logits"
+        )
+        for model, cases in (
+            ("antsbees", _tensor_cases(good_pixels)),
+            ("antsbees_image", _image_cases(jpeg)),
+        ):
+            for case, (inputs, fragment) in cases.items():
+                built = [_input(module, n, a) for n, a in inputs]
+                with pytest.raises(InferenceServerException) as info:
+                    client.infer(model, built)
+                message = str(info.value)
+                assert fragment.lower() in message.lower(), (model, case, message)
+                assert client.is_server_ready(), (model, case)
+                # A good request right after each bad one still gets the right answer.
+                again = client.infer("antsbees", [_input(module, "input", good_pixels)])
+                np.testing.assert_array_equal(again.as_numpy("logits"), expected)
+    finally:
+        client.close()
+
+
+def test_short_soak_mixed_protocols(server, val_images):
+    pixels = np.stack([preprocess(p, GEOMETRY) for p in val_images[:8]])
+    raw = np.array([[p.read_bytes()] for p in val_images[:8]], dtype=object)
+    result = run_soak(
+        server.pid,
+        server.grpc_url,
+        server.http_url,
+        "antsbees",
+        pixels,
+        raw,
+        seconds=20,
+        concurrency=8,
+        warmup=5,
+    )
+    assert result["failed"] == 0, result["failures"]
+    assert result["ok"] > 50
+    assert result["rss_mib_max"] > 100  # the tree really was measured (server + stubs)
+    assert result["rss_growth_mib"] < 64, result["rss_series_mib"]
+    assert server.is_ready()
+
+
+def _stub_pids(server_pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(server_pid)], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    return [
+        p
+        for p in pids
+        if "triton_python_backend_stub"
+        in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+    ]
+
+
+@pytest.fixture
+def own_server(model_repo: Path, tmp_path: Path):
+    opts = ServerOptions(
+        model_repository=str(model_repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    srv = TritonServer(opts, log_path=tmp_path / "server.log").start()
+    yield srv
+    srv.stop()
+
+
+def test_backend_stub_killed_mid_load_client_retries(own_server, val_images):
+    """Measured on Triton 2.51: when a python-backend stub dies, the model stays READY but
+    every request fails with "Stub process ... is not healthy" until the model is
+    restarted (unload + load). A client with retries and backoff rides through it."""
+    pixels = preprocess(val_images[0], GEOMETRY)[None]
+    with Classifier(own_server.grpc_url, "antsbees", retries=8, backoff=0.3) as clf:
+        expected = clf.logits(pixels)
+        stubs = _stub_pids(own_server.pid)
+        assert stubs, "python backend stubs not found"
+        for pid in stubs:
+            os.kill(pid, signal.SIGKILL)
+        with (
+            Classifier(own_server.grpc_url, "antsbees") as no_retry,
+            pytest.raises(InferenceFailed, match="Stub process .* is not healthy"),
+        ):
+            no_retry.logits(pixels)
+        fixer = threading.Timer(1.0, admin.restart, args=(own_server.grpc_url, "antsbees"))
+        fixer.start()
+        try:
+            results = [clf.logits(pixels) for _ in range(3)]
+        finally:
+            fixer.join()
+    for r in results:
+        np.testing.assert_array_equal(r, expected)
+    assert own_server.is_ready()
+    assert set(_stub_pids(own_server.pid)).isdisjoint(stubs)  # new stub processes
+
+
+def test_server_restart_while_client_runs(model_repo, val_images, tmp_path):
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    opts = ServerOptions(model_repository=str(model_repo), **ports)
+    pixels = preprocess(val_images[0], GEOMETRY)[None]
+    srv = TritonServer(opts, log_path=tmp_path / "a.log").start()
+    clf = Classifier(srv.grpc_url, "antsbees", retries=8, backoff=0.5)
+    try:
+        expected = clf.logits(pixels)
+        srv.stop()
+        srv = TritonServer(opts, log_path=tmp_path / "b.log").start()  # same ports
+        np.testing.assert_array_equal(clf.logits(pixels), expected)
+    finally:
+        clf.close()
+        srv.stop()
+
+
+def test_training_killed_during_checkpoint_write_keeps_previous(tmp_path):
+    """A process that keeps rewriting a large checkpoint is SIGKILLed at random moments;
+    the file on disk is always the last complete checkpoint."""
+    script = tmp_path / "writer.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from train.checkpoint import save_checkpoint\n"
+        "i = 0\n"
+        "while True:\n"
+        "    save_checkpoint({'format': 'x', 'i': i, 'w': torch.full((4_000_000,), float(i))},"
+        " sys.argv[1])\n"
+        "    print(i, flush=True)\n"
+        "    i += 1\n"
+    )
+    path = tmp_path / "checkpoint.pt"
+    for delay in (0.7, 1.1, 1.6):
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        time.sleep(delay + 1.5)  # torch import, then a few writes
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert path.is_file()
+        import torch
+
+        ckpt = torch.load(path, weights_only=True)
+        assert float(ckpt["w"][0]) == ckpt["i"] and float(ckpt["w"][-1]) == ckpt["i"]
+
+
+def test_checkpoints_and_models_load_without_running_code(tmp_path):
+    """weights_only loading refuses a pickle that would execute code."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": "trainserve.checkpoint/1", "x": Evil()}))
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_security_defaults(model_repo):
+    cmd = server_command(TritonInstall.find(), ServerOptions(model_repository=str(model_repo)))
+    for flag in (
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+    ):
+        assert flag in cmd
+    from export.repository import check_model_name, sanitize_label
+
+    assert sanitize_label("ants\nbees\t\x00") == "ants bees"
+    with pytest.raises(ValueError):
+        check_model_name("../etc")
+    with pytest.raises(ValueError):
+        check_model_name("a/b")
