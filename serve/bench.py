@@ -263,6 +263,48 @@ def _baseline_pytorch(
     return _level("pytorch", "tensor", batch, 1, lat, err, n, stable, secs)
 
 
+class _External:
+    """A server started elsewhere (same interface as TritonServer for the sweep)."""
+
+    def __init__(self, grpc_url: str, http_url: str) -> None:
+        self.grpc_url, self.http_url = grpc_url, http_url or grpc_url
+
+    def __enter__(self) -> _External:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _baseline_tensorrt(
+    version_dir: Path, pixels: np.ndarray, args: argparse.Namespace
+) -> Level | str:
+    """The bare engine (Polygraphy TrtRunner), where the repository holds one and
+    TensorRT + a GPU are here."""
+    plan = Path(args.engine) if args.engine else version_dir / "model.plan"
+    if not plan.is_file():
+        return f"no TensorRT engine ({plan} missing; a CPU repository has none)"
+    try:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        from export.tensorrt_engine import check_compatible
+
+        meta = check_compatible(plan)
+    except Exception as e:  # TensorRT missing, other GPU: the reason is the result
+        return f"cannot run {plan}: {e}"
+    x = pixels[: args.batch]
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan)))) as runner:
+        lat, err, n, stable, secs = measure(
+            lambda _: runner.infer({meta["input"]["name"]: x}),
+            1,
+            args.batch,
+            args.window,
+            args.max_seconds,
+        )
+    return _level("tensorrt", "tensor", args.batch, 1, lat, err, n, stable, secs)
+
+
 def _level(
     backend: str,
     inp: str,
@@ -340,13 +382,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         say(f"pytorch eager in-process: {pt.throughput:.1f} img/s")
     pt_tp = None if isinstance(pt, str) else pt.throughput
 
-    opts = ServerOptions(
-        model_repository=str(repo),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
-    with TritonServer(opts, log_path=Path(args.out) / "bench-server.log") as srv:
+    engine = _baseline_tensorrt(version_dir, pixels, args)
+    if isinstance(engine, str):
+        report["skipped"]["tensorrt"] = engine
+    else:
+        report["results"].append(asdict(engine))
+        say(f"tensorrt engine in-process: {engine.throughput:.1f} img/s")
+
+    if args.grpc_url:  # an external server, e.g. the NGC container on a GPU host
+        srv_ctx: Any = _External(args.grpc_url, args.http_url)
+    else:
+        opts = ServerOptions(
+            model_repository=str(repo),
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+        )
+        srv_ctx = TritonServer(opts, log_path=Path(args.out) / "bench-server.log")
+    with srv_ctx as srv:
         stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
         for model, batch in ((args.model, pixels), (f"{args.model}_image", raw)):
             with Classifier(srv.grpc_url, model) as clf:  # warm-up: first runs are slow
@@ -445,6 +498,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1, help="images per request")
     p.add_argument("--window", type=float, default=2.0, help="seconds per stability window")
     p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per level")
+    p.add_argument(
+        "--grpc-url",
+        default="",
+        help="bench a running server (e.g. the NGC "
+        "container on a GPU host) instead of starting the bundled one",
+    )
+    p.add_argument("--http-url", default="", help="with --grpc-url: its HTTP address")
+    p.add_argument(
+        "--engine",
+        default="",
+        help="TensorRT engine for the bare-engine baseline "
+        "(default: the version's model.plan, if any)",
+    )
     p.add_argument("--out", default="bench")
     args = p.parse_args(argv)
     out = Path(args.out)
