@@ -202,17 +202,48 @@ def model_gflops(card: dict[str, Any], onnx_path: Path) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def machine_info(peak: dict[str, float]) -> dict[str, Any]:
-    cpu = platform.processor()
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else platform's guess."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+@dataclass
+class BenchInputs:
+    """The latest published version of a model and real images to send to it."""
+
+    version_dir: Path
+    card: dict[str, Any]
+    pixels: np.ndarray  # [N, 3, H, W] float32, the model's eval preprocessing
+    raw: np.ndarray  # [N, 1] encoded bytes of the same images
+
+
+def bench_inputs(repo: Path, model: str, data: str = "", count: int = 16) -> BenchInputs:
+    """Images from ``data`` (default: the model card's val split), ``count`` of them (tiled
+    when the folder is smaller), as pixels and as encoded bytes."""
+    version_dir = _latest_version(repo, model)
+    card = json.loads((version_dir / "model_card.json").read_text())
+    pre = card["preprocess"]
+    geometry = ResizeCrop(
+        int(pre["resize"]), int(pre["crop"]), pre.get("interpolation", "bilinear")
+    )
+    _, samples = list_image_folder(data or Path(card["training_config"]["data"]) / "val")
+    paths = [p for p, _ in samples][:count]
+    pixels = np.stack([preprocess(p, geometry) for p in paths])
+    raw = np.array([[Path(p).read_bytes()] for p in paths], dtype=object)
+    while len(pixels) < count:
+        pixels, raw = np.concatenate([pixels, pixels]), np.concatenate([raw, raw])
+    return BenchInputs(version_dir, card, pixels[:count], raw[:count])
+
+
+def machine_info(peak: dict[str, float]) -> dict[str, Any]:
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "peak_gflops_fp32": peak["peak"],
         "gemm_gflops": peak,
@@ -336,19 +367,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from serve.triton_server import ServerOptions, TritonServer, free_port
 
     repo = Path(args.model_repository)
-    version_dir = _latest_version(repo, args.model)
-    card = json.loads((version_dir / "model_card.json").read_text())
-    pre = card["preprocess"]
-    geometry = ResizeCrop(
-        int(pre["resize"]), int(pre["crop"]), pre.get("interpolation", "bilinear")
-    )
-    data = Path(args.data or Path(card["training_config"]["data"]) / "val")
-    _, samples = list_image_folder(data)
-    paths = [p for p, _ in samples][: max(args.batch, 16)]
-    pixels = np.stack([preprocess(p, geometry) for p in paths])
-    raw = np.array([[Path(p).read_bytes()] for p in paths], dtype=object)
-    while len(pixels) < args.batch:  # tile when the folder is smaller than a batch
-        pixels, raw = np.concatenate([pixels, pixels]), np.concatenate([raw, raw])
+    inputs = bench_inputs(repo, args.model, args.data, max(args.batch, 16))
+    version_dir, card, pixels, raw = inputs.version_dir, inputs.card, inputs.pixels, inputs.raw
     say = lambda m: print(m, file=__import__("sys").stderr, flush=True)  # noqa: E731
     peak = peak_gflops()
     gflop = model_gflops(card, version_dir / "model.onnx")

@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from serve.bench import bench_inputs
 from serve.client import Classifier
-from serve.evaluate import list_image_folder
-from serve.preprocess import ResizeCrop, preprocess
 
 
 def process_tree_rss(pid: int) -> int:
@@ -128,16 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     from serve.triton_server import ServerOptions, TritonServer, free_port
 
     repo = Path(a.model_repository)
-    version = sorted((int(v.name), v) for v in (repo / a.model).iterdir() if v.name.isdigit())
-    card = json.loads((version[-1][1] / "model_card.json").read_text())
-    pre = card["preprocess"]
-    geometry = ResizeCrop(
-        int(pre["resize"]), int(pre["crop"]), pre.get("interpolation", "bilinear")
-    )
-    _, samples = list_image_folder(a.data or Path(card["training_config"]["data"]) / "val")
-    paths = [s for s, _ in samples][:32]
-    pixels = np.stack([preprocess(s, geometry) for s in paths])
-    raw = np.array([[Path(s).read_bytes()] for s in paths], dtype=object)
+    inputs = bench_inputs(repo, a.model, a.data, 32)
+    pixels, raw = inputs.pixels, inputs.raw
     opts = ServerOptions(
         model_repository=str(repo),
         http_port=free_port(),
