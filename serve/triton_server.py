@@ -94,9 +94,6 @@ class TritonInstall:
             libdirs.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        # The python-backend stub imports model.py from the version directory; keep it
-        # from writing __pycache__ there, so a published version stays exactly as exported.
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
 
