@@ -23,6 +23,7 @@ GPU_BACKEND ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+WATCHDOG ?= 10
 TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
@@ -84,7 +85,7 @@ soak: $(STAMP)
 
 serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \
-		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --watchdog $(WATCHDOG)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

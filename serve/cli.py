@@ -1,5 +1,5 @@
-"""Command line: ``python -m serve`` run | classify | models | load | unload | rollback |
-health | evaluate."""
+"""Command line: ``python -m serve`` run | classify | models | load | unload | restart |
+rollback | health | watchdog | evaluate | bench | soak."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 from serve.client import DEFAULT_URLS, Classifier, ClientError
 from serve.preprocess import ImageError
-from serve.triton_server import LOOPBACK, ServerOptions, exec_server
+from serve.triton_server import LOOPBACK, ServerOptions, exec_server, run_supervised
 
 
 def _env_int(name: str, default: int) -> int:
@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=_env_int("GRPC_PORT", 8001))
     p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 8002))
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument(
+        "--watchdog",
+        type=float,
+        default=float(os.environ.get("WATCHDOG") or 10),
+        metavar="SECONDS",
+        help="probe the models every SECONDS and restart one whose python-backend stub "
+        "died (Triton does not); 0 = no watchdog, exec tritonserver directly",
+    )
     p.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
 
     p = sub.add_parser(
@@ -77,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("model")
         _url_arg(p, protocols=False)
+
+    p = sub.add_parser(
+        "watchdog",
+        help="restart models whose python-backend stub died (for a server run elsewhere)",
+        formatter_class=fmt,
+    )
+    _url_arg(p, protocols=False)
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between rounds")
+    p.add_argument("--once", action="store_true", help="one round, print what it did as JSON")
 
     p = sub.add_parser("health", help="server/model readiness and key Prometheus metrics")
     _url_arg(p, protocols=False)
@@ -206,6 +223,19 @@ def run_evaluate(a: argparse.Namespace) -> int:
     return 1 if ev.errors else 0
 
 
+def run_watchdog(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from serve import watchdog
+
+    cfg = watchdog.WatchdogConfig(url=a.url or DEFAULT_URLS["grpc"], interval=a.interval)
+    if not a.once:
+        return watchdog.main_loop(cfg)
+    log = watchdog.stderr_log
+    print(json.dumps(asdict(watchdog.check_once(cfg, log)), indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch; errors print one clear line and exit non-zero."""
     argv = list(__import__("sys").argv[1:] if argv is None else argv)
@@ -216,18 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         if a.command == "run":
-            exec_server(
-                ServerOptions(
-                    model_repository=a.model_repository,
-                    host=a.host,
-                    http_port=a.http_port,
-                    grpc_port=a.grpc_port,
-                    metrics_port=a.metrics_port,
-                    log_verbose=a.log_verbose,
-                    extra_args=list(a.extra),
-                )
+            opts = ServerOptions(
+                model_repository=a.model_repository,
+                host=a.host,
+                http_port=a.http_port,
+                grpc_port=a.grpc_port,
+                metrics_port=a.metrics_port,
+                log_verbose=a.log_verbose,
+                extra_args=list(a.extra),
             )
+            if a.watchdog > 0:
+                return run_supervised(opts, a.watchdog)
+            exec_server(opts)
             return 0  # not reached: exec
+        if a.command == "watchdog":
+            return run_watchdog(a)
         if a.command == "classify":
             return run_classify(a)
         if a.command == "health":

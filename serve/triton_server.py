@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -153,6 +154,47 @@ def exec_server(opts: ServerOptions) -> None:
     os.execve(cmd[0], cmd, install.environment())
 
 
+def run_supervised(opts: ServerOptions, watchdog_interval: float) -> int:
+    """``serve run --watchdog``: tritonserver as a child (its log on our stdout) plus the
+    stub watchdog (serve/watchdog.py). SIGTERM/SIGINT stop the server cleanly; returns the
+    server's exit code. Used instead of :func:`exec_server` when the watchdog is on."""
+    from serve.watchdog import WatchdogConfig, stderr_log, watch
+
+    server = TritonServer(opts, inherit_output=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+        if server.process is not None and server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(
+        f"tritonserver: HTTP {opts.host}:{opts.http_port}, gRPC {opts.host}:{opts.grpc_port}, "
+        f"metrics {opts.host}:{opts.metrics_port}, repository {opts.model_repository}; "
+        f"stub watchdog every {watchdog_interval:g} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        server.start(timeout=600)
+    except RuntimeError:
+        if not stop.is_set():
+            raise
+        return server.stop() or 0  # stopped by a signal while loading models
+    cfg = WatchdogConfig(url=server.local_grpc_url, interval=watchdog_interval)
+    watcher = threading.Thread(target=watch, args=(cfg, stop, stderr_log), daemon=True)
+    watcher.start()
+    assert server.process is not None
+    while not stop.is_set() and server.process.poll() is None:
+        stop.wait(0.5)
+    stop.set()
+    code = server.stop(timeout=max(30.0, opts.exit_timeout + 10.0))
+    watcher.join(timeout=5)
+    return code if code is not None else 0
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A currently free TCP port on ``host``."""
     with socket.socket() as s:
@@ -167,9 +209,15 @@ class TritonServer:
     is ready, and stops it by PID on exit (SIGTERM, then SIGKILL after a timeout).
     """
 
-    def __init__(self, opts: ServerOptions, log_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        opts: ServerOptions,
+        log_path: str | Path | None = None,
+        inherit_output: bool = False,
+    ) -> None:
         self.opts = opts
         self.log_path = Path(log_path) if log_path else None
+        self.inherit_output = inherit_output  # server log on our stdout (``serve run``)
         self.process: subprocess.Popen | None = None
         self._log = None
 
@@ -193,7 +241,7 @@ class TritonServer:
     def start(self, timeout: float = 120.0) -> TritonServer:
         install = TritonInstall.find()
         cmd = server_command(install, self.opts)
-        out = subprocess.DEVNULL
+        out = None if self.inherit_output else subprocess.DEVNULL
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("wb")
@@ -207,6 +255,12 @@ class TritonServer:
         )
         self.wait_ready(timeout)
         return self
+
+    @property
+    def local_grpc_url(self) -> str:
+        """gRPC address to reach the server from this machine (loopback if bound to all)."""
+        host = LOOPBACK if self.opts.host in ("0.0.0.0", "::", "") else self.opts.host
+        return f"{host}:{self.opts.grpc_port}"
 
     def _get(self, path: str) -> int:
         url = f"http://{self.http_url}{path}"

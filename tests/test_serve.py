@@ -218,13 +218,35 @@ def _serve(cmd: list[str], model_repo: Path) -> tuple[subprocess.Popen, dict[str
     return proc, ports, url
 
 
-def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path) -> None:
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _tritonserver_under(pid: int) -> int:
+    """The tritonserver process among ``pid`` and its descendants (exactly one)."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if Path(f"/proc/{p}/exe").resolve().name == "tritonserver":
+            found.append(p)
+        todo += _children(p)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("watchdog", ["10", "0"], ids=["supervised", "exec"])
+def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path, watchdog: str) -> None:
     cmd = [os.sys.executable, "-m", "serve", "run", "--model-repository", str(model_repo)]
-    proc, _, url = _serve(cmd, model_repo)
+    proc, _, url = _serve([*cmd, "--watchdog", watchdog], model_repo)
     try:
         _wait_ready(url, proc)
+        server_pid = _tritonserver_under(proc.pid)
+        # --watchdog 0 execs tritonserver; otherwise `serve run` supervises it as a child.
+        assert (server_pid == proc.pid) == (watchdog == "0")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0  # `serve run` execs tritonserver: its own exit code
+        assert proc.wait(timeout=30) == 0  # the server's own exit code
+        assert not _alive(server_pid)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -232,21 +254,17 @@ def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path) -> None:
 
 
 def test_make_serve_in_foreground_stops_on_sigterm(model_repo: Path) -> None:
-    proc, ports, url = _serve(["make", "--no-print-directory", "serve"], model_repo)
+    proc, _, url = _serve(["make", "--no-print-directory", "serve"], model_repo)
     try:
         _wait_ready(url, proc)
-        children = subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        assert len(children) == 1, children
-        server_pid = int(children[0])
-        assert Path(f"/proc/{server_pid}/exe").resolve().name == "tritonserver"
-        proc.send_signal(signal.SIGTERM)  # make passes it on to the server
+        (child,) = _children(proc.pid)  # make execs nothing itself: one recipe process
+        server_pid = _tritonserver_under(child)
+        proc.send_signal(signal.SIGTERM)  # make passes it on; the supervisor stops the server
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(server_pid) and time.monotonic() < deadline:
+        while (_alive(server_pid) or _alive(child)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(server_pid)
+        assert not _alive(server_pid) and not _alive(child)
     finally:
         if proc.poll() is None:
             proc.kill()
