@@ -34,7 +34,7 @@ from serve.preprocess import ResizeCrop, preprocess
 class Level:
     """One measured point."""
 
-    backend: str  # triton-grpc | triton-http | onnxruntime | pytorch
+    backend: str  # triton-grpc | triton-grpc-shm | triton-http | onnxruntime | pytorch | tensorrt
     input: str  # tensor | raw
     batch: int
     concurrency: int
@@ -426,8 +426,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for _ in range(5):
                     clf.logits(batch[: args.batch])
         for protocol in args.protocols:
-            url = srv.grpc_url if protocol == "grpc" else srv.http_url
+            url = srv.http_url if protocol == "http" else srv.grpc_url
+            wire, shm = ("grpc", True) if protocol == "grpc-shm" else (protocol, False)
             for kind in args.inputs:
+                if shm and kind == "raw":
+                    continue  # shared memory carries the pixel tensors; bytes go in the body
                 model = args.model if kind == "tensor" else f"{args.model}_image"
                 batch = (pixels if kind == "tensor" else raw)[: args.batch]
                 for conc in args.concurrency:
@@ -438,8 +441,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         args.batch,
                         args.window,
                         args.max_seconds,
-                        make_worker_state=lambda u=url, m=model, p=protocol: Classifier(
-                            u, m, protocol=p
+                        make_worker_state=lambda u=url, m=model, p=wire, x=shm: Classifier(
+                            u, m, protocol=p, shared_memory=x
                         ),
                     )
                     level = _level(
@@ -497,6 +500,37 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4, 16)) -> str:
+    """The README's table from a bench JSON: the in-process baselines, then every Triton
+    row at the given concurrency levels."""
+    head = (
+        "| backend | input | concurrency | img/s | p50 ms | p99 ms | errors | x ORT "
+        "| queue ms | compute ms | avg batch |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    ort = next(r for r in report["results"] if r["backend"] == "onnxruntime")
+    lines = [head]
+    for r in report["results"]:
+        triton = r["backend"].startswith("triton")
+        if triton and r["concurrency"] not in concurrency:
+            continue
+        name = r["backend"] if triton else f"{r['backend']} in-process"
+        name = name.replace("pytorch", "pytorch eager")
+        ratio = r.get("ratio_to_onnxruntime") or r["throughput"] / ort["throughput"]
+        srv = r.get("server") or {}
+        extra = (
+            f"{srv.get('avg_queue_ms', 0):.1f} | {srv.get('avg_compute_ms', 0):.1f} | "
+            f"{srv.get('avg_executed_batch', 0):.2f}"
+            if triton
+            else " |  | "
+        )
+        lines.append(
+            f"| {name} | {r['input']} | {r['concurrency']} | {r['throughput']:.1f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {ratio:.2f} | {extra} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m serve bench",
@@ -513,7 +547,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32]
     )
-    p.add_argument("--protocols", type=lambda s: s.split(","), default=["grpc", "http"])
+    p.add_argument(
+        "--protocols",
+        type=lambda s: s.split(","),
+        default=["grpc", "grpc-shm", "http"],
+        help="grpc-shm: gRPC with the pixels in system shared memory (same machine only)",
+    )
     p.add_argument("--inputs", type=lambda s: s.split(","), default=["tensor", "raw"])
     p.add_argument("--batch", type=int, default=1, help="images per request")
     p.add_argument("--window", type=float, default=2.0, help="seconds per stability window")
@@ -532,7 +571,17 @@ def main(argv: list[str] | None = None) -> int:
         "(default: the version's model.plan, if any)",
     )
     p.add_argument("--out", default="bench")
+    p.add_argument(
+        "--table",
+        default="",
+        metavar="JSON",
+        help="print the README table of a bench JSON (rows at --concurrency), exit",
+    )
     args = p.parse_args(argv)
+    if args.table:
+        report = json.loads(Path(args.table).read_text())
+        print(markdown_table(report, tuple(args.concurrency)))
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = run(args)

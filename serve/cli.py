@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="send pixels through system shared memory (server on this machine)",
+    )
 
     p = sub.add_parser("models", help="list models, versions and their state")
     _url_arg(p, protocols=False)
@@ -125,7 +130,12 @@ def run_classify(a: argparse.Namespace) -> int:
     model = a.model if not a.raw or a.model.endswith("_image") else f"{a.model}_image"
     failed = 0
     with Classifier(
-        a.url, model, protocol=a.protocol, version=a.version, max_batch=a.batch_size
+        a.url,
+        model,
+        protocol=a.protocol,
+        version=a.version,
+        max_batch=a.batch_size,
+        shared_memory=a.shared_memory,
     ) as clf:
         for path, result in zip(a.images, clf.classify_each(a.images, a.top_k), strict=True):
             if isinstance(result, Exception):

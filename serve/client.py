@@ -34,6 +34,7 @@ from serve.preprocess import (
     describe,
     preprocess,
 )
+from serve.shared_memory import SharedMemoryInputs, is_unknown_region
 
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
 
@@ -255,7 +256,11 @@ class _Base:
         m = self.module
         dtype = "BYTES" if batch.dtype == object else self.info.input_dtype
         inp = m.InferInput(self.info.input_name, list(batch.shape), dtype)
-        inp.set_data_from_numpy(batch)
+        shm = getattr(self, "_shm", None)
+        if shm is not None and dtype != "BYTES":
+            shm.attach(inp, batch)  # the request names the region; no pixels in the body
+        else:
+            inp.set_data_from_numpy(batch)
         return [inp], [m.InferRequestedOutput(self.info.output_name, class_count=class_count)]
 
     def _chunks(self, array: np.ndarray) -> list[np.ndarray]:
@@ -282,8 +287,12 @@ class Classifier(_Base):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         retries: int = 0,
         backoff: float = 0.25,
+        shared_memory: bool = False,
     ) -> None:
+        """``shared_memory=True`` sends pixel tensors through system shared memory
+        (serve/shared_memory.py): the server must run on this machine."""
         self.protocol = protocol
+        self._shm: SharedMemoryInputs | None = None
         self.module = _protocol_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.model, self.version, self.timeout = model, version, timeout
@@ -300,6 +309,18 @@ class Classifier(_Base):
             raise ServerUnavailable(f"cannot create a {protocol} client for {self.url}: {e}") from e
         self.info = self._describe_model()
         self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
+        if shared_memory and not self.info.raw:
+            self._shm = SharedMemoryInputs(self.client)
+            probe = self.module.InferInput(self.info.input_name, [1], self.info.input_dtype)
+            try:  # register this thread's region now, so a remote server fails here
+                self._shm.attach(probe, np.zeros(1, np.float32))
+            except Exception as e:
+                self.close()
+                why = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
+                raise ClientError(
+                    f"cannot use system shared memory with the server at {self.url}: {why} "
+                    "(it must run on this machine and share /dev/shm with it)"
+                ) from e
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from tritonclient.utils import InferenceServerException
@@ -327,12 +348,17 @@ class Classifier(_Base):
         kwargs: dict[str, Any] = {"model_version": self.version, "outputs": outputs}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout
-        attempt = 0
+        attempt, reregistered = 0, False
         while True:
             try:
                 result = self._call("inference", self.client.infer, self.model, inputs, **kwargs)
                 return result.as_numpy(self.info.output_name)
             except ClientError as e:
+                if self._shm is not None and not reregistered and is_unknown_region(str(e)):
+                    # The server restarted and forgot our region: register it, resend once.
+                    self._call("shared memory registration", self._shm.reregister)
+                    reregistered = True
+                    continue
                 if attempt >= self.retries or not is_transient(e):
                     raise
                 # Inference is idempotent: retry with exponential backoff and jitter.
@@ -403,6 +429,9 @@ class Classifier(_Base):
         return out
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
         with contextlib.suppress(Exception):
             self.client.close()
 

@@ -32,7 +32,7 @@ def test_bench_short_sweep(model_repo: Path, tmp_path: Path) -> None:
         "--concurrency",
         "1,2",
         "--protocols",
-        "grpc,http",
+        "grpc,grpc-shm,http",
         "--inputs",
         "tensor,raw",
         "--window",
@@ -52,6 +52,7 @@ def test_bench_short_sweep(model_repo: Path, tmp_path: Path) -> None:
         ("pytorch", "tensor"),
         ("triton-grpc", "tensor"),
         ("triton-grpc", "raw"),
+        ("triton-grpc-shm", "tensor"),
         ("triton-http", "tensor"),
         ("triton-http", "raw"),
     } <= backends

@@ -296,6 +296,57 @@ def test_server_restart_while_client_runs(model_repo, val_images, tmp_path):
         srv.stop()
 
 
+def _shm_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("trainserve_*")}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_shared_memory_inputs_match_and_survive_a_restart(
+    model_repo, val_images, tmp_path, protocol
+):
+    """Pixels sent through system shared memory give the same logits as pixels in the
+    request body, from threads sharing one client, with batches that grow the region; a
+    server restart (it forgets registrations) is recovered; close() leaves nothing behind."""
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    opts = ServerOptions(model_repository=str(model_repo), **ports)
+    pixels = np.stack([preprocess(p, GEOMETRY) for p in val_images[:20]])
+    before = _shm_files()
+    srv = TritonServer(opts, log_path=tmp_path / "a.log").start()
+    url = srv.grpc_url if protocol == "grpc" else srv.http_url
+    try:
+        with Classifier(url, "antsbees", protocol=protocol) as plain:
+            expected = plain.logits(pixels)
+        clf = Classifier(url, "antsbees", protocol=protocol, shared_memory=True, retries=8)
+        np.testing.assert_array_equal(clf.logits(pixels[:1]), expected[:1])
+        np.testing.assert_array_equal(clf.logits(pixels), expected)  # 20 images: a bigger region
+        if protocol == "grpc":  # tritonclient's HTTP client is not thread-safe (gevent)
+            results: dict[int, np.ndarray] = {}
+            threads = [
+                threading.Thread(target=lambda i=i: results.__setitem__(i, clf.logits(pixels[i:])))
+                for i in range(4)
+            ]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            assert sorted(results) == [0, 1, 2, 3]  # no thread died
+            for i, got in results.items():
+                np.testing.assert_array_equal(got, expected[i:])
+            status = grpcclient.InferenceServerClient(srv.grpc_url).get_system_shared_memory_status(
+                as_json=True
+            )
+            assert len(status.get("regions", {})) >= 2  # one region per client thread
+            srv.stop()
+            srv = TritonServer(opts, log_path=tmp_path / "b.log").start()  # same ports
+            np.testing.assert_array_equal(clf.logits(pixels[:3]), expected[:3])
+        clf.close()
+        status = grpcclient.InferenceServerClient(srv.grpc_url).get_system_shared_memory_status(
+            as_json=True
+        )
+        assert not status.get("regions")
+    finally:
+        srv.stop()
+    assert _shm_files() == before
+
+
 def test_training_killed_during_checkpoint_write_keeps_previous(tmp_path):
     """A process that keeps rewriting a large checkpoint is SIGKILLed at random moments;
     the file on disk is always the last complete checkpoint."""

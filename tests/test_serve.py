@@ -91,8 +91,9 @@ def test_classifier_client_top_k(server, val_pixels, ort_logits, protocol) -> No
         assert preds[0].probability == pytest.approx(float(expected.max()), abs=1e-5)
 
 
+@pytest.mark.parametrize("transport", ["body", "shared-memory"])
 def test_classify_cli_on_real_images_and_a_corrupt_one(
-    server, val_pixels, ort_logits, tmp_path: Path
+    server, val_pixels, ort_logits, tmp_path: Path, transport: str
 ) -> None:
     paths, _ = val_pixels
     corrupt = tmp_path / "corrupt.jpg"
@@ -111,6 +112,7 @@ def test_classify_cli_on_real_images_and_a_corrupt_one(
         str(paths[0]),
         str(corrupt),
         str(paths[-1]),
+        *(["--shared-memory"] if transport == "shared-memory" else []),
         check=False,
     )
     assert proc.returncode == 1  # one image failed, the others were answered
