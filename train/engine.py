@@ -92,7 +92,8 @@ def train_one_epoch(
         loss_sum += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        # refresh=False: shown at the bar's next redraw (every 30 s in logs), not per batch
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
     bar.close()
     loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dist_info, precision.device)
     return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), int(seen))
