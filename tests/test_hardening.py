@@ -133,6 +133,8 @@ def test_short_soak_mixed_protocols(server, val_images):
     )
     assert result["failed"] == 0, result["failures"]
     assert result["ok"] > 50
+    transports = {"grpc/tensor", "grpc-shm/tensor", "http/tensor", "grpc/raw", "http/raw"}
+    assert set(result["ok_by_transport"]) == transports, result["ok_by_transport"]
     assert result["rss_mib_max"] > 100  # the tree really was measured (server + stubs)
     assert result["rss_growth_mib"] < 64, result["rss_series_mib"]
     assert server.is_ready()
