@@ -49,6 +49,21 @@ def run_cli(
     return proc
 
 
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
 @pytest.fixture(scope="session")
 def hymenoptera() -> Path:
     if not (HYMENOPTERA / "train").is_dir():

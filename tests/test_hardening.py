@@ -31,7 +31,7 @@ from serve.triton_server import (
     server_command,
 )
 from serve.watchdog import WatchdogConfig, check_once
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_pids, process_alive
 from train.checkpoint import load_checkpoint
 
 GEOMETRY = ResizeCrop(256, 224)
@@ -141,11 +141,9 @@ def test_short_soak_mixed_protocols(server, val_images):
 
 
 def _stub_pids(server_pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(server_pid)], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
     return [
         p
-        for p in pids
+        for p in child_pids(server_pid)
         if "triton_python_backend_stub"
         in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
     ]
@@ -242,7 +240,7 @@ def test_serve_run_watchdog_heals_a_killed_stub(model_repo, val_images, tmp_path
                 time.sleep(0.5)
         (server_pid,) = [
             p
-            for p in _children(proc.pid)
+            for p in child_pids(proc.pid)
             if Path(f"/proc/{p}/exe").resolve().name == "tritonserver"
         ]
         for pid in _stub_pids(server_pid):
@@ -264,22 +262,12 @@ def test_serve_run_watchdog_heals_a_killed_stub(model_repo, val_images, tmp_path
         # shutdown waits out --exit-timeout-secs (10 s) and exits 1: measured, documented.
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=40)
-        assert not _alive(server_pid)
+        assert not process_alive(server_pid)
     finally:
         if proc.poll() is None:
             proc.kill()
     log.seek(0)
     assert "watchdog: restarting 'antsbees'" in log.read()
-
-
-def _alive(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
 
 
 def test_server_restart_while_client_runs(model_repo, val_images, tmp_path):

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from serve.client import Classifier, ServerUnavailable
 from serve.preprocess import ResizeCrop, preprocess
 from serve.triton_server import free_port
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, child_pids, process_alive, run_cli
 
 GEOMETRY = ResizeCrop(256, 224)
 
@@ -190,15 +190,6 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     pytest.fail(f"server never became ready at {url}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
-
-
 def _serve(cmd: list[str], model_repo: Path) -> tuple[subprocess.Popen, dict[str, int], str]:
     ports = {"HTTP_PORT": free_port(), "GRPC_PORT": free_port(), "METRICS_PORT": free_port()}
     # Ports and repository travel as environment variables: make's `?=` and `serve run`
@@ -220,11 +211,6 @@ def _serve(cmd: list[str], model_repo: Path) -> tuple[subprocess.Popen, dict[str
     return proc, ports, url
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def _tritonserver_under(pid: int) -> int:
     """The tritonserver process among ``pid`` and its descendants (exactly one)."""
     found, todo = [], [pid]
@@ -232,7 +218,7 @@ def _tritonserver_under(pid: int) -> int:
         p = todo.pop()
         if Path(f"/proc/{p}/exe").resolve().name == "tritonserver":
             found.append(p)
-        todo += _children(p)
+        todo += child_pids(p)
     assert len(found) == 1, found
     return found[0]
 
@@ -248,7 +234,7 @@ def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path, watchdog: str) -> 
         assert (server_pid == proc.pid) == (watchdog == "0")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0  # the server's own exit code
-        assert not _alive(server_pid)
+        assert not process_alive(server_pid)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -259,14 +245,14 @@ def test_make_serve_in_foreground_stops_on_sigterm(model_repo: Path) -> None:
     proc, _, url = _serve(["make", "--no-print-directory", "serve"], model_repo)
     try:
         _wait_ready(url, proc)
-        (child,) = _children(proc.pid)  # make execs nothing itself: one recipe process
+        (child,) = child_pids(proc.pid)  # make execs nothing itself: one recipe process
         server_pid = _tritonserver_under(child)
         proc.send_signal(signal.SIGTERM)  # make passes it on; the supervisor stops the server
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while (_alive(server_pid) or _alive(child)) and time.monotonic() < deadline:
+        while (process_alive(server_pid) or process_alive(child)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(server_pid) and not _alive(child)
+        assert not process_alive(server_pid) and not process_alive(child)
     finally:
         if proc.poll() is None:
             proc.kill()
