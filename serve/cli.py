@@ -213,14 +213,17 @@ def run_health(a: argparse.Namespace) -> int:
 
 
 def run_evaluate(a: argparse.Namespace) -> int:
-    from serve.evaluate import evaluate_served, plot_confusion
+    from serve.evaluate import evaluate_served
+    from serve.plots import plot_confusion
 
     with Classifier(
         a.url, a.model, protocol=a.protocol, version=a.version, max_batch=a.batch_size
     ) as clf:
         ev = evaluate_served(clf, a.data, a.batch_size)
     if a.confusion:
-        plot_confusion(ev, a.confusion, f"{a.model} served: {ev.accuracy:.2%}")
+        plot_confusion(
+            ev.confusion(), ev.classes, a.confusion, f"{a.model} served: {ev.accuracy:.2%}"
+        )
     if a.json:
         print(json.dumps(ev.to_dict(), indent=2))
     else:

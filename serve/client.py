@@ -244,6 +244,7 @@ class _Base:
     max_batch: int
     max_pixels: int
     version: str
+    _shm: SharedMemoryInputs | None = None  # Classifier(shared_memory=True) sets it
 
     def encode(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Images -> the model's input array: pixels [N, 3, H, W] or bytes [N, 1]."""
@@ -256,9 +257,8 @@ class _Base:
         m = self.module
         dtype = "BYTES" if batch.dtype == object else self.info.input_dtype
         inp = m.InferInput(self.info.input_name, list(batch.shape), dtype)
-        shm = getattr(self, "_shm", None)
-        if shm is not None and dtype != "BYTES":
-            shm.attach(inp, batch)  # the request names the region; no pixels in the body
+        if self._shm is not None and dtype != "BYTES":
+            self._shm.attach(inp, batch)  # the request names the region; no pixels in the body
         else:
             inp.set_data_from_numpy(batch)
         return [inp], [m.InferRequestedOutput(self.info.output_name, class_count=class_count)]
@@ -292,7 +292,6 @@ class Classifier(_Base):
         """``shared_memory=True`` sends pixel tensors through system shared memory
         (serve/shared_memory.py): the server must run on this machine."""
         self.protocol = protocol
-        self._shm: SharedMemoryInputs | None = None
         self.module = _protocol_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.model, self.version, self.timeout = model, version, timeout

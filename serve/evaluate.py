@@ -108,33 +108,3 @@ def evaluate_served(clf: Classifier, root: str | Path, batch_size: int = 16) -> 
                 )
             preds[start + j] = classes.index(label)
     return ServedEvaluation(classes, paths, targets, preds, errors)
-
-
-def plot_confusion(ev: ServedEvaluation, path: str | Path, title: str) -> None:
-    """Confusion matrix PNG (rows true, columns predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(ev.confusion())
-    n = len(ev.classes)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.6 * n, 14),) * 2)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), ev.classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), ev.classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                ax.text(
-                    j,
-                    i,
-                    str(cm[i, j]),
-                    ha="center",
-                    va="center",
-                    color="white" if cm[i, j] > cm.max() / 2 else "black",
-                )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

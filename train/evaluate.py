@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from serve.plots import plot_confusion
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.data import Preprocess
 from train.datasets import dataset_split, subset
 from train.engine import evaluate
 from train.models import build_model, get_arch
-from train.plots import plot_confusion
 from train.pretrained import known_weights, load_backbone, read_state_dict_file
 
 

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from serve.plots import plot_confusion
 from train.checkpoint import (
     load_checkpoint,
     make_checkpoint,
@@ -34,7 +35,7 @@ from train.engine import EpochResult, Precision, evaluate, summarize, train_one_
 from train.feature_cache import FeatureCache, compute_features
 from train.models import arch_options, build_model, get_arch, get_head
 from train.optim import build_optimizer, build_scheduler
-from train.plots import plot_confusion, plot_curves
+from train.plots import plot_curves
 from train.pretrained import PretrainedInfo, resolve_pretrained
 
 SHARED_PREFIX = "../shared/data/"
