@@ -1,20 +1,31 @@
 """Operate a live Triton server (explicit model control) through its repository API:
-list models and versions, load, unload, roll back, and read health and metrics.
+list models and versions, load, unload, restart, roll back, and read health and metrics.
 
+These are control-plane calls: on a server started by ``serve run`` they carry the admin
+key (``serve/auth.py``; found for the URL unless given). Every call has a deadline.
 Uses tritonclient's gRPC client (thread-safe, unlike the HTTP one) and urllib for the
 Prometheus endpoint; no torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from serve.client import DEFAULT_URLS, ModelNotReady, ServerUnavailable
+from serve import auth
+from serve.client import DEFAULT_URLS
+from serve.errors import ClientError, ModelNotReady, classify_error
+
+CALL_TIMEOUT = 30.0  # seconds for an index/config/unload call
+LOAD_TIMEOUT = 300.0  # seconds for a load (a TensorRT engine can take a while)
+ROLLBACK_MARK = "rollback_restores_version_policy"
+RESTART_MARK = "restart_generation"
 
 
 @dataclass(frozen=True)
@@ -27,144 +38,191 @@ class ModelVersion:
     reason: str = ""
 
 
-def _client(url: str | None) -> Any:
-    import tritonclient.grpc as grpcclient
+class Admin:
+    """A control-plane session with one server (``with Admin(url) as a: ...``)."""
 
-    url = url or DEFAULT_URLS["grpc"]
-    client = grpcclient.InferenceServerClient(url)
+    def __init__(
+        self, url: str | None = None, key: str | None = None, timeout: float = CALL_TIMEOUT
+    ) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url or DEFAULT_URLS["grpc"]
+        self.key = key if key is not None else auth.resolve_key(self.url)
+        self.timeout = timeout
+        self.client = grpcclient.InferenceServerClient(self.url)
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+    def call(
+        self, what: str, fn: str, *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> Any:
+        """``self.client.<fn>(*args)`` with the key header and a deadline; errors typed."""
+        try:
+            return getattr(self.client, fn)(
+                *args,
+                headers=auth.headers(self.key),
+                client_timeout=timeout or self.timeout,
+                **kwargs,
+            )
+        except Exception as e:  # noqa: BLE001 - tritonclient/grpc errors, mapped
+            err = classify_error(e, what, self.url, "grpc", args[0] if args else "")
+            if "restricted" in str(e).lower() or "unauthenticated" in str(e).lower():
+                hint = "" if self.key else " (no admin key found: pass --admin-key-file)"
+                raise type(err)(f"{err}{hint}") from e
+            raise err from e
+
+    def index(self) -> list[ModelVersion]:
+        raw = self.call("repository index", "get_model_repository_index", as_json=True)
+        return [
+            ModelVersion(
+                m["name"], m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", "")
+            )
+            for m in raw.get("models", [])
+        ]
+
+    def config(self, model: str) -> dict[str, Any] | None:
+        """The loaded config of ``model`` (None when it is not loaded)."""
+        try:
+            return self.call("config", "get_model_config", model, as_json=True)["config"]
+        except ModelNotReady:
+            return None
+
+    def load(self, model: str, config: dict[str, Any] | None = None) -> None:
+        try:
+            self.call(
+                f"loading '{model}'",
+                "load_model",
+                model,
+                config=json.dumps(config) if config else None,
+                timeout=LOAD_TIMEOUT,
+            )
+        except ClientError as e:
+            raise ModelNotReady(f"loading '{model}' failed: {e}") from e
+
+    def unload(self, model: str) -> None:
+        self.call(f"unloading '{model}'", "unload_model", model)
+
+
+@contextlib.contextmanager
+def session(url: str | None, key: str | None = None) -> Iterator[Admin]:
+    a = Admin(url, key)
     try:
-        client.is_server_live()
-    except Exception as e:
-        client.close()
-        raise ServerUnavailable(f"no Triton server at {url} (grpc): {e}") from e
-    return client
-
-
-def list_models(url: str | None = None) -> list[ModelVersion]:
-    """Every model (and version) the server's repository knows, with its state."""
-    client = _client(url)
-    try:
-        index = client.get_model_repository_index(as_json=True).get("models", [])
+        yield a
     finally:
-        client.close()
-    return [
-        ModelVersion(
-            m["name"], m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", "")
-        )
-        for m in index
-    ]
+        a.close()
 
 
-def ready_versions(url: str | None, model: str) -> list[int]:
+def list_models(url: str | None = None, key: str | None = None) -> list[ModelVersion]:
+    """Every model (and version) the server's repository knows, with its state."""
+    with session(url, key) as a:
+        return a.index()
+
+
+def ready_versions(url: str | None, model: str, key: str | None = None) -> list[int]:
     return sorted(
         int(m.version)
-        for m in list_models(url)
+        for m in list_models(url, key)
         if m.name == model and m.state == "READY" and m.version.isdigit()
     )
 
 
-ROLLBACK_MARK = "rollback_restores_version_policy"
-
-
-def _current_config(url: str | None, model: str) -> dict[str, Any] | None:
-    client = _client(url)
-    try:
-        return client.get_model_config(model, as_json=True)["config"]
-    except Exception:  # not loaded: nothing to restore
-        return None
-    finally:
-        client.close()
-
-
-def load(url: str | None, model: str, config: dict[str, Any] | None = None) -> None:
+def load(
+    url: str | None, model: str, config: dict[str, Any] | None = None, key: str | None = None
+) -> None:
     """(Re)load ``model`` from the repository (optionally with a config override).
 
     After a :func:`rollback`, a plain load restores the repository's version policy:
     Triton keeps an override until the files change, so the policy saved by the
     rollback is put back explicitly.
     """
-    from tritonclient.utils import InferenceServerException
-
-    if config is None:
-        current = _current_config(url, model)
-        params = (current or {}).get("parameters", {})
-        if ROLLBACK_MARK in params:
-            config = dict(current)
-            config["version_policy"] = json.loads(params[ROLLBACK_MARK]["string_value"])
-            config["parameters"] = {k: v for k, v in params.items() if k != ROLLBACK_MARK}
-    client = _client(url)
-    try:
-        client.load_model(model, config=json.dumps(config) if config else None)
-    except InferenceServerException as e:
-        raise ModelNotReady(f"loading '{model}' failed: {e.message()}") from e
-    finally:
-        client.close()
+    with session(url, key) as a:
+        if config is None:
+            current = a.config(model)
+            params = (current or {}).get("parameters", {})
+            if ROLLBACK_MARK in params:
+                config = dict(current or {})
+                config["version_policy"] = json.loads(params[ROLLBACK_MARK]["string_value"])
+                config["parameters"] = {k: v for k, v in params.items() if k != ROLLBACK_MARK}
+        a.load(model, config)
 
 
-def unload(url: str | None, model: str) -> None:
-    client = _client(url)
-    try:
-        client.unload_model(model)
-    finally:
-        client.close()
+def unload(url: str | None, model: str, key: str | None = None) -> None:
+    with session(url, key) as a:
+        a.unload(model)
 
 
-def restart(url: str | None, model: str) -> None:
-    """Unload and load ``model``: new backend processes. Measured on Triton 2.51: after a
-    python-backend stub dies, the model stays READY but every request fails with "Stub
-    process ... is not healthy", and a plain load is a no-op while the files are unchanged;
-    this brings it back."""
-    client = _client(url)
-    try:
-        client.unload_model(model)
+def restart(url: str | None, model: str, key: str | None = None) -> str:
+    """Fresh backend processes for ``model`` without a window where it is unavailable.
+
+    Measured on Triton 2.51: after a python-backend stub dies the model stays READY but
+    every request fails with "Stub process ... is not healthy"; a plain load is a no-op
+    while the files are unchanged, and unload + load leaves ~1 s in which requests get
+    "no available versions". A load with the current config plus a bumped
+    ``restart_generation`` parameter makes Triton build new instances first and swap
+    them in (the old ones are unloaded after), so requests never see the model missing.
+    Falls back to unload + load when that reload fails. Returns how it restarted.
+    """
+    with session(url, key) as a:
+        config = a.config(model)
+        if config is not None:
+            params = config.setdefault("parameters", {})
+            previous = params.get(RESTART_MARK, {}).get("string_value", "0")
+            generation = int(previous) + 1 if previous.isdigit() else 1
+            params[RESTART_MARK] = {"string_value": str(generation)}
+            try:
+                a.load(model, config)
+                return "reload"
+            except ModelNotReady:
+                pass  # below: the slow way
+        a.unload(model)
         deadline = time.monotonic() + 60
-        while model in {
-            m["name"]
-            for m in client.get_model_repository_index(as_json=True).get("models", [])
-            if m.get("state") == "READY"
-        }:
+        while any(m.name == model and m.state == "READY" for m in a.index()):
             if time.monotonic() > deadline:
                 raise ModelNotReady(f"'{model}' did not unload within 60 s")
             time.sleep(0.1)
-    finally:
-        client.close()
-    load(url, model)
+        a.load(model)
+        return "unload+load"
 
 
-def rollback(url: str | None, model: str) -> tuple[int, int]:
+def rollback(url: str | None, model: str, key: str | None = None) -> tuple[int, int]:
     """Serve the version before the newest loaded one, alone (a config override with a
     ``specific`` version policy). ``load`` undoes it. Returns (from, to) versions."""
-    loaded = ready_versions(url, model)
-    if not loaded:
-        raise ModelNotReady(f"model '{model}' has no loaded version to roll back from")
-    current = loaded[-1]
-    known = sorted(
-        {int(m.version) for m in list_models(url) if m.name == model and m.version.isdigit()}
-    )
-    older = [v for v in (known or loaded) if v < current]
-    if not older:
-        raise ModelNotReady(f"model '{model}' has no version older than {current} to roll back to")
-    client = _client(url)
-    try:
-        config = client.get_model_config(model, as_json=True)["config"]
-    finally:
-        client.close()
-    target = older[-1]
-    params = config.setdefault("parameters", {})
-    if ROLLBACK_MARK not in params:  # remember the repository's policy for `load`
-        policy = config.get("version_policy") or {"latest": {"num_versions": 1}}
-        params[ROLLBACK_MARK] = {"string_value": json.dumps(policy)}
-    config["version_policy"] = {"specific": {"versions": [str(target)]}}
-    load(url, model, config)
+    with session(url, key) as a:
+        rows = [m for m in a.index() if m.name == model and m.version.isdigit()]
+        loaded = sorted(int(m.version) for m in rows if m.state == "READY")
+        if not loaded:
+            raise ModelNotReady(f"model '{model}' has no loaded version to roll back from")
+        current = loaded[-1]
+        older = [v for v in sorted({int(m.version) for m in rows} or loaded) if v < current]
+        if not older:
+            raise ModelNotReady(
+                f"model '{model}' has no version older than {current} to roll back to"
+            )
+        config = a.config(model) or {}
+        target = older[-1]
+        params = config.setdefault("parameters", {})
+        if ROLLBACK_MARK not in params:  # remember the repository's policy for `load`
+            policy = config.get("version_policy") or {"latest": {"num_versions": 1}}
+            params[ROLLBACK_MARK] = {"string_value": json.dumps(policy)}
+        config["version_policy"] = {"specific": {"versions": [str(target)]}}
+        a.load(model, config)
     return current, target
 
 
 _METRIC = re.compile(r"^(nv_inference_\w+)\{([^}]*)\}\s+([0-9.eE+-]+)$")
 
 
-def read_metrics(metrics_url: str) -> dict[tuple[str, str], dict[str, float]]:
+def read_metrics(metrics_url: str, timeout: float = 5.0) -> dict[tuple[str, str], dict[str, float]]:
     """Prometheus counters per (model, version): nv_inference_* name -> value."""
-    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
         text = r.read().decode()
     out: dict[tuple[str, str], dict[str, float]] = {}
     for line in text.splitlines():
@@ -195,29 +253,28 @@ def summarize_metrics(counters: dict[str, float]) -> dict[str, float]:
     }
 
 
-def health(url: str | None, metrics_url: str) -> dict[str, Any]:
+def health(url: str | None, metrics_url: str, key: str | None = None) -> dict[str, Any]:
     """Server liveness/readiness, each model's state, and metrics per model version."""
-    client = _client(url)
-    try:
-        live, ready = client.is_server_live(), client.is_server_ready()
-    finally:
-        client.close()
-    models = list_models(url)
+    with session(url, key) as a:
+        try:
+            live = a.client.is_server_live(client_timeout=a.timeout)
+            ready = a.client.is_server_ready(client_timeout=a.timeout)
+        except Exception as e:  # noqa: BLE001
+            raise classify_error(e, "health", a.url, "grpc", "") from e
+        models = a.index()
     try:
         metrics = read_metrics(metrics_url)
         metrics_error = ""
     except OSError as e:
         metrics, metrics_error = {}, f"metrics endpoint {metrics_url} unreachable: {e}"
-    rows = []
-    for m in models:
-        counters = metrics.get((m.name, m.version), {})
-        rows.append(
-            {
-                "model": m.name,
-                "version": m.version,
-                "state": m.state,
-                "reason": m.reason,
-                **summarize_metrics(counters),
-            }
-        )
+    rows = [
+        {
+            "model": m.name,
+            "version": m.version,
+            "state": m.state,
+            "reason": m.reason,
+            **summarize_metrics(metrics.get((m.name, m.version), {})),
+        }
+        for m in models
+    ]
     return {"live": live, "ready": ready, "models": rows, "metrics_error": metrics_error}

@@ -1,66 +1,98 @@
-"""Command line: ``python -m serve`` run | classify | models | load | unload | restart |
-rollback | health | watchdog | evaluate | bench | soak."""
+"""Command line: ``python -m serve`` run | classify | evaluate | models | load | unload |
+restart | rollback | health | watchdog | bench | soak (torch-free)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
+import logging
+from collections.abc import Sequence
+from pathlib import Path
 
-from serve.client import DEFAULT_URLS, Classifier, ClientError
-from serve.preprocess import ImageError
+from serve import auth
+from serve.cli_common import (
+    Command,
+    add_admin_key,
+    add_model_repository,
+    add_url,
+    env_int,
+)
+from serve.cli_common import main as cli_main
+from serve.client import DEFAULT_URLS, Classifier
+from serve.contract import image_model_name
 from serve.triton_server import LOOPBACK, ServerOptions, exec_server, run_supervised
 
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
+log = logging.getLogger(__name__)
 
 
-def _url_arg(p: argparse.ArgumentParser, protocols: bool = True) -> None:
-    p.add_argument(
-        "--url",
-        default=None,
-        help=f"HOST:PORT (default {DEFAULT_URLS['grpc']} for grpc, "
-        f"{DEFAULT_URLS['http']} for http)",
-    )
-    if protocols:
-        p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+def _key(a: argparse.Namespace) -> str | None:
+    return auth.resolve_key(a.url or DEFAULT_URLS["grpc"], a.admin_key_file)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m serve",
-        description="Serve the model repository with Triton, operate it, and classify images.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    p = sub.add_parser("run", help="run tritonserver in the foreground", formatter_class=fmt)
-    p.add_argument("--model-repository", default="model_repository")
+# -- run ---------------------------------------------------------------------------------
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_repository(p)
     p.add_argument(
         "--host",
         default=LOOPBACK,
         help="address to bind (loopback by default; 0.0.0.0 exposes the server)",
     )
-    p.add_argument("--http-port", type=int, default=_env_int("HTTP_PORT", 8000))
-    p.add_argument("--grpc-port", type=int, default=_env_int("GRPC_PORT", 8001))
-    p.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", 8002))
+    p.add_argument("--http-port", type=int, default=env_int("HTTP_PORT", 8000))
+    p.add_argument("--grpc-port", type=int, default=env_int("GRPC_PORT", 8001))
+    p.add_argument("--metrics-port", type=int, default=env_int("METRICS_PORT", 8002))
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument(
         "--watchdog",
         type=float,
-        default=float(os.environ.get("WATCHDOG") or 10),
+        default=float(env_int("WATCHDOG", 10)),
         metavar="SECONDS",
         help="probe the models every SECONDS and restart one whose python-backend stub "
-        "died (Triton does not); 0 = no watchdog, exec tritonserver directly",
+        "died or hangs (Triton does not); 0 = no watchdog, exec tritonserver directly",
+    )
+    p.add_argument(
+        "--admin-key-file",
+        default=None,
+        metavar="FILE",
+        help="the key of the control APIs (load/unload, shared memory, statistics, trace, "
+        "logging); default $TRAINSERVE_ADMIN_KEY, else a new random key. It is written "
+        "(mode 0600) where this project's clients find it",
+    )
+    p.add_argument(
+        "--unrestricted",
+        action="store_true",
+        help="leave the control APIs open to anyone who reaches the port (loopback only)",
+    )
+    p.add_argument(
+        "--jemalloc",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="preload libjemalloc.so.2 (default: when installed)",
     )
     p.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
 
-    p = sub.add_parser(
-        "classify", help="classify image files with a served model", formatter_class=fmt
+
+def run_run(a: argparse.Namespace) -> int:
+    key = auth.read_key_file(Path(a.admin_key_file)) if a.admin_key_file else ""
+    opts = ServerOptions(
+        model_repository=a.model_repository,
+        host=a.host,
+        http_port=a.http_port,
+        grpc_port=a.grpc_port,
+        metrics_port=a.metrics_port,
+        log_verbose=a.log_verbose,
+        extra_args=list(a.extra),
+        restricted=not a.unrestricted,
+        admin_key=key,
+        jemalloc=a.jemalloc,
     )
+    if a.watchdog > 0:
+        return run_supervised(opts, a.watchdog)
+    exec_server(opts)
+    return 0  # not reached: exec
+
+
+# -- classify / evaluate -----------------------------------------------------------------
+def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--model", default="antsbees")
     p.add_argument(
@@ -69,65 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the encoded files to <model>_image (server-side preprocessing)",
     )
     p.add_argument("--version", default="", help="pin a model version (default: latest)")
-    _url_arg(p)
+    add_url(p)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument(
         "--shared-memory",
         action="store_true",
-        help="send pixels through system shared memory (server on this machine)",
+        help="send pixels through system shared memory (server on this machine; "
+        "registering needs the admin key)",
     )
-
-    p = sub.add_parser("models", help="list models, versions and their state")
-    _url_arg(p, protocols=False)
-    for name, text in (
-        ("load", "load (or reload) a model from the repository"),
-        ("unload", "unload a model"),
-        ("restart", "unload + load: fresh backend processes (after a crash)"),
-        ("rollback", "serve the previous version (`load` undoes it)"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("model")
-        _url_arg(p, protocols=False)
-
-    p = sub.add_parser(
-        "watchdog",
-        help="restart models whose python-backend stub died (for a server run elsewhere)",
-        formatter_class=fmt,
-    )
-    _url_arg(p, protocols=False)
-    p.add_argument("--interval", type=float, default=10.0, help="seconds between rounds")
-    p.add_argument("--once", action="store_true", help="one round, print what it did as JSON")
-
-    p = sub.add_parser("health", help="server/model readiness and key Prometheus metrics")
-    _url_arg(p, protocols=False)
-    p.add_argument(
-        "--metrics-url", default=None, help="default http://<url host>:$METRICS_PORT/metrics (8002)"
-    )
-    p.add_argument("--json", action="store_true")
-
-    sub.add_parser(
-        "soak", add_help=False, help="sustained mixed load: failures and memory growth (soak -h)"
-    )
-    sub.add_parser(
-        "bench", add_help=False, help="throughput/latency sweep vs in-process baselines (bench -h)"
-    )
-    p = sub.add_parser(
-        "evaluate", help="served accuracy on a labelled ImageFolder split", formatter_class=fmt
-    )
-    p.add_argument("--model", default="antsbees_image")
-    p.add_argument("--data", required=True, help="a folder of <class>/<image> (e.g. .../val)")
-    p.add_argument("--version", default="")
-    _url_arg(p)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--confusion", default="", help="confusion matrix PNG path")
-    p.add_argument("--json", action="store_true")
-    return parser
+    add_admin_key(p)
 
 
 def run_classify(a: argparse.Namespace) -> int:
-    model = a.model if not a.raw or a.model.endswith("_image") else f"{a.model}_image"
+    """Answers every good image and names every bad one; exit 1 when any failed."""
+    model = a.model if not a.raw or a.model.endswith("_image") else image_model_name(a.model)
     failed = 0
     with Classifier(
         a.url,
@@ -135,81 +125,36 @@ def run_classify(a: argparse.Namespace) -> int:
         protocol=a.protocol,
         version=a.version,
         max_batch=a.batch_size,
+        timeout=a.timeout,
         shared_memory=a.shared_memory,
+        admin_key=_key(a) if a.shared_memory else None,
     ) as clf:
         for path, result in zip(a.images, clf.classify_each(a.images, a.top_k), strict=True):
             if isinstance(result, Exception):
-                print(f"error: {result}", file=sys.stderr)
+                log.error("error: %s", result)
                 failed += 1
             elif a.json:
-                print(
-                    json.dumps(
-                        {
-                            "image": path,
-                            "model": model,
-                            "predictions": [
-                                {"label": p.label, "probability": p.probability, "index": p.index}
-                                for p in result
-                            ],
-                        }
-                    )
-                )
+                preds = [
+                    {"label": p.label, "probability": p.probability, "index": p.index}
+                    for p in result
+                ]
+                print(json.dumps({"image": path, "model": model, "predictions": preds}))
             else:
                 ranked = "  ".join(f"{p.label} {p.probability:.4f}" for p in result)
                 print(f"{path}: {ranked}")
+    if failed:
+        log.error("%d of %d images failed", failed, len(a.images))
     return 1 if failed else 0
 
 
-def run_admin(a: argparse.Namespace) -> int:
-    from serve import admin
-
-    if a.command == "models":
-        for m in admin.list_models(a.url):
-            print(
-                f"{m.name:32s} {m.version or '-':>4s}  {m.state}"
-                + (f"  ({m.reason})" if m.reason else "")
-            )
-    elif a.command == "load":
-        admin.load(a.url, a.model)
-        print(f"loaded {a.model}: versions {admin.ready_versions(a.url, a.model)}")
-    elif a.command == "unload":
-        admin.unload(a.url, a.model)
-        print(f"unloaded {a.model}")
-    elif a.command == "restart":
-        admin.restart(a.url, a.model)
-        print(f"restarted {a.model}: versions {admin.ready_versions(a.url, a.model)}")
-    else:
-        old, new = admin.rollback(a.url, a.model)
-        print(
-            f"rolled back {a.model}: version {old} -> {new} "
-            f"(`python -m serve load {a.model}` restores the repository's policy)"
-        )
-    return 0
-
-
-def run_health(a: argparse.Namespace) -> int:
-    from serve import admin
-
-    host = (a.url or DEFAULT_URLS["grpc"]).rsplit(":", 1)[0]
-    metrics_url = a.metrics_url or f"http://{host}:{_env_int('METRICS_PORT', 8002)}/metrics"
-    h = admin.health(a.url, metrics_url)
-    if a.json:
-        print(json.dumps(h, indent=2))
-        return 0 if h["ready"] else 1
-    print(f"server live: {h['live']}  ready: {h['ready']}")
-    if h["metrics_error"]:
-        print(h["metrics_error"])
-    print(
-        f"{'model':28s} {'ver':>4s} {'state':10s} {'ok':>8s} {'failed':>7s} "
-        f"{'queue ms':>9s} {'compute ms':>10s} {'avg batch':>9s}"
-    )
-    for m in h["models"]:
-        print(
-            f"{m['model']:28s} {m['version'] or '-':>4s} {m['state']:10s} "
-            f"{m['success']:8.0f} {m['failure']:7.0f} {m['avg_queue_ms']:9.2f} "
-            f"{m['avg_compute_ms']:10.2f} {m['avg_batch']:9.2f}"
-        )
-    return 0 if h["ready"] else 1
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="antsbees_image")
+    p.add_argument("--data", required=True, help="a folder of <class>/<image> (e.g. .../val)")
+    p.add_argument("--version", default="")
+    add_url(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--confusion", default="", help="confusion matrix PNG path")
+    p.add_argument("--json", action="store_true")
 
 
 def run_evaluate(a: argparse.Namespace) -> int:
@@ -231,9 +176,89 @@ def run_evaluate(a: argparse.Namespace) -> int:
             n = int((ev.targets == ev.classes.index(name)).sum())
             print(f"{name:>20s}: {100 * acc:6.2f}%  ({n} images)")
         for path, err in ev.errors.items():
-            print(f"error: {path}: {err}", file=sys.stderr)
+            log.error("error: %s: %s", path, err)
         print(f"top-1: {100 * ev.accuracy:.2f}%")
     return 1 if ev.errors else 0
+
+
+# -- operations --------------------------------------------------------------------------
+def add_admin_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:
+    if model:
+        p.add_argument("model")
+    add_url(p, protocols=False)
+    add_admin_key(p)
+
+
+def run_models(a: argparse.Namespace) -> int:
+    from serve import admin
+
+    for m in admin.list_models(a.url, _key(a)):
+        reason = f"  ({m.reason})" if m.reason else ""
+        print(f"{m.name:32s} {m.version or '-':>4s}  {m.state}{reason}")
+    return 0
+
+
+def run_model_op(a: argparse.Namespace) -> int:
+    from serve import admin
+
+    key = _key(a)
+    if a.command == "load":
+        admin.load(a.url, a.model, key=key)
+        print(f"loaded {a.model}: versions {admin.ready_versions(a.url, a.model, key)}")
+    elif a.command == "unload":
+        admin.unload(a.url, a.model, key)
+        print(f"unloaded {a.model}")
+    elif a.command == "restart":
+        how = admin.restart(a.url, a.model, key)
+        print(f"restarted {a.model} ({how}): versions {admin.ready_versions(a.url, a.model, key)}")
+    else:
+        old, new = admin.rollback(a.url, a.model, key)
+        print(
+            f"rolled back {a.model}: version {old} -> {new} "
+            f"(`python -m serve load {a.model}` restores the repository's policy)"
+        )
+    return 0
+
+
+def add_health_arguments(p: argparse.ArgumentParser) -> None:
+    add_admin_arguments(p, model=False)
+    p.add_argument(
+        "--metrics-url", default=None, help="default http://<url host>:$METRICS_PORT/metrics (8002)"
+    )
+    p.add_argument("--json", action="store_true")
+
+
+def run_health(a: argparse.Namespace) -> int:
+    from serve import admin
+
+    host = (a.url or DEFAULT_URLS["grpc"]).rsplit(":", 1)[0]
+    metrics_url = a.metrics_url or f"http://{host}:{env_int('METRICS_PORT', 8002)}/metrics"
+    h = admin.health(a.url, metrics_url, _key(a))
+    if a.json:
+        print(json.dumps(h, indent=2))
+        return 0 if h["ready"] else 1
+    print(f"server live: {h['live']}  ready: {h['ready']}")
+    if h["metrics_error"]:
+        print(h["metrics_error"])
+    print(
+        f"{'model':28s} {'ver':>4s} {'state':10s} {'ok':>8s} {'failed':>7s} "
+        f"{'queue ms':>9s} {'compute ms':>10s} {'avg batch':>9s}"
+    )
+    for m in h["models"]:
+        print(
+            f"{m['model']:28s} {m['version'] or '-':>4s} {m['state']:10s} "
+            f"{m['success']:8.0f} {m['failure']:7.0f} {m['avg_queue_ms']:9.2f} "
+            f"{m['avg_compute_ms']:10.2f} {m['avg_batch']:9.2f}"
+        )
+    return 0 if h["ready"] else 1
+
+
+def add_watchdog_arguments(p: argparse.ArgumentParser) -> None:
+    add_admin_arguments(p, model=False)
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between rounds")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per probe")
+    p.add_argument("--hung-rounds", type=int, default=3, help="timed-out rounds before a restart")
+    p.add_argument("--once", action="store_true", help="one round, print what it did as JSON")
 
 
 def run_watchdog(a: argparse.Namespace) -> int:
@@ -241,46 +266,103 @@ def run_watchdog(a: argparse.Namespace) -> int:
 
     from serve import watchdog
 
-    cfg = watchdog.WatchdogConfig(url=a.url or DEFAULT_URLS["grpc"], interval=a.interval)
+    cfg = watchdog.WatchdogConfig(
+        url=a.url or DEFAULT_URLS["grpc"],
+        interval=a.interval,
+        timeout=a.timeout,
+        hung_rounds=a.hung_rounds,
+        admin_key=_key(a),
+    )
     if not a.once:
         return watchdog.main_loop(cfg)
-    log = watchdog.stderr_log
-    print(json.dumps(asdict(watchdog.check_once(cfg, log)), indent=2))
+    print(json.dumps(asdict(watchdog.check_once(cfg)), indent=2))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Dispatch; errors print one clear line and exit non-zero."""
-    argv = list(__import__("sys").argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("bench", "soak"):  # own parsers (python -m serve bench -h)
-        from serve import bench, soak
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    from serve.bench import add_arguments
 
-        return (bench if argv[0] == "bench" else soak).main(argv[1:])
-    a = build_parser().parse_args(argv)
-    try:
-        if a.command == "run":
-            opts = ServerOptions(
-                model_repository=a.model_repository,
-                host=a.host,
-                http_port=a.http_port,
-                grpc_port=a.grpc_port,
-                metrics_port=a.metrics_port,
-                log_verbose=a.log_verbose,
-                extra_args=list(a.extra),
-            )
-            if a.watchdog > 0:
-                return run_supervised(opts, a.watchdog)
-            exec_server(opts)
-            return 0  # not reached: exec
-        if a.command == "watchdog":
-            return run_watchdog(a)
-        if a.command == "classify":
-            return run_classify(a)
-        if a.command == "health":
-            return run_health(a)
-        if a.command == "evaluate":
-            return run_evaluate(a)
-        return run_admin(a)
-    except (ClientError, ImageError, FileNotFoundError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    add_arguments(p)
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from serve.bench import main
+
+    return main(a)
+
+
+def _soak_arguments(p: argparse.ArgumentParser) -> None:
+    from serve.soak import add_arguments
+
+    add_arguments(p)
+
+
+def _soak(a: argparse.Namespace) -> int:
+    from serve.soak import run
+
+    return run(a)
+
+
+COMMANDS = [
+    Command("run", "run tritonserver in the foreground", add_run_arguments, run_run),
+    Command(
+        "classify",
+        "classify image files with a served model",
+        add_classify_arguments,
+        run_classify,
+    ),
+    Command(
+        "evaluate",
+        "served accuracy on a labelled ImageFolder split",
+        add_evaluate_arguments,
+        run_evaluate,
+    ),
+    Command(
+        "models",
+        "list models, versions and their state",
+        lambda p: add_admin_arguments(p, model=False),
+        run_models,
+    ),
+    Command(
+        "load", "load (or reload) a model from the repository", add_admin_arguments, run_model_op
+    ),
+    Command("unload", "unload a model", add_admin_arguments, run_model_op),
+    Command(
+        "restart",
+        "fresh backend processes for a model (after a crash or hang)",
+        add_admin_arguments,
+        run_model_op,
+    ),
+    Command(
+        "rollback",
+        "serve the previous version (`load` undoes it)",
+        add_admin_arguments,
+        run_model_op,
+    ),
+    Command(
+        "health",
+        "server/model readiness and key Prometheus metrics",
+        add_health_arguments,
+        run_health,
+    ),
+    Command(
+        "watchdog",
+        "restart models whose python-backend stub died or hangs (for a server run elsewhere)",
+        add_watchdog_arguments,
+        run_watchdog,
+    ),
+    Command(
+        "bench", "throughput/latency sweep vs in-process ONNX Runtime", _bench_arguments, _bench
+    ),
+    Command("soak", "sustained mixed load: failures and memory growth", _soak_arguments, _soak),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m serve COMMAND ...``; errors print one clear line (exit 2)."""
+    return cli_main(
+        "python -m serve",
+        "Serve the model repository with Triton, operate it, and classify images.",
+        COMMANDS,
+        argv,
+    )

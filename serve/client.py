@@ -10,121 +10,66 @@ parameters, and class labels through Triton's classification extension (the mode
 * a raw-image model (``antsbees_image``, BYTES): encoded files are sent as they are and
   the server preprocesses them.
 
+Every call has a deadline: ``connect_timeout`` for liveness, metadata, config and
+shared-memory registration, ``timeout`` for inference (gRPC ``client_timeout``; HTTP
+connection/network timeouts; ``asyncio.wait_for`` in the async client); gRPC channels
+send keepalive pings during long calls. Errors are :mod:`serve.errors` types.
 tritonclient's HTTP client is not thread-safe (gevent): use one Classifier per thread,
 or :class:`AsyncClassifier` for many requests in flight.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serve import auth
+from serve.errors import (
+    ClientError,
+    InferenceFailed,
+    ModelNotReady,
+    ServerUnavailable,
+    classify_error,
+    is_transient,
+)
+from serve.model_info import ModelInfo, Prediction, predictions
 from serve.preprocess import (
-    DEFAULT_MAX_PIXELS,
+    DEFAULT_LIMITS,
     ImageError,
     ImageSource,
-    ResizeCrop,
+    Limits,
     describe,
     preprocess,
 )
-from serve.shared_memory import SharedMemoryInputs, is_unknown_region
+from serve.shared_memory import SharedMemoryPool, is_unknown_region
+
+__all__ = [
+    "AsyncClassifier",
+    "Classifier",
+    "ClientError",
+    "DEFAULT_URLS",
+    "InferenceFailed",
+    "ModelNotReady",
+    "Prediction",
+    "ServerUnavailable",
+    "is_transient",
+]
 
 DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
+# gRPC keepalive: ping an open call every 60 s, give up after 20 s without an answer;
+# no pings on an idle channel (Triton's default policy would count those as strikes).
+KEEPALIVE = {"keepalive_time_ms": 60_000, "keepalive_timeout_ms": 20_000}
 
 
-class ClientError(RuntimeError):
-    """Base class of the errors below."""
-
-
-class ServerUnavailable(ClientError):
-    """No Triton server answers at the URL."""
-
-
-class ModelNotReady(ClientError):
-    """The server answers but the model (version) is not loaded."""
-
-
-class InferenceFailed(ClientError):
-    """The server rejected or failed a request; the message is the server's."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One class of one image."""
-
-    label: str
-    probability: float
-    index: int
-    logit: float
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a client needs to know about a served model."""
-
-    name: str
-    input_name: str
-    input_dtype: str
-    input_shape: list[int]
-    output_name: str
-    num_classes: int
-    max_batch_size: int
-    geometry: ResizeCrop | None
-
-    @property
-    def raw(self) -> bool:
-        """True when the model takes encoded image bytes."""
-        return self.input_dtype == "BYTES"
-
-    @classmethod
-    def from_api(cls, name: str, meta: dict[str, Any], config: dict[str, Any]) -> ModelInfo:
-        if len(meta["inputs"]) != 1 or len(meta["outputs"]) != 1:
-            raise ClientError(f"model '{name}' must have one input and one output")
-        inp, out = meta["inputs"][0], meta["outputs"][0]
-        max_batch = int(config.get("max_batch_size", 0))
-        shape = [int(d) for d in inp["shape"][1 if max_batch else 0 :]]
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        geometry = None
-        if inp["datatype"] == "FP32":
-            try:
-                geometry = ResizeCrop(
-                    int(params["preprocess_resize"]),
-                    int(params["preprocess_crop"]),
-                    params.get("preprocess_interpolation", "bilinear"),
-                )
-            except KeyError as e:
-                raise ClientError(
-                    f"model '{name}' config lacks parameter {e}; was it published by `make export`?"
-                ) from e
-            if shape != [3, geometry.crop, geometry.crop]:
-                raise ClientError(
-                    f"model '{name}' input {shape} does not match crop {geometry.crop}"
-                )
-        elif inp["datatype"] != "BYTES":
-            raise ClientError(
-                f"model '{name}' input is {inp['datatype']}: neither pixels "
-                "(FP32) nor encoded images (BYTES)"
-            )
-        return cls(
-            name,
-            inp["name"],
-            inp["datatype"],
-            shape,
-            out["name"],
-            int(out["shape"][-1]),
-            max_batch,
-            geometry,
-        )
-
-
-def _protocol_module(protocol: str, aio: bool = False) -> Any:
+def protocol_module(protocol: str, aio: bool = False) -> Any:
+    """tritonclient's module for ``protocol`` (sync or asyncio)."""
     if protocol == "http":
         if aio:
             import tritonclient.http.aio as module
@@ -140,35 +85,22 @@ def _protocol_module(protocol: str, aio: bool = False) -> Any:
     return module
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Numerically stable softmax over the last axis (float64)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def parse_classification(entries: np.ndarray) -> list[tuple[float, int, str]]:
-    """Triton classification strings ``b"score:index:label"`` -> (score, index, label)."""
-    out = []
-    for raw in entries:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-        score, index, *label = text.split(":", 2)
-        out.append((float(score), int(index), label[0] if label else index))
-    return out
-
-
-def predictions(entries: np.ndarray, n: int, top_k: int) -> list[list[Prediction]]:
-    """Classification-extension rows (all classes) -> top-k Predictions per image."""
-    results = []
-    for row in entries.reshape(n, -1):
-        parsed = parse_classification(row)
-        probs = softmax(np.array([s for s, _, _ in parsed]))
-        ranked = sorted(zip(parsed, probs, strict=True), key=lambda t: -t[0][0])[:top_k]
-        results.append(
-            [Prediction(label, float(p), idx, score) for (score, idx, label), p in ranked]
-        )
-    return results
+def make_client(
+    protocol: str, url: str, connect_timeout: float, timeout: float, aio: bool = False
+) -> Any:
+    """A tritonclient InferenceServerClient with deadlines (and gRPC keepalive)."""
+    module = protocol_module(protocol, aio)
+    try:
+        if protocol == "http":
+            if aio:
+                return module.InferenceServerClient(url, conn_timeout=timeout)
+            return module.InferenceServerClient(
+                url, connection_timeout=connect_timeout, network_timeout=timeout
+            )
+        keepalive = module.KeepAliveOptions(**KEEPALIVE)
+        return module.InferenceServerClient(url, keepalive_options=keepalive)
+    except Exception as e:  # noqa: BLE001 - a malformed URL, an unusable address
+        raise ServerUnavailable(f"cannot create a {protocol} client for {url}: {e}") from e
 
 
 def read_bytes(source: ImageSource) -> bytes:
@@ -181,60 +113,6 @@ def read_bytes(source: ImageSource) -> bytes:
     return path.read_bytes()
 
 
-# Server-side failures that a retry can cure: the server or a backend process restarting.
-TRANSIENT_MARKERS = (
-    "stub process",
-    "unhealthy",
-    "failed to process the request",
-    "socket closed",
-    "connection reset",
-    "broken pipe",
-    "not ready",
-    "unavailable",
-    "restart",
-    "failed to connect",
-)
-
-
-def is_transient(error: Exception) -> bool:
-    """True for errors an idempotent request may retry (never for bad input)."""
-    if isinstance(error, ServerUnavailable | ModelNotReady):
-        return True
-    text = str(error).lower()
-    return (
-        "bad image" not in text
-        and "unexpected" not in text
-        and any(m in text for m in TRANSIENT_MARKERS)
-    )
-
-
-def _classify_error(
-    e: Exception, what: str, url: str, protocol: str, model: str, version: str
-) -> ClientError:
-    text = str(e)
-    lowered = text.lower()
-    unreachable = (
-        "failed to connect",
-        "connection refused",
-        "unavailable",
-        "connect call",
-        "name or service not known",
-        "deadline exceeded",
-        "timed out",
-        "cannot connect",
-        "connection reset",
-    )
-    if any(s in lowered for s in unreachable) and "bad image" not in lowered:
-        return ServerUnavailable(f"no Triton server at {url} ({protocol}): {text}")
-    if any(
-        s in lowered
-        for s in ("not found", "not ready", "unknown model", "unavailable model", "is not loaded")
-    ):
-        v = f" version {version}" if version else ""
-        return ModelNotReady(f"model '{model}'{v} is not ready on {url}: {text}")
-    return InferenceFailed(f"{what} failed: {text}")
-
-
 class _Base:
     """What the sync and async clients share: inputs, outputs, batching."""
 
@@ -242,26 +120,22 @@ class _Base:
     module: Any
     info: ModelInfo
     max_batch: int
-    max_pixels: int
+    limits: Limits
     version: str
-    _shm: SharedMemoryInputs | None = None  # Classifier(shared_memory=True) sets it
 
     def encode(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Images -> the model's input array: pixels [N, 3, H, W] or bytes [N, 1]."""
         if self.info.raw:
             return np.array([[read_bytes(im)] for im in images], dtype=object)
         assert self.info.geometry is not None
-        return np.stack([preprocess(im, self.info.geometry, self.max_pixels) for im in images])
+        return np.stack([preprocess(im, self.info.geometry, limits=self.limits) for im in images])
 
-    def _request(self, batch: np.ndarray, class_count: int) -> tuple[list, list]:
-        m = self.module
+    def _inputs(self, batch: np.ndarray) -> Any:
         dtype = "BYTES" if batch.dtype == object else self.info.input_dtype
-        inp = m.InferInput(self.info.input_name, list(batch.shape), dtype)
-        if self._shm is not None and dtype != "BYTES":
-            self._shm.attach(inp, batch)  # the request names the region; no pixels in the body
-        else:
-            inp.set_data_from_numpy(batch)
-        return [inp], [m.InferRequestedOutput(self.info.output_name, class_count=class_count)]
+        return self.module.InferInput(self.info.input_name, list(batch.shape), dtype)
+
+    def _outputs(self, class_count: int) -> list:
+        return [self.module.InferRequestedOutput(self.info.output_name, class_count=class_count)]
 
     def _chunks(self, array: np.ndarray) -> list[np.ndarray]:
         return [array[i : i + self.max_batch] for i in range(0, len(array), self.max_batch)]
@@ -283,88 +157,111 @@ class Classifier(_Base):
         protocol: str = "grpc",
         version: str = "",
         timeout: float = 60.0,
+        connect_timeout: float = 10.0,
         max_batch: int = 32,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int | None = None,
         retries: int = 0,
         backoff: float = 0.25,
         shared_memory: bool = False,
+        shm_regions: int = 8,
+        admin_key: str | None = None,
     ) -> None:
         """``shared_memory=True`` sends pixel tensors through system shared memory
-        (serve/shared_memory.py): the server must run on this machine."""
+        (serve/shared_memory.py): the server must run on this machine, and registering
+        regions needs the server's admin key (``admin_key``, else found for ``url``)."""
         self.protocol = protocol
-        self.module = _protocol_module(protocol)
+        self.module = protocol_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
-        self.model, self.version, self.timeout = model, version, timeout
+        self.model, self.version = model, version
+        self.timeout, self.connect_timeout = timeout, connect_timeout
         self.retries, self.backoff = max(0, retries), backoff
-        self.max_pixels = max_pixels
+        self.limits = DEFAULT_LIMITS if max_pixels is None else Limits(max_pixels=max_pixels)
+        self.client = make_client(protocol, self.url, connect_timeout, timeout)
+        self._pool: SharedMemoryPool | None = None
         try:
-            if protocol == "http":
-                self.client = self.module.InferenceServerClient(
-                    self.url, connection_timeout=timeout, network_timeout=timeout
+            self.info = self._describe_model()
+            self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
+            if shared_memory and not self.info.raw:
+                key = admin_key or auth.resolve_key(self.url)
+                self._pool = SharedMemoryPool(
+                    self.client,
+                    max_regions=shm_regions,
+                    timeout=timeout,
+                    call_kwargs=self._call_kwargs(connect_timeout, auth.headers(key)),
                 )
-            else:
-                self.client = self.module.InferenceServerClient(self.url)
-        except Exception as e:
-            raise ServerUnavailable(f"cannot create a {protocol} client for {self.url}: {e}") from e
-        self.info = self._describe_model()
-        self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
-        if shared_memory and not self.info.raw:
-            self._shm = SharedMemoryInputs(self.client)
-            probe = self.module.InferInput(self.info.input_name, [1], self.info.input_dtype)
-            try:  # register this thread's region now, so a remote server fails here
-                self._shm.attach(probe, np.zeros(1, np.float32))
-            except Exception as e:
-                self.close()
-                why = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
-                raise ClientError(
-                    f"cannot use system shared memory with the server at {self.url}: {why} "
-                    "(it must run on this machine and share /dev/shm with it)"
-                ) from e
+                with self._pool.lease(1):  # register one region now: a remote server fails here
+                    pass
+        except BaseException:
+            self.close()
+            raise
+
+    def _call_kwargs(self, deadline: float, headers: dict[str, str] | None = None) -> dict:
+        kw: dict[str, Any] = {"headers": headers} if headers else {}
+        if self.protocol == "grpc":
+            kw["client_timeout"] = deadline
+        return kw
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from tritonclient.utils import InferenceServerException
-
         try:
             return fn(*args, **kwargs)
-        except (InferenceServerException, ConnectionError, OSError) as e:
-            raise _classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
+        except ClientError:
+            raise
+        except Exception as e:  # noqa: BLE001 - tritonclient, gevent, socket errors
+            raise classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
 
     def _describe_model(self) -> ModelInfo:
-        if not self._call("server liveness", self.client.is_server_live):
+        kw = self._call_kwargs(self.connect_timeout)
+        if not self._call("server liveness", self.client.is_server_live, **kw):
             raise ServerUnavailable(f"Triton at {self.url} is not live")
-        if not self._call("model readiness", self.client.is_model_ready, self.model, self.version):
+        if not self._call(
+            "model readiness", self.client.is_model_ready, self.model, self.version, **kw
+        ):
             v = f" version {self.version}" if self.version else ""
             raise ModelNotReady(f"model '{self.model}'{v} is not ready on {self.url}")
-        kw = {"as_json": True} if self.protocol == "grpc" else {}
+        if self.protocol == "grpc":
+            kw["as_json"] = True
         meta = self._call(
             "metadata", self.client.get_model_metadata, self.model, self.version, **kw
         )
         config = self._call("config", self.client.get_model_config, self.model, self.version, **kw)
         return ModelInfo.from_api(self.model, meta, config.get("config", config))
 
-    def _infer(self, batch: np.ndarray, class_count: int = 0) -> np.ndarray:
-        inputs, outputs = self._request(batch, class_count)
-        kwargs: dict[str, Any] = {"model_version": self.version, "outputs": outputs}
+    def _send(self, batch: np.ndarray, class_count: int) -> np.ndarray:
+        inp = self._inputs(batch)
+        kwargs: dict[str, Any] = {
+            "model_version": self.version,
+            "outputs": self._outputs(class_count),
+        }
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout
-        attempt, reregistered = 0, False
+        if self._pool is None or batch.dtype == object:
+            inp.set_data_from_numpy(batch)
+            result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
+            return result.as_numpy(self.info.output_name)
+        with self._pool.lease(batch.nbytes) as region:
+            self._pool.attach(inp, batch, region)
+            try:
+                result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
+            except ClientError as e:
+                if not is_unknown_region(str(e)):
+                    raise
+                # The server restarted and forgot the region: register it, resend once.
+                self._pool.reregister(region)
+                result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
+            return result.as_numpy(self.info.output_name)
+
+    def _infer(self, batch: np.ndarray, class_count: int = 0) -> np.ndarray:
+        attempt = 0
         while True:
             try:
-                result = self._call("inference", self.client.infer, self.model, inputs, **kwargs)
-                return result.as_numpy(self.info.output_name)
+                return self._send(batch, class_count)
             except ClientError as e:
-                if self._shm is not None and not reregistered and is_unknown_region(str(e)):
-                    # The server restarted and forgot our region: register it, resend once.
-                    self._call("shared memory registration", self._shm.reregister)
-                    reregistered = True
-                    continue
                 if attempt >= self.retries or not is_transient(e):
                     raise
                 # Inference is idempotent: retry with exponential backoff and jitter.
                 time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
                 attempt += 1
 
-    # kept for callers that only preprocess
     def preprocess(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Images -> float32 [N, 3, crop, crop] pixels (raises ImageError naming the input)."""
         if self.info.raw:
@@ -401,7 +298,8 @@ class Classifier(_Base):
         self, images: Sequence[ImageSource], top_k: int = 1
     ) -> list[list[Prediction] | ClientError | ImageError]:
         """Like :meth:`classify`, but a bad image yields its error in its slot and the
-        others are still answered (batched; a failed batch is retried image by image)."""
+        others are still answered (batched; a failed batch is retried image by image).
+        A server that cannot be reached still raises: nothing could be answered."""
         out: list[Any] = [None] * len(images)
         encoded: list[tuple[int, np.ndarray]] = []
         for i, im in enumerate(images):
@@ -411,11 +309,8 @@ class Classifier(_Base):
                 out[i] = e
         for start in range(0, len(encoded), self.max_batch):
             group = encoded[start : start + self.max_batch]
-            batch = (
-                np.stack([a for _, a in group])
-                if group[0][1].dtype != object
-                else np.array([a for _, a in group], dtype=object)
-            )
+            arrays = [a for _, a in group]
+            batch = np.stack(arrays) if arrays[0].dtype != object else np.array(arrays, object)
             try:
                 for (i, _), preds in zip(group, self.classify_array(batch, top_k), strict=True):
                     out[i] = preds
@@ -428,9 +323,9 @@ class Classifier(_Base):
         return out
 
     def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         with contextlib.suppress(Exception):
             self.client.close()
 
@@ -442,7 +337,8 @@ class Classifier(_Base):
 
 
 class AsyncClassifier(_Base):
-    """asyncio variant for many requests in flight (tritonclient's aio clients).
+    """asyncio variant for many requests in flight (tritonclient's aio clients); every
+    call is bounded by ``asyncio.wait_for``.
 
     >>> clf = await AsyncClassifier.create("127.0.0.1:8001", "antsbees_image")
     >>> results = await asyncio.gather(*(clf.classify([p]) for p in paths))
@@ -456,13 +352,16 @@ class AsyncClassifier(_Base):
         protocol: str,
         version: str,
         max_batch: int,
-        max_pixels: int,
+        timeout: float,
+        connect_timeout: float,
     ) -> None:
         self.protocol = protocol
-        self.module = _protocol_module(protocol, aio=True)
+        self.module = protocol_module(protocol, aio=True)
         self.url = url or DEFAULT_URLS[protocol]
-        self.model, self.version, self.max_pixels = model, version, max_pixels
-        self.client = self.module.InferenceServerClient(self.url)
+        self.model, self.version = model, version
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.limits = DEFAULT_LIMITS
+        self.client = make_client(protocol, self.url, connect_timeout, timeout, aio=True)
         self.max_batch = max_batch
 
     @classmethod
@@ -474,17 +373,22 @@ class AsyncClassifier(_Base):
         protocol: str = "grpc",
         version: str = "",
         max_batch: int = 32,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        timeout: float = 60.0,
+        connect_timeout: float = 10.0,
     ) -> AsyncClassifier:
-        self = cls(url, model, protocol, version, max_batch, max_pixels)
+        self = cls(url, model, protocol, version, max_batch, timeout, connect_timeout)
         try:
-            if not await self._call("model readiness", self.client.is_model_ready, model, version):
+            if not await self._call(
+                "model readiness", connect_timeout, self.client.is_model_ready, model, version
+            ):
                 raise ModelNotReady(f"model '{model}' is not ready on {self.url}")
             kw = {"as_json": True} if protocol == "grpc" else {}
             meta = await self._call(
-                "metadata", self.client.get_model_metadata, model, version, **kw
+                "metadata", connect_timeout, self.client.get_model_metadata, model, version, **kw
             )
-            config = await self._call("config", self.client.get_model_config, model, version, **kw)
+            config = await self._call(
+                "config", connect_timeout, self.client.get_model_config, model, version, **kw
+            )
         except BaseException:
             await self.close()
             raise
@@ -492,15 +396,17 @@ class AsyncClassifier(_Base):
         self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
         return self
 
-    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from tritonclient.utils import InferenceServerException
-
+    async def _call(self, what: str, deadline: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await fn(*args, **kwargs)
-        except (InferenceServerException, ConnectionError, OSError) as e:
-            raise _classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
-        except Exception as e:  # aiohttp / grpc.aio transport errors
-            raise _classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
+            return await asyncio.wait_for(fn(*args, **kwargs), deadline)
+        except TimeoutError as e:
+            raise ServerUnavailable(
+                f"{what}: no answer from {self.url} ({self.protocol}) within {deadline:g} s"
+            ) from e
+        except ClientError:
+            raise
+        except Exception as e:  # noqa: BLE001 - aiohttp / grpc.aio transport errors
+            raise classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
 
     async def classify(
         self, images: Sequence[ImageSource], top_k: int = 1
@@ -509,14 +415,16 @@ class AsyncClassifier(_Base):
         batch = self.encode(images)
         results: list[list[Prediction]] = []
         for chunk in self._chunks(batch):
-            inputs, outputs = self._request(chunk, self.info.num_classes)
+            inp = self._inputs(chunk)
+            inp.set_data_from_numpy(chunk)
             result = await self._call(
                 "inference",
+                self.timeout,
                 self.client.infer,
                 self.model,
-                inputs,
+                [inp],
                 model_version=self.version,
-                outputs=outputs,
+                outputs=self._outputs(self.info.num_classes),
             )
             results += predictions(result.as_numpy(self.info.output_name), len(chunk), top_k)
         return results

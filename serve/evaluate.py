@@ -1,8 +1,9 @@
 """Served accuracy: send a labelled ImageFolder through the live server and score it.
 
-Files are listed exactly like torchvision's ImageFolder (sorted class folders, sorted
-walk, the same extensions plus GIF), so the result is comparable image for image with
-the in-process evaluation of the same checkpoint (``python -m train evaluate``).
+Files are listed exactly like the training data loader's ImageFolder (sorted class
+folders, sorted walk, the served formats' extensions), so the result is comparable image
+for image with the in-process evaluation of the same checkpoint (``python -m train
+evaluate``).
 """
 
 from __future__ import annotations
@@ -15,20 +16,7 @@ from typing import Any
 import numpy as np
 
 from serve.client import Classifier
-
-# torchvision.datasets.folder.IMG_EXTENSIONS + .gif (train/data.py's IMAGE_EXTENSIONS)
-IMAGE_EXTENSIONS = (
-    ".bmp",
-    ".gif",
-    ".jpeg",
-    ".jpg",
-    ".pgm",
-    ".png",
-    ".ppm",
-    ".tif",
-    ".tiff",
-    ".webp",
-)
+from serve.preprocess import IMAGE_EXTENSIONS
 
 
 @dataclass

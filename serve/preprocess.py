@@ -1,20 +1,41 @@
-"""Client-side image preprocessing with Pillow and NumPy only (no torch).
+"""Image decoding and the eval geometry, with Pillow and NumPy only (no torch, no other
+module of this project: the file is copied as it is into the server-side preprocess model).
 
 Reproduces the training eval transform exactly - torchvision's PIL path of
-``Resize(resize)`` (shorter side, Pillow's resampling) and ``CenterCrop(crop)`` -
-and returns float32 0..255 RGB pixels, CHW: exported models normalize inside.
+``Resize(resize)`` (shorter side, Pillow's resampling) and ``CenterCrop(crop)`` - and
+returns float32 0..255 RGB pixels, CHW: exported models normalize inside.
+
+The work per image is bounded before anything big is allocated: only the formats we
+serve are decoded (``SERVED_FORMATS``); the encoded size, the source pixels and the
+aspect ratio are checked from the header, and the resize target is checked before
+resizing. Every failure - a missing file, a corrupt or truncated stream, a bad EXIF
+block, a decoder error of any type - becomes an :class:`ImageError` that names the input
+and the reason.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 40_000_000
+# Limits (the server-side preprocess model reads them from its config parameters).
+MAX_IMAGE_BYTES = 64 << 20  # encoded bytes per image
+MAX_PIXELS = 40_000_000  # source pixels (width x height) per image
+MAX_ASPECT_RATIO = 20.0  # longer side / shorter side (a 1x65535 GIF is 1.2 KB)
+MAX_RESIZED_PIXELS = 8_000_000  # pixels of the resized image, before the crop
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # older name
+
+# Pillow format names decoded here (EPS, FITS, PSD, ... are never reached).
+SERVED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+# File extensions read from image folders (the same formats).
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+DEFAULT_INTERPOLATION = "bilinear"
 RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -37,7 +58,7 @@ class ResizeCrop:
 
     resize: int
     crop: int
-    interpolation: str = "bilinear"
+    interpolation: str = DEFAULT_INTERPOLATION
 
     def __post_init__(self) -> None:
         if self.interpolation not in RESAMPLING:
@@ -47,36 +68,105 @@ class ResizeCrop:
         if not (0 < self.crop <= self.resize):
             raise ValueError(f"need 0 < crop ({self.crop}) <= resize ({self.resize})")
 
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(w, h) after ``Resize(resize)``: the shorter side becomes ``resize``."""
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize, int(self.resize * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-image bounds (see the module constants)."""
+
+    max_bytes: int = MAX_IMAGE_BYTES
+    max_pixels: int = MAX_PIXELS
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+    max_resized_pixels: int = MAX_RESIZED_PIXELS
+
+
+DEFAULT_LIMITS = Limits()
+
 
 def describe(source: ImageSource) -> str:
     """A short name for an input in error messages."""
     return f"<{len(source)} bytes>" if isinstance(source, bytes | bytearray) else str(source)
 
 
-def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode a file or bytes, apply EXIF orientation, convert any mode to RGB.
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
-    Raises ImageError (missing file, empty, not an image, truncated, too many pixels).
-    """
-    name = describe(source)
+
+def _open(source: ImageSource, name: str, limits: Limits) -> Image.Image:
     if isinstance(source, bytes | bytearray):
         if not source:
             raise ImageError(f"{name}: empty input")
+        if len(source) > limits.max_bytes:
+            raise ImageError(
+                f"{name}: {len(source)} bytes is over the {limits.max_bytes} byte limit"
+            )
         fp: io.BytesIO | Path = io.BytesIO(source)
     else:
         fp = Path(source)
+        try:
+            size = fp.stat().st_size
+        except OSError:
+            raise ImageError(f"{name}: no such file") from None
         if not fp.is_file():
-            raise ImageError(f"{name}: no such file")
-        if fp.stat().st_size == 0:
+            raise ImageError(f"{name}: not a file")
+        if size == 0:
             raise ImageError(f"{name}: empty file")
+        if size > limits.max_bytes:
+            raise ImageError(f"{name}: {size} bytes is over the {limits.max_bytes} byte limit")
     try:
-        with Image.open(fp) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(
-                    f"{name}: {w}x{h} = {w * h / 1e6:.1f} MP is over the "
-                    f"{max_pixels / 1e6:.0f} MP limit"
-                )
+        with warnings.catch_warnings():
+            # Our own limits (checked next) are lower; Pillow's hard limit still raises.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(fp, formats=SERVED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name}: not a readable image (unknown format or corrupt data; "
+            f"served formats: {', '.join(SERVED_FORMATS)})"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure names the input
+        raise ImageError(f"{name}: not a readable image ({_reason(e)})") from e
+
+
+def check_size(name: str, width: int, height: int, limits: Limits) -> None:
+    """Refuse a source whose pixel count or aspect ratio is over the limits."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: {width}x{height} has no pixels")
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"{name}: {width}x{height} = {width * height / 1e6:.1f} MP is over the "
+            f"{limits.max_pixels / 1e6:.0f} MP limit"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise ImageError(
+            f"{name}: {width}x{height} has an extreme aspect ratio ({ratio:.0f}:1, over "
+            f"the {limits.max_aspect_ratio:g}:1 limit)"
+        )
+
+
+def load_image(
+    source: ImageSource,
+    max_pixels: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Image.Image:
+    """Decode a file or bytes, apply EXIF orientation, convert any mode to RGB.
+
+    Raises ImageError (missing file, empty, too big, unknown format, corrupt, truncated,
+    bad EXIF, too many pixels, extreme aspect ratio).
+    """
+    if max_pixels is not None:
+        limits = replace(limits, max_pixels=max_pixels)
+    name = describe(source)
+    im = _open(source, name, limits)
+    try:
+        with im:
+            check_size(name, *im.size, limits)
             im = ImageOps.exif_transpose(im)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
@@ -88,31 +178,42 @@ def load_image(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Ima
             return im.convert("RGB")
     except ImageError:
         raise
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageError(f"{name}: not a readable image (unknown format or corrupt data)") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: not a readable image ({e})") from e
+    except Exception as e:  # noqa: BLE001 - struct.error, MemoryError, OSError, ...
+        raise ImageError(f"{name}: cannot decode ({_reason(e)})") from e
 
 
-def resize_crop(image: Image.Image, geometry: ResizeCrop) -> np.ndarray:
-    """torchvision ``Resize`` + ``CenterCrop`` on a PIL image -> float32 [3, crop, crop]."""
+def resize_crop(
+    image: Image.Image, geometry: ResizeCrop, limits: Limits = DEFAULT_LIMITS, name: str = ""
+) -> np.ndarray:
+    """torchvision ``Resize`` + ``CenterCrop`` on a PIL image -> float32 [3, crop, crop].
+    The resize target is checked against ``limits.max_resized_pixels`` first."""
     w, h = image.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = geometry.resize, int(geometry.resize * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_w, new_h) != (w, h):
-        image = image.resize((new_w, new_h), RESAMPLING[geometry.interpolation])
-    c = geometry.crop
-    top = int(round((new_h - c) / 2.0))
-    left = int(round((new_w - c) / 2.0))
-    image = image.crop((left, top, left + c, top + c))
-    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy()
+    new_w, new_h = geometry.resized_size(w, h)
+    if new_w * new_h > limits.max_resized_pixels:
+        raise ImageError(
+            f"{name or f'{w}x{h} image'}: resizing {w}x{h} to {new_w}x{new_h} "
+            f"({new_w * new_h / 1e6:.1f} MP) is over the "
+            f"{limits.max_resized_pixels / 1e6:.0f} MP resize limit"
+        )
+    try:
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), RESAMPLING[geometry.interpolation])
+        c = geometry.crop
+        top = int(round((new_h - c) / 2.0))
+        left = int(round((new_w - c) / 2.0))
+        image = image.crop((left, top, left + c, top + c))
+        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy()
+    except Exception as e:  # noqa: BLE001 - MemoryError, ValueError, ... name the input
+        raise ImageError(f"{name or f'{w}x{h} image'}: cannot resize ({_reason(e)})") from e
 
 
 def preprocess(
-    source: ImageSource, geometry: ResizeCrop, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: ImageSource,
+    geometry: ResizeCrop,
+    max_pixels: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> np.ndarray:
     """Load one image and turn it into the model's input pixels [3, crop, crop]."""
-    return resize_crop(load_image(source, max_pixels), geometry)
+    if max_pixels is not None:
+        limits = replace(limits, max_pixels=max_pixels)
+    return resize_crop(load_image(source, limits=limits), geometry, limits, describe(source))

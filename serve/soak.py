@@ -12,7 +12,6 @@ growth after warm-up within ``--max-rss-growth-mib``. Writes bench/soak-latest.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import threading
 import time
@@ -23,6 +22,8 @@ import numpy as np
 
 from serve.bench import bench_inputs
 from serve.client import Classifier
+from serve.contract import image_model_name
+from serve.files import atomic_write_json
 
 
 def process_tree_rss(pid: int) -> int:
@@ -76,7 +77,7 @@ def run_soak(
         # every other gRPC tensor client sends its pixels through shared memory
         shm = shared_memory and protocol == "grpc" and kind == "tensor" and i // 4 % 2
         url = grpc_url if protocol == "grpc" else http_url
-        name = model if kind == "tensor" else f"{model}_image"
+        name = model if kind == "tensor" else image_model_name(model)
         data = pixels if kind == "tensor" else raw
         label = f"{protocol}{'-shm' if shm else ''}/{kind}"
         with Classifier(url, name, protocol=protocol, shared_memory=bool(shm)) as clf:
@@ -124,15 +125,10 @@ def run_soak(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m serve soak",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="antsbees")
     p.add_argument("--model-repository", default="model_repository")
-    p.add_argument("--data", default="", help="ImageFolder split (default: the model card's)")
+    p.add_argument("--data", required=True, help="ImageFolder split with images to send (.../val)")
     p.add_argument("--seconds", type=float, default=300)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-rss-growth-mib", type=float, default=128.0)
@@ -149,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds before RSS growth is judged (default: a third of --seconds)",
     )
     p.add_argument("--out", default="bench")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """``python -m serve soak``."""
     from serve.triton_server import ServerOptions, TritonServer, free_port
 
     repo = Path(a.model_repository)
@@ -183,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         and result["rss_growth_mib"] <= a.max_rss_growth_mib
     )
     result["max_rss_growth_mib"] = a.max_rss_growth_mib
-    (out / "soak-latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "soak-latest.json", result)
     print(
         f"soak {a.seconds:.0f}s x{a.concurrency}: {result['ok']} ok, {result['failed']} "
         f"failed, {result['requests_per_s']:.1f} req/s; RSS {result['rss_mib_start']:.0f} -> "

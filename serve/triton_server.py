@@ -4,11 +4,18 @@ Everything is derived at run time from the running interpreter: the wheel's
 location (site-packages), the python-backend stub for this Python version, the
 interpreter's LIBDIR (for libpython) and the venv's ``bin`` (the stub's Python
 finds packages through the first ``python3`` on PATH).
+
+Defaults that protect a deployment: every port binds loopback unless ``host`` says
+otherwise; the control-plane APIs are restricted behind an admin key (``serve/auth.py``),
+and binding a non-loopback address without that restriction is refused; tritonserver
+runs with jemalloc (``LD_PRELOAD``, as NVIDIA's containers do) when ``libjemalloc.so.2``
+is installed, which returns freed memory instead of letting glibc's arenas keep it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -22,7 +29,26 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve import auth
+
+log = logging.getLogger(__name__)
+
 LOOPBACK = "127.0.0.1"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+)
+
+
+def find_jemalloc() -> str | None:
+    """Path of libjemalloc.so.2 (Debian package libjemalloc2), or None."""
+    env = os.environ.get("TRAINSERVE_JEMALLOC", "")
+    if env:
+        return env if Path(env).is_file() else None
+    return next((p for p in JEMALLOC_PATHS if Path(p).is_file()), None)
 
 
 class TritonNotFound(RuntimeError):
@@ -87,14 +113,19 @@ class TritonInstall:
             os.replace(tmp, dst)
         return py
 
-    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for the server: libpython + wheel libs, venv python first on PATH."""
+    def environment(
+        self, base: dict[str, str] | None = None, jemalloc: str | None = None
+    ) -> dict[str, str]:
+        """Environment for the server: libpython + wheel libs, venv python first on PATH,
+        ``jemalloc`` (a path) preloaded when given."""
         env = dict(os.environ if base is None else base)
         libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(self.libs)]
         if env.get("LD_LIBRARY_PATH"):
             libdirs.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        if jemalloc:
+            env["LD_PRELOAD"] = " ".join(p for p in (jemalloc, env.get("LD_PRELOAD", "")) if p)
         return env
 
 
@@ -112,6 +143,42 @@ class ServerOptions:
     exit_timeout: int = 10
     log_verbose: int = 0
     extra_args: list[str] = field(default_factory=list)
+    restricted: bool = True  # control-plane APIs need the admin key
+    admin_key: str = ""  # "" -> $TRAINSERVE_ADMIN_KEY, else a new random key
+    jemalloc: bool | None = None  # None: preload it when installed
+
+    def __post_init__(self) -> None:
+        if not self.restricted and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(
+                f"refusing to bind {self.host} with unrestricted control APIs: anyone who "
+                "reaches the port could load models (arbitrary code) - keep the admin key "
+                "restriction on, or bind 127.0.0.1"
+            )
+        if self.restricted and not self.admin_key:
+            self.admin_key = os.environ.get(auth.ENV_KEY, "").strip() or auth.new_key()
+
+    @property
+    def urls(self) -> list[str]:
+        """HOST:PORT of the HTTP and gRPC endpoints, as clients on this machine reach them."""
+        host = LOOPBACK if self.host in ("0.0.0.0", "::", "") else self.host
+        return [f"{host}:{self.http_port}", f"{host}:{self.grpc_port}"]
+
+    def jemalloc_path(self) -> str | None:
+        if self.jemalloc is False:
+            return None
+        path = find_jemalloc()
+        if self.jemalloc and path is None:
+            raise FileNotFoundError(
+                "jemalloc requested but libjemalloc.so.2 is not installed "
+                "(apt-get install libjemalloc2)"
+            )
+        return path
+
+    def write_key_files(self) -> list[Path]:
+        """The admin key, mode 0600, where clients on this machine look for it."""
+        if not self.restricted:
+            return []
+        return [auth.write_key_file(auth.key_path(u), self.admin_key) for u in self.urls]
 
 
 def server_command(install: TritonInstall, opts: ServerOptions) -> list[str]:
@@ -138,6 +205,8 @@ def server_command(install: TritonInstall, opts: ServerOptions) -> list[str]:
     ]
     if opts.model_control == "explicit":
         cmd += [f"--load-model={m}" for m in opts.load_models]
+    if opts.restricted:
+        cmd += auth.server_flags(opts.admin_key)
     return cmd + list(opts.extra_args)
 
 
@@ -145,20 +214,33 @@ def exec_server(opts: ServerOptions) -> None:
     """Replace this process with tritonserver (foreground; SIGTERM/Ctrl-C stop it cleanly)."""
     install = TritonInstall.find()
     cmd = server_command(install, opts)
-    print(
-        f"tritonserver: HTTP {opts.host}:{opts.http_port}, gRPC {opts.host}:{opts.grpc_port}, "
-        f"metrics {opts.host}:{opts.metrics_port}, repository {opts.model_repository}",
-        file=sys.stderr,
-        flush=True,
+    log.info("%s", describe(opts))
+    opts.write_key_files()  # left behind by exec: the next start overwrites them
+    os.execve(cmd[0], cmd, install.environment(jemalloc=opts.jemalloc_path()))
+
+
+def describe(opts: ServerOptions, watchdog: float = 0.0) -> str:
+    """One line saying what a server listens on and how it is protected."""
+    key = (
+        "control APIs need the admin key (files: "
+        + ", ".join(str(auth.key_path(u)) for u in opts.urls)
+        + ")"
+        if opts.restricted
+        else "control APIs UNRESTRICTED (loopback only)"
     )
-    os.execve(cmd[0], cmd, install.environment())
+    return (
+        f"tritonserver: HTTP {opts.host}:{opts.http_port}, gRPC {opts.host}:{opts.grpc_port}, "
+        f"metrics {opts.host}:{opts.metrics_port}, repository {opts.model_repository}; {key}; "
+        f"jemalloc {'on' if opts.jemalloc_path() else 'off'}"
+        + (f"; stub watchdog every {watchdog:g} s" if watchdog else "")
+    )
 
 
 def run_supervised(opts: ServerOptions, watchdog_interval: float) -> int:
     """``serve run --watchdog``: tritonserver as a child (its log on our stdout) plus the
     stub watchdog (serve/watchdog.py). SIGTERM/SIGINT stop the server cleanly; returns the
     server's exit code. Used instead of :func:`exec_server` when the watchdog is on."""
-    from serve.watchdog import WatchdogConfig, stderr_log, watch
+    from serve.watchdog import WatchdogConfig, watch
 
     server = TritonServer(opts, inherit_output=True)
     stop = threading.Event()
@@ -170,21 +252,17 @@ def run_supervised(opts: ServerOptions, watchdog_interval: float) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(
-        f"tritonserver: HTTP {opts.host}:{opts.http_port}, gRPC {opts.host}:{opts.grpc_port}, "
-        f"metrics {opts.host}:{opts.metrics_port}, repository {opts.model_repository}; "
-        f"stub watchdog every {watchdog_interval:g} s",
-        file=sys.stderr,
-        flush=True,
-    )
+    log.info("%s", describe(opts, watchdog_interval))
     try:
         server.start(timeout=600)
     except RuntimeError:
         if not stop.is_set():
             raise
         return server.stop() or 0  # stopped by a signal while loading models
-    cfg = WatchdogConfig(url=server.local_grpc_url, interval=watchdog_interval)
-    watcher = threading.Thread(target=watch, args=(cfg, stop, stderr_log), daemon=True)
+    cfg = WatchdogConfig(
+        url=server.local_grpc_url, interval=watchdog_interval, admin_key=opts.admin_key or None
+    )
+    watcher = threading.Thread(target=watch, args=(cfg, stop), daemon=True)
     watcher.start()
     assert server.process is not None
     while not stop.is_set() and server.process.poll() is None:
@@ -220,6 +298,12 @@ class TritonServer:
         self.inherit_output = inherit_output  # server log on our stdout (``serve run``)
         self.process: subprocess.Popen | None = None
         self._log = None
+        self._key_files: list[Path] = []
+
+    @property
+    def admin_key(self) -> str | None:
+        """The key of the restricted APIs (None when unrestricted)."""
+        return self.opts.admin_key if self.opts.restricted else None
 
     @property
     def http_url(self) -> str:
@@ -246,9 +330,10 @@ class TritonServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("wb")
             out = self._log
+        self._key_files = self.opts.write_key_files()
         self.process = subprocess.Popen(
             cmd,
-            env=install.environment(),
+            env=install.environment(jemalloc=self.opts.jemalloc_path()),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -309,6 +394,8 @@ class TritonServer:
         if self._log:
             self._log.close()
             self._log = None
+        auth.remove_key_files(self._key_files)
+        self._key_files = []
         return self.process.returncode
 
     def __enter__(self) -> TritonServer:

@@ -1,24 +1,28 @@
-"""Heal models whose python-backend stub process died.
+"""Heal models whose python-backend stub process died or hangs.
 
 Measured on Triton 2.51: when a python-backend stub dies (OOM kill, segfault in a
 native library, ``kill -9``), Triton keeps the model READY but every request to it
-fails with "Stub process '<model>_0_0' is not healthy" - Triton never restarts it.
-The watchdog probes every loaded version of every non-ensemble model with one tiny
-valid request, and restarts (unload + load) a model whose probe reports a dead stub.
-Ensembles that used a restarted model are loaded again if the unload took them down.
+fails with "Stub process '<model>_0_0' is not healthy" - Triton never restarts it. A
+stub that hangs (a native deadlock, ``SIGSTOP``) leaves requests waiting forever.
 
-Only stub failures trigger a restart: a probe that fails for any other reason is
-reported, not acted on. Runs inside ``python -m serve run`` (``--watchdog SECONDS``)
-or against any server with ``python -m serve watchdog --url HOST:PORT``; no torch.
+Every round the watchdog probes every loaded version of every non-ensemble model,
+concurrently, with one tiny valid request each and a deadline. A model whose probe
+reports a dead stub is restarted at once; one whose probes time out ``hung_rounds``
+rounds in a row is restarted as hung. The restart (``admin.restart``) builds new
+instances before the old ones go, so clients never see the model missing. Ensembles
+that lost a member are loaded again. Any other probe failure is reported, not acted on.
+Runs inside ``python -m serve run`` (``--watchdog SECONDS``) or against any server with
+``python -m serve watchdog --url HOST:PORT``; no torch.
 """
 
 from __future__ import annotations
 
 import io
-import sys
+import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +31,11 @@ import numpy as np
 from serve import admin
 from serve.client import DEFAULT_URLS
 
+log = logging.getLogger(__name__)
+
 # What Triton's python backend answers once an instance's stub process is gone.
 DEAD_STUB_MARKERS = ("is not healthy", "stub process is not")
+TIMEOUT_MARKERS = ("deadline exceeded", "timed out", "timeout")
 
 
 @dataclass
@@ -37,7 +44,9 @@ class WatchdogConfig:
 
     url: str = DEFAULT_URLS["grpc"]
     interval: float = 10.0  # seconds between rounds
-    timeout: float = 30.0  # per probe request (a busy server queues it behind real work)
+    timeout: float = 30.0  # per probe (a busy server queues it behind real work)
+    hung_rounds: int = 3  # consecutive timed-out probes before a model counts as hung
+    admin_key: str | None = None  # None: found for the URL (serve/auth.py)
 
 
 @dataclass
@@ -48,6 +57,7 @@ class Round:
     restarted: list[str] = field(default_factory=list)
     reloaded_ensembles: list[str] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)  # "model:version" -> message
+    timed_out: list[str] = field(default_factory=list)
 
 
 def _tiny_png() -> bytes:
@@ -82,73 +92,117 @@ def is_dead_stub(message: str) -> bool:
     return any(m in text for m in DEAD_STUB_MARKERS)
 
 
-def check_once(cfg: WatchdogConfig, log: Callable[[str], None] = print) -> Round:
-    """Probe every READY version of every non-ensemble model once; restart the models
-    with a dead stub and bring back the ensembles that their restart unloaded."""
-    import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
+def stamped(message: str) -> None:
+    """Log ``message`` with the time (the watchdog's lines sit in the server's log)."""
+    log.warning("%s %s", time.strftime("%Y-%m-%d %H:%M:%S"), message)
 
-    result = Round()
-    client = grpcclient.InferenceServerClient(cfg.url)
-    try:
-        index = client.get_model_repository_index(as_json=True).get("models", [])
-        ready = [(m["name"], m["version"]) for m in index if m.get("state") == "READY"]
-        ready_names = {name for name, _ in ready}
-        ensembles = set()
-        dead: dict[str, str] = {}  # model -> the probe's error
-        for name in sorted(ready_names):
-            config = client.get_model_config(name, as_json=True)["config"]
-            if config.get("platform") == "ensemble":
-                ensembles.add(name)
-        for name, version in ready:
-            if name in ensembles or name in dead:
-                continue
+
+def is_timeout(message: str) -> bool:
+    text = message.lower()
+    return any(m in text for m in TIMEOUT_MARKERS)
+
+
+class Watchdog:
+    """Probe rounds against one server; remembers consecutive timeouts per model."""
+
+    def __init__(self, cfg: WatchdogConfig, log_fn: Callable[[str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.say = log_fn or stamped
+        self.timeouts: dict[str, int] = {}  # model -> consecutive rounds with a timed-out probe
+
+    def _probe(self, name: str, version: str) -> str | None:
+        """None when the model answered, else the error message."""
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.cfg.url)
+        try:
+            meta = client.get_model_metadata(
+                name, version, as_json=True, client_timeout=self.cfg.timeout
+            )
+            client.infer(
+                name,
+                probe_inputs(meta, grpcclient),
+                model_version=version,
+                client_timeout=self.cfg.timeout,
+            )
+            return None
+        except Exception as e:  # noqa: BLE001 - every failure is a finding
+            return (e.message() if hasattr(e, "message") and callable(e.message) else "") or str(e)
+        finally:
+            client.close()
+
+    def check_once(self) -> Round:
+        """Probe every READY version of every non-ensemble model once (concurrently);
+        restart the models with a dead or hung stub and bring back their ensembles."""
+        result = Round()
+        with admin.session(self.cfg.url, self.cfg.admin_key) as a:
+            ready = [(m.name, m.version) for m in a.index() if m.state == "READY"]
+            ensembles = {
+                name
+                for name in {n for n, _ in ready}
+                if (a.config(name) or {}).get("platform") == "ensemble"
+            }
+        targets = [(n, v) for n, v in ready if n not in ensembles]
+        result.probed = [f"{n}:{v}" for n, v in targets]
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
+            outcomes = list(pool.map(lambda t: self._probe(*t), targets))
+        to_restart: dict[str, str] = {}
+        timed_out_models: set[str] = set()
+        for (name, version), error in zip(targets, outcomes, strict=True):
             key = f"{name}:{version}"
-            result.probed.append(key)
-            try:
-                meta = client.get_model_metadata(name, version, as_json=True)
-                client.infer(
-                    name,
-                    probe_inputs(meta, grpcclient),
-                    model_version=version,
-                    client_timeout=cfg.timeout,
+            if error is None:
+                continue
+            result.errors[key] = error
+            if is_dead_stub(error):
+                to_restart[name] = f"{key}: {error}"
+            elif is_timeout(error):
+                result.timed_out.append(key)
+                timed_out_models.add(name)
+            else:
+                self.say(f"watchdog: probe of {key} failed (not a dead stub, left alone): {error}")
+        for name in {n for n, _ in targets}:
+            self.timeouts[name] = self.timeouts.get(name, 0) + 1 if name in timed_out_models else 0
+            if self.timeouts[name] >= self.cfg.hung_rounds and name not in to_restart:
+                to_restart[name] = (
+                    f"{name}: no answer within {self.cfg.timeout:g} s in "
+                    f"{self.timeouts[name]} rounds in a row (hung stub)"
                 )
-            except InferenceServerException as e:
-                message = e.message() or str(e)
-                result.errors[key] = message
-                if is_dead_stub(message):
-                    dead[name] = f"{key}: {message}"
-                else:
-                    log(f"watchdog: probe of {key} failed (not a dead stub, left alone): {message}")
-    finally:
-        client.close()
+        self._heal(to_restart, ensembles, result)
+        return result
 
-    for name, why in dead.items():
-        log(f"watchdog: {why}")
-        log(f"watchdog: restarting '{name}' (unload + load: new stub processes)")
-        admin.restart(cfg.url, name)
-        result.restarted.append(name)
-    if dead:
-        now_ready = {m.name for m in admin.list_models(cfg.url) if m.state == "READY"}
-        for name in sorted(ensembles - now_ready):
-            log(f"watchdog: loading ensemble '{name}' again")
-            admin.load(cfg.url, name)
-            result.reloaded_ensembles.append(name)
-    return result
+    def _heal(self, dead: dict[str, str], ensembles: set[str], result: Round) -> None:
+        for name, why in dead.items():
+            self.say(f"watchdog: {why}")
+            self.say(f"watchdog: restarting '{name}' (new stub processes)")
+            how = admin.restart(self.cfg.url, name, self.cfg.admin_key)
+            self.say(f"watchdog: restarted '{name}' ({how})")
+            self.timeouts[name] = 0
+            result.restarted.append(name)
+        if dead:
+            with admin.session(self.cfg.url, self.cfg.admin_key) as a:
+                now_ready = {m.name for m in a.index() if m.state == "READY"}
+                for name in sorted(ensembles - now_ready):
+                    self.say(f"watchdog: loading ensemble '{name}' again")
+                    a.load(name)
+                    result.reloaded_ensembles.append(name)
+
+
+def check_once(cfg: WatchdogConfig, log: Callable[[str], None] = print) -> Round:
+    """One round (see :class:`Watchdog`); a hung stub needs state across rounds."""
+    return Watchdog(cfg, log).check_once()
 
 
 def watch(
-    cfg: WatchdogConfig,
-    stop: threading.Event,
-    log: Callable[[str], None] = print,
+    cfg: WatchdogConfig, stop: threading.Event, log_fn: Callable[[str], None] | None = None
 ) -> None:
-    """Run :func:`check_once` every ``cfg.interval`` seconds until ``stop`` is set.
-    A round that cannot reach the server (restarting, shutting down) is skipped."""
+    """Run rounds every ``cfg.interval`` seconds until ``stop`` is set. A round that cannot
+    reach the server (restarting, shutting down) is skipped."""
+    dog = Watchdog(cfg, log_fn)
     while not stop.wait(cfg.interval):
         try:
-            check_once(cfg, log)
-        except Exception as e:  # keep watching: the server may be restarting
-            log(f"watchdog: round skipped: {type(e).__name__}: {e}")
+            dog.check_once()
+        except Exception as e:  # noqa: BLE001 - keep watching: the server may be restarting
+            dog.say(f"watchdog: round skipped: {type(e).__name__}: {e}")
 
 
 def main_loop(cfg: WatchdogConfig) -> int:
@@ -158,12 +212,6 @@ def main_loop(cfg: WatchdogConfig) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    log = stderr_log
-    log(f"watchdog: probing {cfg.url} every {cfg.interval:g} s")
-    watch(cfg, stop, log)
+    log.info("watchdog: probing %s every %g s", cfg.url, cfg.interval)
+    watch(cfg, stop)
     return 0
-
-
-def stderr_log(message: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"{stamp} {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,117 @@
+"""The admin key that guards the server's control plane (torch-free).
+
+``serve run`` starts tritonserver with Triton's own ``--http-restricted-api`` /
+``--grpc-restricted-protocol`` for every API that is not inference, health, metadata or
+model config (:data:`RESTRICTED`): loading/unloading models (which, with file overrides,
+runs arbitrary Python in the python backend), registering shared memory, statistics,
+tracing and logging settings. Those calls must carry the header ``admin-key: <key>``.
+
+The key is the user's (``$TRAINSERVE_ADMIN_KEY`` or ``--admin-key-file``) or generated
+at start (``secrets.token_urlsafe``), and written, readable by the owner only (0600),
+to one file per port of the server under ``~/.cache/trainserve/admin-keys/`` (or
+``$TRAINSERVE_KEY_DIR``), where this project's clients on the same machine find it by
+the URL they talk to. The files are removed when the server stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from pathlib import Path
+
+HEADER = "admin-key"
+ENV_KEY = "TRAINSERVE_ADMIN_KEY"
+ENV_DIR = "TRAINSERVE_KEY_DIR"
+RESTRICTED = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+OPEN = ("health", "metadata", "inference", "model-config")
+
+
+class AdminKeyError(PermissionError):
+    """A key file that is missing, unreadable or readable by others."""
+
+
+def key_dir() -> Path:
+    """Where ``serve run`` puts its key files."""
+    env = os.environ.get(ENV_DIR, "")
+    return Path(env) if env else Path.home() / ".cache" / "trainserve" / "admin-keys"
+
+
+def key_path(url: str) -> Path:
+    """The key file of the server at ``url`` (HOST:PORT)."""
+    host, _, port = url.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if host in ("localhost", "0.0.0.0", "::", "::1"):
+        host = "127.0.0.1"
+    return key_dir() / f"{host}_{port}"
+
+
+def new_key() -> str:
+    """A fresh random key (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def write_key_file(path: Path, key: str) -> Path:
+    """Write ``key`` to ``path`` with mode 0600 (created so, never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, (key + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def read_key_file(path: Path) -> str:
+    """The key in ``path``; refuses a file that group or others can read."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise AdminKeyError(f"admin key file {path} cannot be read: {e.strerror}") from e
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise AdminKeyError(
+            f"admin key file {path} is readable by others (mode {oct(mode & 0o777)}); "
+            f"`chmod 600 {path}`"
+        )
+    key = path.read_text().strip()
+    if not key:
+        raise AdminKeyError(f"admin key file {path} is empty")
+    return key
+
+
+def resolve_key(url: str | None, key_file: str | None = None) -> str | None:
+    """The key a client sends to ``url``: ``key_file``, else ``$TRAINSERVE_ADMIN_KEY``,
+    else the file ``serve run`` wrote for that port; None when there is none."""
+    if key_file:
+        return read_key_file(Path(key_file))
+    if os.environ.get(ENV_KEY, "").strip():
+        return os.environ[ENV_KEY].strip()
+    if url:
+        path = key_path(url)
+        if path.exists():
+            return read_key_file(path)
+    return None
+
+
+def headers(key: str | None) -> dict[str, str] | None:
+    """The request headers that carry ``key`` (None without a key)."""
+    return {HEADER: key} if key else None
+
+
+def server_flags(key: str) -> list[str]:
+    """tritonserver flags restricting :data:`RESTRICTED` behind ``admin-key: key``."""
+    apis = ",".join(RESTRICTED)
+    return [
+        f"--http-restricted-api={apis}:{HEADER}={key}",
+        f"--grpc-restricted-protocol={apis}:{HEADER}={key}",
+    ]
+
+
+def remove_key_files(paths: list[Path]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            p.unlink()

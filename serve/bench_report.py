@@ -1,0 +1,92 @@
+"""Benchmark reports: ``bench/<model>-<date>.json`` + ``-latest.json``, a PNG of
+throughput against p99 latency, and the README's markdown table (torch-free)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from serve.files import atomic_write_json
+
+
+def write_report(report: dict[str, Any], out: Path, model: str) -> list[Path]:
+    """Write the dated and the latest JSON and the PNG; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = [atomic_write_json(out / f"{model}-{stamp}.json", report)]
+    paths.append(atomic_write_json(out / f"{model}-latest.json", report))
+    plot(report, out / f"{model}-latest.png")
+    paths.append(out / f"{model}-latest.png")
+    return paths
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in report["results"]:
+        groups.setdefault((r["backend"], r["input"]), []).append(r)
+    for (backend, kind), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["concurrency"])
+        xs, ys = [r["p99_ms"] for r in rows], [r["throughput"] for r in rows]
+        style = "o-" if backend.startswith("triton") else "*"
+        ax.plot(xs, ys, style, ms=8 if style == "*" else 4, label=f"{backend} ({kind})")
+        if backend.startswith("triton"):
+            for r in rows:
+                ax.annotate(
+                    str(r["concurrency"]),
+                    (r["p99_ms"], r["throughput"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
+    ax.set(
+        xscale="log",
+        xlabel="p99 latency (ms, log)",
+        ylabel="throughput (images/s)",
+        title=f"{report['model']} ({report['arch']}) on {report['machine']['cpu']}, "
+        f"{report['machine']['cores']} cores; labels = concurrency",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4, 16)) -> str:
+    """The README's table from a bench JSON: the in-process baselines, then every Triton
+    row at the given concurrency levels."""
+    head = (
+        "| backend | input | concurrency | img/s | p50 ms | p99 ms | errors | x ORT "
+        "| queue ms | compute ms | avg batch |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    ort = next(r for r in report["results"] if r["backend"] == "onnxruntime")
+    lines = [head]
+    for r in report["results"]:
+        triton = r["backend"].startswith("triton")
+        if triton and r["concurrency"] not in concurrency:
+            continue
+        name = r["backend"] if triton else f"{r['backend']} in-process"
+        name = name.replace("pytorch", "pytorch eager")
+        ratio = r.get("ratio_to_onnxruntime") or r["throughput"] / ort["throughput"]
+        srv = r.get("server") or {}
+        extra = (
+            f"{srv.get('avg_queue_ms', 0):.1f} | {srv.get('avg_compute_ms', 0):.1f} | "
+            f"{srv.get('avg_executed_batch', 0):.2f}"
+            if triton
+            else " |  | "
+        )
+        lines.append(
+            f"| {name} | {r['input']} | {r['concurrency']} | {r['throughput']:.1f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {ratio:.2f} | {extra} |"
+        )
+    return "\n".join(lines)

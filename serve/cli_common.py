@@ -1,0 +1,154 @@
+"""The command-line pattern of the three stages (torch-free): ``python -m <stage>
+<command> [options]`` with argparse subcommands, shared argument helpers, logging on
+stderr (results on stdout), and one mapping from errors to exit codes:
+
+* 0 - done;
+* 2 - bad input or usage (a missing file, a corrupt image, a bad config, no server...):
+  one ``error: ...`` line, no traceback (``TRAINSERVE_DEBUG=1`` shows it);
+* 3 - a quality gate refused (parity, accuracy): the numbers are printed before;
+* 130 - interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+EXIT_OK, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 2, 3, 130
+
+log = logging.getLogger("trainserve")
+
+
+class GateRefused(RuntimeError):
+    """A quality gate (parity, accuracy) refused to let a model through: exit code 3."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, help, arguments and what it runs."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    description: str = ""
+
+
+PROJECT_LOGGERS = ("train", "export", "serve", "trainserve")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Status lines on stderr, one per message (stdout stays clean for results): this
+    project's loggers at ``level``, other libraries' at WARNING."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_trainserve", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._trainserve = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def build_parser(
+    prog: str, description: str, commands: Sequence[Command]
+) -> argparse.ArgumentParser:
+    """An argparse parser with one subparser per command (defaults shown in --help)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in commands:
+        p = sub.add_parser(
+            c.name,
+            help=c.help,
+            description=c.description or c.help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        c.add_arguments(p)
+        p.set_defaults(_run=c.run)
+    return parser
+
+
+def main(
+    prog: str,
+    description: str,
+    commands: Sequence[Command],
+    argv: Sequence[str] | None = None,
+    default: str | None = None,
+) -> int:
+    """Parse ``argv`` (``default`` is the command when none is named), run, map errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {c.name for c in commands}
+    top_level_help = argv[:1] in (["-h"], ["--help"])
+    if default and not top_level_help and (not argv or argv[0] not in names):
+        argv = [default, *argv]
+    parser = build_parser(prog, description, commands)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run_guarded(lambda: args._run(args))
+
+
+def run_guarded(fn: Callable[[], int | None]) -> int:
+    """Run ``fn`` and turn exceptions into the exit codes of the module docstring."""
+    debug = os.environ.get("TRAINSERVE_DEBUG", "") not in ("", "0")
+    try:
+        code = fn()
+        return EXIT_OK if code is None else int(code)
+    except GateRefused as e:
+        log.error("error: %s", e)
+        return EXIT_GATE
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, RuntimeError, TypeError, ArithmeticError, LookupError) as e:
+        if debug:
+            log.exception("error: %s", e)
+        else:
+            log.error("error: %s", e)
+        return EXIT_USAGE
+
+
+# -- shared arguments --------------------------------------------------------------------
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer from the environment (make variables), else ``default``."""
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+def add_model_repository(p: argparse.ArgumentParser, default: str = "model_repository") -> None:
+    p.add_argument(
+        "--model-repository",
+        dest="model_repository",
+        default=default,
+        metavar="DIR",
+        help="Triton model repository",
+    )
+
+
+def add_url(p: argparse.ArgumentParser, protocols: bool = True) -> None:
+    """``--url HOST:PORT`` (and ``--protocol``) of a running server."""
+    p.add_argument(
+        "--url",
+        default=None,
+        help="HOST:PORT of the server (default 127.0.0.1:$GRPC_PORT for grpc, "
+        "127.0.0.1:$HTTP_PORT for http)",
+    )
+    if protocols:
+        p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+
+
+def add_admin_key(p: argparse.ArgumentParser) -> None:
+    """``--admin-key-file``: the key of the server's restricted (control) APIs."""
+    p.add_argument(
+        "--admin-key-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the server's admin key (default: $TRAINSERVE_ADMIN_KEY, else "
+        "the key file `serve run` wrote for this port)",
+    )

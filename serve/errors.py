@@ -1,0 +1,91 @@
+"""The client's error types and how a tritonclient/transport error maps onto them
+(torch-free). Every error a caller sees is a :class:`ClientError` subclass (or an
+``ImageError`` for a bad local image)."""
+
+from __future__ import annotations
+
+
+class ClientError(RuntimeError):
+    """Base class of the errors below."""
+
+
+class ServerUnavailable(ClientError):
+    """No Triton server answers at the URL (or it did not answer within the deadline)."""
+
+
+class ModelNotReady(ClientError):
+    """The server answers but the model (version) is not loaded."""
+
+
+class InferenceFailed(ClientError):
+    """The server rejected or failed a request; the message is the server's."""
+
+
+class Unauthorized(ClientError):
+    """The server refused a control-plane call: the admin key is missing or wrong."""
+
+
+# Server-side failures that a retry can cure: the server or a backend process restarting.
+TRANSIENT_MARKERS = (
+    "stub process",
+    "unhealthy",
+    "failed to process the request",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "not ready",
+    "unavailable",
+    "restart",
+    "failed to connect",
+    "no available versions",
+)
+
+UNREACHABLE_MARKERS = (
+    "failed to connect",
+    "connection refused",
+    "unavailable",
+    "connect call",
+    "name or service not known",
+    "deadline exceeded",
+    "timed out",
+    "timeout",
+    "cannot connect",
+    "connection reset",
+)
+
+NOT_READY_MARKERS = (
+    "not found",
+    "not ready",
+    "unknown model",
+    "unavailable model",
+    "is not loaded",
+    "no available versions",
+)
+
+
+def is_transient(error: Exception) -> bool:
+    """True for errors an idempotent request may retry (never for bad input)."""
+    if isinstance(error, ServerUnavailable | ModelNotReady):
+        return True
+    text = str(error).lower()
+    return (
+        "bad image" not in text
+        and "unexpected" not in text
+        and any(m in text for m in TRANSIENT_MARKERS)
+    )
+
+
+def classify_error(
+    e: BaseException, what: str, url: str, protocol: str, model: str, version: str = ""
+) -> ClientError:
+    """The ClientError for a tritonclient/transport exception ``e`` raised by ``what``."""
+    text = str(e)
+    lowered = text.lower()
+    if "bad image" not in lowered and any(s in lowered for s in UNREACHABLE_MARKERS):
+        return ServerUnavailable(f"no Triton server at {url} ({protocol}): {text}")
+    if "restricted" in lowered or "unauthorized" in lowered or "permission" in lowered:
+        return Unauthorized(f"{what} refused by {url}: {text}")
+    if any(s in lowered for s in NOT_READY_MARKERS):
+        v = f" version {version}" if version else ""
+        return ModelNotReady(f"model '{model}'{v} is not ready on {url}: {text}")
+    return InferenceFailed(f"{what} failed: {text}")
