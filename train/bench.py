@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,15 +21,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from serve.files import atomic_write_json
 
-from train.models import ARCHS, build_model
+log = logging.getLogger(__name__)
 
 TARGETS = (0.90, 0.93)
 
 
 def _machine() -> dict[str, Any]:
-    from serve.bench import cpu_model
+    import torch
+
+    from serve.machine import cpu_model
 
     return {
         "cpu": cpu_model(),
@@ -65,6 +68,7 @@ def time_to_accuracy(
         str(out),
         "--model",
         name,
+        "--overwrite",
     ]
     if epochs:
         cmd += ["--epochs", str(epochs)]
@@ -107,6 +111,10 @@ def time_to_accuracy(
 
 def images_per_second(arch: str, batch: int = 128, steps: int = 5) -> dict[str, Any]:
     """Training (forward+backward+SGD step) and inference throughput at 32x32."""
+    import torch
+
+    from train.models import build_model
+
     model = build_model(arch, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
@@ -179,18 +187,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m train bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench")
     p.add_argument("--data", default=None, help="ants/bees ImageFolder (default: the recipes')")
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' 25 epochs")
     p.add_argument("--skip-antsbees", action="store_true")
     p.add_argument("--download-timeout", type=float, default=10.0)
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """``python -m train bench``: see the module docstring."""
+    from train.models import ARCHS
+
     out = Path(a.out)
     runs = out / "runs"
     report: dict[str, Any] = {
@@ -212,22 +220,18 @@ def main(argv: list[str]) -> int:
                         {"name": name, "status": "skipped", "reason": why}
                     )
                     continue
-                print(f"bench: {name} ...", file=sys.stderr, flush=True)
+                log.info("bench: %s ...", name)
                 r = time_to_accuracy(name, recipe, arch, runs / name, a.epochs, a.data)
                 report["time_to_accuracy"].append(r)
-                print(
-                    f"  best val acc {r.get('best_val_acc')}, {r.get('seconds_total')} s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                log.info("  best val acc %s, %s s", r.get("best_val_acc"), r.get("seconds_total"))
     for arch, spec in ARCHS.items():
         if spec.family == "cifar":
             report["cifar_speed"].append(images_per_second(arch))
-            print(f"bench: {report['cifar_speed'][-1]}", file=sys.stderr, flush=True)
+            log.info("bench: %s", report["cifar_speed"][-1])
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"train-{stamp}.json", "train-latest.json"):
-        (out / name).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(out / name, report)
     plot(report, out / "train-latest.png")
     print(f"wrote {out}/train-{stamp}.json, {out}/train-latest.json, {out}/train-latest.png")
     return 0

@@ -1,64 +1,125 @@
 """Self-describing checkpoints, written atomically and read without unpickling code.
 
-A checkpoint is a plain dict (see :func:`make_checkpoint`) holding everything the
-export stage needs - weights, architecture and its build options, class names,
-preprocessing (input size, resize/crop, mean/std), pretrained source, metrics - and
-everything ``--resume`` needs: epoch, optimizer, scheduler, RNG states, history.
+A checkpoint holds the model card (``serve.contract.ModelCard``: architecture and its
+options, classes, input, eval preprocessing, provenance, metrics) - everything the export
+stage needs - and everything ``--resume`` needs: weights, epoch, optimizer, scheduler,
+scaler, RNG states, history. On disk it is a plain dict of tensors, strings, numbers,
+lists and dicts (``torch.load(weights_only=True)``), written to a temp file and renamed.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-FORMAT = "trainserve.checkpoint/1"
-REQUIRED_KEYS = ("format", "arch", "num_classes", "classes", "state_dict", "preprocess")
+from serve.contract import CardError, ModelCard
+from serve.files import atomic_write
+
+FORMAT = "trainserve.checkpoint/2"
+LEGACY_FORMAT = "trainserve.checkpoint/1"
 
 
-def make_checkpoint(
-    *,
-    model: torch.nn.Module,
-    arch: str,
-    classes: list[str],
-    preprocess: dict[str, Any],
-    pretrained: dict[str, Any],
-    metrics: dict[str, Any],
-    epoch: int,
-    config: dict[str, Any],
-    model_name: str,
-    arch_options: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None,
-    scaler: Any = None,
-    history: list[dict[str, Any]] | None = None,
-    rng: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Assemble the checkpoint dict (tensors, strings, numbers, lists and dicts only)."""
+@dataclass
+class Checkpoint:
+    """One checkpoint: the card, the weights, and the training state to resume from."""
+
+    card: ModelCard
+    state_dict: dict[str, torch.Tensor]
+    epoch: int = 0
+    config: dict[str, Any] = field(default_factory=dict)  # resolved TrainConfig (local)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # the best epoch's metrics row
+    augment: dict[str, Any] = field(default_factory=dict)  # training-only transform settings
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    torch_version: str = str(torch.__version__)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The on-disk form (weights_only-loadable)."""
+        return {
+            "format": FORMAT,
+            "card": self.card.to_dict(),
+            "state_dict": self.state_dict,
+            "epoch": int(self.epoch),
+            "config": dict(self.config),
+            "history": list(self.history),
+            "best": self.best,
+            "augment": dict(self.augment),
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "rng": self.rng,
+            "torch_version": self.torch_version,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "checkpoint") -> Checkpoint:
+        """Inverse of :meth:`to_dict`; also reads the previous format (cards built from
+        its top-level keys). Raises ValueError naming what is missing or wrong."""
+        fmt = d.get("format")
+        if fmt == LEGACY_FORMAT:
+            d = _from_legacy(d)
+        elif fmt != FORMAT:
+            raise ValueError(f"{where} is not a {FORMAT} checkpoint (format={fmt!r})")
+        missing = [k for k in ("card", "state_dict") if k not in d]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        try:
+            card = ModelCard.from_dict(d["card"])
+        except CardError as e:
+            raise ValueError(f"{where}: {e}") from e
+        return cls(
+            card=card,
+            state_dict=d["state_dict"],
+            epoch=int(d.get("epoch") or 0),
+            config=dict(d.get("config") or {}),
+            history=list(d.get("history") or []),
+            best=d.get("best"),
+            augment=dict(d.get("augment") or {}),
+            optimizer=d.get("optimizer"),
+            scheduler=d.get("scheduler"),
+            scaler=d.get("scaler"),
+            rng=d.get("rng"),
+            torch_version=str(d.get("torch_version", "")),
+        )
+
+
+def _from_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """A ``trainserve.checkpoint/1`` dict (card fields at the top level) in the new shape."""
+    missing = [k for k in ("arch", "classes", "preprocess", "state_dict") if k not in d]
+    if missing:
+        raise ValueError(f"legacy checkpoint lacks {', '.join(missing)}")
+    pre, metrics = d["preprocess"], d.get("metrics") or {}
+    card = ModelCard.create(
+        name=d.get("model_name") or "model",
+        arch=d["arch"],
+        classes=list(d["classes"]),
+        resize=int(pre["resize"]),
+        crop=int(pre["crop"]),
+        mean=list(pre["mean"]),
+        std=list(pre["std"]),
+        interpolation=pre.get("interpolation", "bilinear"),
+        arch_options=dict(d.get("arch_options") or {}),
+    )
     return {
-        "format": FORMAT,
-        "model_name": model_name,
-        "arch": arch,
-        "arch_options": dict(arch_options or {}),
-        "num_classes": len(classes),
-        "classes": list(classes),
-        "preprocess": dict(preprocess),
-        "pretrained": dict(pretrained),
-        "metrics": dict(metrics),
-        "epoch": int(epoch),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "config": dict(config),
-        "history": list(history or []),
-        "rng": rng,
-        "torch_version": str(torch.__version__),
+        **d,
+        "card": card.to_dict()
+        | {
+            "provenance": {"pretrained": d.get("pretrained") or {}},
+            "metrics": {
+                k: metrics.get(k)
+                for k in ("best_val_acc", "best_val_loss", "best_epoch", "val_images")
+            },
+        },
+        "best": metrics.get("best"),
+        "augment": {k: pre[k] for k in ("augment", "padding") if k in pre},
     }
 
 
@@ -97,56 +158,46 @@ def set_rng_state(state: dict[str, Any], loader_generator: torch.Generator | Non
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, fsync, then rename over it.
-
-    The temp file is created with the process umask (unlike mkstemp's 0600), so the
-    result is readable by a server running as another user.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
+def save_checkpoint(ckpt: Checkpoint | dict[str, Any], path: str | Path) -> None:
     """Write atomically: a crash mid-write leaves the previous file intact."""
-    atomic_write_bytes(Path(path), lambda f: torch.save(ckpt, f))
+    data = ckpt.to_dict() if isinstance(ckpt, Checkpoint) else ckpt
+    atomic_write(Path(path), lambda f: torch.save(data, f))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with ``weights_only=True`` and check it is one of ours, naming what is missing."""
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load with ``weights_only=True`` and validate its card, naming what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (run `make train` first)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"cannot load checkpoint {path}: {e}") from e
-    if not isinstance(ckpt, dict):
+    if not isinstance(data, dict):
         raise ValueError(f"{path} is not a checkpoint dict")
-    if ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint (format={ckpt.get('format')!r})")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
-    return ckpt
+    return Checkpoint.from_dict(data, str(path))
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> torch.nn.Module:
+def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     """Rebuild the checkpoint's architecture and load its weights strictly (eval mode)."""
     from train.models import build_model
 
-    model = build_model(ckpt["arch"], int(ckpt["num_classes"]), **ckpt.get("arch_options", {}))
+    card = ckpt.card
+    model = build_model(card.arch, card.num_classes, **card.arch_options)
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt.state_dict)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit arch {ckpt['arch']!r}: {e}") from e
+        raise ValueError(f"checkpoint weights do not fit arch {card.arch!r}: {e}") from e
     return model.eval()
+
+
+def checkpoint_from_model(
+    model: torch.nn.Module,
+    card: ModelCard,
+    *,
+    config: dict[str, Any] | None = None,
+    epoch: int = 0,
+) -> Checkpoint:
+    """A checkpoint for weights trained elsewhere (no optimizer state: export only)."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return Checkpoint(card=card, state_dict=state, epoch=epoch, config=dict(config or {}))

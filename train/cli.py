@@ -1,14 +1,18 @@
-"""Command line: ``python -m train`` (train), ``... evaluate`` and ``... data``."""
+"""Command line: ``python -m train [train] | evaluate | data | bench | recipe``."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from serve.cli_common import Command
+from serve.cli_common import main as cli_main
 from train.config import AMP, DEFAULT_RECIPE, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
+
+log = logging.getLogger(__name__)
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/hymenoptera_data"
 LOCAL_DATA = Path("data/hymenoptera_data")
@@ -20,23 +24,21 @@ def default_data() -> str:
     return str(SHARED_DATA if SHARED_DATA.is_dir() else LOCAL_DATA)
 
 
-def train_parser() -> argparse.ArgumentParser:
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Flags override the recipe only when given (their defaults are the recipe's)."""
-    S = argparse.SUPPRESS
-    p = argparse.ArgumentParser(
-        prog="python -m train",
-        argument_default=S,
-        description="Train an image classifier and write a self-describing checkpoint. "
-        "Settings come from a YAML recipe (train/recipes/), then these flags. Other "
-        "commands: `python -m train evaluate -h`, `python -m train data -h`. Multi-process: "
-        "`torchrun --nproc_per_node N -m train ...`.",
-    )
+    p.argument_default = argparse.SUPPRESS
+    p.formatter_class = argparse.HelpFormatter
     p.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,
         help=f"recipe name in train/recipes/ or a .yaml path (default {DEFAULT_RECIPE})",
     )
     p.add_argument("--resume", help="continue runs/X/last.pt exactly (its config is the base)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an OUT that already holds checkpoints (default: refuse)",
+    )
     g = p.add_argument_group("what and where")
     g.add_argument("--model", dest="model_name", help="run/served model name")
     g.add_argument("--data", help="ImageFolder root, .npz file or folder, or CIFAR root")
@@ -110,24 +112,28 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--tensorboard", action=argparse.BooleanOptionalAction, help="also log to <out>/tensorboard"
     )
-    return p
 
 
-def config_from_args(argv: list[str]) -> TrainConfig:
+def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
     """Defaults <- recipe (or the resumed checkpoint's config) <- flags given."""
     from train.config import resolve_config
 
-    args: dict[str, Any] = vars(train_parser().parse_args(argv))
-    recipe = args.pop("recipe", DEFAULT_RECIPE)
-    if args.get("resume"):
+    if isinstance(args, list):
+        p = argparse.ArgumentParser(prog="python -m train train")
+        add_train_arguments(p)
+        args = p.parse_args(args)
+    values: dict[str, Any] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    values.pop("command", None)
+    recipe = values.pop("recipe", DEFAULT_RECIPE)
+    if values.get("resume"):
         from train.checkpoint import load_checkpoint
 
         known = {f.name for f in fields(TrainConfig)}
-        base = {k: v for k, v in load_checkpoint(args["resume"])["config"].items() if k in known}
-        cfg = TrainConfig.from_dict({**base, **args})
+        base = {k: v for k, v in load_checkpoint(values["resume"]).config.items() if k in known}
+        cfg = TrainConfig.from_dict({**base, "overwrite": False, **values})
         cfg.validate()
         return cfg
-    cfg = resolve_config(recipe, args)
+    cfg = resolve_config(recipe, values)
     if not cfg.data:
         cfg.data = default_data()
     if not cfg.out:
@@ -135,19 +141,14 @@ def config_from_args(argv: list[str]) -> TrainConfig:
     return cfg
 
 
-def run_train(argv: list[str]) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from train.trainer import Run
 
-    Run(config_from_args(argv)).fit()
+    Run(config_from_args(args)).fit()
     return 0
 
 
-def run_evaluate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m train evaluate",
-        description="Evaluate a checkpoint, or raw weights of a known arch, on a dataset "
-        "split: per-class top-1, then a last line 'top-1: NN.NN%%'.",
-    )
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="runs/<model>/checkpoint.pt")
     src.add_argument("--weights", help="a state dict file (needs --arch), e.g. resnet20-*.th")
@@ -167,7 +168,6 @@ def run_evaluate(argv: list[str]) -> int:
         help="normalization of --weights (default: known for published weights, else required)",
     )
     p.add_argument("--std", type=float, nargs=3)
-    p.add_argument("--classes", help="class-name file for --weights (default: the data's)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--confusion", help="also save the confusion matrix PNG here")
@@ -177,50 +177,37 @@ def run_evaluate(argv: list[str]) -> int:
         default=0,
         help="evaluate a fixed random subset of N images (as --val-subset N)",
     )
-    args = p.parse_args(argv)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
     from train.evaluate import evaluate_checkpoint, evaluate_weights
 
+    common = {
+        "dataset": args.dataset,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "confusion_png": args.confusion,
+        "limit": args.limit,
+    }
     if args.checkpoint:
-        evaluate_checkpoint(
-            args.checkpoint,
-            args.data,
-            args.split,
-            dataset=args.dataset,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            confusion_png=args.confusion,
-            limit=args.limit,
-        )
-    else:
-        if not args.arch or not args.data:
-            p.error("--weights needs --arch and --data")
-        evaluate_weights(
-            args.weights,
-            args.arch,
-            args.data,
-            args.split,
-            dataset=args.dataset,
-            mean=args.mean,
-            std=args.std,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            confusion_png=args.confusion,
-            limit=args.limit,
-        )
+        evaluate_checkpoint(args.checkpoint, args.data, args.split, **common)
+        return 0
+    if not args.arch or not args.data:
+        raise ValueError("--weights needs --arch and --data")
+    evaluate_weights(
+        args.weights, args.arch, args.data, args.split, mean=args.mean, std=args.std, **common
+    )
     return 0
 
 
-def run_data(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m train data",
-        description=f"Download the ants/bees dataset ({HYMENOPTERA_URL}) or CIFAR-10/100 "
-        "(torchvision) when online.",
-    )
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="data", help="folder to unpack into")
     p.add_argument(
         "--dataset", choices=("hymenoptera", "cifar10", "cifar100"), default="hymenoptera"
     )
-    args = p.parse_args(argv)
+
+
+def run_data(args: argparse.Namespace) -> int:
     if args.dataset != "hymenoptera":
         from torchvision import datasets
 
@@ -228,34 +215,94 @@ def run_data(argv: list[str]) -> int:
         target = Path(args.root) / args.dataset
         for train in (True, False):
             cls(str(target), train=train, download=True)
-        print(f"{args.dataset} in {target} (use --data {target})")
+        log.info("%s in %s (use --data %s)", args.dataset, target, target)
         return 0
     target = Path(args.root) / "hymenoptera_data"
     if (target / "train").is_dir() and (target / "val").is_dir():
-        print(f"{target} already present")
+        log.info("%s already present", target)
         return 0
     from torchvision.datasets.utils import download_and_extract_archive
 
     download_and_extract_archive(HYMENOPTERA_URL, download_root=args.root)
-    print(f"unpacked into {target}")
+    log.info("unpacked into %s", target)
     return 0
 
 
-def run_bench(argv: list[str]) -> int:
-    from train.bench import main as bench_main
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help="recipe name or .yaml path")
+    p.add_argument("--get", metavar="KEY", help="print one resolved setting (e.g. model_name)")
 
-    return bench_main(argv)
+
+def run_recipe(args: argparse.Namespace) -> int:
+    """Print a recipe resolved over the defaults (YAML), or one of its settings."""
+    import yaml
+
+    from train.config import resolve_config
+
+    values = resolve_config(args.recipe).to_dict()
+    if args.get:
+        if args.get not in values:
+            raise ValueError(f"no setting {args.get!r}; known: {', '.join(values)}")
+        print(values[args.get])
+    else:
+        print(yaml.safe_dump(values, sort_keys=False), end="")
+    return 0
 
 
-COMMANDS = {"evaluate": run_evaluate, "data": run_data, "bench": run_bench}
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from train.bench import add_arguments
+
+    add_arguments(p)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from train.bench import run
+
+    return run(args)
+
+
+COMMANDS = [
+    Command(
+        "train",
+        "train an image classifier (the default command)",
+        add_train_arguments,
+        run_train,
+        description="Train an image classifier and write a self-describing checkpoint. "
+        "Settings come from a YAML recipe (train/recipes/), then these flags. "
+        "Multi-process: `torchrun --nproc_per_node N -m train ...`.",
+    ),
+    Command(
+        "evaluate",
+        "per-class and overall top-1 of a checkpoint or published weights",
+        add_evaluate_arguments,
+        run_evaluate,
+        description="Evaluate a checkpoint, or raw weights of a known arch, on a dataset "
+        "split: per-class top-1, then a last line 'top-1: NN.NN%%'.",
+    ),
+    Command(
+        "data",
+        "download ants/bees or CIFAR-10/100 (online)",
+        add_data_arguments,
+        run_data,
+        description=f"Download the ants/bees dataset ({HYMENOPTERA_URL}) or CIFAR-10/100 "
+        "(torchvision) when online.",
+    ),
+    Command(
+        "bench",
+        "time-to-accuracy of the ants/bees recipes and CIFAR training speed",
+        add_bench_arguments,
+        run_bench,
+    ),
+    Command("recipe", "print a resolved recipe or one setting", add_recipe_arguments, run_recipe),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``python -m train [evaluate|data] ...``; errors print one clear line."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = COMMANDS.get(argv[0]) if argv else None
-    try:
-        return command(argv[1:]) if command else run_train(argv)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """``python -m train [train|evaluate|data|bench|recipe] ...`` (``train`` by default)."""
+    return cli_main(
+        "python -m train",
+        "Train, evaluate and benchmark image classifiers (`python -m train COMMAND -h`).",
+        COMMANDS,
+        argv,
+        default="train",
+    )

@@ -75,6 +75,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     resume: str = ""
+    overwrite: bool = False  # a fresh run into an OUT that holds checkpoints replaces them
     train_subset: int = 0
     val_subset: int = 0
     max_train_batches: int = 0

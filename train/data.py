@@ -10,15 +10,13 @@ import torch
 from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from serve.preprocess import load_image
+from serve.contract import DEFAULT_INTERPOLATION, Preprocessing
+from serve.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("random-resized-crop", "pad-crop", "none")
-# torchvision's ImageFolder list plus GIF: every image is decoded and converted to RGB.
-IMAGE_EXTENSIONS = tuple(sorted({*IMG_EXTENSIONS, ".gif"}))
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Preprocess:
     crop: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
+    interpolation: str = DEFAULT_INTERPOLATION
     augment: str = "random-resized-crop"
     padding: int = 4
 
@@ -45,26 +43,33 @@ class Preprocess:
             raise ValueError(f"mean/std need 3 values each, std > 0 (got {self.mean}, {self.std})")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict including the derived input size (C, H, W)."""
+        """Plain dict (mean/std as lists)."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        d["input_size"] = [3, self.crop, self.crop]
-        d["pixel_range"] = [0, 255]
-        d["color"] = "RGB"
-        d["layout"] = "NCHW"
         return d
 
+    def card_preprocessing(self) -> Preprocessing:
+        """The eval part, as the model card records it (the caller normalizes)."""
+        return Preprocessing(
+            self.resize, self.crop, list(self.mean), list(self.std), self.interpolation, "input"
+        )
+
+    def augment_settings(self) -> dict[str, Any]:
+        """The training-only part (kept in the checkpoint beside the card)."""
+        return {"augment": self.augment, "padding": self.padding}
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
+    def from_card(cls, pre: Preprocessing, augment: dict[str, Any] | None = None) -> Preprocess:
+        """The transforms of a model card's preprocessing (+ a checkpoint's augment)."""
+        augment = augment or {}
         return cls(
-            resize=int(d["resize"]),
-            crop=int(d["crop"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            interpolation=str(d.get("interpolation", "bilinear")),
-            augment=str(d.get("augment", "random-resized-crop")),
-            padding=int(d.get("padding", 4)),
+            resize=pre.resize,
+            crop=pre.crop,
+            mean=tuple(pre.mean),
+            std=tuple(pre.std),
+            interpolation=pre.interpolation,
+            augment=str(augment.get("augment", "random-resized-crop")),
+            padding=int(augment.get("padding", 4)),
         )
 
     def _interp(self) -> T.InterpolationMode:
@@ -110,12 +115,15 @@ class _ToFloat:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image Pillow reads, apply EXIF orientation, convert to RGB.
+    """Decode a served-format image, apply EXIF orientation, convert to RGB.
 
-    The same decoder the (torch-free) client uses, so training, evaluation and
-    serving see identical pixels. Raises ValueError naming the file.
+    The same decoder the (torch-free) client and the server use, so training,
+    evaluation and serving see identical pixels. Raises ImageError naming the file.
     """
     return load_image(path)
+
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageError", "Preprocess", "load_rgb"]
 
 
 def is_image_file(path: str) -> bool:

@@ -73,13 +73,13 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Per-class and overall top-1 of a checkpoint on ``data`` (default: its training data)."""
     ckpt = load_checkpoint(checkpoint)
-    data = data or ckpt.get("config", {}).get("data")
+    data = data or ckpt.config.get("data")
     if not data:
         raise ValueError("no --data given and the checkpoint records none")
     return evaluate_model(
         model_from_checkpoint(ckpt),
-        Preprocess.from_dict(ckpt["preprocess"]),
-        ckpt["classes"],
+        Preprocess.from_card(ckpt.card.preprocessing),
+        ckpt.card.classes,
         data,
         split,
         **kwargs,

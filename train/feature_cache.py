@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from train.engine import Precision, predict
+from train.engine import EpochResult, Precision, predict, summarize
 from train.models import get_arch, get_head
 
 
@@ -82,3 +82,43 @@ def compute_features(
         model.to(memory_format=torch.contiguous_format)
     assert train_targets is not None
     return FeatureCache(torch.stack(train_feats), train_targets, val_feats, val_targets)
+
+
+def train_head_epoch(
+    head: nn.Module,
+    cache: FeatureCache,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    val_criterion: nn.Module,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    max_batches: int = 0,
+) -> tuple[EpochResult, EpochResult, torch.Tensor, torch.Tensor]:
+    """One epoch of the head on view ``(epoch - 1) % views`` of the cached train features,
+    then its val result; returns (train, val, val predictions, val targets)."""
+    head.train()
+    feats = cache.train[(epoch - 1) % cache.views]
+    order = torch.randperm(len(feats), generator=generator)
+    n_batches = (len(order) + batch_size - 1) // batch_size
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    loss_sum, correct, seen = 0.0, 0, 0
+    for b in range(n_batches):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        x, y = feats[idx].to(device), cache.train_targets[idx].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        logits = head(x)
+        loss = criterion(logits, y)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    head.eval()
+    with torch.no_grad():
+        val_logits = head(cache.val.to(device)).float().cpu()
+    va = summarize(val_logits, cache.val_targets, val_criterion)
+    train = EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), seen)
+    return train, va, val_logits.argmax(1), cache.val_targets

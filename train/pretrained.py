@@ -232,23 +232,33 @@ def resolve_pretrained(
         return model, info
     path = Path(pretrained)
     state, meta = read_state_dict_file(path)
-    if meta.get("arch") not in (None, arch):
-        raise ValueError(f"{path} was trained as arch {meta['arch']!r}, not {arch!r}")
-    if meta.get("arch_options") and meta["arch_options"] != options:
-        raise ValueError(
-            f"{path} was trained with arch options {meta['arch_options']}, not {options}"
-        )
+    card = _our_card(meta)
+    trained_arch = card.arch if card else meta.get("arch")
+    trained_options = card.arch_options if card else meta.get("arch_options")
+    if trained_arch not in (None, arch):
+        raise ValueError(f"{path} was trained as arch {trained_arch!r}, not {arch!r}")
+    if trained_options and trained_options != options:
+        raise ValueError(f"{path} was trained with arch options {trained_options}, not {options}")
     model = build_model(arch, num_classes, **options)
     note = load_backbone(model, arch, state, str(path))
     known = known_weights(path)
     source = f"file {path}" + (f" ({known['source']})" if known else "")
     info = PretrainedInfo(pretrained, arch, source, note=note)
-    pre = meta.get("preprocess")
-    if isinstance(pre, dict):
-        info.mean, info.std = tuple(pre["mean"]), tuple(pre["std"])
+    if card is not None:  # one of our checkpoints: its normalization is inherited
+        info.mean = tuple(card.preprocessing.mean)
+        info.std = tuple(card.preprocessing.std)
     elif known:
         info.mean, info.std = known["mean"], known["std"]
     return model, info
+
+
+def _our_card(meta: dict[str, Any]) -> Any:
+    """The model card of one of our checkpoints (any format version), else None."""
+    if not str(meta.get("format", "")).startswith("trainserve.checkpoint/"):
+        return None
+    from train.checkpoint import Checkpoint
+
+    return Checkpoint.from_dict(meta).card
 
 
 # Published weights whose training preprocessing is known, by the first 8 hex digits of

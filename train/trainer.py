@@ -6,50 +6,35 @@ rank 0 writes). Feature-extract mode trains the head on cached backbone features
 
 from __future__ import annotations
 
-import json
+import logging
 import random
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from serve.plots import plot_confusion
-from train.checkpoint import (
-    load_checkpoint,
-    make_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from serve.contract import Metrics, ModelCard, Pretrained, Provenance, redact_paths
+from train.checkpoint import Checkpoint, load_checkpoint, rng_state, set_rng_state
 from train.config import TrainConfig
 from train.data import Preprocess
 from train.datasets import dataset_split, detect_kind, subset
 from train.distributed import DistInfo, barrier, cleanup, init_distributed
-from train.engine import EpochResult, Precision, evaluate, summarize, train_one_epoch
-from train.feature_cache import FeatureCache, compute_features
+from train.engine import EpochResult, Precision, evaluate, train_one_epoch
+from train.feature_cache import FeatureCache, compute_features, train_head_epoch
 from train.models import arch_options, build_model, get_arch, get_head
 from train.optim import build_optimizer, build_scheduler
-from train.plots import plot_curves
 from train.pretrained import PretrainedInfo, resolve_pretrained
+from train.run_outputs import RunOutputs, banner
+
+log = logging.getLogger(__name__)
 
 SHARED_PREFIX = "../shared/data/"
-
-
-def say(msg: str) -> None:
-    """Progress/status line on stderr (stdout stays clean for results)."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def banner(msg: str) -> None:
-    """A message nobody can miss."""
-    line = "!" * 78
-    say(f"\n{line}\n!! {msg}\n{line}\n")
+PATH_KEYS = ("data", "out", "resume", "recipe")  # machine-local: not in the model card
 
 
 def resolve_data(data: str) -> str:
@@ -78,11 +63,21 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, n: int) -> list
     return cm.tolist()
 
 
-def _is_better(val_acc: float, val_loss: float, best: dict[str, Any] | None) -> bool:
+def is_better(val_acc: float, val_loss: float, best: dict[str, Any] | None) -> bool:
     """Higher val accuracy wins; on a tie, lower val loss."""
     if best is None:
         return True
     return val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"])
+
+
+@dataclass
+class EpochOutcome:
+    """One epoch's train/val results and the val predictions."""
+
+    train: EpochResult
+    val: EpochResult
+    preds: torch.Tensor
+    targets: torch.Tensor
 
 
 class Run:
@@ -110,6 +105,11 @@ class Run:
             raise ValueError(
                 "feature caching runs in one process; use --no-cache-features with torchrun"
             )
+        self.outputs = (
+            RunOutputs(self.out, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
+            if self.dist.is_main
+            else None
+        )
 
     # -- setup ----------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -121,15 +121,46 @@ class Run:
         probe = dataset_split(self.data, "train", None, self.kind, cfg.download)
         self.classes: list[str] = list(probe.classes)
         self.options = arch_options(cfg.arch, cfg.batchnorm, cfg.dropout)
-        self.resume_ckpt: dict[str, Any] | None = None
-        if cfg.resume:
-            ckpt = load_checkpoint(cfg.resume)
-            self._check_resumable(ckpt)
-            self.resume_ckpt = ckpt
-            self.info = PretrainedInfo.from_dict(ckpt["pretrained"])
-            self.arch = ckpt["arch"]
+        self.resume_ckpt = self._load_resume() if cfg.resume else None
+        self._build_model()
+        self._build_data()
+        self._build_optimization()
+        self.start_epoch, self.history, self.best = 1, [], None
+        if self.resume_ckpt is not None:
+            self._restore(self.resume_ckpt)
+
+    def _load_resume(self) -> Checkpoint:
+        ckpt = load_checkpoint(self.cfg.resume)
+        problems = []
+        if ckpt.card.classes != self.classes:
+            problems.append(f"classes {ckpt.card.classes} vs data {self.classes}")
+        if ckpt.card.arch_options != self.options:
+            problems.append(f"arch options {ckpt.card.arch_options} vs {self.options}")
+        # cfg.arch may be what was asked for before an `auto` fallback switched arch.
+        if self.cfg.arch not in (ckpt.card.arch, ckpt.config.get("arch")):
+            problems.append(f"checkpoint arch {ckpt.card.arch} vs requested {self.cfg.arch}")
+        if ckpt.optimizer is None:
+            problems.append("no optimizer state")
+        if problems:
+            raise ValueError(f"cannot resume from {self.cfg.resume}: " + "; ".join(problems))
+        return ckpt
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        if self.resume_ckpt is not None:
+            p = self.resume_ckpt.card.provenance.pretrained
+            self.info = PretrainedInfo(
+                p.requested,
+                p.arch,
+                p.source,
+                p.fallback,
+                p.note,
+                tuple(p.mean) if p.mean else None,
+                tuple(p.std) if p.std else None,
+            )
+            self.arch = self.resume_ckpt.card.arch
             self.model = build_model(self.arch, len(self.classes), **self.options)
-            self.model.load_state_dict(ckpt["state_dict"])
+            self.model.load_state_dict(self.resume_ckpt.state_dict)
         else:
             self.model, self.info = resolve_pretrained(
                 cfg.arch,
@@ -147,30 +178,14 @@ class Run:
             std=tuple(cfg.std or self.info.std or spec.std),
             augment=cfg.augment or spec.augment,
         )
-        self.train_ds = subset(
-            dataset_split(self.data, "train", self.pre.train_transform(), self.kind, cfg.download),
-            cfg.train_subset,
-            cfg.seed,
-        )
-        self.val_ds = subset(
-            dataset_split(self.data, "val", self.pre.eval_transform(), self.kind, cfg.download),
-            cfg.val_subset,
-            0,  # a fixed val subset, whatever the seed: `evaluate --limit N` sees the same
-        )
-        if list(self.val_ds.classes) != self.classes:
-            raise ValueError(
-                f"train classes {self.classes} and val classes "
-                f"{list(self.val_ds.classes)} differ in {self.data}"
-            )
         self.model.to(self.device)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.feature_extract = cfg.mode == "feature-extract"
-        head = get_head(self.model, self.arch)
         if self.feature_extract:
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            for p in head.parameters():
+            for p in get_head(self.model, self.arch).parameters():
                 p.requires_grad_(True)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
@@ -180,12 +195,22 @@ class Run:
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(params, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.scaler = self.precision.scaler()
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        self.val_criterion = nn.CrossEntropyLoss()
+
+    def _split(self, split: str, transform: Any) -> Dataset:
+        return dataset_split(self.data, split, transform, self.kind, self.cfg.download)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.train_ds = subset(
+            self._split("train", self.pre.train_transform()), cfg.train_subset, cfg.seed
+        )
+        # A fixed val subset, whatever the seed: `evaluate --limit N` sees the same images.
+        self.val_ds = subset(self._split("val", self.pre.eval_transform()), cfg.val_subset, 0)
+        if list(self.val_ds.classes) != self.classes:
+            raise ValueError(
+                f"train classes {self.classes} and val classes "
+                f"{list(self.val_ds.classes)} differ in {self.data}"
+            )
         self.loader_gen = torch.Generator().manual_seed(cfg.seed + 1000 * self.dist.rank)
         self.sampler = DistributedSampler(
             self.train_ds,
@@ -201,43 +226,32 @@ class Run:
             num_workers=cfg.workers,
             generator=self.loader_gen,
             pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
         )
         self.val_loader = DataLoader(
             self.val_ds, batch_size=max(cfg.batch_size, 32), shuffle=False, num_workers=cfg.workers
         )
-        self.start_epoch, self.history, self.best = 1, [], None
-        if self.resume_ckpt is not None:
-            self._restore(self.resume_ckpt)
 
-    def _check_resumable(self, ckpt: dict[str, Any]) -> None:
+    def _build_optimization(self) -> None:
         cfg = self.cfg
-        problems = []
-        if ckpt["classes"] != self.classes:
-            problems.append(f"classes {ckpt['classes']} vs data {self.classes}")
-        if ckpt.get("arch_options", {}) != self.options:
-            problems.append(f"arch options {ckpt.get('arch_options')} vs {self.options}")
-        # cfg.arch may be what was asked for before an `auto` fallback switched arch.
-        if cfg.arch not in (ckpt["arch"], ckpt.get("config", {}).get("arch")):
-            problems.append(f"checkpoint arch {ckpt['arch']} vs requested {cfg.arch}")
-        if ckpt.get("optimizer") is None:
-            problems.append("no optimizer state")
-        if problems:
-            raise ValueError(f"cannot resume from {cfg.resume}: " + "; ".join(problems))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.scaler = self.precision.scaler()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.val_criterion = nn.CrossEntropyLoss()
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler"):
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.start_epoch = int(ckpt["epoch"]) + 1
-        self.history = list(ckpt.get("history", []))
-        best = ckpt.get("metrics", {}).get("best")
-        self.best = dict(best) if best else None
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"], self.loader_gen)
-        say(f"resumed from {self.cfg.resume} at epoch {self.start_epoch}")
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.scheduler:
+            self.scheduler.load_state_dict(ckpt.scheduler)
+        if ckpt.scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ckpt.scaler)
+        self.start_epoch = ckpt.epoch + 1
+        self.history = list(ckpt.history)
+        self.best = dict(ckpt.best) if ckpt.best else None
+        if ckpt.rng:
+            set_rng_state(ckpt.rng, self.loader_gen)
+        log.info("resumed from %s at epoch %d", self.cfg.resume, self.start_epoch)
 
     def _set_train_mode(self, training: bool) -> None:
         """Fine-tune: everything trains. Feature-extract: the frozen backbone stays in
@@ -245,28 +259,66 @@ class Run:
         self.train_model.train(training and not self.feature_extract)
         get_head(self.model, self.arch).train(training)
 
-    # -- checkpoints and reports ----------------------------------------------------------
-    def _checkpoint(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return make_checkpoint(
-            model=self.model,
+    # -- the card and checkpoints ---------------------------------------------------------
+    def card(self, metrics: Metrics) -> ModelCard:
+        """The model card as of now (export completes it)."""
+        cfg, info = self.cfg, self.info
+        pretrained = Pretrained(
+            redact_paths(info.requested),
+            info.arch,
+            redact_paths(info.source),
+            info.fallback,
+            redact_paths(info.note),
+            list(info.mean) if info.mean else None,
+            list(info.std) if info.std else None,
+        )
+        settings = {
+            k: redact_paths(v) if isinstance(v, str) else v
+            for k, v in cfg.to_dict().items()
+            if k not in PATH_KEYS
+        }
+        provenance = Provenance(
+            pretrained=pretrained,
+            recipe=Path(cfg.recipe).stem if cfg.recipe else "",
+            mode=cfg.mode,
+            seed=cfg.seed,
+            epochs=cfg.epochs,
+            dataset=Path(self.data).name,
+            training=settings,
+            torch_version=str(torch.__version__),
+        )
+        pre = self.pre.card_preprocessing()
+        return ModelCard.create(
+            name=cfg.model_name,
             arch=self.arch,
             classes=self.classes,
-            preprocess=self.pre.to_dict(),
-            pretrained=self.info.to_dict(),
+            resize=pre.resize,
+            crop=pre.crop,
+            mean=pre.mean,
+            std=pre.std,
+            interpolation=pre.interpolation,
+            arch_options=self.options,
+            provenance=provenance,
             metrics=metrics,
+        )
+
+    def _checkpoint(self, epoch: int, metrics: Metrics) -> Checkpoint:
+        return Checkpoint(
+            card=self.card(metrics),
+            state_dict={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             epoch=epoch,
             config={**self.cfg.to_dict(), "data": self.data, "arch_used": self.arch},
-            model_name=self.cfg.model_name,
-            arch_options=self.options,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            scaler=self.scaler,
-            history=self.history,
+            history=list(self.history),
+            best=dict(self.best) if self.best else None,
+            augment=self.pre.augment_settings(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             rng=rng_state(self.loader_gen),
         )
 
-    def _write_config(self) -> None:
-        resolved = {
+    def _resolved_config(self) -> dict[str, Any]:
+        return {
             **self.cfg.to_dict(),
             "data": self.data,
             "dataset_kind": self.kind,
@@ -278,12 +330,9 @@ class Run:
             "world_size": self.dist.world_size,
             "device": str(self.device),
         }
-        (self.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     # -- epochs ---------------------------------------------------------------------------
-    def _epoch_full(
-        self, epoch: int
-    ) -> tuple[EpochResult, EpochResult, torch.Tensor, torch.Tensor]:
+    def _epoch_full(self, epoch: int) -> EpochOutcome:
         self.sampler.set_epoch(epoch)
         tr = train_one_epoch(
             self.train_model,
@@ -297,63 +346,40 @@ class Run:
             max_batches=self.cfg.max_train_batches,
             set_train_mode=self._set_train_mode,
         )
-        if self.dist.is_main:
-            va, preds, targets = evaluate(
-                self.model,
-                self.val_loader,
-                self.val_criterion,
-                self.precision,
-                desc=f"epoch {epoch} val",
-                max_batches=self.cfg.max_val_batches,
-            )
-        else:
-            va, preds, targets = EpochResult(0.0, 0.0, 0), torch.empty(0), torch.empty(0)
-        return tr, va, preds, targets
-
-    def _epoch_cached(
-        self, epoch: int, cache: FeatureCache
-    ) -> tuple[EpochResult, EpochResult, torch.Tensor, torch.Tensor]:
-        head = get_head(self.model, self.arch)
-        head.train()
-        feats = cache.train[(epoch - 1) % cache.views]
-        order = torch.randperm(len(feats), generator=self.loader_gen)
-        bs = self.cfg.batch_size
-        n_batches = (len(order) + bs - 1) // bs
-        if self.cfg.max_train_batches:
-            n_batches = min(n_batches, self.cfg.max_train_batches)
-        loss_sum, correct, seen = 0.0, 0, 0
-        for b in range(n_batches):
-            idx = order[b * bs : (b + 1) * bs]
-            x, y = feats[idx].to(self.device), cache.train_targets[idx].to(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            logits = head(x)
-            loss = self.criterion(logits, y)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        head.eval()
-        with torch.no_grad():
-            val_logits = head(cache.val.to(self.device)).float().cpu()
-        va = summarize(val_logits, cache.val_targets, self.val_criterion)
-        return (
-            EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), seen),
-            va,
-            val_logits.argmax(1),
-            cache.val_targets,
+        if not self.dist.is_main:
+            return EpochOutcome(tr, EpochResult(0.0, 0.0, 0), torch.empty(0), torch.empty(0))
+        va, preds, targets = evaluate(
+            self.model,
+            self.val_loader,
+            self.val_criterion,
+            self.precision,
+            desc=f"epoch {epoch} val",
+            max_batches=self.cfg.max_val_batches,
         )
+        return EpochOutcome(tr, va, preds, targets)
+
+    def _epoch_cached(self, epoch: int, cache: FeatureCache) -> EpochOutcome:
+        tr, va, preds, targets = train_head_epoch(
+            get_head(self.model, self.arch),
+            cache,
+            epoch,
+            self.optimizer,
+            self.criterion,
+            self.val_criterion,
+            self.cfg.batch_size,
+            self.loader_gen,
+            self.device,
+            self.cfg.max_train_batches,
+        )
+        return EpochOutcome(tr, va, preds, targets)
 
     def _features(self) -> FeatureCache:
         cfg = self.cfg
         views = cfg.feature_views
         if views > 0 and self.pre.augment != "none":
-            train_views = [
-                dataset_split(self.data, "train", self.pre.train_transform(), self.kind)
-                for _ in range(views)
-            ]
+            train_views = [self._split("train", self.pre.train_transform()) for _ in range(views)]
         else:
-            train_views = [dataset_split(self.data, "train", self.pre.eval_transform(), self.kind)]
+            train_views = [self._split("train", self.pre.eval_transform())]
         train_views = [subset(ds, cfg.train_subset, cfg.seed) for ds in train_views]
         t = time.perf_counter()
         # A seeded generator fixes every augmented view: the cache (and a resume) is stable.
@@ -368,13 +394,17 @@ class Run:
                 workers=cfg.workers,
                 generator=torch.Generator().manual_seed(cfg.seed),
             )
-        say(
-            f"cached frozen-backbone features: {cache.views} view(s) x {cache.train.shape[1]} "
-            f"train + {len(cache.val)} val images, dim {cache.train.shape[-1]}, "
-            f"{time.perf_counter() - t:.1f}s"
+        log.info(
+            "cached frozen-backbone features: %d view(s) x %d train + %d val images, dim %d, %.1fs",
+            cache.views,
+            cache.train.shape[1],
+            len(cache.val),
+            cache.train.shape[-1],
+            time.perf_counter() - t,
         )
         return cache
 
+    # -- the run --------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train all epochs; returns the summary (also written to ``summary.json``)."""
         t0 = time.perf_counter()
@@ -384,107 +414,121 @@ class Run:
         finally:
             cleanup(self.dist)
 
-    def _fit(self, t0: float) -> dict[str, Any]:
-        cfg, main = self.cfg, self.dist.is_main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.info.fallback:
-                banner(f"PRETRAINED=auto: {self.info.note}")
-            say(
-                f"model {cfg.model_name}: arch {self.arch} {self.options or ''}, mode {cfg.mode}, "
-                f"{len(self.classes)} classes, weights: {self.info.source}\n"
-                f"data {self.data} ({self.kind}): {len(self.train_ds)} train / "
-                f"{len(self.val_ds)} val images; device {self.device}"
-                f"{f' x{self.dist.world_size} processes' if self.dist.enabled else ''}"
-                f"{f', amp {cfg.amp}' if cfg.amp != 'none' else ''}; out {self.out}"
-            )
-            self._write_config()
-        writer = None
-        if main and cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+    def _announce(self) -> None:
+        cfg = self.cfg
+        if self.info.fallback:
+            banner(f"PRETRAINED=auto: {self.info.note}")
+        procs = f" x{self.dist.world_size} processes" if self.dist.enabled else ""
+        amp = f", amp {cfg.amp}" if cfg.amp != "none" else ""
+        log.info(
+            "model %s: arch %s %s, mode %s, %d classes, weights: %s\n"
+            "data %s (%s): %d train / %d val images; device %s%s%s; out %s",
+            cfg.model_name,
+            self.arch,
+            self.options or "",
+            cfg.mode,
+            len(self.classes),
+            self.info.source,
+            self.data,
+            self.kind,
+            len(self.train_ds),
+            len(self.val_ds),
+            self.device,
+            procs,
+            amp,
+            self.out,
+        )
 
-            writer = SummaryWriter(str(self.out / "tensorboard"))
+    def _fit(self, t0: float) -> dict[str, Any]:
+        cfg, outputs = self.cfg, self.outputs
+        if outputs is not None:
+            self._announce()
+            outputs.start(self._resolved_config(), self.history)
+        writer = self._tensorboard()
         cache = self._features() if self.cached else None
-        metrics_path = self.out / "metrics.jsonl"
-        if main:
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        last_cm: list[list[int]] | None = None
+        confusion: list[list[int]] | None = None
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             te = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            if cache is not None:
-                tr, va, preds, targets = self._epoch_cached(epoch, cache)
-            else:
-                tr, va, preds, targets = self._epoch_full(epoch)
+            result = self._epoch_cached(epoch, cache) if cache else self._epoch_full(epoch)
             self.scheduler.step()
-            improved = False
-            if main:
-                row = {
-                    "epoch": epoch,
-                    "train_loss": tr.loss,
-                    "train_acc": tr.acc,
-                    "val_loss": va.loss,
-                    "val_acc": va.acc,
-                    "lr": lr,
-                    "seconds": time.perf_counter() - te,
-                }
-                self.history.append(row)
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                improved = _is_better(va.acc, va.loss, self.best)
-                if improved:
-                    self.best = dict(row)
-                    last_cm = confusion_matrix(preds, targets, len(self.classes))
-                assert self.best is not None
-                metrics = {
-                    "best_val_acc": self.best["val_acc"],
-                    "best_val_loss": self.best["val_loss"],
-                    "best_epoch": self.best["epoch"],
-                    "val_images": va.samples,
-                    "best": self.best,
-                    "last": row,
-                }
-                if last_cm is not None and improved:
-                    metrics["confusion"] = last_cm
-                ckpt = self._checkpoint(epoch, metrics)
-                save_checkpoint(ckpt, self.out / "last.pt")
-                if improved:
-                    save_checkpoint(ckpt, self.out / "checkpoint.pt")
-                plot_curves(
-                    self.history,
-                    self.out / "curves.png",
-                    title=f"{cfg.model_name} ({self.arch}, {cfg.mode})",
-                )
-                if writer is not None:
-                    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-                        writer.add_scalar(key, row[key], epoch)
-                say(
-                    f"epoch {epoch:3d}/{cfg.epochs}  lr {lr:.2e}  train loss {tr.loss:.4f} "
-                    f"acc {tr.acc:.4f}  val loss {va.loss:.4f} acc {va.acc:.4f}  "
-                    f"{row['seconds']:.1f}s{'  *best*' if improved else ''}"
-                )
+            if outputs is not None:
+                confusion = self._record(epoch, lr, te, result, writer) or confusion
             barrier(self.dist)
         if writer is not None:
             writer.close()
-        if not main:
+        if outputs is None:
             return {}
         if self.best is None:
             raise RuntimeError(
                 f"nothing to train: start epoch {self.start_epoch} > epochs {cfg.epochs}"
             )
-        if last_cm is not None:
-            plot_confusion(
-                last_cm,
-                self.classes,
-                self.out / "confusion.png",
-                title=f"{cfg.model_name} val, epoch {self.best['epoch']}",
-            )
+        return self._summarize(t0, confusion)
+
+    def _tensorboard(self) -> Any:
+        if self.outputs is None or not self.cfg.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    def _record(
+        self, epoch: int, lr: float, te: float, r: EpochOutcome, writer: Any
+    ) -> list[list[int]] | None:
+        """Metrics row, checkpoints, curves and the log line of one epoch (main process).
+        Returns the confusion matrix when this epoch is the new best."""
+        assert self.outputs is not None
+        row = {
+            "epoch": epoch,
+            "train_loss": r.train.loss,
+            "train_acc": r.train.acc,
+            "val_loss": r.val.loss,
+            "val_acc": r.val.acc,
+            "lr": lr,
+            "seconds": time.perf_counter() - te,
+        }
+        self.history.append(row)
+        improved = is_better(r.val.acc, r.val.loss, self.best)
+        confusion = None
+        if improved:
+            self.best = dict(row)
+            confusion = confusion_matrix(r.preds, r.targets, len(self.classes))
+        assert self.best is not None
+        metrics = Metrics(
+            best_val_acc=self.best["val_acc"],
+            best_val_loss=self.best["val_loss"],
+            best_epoch=self.best["epoch"],
+            val_images=r.val.samples,
+            confusion=confusion,
+        )
+        title = f"{self.cfg.model_name} ({self.arch}, {self.cfg.mode})"
+        self.outputs.epoch(row, self._checkpoint(epoch, metrics), improved, title)
+        if writer is not None:
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+                writer.add_scalar(key, row[key], epoch)
+        log.info(
+            "epoch %3d/%d  lr %.2e  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs%s",
+            epoch,
+            self.cfg.epochs,
+            lr,
+            r.train.loss,
+            r.train.acc,
+            r.val.loss,
+            r.val.acc,
+            row["seconds"],
+            "  *best*" if improved else "",
+        )
+        return confusion
+
+    def _summarize(self, t0: float, confusion: list[list[int]] | None) -> dict[str, Any]:
+        cfg, best = self.cfg, self.best
+        assert best is not None and self.outputs is not None
         summary = {
             "model_name": cfg.model_name,
             "arch": self.arch,
             "mode": cfg.mode,
-            "best_val_acc": self.best["val_acc"],
-            "best_epoch": self.best["epoch"],
+            "best_val_acc": best["val_acc"],
+            "best_epoch": best["epoch"],
             "epochs": cfg.epochs,
             "seconds": time.perf_counter() - t0,
             "pretrained": self.info.to_dict(),
@@ -492,15 +536,22 @@ class Run:
             "world_size": self.dist.world_size,
             "feature_cache": bool(self.cached),
         }
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.outputs.finish(
+            summary, confusion, self.classes, f"{cfg.model_name} val, epoch {best['epoch']}"
+        )
         if self.info.fallback:
             banner(
                 f"NOTE: trained on the offline backbone {self.arch}, not {cfg.arch} "
                 f"({self.info.note.split(':')[0]})"
             )
-        say(
-            f"done: best val acc {self.best['val_acc']:.4f} at epoch {self.best['epoch']} "
-            f"({cfg.model_name}, {self.arch}, {cfg.mode}); {summary['seconds']:.1f}s total; "
-            f"checkpoint {summary['checkpoint']}"
+        log.info(
+            "done: best val acc %.4f at epoch %d (%s, %s, %s); %.1fs total; checkpoint %s",
+            best["val_acc"],
+            best["epoch"],
+            cfg.model_name,
+            self.arch,
+            cfg.mode,
+            summary["seconds"],
+            summary["checkpoint"],
         )
         return summary
