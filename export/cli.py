@@ -1,15 +1,20 @@
-"""Command line: ``python -m export`` (checkpoint -> ONNX -> parity -> model repository) and
-``python -m export trt`` (ONNX -> TensorRT engine, on GPU hosts)."""
+"""Command line: ``python -m export [export]`` (checkpoint -> ONNX -> parity -> model
+repository), ``python -m export trt`` (ONNX -> TensorRT engine, on GPU hosts) and
+``python -m export bench`` (``make bench``)."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
-from export.release import ExportConfig, ParityFailed, run_export
-from export.repository import GPU_BACKENDS, TARGETS, ServingConfig
-from export.tensorrt_engine import EngineProfile, TensorRTUnavailable, require_tensorrt
+from export.tensorrt_engine import EngineProfile
+from export.triton_config import GPU_BACKENDS, TARGETS, ServingConfig
+from serve.cli_common import Command, add_admin_key, add_model_repository
+from serve.cli_common import main as cli_main
+
+log = logging.getLogger(__name__)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -21,23 +26,23 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timing-cache", default="", help="load/save TensorRT's tactic timing cache")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m export",
-        description="Export a checkpoint to ONNX (0..255 RGB pixels in, normalization inside, "
-        "dynamic batch) and FP16 ONNX, compare every stage (ONNX Runtime FP32/FP16, PyTorch "
-        "FP16, TensorRT FP16 where available, Triton HTTP/gRPC) with PyTorch on every val "
-        "image, write parity.json/.md/.png, and publish the next numeric version into the "
-        "model repository when nothing failed. Build an engine alone: `python -m export trt`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+EXPORT_DESCRIPTION = (
+    "Export a checkpoint to ONNX (0..255 RGB pixels in, normalization inside, dynamic "
+    "batch) and FP16 ONNX, compare every stage (ONNX Runtime FP32/FP16, PyTorch FP16, "
+    "TensorRT FP16 where available, Triton HTTP/gRPC) with PyTorch on every val image, "
+    "write parity.json/.md/.png, and publish the next numeric version into the model "
+    "repository when nothing failed. Build an engine alone: `python -m export trt`."
+)
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="runs/antsbees/checkpoint.pt")
     p.add_argument("--name", default="", help="served model name (default: the checkpoint's)")
     p.add_argument(
         "--data", default="", help="dataset for parity (default: the checkpoint's training data)"
     )
     p.add_argument("--split", default="val")
-    p.add_argument("--model-repository", dest="repository", default="model_repository")
+    add_model_repository(p)
     p.add_argument(
         "--out-dir",
         default="",
@@ -88,12 +93,13 @@ def parser() -> argparse.ArgumentParser:
         help="skip the stages through a real tritonserver",
     )
     p.add_argument(
-        "--server-url",
-        default="auto",
-        help="after publishing, if a Triton server is up here (auto: 127.0.0.1:"
-        "$GRPC_PORT), load the new version and record its served accuracy; 'none' "
-        "to skip",
+        "--deploy",
+        default="",
+        metavar="HOST:PORT",
+        help="after publishing, load the new version on the Triton server at this gRPC "
+        "address and record its served accuracy in the card (needs its admin key)",
     )
+    add_admin_key(p)
     p.add_argument(
         "--atol",
         type=float,
@@ -129,30 +135,41 @@ def parser() -> argparse.ArgumentParser:
         default=ServingConfig.intra_op_threads,
         help="ONNX Runtime threads per CPU instance (0: ORT default)",
     )
+    g.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=ServingConfig.max_queue_size,
+        help="requests waiting per model; more are rejected at once",
+    )
+    g.add_argument(
+        "--queue-timeout-us",
+        type=int,
+        default=ServingConfig.queue_timeout_us,
+        help="a request queued longer is rejected",
+    )
     g.add_argument("--workers", type=int, default=2)
     _engine_args(p)
-    return p
 
 
-def trt_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m export trt",
-        description="Build a TensorRT engine (one optimization profile over the batch axis) "
-        "with Polygraphy and write beside it a JSON with the TensorRT version, GPU name and "
-        "compute capability, precision and profile. Needs TensorRT and a CUDA GPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_trt_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", required=True)
     p.add_argument("--out", default="", help="engine path (default: beside the ONNX, model.plan)")
     _engine_args(p)
-    return p
 
 
 def serving_from(a: argparse.Namespace, profile: EngineProfile) -> ServingConfig:
     if a.target == "gpu" and a.gpu_backend == "tensorrt":
         preferred = sorted({profile.opt_batch, profile.max_batch})
         return ServingConfig(
-            profile.max_batch, a.max_queue_delay_us, a.instances, 0, "gpu", "tensorrt", preferred
+            profile.max_batch,
+            a.max_queue_delay_us,
+            a.instances,
+            0,
+            "gpu",
+            "tensorrt",
+            preferred,
+            max_queue_size=a.max_queue_size,
+            queue_timeout_us=a.queue_timeout_us,
         )
     return ServingConfig(
         a.max_batch_size,
@@ -161,15 +178,16 @@ def serving_from(a: argparse.Namespace, profile: EngineProfile) -> ServingConfig
         a.intra_op_threads,
         a.target,
         a.gpu_backend,
+        max_queue_size=a.max_queue_size,
+        queue_timeout_us=a.queue_timeout_us,
     )
 
 
-def run_trt(argv: list[str]) -> int:
+def run_trt(a: argparse.Namespace) -> int:
     import onnx
 
-    from export.tensorrt_engine import build_engine
+    from export.tensorrt_engine import build_engine, require_tensorrt
 
-    a = trt_parser().parse_args(argv)
     require_tensorrt()  # the blocker first, before reading anything
     proto = onnx.load(a.onnx, load_external_data=False)
     inp = proto.graph.input[0]
@@ -181,42 +199,82 @@ def run_trt(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the export; errors print one clear line and exit non-zero."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv and argv[0] == "trt":
-            return run_trt(argv[1:])
-        a = parser().parse_args(argv)
-        profile = EngineProfile(a.min_batch, a.opt_batch, a.max_batch, a.fp16)
-        cfg = ExportConfig(
-            checkpoint=a.checkpoint,
-            name=a.name,
-            data=a.data,
-            split=a.split,
-            repository=a.repository,
-            out_dir=a.out_dir,
-            publish=a.publish,
-            force=a.force,
-            workers=a.workers,
-            atol=a.atol,
-            parity_limit=a.parity_limit,
-            fp16=a.fp16_stages,
-            fp16_limit=a.fp16_limit,
-            keep_fp16_edges=a.keep_fp16_edges,
-            fp16_tolerance=a.fp16_tolerance,
-            triton_parity=a.triton_parity,
-            server_url=a.server_url,
-            engine=a.engine,
-            timing_cache=a.timing_cache,
-            profile=profile,
-            serving=serving_from(a, profile),
-        )
-        run_export(cfg)
-    except ParityFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, FileNotFoundError, RuntimeError, TensorRTUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_export_command(a: argparse.Namespace) -> int:
+    from export.release import ExportConfig, run_export
+
+    profile = EngineProfile(a.min_batch, a.opt_batch, a.max_batch, a.fp16)
+    cfg = ExportConfig(
+        checkpoint=a.checkpoint,
+        name=a.name,
+        data=a.data,
+        split=a.split,
+        repository=a.model_repository,
+        out_dir=a.out_dir,
+        publish=a.publish,
+        force=a.force,
+        workers=a.workers,
+        atol=a.atol,
+        parity_limit=a.parity_limit,
+        fp16=a.fp16_stages,
+        fp16_limit=a.fp16_limit,
+        keep_fp16_edges=a.keep_fp16_edges,
+        fp16_tolerance=a.fp16_tolerance,
+        triton_parity=a.triton_parity,
+        deploy=a.deploy,
+        admin_key_file=a.admin_key_file or "",
+        engine=a.engine,
+        timing_cache=a.timing_cache,
+        profile=profile,
+        serving=serving_from(a, profile),
+    )
+    run_export(cfg)
     return 0
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from export.bench import add_arguments
+
+    add_arguments(p)
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    from export.bench import run
+
+    return run(a)
+
+
+COMMANDS = [
+    Command(
+        "export",
+        "checkpoint -> ONNX -> parity of every stage -> model repository (the default)",
+        add_export_arguments,
+        run_export_command,
+        description=EXPORT_DESCRIPTION,
+    ),
+    Command(
+        "trt",
+        "build a TensorRT engine with Polygraphy (GPU hosts)",
+        add_trt_arguments,
+        run_trt,
+        description="Build a TensorRT engine (one optimization profile over the batch axis) "
+        "with Polygraphy and write beside it a JSON with the TensorRT version, GPU name and "
+        "compute capability, precision and profile. Needs TensorRT and a CUDA GPU.",
+    ),
+    Command(
+        "bench",
+        "serving benchmark with the in-process baselines (ONNX Runtime, PyTorch, TensorRT)",
+        add_bench_arguments,
+        run_bench,
+    ),
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m export [export|trt|bench] ...`` (``export`` by default)."""
+    return cli_main(
+        "python -m export",
+        "Export, check and publish models (`python -m export COMMAND -h`).",
+        COMMANDS,
+        argv,
+        default="export",
+    )

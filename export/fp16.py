@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
 from export.stage_outputs import PixelBatches
-from train.checkpoint import atomic_write_bytes, model_from_checkpoint
+from serve.files import atomic_write_bytes
+from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.progress import progress
 
 
@@ -44,7 +44,7 @@ def convert_fp16(
     if block:
         fp16.metadata_props.add(key="fp32_nodes", value=",".join(block))
     onnx.checker.check_model(fp16, full_check=True)
-    atomic_write_bytes(Path(dst), lambda f: f.write(fp16.SerializeToString()))
+    atomic_write_bytes(Path(dst), fp16.SerializeToString())
     return fp16
 
 
@@ -63,7 +63,7 @@ def _fastest_layout(model: torch.nn.Module, x: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def pytorch_fp16_logits(
-    ckpt: dict[str, Any], pixels: PixelBatches, limit: int = 0
+    ckpt: Checkpoint, pixels: PixelBatches, limit: int = 0
 ) -> tuple[np.ndarray, int]:
     """The trained model in FP16 (``.half()``), inputs normalized in FP32 then cast.
 
@@ -71,9 +71,9 @@ def pytorch_fp16_logits(
     is slow - and how many images that was.
     """
     model = model_from_checkpoint(ckpt).half().eval()
-    pre = ckpt["preprocess"]
-    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    pre = ckpt.card.preprocessing
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
     n = pixels.count if limit <= 0 else min(limit, pixels.count)
     outs, done = [], 0
     layout: bool | None = None

@@ -1,7 +1,9 @@
-"""Checkpoint -> ONNX graph that takes 0..255 RGB pixels and normalizes inside."""
+"""Checkpoint -> ONNX graph that takes 0..255 RGB pixels and normalizes inside; the model
+card (normalization placement ``graph``) travels in the graph's metadata."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -11,10 +13,10 @@ import onnx
 import torch
 from torch import nn
 
-from train.checkpoint import atomic_write_bytes, model_from_checkpoint
+from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
+from serve.files import atomic_write_bytes
+from train.checkpoint import Checkpoint, model_from_checkpoint
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 OPSET = 18
 
 
@@ -36,48 +38,39 @@ class PixelClassifier(nn.Module):
         return self.model(x * self.scale - self.shift)
 
 
-def pixel_model(ckpt: dict[str, Any]) -> PixelClassifier:
+def pixel_model(ckpt: Checkpoint) -> PixelClassifier:
     """The checkpoint's model wrapped to take 0..255 pixels (eval mode)."""
-    pre = ckpt["preprocess"]
-    return PixelClassifier(model_from_checkpoint(ckpt), pre["mean"], pre["std"]).eval()
+    pre = ckpt.card.preprocessing
+    return PixelClassifier(model_from_checkpoint(ckpt), pre.mean, pre.std).eval()
 
 
-def metadata(ckpt: dict[str, Any]) -> dict[str, str]:
-    """ONNX metadata_props: everything a server or client needs, as strings (JSON values)."""
+def exported_card(ckpt: Checkpoint) -> ModelCard:
+    """The checkpoint's card as the exported graph sees it: it normalizes inside."""
+    card = ckpt.card
+    return card.replace(
+        preprocessing=dataclasses.replace(card.preprocessing, normalization="graph")
+    )
+
+
+def metadata(card: ModelCard) -> dict[str, str]:
+    """ONNX metadata_props: the model card (and its most-read fields), as JSON strings."""
     return {
-        "model_name": ckpt.get("model_name", ""),
-        "arch": ckpt["arch"],
-        "classes": json.dumps(ckpt["classes"]),
-        "preprocess": json.dumps(ckpt["preprocess"]),
-        "input": json.dumps(
-            {
-                "name": INPUT_NAME,
-                "dtype": "float32",
-                "layout": "NCHW",
-                "color": "RGB",
-                "range": [0, 255],
-                "shape": [-1, *ckpt["preprocess"]["input_size"]],
-            }
-        ),
-        "output": json.dumps(
-            {
-                "name": OUTPUT_NAME,
-                "dtype": "float32",
-                "kind": "logits",
-                "shape": [-1, ckpt["num_classes"]],
-            }
-        ),
-        "pretrained": json.dumps(ckpt.get("pretrained", {})),
-        "metrics": json.dumps(ckpt.get("metrics", {})),
+        "model_card": json.dumps(card.to_dict()),
+        "model_name": card.name,
+        "arch": card.arch,
+        "classes": json.dumps(card.classes),
+        "preprocessing": json.dumps(dataclasses.asdict(card.preprocessing)),
+        "input": json.dumps(dataclasses.asdict(card.input)),
+        "output": json.dumps(dataclasses.asdict(card.output)),
         "torch_version": str(torch.__version__),
     }
 
 
-def export_onnx(ckpt: dict[str, Any], path: str | Path, *, opset: int = OPSET) -> onnx.ModelProto:
+def export_onnx(ckpt: Checkpoint, path: str | Path, *, opset: int = OPSET) -> onnx.ModelProto:
     """Export with a dynamic batch axis, attach metadata, check, and write atomically."""
     path = Path(path)
     model = pixel_model(ckpt)
-    c, h, w = ckpt["preprocess"]["input_size"]
+    c, h, w = ckpt.card.input.shape
     example = torch.rand(2, c, h, w) * 255
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -99,11 +92,11 @@ def export_onnx(ckpt: dict[str, Any], path: str | Path, *, opset: int = OPSET) -
         dim0.ClearField("dim_value")
         dim0.dim_param = "batch"
     del proto.metadata_props[:]
-    for key, value in metadata(ckpt).items():
+    for key, value in metadata(exported_card(ckpt)).items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "trainserve.export"
     onnx.checker.check_model(proto, full_check=True)
-    atomic_write_bytes(path, lambda f: f.write(proto.SerializeToString()))
+    atomic_write_bytes(path, proto.SerializeToString())
     return proto
 
 

@@ -1,32 +1,53 @@
 """The export run: checkpoint -> ONNX (FP32, FP16) [-> TensorRT engine] -> parity of every
-stage on every val image -> report -> publish when every stage that ran passed."""
+stage on every val image -> report -> publish when every gating stage passed -> deploy to
+a live server when asked (``--deploy URL``).
+
+:func:`run_export` is the list of its steps; each step reads and extends one
+:class:`ExportRun`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import platform
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime
-import torch
 
 from export.fp16 import convert_fp16, pytorch_fp16_logits
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx
+from export.onnx_export import export_onnx, exported_card
 from export.parity import FP16_GATE, FP32_GATE, Stage, Thresholds, format_stage, judge, skipped
+from export.publish import Published, publish
 from export.report import write_histogram, write_json, write_markdown
-from export.repository import ServingConfig, publish, publish_image_pipeline, sha256
 from export.stage_outputs import (
+    PixelBatches,
     encoded_images,
     load_pixels,
     onnxruntime_logits,
     pytorch_logits,
 )
 from export.tensorrt_engine import EngineProfile, build_engine, tensorrt_logits, tensorrt_status
-from train.checkpoint import load_checkpoint
+from export.triton_config import ServingConfig
+from serve.cli_common import GateRefused
+from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard, ParitySummary
+from serve.files import sha256
+from train.checkpoint import Checkpoint, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+NO_TENSORRT = (
+    "TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
+    "engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
+    "--engine, or use --gpu-backend onnxruntime"
+)
+
+
+class ParityFailed(GateRefused):
+    """A gating stage missed its threshold and publishing was refused (exit 3)."""
 
 
 @dataclass
@@ -50,34 +71,63 @@ class ExportConfig:
     keep_fp16_edges: bool = False
     fp16_tolerance: float = FP16_GATE.atol
     triton_parity: bool = True
-    server_url: str = "auto"
+    deploy: str = ""  # HOST:PORT of a live server to load the new version into
+    admin_key_file: str = ""
     engine: str = ""
     timing_cache: str = ""
     profile: EngineProfile = field(default_factory=EngineProfile)
     serving: ServingConfig = field(default_factory=ServingConfig)
 
-
-NO_TENSORRT = (
-    "TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
-    "engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
-    "--engine, or use --gpu-backend onnxruntime"
-)
-
-
-class ParityFailed(RuntimeError):
-    """A stage missed its threshold and publishing was refused."""
+    def validate(self) -> None:
+        if not 0 < self.atol <= FP32_GATE.atol:
+            raise ValueError(
+                f"atol {self.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
+                "be tightened, not loosened (use --force to publish anyway)"
+            )
+        if self.fp16_tolerance <= 0:
+            raise ValueError(f"fp16 tolerance must be > 0, got {self.fp16_tolerance:g}")
 
 
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+@dataclass
+class ExportRun:
+    """What the steps share."""
 
+    cfg: ExportConfig
+    ckpt: Checkpoint
+    name: str
+    data: str
+    out_dir: Path
+    stages: list[Stage] = field(default_factory=list)
+    diffs: dict[str, np.ndarray] = field(default_factory=dict)
+    pixels: PixelBatches | None = None
+    reference: np.ndarray | None = None
+    ort32: np.ndarray | None = None
+    engine: Path | None = None
+    card: ModelCard | None = None
+    report: dict[str, Any] = field(default_factory=dict)
+    published: Published | None = None
 
-class Release:
-    """Collects stages and their |diff| arrays for the report."""
+    @property
+    def onnx_path(self) -> Path:
+        return self.out_dir / "model.onnx"
 
-    def __init__(self) -> None:
-        self.stages: list[Stage] = []
-        self.diffs: dict[str, np.ndarray] = {}
+    @property
+    def fp16_path(self) -> Path:
+        return self.out_dir / "model_fp16.onnx"
+
+    @property
+    def fp32_gate(self) -> Thresholds:
+        return Thresholds(min_top1=FP32_GATE.min_top1, stat="max", atol=self.cfg.atol)
+
+    @property
+    def fp16_gate(self) -> Thresholds:
+        tol = self.cfg.fp16_tolerance
+        return Thresholds(min_top1=FP16_GATE.min_top1, stat="median", atol=tol, rtol=tol)
+
+    @property
+    def passed(self) -> bool:
+        """No gating stage failed (advisory stages are reported, not enforced)."""
+        return all(s.status != "failed" or not s.gating for s in self.stages)
 
     def compare(
         self,
@@ -91,181 +141,175 @@ class Release:
         stage = judge(name, reference, ref, out, gate, gating)
         self.stages.append(stage)
         self.diffs[name] = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
-        say(format_stage(stage))
+        log.info("%s", format_stage(stage))
         return stage
 
     def skip(self, name: str, reference: str, reason: str) -> None:
         self.stages.append(skipped(name, reference, reason))
-        say(format_stage(self.stages[-1]))
-
-    @property
-    def passed(self) -> bool:
-        """No gating stage failed (advisory stages are reported, not enforced)."""
-        return all(s.status != "failed" or not s.gating for s in self.stages)
+        log.info("%s", format_stage(self.stages[-1]))
 
 
-def _tensorrt_stage(
-    cfg: ExportConfig,
-    rel: Release,
-    onnx_path: Path,
-    ckpt: dict[str, Any],
-    pixels: Any,
-    reference: np.ndarray,
-    out_dir: Path,
-    gate: Thresholds,
-) -> Path | None:
-    """Build (or take) the engine and compare it; returns the engine path if there is one."""
-    wants_engine = cfg.serving.kind == "gpu-tensorrt"
-    engine = Path(cfg.engine) if cfg.engine else None
-    ok, why = tensorrt_status()
-    if not ok:
-        if wants_engine and engine is None:
-            raise RuntimeError(NO_TENSORRT.format(why=why))
-        rel.skip("tensorrt-fp16", "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
-        return engine
-    if engine is None:
-        engine = out_dir / "model.plan"
-        meta = build_engine(
-            onnx_path,
-            engine,
-            cfg.profile,
-            INPUT_NAME,
-            ckpt["preprocess"]["input_size"],
-            cfg.timing_cache or None,
-        )
-        say(
-            f"built {engine} ({meta['precision']}, TensorRT {meta['tensorrt_version']}, "
-            f"{meta['gpu_name']}, {meta['build_seconds']}s)"
-        )
-    logits = tensorrt_logits(engine, pixels.batches, INPUT_NAME, OUTPUT_NAME)
-    rel.compare(
-        "tensorrt-fp16",
-        "pytorch-fp32",
-        reference,
-        logits,
-        gate,
-        gating=cfg.serving.kind == "gpu-tensorrt",
-    )
-    return engine
-
-
-def run_export(cfg: ExportConfig) -> dict[str, Any]:
-    """Export, check every stage, write the report, and publish when nothing failed.
-
-    Returns the report. Raises ParityFailed (after writing the report) when a stage
-    failed and ``force`` is off.
-    """
-    if not 0 < cfg.atol <= FP32_GATE.atol:
-        raise ValueError(
-            f"atol {cfg.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
-            "be tightened, not loosened (use --force to publish anyway)"
-        )
-    if cfg.fp16_tolerance <= 0:
-        raise ValueError(f"fp16 tolerance must be > 0, got {cfg.fp16_tolerance:g}")
-    fp32_gate = Thresholds(min_top1=FP32_GATE.min_top1, stat="max", atol=cfg.atol)
-    fp16_gate = Thresholds(
-        min_top1=FP16_GATE.min_top1, stat="median", atol=cfg.fp16_tolerance, rtol=cfg.fp16_tolerance
-    )
-    # FP16 stages gate publishing only when the published model runs in FP16 (GPU targets);
-    # for the CPU target (FP32) they are reported as advisory.
-    fp16_gating = cfg.serving.target == "gpu"
+# -- the steps -------------------------------------------------------------------------------
+def start(cfg: ExportConfig) -> ExportRun:
+    """Validate, fail fast on a missing TensorRT, load the checkpoint, resolve paths."""
+    cfg.validate()
     if cfg.serving.kind == "gpu-tensorrt" and not cfg.engine:
         ok, why = tensorrt_status()
-        if not ok:  # fail before any work
+        if not ok:
             raise RuntimeError(NO_TENSORRT.format(why=why))
     ckpt_path = Path(cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
-    name = cfg.name or ckpt.get("model_name") or ckpt_path.parent.name
-    data = cfg.data or ckpt.get("config", {}).get("data", "")
+    data = cfg.data or ckpt.config.get("data", "")
     if not data:
         raise ValueError("no --data given and the checkpoint records no data folder")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else ckpt_path.parent
-    onnx_path, fp16_path = out_dir / "model.onnx", out_dir / "model_fp16.onnx"
+    return ExportRun(cfg, ckpt, cfg.name or ckpt.card.name, str(data), out_dir)
 
-    say(f"exporting {ckpt_path} ({ckpt['arch']}, {len(ckpt['classes'])} classes) -> {onnx_path}")
-    export_onnx(ckpt, onnx_path)
-    convert_fp16(onnx_path, fp16_path, keep_first_last_fp32=cfg.keep_fp16_edges)
-    pixels = load_pixels(ckpt, data, cfg.split, cfg.batch_size, cfg.workers, cfg.parity_limit)
-    say(f"parity on {pixels.count} {cfg.split} images of {data}")
-    reference = pytorch_logits(ckpt, pixels)
-    rel = Release()
-    ort32 = onnxruntime_logits(onnx_path, pixels)
-    rel.compare("onnxruntime-fp32", "pytorch-fp32", reference, ort32, fp32_gate)
-    if cfg.fp16:
-        rel.compare(
-            "onnxruntime-fp16",
-            "pytorch-fp32",
-            reference,
-            onnxruntime_logits(fp16_path, pixels),
-            fp16_gate,
-            fp16_gating,
-        )
-        half, n_half = pytorch_fp16_logits(ckpt, pixels, cfg.fp16_limit)
-        rel.compare(
-            "pytorch-fp16", "pytorch-fp32", reference[:n_half], half, fp16_gate, fp16_gating
-        )
-    else:
+
+def export_models(run: ExportRun) -> None:
+    """ONNX (FP32) and its FP16 variant, written atomically into the run folder."""
+    card = run.ckpt.card
+    log.info(
+        "exporting %s (%s, %d classes) -> %s",
+        run.cfg.checkpoint,
+        card.arch,
+        card.num_classes,
+        run.onnx_path,
+    )
+    export_onnx(run.ckpt, run.onnx_path)
+    convert_fp16(run.onnx_path, run.fp16_path, keep_first_last_fp32=run.cfg.keep_fp16_edges)
+
+
+def reference_outputs(run: ExportRun) -> None:
+    """Every val image through the checkpoint's eval transform, and PyTorch FP32 on them."""
+    cfg = run.cfg
+    run.pixels = load_pixels(
+        run.ckpt, run.data, cfg.split, cfg.batch_size, cfg.workers, cfg.parity_limit
+    )
+    log.info("parity on %d %s images of %s", run.pixels.count, cfg.split, run.data)
+    run.reference = pytorch_logits(run.ckpt, run.pixels)
+
+
+def check_onnxruntime(run: ExportRun) -> None:
+    """ONNX Runtime FP32 (gating) and FP16 (gating only for FP16 targets)."""
+    assert run.pixels is not None and run.reference is not None
+    run.ort32 = onnxruntime_logits(run.onnx_path, run.pixels)
+    run.compare("onnxruntime-fp32", "pytorch-fp32", run.reference, run.ort32, run.fp32_gate)
+    if not run.cfg.fp16:
         for stage_name in ("onnxruntime-fp16", "pytorch-fp16"):
-            rel.skip(stage_name, "pytorch-fp32", "disabled (--no-fp16-stages)")
-    engine = _tensorrt_stage(cfg, rel, onnx_path, ckpt, pixels, reference, out_dir, fp16_gate)
+            run.skip(stage_name, "pytorch-fp32", "disabled (--no-fp16-stages)")
+        return
+    # FP16 stages gate publishing only when the published model runs in FP16 (GPU targets).
+    gating = run.cfg.serving.target == "gpu"
+    fp16 = onnxruntime_logits(run.fp16_path, run.pixels)
+    run.compare("onnxruntime-fp16", "pytorch-fp32", run.reference, fp16, run.fp16_gate, gating)
+    half, n_half = pytorch_fp16_logits(run.ckpt, run.pixels, run.cfg.fp16_limit)
+    run.compare("pytorch-fp16", "pytorch-fp32", run.reference[:n_half], half, run.fp16_gate, gating)
 
-    card_base = {
-        "arch": ckpt["arch"],
-        "arch_options": ckpt.get("arch_options", {}),
-        "classes": ckpt["classes"],
-        "preprocess": ckpt["preprocess"],
-        "pretrained": ckpt.get("pretrained", {}),
-        "metrics": ckpt.get("metrics", {}),
-        "epoch": ckpt.get("epoch"),
-        "training_config": ckpt.get("config", {}),
-        "checkpoint": str(ckpt_path),
-        "checkpoint_sha256": sha256(ckpt_path),
-        "input": {"name": INPUT_NAME, "dtype": "FP32", "layout": "NCHW", "range": "0..255 RGB"},
-        "output": {"name": OUTPUT_NAME, "dtype": "FP32", "kind": "logits"},
-    }
 
-    def publish_into(repo: Path, card: dict[str, Any] | None = None) -> Path:
-        version = publish(repo, name, onnx_path, ckpt, card or card_base, cfg.serving, engine)
-        publish_image_pipeline(repo, name, ckpt, cfg.serving)
-        return version
+def check_tensorrt(run: ExportRun) -> None:
+    """Build (or take) the engine and compare it; skipped with the reason elsewhere."""
+    cfg = run.cfg
+    assert run.pixels is not None and run.reference is not None
+    wants_engine = cfg.serving.kind == "gpu-tensorrt"
+    run.engine = Path(cfg.engine) if cfg.engine else None
+    ok, why = tensorrt_status()
+    if not ok:
+        if wants_engine and run.engine is None:
+            raise RuntimeError(NO_TENSORRT.format(why=why))
+        run.skip("tensorrt-fp16", "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
+        return
+    if run.engine is None:
+        run.engine = run.out_dir / "model.plan"
+        meta = build_engine(
+            run.onnx_path,
+            run.engine,
+            cfg.profile,
+            INPUT_NAME,
+            run.ckpt.card.input.shape,
+            cfg.timing_cache or None,
+        )
+        log.info(
+            "built %s (%s, TensorRT %s, %s, %ss)",
+            run.engine,
+            meta["precision"],
+            meta["tensorrt_version"],
+            meta["gpu_name"],
+            meta["build_seconds"],
+        )
+    logits = tensorrt_logits(run.engine, run.pixels.batches, INPUT_NAME, OUTPUT_NAME)
+    run.compare(
+        "tensorrt-fp16", "pytorch-fp32", run.reference, logits, run.fp16_gate, gating=wants_engine
+    )
 
-    for protocol in ("http", "grpc"):
-        stage_name = f"triton-{protocol}"
-        if not cfg.triton_parity:
-            rel.skip(stage_name, "onnxruntime-fp32", "disabled (--no-triton-parity)")
-            if protocol == "grpc":
-                rel.skip("triton-image", "onnxruntime-fp32", "disabled (--no-triton-parity)")
-        elif cfg.serving.target != "cpu":
-            reason = (
-                "the bundled tritonserver has only the python backend; serve the GPU "
-                "repository with the NGC container (serve/docker-compose.gpu.yml)"
-            )
-            rel.skip(stage_name, "onnxruntime-fp32", reason)
-            if protocol == "grpc":
-                rel.skip("triton-image", "onnxruntime-fp32", reason)
-    if cfg.triton_parity and cfg.serving.target == "cpu":
-        from export.triton_parity import triton_logits
 
-        images = encoded_images(ckpt, data, cfg.split, cfg.parity_limit)
-        served = triton_logits(publish_into, name, pixels, images)
-        for key, logits in served.items():
-            rel.compare(f"triton-{key}", "onnxruntime-fp32", ort32, logits, fp32_gate)
+def make_card(run: ExportRun) -> None:
+    """The card to publish: the checkpoint's, as exported, with provenance by name and
+    hash (no machine-local path), cost per image and the parity summary."""
+    from export.baselines import model_gflops
 
-    report = {
-        "model": name,
-        "checkpoint": str(ckpt_path),
-        "checkpoint_sha256": sha256(ckpt_path),
-        "onnx": str(onnx_path),
-        "onnx_fp16": str(fp16_path),
-        "engine": str(engine) if engine else None,
+    ckpt_path = Path(run.cfg.checkpoint)
+    card = exported_card(run.ckpt)
+    provenance = dataclasses.replace(
+        card.provenance, checkpoint=ckpt_path.name, checkpoint_sha256=sha256(ckpt_path)
+    )
+    run.card = card.replace(
+        name=run.name, provenance=provenance, gflop_per_image=round(model_gflops(run.ckpt), 4)
+    )
+
+
+def publish_into(run: ExportRun, repo: Path) -> Published:
+    assert run.card is not None
+    return publish(repo, run.name, run.onnx_path, run.card, run.cfg.serving, run.engine)
+
+
+def check_triton(run: ExportRun) -> None:
+    """The published version through a real tritonserver, over HTTP and gRPC, and the
+    raw-image ensemble (CPU targets; the bundled server has only the python backend)."""
+    cfg = run.cfg
+    assert run.pixels is not None and run.ort32 is not None
+    names = ("triton-http", "triton-grpc", "triton-image")
+    if not cfg.triton_parity or cfg.serving.target != "cpu":
+        reason = (
+            "disabled (--no-triton-parity)"
+            if not cfg.triton_parity
+            else "the bundled tritonserver has only the python backend; serve the GPU "
+            "repository with the NGC container (serve/docker-compose.gpu.yml)"
+        )
+        for stage_name in names:
+            run.skip(stage_name, "onnxruntime-fp32", reason)
+        return
+    from export.triton_parity import triton_logits
+
+    images = encoded_images(run.ckpt, run.data, cfg.split, cfg.parity_limit)
+    served = triton_logits(lambda repo: publish_into(run, repo), run.name, run.pixels, images)
+    for key, logits in served.items():
+        run.compare(f"triton-{key}", "onnxruntime-fp32", run.ort32, logits, run.fp32_gate)
+
+
+def write_reports(run: ExportRun) -> None:
+    """parity.json, parity.md, parity.png in the run folder (local paths are fine there)."""
+    import onnx
+    import onnxruntime
+    import torch
+
+    assert run.pixels is not None and run.reference is not None and run.card is not None
+    cfg = run.cfg
+    run.report = {
+        "model": run.name,
+        "checkpoint": str(cfg.checkpoint),
+        "checkpoint_sha256": run.card.provenance.checkpoint_sha256,
+        "onnx": str(run.onnx_path),
+        "onnx_fp16": str(run.fp16_path),
+        "engine": str(run.engine) if run.engine else None,
         "target": cfg.serving.kind,
-        "data": str(data),
+        "data": run.data,
         "split": cfg.split,
-        "images": pixels.count,
-        "reference_top1": float((reference.argmax(1) == pixels.labels).mean()),
-        "passed": rel.passed,
-        "forced": bool(cfg.force and not rel.passed),
-        "stages": [s.to_dict() for s in rel.stages],
+        "images": run.pixels.count,
+        "reference_top1": float((run.reference.argmax(1) == run.pixels.labels).mean()),
+        "passed": run.passed,
+        "forced": bool(cfg.force and not run.passed),
+        "stages": [s.to_dict() for s in run.stages],
         "versions": {
             "torch": str(torch.__version__),
             "onnx": onnx.__version__,
@@ -273,39 +317,83 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
             "python": platform.python_version(),
         },
     }
-    write_json(report, out_dir / "parity.json")
-    write_markdown(report, out_dir / "parity.md")
-    write_histogram(rel.stages, rel.diffs, out_dir / "parity.png")
-    say(f"wrote {out_dir}/parity.json, parity.md, parity.png")
-    if not rel.passed and not cfg.force:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in rel.stages if s.status == "failed")
-        raise ParityFailed(
-            f"parity failed, not publishing ({reasons}); see {out_dir / 'parity.md'}"
-        )
-    if cfg.publish:
-        card = {
-            **card_base,
-            "parity": {k: report[k] for k in ("passed", "forced", "images", "stages")},
-        }
-        target = publish_into(Path(cfg.repository), card)
-        report["published"] = str(target)
-        say(f"published {name} version {target.name} ({cfg.serving.kind}) -> {target}")
-        if report["forced"]:
-            say("WARNING: published despite failed parity (--force); recorded in the model card")
-        if cfg.server_url != "none":
-            from export.served import default_server_url, deploy_and_measure
+    write_json(run.report, run.out_dir / "parity.json")
+    write_markdown(run.report, run.out_dir / "parity.md")
+    write_histogram(run.stages, run.diffs, run.out_dir / "parity.png")
+    log.info("wrote %s/parity.json, parity.md, parity.png", run.out_dir)
 
-            url = default_server_url() if cfg.server_url == "auto" else cfg.server_url
-            served = deploy_and_measure(
-                url, name, target, str(data), cfg.split, report["reference_top1"]
-            )
-            report["served"] = served
-            if served["status"] == "measured":
-                say(
-                    f"live server {url}: loaded {name} v{target.name}; served accuracy "
-                    f"{served['accuracy']:.4f} on {served['images']} images (in-process "
-                    f"{served['in_process_top1']:.4f}); recorded in the model card"
-                )
-            elif served["status"] != "no server":
-                say(f"live server {url}: {served['status']}: {served.get('note', '')}")
-    return report
+
+def gate(run: ExportRun) -> None:
+    """Refuse to publish when a gating stage failed (unless --force)."""
+    if run.passed or run.cfg.force:
+        return
+    reasons = "; ".join(f"{s.name}: {s.reason}" for s in run.stages if s.status == "failed")
+    raise ParityFailed(
+        f"parity failed, not publishing ({reasons}); see {run.out_dir / 'parity.md'}"
+    )
+
+
+def publish_release(run: ExportRun) -> None:
+    """The next version in the repository, its card holding the parity summary."""
+    if not run.cfg.publish:
+        return
+    assert run.card is not None
+    summary = ParitySummary(
+        passed=run.report["passed"],
+        forced=run.report["forced"],
+        images=run.report["images"],
+        reference_accuracy=run.report["reference_top1"],
+        stages=run.report["stages"],
+    )
+    run.card = run.card.replace(parity=summary)
+    run.published = publish_into(run, Path(run.cfg.repository))
+    target = run.published.classifier
+    run.report["published"] = str(target)
+    log.info(
+        "published %s version %s (%s) -> %s", run.name, target.name, run.cfg.serving.kind, target
+    )
+    if run.report["forced"]:
+        log.warning("WARNING: published despite failed parity (--force); recorded in the card")
+
+
+def deploy_release(run: ExportRun) -> None:
+    """With ``--deploy URL``: load the new version on that server and record its served
+    accuracy in the card. Never implied by a port that happens to answer."""
+    if not run.cfg.deploy or run.published is None:
+        return
+    from export.deploy import deploy_and_measure
+
+    served = deploy_and_measure(
+        run.cfg.deploy,
+        run.name,
+        run.published.classifier,
+        run.data,
+        run.cfg.split,
+        run.report["reference_top1"],
+        run.cfg.admin_key_file or None,
+    )
+    run.report["served"] = served
+    log.info("deployed to %s: %s", run.cfg.deploy, served.get("note") or served["status"])
+
+
+STEPS: list[Callable[[ExportRun], None]] = [
+    export_models,
+    reference_outputs,
+    check_onnxruntime,
+    check_tensorrt,
+    make_card,
+    check_triton,
+    write_reports,
+    gate,
+    publish_release,
+    deploy_release,
+]
+
+
+def run_export(cfg: ExportConfig) -> dict[str, Any]:
+    """Run every step; returns the report. Raises ParityFailed (after writing the report)
+    when a gating stage failed and ``force`` is off."""
+    run = start(cfg)
+    for step in STEPS:
+        step(run)
+    return run.report

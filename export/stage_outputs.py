@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from train.checkpoint import model_from_checkpoint
+from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.data import Preprocess
 from train.datasets import dataset_split, subset
 from train.progress import progress
@@ -29,8 +29,14 @@ class PixelBatches:
         return len(self.paths)
 
 
+def _kind(ckpt: Checkpoint, data: str | Path) -> str:
+    """The dataset kind the run used, when ``data`` is its data; else detect it."""
+    config = ckpt.config
+    return config.get("dataset", "auto") if str(data) == config.get("data") else "auto"
+
+
 def load_pixels(
-    ckpt: dict[str, Any],
+    ckpt: Checkpoint,
     data: str | Path,
     split: str = "val",
     batch_size: int = 32,
@@ -39,16 +45,16 @@ def load_pixels(
 ) -> PixelBatches:
     """Every image of the split (or a fixed random ``limit`` of them) through the
     checkpoint's own eval Resize + CenterCrop, as float32 0..255 pixels."""
-    pre = Preprocess.from_dict(ckpt["preprocess"])
-    config = ckpt.get("config", {})
-    kind = config.get("dataset", "auto") if str(data) == config.get("data") else "auto"
+    pre = Preprocess.from_card(ckpt.card.preprocessing)
     ds = subset(
-        dataset_split(data, split, pre.eval_transform(normalize=False), kind), limit, seed=0
+        dataset_split(data, split, pre.eval_transform(normalize=False), _kind(ckpt, data)),
+        limit,
+        seed=0,
     )
-    if list(ds.classes) != list(ckpt["classes"]):
+    if list(ds.classes) != ckpt.card.classes:
         raise ValueError(
             f"{data} ({split}) classes {list(ds.classes)} differ from the "
-            f"checkpoint's {ckpt['classes']}"
+            f"checkpoint's {ckpt.card.classes}"
         )
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
     batches, labels = [], []
@@ -69,13 +75,13 @@ def sample_names(ds: Any) -> list[str]:
 
 @torch.no_grad()
 def pytorch_logits(
-    ckpt: dict[str, Any], pixels: PixelBatches, dtype: torch.dtype = torch.float32
+    ckpt: Checkpoint, pixels: PixelBatches, dtype: torch.dtype = torch.float32
 ) -> np.ndarray:
     """The trained model as trained: ``(x / 255 - mean) / std`` then the network."""
     model = model_from_checkpoint(ckpt).to(dtype)
-    pre = ckpt["preprocess"]
-    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    pre = ckpt.card.preprocessing
+    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std).view(1, 3, 1, 1)
     outs = []
     for x in progress(pixels.batches, desc=f"pytorch {str(dtype).split('.')[-1]}"):
         normalized = (torch.from_numpy(x) / 255 - mean) / std
@@ -97,7 +103,7 @@ def onnxruntime_logits(onnx_path: str | Path, pixels: PixelBatches, threads: int
 
 
 def encoded_images(
-    ckpt: dict[str, Any], data: str | Path, split: str = "val", limit: int = 0
+    ckpt: Checkpoint, data: str | Path, split: str = "val", limit: int = 0
 ) -> list[bytes]:
     """The same images as :func:`load_pixels` (same order and subset), encoded: the files'
     own bytes for an ImageFolder, lossless PNG for arrays. What a raw-image client sends."""
@@ -105,9 +111,7 @@ def encoded_images(
 
     from PIL import Image
 
-    config = ckpt.get("config", {})
-    kind = config.get("dataset", "auto") if str(data) == config.get("data") else "auto"
-    ds = subset(dataset_split(data, split, None, kind), limit, seed=0)
+    ds = subset(dataset_split(data, split, None, _kind(ckpt, data)), limit, seed=0)
     base, idx = (ds.dataset, list(ds.indices)) if hasattr(ds, "indices") else (ds, None)
     idx = idx if idx is not None else list(range(len(base)))
     if hasattr(base, "samples"):

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from export.stage_outputs import PixelBatches
+from serve.contract import image_model_name
 
 
 def triton_logits(
-    publish_into: Callable[[Path], Path],
+    publish_into: Callable[[Path], object],
     model_name: str,
     pixels: PixelBatches,
     images: list[bytes] | None = None,
@@ -41,6 +42,6 @@ def triton_logits(
                 with Classifier(url, model_name, protocol=protocol) as clf:
                     out[protocol] = np.concatenate([clf.logits(b) for b in pixels.batches])
             if images is not None:
-                with Classifier(server.grpc_url, f"{model_name}_image") as clf:
+                with Classifier(server.grpc_url, image_model_name(model_name)) as clf:
                     out["image"] = clf.logits(np.array([[b] for b in images], dtype=object))
     return out

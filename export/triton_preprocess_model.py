@@ -3,10 +3,16 @@
 Copied into each published ``<model>_preprocess`` version as ``model.py``, next to
 ``image_preprocess.py`` (a copy of ``serve/preprocess.py``, the same decoder the
 training data loader and the client use). Every step is read from the config's
-parameters, which ``make export`` fills from the checkpoint's model card: decode with
-Pillow, EXIF orientation, any mode -> RGB, Resize(shorter side) + CenterCrop, float32
-0..255 CHW. A bad image fails its own request with a message naming the item; the
-other requests of the same batch are answered normally.
+parameters, which ``make export`` fills from the model card: decode with Pillow (the
+served formats only), EXIF orientation, any mode -> RGB, Resize(shorter side) +
+CenterCrop, float32 0..255 CHW. The work per image is bounded before anything big is
+allocated (encoded bytes, source pixels, aspect ratio, resize target: the ``max_*``
+parameters).
+
+A request with several images is answered as a whole: if any item is bad, the request
+fails with ``bad image: item k: <reason>`` naming the first bad item, and no pixels are
+produced for it. The other requests of the same dynamic batch are answered normally,
+and the model stays healthy (every exception is caught per request).
 """
 
 import json
@@ -17,7 +23,14 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from image_preprocess import ImageError, ResizeCrop, load_image, resize_crop  # noqa: E402
+from image_preprocess import (  # noqa: E402
+    ImageError,
+    Limits,
+    ResizeCrop,
+    describe,
+    load_image,
+    resize_crop,
+)
 
 
 class TritonPythonModel:
@@ -31,21 +44,25 @@ class TritonPythonModel:
             int(params["preprocess_crop"]),
             params.get("preprocess_interpolation", "bilinear"),
         )
-        self.max_pixels = int(params.get("max_pixels", "40000000"))
-        self.max_bytes = int(params.get("max_image_bytes", str(64 << 20)))
+        defaults = Limits()
+        self.limits = Limits(
+            max_bytes=int(params.get("max_image_bytes", defaults.max_bytes)),
+            max_pixels=int(params.get("max_pixels", defaults.max_pixels)),
+            max_aspect_ratio=float(params.get("max_aspect_ratio", defaults.max_aspect_ratio)),
+            max_resized_pixels=int(params.get("max_resized_pixels", defaults.max_resized_pixels)),
+        )
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 
     def _pixels(self, item, index):
         data = item if isinstance(item, bytes) else bytes(item)
-        if len(data) > self.max_bytes:
-            raise ImageError(
-                f"item {index}: {len(data)} bytes is over the {self.max_bytes} byte limit"
-            )
         try:
-            return resize_crop(load_image(data, self.max_pixels), self.geometry)
+            image = load_image(data, limits=self.limits)
+            return resize_crop(image, self.geometry, self.limits, describe(data))
         except ImageError as e:
             raise ImageError(f"item {index}: {e}") from e
+        except Exception as e:  # never an empty reason, whatever failed
+            raise ImageError(f"item {index}: {type(e).__name__}: {e}") from e
 
     def execute(self, requests):
         responses = []
@@ -59,8 +76,9 @@ class TritonPythonModel:
                 out = pb_utils.Tensor(self.output_name, pixels)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             except Exception as e:  # one bad request never affects the others
+                reason = str(e) or type(e).__name__
                 responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad image: {e}"))
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad image: {reason}"))
                 )
         return responses
 

@@ -1,0 +1,71 @@
+"""In-process baselines that need torch or TensorRT, measured with the same load loop as
+the Triton rows (``serve.loadgen``): PyTorch eager, a bare TensorRT engine, the GEMM
+peak of torch's BLAS, and a network's FLOPs per image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from serve.loadgen import Level, level, measure
+from serve.machine import timed_gflops
+from train.checkpoint import Checkpoint
+from train.models import build_model
+
+
+def model_gflops(ckpt: Checkpoint) -> float:
+    """FLOPs per image of the checkpoint's network (torch's FlopCounterMode), GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    card = ckpt.card
+    model = build_model(card.arch, card.num_classes, **card.arch_options).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *card.input.shape))
+    return counter.get_total_flops() / 1e9
+
+
+def gemm_gflops_torch(seconds: float = 3.0, n: int = 2048) -> float:
+    """FP32 GEMM throughput of torch's BLAS (all threads), GFLOP/s."""
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    return timed_gflops(lambda: a @ b, 2 * n**3, seconds)
+
+
+def pytorch_baseline(
+    ckpt: Checkpoint, pixels: np.ndarray, batch: int, window: float, cap: float
+) -> Level:
+    """The exported network as PyTorch eager (0..255 pixels in, normalization inside)."""
+    from export.onnx_export import pixel_model
+
+    model = pixel_model(ckpt)
+    x = torch.from_numpy(pixels[:batch])
+
+    def once(_: Any) -> None:
+        with torch.inference_mode():
+            model(x)
+
+    return level("pytorch", "tensor", batch, 1, measure(once, 1, window, cap))
+
+
+def tensorrt_baseline(
+    plan: Path, pixels: np.ndarray, batch: int, window: float, cap: float
+) -> Level | str:
+    """The bare engine (Polygraphy TrtRunner) where the version holds one and TensorRT + a
+    GPU are here; otherwise the reason, recorded as skipped."""
+    if not plan.is_file():
+        return f"no TensorRT engine ({plan} missing; a CPU repository has none)"
+    try:
+        from polygraphy.backend.common import BytesFromPath
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+        from export.tensorrt_engine import check_compatible
+
+        meta = check_compatible(plan)
+    except Exception as e:  # noqa: BLE001 - TensorRT missing, another GPU: the reason is the row
+        return f"cannot run {plan}: {e}"
+    x = pixels[:batch]
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan)))) as runner:
+        m = measure(lambda _: runner.infer({meta["input"]["name"]: x}), 1, window, cap)
+    return level("tensorrt", "tensor", batch, 1, m, meta.get("precision", "fp16"))

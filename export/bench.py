@@ -1,0 +1,79 @@
+"""``python -m export bench`` (``make bench``): the serving benchmark of
+``python -m serve bench`` plus the baselines that need torch, in one report.
+
+In one run: the machine's GEMM peak (ONNX Runtime's MLAS and torch), ONNX Runtime and
+PyTorch eager in-process, the bare TensorRT engine where there is one, then the Triton
+sweep; every Triton figure is a ratio to in-process ONNX Runtime (and PyTorch).
+Images come from the checkpoint's own val split unless ``--data`` names a folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from export.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
+from serve import bench as serve_bench
+from serve.bench_report import write_report
+from serve.machine import gemm_gflops_onnxruntime
+from train.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    serve_bench.add_arguments(p)
+    p.add_argument(
+        "--checkpoint",
+        default="",
+        help="the run's checkpoint (PyTorch baseline; default runs/<model>/checkpoint.pt)",
+    )
+    p.add_argument(
+        "--engine",
+        default="",
+        help="TensorRT engine for the bare-engine baseline (default: the version's model.plan)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Baselines + the Triton sweep, written as bench/<model>-latest.json/.png."""
+    ckpt_path = Path(args.checkpoint or f"runs/{args.model}/checkpoint.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    data = args.data or str(Path(ckpt.config.get("data", "")) / "val")
+    repo = Path(args.model_repository)
+    inputs = serve_bench.bench_inputs(repo, args.model, data, max(args.batch, 16))
+    gemm = {"onnxruntime": gemm_gflops_onnxruntime(), "torch": gemm_gflops_torch()}
+    report = serve_bench.new_report(args, inputs, gemm)
+    peak = report["machine"]["peak_gflops_fp32"]
+    log.info("machine: %s", report["machine"])
+    ort = serve_bench.onnxruntime_baseline(
+        inputs.version_dir / "model.onnx",
+        inputs.pixels,
+        args.batch,
+        args.window,
+        args.max_seconds,
+        inputs.card.precision,
+    )
+    if inputs.card.gflop_per_image:
+        ort.server = {"efficiency_of_peak": ort.throughput * inputs.card.gflop_per_image / peak}
+    report["results"].append(asdict(ort))
+    log.info("onnxruntime in-process: %.1f img/s", ort.throughput)
+    pt = pytorch_baseline(ckpt, inputs.pixels, args.batch, args.window, args.max_seconds)
+    pt.ratio_to_onnxruntime = pt.throughput / ort.throughput
+    report["results"].append(asdict(pt))
+    log.info("pytorch eager in-process: %.1f img/s", pt.throughput)
+    plan = Path(args.engine) if args.engine else inputs.version_dir / "model.plan"
+    engine = tensorrt_baseline(plan, inputs.pixels, args.batch, args.window, args.max_seconds)
+    if isinstance(engine, str):
+        report["skipped"]["tensorrt"] = engine
+    else:
+        report["results"].append(asdict(engine))
+    with serve_bench.server_context(args, repo, Path(args.out)) as srv:
+        for lv in serve_bench.triton_levels(srv, args, inputs, ort):
+            lv.ratio_to_pytorch = lv.throughput / pt.throughput
+            report["results"].append(asdict(lv))
+    paths = write_report(report, Path(args.out), args.model)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,222 @@
+"""Triton model configs, generated through Triton's ModelConfig protobuf (tritonclient's
+``model_config_pb2``) from the model card and the serving knobs, and parsed back strictly.
+
+Three models per export: the classifier ``<name>`` for the target (python backend + ONNX
+Runtime on CPU; ``tensorrt_plan`` or ``onnxruntime`` + TensorRT accelerator on GPU),
+``<name>_preprocess`` (python backend: encoded image -> pixels, the card's geometry and
+the per-image limits as parameters) and the ``<name>_image`` ensemble of the two.
+
+Queues are bounded: ``max_queue_size`` requests wait per model and each waits at most
+``queue_timeout_us`` before it is rejected, so a flood gets fast, clear errors instead
+of unbounded memory and latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from serve.contract import (
+    IMAGE_INPUT,
+    INPUT_NAME,
+    MAX_ASPECT_RATIO,
+    MAX_IMAGE_BYTES,
+    MAX_PIXELS,
+    MAX_RESIZED_PIXELS,
+    OUTPUT_NAME,
+    PARAM_CROP,
+    PARAM_INTERPOLATION,
+    PARAM_MAX_ASPECT_RATIO,
+    PARAM_MAX_IMAGE_BYTES,
+    PARAM_MAX_PIXELS,
+    PARAM_MAX_RESIZED_PIXELS,
+    PARAM_PIXEL_RANGE,
+    PARAM_RESIZE,
+    PIXELS_OUTPUT,
+    ModelCard,
+    image_model_name,
+    preprocess_model_name,
+)
+
+KEEP_VERSIONS = 2  # the classifier's version policy: the latest 2 stay loaded
+TARGETS = ("cpu", "gpu")
+GPU_BACKENDS = ("tensorrt", "onnxruntime")
+BACKEND_NAMES = {
+    "cpu": "python (onnxruntime CPU)",
+    "gpu-tensorrt": "tensorrt_plan",
+    "gpu-onnxruntime": "onnxruntime + TensorRT accelerator (FP16)",
+}
+
+
+@dataclass
+class ServingConfig:
+    """Knobs of the generated Triton model configs."""
+
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    instances: int = 1
+    intra_op_threads: int = 0
+    target: str = "cpu"
+    gpu_backend: str = "tensorrt"
+    preferred_batch_sizes: list[int] = field(default_factory=list)
+    max_queue_size: int = 256  # requests waiting per model; more are rejected at once
+    queue_timeout_us: int = 10_000_000  # a request waiting longer is rejected (10 s)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.gpu_backend not in GPU_BACKENDS:
+            raise ValueError(f"gpu backend must be one of {GPU_BACKENDS}, got {self.gpu_backend!r}")
+        if self.max_batch_size < 1 or self.instances < 1:
+            raise ValueError("max_batch_size and instances must be >= 1")
+        if self.max_queue_size < 1 or self.queue_timeout_us < 1:
+            raise ValueError("max_queue_size and queue_timeout_us must be >= 1")
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ValueError(f"preferred batch sizes {bad} outside 1..{self.max_batch_size}")
+
+    @property
+    def kind(self) -> str:
+        """``cpu``, ``gpu-tensorrt`` or ``gpu-onnxruntime``."""
+        return "cpu" if self.target == "cpu" else f"gpu-{self.gpu_backend}"
+
+
+def _dynamic_batching(cfg: mc.ModelConfig, serving: ServingConfig) -> None:
+    db = cfg.dynamic_batching
+    db.max_queue_delay_microseconds = serving.max_queue_delay_us
+    db.preferred_batch_size.extend(serving.preferred_batch_sizes)
+    policy = db.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = serving.queue_timeout_us
+    policy.allow_timeout_override = True  # a client may ask for a shorter deadline
+    policy.max_queue_size = serving.max_queue_size
+
+
+def _geometry(card: ModelCard) -> dict[str, str]:
+    pre = card.preprocessing
+    return {
+        PARAM_RESIZE: str(pre.resize),
+        PARAM_CROP: str(pre.crop),
+        PARAM_INTERPOLATION: pre.interpolation,
+    }
+
+
+def classifier_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.ModelConfig:
+    """The classifier's model-level config for ``serving.target``."""
+    cfg = mc.ModelConfig(name=name, max_batch_size=serving.max_batch_size)
+    cfg.input.add(
+        name=INPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        format=mc.ModelInput.FORMAT_NCHW,
+        dims=list(card.input.shape),
+    )
+    cfg.output.add(
+        name=OUTPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        dims=[card.num_classes],
+        label_filename="labels.txt",
+    )
+    _dynamic_batching(cfg, serving)
+    cfg.version_policy.latest.num_versions = KEEP_VERSIONS
+    low, high = card.input.pixel_range
+    params = {
+        # What a client needs to turn an image into the input tensor (read via the API).
+        **_geometry(card),
+        PARAM_PIXEL_RANGE: f"{low:g}..{high:g} {card.input.color}",
+        "arch": card.arch,
+        "target": serving.kind,
+    }
+    if serving.target == "cpu":
+        cfg.backend = "python"
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=serving.instances)
+        params["onnx_file"] = "model.onnx"  # whatever its precision (see the version's card)
+        params["intra_op_threads"] = str(serving.intra_op_threads)
+    elif serving.gpu_backend == "tensorrt":
+        cfg.platform = "tensorrt_plan"
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=serving.instances)
+    else:
+        cfg.backend = "onnxruntime"
+        cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_GPU, count=serving.instances)
+        accel = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(
+            name="tensorrt"
+        )
+        accel.parameters["precision_mode"] = "FP16"
+        accel.parameters["max_workspace_size_bytes"] = str(1 << 30)
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def preprocess_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.ModelConfig:
+    """Python backend (CPU): encoded image bytes -> the classifier's input pixels."""
+    cfg = mc.ModelConfig(
+        name=preprocess_model_name(name), backend="python", max_batch_size=serving.max_batch_size
+    )
+    cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(name=PIXELS_OUTPUT, data_type=mc.TYPE_FP32, dims=list(card.input.shape))
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=serving.instances)
+    _dynamic_batching(cfg, serving)
+    cfg.version_policy.latest.num_versions = 1
+    params = {
+        **_geometry(card),
+        PARAM_MAX_PIXELS: str(MAX_PIXELS),
+        PARAM_MAX_RESIZED_PIXELS: str(MAX_RESIZED_PIXELS),
+        PARAM_MAX_ASPECT_RATIO: f"{MAX_ASPECT_RATIO:g}",
+        PARAM_MAX_IMAGE_BYTES: str(MAX_IMAGE_BYTES),
+    }
+    for key, value in params.items():
+        cfg.parameters[key].string_value = value
+    return cfg
+
+
+def ensemble_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.ModelConfig:
+    """``<name>_image``: IMAGE bytes -> preprocess -> classifier -> labelled logits. The
+    classifier keeps its own dynamic batching and version policy."""
+    cfg = mc.ModelConfig(
+        name=image_model_name(name), platform="ensemble", max_batch_size=serving.max_batch_size
+    )
+    cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(
+        name=OUTPUT_NAME,
+        data_type=mc.TYPE_FP32,
+        dims=[card.num_classes],
+        label_filename="labels.txt",
+    )
+    pre = cfg.ensemble_scheduling.step.add(model_name=preprocess_model_name(name), model_version=-1)
+    pre.input_map[IMAGE_INPUT] = IMAGE_INPUT
+    pre.output_map[PIXELS_OUTPUT] = "pixels"
+    clf = cfg.ensemble_scheduling.step.add(model_name=name, model_version=-1)
+    clf.input_map[INPUT_NAME] = "pixels"
+    clf.output_map[OUTPUT_NAME] = OUTPUT_NAME
+    cfg.parameters["classifier"].string_value = name
+    return cfg
+
+
+def config_text(cfg: mc.ModelConfig) -> str:
+    """Protobuf text format, as Triton reads it."""
+    return text_format.MessageToString(cfg)
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    """Strict parse of a config.pbtxt (unknown fields are errors)."""
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def signature(cfg: mc.ModelConfig) -> tuple:
+    """What clients see: inputs and outputs with shapes and types."""
+    return (
+        [(i.name, list(i.dims), i.data_type) for i in cfg.input],
+        [(o.name, list(o.dims), o.data_type) for o in cfg.output],
+    )
+
+
+def geometry(cfg: mc.ModelConfig) -> dict[str, str]:
+    """The preprocessing parameters all versions served by ``cfg`` share."""
+    keys = (PARAM_RESIZE, PARAM_CROP, PARAM_INTERPOLATION)
+    return {k: cfg.parameters[k].string_value for k in keys if k in cfg.parameters}
+
+
+def target_of(cfg: mc.ModelConfig) -> str:
+    return cfg.parameters["target"].string_value if "target" in cfg.parameters else "cpu"
