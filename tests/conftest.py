@@ -2,66 +2,36 @@
 
 Everything runs the real components: PyTorch training on the ants/bees images,
 ONNX export + ONNX Runtime, and the tritonserver binary on loopback ports.
+
+Markers are applied here from what a test uses, so none is forgotten: ``server`` for
+every test that (through its fixtures) starts a tritonserver, ``slow`` for every test
+that trains or exports. ``make test-fast`` runs the rest.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-HYMENOPTERA = Path(os.environ.get("TEST_DATA", SHARED / "hymenoptera_data"))
-PY = sys.executable
-# `make export` looks for a live server on 127.0.0.1:$GRPC_PORT to deploy to; keep the
-# tests away from any server a developer is running (port 9 is closed). Tests that want
-# that behaviour pass --server-url / start their own server on free ports.
-os.environ["GRPC_PORT"] = "9"
+from tests.helpers import HYMENOPTERA, OFFLINE_ENV, run_cli
 
-# A closed local port as HTTPS proxy: every download fails at once, as it does offline.
-OFFLINE_ENV = {
-    "HTTPS_PROXY": "http://127.0.0.1:9",
-    "https_proxy": "http://127.0.0.1:9",
-    "HTTP_PROXY": "http://127.0.0.1:9",
-    "http_proxy": "http://127.0.0.1:9",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
+# Admin keys of the servers the tests start go to a private folder, not the user's.
+os.environ.setdefault("TRAINSERVE_KEY_DIR", "/tmp/trainserve-test-keys-" + str(os.getuid()))
+os.environ.pop("TRAINSERVE_ADMIN_KEY", None)
+
+SERVER_FIXTURES = {"model_repo", "server", "own_server"}
+SLOW_FIXTURES = {"trained_run"}
 
 
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, check: bool = True, timeout: float = 900
-) -> subprocess.CompletedProcess:
-    """Run ``python -m ...`` from the repo root, capturing output."""
-    full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(
-        [PY, "-m", *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"python -m {' '.join(args)} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-        )
-    return proc
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid``."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & SERVER_FIXTURES:
+            item.add_marker(pytest.mark.server)
+        if names & (SERVER_FIXTURES | SLOW_FIXTURES) or item.get_closest_marker("server"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +79,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, hymenoptera: Path) -> 
 def model_repo(
     tmp_path_factory: pytest.TempPathFactory, trained_run: Path, hymenoptera: Path
 ) -> Path:
-    """`python -m export` of the trained run into a fresh model repository."""
+    """`python -m export` of the trained run into a fresh model repository (its Triton
+    parity stages start a server)."""
     repo = tmp_path_factory.mktemp("model_repository")
     run_cli(
         "export",
@@ -141,3 +112,19 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     yield srv
     code = srv.stop()
     assert code == 0, f"tritonserver exited {code} on SIGTERM; log: {log}"
+
+
+@pytest.fixture
+def own_server(model_repo: Path, tmp_path: Path):
+    """A server of its own, for tests that kill or restart things."""
+    from serve.triton_server import ServerOptions, TritonServer, free_port
+
+    opts = ServerOptions(
+        model_repository=str(model_repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    srv = TritonServer(opts, log_path=tmp_path / "server.log").start()
+    yield srv
+    srv.stop()

@@ -14,11 +14,12 @@ import yaml
 
 from export.onnx_export import read_metadata
 from export.release import ExportConfig, ParityFailed, run_export
-from export.repository import ServingConfig, build_config, config_text, parse_config, versions
 from export.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
-from tests.conftest import ROOT, SHARED, run_cli
-from train.checkpoint import make_checkpoint, save_checkpoint
-from train.data import Preprocess
+from export.triton_config import ServingConfig, classifier_config, config_text, parse_config
+from serve.contract import ModelCard
+from serve.files import versions
+from tests.helpers import ROOT, SHARED, run_cli
+from train.checkpoint import checkpoint_from_model, save_checkpoint
 from train.models import build_model
 
 STAGES = [
@@ -60,8 +61,10 @@ def test_release_report_covers_every_stage(trained_run: Path, model_repo: Path) 
     md = (trained_run / "parity.md").read_text()
     assert all(f"| {name} |" in md for name in STAGES)
     assert (trained_run / "parity.png").read_bytes().startswith(b"\x89PNG")
-    card = json.loads((model_repo / "antsbees" / "1" / "model_card.json").read_text())
-    assert [s["name"] for s in card["parity"]["stages"]] == STAGES
+    card = ModelCard.from_dict(
+        json.loads((model_repo / "antsbees" / "1" / "model_card.json").read_text())
+    )
+    assert card.parity is not None and [s["name"] for s in card.parity.stages] == STAGES
 
 
 def test_fp16_onnx_graph(trained_run: Path, model_repo: Path) -> None:
@@ -82,18 +85,17 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
     model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     test_npz = SHARED / "cifar10" / "test.npz"
     classes = (SHARED / "cifar10" / "classes.txt").read_text().split()
-    ckpt = make_checkpoint(
-        model=model,
+    card = ModelCard.create(
+        name="cifar10_resnet20",
         arch="resnet20",
         classes=classes,
-        preprocess=Preprocess(32, 32, augment="pad-crop").to_dict(),
-        pretrained={"source": str(weights)},
-        metrics={},
-        epoch=0,
-        config={"data": str(test_npz)},
-        model_name="cifar10_resnet20",
+        resize=32,
+        crop=32,
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
         arch_options={"batchnorm": True},
     )
+    ckpt = checkpoint_from_model(model, card, config={"data": str(test_npz)})
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
     report = run_export(
         ExportConfig(
@@ -130,24 +132,27 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
     assert report["passed"] and report["published"].endswith("cifar10_resnet20/1")
 
 
-def _ckpt(num_classes: int = 2) -> dict:
-    return {
-        "preprocess": Preprocess().to_dict(),
-        "num_classes": num_classes,
-        "arch": "resnet18",
-        "classes": [f"c{i}" for i in range(num_classes)],
-    }
+def _card(num_classes: int = 2) -> ModelCard:
+    return ModelCard.create(
+        name="m",
+        arch="resnet18",
+        classes=[f"c{i}" for i in range(num_classes)],
+        resize=256,
+        crop=224,
+        mean=[0.485, 0.456, 0.406],
+        std=[0.229, 0.224, 0.225],
+    )
 
 
 def test_cpu_and_gpu_configs_parse_strictly() -> None:
-    cpu = parse_config(config_text(build_config("m", _ckpt(), ServingConfig())))
+    cpu = parse_config(config_text(classifier_config("m", _card(), ServingConfig())))
     assert cpu.backend == "python" and cpu.instance_group[0].kind == cpu.instance_group[0].KIND_CPU
     profile = EngineProfile(1, 16, 64)
     trt = parse_config(
         config_text(
-            build_config(
+            classifier_config(
                 "m",
-                _ckpt(),
+                _card(),
                 ServingConfig(
                     max_batch_size=profile.max_batch,
                     target="gpu",
@@ -164,7 +169,7 @@ def test_cpu_and_gpu_configs_parse_strictly() -> None:
     assert trt.output[0].label_filename == "labels.txt"
     ort = parse_config(
         config_text(
-            build_config("m", _ckpt(), ServingConfig(target="gpu", gpu_backend="onnxruntime"))
+            classifier_config("m", _card(), ServingConfig(target="gpu", gpu_backend="onnxruntime"))
         )
     )
     assert ort.backend == "onnxruntime"

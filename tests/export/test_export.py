@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 
 from export.onnx_export import read_metadata
 from export.parity import FP32_GATE, diff_stats, judge
-from export.repository import parse_config, versions
-from tests.conftest import run_cli
+from export.triton_config import parse_config
+from serve.contract import ModelCard
+from serve.files import sha256, versions
+from tests.helpers import run_cli
 from train.checkpoint import load_checkpoint
 
 STAGE_KEYS = {
@@ -64,9 +67,11 @@ def test_onnx_graph_contract(trained_run: Path, model_repo: Path) -> None:
     ]
     meta = read_metadata(path)
     ckpt = load_checkpoint(trained_run / "checkpoint.pt")
-    assert meta["classes"] == ckpt["classes"]
-    assert meta["preprocess"] == ckpt["preprocess"]
-    assert meta["arch"] == ckpt["arch"]
+    card = ModelCard.from_dict(meta["model_card"])  # the card travels inside the graph
+    assert card.classes == meta["classes"] == ckpt.card.classes
+    assert card.arch == meta["arch"] == ckpt.card.arch
+    assert card.preprocessing.geometry_key() == ckpt.card.preprocessing.geometry_key()
+    assert card.preprocessing.normalization == "graph"  # the graph normalizes inside
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     for batch in (1, 5):
@@ -89,11 +94,32 @@ def test_published_repository_layout(model_repo: Path, trained_run: Path) -> Non
     # PYTHONDONTWRITEBYTECODE, so once served, model.py's __pycache__ appears beside it.
     published = sorted(p.name for p in v1.iterdir() if p.name != "__pycache__")
     assert published == ["model.onnx", "model.py", "model_card.json"]
-    card = json.loads((v1 / "model_card.json").read_text())
-    assert card["classes"] == ["ants", "bees"] and card["version"] == 1
-    assert card["parity"]["passed"] is True and card["preprocess"]["crop"] == 224
+    raw = json.loads((v1 / "model_card.json").read_text())
+    card = ModelCard.from_dict(raw)  # the published card follows the schema
+    assert card.classes == ["ants", "bees"] and card.version == 1
+    assert card.parity is not None and card.parity.passed is True
+    assert card.preprocessing.crop == 224 and card.target == "cpu"
+    assert card.gflop_per_image and 0.3 < card.gflop_per_image < 1.5  # EfficientNet-Lite0
+    assert card.files["model.onnx"] == sha256(v1 / "model.onnx")
+    assert card.provenance.checkpoint == "checkpoint.pt"
+    assert card.provenance.checkpoint_sha256 == sha256(trained_run / "checkpoint.pt")
     assert (v1 / "model.onnx").read_bytes() == (trained_run / "model.onnx").read_bytes()
-    assert not [p for p in model_dir.iterdir() if p.name.startswith(".")]  # no staging left
+    # No machine-local path anywhere in the published card.
+    for text in _strings(raw):
+        assert not re.search(r"(^|[\s(])(/|\.\./|~/)\w", text), text
+        assert str(Path.home()) not in text and str(trained_run) not in text
+    # no staging folder or temp file left (the publishing lock file stays)
+    assert [p.name for p in model_dir.iterdir() if p.name.startswith(".")] == [".lock"]
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return []
 
 
 def test_export_publishes_next_version_and_gate_refuses(
@@ -128,8 +154,10 @@ def test_export_publishes_next_version_and_gate_refuses(
     assert report["passed"] is False and report["stages"][0]["status"] == "failed"
     # --force publishes anyway and the model card says so.
     run_cli(*common, "--atol", "1e-12", "--force")
-    card = json.loads((repo / "antsbees" / "3" / "model_card.json").read_text())
-    assert card["parity"]["forced"] is True
+    card = ModelCard.from_dict(
+        json.loads((repo / "antsbees" / "3" / "model_card.json").read_text())
+    )
+    assert card.parity is not None and card.parity.forced is True
 
 
 def test_parity_judge_thresholds() -> None:

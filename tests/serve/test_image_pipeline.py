@@ -19,9 +19,10 @@ from PIL import Image
 
 from serve import admin
 from serve.client import AsyncClassifier, Classifier, InferenceFailed, ModelNotReady
+from serve.contract import ModelCard
 from serve.preprocess import ResizeCrop, preprocess
 from serve.triton_server import ServerOptions, TritonServer, free_port
-from tests.conftest import run_cli
+from tests.helpers import run_cli, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)
 
@@ -279,18 +280,22 @@ def test_publish_while_serving_then_rollback(model_repo, trained_run, hymenopter
                 "--fp16-limit",
                 "8",
                 "--no-triton-parity",
-                "--server-url",
+                "--deploy",
                 srv.grpc_url,
             )
         finally:
-            time.sleep(0.5)
+            seen = count[0]  # a few more requests after the deploy, then stop
+            wait_until(lambda: count[0] >= seen + 5 or failures, 60, "requests after deploy")
             stop.set()
             worker.join(30)
         assert not failures and count[0] > 10, (failures[:3], count[0])
         assert "served accuracy" in proc.stderr
-        card = json.loads((repo / "antsbees" / "2" / "model_card.json").read_text())
-        assert card["served"]["status"] == "measured" and card["served"]["version"] == 2
-        assert card["served"]["equal_to_in_process"] is True
+        card = ModelCard.from_dict(
+            json.loads((repo / "antsbees" / "2" / "model_card.json").read_text())
+        )
+        assert card.served is not None
+        assert card.served["status"] == "measured" and card.served["version"] == 2
+        assert card.served["equal_to_in_process"] is True
         assert admin.ready_versions(srv.grpc_url, "antsbees") == [1, 2]
         listing = run_cli("serve", "models", "--url", srv.grpc_url).stdout
         assert "antsbees_image" in listing and "READY" in listing

@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 from serve.client import Classifier, ServerUnavailable
 from serve.preprocess import ResizeCrop, preprocess
 from serve.triton_server import free_port
-from tests.conftest import ROOT, child_pids, process_alive, run_cli
+from tests.helpers import ROOT, child_pids, process_alive, run_cli
 
 GEOMETRY = ResizeCrop(256, 224)
 

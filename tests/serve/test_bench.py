@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 RESULT_KEYS = {
     "backend",
@@ -21,10 +21,12 @@ RESULT_KEYS = {
 }
 
 
-def test_bench_short_sweep(model_repo: Path, tmp_path: Path) -> None:
+def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) -> None:
     run_cli(
-        "serve",
+        "export",
         "bench",
+        "--checkpoint",
+        str(trained_run / "checkpoint.pt"),
         "--model",
         "antsbees",
         "--model-repository",

@@ -1,0 +1,128 @@
+"""Client-side preprocessing (Pillow + NumPy) matches the training eval transform exactly."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from serve.preprocess import ImageError, Limits, ResizeCrop, load_image, preprocess
+from train.data import Preprocess, load_rgb
+
+
+def test_matches_torchvision_eval_transform_on_every_val_image(val_images: list[Path]) -> None:
+    pre = Preprocess()
+    tf = pre.eval_transform(normalize=False)
+    geometry = ResizeCrop(pre.resize, pre.crop, pre.interpolation)
+    for path in val_images:
+        expected = tf(load_rgb(path)).numpy()
+        got = preprocess(path, geometry)
+        assert got.dtype == np.float32 and got.shape == (3, 224, 224)
+        assert np.array_equal(got, expected), path
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (224, 224), (1000, 257)])
+def test_geometry_matches_torchvision_for_odd_sizes(size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    for pre in (Preprocess(), Preprocess(resize=32, crop=32), Preprocess(resize=40, crop=32)):
+        expected = pre.eval_transform(normalize=False)(im).numpy()
+        got = preprocess(_png(im), ResizeCrop(pre.resize, pre.crop))
+        assert np.array_equal(got, expected)
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied() -> None:
+    im = Image.new("RGB", (60, 30), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    assert load_image(buf.getvalue()).size == (30, 60)
+
+
+def test_bad_images_raise_image_error(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="empty"):
+        load_image(b"")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(b"GIF89a garbage")
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.jpg")
+    big = Image.new("L", (5000, 3000))
+    with pytest.raises(ImageError, match="15.0 MP is over the 10 MP limit"):
+        load_image(_png(big), max_pixels=10_000_000)
+
+
+# A JPEG's EXIF block that makes Pillow's exif_transpose raise struct.error (found by
+# fuzzing: Orientation 6 plus a DateTime tag typed RATIONAL, which cannot be re-encoded).
+BAD_EXIF = bytes.fromhex(
+    "4578696600004d4d002a000000080005010f0002000000070000004a0112000300000001000600000150"
+    "0005000000010000005201280003000000010002000001200002000000140000005a0000000043616d65"
+    "726100000000004800000001323032303a30313a30312030303a30303a303000"
+)
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_extreme_aspect_ratios_are_refused_before_any_big_allocation() -> None:
+    """A 1.2 KB GIF of 1x65535 would resize to 256 x 16,776,960 (~16 GiB of RGB)."""
+    gif = _encoded(Image.new("P", (1, 65535)), "GIF")
+    assert len(gif) < 4096
+    with pytest.raises(ImageError, match=r"1x65535 has an extreme aspect ratio \(65535:1"):
+        preprocess(gif, ResizeCrop(256, 224))
+    png = _encoded(Image.new("1", (600_000, 2)), "PNG")
+    with pytest.raises(ImageError, match="600000x2 has an extreme aspect ratio"):
+        preprocess(png, ResizeCrop(256, 224))
+    # 20:1 is still served (a panorama); its resize target is checked against the limit.
+    wide = _encoded(Image.new("RGB", (2000, 100)), "PNG")
+    assert preprocess(wide, ResizeCrop(256, 224)).shape == (3, 224, 224)
+    with pytest.raises(ImageError, match=r"resizing 2000x100 to 5120x256 .* over the 1 MP"):
+        preprocess(wide, ResizeCrop(256, 224), limits=Limits(max_resized_pixels=1_000_000))
+
+
+def test_only_served_formats_are_decoded(tmp_path: Path) -> None:
+    rgb = Image.new("RGB", (40, 30), (10, 200, 30))
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"):
+        assert load_image(_encoded(rgb, fmt)).size == (40, 30), fmt
+    for fmt in ("EPS", "PPM", "ICO", "TGA", "PCX"):
+        try:
+            data = _encoded(rgb, fmt)
+        except (OSError, KeyError):  # this Pillow build cannot write it: nothing to check
+            continue
+        with pytest.raises(ImageError, match="served formats: JPEG, PNG, GIF, BMP, TIFF, WEBP"):
+            load_image(data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_every_decoder_failure_is_an_image_error(monkeypatch) -> None:
+    jpeg = _encoded(Image.new("RGB", (20, 10)), "JPEG", exif=BAD_EXIF)
+    with pytest.raises(ImageError, match=r"<\d+ bytes>: cannot decode \(error: required"):
+        load_image(jpeg)  # struct.error from exif_transpose
+
+    good = _encoded(Image.new("RGB", (20, 10)), "PNG")
+    for exc in (MemoryError(), OverflowError("too big"), ZeroDivisionError()):
+
+        def broken(*a, exc=exc, **k):
+            raise exc
+
+        monkeypatch.setattr(Image.Image, "resize", broken)
+        with pytest.raises(ImageError) as info:
+            preprocess(good, ResizeCrop(32, 32))
+        message = str(info.value)
+        assert "cannot resize" in message and type(exc).__name__ in message  # never empty
+    monkeypatch.undo()
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda im: 1 / 0)
+    with pytest.raises(ImageError, match="cannot decode .ZeroDivisionError"):
+        load_image(good)
