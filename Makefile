@@ -9,8 +9,10 @@ STAMP := $(VENV)/.setup-done
 # A recipe (train/recipes/<name>.yaml) holds a run's settings; the variables below
 # override it only when set (make train RECIPE=cifar10_resnet20 EPOCHS=5).
 RECIPE ?= antsbees_finetune
-RECIPE_FILE := $(if $(wildcard $(RECIPE)),$(RECIPE),train/recipes/$(RECIPE).yaml)
-MODEL ?= $(or $(shell sed -n 's/^model_name: *//p' $(RECIPE_FILE) 2>/dev/null),$(basename $(notdir $(RECIPE))))
+# A recipe setting, resolved by the training stage itself (expanded when a target runs,
+# after `setup`; empty before the venv exists).
+recipe_get = $(shell test -x $(PY) && $(PY) -m train recipe $(RECIPE) --get $(1) 2>/dev/null)
+MODEL ?= $(or $(call recipe_get,model_name),$(basename $(notdir $(RECIPE))))
 DATA ?=
 ARCH ?=
 MODE ?=
@@ -24,17 +26,18 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 WATCHDOG ?= 10
+DEPLOY ?=
 TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup lock data train export serve test lint format clean bench-train bench soak
+.PHONY: help setup lock data train export serve test test-fast lint format clean bench-train bench soak
 
 help:
-	@echo "make setup | train | export | serve | test | bench | bench-train | soak | data | lint | clean"
+	@echo "make setup | train | export | serve | test | test-fast | bench | bench-train | soak | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
-	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime)"
+	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) DEPLOY=HOST:GRPC_PORT"
 	@echo "  recipes: $(notdir $(basename $(wildcard train/recipes/*.yaml)))"
 
 setup: $(STAMP)
@@ -66,10 +69,12 @@ train: $(STAMP)
 
 # TARGET=cpu (default): python backend + ONNX Runtime. TARGET=gpu: TensorRT FP16 engine
 # (tensorrt_plan; GPU_BACKEND=onnxruntime for ORT + TensorRT accelerator instead).
+# DEPLOY=127.0.0.1:8001 also loads the new version on that server (never implied).
 export: $(STAMP)
 	$(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) \
 		$(if $(DATA),--data $(DATA)) --model-repository $(REPO) --target $(TARGET) \
-		$(if $(GPU_BACKEND),--gpu-backend $(GPU_BACKEND)) $(EXPORT_ARGS)
+		$(if $(GPU_BACKEND),--gpu-backend $(GPU_BACKEND)) $(if $(DEPLOY),--deploy $(DEPLOY)) \
+		$(EXPORT_ARGS)
 
 # Time-to-accuracy on ants/bees (finetune vs feature-extract) and CIFAR images/s.
 bench-train: $(STAMP)
@@ -77,11 +82,13 @@ bench-train: $(STAMP)
 
 # Triton HTTP/gRPC, tensor/raw, concurrency sweep vs in-process ORT and PyTorch.
 bench: $(STAMP)
-	$(PY) -m serve bench --model $(MODEL) --model-repository $(REPO) --out bench $(BENCH_ARGS)
+	$(PY) -m export bench --model $(MODEL) --checkpoint $(OUT)/checkpoint.pt \
+		--model-repository $(REPO) --out bench $(if $(DATA),--data $(DATA)/val) $(BENCH_ARGS)
 
 # 5 minutes at concurrency 16, mixed protocols and inputs: 0 failures, bounded RSS growth.
 soak: $(STAMP)
-	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench $(SOAK_ARGS)
+	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench \
+		--data $(or $(DATA),$(call recipe_get,data))/val $(SOAK_ARGS)
 
 serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \
@@ -89,6 +96,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The subset that needs no server and no training (well under 2 minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not server and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check train export serve tests
