@@ -9,10 +9,15 @@ Layout::
 
 * ``cpu``: ``model.onnx`` (FP32, or the INT8/FP16 model when that precision was
   published) + ``model.py``, the python backend running ONNX Runtime on CPU;
-* ``gpu`` + ``tensorrt``: ``model.plan`` (+ ``model.plan.json``);
+* ``gpu`` + ``tensorrt``: ``model.sm<cc>.plan`` per compute capability (or ``model.plan``
+  when hardware-compatible), each with its ``.json``, listed in ``cc_model_filenames``,
+  and the FP32 ``model.onnx`` they were built from (``python -m export trt`` adds the
+  plan of another GPU to the version from it);
 * ``gpu`` + ``onnxruntime``: ``model.onnx`` with the TensorRT execution accelerator.
 
 Beside it ``<name>_preprocess`` (next version) and the ``<name>_image`` ensemble.
+``<repo>/<name>/warmup/`` and ``<repo>/<name>_preprocess/warmup/`` hold the warmup
+inputs (real val images, export/warmup.py) the configs' ``model_warmup`` entries name.
 
 Every version is assembled in a hidden staging folder and renamed into place, so Triton
 never sees half a version. Publishers of one model take a lock on its folder and run one
@@ -30,18 +35,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.tensorrt_engine import metadata_path, plan_filename, repository_plans
 from export.triton_config import (
     BACKEND_NAMES,
     ServingConfig,
+    add_warmup,
     classifier_config,
     config_text,
     ensemble_config,
     geometry,
     parse_config,
     preprocess_config,
+    set_plans,
     signature,
     target_of,
 )
+from export.warmup import build_warmup
 from serve.contract import ModelCard, image_model_name, preprocess_model_name
 from serve.files import (
     atomic_write_text,
@@ -142,8 +151,19 @@ def version_files(onnx_path: Path, serving: ServingConfig, engine: Path | None) 
         return {"model.onnx": onnx_path}
     if engine is None:
         raise ValueError("the tensorrt_plan target needs a built engine (model.plan)")
-    meta = Path(f"{engine}.json")
-    return {"model.plan": engine, **({"model.plan.json": meta} if meta.is_file() else {})}
+    meta = metadata_path(engine)
+    plan = plan_filename(json.loads(meta.read_text()) if meta.is_file() else {})
+    files = {plan: engine, "model.onnx": onnx_path}
+    return {**files, **({f"{plan}.json": meta} if meta.is_file() else {})}
+
+
+def engine_plans(model_dir: Path, files: dict[str, Path]) -> dict[str, str]:
+    """``cc_model_filenames`` over the existing versions and the new version's ``files``."""
+    plans = repository_plans(model_dir)
+    for name, src in files.items():
+        if name.startswith("model.sm") and name.endswith(".plan.json"):
+            plans[str(json.loads(src.read_text())["compute_capability"])] = name[: -len(".json")]
+    return plans
 
 
 def _publish_version(
@@ -191,25 +211,34 @@ def publish(
     card: ModelCard,
     serving: ServingConfig | None = None,
     engine: Path | None = None,
+    warmup_images: list[bytes] | None = None,
 ) -> Published:
-    """Add the model as version N+1 of ``name`` in ``repo``, with its image pipeline."""
+    """Add the model as version N+1 of ``name`` in ``repo``, with its image pipeline.
+    ``warmup_images`` (encoded val images) become the configs' ``model_warmup``."""
     check_model_name(name)
     serving = serving or ServingConfig()
     repo = Path(repo)
     model_dir = repo / name
+    pre_dir = repo / preprocess_model_name(name)
     labels = [sanitize_label(c) for c in card.classes]
     card = card.replace(name=name, target=serving.kind, backend=BACKEND_NAMES[serving.kind])
     cfg = classifier_config(name, card, serving)
+    pre_cfg = preprocess_config(name, card, serving)
+    warm = build_warmup(warmup_images or [], card, serving.warmup_batch_sizes)
     with locked(model_dir, what="publisher of this model"):
         check_compatible(model_dir, cfg, labels, card)
         files = version_files(Path(onnx_path), serving, engine)
+        if serving.kind == "gpu-tensorrt":
+            set_plans(cfg, engine_plans(model_dir, files))
+        # The files first: a config never names a warmup file that is not there.
+        warm.classifier.write(model_dir)
+        warm.preprocess.write(pre_dir)
+        add_warmup(cfg, warm.classifier.samples)
+        add_warmup(pre_cfg, warm.preprocess.samples)
         version_dir, card = _publish_version(model_dir, files, cfg, labels, card)
         assert card is not None
-        pre_dir = repo / preprocess_model_name(name)
         pre_files = {"model.py": PREPROCESS_MODEL, "image_preprocess.py": IMAGE_PREPROCESS}
-        pre_version, _ = _publish_version(
-            pre_dir, pre_files, preprocess_config(name, card, serving), None
-        )
+        pre_version, _ = _publish_version(pre_dir, pre_files, pre_cfg, None)
         ens_dir = repo / image_model_name(name)
         (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version is empty
         _write_config(ens_dir, ensemble_config(name, card, serving), labels)

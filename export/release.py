@@ -32,6 +32,7 @@ from export.stage_outputs import (
 )
 from export.tensorrt_engine import EngineProfile, build_engine, tensorrt_logits, tensorrt_status
 from export.triton_config import ServingConfig
+from export.warmup import val_images
 from serve.cli_common import GateRefused
 from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard, ParitySummary
 from serve.files import sha256
@@ -260,7 +261,17 @@ def make_card(run: ExportRun) -> None:
 
 def publish_into(run: ExportRun, repo: Path) -> Published:
     assert run.card is not None
-    return publish(repo, run.name, run.onnx_path, run.card, run.cfg.serving, run.engine)
+    count = len(run.cfg.serving.warmup_batch_sizes)
+    images = val_images(run.ckpt, run.data, run.cfg.split, count)
+    return publish(
+        repo,
+        run.name,
+        run.onnx_path,
+        run.card,
+        run.cfg.serving,
+        run.engine,
+        warmup_images=images,
+    )
 
 
 def check_triton(run: ExportRun) -> None:

@@ -3,10 +3,21 @@
 Build: ``NetworkFromOnnxPath`` -> ``CreateConfig(fp16=..., profiles=[one profile over the
 batch axis], load_timing_cache=...)`` -> ``EngineFromNetwork(..., save_timing_cache=...)``
 -> ``SaveEngine`` (Polygraphy's documented loader chain). Beside ``model.plan`` goes
-``model.plan.json``: TensorRT version, GPU name and compute capability, precision and
-profile. An engine only runs on the TensorRT
-version and GPU generation it was built for, so loading checks that file first and
-refuses a mismatch by name.
+``model.plan.json``: TensorRT version, GPU name and compute capability, precision,
+profile and compatibility flags. A plain engine only runs on the TensorRT version and GPU
+generation it was built for, so loading checks that file first and refuses a mismatch by
+name. TensorRT 10 can relax both (Polygraphy's ``CreateConfig(version_compatible=...,
+hardware_compatibility_level=...)``): a version-compatible engine also runs on later
+TensorRT releases of the same major version (the runtime must allow its embedded lean
+runtime: Triton's ``--backend-config=tensorrt,version-compatible=true``), a
+hardware-compatible one (``ampere_plus``) on every GPU from Ampere (sm80) on, at some
+speed cost.
+
+In a model repository each version holds one plan per compute capability,
+``model.sm<major><minor>.plan`` (+ its ``.json``), listed in the config's
+``cc_model_filenames``; a hardware-compatible plan is ``model.plan``, the config's
+``default_model_filename``, used on any GPU without its own plan
+(:func:`plan_filename`, :func:`repository_plans`).
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serve.files import atomic_write_text
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -37,6 +50,8 @@ class EngineProfile:
     opt_batch: int = 16
     max_batch: int = 64
     fp16: bool = True
+    version_compatible: bool = False  # runs on later TensorRT 10.x too (lean runtime inside)
+    hardware_compatibility: str = "none"  # "ampere_plus": one engine for sm80 and later
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -44,6 +59,34 @@ class EngineProfile:
                 f"need 1 <= min ({self.min_batch}) <= opt ({self.opt_batch}) "
                 f"<= max ({self.max_batch}) batch"
             )
+        if self.hardware_compatibility not in HARDWARE_LEVELS:
+            raise ValueError(
+                f"hardware compatibility must be one of {HARDWARE_LEVELS}, "
+                f"got {self.hardware_compatibility!r}"
+            )
+
+
+HARDWARE_LEVELS = ("none", "ampere_plus")
+DEFAULT_PLAN = "model.plan"  # the config's default_model_filename
+
+
+def plan_filename(meta: dict[str, Any]) -> str:
+    """A plan's name in a version folder: ``model.sm90.plan`` for an engine tied to
+    compute capability 9.0, ``model.plan`` for a hardware-compatible one (or unknown)."""
+    cc = str(meta.get("compute_capability", ""))
+    if meta.get("hardware_compatibility_level", "none") != "none" or not cc:
+        return DEFAULT_PLAN
+    return f"model.sm{cc.replace('.', '')}.plan"
+
+
+def repository_plans(model_dir: str | Path) -> dict[str, str]:
+    """Compute capability -> plan file name, over every version of a ``tensorrt_plan``
+    model (from the plans' ``.json`` files): the config's ``cc_model_filenames``."""
+    found: dict[str, str] = {}
+    for meta_file in sorted(Path(model_dir).glob("[0-9]*/model.sm*.plan.json")):
+        meta = json.loads(meta_file.read_text())
+        found[str(meta["compute_capability"])] = meta_file.name[: -len(".json")]
+    return found
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -112,7 +155,14 @@ def build_engine(
         )
     ]
     cache = str(timing_cache) if timing_cache else None
-    config = CreateConfig(fp16=profile.fp16, profiles=profiles, load_timing_cache=cache)
+    compat: dict[str, Any] = {}
+    if profile.version_compatible:
+        compat["version_compatible"] = True
+    if profile.hardware_compatibility != "none":
+        import tensorrt as trt
+
+        compat["hardware_compatibility_level"] = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    config = CreateConfig(fp16=profile.fp16, profiles=profiles, load_timing_cache=cache, **compat)
     t0 = time.perf_counter()
     engine = EngineFromNetwork(
         NetworkFromOnnxPath(str(onnx_path)), config=config, save_timing_cache=cache
@@ -126,10 +176,12 @@ def build_engine(
         "precision": "fp16" if profile.fp16 else "fp32",
         "profile": asdict(profile),
         "input": {"name": input_name, "shape": list(shape)},
+        "version_compatible": profile.version_compatible,
+        "hardware_compatibility_level": profile.hardware_compatibility,
         "onnx": str(onnx_path),
         "build_seconds": round(time.perf_counter() - t0, 1),
     }
-    metadata_path(plan_path).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(metadata_path(plan_path), json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -137,14 +189,31 @@ def metadata_path(plan_path: str | Path) -> Path:
     return Path(f"{plan_path}.json")
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(text).split(".")[:3] if p.isdigit())
+
+
+def _compatible(key: str, meta: dict[str, Any], here: dict[str, Any]) -> bool:
+    built, now = meta.get(key), here[key]
+    if built == now:
+        return True
+    if key == "tensorrt_version" and meta.get("version_compatible"):
+        b, n = _version(str(built)), _version(str(now))
+        return bool(b) and b[0] == n[0] and n >= b  # later releases of the same major
+    if key == "compute_capability" and meta.get("hardware_compatibility_level") == "ampere_plus":
+        return _version(str(now)) >= (8, 0)
+    return False
+
+
 def mismatches(meta: dict[str, Any], here: dict[str, Any]) -> list[str]:
     """What differs between where an engine was built (``meta``) and here: TensorRT
-    version and GPU compute capability (the GPU name is reported alongside)."""
+    version and GPU compute capability (the GPU name is reported alongside), allowing
+    what a version- or hardware-compatible engine tolerates."""
     return [
         f"{key} {meta.get(key)!r} (here {here[key]!r}; built on {meta.get('gpu_name')!r}, "
         f"here {here.get('gpu_name')!r})"
         for key in ("tensorrt_version", "compute_capability")
-        if meta.get(key) != here[key]
+        if not _compatible(key, meta, here)
     ]
 
 
@@ -174,8 +243,14 @@ def tensorrt_logits(
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
     max_batch = int(meta["profile"]["max_batch"])
+    runtime = None
+    if meta.get("version_compatible"):
+        import tensorrt as trt
+
+        runtime = trt.Runtime(trt.Logger())
+        runtime.engine_host_code_allowed = True  # the engine carries its lean runtime
     outs = []
-    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path)))) as runner:
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path)), runtime=runtime)) as runner:
         for batch in batches:
             for i in range(0, len(batch), max_batch):
                 result = runner.infer(feed_dict={input_name: batch[i : i + max_batch]})

@@ -9,6 +9,14 @@ the per-image limits as parameters) and the ``<name>_image`` ensemble of the two
 Queues are bounded: ``max_queue_size`` requests wait per model and each waits at most
 ``queue_timeout_us`` before it is rejected, so a flood gets fast, clear errors instead
 of unbounded memory and latency.
+
+Warmup: the classifier and the preprocess model carry ``model_warmup`` entries (one per
+warmup batch size, each a real val image stored under ``<model>/warmup/``, where Triton
+reads them; see export/warmup.py), so the first client request does not pay for lazy
+initialization. GPU lifecycle: a ``tensorrt_plan`` model maps each compute capability to
+its own plan (``cc_model_filenames``: ``model.sm90.plan`` ...), with ``model.plan`` as the
+fallback (a hardware-compatible engine when one was built); the ONNX Runtime GPU model
+keeps TensorRT's engines in ``trt_engine_cache_path`` so a reload does not rebuild them.
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ class ServingConfig:
     preferred_batch_sizes: list[int] = field(default_factory=list)
     max_queue_size: int = 256  # requests waiting per model; more are rejected at once
     queue_timeout_us: int = 10_000_000  # a request waiting longer is rejected (10 s)
+    warmup: bool = True  # model_warmup from real val images (export/warmup.py)
+    trt_engine_cache_path: str = "/tmp/triton_trt_cache"  # gpu-onnxruntime: engines kept here
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -81,6 +91,40 @@ class ServingConfig:
     def kind(self) -> str:
         """``cpu``, ``gpu-tensorrt`` or ``gpu-onnxruntime``."""
         return "cpu" if self.target == "cpu" else f"gpu-{self.gpu_backend}"
+
+    @property
+    def warmup_batch_sizes(self) -> list[int]:
+        """Batch 1 (a lone client's first request) and every preferred batch size."""
+        return sorted({1, *self.preferred_batch_sizes}) if self.warmup else []
+
+
+@dataclass(frozen=True)
+class WarmupSample:
+    """One ``model_warmup`` entry: an input file (one item, in ``<model>/warmup/``) that
+    Triton sends ``batch_size`` times as one batch while the model loads."""
+
+    batch_size: int
+    input_data_file: str
+
+
+def add_warmup(cfg: mc.ModelConfig, samples: list[WarmupSample]) -> mc.ModelConfig:
+    """Append ``model_warmup`` entries for the config's (single) input."""
+    (inp,) = cfg.input
+    for s in samples:
+        w = cfg.model_warmup.add(name=f"val_image_batch{s.batch_size}", batch_size=s.batch_size)
+        w.inputs[inp.name].data_type = inp.data_type
+        w.inputs[inp.name].dims.extend(inp.dims)
+        w.inputs[inp.name].input_data_file = s.input_data_file
+    return cfg
+
+
+def set_plans(cfg: mc.ModelConfig, cc_files: dict[str, str], default: str = "model.plan") -> None:
+    """``tensorrt_plan``: the plan per compute capability (``"9.0" -> "model.sm90.plan"``);
+    a GPU not listed loads ``default`` (a hardware-compatible engine, where one exists)."""
+    cfg.default_model_filename = default
+    cfg.ClearField("cc_model_filenames")
+    for cc, filename in sorted(cc_files.items()):
+        cfg.cc_model_filenames[cc] = filename
 
 
 def _dynamic_batching(cfg: mc.ModelConfig, serving: ServingConfig) -> None:
@@ -144,6 +188,10 @@ def classifier_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.
         )
         accel.parameters["precision_mode"] = "FP16"
         accel.parameters["max_workspace_size_bytes"] = str(1 << 30)
+        # Engines are built on the first load and reused by later loads on the same GPU
+        # and TensorRT (ORT keys the cache by model, shapes and GPU).
+        accel.parameters["trt_engine_cache_enable"] = "1"
+        accel.parameters["trt_engine_cache_path"] = f"{serving.trt_engine_cache_path}/{name}"
     for key, value in params.items():
         cfg.parameters[key].string_value = value
     return cfg
