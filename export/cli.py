@@ -1,6 +1,6 @@
 """Command line: ``python -m export [export]`` (checkpoint -> ONNX -> parity -> model
-repository), ``python -m export trt`` (ONNX -> TensorRT engine, on GPU hosts) and
-``python -m export bench`` (``make bench``)."""
+repository), ``python -m export trt`` (ONNX -> TensorRT engine, or this GPU's plan added
+to a published version, on GPU hosts) and ``python -m export bench`` (``make bench``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.tensorrt_engine import EngineProfile
+from export.tensorrt_engine import HARDWARE_LEVELS, EngineProfile
 from export.triton_config import GPU_BACKENDS, TARGETS, ServingConfig
 from serve.cli_common import Command, add_admin_key, add_model_repository
 from serve.cli_common import main as cli_main
@@ -24,6 +24,31 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=EngineProfile.max_batch)
     g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--timing-cache", default="", help="load/save TensorRT's tactic timing cache")
+    g.add_argument(
+        "--version-compatible",
+        action="store_true",
+        help="TensorRT 10 version-compatible engine (runs on later 10.x releases; Triton "
+        "needs --backend-config=tensorrt,version-compatible=true)",
+    )
+    g.add_argument(
+        "--hardware-compatibility",
+        choices=HARDWARE_LEVELS,
+        default="none",
+        help="ampere_plus: one engine for every GPU from sm80 on (published as model.plan, "
+        "the fallback of cc_model_filenames)",
+    )
+
+
+def profile_from(a: argparse.Namespace) -> EngineProfile:
+    """The engine profile the flags describe."""
+    return EngineProfile(
+        a.min_batch,
+        a.opt_batch,
+        a.max_batch,
+        a.fp16,
+        version_compatible=a.version_compatible,
+        hardware_compatibility=a.hardware_compatibility,
+    )
 
 
 EXPORT_DESCRIPTION = (
@@ -147,13 +172,37 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         default=ServingConfig.queue_timeout_us,
         help="a request queued longer is rejected",
     )
+    g.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="no model_warmup (by default real val images warm every model up at load)",
+    )
+    g.add_argument(
+        "--trt-engine-cache",
+        default=ServingConfig.trt_engine_cache_path,
+        help="gpu-onnxruntime: where the TensorRT accelerator keeps its engines (per model)",
+    )
     g.add_argument("--workers", type=int, default=2)
     _engine_args(p)
 
 
 def add_trt_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--onnx", required=True)
+    p.add_argument("--onnx", default="", help="build an engine from this ONNX file")
     p.add_argument("--out", default="", help="engine path (default: beside the ONNX, model.plan)")
+    g = p.add_argument_group("add this GPU's plan to a published tensorrt_plan version")
+    g.add_argument("--name", default="", help="the model (instead of --onnx)")
+    add_model_repository(g)
+    g.add_argument("--version", type=int, default=0, help="the version (default: the latest)")
+    g.add_argument("--data", default="", help="ImageFolder root: its val images check the engine")
+    g.add_argument("--split", default="val")
+    g.add_argument("--parity-limit", type=int, default=256, help="images to compare (0: all)")
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-2,
+        help="engine parity: median |diff| vs ONNX Runtime FP32, absolute or relative",
+    )
     _engine_args(p)
 
 
@@ -170,6 +219,7 @@ def serving_from(a: argparse.Namespace, profile: EngineProfile) -> ServingConfig
             preferred,
             max_queue_size=a.max_queue_size,
             queue_timeout_us=a.queue_timeout_us,
+            warmup=a.warmup,
         )
     return ServingConfig(
         a.max_batch_size,
@@ -180,6 +230,8 @@ def serving_from(a: argparse.Namespace, profile: EngineProfile) -> ServingConfig
         a.gpu_backend,
         max_queue_size=a.max_queue_size,
         queue_timeout_us=a.queue_timeout_us,
+        warmup=a.warmup,
+        trt_engine_cache_path=a.trt_engine_cache,
     )
 
 
@@ -189,11 +241,31 @@ def run_trt(a: argparse.Namespace) -> int:
     from export.tensorrt_engine import build_engine, require_tensorrt
 
     require_tensorrt()  # the blocker first, before reading anything
+    if a.name:
+        from export.engine_add import AddPlan, add_plan
+
+        done = add_plan(
+            AddPlan(
+                repository=a.model_repository,
+                name=a.name,
+                data=a.data,
+                version=a.version,
+                split=a.split,
+                limit=a.parity_limit,
+                tolerance=a.tolerance,
+                profile=profile_from(a),
+                timing_cache=a.timing_cache,
+            )
+        )
+        print(f"added {done['plan']}: {done['metadata']['parity']['status']}")
+        return 0
+    if not a.onnx:
+        raise ValueError("give --onnx FILE (build an engine) or --name MODEL (add to a version)")
     proto = onnx.load(a.onnx, load_external_data=False)
     inp = proto.graph.input[0]
     item = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]
     out = a.out or str(Path(a.onnx).with_name("model.plan"))
-    profile = EngineProfile(a.min_batch, a.opt_batch, a.max_batch, a.fp16)
+    profile = profile_from(a)
     meta = build_engine(a.onnx, out, profile, inp.name, item, a.timing_cache or None)
     print(f"wrote {out} and {out}.json: {meta}")
     return 0
@@ -202,7 +274,7 @@ def run_trt(a: argparse.Namespace) -> int:
 def run_export_command(a: argparse.Namespace) -> int:
     from export.release import ExportConfig, run_export
 
-    profile = EngineProfile(a.min_batch, a.opt_batch, a.max_batch, a.fp16)
+    profile = profile_from(a)
     cfg = ExportConfig(
         checkpoint=a.checkpoint,
         name=a.name,
@@ -258,7 +330,10 @@ COMMANDS = [
         run_trt,
         description="Build a TensorRT engine (one optimization profile over the batch axis) "
         "with Polygraphy and write beside it a JSON with the TensorRT version, GPU name and "
-        "compute capability, precision and profile. Needs TensorRT and a CUDA GPU.",
+        "compute capability, precision, profile and compatibility flags. With --name: build "
+        "this GPU's plan from a published version's model.onnx, check it against ONNX "
+        "Runtime FP32 on the val images of --data, and add it to the version "
+        "(model.sm<cc>.plan, cc_model_filenames). Needs TensorRT and a CUDA GPU.",
     ),
     Command(
         "bench",
