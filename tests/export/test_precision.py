@@ -304,7 +304,7 @@ def test_tensorrt_engine_build_parity_and_refusal(trained_run: Path, tmp_path: P
     meta = json.loads((out / "model.plan.json").read_text())
     assert meta["precision"] == "fp16" and meta["profile"]["max_batch"] == 64
     version = tmp_path / "repo" / "antsbees" / "1"
-    assert (version / "model.plan").is_file()
+    assert len(list(version.glob("model.sm*.plan"))) == 1  # one plan per compute capability
     meta["tensorrt_version"] = "0.0.0"
     (out / "model.plan.json").write_text(json.dumps(meta))
     with pytest.raises(EngineMismatch, match="tensorrt_version '0.0.0'"):
