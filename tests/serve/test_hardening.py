@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from serve import admin
+from serve import admin, auth
 from serve.client import Classifier, ClientError, InferenceFailed
 from serve.preprocess import ResizeCrop, preprocess
 from serve.soak import run_soak
@@ -302,7 +302,7 @@ def test_shared_memory_inputs_match_and_survive_a_restart(
             for i, got in results.items():
                 np.testing.assert_array_equal(got, expected[i:])
             status = grpcclient.InferenceServerClient(srv.grpc_url).get_system_shared_memory_status(
-                as_json=True
+                as_json=True, headers=auth.headers(srv.admin_key)
             )
             assert len(status.get("regions", {})) >= 2  # one region per client thread
             srv.stop()
@@ -310,7 +310,7 @@ def test_shared_memory_inputs_match_and_survive_a_restart(
             np.testing.assert_array_equal(clf.logits(pixels[:3]), expected[:3])
         clf.close()
         status = grpcclient.InferenceServerClient(srv.grpc_url).get_system_shared_memory_status(
-            as_json=True
+            as_json=True, headers=auth.headers(srv.admin_key)
         )
         assert not status.get("regions")
     finally:

@@ -1,0 +1,186 @@
+"""Issue 9: the locked control plane, a hung stub healed by the watchdog, a request with
+one bad image among several, and bounded queues that reject a flood."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from serve import admin, auth
+from serve.client import Classifier
+from serve.contract import INPUT_NAME
+from serve.preprocess import ResizeCrop, preprocess
+from serve.triton_server import ServerOptions
+from serve.watchdog import Watchdog, WatchdogConfig
+from tests.helpers import process_alive, stub_pids, wait_until
+
+GEOMETRY = ResizeCrop(256, 224)
+
+
+def _refused(call) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_control_plane_needs_the_admin_key(own_server, val_images, protocol):
+    """Without the key (or with a wrong one) load, unload, shared-memory registration and
+    statistics are refused and the model keeps serving; with the key they work.
+    Inference, health and metadata stay open."""
+    module = grpcclient if protocol == "grpc" else httpclient
+    url = own_server.grpc_url if protocol == "grpc" else own_server.http_url
+    pixels = preprocess(val_images[0], GEOMETRY)[None]
+    with Classifier(url, "antsbees", protocol=protocol) as clf:
+        expected = clf.logits(pixels)
+    key = own_server.admin_key
+    assert key and auth.resolve_key(url) == key  # the key file clients on this host use
+    client = module.InferenceServerClient(url)
+    try:
+        for headers in (None, {auth.HEADER: "wrong-" + key}):
+            for call in (
+                lambda h=headers: client.unload_model("antsbees", headers=h),
+                lambda h=headers: client.load_model("antsbees", headers=h),
+                lambda h=headers: client.register_system_shared_memory(
+                    "evil", "/evil", 64, headers=h
+                ),
+                lambda h=headers: client.get_inference_statistics("antsbees", headers=h),
+            ):
+                message = _refused(call)
+                assert "restricted" in message.lower() or "unauth" in message.lower(), message
+        # still serving, still open to everyone for inference, health and metadata
+        assert client.is_server_ready() and client.is_model_ready("antsbees")
+        assert client.get_model_metadata("antsbees")
+        with Classifier(url, "antsbees", protocol=protocol) as clf:
+            np.testing.assert_array_equal(clf.logits(pixels), expected)
+        # with the key: the same calls work
+        good = {auth.HEADER: key}
+        client.unload_model("antsbees_image", headers=good)
+        wait_until(
+            lambda: not client.is_model_ready("antsbees_image"), 60, "the ensemble to unload"
+        )
+        client.load_model("antsbees_image", headers=good)
+        assert client.is_model_ready("antsbees_image")
+        assert client.get_inference_statistics("antsbees", headers=good)
+    finally:
+        client.close()
+    names = {(m.name, m.state) for m in admin.list_models(url)}  # the key found by URL
+    assert ("antsbees_image", "READY") in names
+
+
+def test_unrestricted_server_only_on_loopback() -> None:
+    with pytest.raises(ValueError, match="unrestricted control APIs"):
+        ServerOptions(host="0.0.0.0", restricted=False)
+    opts = ServerOptions(host="0.0.0.0", admin_key="k" * 16)
+    assert opts.restricted and opts.admin_key == "k" * 16
+    flags = auth.server_flags(opts.admin_key)
+    assert any(f.startswith("--http-restricted-api=model-repository,shared-memory") for f in flags)
+
+
+def _stub_of(server_pid: int, model: str) -> list[int]:
+    """The stub processes of one model (their command line names its model.py)."""
+    return [
+        pid
+        for pid in stub_pids(server_pid)
+        if f"/{model}/".encode() in open(f"/proc/{pid}/cmdline", "rb").read()
+    ]
+
+
+def test_watchdog_heals_a_hung_stub(own_server, val_images):
+    """A stub that stops answering (SIGSTOP: a native deadlock) makes probes time out;
+    after `hung_rounds` rounds in a row the watchdog restarts the model and it answers."""
+    pixels = preprocess(val_images[0], GEOMETRY)[None]
+    with Classifier(own_server.grpc_url, "antsbees") as clf:
+        expected = clf.logits(pixels)
+    hung = _stub_of(own_server.pid, "antsbees")
+    assert hung, "no stub process found for 'antsbees'"
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        dog = Watchdog(
+            WatchdogConfig(url=own_server.grpc_url, timeout=2.0, hung_rounds=2), lambda _: None
+        )
+        first = dog.check_once()
+        assert "antsbees:1" in first.timed_out or "antsbees" in first.restarted, first
+        rounds = [first]
+
+        def restarted() -> bool:
+            if "antsbees" not in rounds[-1].restarted:
+                rounds.append(dog.check_once())
+            return "antsbees" in rounds[-1].restarted
+
+        wait_until(restarted, 300, "the watchdog to restart the hung model", interval=0)
+        assert len(rounds) <= 4, [r.timed_out for r in rounds]
+        with Classifier(own_server.grpc_url, "antsbees") as clf:  # no retries needed
+            np.testing.assert_array_equal(clf.logits(pixels), expected)
+        assert set(_stub_of(own_server.pid, "antsbees")).isdisjoint(hung)
+    finally:
+        for pid in hung:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)  # a stopped stub would hold up shutdown
+
+
+def test_one_bad_image_fails_the_whole_request_naming_it(server, val_images):
+    """A request with several images where one is bad fails as a whole, naming the item;
+    the server stays healthy and the next request is answered."""
+    good = val_images[0].read_bytes()
+    batch = np.array([[good], [b"not an image"], [val_images[1].read_bytes()]], dtype=object)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        inp = grpcclient.InferInput("IMAGE", list(batch.shape), "BYTES")
+        inp.set_data_from_numpy(batch)
+        message = _refused(lambda: client.infer("antsbees_image", [inp]))
+        assert "bad image: item 1:" in message, message
+        assert client.is_server_ready() and client.is_model_ready("antsbees_image")
+        inp = grpcclient.InferInput("IMAGE", [2, 1], "BYTES")
+        inp.set_data_from_numpy(batch[[0, 2]])
+        assert client.infer("antsbees_image", [inp]).as_numpy("logits").shape == (2, 2)
+    finally:
+        client.close()
+
+
+def test_a_flood_beyond_the_queue_bound_is_rejected_fast(model_repo, own_server):
+    """More requests in flight than max_queue_size + what the instances hold: the excess
+    is rejected at once with a clear error (never unbounded memory), the rest answered,
+    and the server stays ready."""
+    cfg = admin.session(own_server.grpc_url)
+    with cfg as a:
+        config = a.config("antsbees")
+    batching = config.get("dynamic_batching", {})
+    bound = int(batching.get("default_queue_policy", {}).get("max_queue_size", 0))
+    assert bound > 0, f"the classifier's queue is unbounded: {batching}"
+    timeout_us = int(batching["default_queue_policy"].get("default_timeout_microseconds", 0))
+    assert timeout_us > 0
+    pixels = np.zeros((1, 3, 224, 224), np.float32)
+    n = bound * 3 + 64
+    results: list[str] = []
+    lock = threading.Lock()
+    done = threading.Event()
+    client = grpcclient.InferenceServerClient(own_server.grpc_url)
+
+    def callback(result, error) -> None:
+        with lock:
+            results.append("ok" if error is None else str(error))
+            if len(results) == n:
+                done.set()
+
+    try:
+        inp = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "FP32")
+        inp.set_data_from_numpy(pixels)
+        for _ in range(n):
+            client.async_infer("antsbees", [inp], callback=callback)
+        assert done.wait(600), f"{len(results)} of {n} answered"
+        rejected = [r for r in results if r != "ok"]
+        assert results.count("ok") > 0
+        assert rejected, "no request was rejected although the flood exceeded the queue"
+        assert all("queue" in r.lower() for r in rejected), set(rejected)
+        assert client.is_server_ready() and client.is_model_ready("antsbees")
+    finally:
+        client.close()
