@@ -60,6 +60,85 @@ EXPORT_DESCRIPTION = (
 )
 
 
+def _precision_args(p: argparse.ArgumentParser) -> None:
+    from export.int8 import CALIBRATION_METHODS, Calibration
+    from export.parity import ACCURACY_GATE
+    from export.precision import PRECISIONS, PrecisionConfig
+
+    g = p.add_argument_group("precision (FP16/INT8 stages are judged by accuracy)")
+    g.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="what the served model.onnx computes in (TARGET=cpu): int8 or fp16 is published "
+        "only when its stage passes the accuracy gate; recorded in the card",
+    )
+    g.add_argument(
+        "--min-agreement",
+        type=float,
+        default=ACCURACY_GATE.min_agreement,
+        help="reduced-precision gate: top-1 agreement with FP32 over every image",
+    )
+    g.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=ACCURACY_GATE.max_accuracy_drop,
+        help="reduced-precision gate: labelled top-1 accuracy at most this far below "
+        "FP32's (a fraction: 0.005 = 0.5 points)",
+    )
+    g.add_argument(
+        "--small-set-images",
+        type=int,
+        default=ACCURACY_GATE.small_set_images,
+        help="below this many images the allowed drop is --small-set-drop-images images",
+    )
+    g.add_argument("--small-set-drop-images", type=int, default=ACCURACY_GATE.small_set_drop_images)
+    g.add_argument(
+        "--calibration-count",
+        type=int,
+        default=Calibration.count,
+        help="INT8: training images (eval transform) to calibrate on",
+    )
+    g.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="MinMax")
+    g.add_argument(
+        "--calibration-data",
+        default="",
+        help="INT8: dataset whose train split calibrates (default: the checkpoint's data)",
+    )
+    g.add_argument("--no-int8-stage", dest="int8_stage", action="store_false", help="skip INT8")
+    g.add_argument(
+        "--no-precision-fallback",
+        dest="precision_fallback",
+        action="store_false",
+        help="do not search for nodes to keep in FP32 when a gating reduced stage fails",
+    )
+    g.add_argument(
+        "--fallback-rounds",
+        type=int,
+        default=PrecisionConfig.fallback_rounds,
+        help="fallback budget: re-checks on the val set at most",
+    )
+
+
+def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the type
+    """The PrecisionConfig the flags describe."""
+    from export.int8 import Calibration
+    from export.parity import AccuracyGate
+    from export.precision import PrecisionConfig
+
+    return PrecisionConfig(
+        precision=a.precision,
+        gate=AccuracyGate(
+            a.min_agreement, a.max_accuracy_drop, a.small_set_images, a.small_set_drop_images
+        ),
+        calibration=Calibration(count=a.calibration_count, method=a.calibration_method),
+        calibration_data=a.calibration_data,
+        int8=a.int8_stage,
+        fallback=a.precision_fallback,
+        fallback_rounds=a.fallback_rounds,
+    )
+
+
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default="runs/antsbees/checkpoint.pt")
     p.add_argument("--name", default="", help="served model name (default: the checkpoint's)")
@@ -103,14 +182,15 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--fp16-tolerance",
         type=float,
         default=1e-3,
-        help="FP16 stages: median |diff| within this, absolute or relative "
-        "(Polygraphy semantics); recorded in the report",
+        help="FP16 stages, advisory: median |diff| within this, absolute or relative "
+        "(Polygraphy semantics); recorded in the report (the gate is accuracy-based)",
     )
     p.add_argument(
         "--keep-fp16-edges",
         action="store_true",
         help="keep the first conv and the last layer in FP32 in the FP16 ONNX",
     )
+    _precision_args(p)
     p.add_argument(
         "--no-triton-parity",
         dest="triton_parity",
@@ -298,6 +378,7 @@ def run_export_command(a: argparse.Namespace) -> int:
         timing_cache=a.timing_cache,
         profile=profile,
         serving=serving_from(a, profile),
+        precision=precision_from(a),
     )
     run_export(cfg)
     return 0

@@ -29,14 +29,19 @@ def first_and_last_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def convert_fp16(
-    src: str | Path, dst: str | Path, keep_first_last_fp32: bool = False
+    src: str | Path,
+    dst: str | Path,
+    keep_first_last_fp32: bool = False,
+    node_block_list: list[str] | None = None,
 ) -> onnx.ModelProto:
     """FP32 ONNX -> FP16 weights and activations, FP32 inputs/outputs kept (Cast at the
-    edges), checked with ``onnx.checker`` and written atomically."""
+    edges), checked with ``onnx.checker`` and written atomically. Nodes named in
+    ``node_block_list`` (and the first/last compute nodes when asked) stay in FP32."""
     from onnxconverter_common import float16
 
     model = onnx.load(str(src))
     block = first_and_last_nodes(model) if keep_first_last_fp32 else []
+    block += [n for n in node_block_list or [] if n not in block]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # per-initializer "value truncated" notices
         fp16 = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=block)

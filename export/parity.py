@@ -3,11 +3,19 @@
 Every comparison is one *stage* object: ``name``, ``reference``, ``status``
 (``passed``/``failed``/``skipped``), ``reason``, ``images``, ``top1_agreement``,
 ``max_abs``, ``mean_abs``, ``median_abs``, ``max_rel``, ``min_required_atol`` (plus
-``median_rel``, ``thresholds`` and ``gating``).
+``median_rel``, the same statistics relative to the reference's logit scale,
+``accuracy``/``reference_accuracy`` and their per-class values when labels are known,
+``gate``, ``thresholds`` and ``gating``).
 
-Checks follow Polygraphy's semantics: a statistic fails only when it exceeds the absolute
-tolerance *and* its relative counterpart exceeds the relative tolerance; the "minimum
-required tolerance" is the statistic itself.
+Two gates:
+
+* FP32 stages (``gate: "elementwise"``) follow Polygraphy's semantics: a statistic fails
+  only when it exceeds the absolute tolerance *and* its relative counterpart exceeds the
+  relative tolerance; the "minimum required tolerance" is the statistic itself.
+* Reduced-precision stages (``gate: "accuracy"``, FP16/INT8) are judged by what a user of
+  a classifier relies on, over every image: top-1 agreement with the FP32 reference, and
+  labelled top-1 accuracy no further below the reference's than allowed
+  (:class:`AccuracyGate`). Their element-wise statistics are reported, not enforced.
 """
 
 from __future__ import annotations
@@ -32,10 +40,31 @@ class Thresholds:
     rtol: float | None = None
 
 
+@dataclass(frozen=True)
+class AccuracyGate:
+    """Reduced-precision gate: ``min_agreement`` top-1 agreement with the reference, and
+    labelled top-1 accuracy at most ``max_accuracy_drop`` (a fraction: 0.005 = 0.5 points)
+    below the reference's - or ``small_set_drop_images`` images when the set has fewer
+    than ``small_set_images`` images (one image is already more than 0.5 points there)."""
+
+    min_agreement: float = 0.995
+    max_accuracy_drop: float = 0.005
+    small_set_images: int = 200
+    small_set_drop_images: int = 1
+
+    def allowed_drop(self, images: int) -> float:
+        """The accuracy drop (fraction) allowed on a set of ``images`` images."""
+        if images < self.small_set_images and self.small_set_drop_images:
+            return max(self.max_accuracy_drop, self.small_set_drop_images / images)
+        return self.max_accuracy_drop
+
+
 # FP32 stages: every logit within 1e-3 and the same top-1 everywhere.
 FP32_GATE = Thresholds(min_top1=1.0, stat="max", atol=1e-3)
 # FP16 stages (Polygraphy's FP16 guidance): the bulk of the outputs, not the worst element.
+# Reported for them (advisory); they gate on ACCURACY_GATE.
 FP16_GATE = Thresholds(min_top1=0.995, stat="median", atol=1e-3, rtol=1e-3)
+ACCURACY_GATE = AccuracyGate()
 
 
 @dataclass
@@ -54,8 +83,18 @@ class Stage:
     max_rel: float | None = None
     median_rel: float | None = None
     min_required_atol: float | None = None
+    logit_scale: float | None = None
+    max_abs_scaled: float | None = None
+    median_abs_scaled: float | None = None
+    accuracy: float | None = None
+    reference_accuracy: float | None = None
+    accuracy_drop: float | None = None
+    per_class_accuracy: dict[str, float] | None = None
+    reference_per_class_accuracy: dict[str, float] | None = None
+    gate: str = "elementwise"
     thresholds: dict[str, Any] = field(default_factory=dict)
     gating: bool = True
+    fallback: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +122,37 @@ def diff_stats(reference: np.ndarray, output: np.ndarray, stat: str = "max") -> 
     }
     # Polygraphy: the smallest atol with which the checked statistic would pass.
     stats["min_required_atol"] = stats[f"{stat}_abs"]
+    # The same error relative to how large these logits are (RMS of the reference).
+    scale = float(np.sqrt(np.mean(reference**2)))
+    stats["logit_scale"] = scale
+    stats["max_abs_scaled"] = stats["max_abs"] / max(scale, REL_EPS)
+    stats["median_abs_scaled"] = stats["median_abs"] / max(scale, REL_EPS)
     return stats
+
+
+def accuracy_stats(
+    reference: np.ndarray, output: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    """Labelled top-1 accuracy of the output and of its reference, overall and per class."""
+    labels = np.asarray(labels)
+    if len(labels) != len(output):
+        raise ValueError(f"{len(labels)} labels for {len(output)} outputs")
+
+    def per_class(logits: np.ndarray) -> dict[str, float]:
+        hit = np.asarray(logits).argmax(1) == labels
+        return {
+            c: float(hit[labels == i].mean()) for i, c in enumerate(classes) if (labels == i).any()
+        }
+
+    acc = float((np.asarray(output).argmax(1) == labels).mean())
+    ref_acc = float((np.asarray(reference).argmax(1) == labels).mean())
+    return {
+        "accuracy": acc,
+        "reference_accuracy": ref_acc,
+        "accuracy_drop": ref_acc - acc,
+        "per_class_accuracy": per_class(output),
+        "reference_per_class_accuracy": per_class(reference),
+    }
 
 
 def judge(
@@ -91,32 +160,57 @@ def judge(
     reference: str,
     ref: np.ndarray,
     out: np.ndarray,
-    gate: Thresholds = FP32_GATE,
+    gate: Thresholds | AccuracyGate = FP32_GATE,
     gating: bool = True,
+    labels: np.ndarray | None = None,
+    classes: list[str] | None = None,
 ) -> Stage:
     """Compare and apply ``gate``; a failed stage names the numbers that failed.
 
-    A non-``gating`` (advisory) stage is judged and reported the same way but does not
-    block publishing (e.g. FP16 stages when the published model runs in FP32).
+    ``gate`` is element-wise (:class:`Thresholds`, FP32 stages) or accuracy-based
+    (:class:`AccuracyGate`, reduced precision; needs ``labels``). With ``labels`` the
+    stage also carries labelled accuracy of both sides. A non-``gating`` (advisory)
+    stage is judged and reported the same way but does not block publishing.
     """
-    stats = diff_stats(ref, out, gate.stat)
+    stat = gate.stat if isinstance(gate, Thresholds) else "median"
+    stats = diff_stats(ref, out, stat)
+    if labels is not None:
+        stats.update(accuracy_stats(ref, out, labels, classes or []))
     problems = []
-    if stats["top1_agreement"] < gate.min_top1:
-        problems.append(f"top-1 agreement {stats['top1_agreement']:.4%} < {gate.min_top1:.2%}")
-    abs_val, rel_val = stats[f"{gate.stat}_abs"], stats[f"{gate.stat}_rel"]
-    abs_bad = abs_val > gate.atol
-    rel_bad = gate.rtol is None or rel_val > gate.rtol
-    if abs_bad and rel_bad:
-        rel_text = f" and {gate.stat} rel diff {rel_val:.3g} > {gate.rtol:g}" if gate.rtol else ""
-        problems.append(f"{gate.stat} abs diff {abs_val:.3g} > {gate.atol:g}{rel_text}")
-    status = "failed" if problems else "passed"
-    reason = "; ".join(problems)
+    if isinstance(gate, AccuracyGate):
+        if labels is None:
+            raise ValueError(f"{name}: the accuracy gate needs the images' labels")
+        if stats["top1_agreement"] < gate.min_agreement:
+            problems.append(
+                f"top-1 agreement {stats['top1_agreement']:.4%} < {gate.min_agreement:.2%}"
+            )
+        allowed = gate.allowed_drop(stats["images"])
+        if stats["accuracy_drop"] > allowed + 1e-12:
+            problems.append(
+                f"accuracy {stats['accuracy']:.2%} is {100 * stats['accuracy_drop']:.2f} points "
+                f"below the reference's {stats['reference_accuracy']:.2%} "
+                f"(allowed {100 * allowed:.2f})"
+            )
+        thresholds = {**asdict(gate), "allowed_drop": allowed}
+    else:
+        if stats["top1_agreement"] < gate.min_top1:
+            problems.append(f"top-1 agreement {stats['top1_agreement']:.4%} < {gate.min_top1:.2%}")
+        abs_val, rel_val = stats[f"{gate.stat}_abs"], stats[f"{gate.stat}_rel"]
+        abs_bad = abs_val > gate.atol
+        rel_bad = gate.rtol is None or rel_val > gate.rtol
+        if abs_bad and rel_bad:
+            rel_text = (
+                f" and {gate.stat} rel diff {rel_val:.3g} > {gate.rtol:g}" if gate.rtol else ""
+            )
+            problems.append(f"{gate.stat} abs diff {abs_val:.3g} > {gate.atol:g}{rel_text}")
+        thresholds = asdict(gate)
     return Stage(
         name=name,
         reference=reference,
-        status=status,
-        reason=reason,
-        thresholds=asdict(gate),
+        status="failed" if problems else "passed",
+        reason="; ".join(problems),
+        gate="accuracy" if isinstance(gate, AccuracyGate) else "elementwise",
+        thresholds=thresholds,
         gating=gating,
         **stats,
     )
@@ -137,4 +231,6 @@ def format_stage(s: Stage) -> str:
         f"top-1 agree {s.top1_agreement:.2%}  max|d| {s.max_abs:.3g}  "
         f"median|d| {s.median_abs:.3g}  median rel {s.median_rel:.3g}"
     )
+    if s.accuracy is not None:
+        line += f"  accuracy {s.accuracy:.2%} (reference {s.reference_accuracy:.2%})"
     return line + (f"  ({s.reason})" if s.reason else "")

@@ -21,6 +21,15 @@ import numpy as np
 from export.fp16 import convert_fp16, pytorch_fp16_logits
 from export.onnx_export import export_onnx, exported_card
 from export.parity import FP16_GATE, FP32_GATE, Stage, Thresholds, format_stage, judge, skipped
+from export.precision import (
+    PrecisionConfig,
+    check_int8,
+    export_int8,
+    gating_stages,
+    precision_details,
+    served_stage,
+)
+from export.precision_fallback import fallback_step
 from export.publish import Published, publish
 from export.report import write_histogram, write_json, write_markdown
 from export.stage_outputs import (
@@ -78,8 +87,12 @@ class ExportConfig:
     timing_cache: str = ""
     profile: EngineProfile = field(default_factory=EngineProfile)
     serving: ServingConfig = field(default_factory=ServingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def validate(self) -> None:
+        self.precision.validate()
+        if self.precision.precision == "fp16" and not self.fp16:
+            raise ValueError("PRECISION=fp16 needs the FP16 stages (drop --no-fp16-stages)")
         if not 0 < self.atol <= FP32_GATE.atol:
             raise ValueError(
                 f"atol {self.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
@@ -107,6 +120,9 @@ class ExportRun:
     card: ModelCard | None = None
     report: dict[str, Any] = field(default_factory=dict)
     published: Published | None = None
+    logits: dict[str, np.ndarray] = field(default_factory=dict)
+    int8_logits: np.ndarray | None = None
+    int8_details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def onnx_path(self) -> Path:
@@ -115,6 +131,18 @@ class ExportRun:
     @property
     def fp16_path(self) -> Path:
         return self.out_dir / "model_fp16.onnx"
+
+    @property
+    def int8_path(self) -> Path:
+        return self.out_dir / "model_int8.onnx"
+
+    @property
+    def served_onnx(self) -> Path:
+        """The ONNX published as the version's ``model.onnx`` (its precision: the card's)."""
+        precision = self.cfg.precision.precision
+        if self.cfg.serving.target != "cpu" or precision == "fp32":
+            return self.onnx_path
+        return self.int8_path if precision == "int8" else self.fp16_path
 
     @property
     def fp32_gate(self) -> Thresholds:
@@ -139,11 +167,22 @@ class ExportRun:
         gate: Thresholds,
         gating: bool = True,
     ) -> Stage:
-        stage = judge(name, reference, ref, out, gate, gating)
+        assert self.pixels is not None
+        labels = self.pixels.labels[: len(out)]
+        stage = judge(name, reference, ref, out, gate, gating, labels, self.ckpt.card.classes)
         self.stages.append(stage)
         self.diffs[name] = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
+        self.logits[name] = np.asarray(out)
         log.info("%s", format_stage(stage))
         return stage
+
+    def compare_reduced(self, name: str, out: np.ndarray) -> Stage:
+        """A reduced-precision stage vs ``pytorch-fp32``, judged by the accuracy gate;
+        gating when its model is what gets published (:func:`gating_stages`)."""
+        assert self.reference is not None
+        gating = name in gating_stages(self.cfg.precision.precision, self.cfg.serving.target)
+        ref = self.reference[: len(out)]
+        return self.compare(name, "pytorch-fp32", ref, out, self.cfg.precision.gate, gating)
 
     def skip(self, name: str, reference: str, reason: str) -> None:
         self.stages.append(skipped(name, reference, reason))
@@ -192,20 +231,19 @@ def reference_outputs(run: ExportRun) -> None:
 
 
 def check_onnxruntime(run: ExportRun) -> None:
-    """ONNX Runtime FP32 (gating) and FP16 (gating only for FP16 targets)."""
+    """ONNX Runtime FP32 (element-wise gate) and FP16 (accuracy gate, gating only when
+    FP16 is published), then INT8 (:func:`check_int8`)."""
     assert run.pixels is not None and run.reference is not None
     run.ort32 = onnxruntime_logits(run.onnx_path, run.pixels)
     run.compare("onnxruntime-fp32", "pytorch-fp32", run.reference, run.ort32, run.fp32_gate)
     if not run.cfg.fp16:
         for stage_name in ("onnxruntime-fp16", "pytorch-fp16"):
             run.skip(stage_name, "pytorch-fp32", "disabled (--no-fp16-stages)")
-        return
-    # FP16 stages gate publishing only when the published model runs in FP16 (GPU targets).
-    gating = run.cfg.serving.target == "gpu"
-    fp16 = onnxruntime_logits(run.fp16_path, run.pixels)
-    run.compare("onnxruntime-fp16", "pytorch-fp32", run.reference, fp16, run.fp16_gate, gating)
-    half, n_half = pytorch_fp16_logits(run.ckpt, run.pixels, run.cfg.fp16_limit)
-    run.compare("pytorch-fp16", "pytorch-fp32", run.reference[:n_half], half, run.fp16_gate, gating)
+    else:
+        run.compare_reduced("onnxruntime-fp16", onnxruntime_logits(run.fp16_path, run.pixels))
+        half, _ = pytorch_fp16_logits(run.ckpt, run.pixels, run.cfg.fp16_limit)
+        run.compare_reduced("pytorch-fp16", half)
+    check_int8(run)
 
 
 def check_tensorrt(run: ExportRun) -> None:
@@ -239,9 +277,7 @@ def check_tensorrt(run: ExportRun) -> None:
             meta["build_seconds"],
         )
     logits = tensorrt_logits(run.engine, run.pixels.batches, INPUT_NAME, OUTPUT_NAME)
-    run.compare(
-        "tensorrt-fp16", "pytorch-fp32", run.reference, logits, run.fp16_gate, gating=wants_engine
-    )
+    run.compare_reduced("tensorrt-fp16", logits)
 
 
 def make_card(run: ExportRun) -> None:
@@ -255,7 +291,11 @@ def make_card(run: ExportRun) -> None:
         card.provenance, checkpoint=ckpt_path.name, checkpoint_sha256=sha256(ckpt_path)
     )
     run.card = card.replace(
-        name=run.name, provenance=provenance, gflop_per_image=round(model_gflops(run.ckpt), 4)
+        name=run.name,
+        provenance=provenance,
+        gflop_per_image=round(model_gflops(run.ckpt), 4),
+        precision=run.cfg.precision.precision,
+        precision_details=precision_details(run),
     )
 
 
@@ -266,7 +306,7 @@ def publish_into(run: ExportRun, repo: Path) -> Published:
     return publish(
         repo,
         run.name,
-        run.onnx_path,
+        run.served_onnx,
         run.card,
         run.cfg.serving,
         run.engine,
@@ -280,6 +320,9 @@ def check_triton(run: ExportRun) -> None:
     cfg = run.cfg
     assert run.pixels is not None and run.ort32 is not None
     names = ("triton-http", "triton-grpc", "triton-image")
+    # The server runs the served model with ONNX Runtime: it must return exactly that.
+    served = served_stage(cfg.precision.precision)
+    served_logits = run.ort32 if served == "onnxruntime-fp32" else run.logits[served]
     if not cfg.triton_parity or cfg.serving.target != "cpu":
         reason = (
             "disabled (--no-triton-parity)"
@@ -288,14 +331,14 @@ def check_triton(run: ExportRun) -> None:
             "repository with the NGC container (serve/docker-compose.gpu.yml)"
         )
         for stage_name in names:
-            run.skip(stage_name, "onnxruntime-fp32", reason)
+            run.skip(stage_name, served, reason)
         return
     from export.triton_parity import triton_logits
 
     images = encoded_images(run.ckpt, run.data, cfg.split, cfg.parity_limit)
-    served = triton_logits(lambda repo: publish_into(run, repo), run.name, run.pixels, images)
-    for key, logits in served.items():
-        run.compare(f"triton-{key}", "onnxruntime-fp32", run.ort32, logits, run.fp32_gate)
+    outputs = triton_logits(lambda repo: publish_into(run, repo), run.name, run.pixels, images)
+    for key, logits in outputs.items():
+        run.compare(f"triton-{key}", served, served_logits, logits, run.fp32_gate)
 
 
 def write_reports(run: ExportRun) -> None:
@@ -312,6 +355,14 @@ def write_reports(run: ExportRun) -> None:
         "checkpoint_sha256": run.card.provenance.checkpoint_sha256,
         "onnx": str(run.onnx_path),
         "onnx_fp16": str(run.fp16_path),
+        "onnx_int8": str(run.int8_path) if cfg.precision.int8 else None,
+        "precision": cfg.precision.precision,
+        "gates": {
+            "fp32": dataclasses.asdict(run.fp32_gate),
+            "reduced_precision": dataclasses.asdict(cfg.precision.gate),
+            "reduced_precision_elementwise_advisory": dataclasses.asdict(run.fp16_gate),
+        },
+        "precision_details": run.card.precision_details,
         "engine": str(run.engine) if run.engine else None,
         "target": cfg.serving.kind,
         "data": run.data,
@@ -390,7 +441,9 @@ def deploy_release(run: ExportRun) -> None:
 STEPS: list[Callable[[ExportRun], None]] = [
     export_models,
     reference_outputs,
+    export_int8,
     check_onnxruntime,
+    fallback_step,
     check_tensorrt,
     make_card,
     check_triton,

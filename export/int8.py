@@ -1,0 +1,158 @@
+"""INT8 ONNX by ONNX Runtime static quantization (QDQ, per-channel weights).
+
+The FP32 graph (0..255 pixels in, normalization inside) goes through ORT's quantization
+pre-processing (``quant_pre_process``: symbolic shape inference + graph optimization),
+then ``quantize_static`` in QDQ format with per-channel weights, calibrated on *training*
+images through the checkpoint's eval transform (never the val images the gate judges).
+
+Parameters follow ORT's guidance for CPUs: QUInt8 activations and QInt8 weights, and
+``reduce_range`` (7-bit weights) where the CPU lacks VNNI, against integer saturation.
+The calibration ranges are cached (ORT's ``calibration_cache_path``), so re-quantizing
+with some nodes excluded (the precision fallback) does not calibrate again.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from export.stage_outputs import PixelBatches
+from serve.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How the INT8 model is calibrated: ``count`` images of ``split`` (eval transform),
+    ORT's ``method``, and ``reduce_range`` (None: on exactly when the CPU lacks VNNI)."""
+
+    count: int = 128
+    method: str = "MinMax"
+    split: str = "train"
+    batch_size: int = 16
+    reduce_range: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}")
+        if self.count < 1:
+            raise ValueError(f"calibration count must be >= 1, got {self.count}")
+
+    def resolved_reduce_range(self) -> bool:
+        return (not cpu_has_vnni()) if self.reduce_range is None else self.reduce_range
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has an 8-bit dot-product instruction (AVX512-VNNI or AVX-VNNI)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+class _PixelReader:
+    """ORT's CalibrationDataReader over eval-transformed pixel batches."""
+
+    def __init__(self, input_name: str, pixels: PixelBatches) -> None:
+        self.input_name = input_name
+        self.batches = pixels.batches
+        self._it: Iterator[np.ndarray] = iter(self.batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self.input_name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self.batches)
+
+
+def preprocess_for_quantization(src: str | Path, dst: str | Path) -> Path:
+    """ORT's quantization pre-processing (shape inference + optimization) into ``dst``."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    quant_pre_process(str(src), str(dst))
+    return Path(dst)
+
+
+def quantizable_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes whose INT8 version matters most (Conv, Gemm, MatMul), in order."""
+    return [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name]
+
+
+def quantize_int8(
+    prepared: str | Path,
+    dst: str | Path,
+    calibration: Calibration,
+    pixels: PixelBatches | None,
+    cache: str | Path,
+    nodes_to_exclude: Sequence[str] = (),
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Quantize the pre-processed FP32 graph to INT8 QDQ and write it atomically.
+
+    ``pixels`` (calibration images) may be None when ``cache`` already holds the ranges.
+    Returns what was done (for the report and the card).
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    src = onnx.load(str(prepared))
+    reader = _PixelReader(src.graph.input[0].name, pixels) if pixels is not None else None
+    reduce_range = calibration.resolved_reduce_range()
+    with tempfile.TemporaryDirectory(prefix="int8.") as tmp:
+        out = Path(tmp) / "model_int8.onnx"
+        quantize_static(
+            str(prepared),
+            str(out),
+            reader,
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(nodes_to_exclude) or None,
+            calibrate_method=getattr(CalibrationMethod, calibration.method),
+            calibration_cache_path=str(cache),
+        )
+        model = onnx.load(str(out))
+    del model.metadata_props[:]
+    for key, value in {**(metadata or {}), "precision": "int8"}.items():
+        model.metadata_props.add(key=key, value=value)
+    if nodes_to_exclude:
+        model.metadata_props.add(key="fp32_nodes", value=",".join(nodes_to_exclude))
+    onnx.checker.check_model(model)
+    atomic_write_bytes(Path(dst), model.SerializeToString())
+    details = {
+        "format": "QDQ",
+        "per_channel": True,
+        "activation_type": "QUInt8",
+        "weight_type": "QInt8",
+        "reduce_range": reduce_range,
+        "cpu_vnni": cpu_has_vnni(),
+        "calibration_method": calibration.method,
+        "nodes_excluded": list(nodes_to_exclude),
+        "quantized_nodes": sum(1 for n in model.graph.node if n.op_type == "DequantizeLinear"),
+    }
+    log.info("wrote %s (%s)", dst, details)
+    return details
+
+
+def metadata_of(path: str | Path) -> dict[str, str]:
+    """The FP32 graph's metadata (the card travels in it) to carry into the INT8 graph."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props if p.key != "precision"}

@@ -1,0 +1,135 @@
+"""Reduced precision as release steps: the INT8 model, the accuracy-gated FP16/INT8
+stages, which of them gate publishing, and what the card records.
+
+Which reduced stage gates depends on what is published:
+
+* ``TARGET=cpu PRECISION=fp32``: none (FP16/INT8 stages are reported, advisory);
+* ``TARGET=cpu PRECISION=int8``: ``onnxruntime-int8`` (the served ``model.onnx`` is the
+  INT8 graph); ``PRECISION=fp16``: ``onnxruntime-fp16`` (the FP16 graph, FP32 I/O);
+* ``TARGET=gpu``: the FP16 stages (TensorRT FP16 engine), or ``tensorrt-int8`` with
+  ``PRECISION=int8``.
+
+Every reduced stage is judged by :class:`export.parity.AccuracyGate` against
+``pytorch-fp32`` over every image; a gating one that fails goes to the precision
+fallback (:mod:`export.precision_fallback`) when enabled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from export.int8 import Calibration, metadata_of, preprocess_for_quantization, quantize_int8
+from export.parity import AccuracyGate
+from export.stage_outputs import load_pixels, onnxruntime_logits
+
+if TYPE_CHECKING:
+    from export.release import ExportRun
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_STAGE = "onnxruntime-int8"
+
+
+@dataclass
+class PrecisionConfig:
+    """What precision to publish, how reduced stages are judged, how INT8 is calibrated,
+    and the fallback search's budget (``fallback_rounds`` re-checks at most)."""
+
+    precision: str = "fp32"
+    gate: AccuracyGate = field(default_factory=AccuracyGate)
+    calibration: Calibration = field(default_factory=Calibration)
+    calibration_data: str = ""  # default: the checkpoint's training data
+    int8: bool = True
+    fallback: bool = True
+    fallback_rounds: int = 6
+    fallback_max_fraction: float = 0.5
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "int8" and not self.int8:
+            raise ValueError("PRECISION=int8 needs the INT8 stage (drop --no-int8-stage)")
+        if not 0 < self.gate.min_agreement <= 1 or self.gate.max_accuracy_drop < 0:
+            raise ValueError(f"invalid accuracy gate {self.gate}")
+
+
+def gating_stages(precision: str, target: str) -> set[str]:
+    """The reduced-precision stages that gate publishing for this precision and target."""
+    if target == "gpu":
+        if precision == "int8":
+            return {"tensorrt-int8"}
+        return {"onnxruntime-fp16", "pytorch-fp16", "tensorrt-fp16"}
+    return {"int8": {INT8_STAGE}, "fp16": {"onnxruntime-fp16"}}.get(precision, set())
+
+
+def served_stage(precision: str) -> str:
+    """The stage whose model is the served ``model.onnx`` on CPU."""
+    return {"fp32": "onnxruntime-fp32", "fp16": "onnxruntime-fp16", "int8": INT8_STAGE}[precision]
+
+
+def export_int8(run: ExportRun) -> None:
+    """Calibrate on training images (eval transform) and write ``model_int8.onnx``."""
+    pc = run.cfg.precision
+    if not pc.int8:
+        return
+    cal = pc.calibration
+    data = pc.calibration_data or run.ckpt.config.get("data", "") or run.data
+    pixels = load_pixels(run.ckpt, data, cal.split, cal.batch_size, run.cfg.workers, cal.count)
+    prepared = preprocess_for_quantization(run.onnx_path, run.out_dir / "model_prepared.onnx")
+    cache = run.out_dir / "int8_calibration.json"
+    cache.unlink(missing_ok=True)  # ranges of this model and these images only
+    details = quantize_int8(
+        prepared, run.int8_path, cal, pixels, cache, metadata=metadata_of(run.onnx_path)
+    )
+    run.int8_details = {
+        **details,
+        "calibration_data": Path(str(data)).name,
+        "calibration_split": cal.split,
+        "calibration_images": pixels.count,
+        "calibration_batch_size": cal.batch_size,
+    }
+
+
+def check_int8(run: ExportRun) -> None:
+    """``onnxruntime-int8`` vs ``pytorch-fp32``, accuracy-gated (gating for INT8 on CPU)."""
+    assert run.pixels is not None and run.reference is not None
+    if not run.cfg.precision.int8:
+        run.skip(INT8_STAGE, "pytorch-fp32", "disabled (--no-int8-stage)")
+        return
+    run.int8_logits = onnxruntime_logits(run.int8_path, run.pixels)
+    run.compare_reduced(INT8_STAGE, run.int8_logits)
+
+
+def precision_details(run: ExportRun) -> dict[str, Any]:
+    """What the card records about the published precision: the gate, its numbers, the
+    calibration (INT8) and the fallback's choice."""
+    pc = run.cfg.precision
+    details: dict[str, Any] = {
+        "precision": pc.precision,
+        "gate": dataclasses.asdict(pc.gate),
+    }
+    if pc.precision == "fp32":
+        return details
+    names = gating_stages(pc.precision, run.cfg.serving.target)
+    details["stages"] = {
+        s.name: {
+            "status": s.status,
+            "top1_agreement": s.top1_agreement,
+            "accuracy": s.accuracy,
+            "reference_accuracy": s.reference_accuracy,
+            "accuracy_drop": s.accuracy_drop,
+            "allowed_drop": s.thresholds.get("allowed_drop"),
+            "images": s.images,
+            "fallback": s.fallback,
+        }
+        for s in run.stages
+        if s.name in names
+    }
+    if pc.precision == "int8" and run.int8_details:
+        details["int8"] = run.int8_details
+    return details
