@@ -21,6 +21,7 @@ EPOCHS ?=
 OUT ?= runs/$(MODEL)
 REPO ?= model_repository
 TARGET ?= cpu
+PRECISION ?= fp32
 GPU_BACKEND ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -37,7 +38,7 @@ help:
 	@echo "make setup | train | export | serve | test | test-fast | bench | bench-train | soak | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
-	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) DEPLOY=HOST:GRPC_PORT"
+	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) PRECISION=$(PRECISION) (fp32|fp16|int8) DEPLOY=HOST:GRPC_PORT"
 	@echo "  recipes: $(notdir $(basename $(wildcard train/recipes/*.yaml)))"
 
 setup: $(STAMP)
@@ -78,11 +79,13 @@ train: $(STAMP)
 # TARGET=cpu (default): python backend + ONNX Runtime. TARGET=gpu: TensorRT FP16 engine
 # (tensorrt_plan; GPU_BACKEND=onnxruntime for ORT + TensorRT accelerator instead).
 # DEPLOY=127.0.0.1:8001 also loads the new version on that server (never implied).
+# PRECISION=int8|fp16 (TARGET=cpu) serves the INT8/FP16 model, published only when its
+# stage passes the accuracy gate (after the precision fallback, if needed).
 export: $(STAMP)
 	$(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) \
 		$(if $(DATA),--data $(DATA)) --model-repository $(REPO) --target $(TARGET) \
 		$(if $(GPU_BACKEND),--gpu-backend $(GPU_BACKEND)) $(if $(DEPLOY),--deploy $(DEPLOY)) \
-		$(EXPORT_ARGS)
+		--precision $(PRECISION) $(EXPORT_ARGS)
 
 # Time-to-accuracy on ants/bees (finetune vs feature-extract) and CIFAR images/s.
 bench-train: $(STAMP)
