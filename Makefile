@@ -31,11 +31,17 @@ DEPLOY ?=
 TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
+# make deploy-manifests: Kubernetes manifests for N Tritons serving $(REPO).
+REPLICAS ?= 2
+IMAGE ?= nvcr.io/nvidia/tritonserver:24.10-py3
+MODEL_STORE ?=
+K8S_OUT ?= deploy/k8s
+NAMESPACE ?= default
 
-.PHONY: help setup lock data train export serve test test-fast lint format clean bench-train bench soak
+.PHONY: help setup lock data train export serve test test-fast lint format clean bench-train bench soak deploy-manifests
 
 help:
-	@echo "make setup | train | export | serve | test | test-fast | bench | bench-train | soak | data | lint | clean"
+	@echo "make setup | train | export | serve | test | test-fast | bench | bench-train | soak | deploy-manifests | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
 	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) PRECISION=$(PRECISION) (fp32|fp16|int8) DEPLOY=HOST:GRPC_PORT"
@@ -100,6 +106,12 @@ bench: $(STAMP)
 soak: $(STAMP)
 	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench \
 		--data $(or $(DATA),$(call recipe_get,data))/val $(SOAK_ARGS)
+
+# Deployment + Service + HPA (queue time via prometheus-adapter) + ServiceMonitor + admin-key
+# Secret, rendered from $(REPO). MODEL_STORE=s3://bucket/path or pvc:CLAIM (default pvc:triton-models).
+deploy-manifests: $(STAMP)
+	$(PY) -m serve manifests --model-repository $(REPO) --out $(K8S_OUT) --replicas $(REPLICAS) \
+		--image $(IMAGE) --namespace $(NAMESPACE) $(if $(MODEL_STORE),--model-store $(MODEL_STORE))
 
 serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \

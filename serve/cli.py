@@ -1,5 +1,5 @@
 """Command line: ``python -m serve`` run | classify | evaluate | models | load | unload |
-restart | rollback | health | watchdog | bench | soak (torch-free)."""
+restart | rollback | health | watchdog | bench | soak | manifests (torch-free)."""
 
 from __future__ import annotations
 
@@ -355,7 +355,74 @@ COMMANDS = [
         "bench", "throughput/latency sweep vs in-process ONNX Runtime", _bench_arguments, _bench
     ),
     Command("soak", "sustained mixed load: failures and memory growth", _soak_arguments, _soak),
+    Command(
+        "manifests",
+        "Kubernetes manifests for N Tritons serving the repository (make deploy-manifests)",
+        lambda p: _manifests_arguments(p),
+        lambda a: _manifests(a),
+    ),
 ]
+
+
+# -- manifests -----------------------------------------------------------------------------
+def _manifests_arguments(p: argparse.ArgumentParser) -> None:
+    from serve.k8s import DEFAULT_IMAGE, DeployConfig
+
+    d = DeployConfig.__dataclass_fields__
+    add_model_repository(p)
+    p.add_argument("--out", default="deploy/k8s", help="folder for triton.yaml and secret.yaml")
+    p.add_argument("--name", default=d["name"].default)
+    p.add_argument("--namespace", default=d["namespace"].default)
+    p.add_argument("--image", default=DEFAULT_IMAGE, help="Triton image (NGC 24.10 = Triton 2.51)")
+    p.add_argument("--replicas", type=int, default=d["replicas"].default)
+    p.add_argument("--min-replicas", type=int, default=d["min_replicas"].default)
+    p.add_argument("--max-replicas", type=int, default=d["max_replicas"].default)
+    p.add_argument(
+        "--model-store",
+        default="",
+        help="s3://bucket/path (gs://, as://) read by Triton, or pvc:CLAIM mounted "
+        "read-only (default pvc:<name>-models); copy the repository there first",
+    )
+    p.add_argument(
+        "--queue-target-us",
+        type=int,
+        default=d["queue_target_us"].default,
+        help="HPA target: average queue time per request (microseconds) per pod",
+    )
+    p.add_argument(
+        "--admin-key-file",
+        default=None,
+        metavar="FILE",
+        help="put this key in the Secret (default: a fresh random key)",
+    )
+    p.add_argument(
+        "--no-python-deps",
+        dest="python_deps",
+        action="store_false",
+        help="the image already has ONNX Runtime, NumPy and Pillow (CPU repositories)",
+    )
+
+
+def _manifests(a: argparse.Namespace) -> int:
+    from serve.k8s import DeployConfig, write_manifests
+
+    cfg = DeployConfig(
+        model_repository=a.model_repository,
+        name=a.name,
+        namespace=a.namespace,
+        image=a.image,
+        replicas=a.replicas,
+        min_replicas=a.min_replicas,
+        max_replicas=a.max_replicas,
+        model_store=a.model_store,
+        queue_target_us=a.queue_target_us,
+        admin_key=auth.read_key_file(Path(a.admin_key_file)) if a.admin_key_file else "",
+        python_deps=a.python_deps,
+    )
+    for path in write_manifests(cfg, a.out):
+        print(f"wrote {path}")
+    print(f"apply: kubectl apply -f {a.out}/ (model repository: {cfg.model_store})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
