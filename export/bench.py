@@ -31,10 +31,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the run's checkpoint (PyTorch baseline; default runs/<model>/checkpoint.pt)",
     )
     p.add_argument(
+        "--onnx-baselines",
+        nargs="*",
+        default=None,
+        metavar="ONNX",
+        help="more in-process ONNX Runtime rows (e.g. FP32 beside an INT8 version), each "
+        "with the precision its graph records (default: the run folder's model.onnx and "
+        "model_int8.onnx, unless identical to the served one)",
+    )
+    p.add_argument(
         "--engine",
         default="",
         help="TensorRT engine for the bare-engine baseline (default: the version's model.plan)",
     )
+
+
+def precision_of(path: Path) -> str:
+    """The precision an exported graph records (``fp32`` when it records none)."""
+    from export.onnx_export import read_metadata
+
+    return read_metadata(path).get("precision", "fp32")
+
+
+def onnx_baselines(given: list[str] | None, run_dir: Path, version_dir: Path) -> list[Path]:
+    """The extra in-process rows: ``given``, or the run's FP32 and INT8 graphs that differ
+    from the served ``model.onnx``."""
+    from serve.files import sha256
+
+    if given is not None:
+        return [Path(p) for p in given]
+    served = version_dir / "model.onnx"
+    served_sha = sha256(served) if served.is_file() else ""
+    candidates = [run_dir / "model.onnx", run_dir / "model_int8.onnx"]
+    return [p for p in candidates if p.is_file() and sha256(p) != served_sha]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +89,13 @@ def run(args: argparse.Namespace) -> int:
         ort.server = {"efficiency_of_peak": ort.throughput * inputs.card.gflop_per_image / peak}
     report["results"].append(asdict(ort))
     log.info("onnxruntime in-process: %.1f img/s", ort.throughput)
+    for path in onnx_baselines(args.onnx_baselines, ckpt_path.parent, inputs.version_dir):
+        row = serve_bench.onnxruntime_baseline(
+            path, inputs.pixels, args.batch, args.window, args.max_seconds, precision_of(path)
+        )
+        row.ratio_to_onnxruntime = row.throughput / ort.throughput
+        report["results"].append({**asdict(row), "onnx": path.name})
+        log.info("onnxruntime %s in-process (%s): %.1f img/s", row.precision, path, row.throughput)
     pt = pytorch_baseline(ckpt, inputs.pixels, args.batch, args.window, args.max_seconds)
     pt.ratio_to_onnxruntime = pt.throughput / ort.throughput
     report["results"].append(asdict(pt))
