@@ -79,6 +79,11 @@ def export_int8(run: ExportRun) -> None:
         return
     cal = pc.calibration
     data = pc.calibration_data or run.ckpt.config.get("data", "") or run.data
+    if Path(str(data)).suffix == ".npz" and Path(str(data)).resolve() == Path(run.data).resolve():
+        raise ValueError(
+            f"INT8 calibration would use {data}, the file the gate judges: pass "
+            "--calibration-data with the training images"
+        )
     pixels = load_pixels(run.ckpt, data, cal.split, cal.batch_size, run.cfg.workers, cal.count)
     prepared = preprocess_for_quantization(run.onnx_path, run.out_dir / "model_prepared.onnx")
     cache = run.out_dir / "int8_calibration.json"

@@ -12,8 +12,10 @@ import pytest
 import torch
 import yaml
 
+from export.int8 import Calibration
 from export.onnx_export import read_metadata
-from export.release import ExportConfig, ParityFailed, run_export
+from export.precision import PrecisionConfig
+from export.release import ExportConfig, run_export
 from export.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
 from export.triton_config import ServingConfig, classifier_config, config_text, parse_config
 from serve.contract import ModelCard
@@ -26,6 +28,7 @@ STAGES = [
     "onnxruntime-fp32",
     "onnxruntime-fp16",
     "pytorch-fp16",
+    "onnxruntime-int8",
     "tensorrt-fp16",
     "triton-http",
     "triton-grpc",
@@ -42,13 +45,19 @@ def test_release_report_covers_every_stage(trained_run: Path, model_repo: Path) 
     for s in report["stages"]:
         if s["status"] == "skipped":
             assert s["reason"], s
-        elif s["name"] in ("onnxruntime-fp16", "pytorch-fp16"):
-            # The published CPU model runs in FP32: FP16 stages are measured, not enforced.
+        elif s["name"] in ("onnxruntime-fp16", "pytorch-fp16", "onnxruntime-int8"):
+            # The published CPU model runs in FP32: reduced stages are measured, not enforced,
+            # and judged by accuracy (agreement + labelled accuracy), not element-wise.
             assert s["gating"] is False and s["status"] in ("passed", "failed")
             assert s["images"] == 153 and s["reference"] == "pytorch-fp32"
-            assert s["top1_agreement"] >= 0.99 and s["median_rel"] < 0.01
-            assert s["max_abs"] > 1e-5  # FP16 really differs from FP32 (not a copy)
-            assert s["thresholds"]["stat"] == "median" and s["thresholds"]["rtol"] == 1e-3
+            assert s["gate"] == "accuracy" and s["thresholds"]["min_agreement"] == 0.995
+            assert s["reference_accuracy"] == report["reference_top1"]
+            assert set(s["per_class_accuracy"]) == {"ants", "bees"}
+            assert s["max_abs"] > 1e-5  # really differs from FP32 (not a copy)
+            if "fp16" in s["name"]:
+                assert s["top1_agreement"] >= 0.99 and s["median_rel"] < 0.01
+            else:
+                assert s["top1_agreement"] >= 0.9 and s["max_abs_scaled"] > 0
         else:
             assert s["status"] == "passed" and s["gating"] is True, s
     if not TRT_OK:
@@ -77,6 +86,7 @@ def test_fp16_onnx_graph(trained_run: Path, model_repo: Path) -> None:
     assert read_metadata(trained_run / "model_fp16.onnx")["precision"] == "fp16"
 
 
+@pytest.mark.slow
 def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
     """The pretrained CIFAR ResNet-20 through every stage that runs here."""
     (weights,) = (SHARED / "pretrained" / "cifar10_resnets").glob("resnet20-*.th")
@@ -104,6 +114,10 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
             parity_limit=2000,
             fp16_limit=500,
             workers=0,
+            # INT8 calibrates on training images, never on the test file judged here.
+            precision=PrecisionConfig(
+                calibration=Calibration(count=32), calibration_data=str(SHARED / "cifar10")
+            ),
         )
     )
     by_name = {s["name"]: s for s in report["stages"]}
@@ -113,8 +127,9 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
         assert by_name[name]["median_rel"] < 0.01
     assert by_name["pytorch-fp16"]["images"] == 500
     assert by_name["triton-grpc"]["max_abs"] == 0.0
-    # For an FP16 target the FP16 stages gate publishing: refused at the default 1e-3
-    # (these logits are ~10, so FP16 rounding alone gives ~5e-3), accepted at 1e-2.
+    # For an FP16 target the FP16 stages gate publishing, by accuracy: these logits are ~10,
+    # so FP16 rounding alone gives a median |diff| ~5e-3 (Polygraphy's 1e-3 guidance would
+    # refuse), yet agreement and accuracy hold and the version is published.
     gpu = ServingConfig(target="gpu", gpu_backend="onnxruntime")
     common = dict(
         checkpoint=str(tmp_path / "checkpoint.pt"),
@@ -125,11 +140,12 @@ def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
         serving=gpu,
         out_dir=str(tmp_path / "gpu_out"),
     )
-    with pytest.raises(ParityFailed, match="onnxruntime-fp16: median abs diff"):
-        run_export(ExportConfig(**common))
-    assert not (tmp_path / "gpu").exists() or not versions(tmp_path / "gpu" / "cifar10_resnet20")
-    report = run_export(ExportConfig(**common, fp16_tolerance=1e-2))
+    report = run_export(ExportConfig(**common, precision=PrecisionConfig(int8=False)))
     assert report["passed"] and report["published"].endswith("cifar10_resnet20/1")
+    stage = next(s for s in report["stages"] if s["name"] == "onnxruntime-fp16")
+    assert stage["gating"] is True and stage["status"] == "passed" and stage["median_abs"] > 1e-3
+    assert stage["top1_agreement"] >= 0.995
+    assert stage["accuracy_drop"] <= stage["thresholds"]["allowed_drop"] == 0.005
 
 
 def _card(num_classes: int = 2) -> ModelCard:
