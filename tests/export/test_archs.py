@@ -17,6 +17,8 @@ from train.data import Preprocess
 from train.datasets import dataset_split
 from train.models import ARCHS, arch_options, build_model
 
+pytestmark = pytest.mark.slow  # trains or exports real models: not in `make test-fast`
+
 TEST_NPZ = CIFAR / "test.npz"
 PRETRAINED = SHARED / "pretrained" / "cifar10_resnets"
 TRAINED = ("resnet20", "resnet32", "resnet44", "resnet56")

@@ -42,6 +42,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp files left
 
 
+@pytest.mark.slow
 def test_training_killed_during_checkpoint_write_keeps_previous(tmp_path: Path) -> None:
     """A process that keeps rewriting a large checkpoint is SIGKILLed at random moments
     after its first complete write; the file on disk is always the last complete one."""
@@ -104,6 +105,7 @@ def test_card_round_trips_and_bad_cards_are_named(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "bad2.pt")
 
 
+@pytest.mark.slow
 def test_previous_checkpoint_format_still_loads(tmp_path: Path) -> None:
     model = build_model("resnet20", 2)
     legacy = {
@@ -138,6 +140,7 @@ def _train(out: Path, data: Path, *extra: str, check: bool = True):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_a_fresh_run_refuses_an_out_with_checkpoints(tmp_path: Path) -> None:
     from tests.helpers import CIFAR
 
@@ -156,6 +159,7 @@ def test_a_fresh_run_refuses_an_out_with_checkpoints(tmp_path: Path) -> None:
     assert load_checkpoint(out / "last.pt").epoch == 1
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_written_before_last(tmp_path: Path, monkeypatch) -> None:
     """On an improving epoch checkpoint.pt is saved first: a kill between the two writes
     leaves last.pt behind, never ahead of a missing best."""

@@ -22,6 +22,8 @@ from train.evaluate import evaluate_checkpoint, evaluate_weights
 from train.models import ARCHS, arch_options, build_model
 from train.trainer import Run
 
+pytestmark = pytest.mark.slow  # trains or exports real models: not in `make test-fast`
+
 CIFAR = SHARED / "cifar10"
 TEST_NPZ = CIFAR / "test.npz"
 PRETRAINED = SHARED / "pretrained" / "cifar10_resnets"

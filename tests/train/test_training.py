@@ -57,6 +57,7 @@ def test_feature_extract_trains_only_the_head(trained_run: Path) -> None:
         assert torch.equal(value, imagenet[key]), f"frozen backbone tensor {key} changed"
 
 
+@pytest.mark.slow
 def test_train_cli_summary_and_pretrained_none(tmp_path: Path, hymenoptera: Path) -> None:
     out = tmp_path / "scratch"
     proc = run_cli(
@@ -87,6 +88,7 @@ def test_train_cli_summary_and_pretrained_none(tmp_path: Path, hymenoptera: Path
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 2)
 
 
+@pytest.mark.slow
 def test_pretrained_imagenet_offline_fails_clearly(tmp_path: Path, hymenoptera: Path) -> None:
     proc = run_cli(
         "train",
@@ -135,6 +137,7 @@ def test_offline_backbone_is_really_imagenet_trained(val_images: list[Path]) -> 
     assert (says_bee == truth).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_non_rgb_images_are_converted(tmp_path: Path, hymenoptera: Path) -> None:
     gif = hymenoptera / "train" / "ants" / "imageNotFound.gif"
     assert load_rgb(gif).mode == "RGB"
