@@ -251,22 +251,33 @@ def check_tensorrt(run: ExportRun) -> None:
     cfg = run.cfg
     assert run.pixels is not None and run.reference is not None
     wants_engine = cfg.serving.kind == "gpu-tensorrt"
+    int8 = cfg.precision.precision == "int8" and cfg.serving.target == "gpu"
+    stage_name = "tensorrt-int8" if int8 else "tensorrt-fp16"
     run.engine = Path(cfg.engine) if cfg.engine else None
     ok, why = tensorrt_status()
     if not ok:
         if wants_engine and run.engine is None:
             raise RuntimeError(NO_TENSORRT.format(why=why))
-        run.skip("tensorrt-fp16", "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
+        run.skip(stage_name, "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
         return
     if run.engine is None:
         run.engine = run.out_dir / "model.plan"
+        calibration = None
+        if int8:  # the INT8 ONNX model's calibration loader: training images, eval transform
+            cal = cfg.precision.calibration
+            data = cfg.precision.calibration_data or run.ckpt.config.get("data", "") or run.data
+            calibration = load_pixels(
+                run.ckpt, data, cal.split, cal.batch_size, cfg.workers, cal.count
+            ).batches
         meta = build_engine(
             run.onnx_path,
             run.engine,
-            cfg.profile,
+            dataclasses.replace(cfg.profile, int8=int8),
             INPUT_NAME,
             run.ckpt.card.input.shape,
             cfg.timing_cache or None,
+            calibration,
+            run.out_dir / "tensorrt_int8_calibration.cache" if int8 else None,
         )
         log.info(
             "built %s (%s, TensorRT %s, %s, %ss)",
@@ -277,7 +288,7 @@ def check_tensorrt(run: ExportRun) -> None:
             meta["build_seconds"],
         )
     logits = tensorrt_logits(run.engine, run.pixels.batches, INPUT_NAME, OUTPUT_NAME)
-    run.compare_reduced("tensorrt-fp16", logits)
+    run.compare_reduced(stage_name, logits)
 
 
 def make_card(run: ExportRun) -> None:

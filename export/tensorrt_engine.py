@@ -50,6 +50,7 @@ class EngineProfile:
     opt_batch: int = 16
     max_batch: int = 64
     fp16: bool = True
+    int8: bool = False  # INT8 (with FP16 fallback kernels), calibrated by Polygraphy's Calibrator
     version_compatible: bool = False  # runs on later TensorRT 10.x too (lean runtime inside)
     hardware_compatibility: str = "none"  # "ampere_plus": one engine for sm80 and later
 
@@ -134,8 +135,15 @@ def build_engine(
     input_name: str,
     item_shape: list[int],
     timing_cache: str | Path | None = None,
+    calibration: list[np.ndarray] | None = None,
+    calibration_cache: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Build ``plan_path`` from ``onnx_path``; returns (and writes) the engine's metadata."""
+    """Build ``plan_path`` from ``onnx_path``; returns (and writes) the engine's metadata.
+
+    With ``profile.int8`` the engine is calibrated by Polygraphy's ``Calibrator`` over
+    ``calibration`` (pixel batches of training images, eval transform - the INT8 ONNX
+    model's calibration loader) and keeps its ranges in ``calibration_cache``, which a
+    later build reads instead of calibrating again."""
     require_tensorrt()
     from polygraphy.backend.trt import (
         CreateConfig,
@@ -162,6 +170,20 @@ def build_engine(
         import tensorrt as trt
 
         compat["hardware_compatibility_level"] = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    if profile.int8:
+        from polygraphy.backend.trt import Calibrator
+
+        if calibration is None and not (calibration_cache and Path(calibration_cache).is_file()):
+            raise ValueError("an INT8 engine needs calibration batches or a calibration cache")
+        loader = [
+            {input_name: b[i : i + profile.max_batch]}
+            for b in calibration or []
+            for i in range(0, len(b), profile.max_batch)
+        ]
+        compat["int8"] = True
+        compat["calibrator"] = Calibrator(
+            loader, cache=str(calibration_cache) if calibration_cache else None
+        )
     config = CreateConfig(fp16=profile.fp16, profiles=profiles, load_timing_cache=cache, **compat)
     t0 = time.perf_counter()
     engine = EngineFromNetwork(
@@ -173,7 +195,7 @@ def build_engine(
     tmp.replace(plan_path)  # atomic: a failed build never leaves half an engine
     meta = {
         **current_platform(),
-        "precision": "fp16" if profile.fp16 else "fp32",
+        "precision": "int8" if profile.int8 else "fp16" if profile.fp16 else "fp32",
         "profile": asdict(profile),
         "input": {"name": input_name, "shape": list(shape)},
         "version_compatible": profile.version_compatible,

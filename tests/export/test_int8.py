@@ -1,0 +1,162 @@
+"""Issue 12: the accuracy gate for reduced precision, INT8 ONNX published and served by the
+real Triton, and the automatic precision fallback on an honestly failing case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.int8 import Calibration
+from export.parity import AccuracyGate, judge
+from export.precision import PrecisionConfig
+from export.release import ExportConfig, run_export
+from export.tensorrt_engine import tensorrt_status
+from export.triton_config import ServingConfig
+from serve.contract import ModelCard
+from serve.files import sha256, versions
+from tests.helpers import run_cli
+
+TRT_OK, TRT_WHY = tensorrt_status()
+
+
+def _logits(pred: np.ndarray, classes: int = 2) -> np.ndarray:
+    out = np.zeros((len(pred), classes), np.float32)
+    out[np.arange(len(pred)), pred] = 5.0
+    return out
+
+
+def test_accuracy_gate_counts_images_and_points() -> None:
+    gate = AccuracyGate()
+    assert gate.allowed_drop(153) == pytest.approx(1 / 153)  # one image on a small set
+    assert gate.allowed_drop(1000) == 0.005  # 0.5 points otherwise
+    assert AccuracyGate(small_set_drop_images=0).allowed_drop(153) == 0.005
+    labels = np.array([0, 1] * 50)
+    ref = _logits(labels)  # 100% correct
+    one_wrong = labels.copy()
+    one_wrong[0] = 1
+    two_wrong = one_wrong.copy()
+    two_wrong[1] = 0
+    classes = ["a", "b"]
+    stage = judge("x", "fp32", ref, _logits(one_wrong), AccuracyGate(0.99), True, labels, classes)
+    assert stage.status == "passed" and stage.accuracy_drop == pytest.approx(0.01)
+    assert stage.per_class_accuracy == {"a": 0.98, "b": 1.0} and stage.gate == "accuracy"
+    stage = judge("x", "fp32", ref, _logits(two_wrong), AccuracyGate(0.99), True, labels, classes)
+    assert stage.status == "failed" and "top-1 agreement 98.0000% < 99.00%" in stage.reason
+    assert "2.00 points below" in stage.reason  # two images of 100: more than one image
+
+
+def _int8_export(run: Path, out: Path, repo: Path, *extra: str, check: bool = True):
+    return run_cli(
+        "export",
+        "--checkpoint",
+        str(run / "checkpoint.pt"),
+        "--out-dir",
+        str(out),
+        "--model-repository",
+        str(repo),
+        "--precision",
+        "int8",
+        "--calibration-count",
+        "32",
+        "--no-fp16-stages",
+        *extra,
+        check=check,
+    )
+
+
+# Stricter than INT8 can meet unaided: every val image must agree and no accuracy may be
+# lost (not even the one image the default allows on a small set).
+STRICT = ("--min-agreement", "1.0", "--max-accuracy-drop", "0", "--small-set-drop-images", "0")
+
+
+def test_int8_fails_a_strict_gate_without_fallback(trained_run: Path, tmp_path: Path) -> None:
+    proc = _int8_export(
+        trained_run,
+        tmp_path / "out",
+        tmp_path / "repo",
+        *STRICT,
+        "--no-precision-fallback",
+        "--no-triton-parity",
+        check=False,
+    )
+    assert proc.returncode == 3 and "onnxruntime-int8: top-1 agreement" in proc.stderr
+    assert not versions(tmp_path / "repo" / "antsbees")
+    stage = next(
+        s
+        for s in json.loads((tmp_path / "out" / "parity.json").read_text())["stages"]
+        if s["name"] == "onnxruntime-int8"
+    )
+    assert stage["gating"] is True and stage["status"] == "failed"
+    assert stage["fallback"] == {"status": "disabled (--no-precision-fallback)"}
+
+
+def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_path: Path) -> None:
+    """`make export PRECISION=int8` (its python -m export equivalent) under the strict gate:
+    the plain INT8 model fails, the fallback keeps the most sensitive nodes in FP32 until it
+    passes, and the published version - an INT8 graph - is served by the real tritonserver
+    (the export's Triton stages) with exactly ONNX Runtime's INT8 outputs."""
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    proc = _int8_export(trained_run, out, repo, *STRICT, "--fallback-rounds", "8")
+    assert "published antsbees version 1 (cpu)" in proc.stderr
+    report = json.loads((out / "parity.json").read_text())
+    by_name = {s["name"]: s for s in report["stages"]}
+    stage = by_name["onnxruntime-int8"]
+    assert stage["gating"] is True and stage["status"] == "passed"
+    assert stage["top1_agreement"] == 1.0 and stage["accuracy"] == report["reference_top1"]
+    fallback = stage["fallback"]
+    assert fallback["plain"]["status"] == "failed" and fallback["plain"]["top1_agreement"] < 1
+    assert fallback["status"] == "passed" and 0 < len(fallback["excluded"]) <= fallback["max_nodes"]
+    assert fallback["tried"][-1]["status"] == "passed" or any(
+        t["status"] == "passed" and t["excluded"] == len(fallback["excluded"])
+        for t in fallback["tried"]
+    )
+    assert set(fallback["images_per_s"]) >= {"fp32", "plain", "fallback"}
+    version = repo / "antsbees" / "1"
+    assert sha256(version / "model.onnx") == sha256(out / "model_int8.onnx")
+    graph = onnx.load(str(version / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    conv_weights = [t for t in graph.graph.initializer if len(t.dims) == 4]
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in conv_weights)
+    # Excluded nodes really stay FP32: their weights are not quantized.
+    card = ModelCard.from_dict(json.loads((version / "model_card.json").read_text()))
+    assert card.precision == "int8"
+    details = card.precision_details
+    assert details["gate"]["min_agreement"] == 1.0 and details["gate"]["max_accuracy_drop"] == 0
+    int8 = details["int8"]
+    assert int8["calibration_images"] == 32 and int8["calibration_method"] == "MinMax"
+    assert int8["calibration_split"] == "train" and int8["per_channel"] is True
+    assert int8["nodes_excluded"] == fallback["excluded"]
+    assert details["stages"]["onnxruntime-int8"]["fallback"]["excluded"] == fallback["excluded"]
+    for protocol in ("http", "grpc", "image"):
+        served = by_name[f"triton-{protocol}"]
+        assert served["reference"] == "onnxruntime-int8" and served["status"] == "passed"
+        assert served["max_abs"] == 0.0 and served["images"] == 153
+        assert served["accuracy"] == stage["accuracy"]  # accuracy measured end to end
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not TRT_OK, reason=f"TensorRT INT8 engine test needs TensorRT + GPU: {TRT_WHY}")
+def test_tensorrt_int8_engine_is_calibrated_and_gated(trained_run: Path, tmp_path: Path) -> None:
+    """TARGET=gpu PRECISION=int8: Polygraphy's Calibrator over the training images, a
+    calibration cache, and the engine judged by the accuracy gate (gating)."""
+    out = tmp_path / "out"
+    report = run_export(
+        ExportConfig(
+            checkpoint=str(trained_run / "checkpoint.pt"),
+            out_dir=str(out),
+            repository=str(tmp_path / "repo"),
+            serving=ServingConfig(
+                max_batch_size=64, target="gpu", gpu_backend="tensorrt", preferred_batch_sizes=[64]
+            ),
+            precision=PrecisionConfig(precision="int8", calibration=Calibration(count=32)),
+        )
+    )
+    stage = next(s for s in report["stages"] if s["name"] == "tensorrt-int8")
+    assert stage["gating"] is True and stage["gate"] == "accuracy" and stage["status"] == "passed"
+    assert json.loads((out / "model.plan.json").read_text())["precision"] == "int8"
+    assert (out / "tensorrt_int8_calibration.cache").stat().st_size > 0
