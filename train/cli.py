@@ -1,4 +1,4 @@
-"""Command line: ``python -m train [train] | evaluate | data | bench | recipe``."""
+"""Command line: ``python -m train [train] | evaluate | data | bench | cv | recipe``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe",
         default=DEFAULT_RECIPE,
         help=f"recipe name in train/recipes/ or a .yaml path (default {DEFAULT_RECIPE})",
+    )
+    p.add_argument(
+        "--set",
+        dest="_set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any config field, value parsed as YAML (e.g. --set ema_decay=0.99); repeatable",
     )
     p.add_argument("--resume", help="continue runs/X/last.pt exactly (its config is the base)")
     p.add_argument(
@@ -123,6 +130,7 @@ def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
         add_train_arguments(p)
         args = p.parse_args(args)
     values: dict[str, Any] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    values.update(parse_sets(getattr(args, "_set", None) or []))
     values.pop("command", None)
     recipe = values.pop("recipe", DEFAULT_RECIPE)
     if values.get("resume"):
@@ -139,6 +147,19 @@ def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
     if not cfg.out:
         cfg.out = f"runs/{cfg.model_name}"
     return cfg
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: yaml(value)}``; config keys use ``_`` or ``-``."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -261,6 +282,18 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def add_cv_arguments(p: argparse.ArgumentParser) -> None:
+    from train.select import add_arguments
+
+    add_arguments(p)
+
+
+def run_cv(args: argparse.Namespace) -> int:
+    from train.select import run
+
+    return run(args)
+
+
 COMMANDS = [
     Command(
         "train",
@@ -293,12 +326,18 @@ COMMANDS = [
         add_bench_arguments,
         run_bench,
     ),
+    Command(
+        "cv",
+        "k-fold cross-validation of recipe settings on the training images",
+        add_cv_arguments,
+        run_cv,
+    ),
     Command("recipe", "print a resolved recipe or one setting", add_recipe_arguments, run_recipe),
 ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m train [train|evaluate|data|bench|recipe] ...`` (``train`` by default)."""
+    """``python -m train [train|evaluate|data|bench|cv|recipe] ...`` (``train`` by default)."""
     return cli_main(
         "python -m train",
         "Train, evaluate and benchmark image classifiers (`python -m train COMMAND -h`).",

@@ -16,6 +16,7 @@ MODES = ("finetune", "feature-extract")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "multistep", "exponential", "cosine", "inverse-time", "constant")
 AMP = ("none", "bf16", "fp16")
+AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "antsbees_finetune"
 
@@ -43,6 +44,8 @@ class TrainConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     augment: str | None = None
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
+    auto_augment: str = "none"  # none | trivialaugment | randaugment (torchvision)
     # optimisation
     epochs: int = 25
     batch_size: int = 4
@@ -61,6 +64,13 @@ class TrainConfig:
     warmup_epochs: int = 0
     warmup_start: float = 0.1
     label_smoothing: float = 0.0
+    # fine-tune extras (defaults: off, the tutorial's behaviour)
+    lp_epochs: int = 0  # LP-FT: first train the head this many epochs on cached features
+    lp_lr: float = 0.01  # LP stage: SGD (momentum) lr, cosine to 0 over lp_epochs
+    lp_batch_size: int = 32
+    train_blocks: int = 0  # fine-tune only the top N backbone blocks (+ head); 0: all
+    frozen_bn: bool = False  # BatchNorm statistics stay the pretrained ones (eval mode)
+    ema_decay: float = 0.0  # weight EMA per step (evaluated and saved); 0: off
     # feature-extract speed-up: cache frozen-backbone features
     cache_features: bool = True
     feature_views: int = 4
@@ -90,6 +100,7 @@ class TrainConfig:
             "optimizer": OPTIMIZERS,
             "schedule": SCHEDULES,
             "amp": AMP,
+            "auto_augment": AUTO_AUGMENTS,
             "device": ("auto", "cpu", "cuda"),
         }
         for name, allowed in choices.items():
@@ -107,6 +118,14 @@ class TrainConfig:
             raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ValueError(f"rrc_scale must be [min, max], 0 < min <= max <= 1: {self.rrc_scale}")
+        if self.lp_lr <= 0 or self.lp_batch_size < 1:
+            raise ValueError(
+                f"lp_lr must be > 0 and lp_batch_size >= 1 ({self.lp_lr}, {self.lp_batch_size})"
+            )
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones (e.g. [100, 150])")
         for name in (
@@ -118,6 +137,8 @@ class TrainConfig:
             "train_subset",
             "val_subset",
             "feature_views",
+            "lp_epochs",
+            "train_blocks",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

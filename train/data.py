@@ -17,6 +17,7 @@ from serve.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTS = ("random-resized-crop", "pad-crop", "none")
+AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,19 @@ class Preprocess:
     interpolation: str = DEFAULT_INTERPOLATION
     augment: str = "random-resized-crop"
     padding: int = 4
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    auto_augment: str = "none"  # torchvision TrivialAugmentWide / RandAugment after the crop
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+        if self.auto_augment not in AUTO_AUGMENTS:
+            raise ValueError(
+                f"auto_augment must be one of {AUTO_AUGMENTS}, got {self.auto_augment!r}"
+            )
+        lo, hi = self.rrc_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"rrc_scale must be 0 < min <= max <= 1, got {self.rrc_scale}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean/std need 3 values each, std > 0 (got {self.mean}, {self.std})")
 
@@ -46,6 +56,7 @@ class Preprocess:
         """Plain dict (mean/std as lists)."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["rrc_scale"] = list(self.rrc_scale)
         return d
 
     def card_preprocessing(self) -> Preprocessing:
@@ -56,7 +67,12 @@ class Preprocess:
 
     def augment_settings(self) -> dict[str, Any]:
         """The training-only part (kept in the checkpoint beside the card)."""
-        return {"augment": self.augment, "padding": self.padding}
+        return {
+            "augment": self.augment,
+            "padding": self.padding,
+            "rrc_scale": list(self.rrc_scale),
+            "auto_augment": self.auto_augment,
+        }
 
     @classmethod
     def from_card(cls, pre: Preprocessing, augment: dict[str, Any] | None = None) -> Preprocess:
@@ -70,6 +86,8 @@ class Preprocess:
             interpolation=pre.interpolation,
             augment=str(augment.get("augment", "random-resized-crop")),
             padding=int(augment.get("padding", 4)),
+            rrc_scale=tuple(augment.get("rrc_scale", (0.08, 1.0))),
+            auto_augment=str(augment.get("auto_augment", "none")),
         )
 
     def _interp(self) -> T.InterpolationMode:
@@ -78,10 +96,13 @@ class Preprocess:
     def train_transform(self) -> T.Compose:
         """Augmentation + normalize. ``random-resized-crop``: RandomResizedCrop(crop) + flip
         (ImageNet recipes); ``pad-crop``: Resize + RandomCrop(crop, padding) + flip (CIFAR);
-        ``none``: the eval transform."""
+        ``none``: the eval transform. ``auto_augment`` adds torchvision's TrivialAugmentWide
+        or RandAugment after the crop and flip."""
         if self.augment == "random-resized-crop":
             steps: list[Any] = [
-                T.RandomResizedCrop(self.crop, interpolation=self._interp()),
+                T.RandomResizedCrop(
+                    self.crop, scale=tuple(self.rrc_scale), interpolation=self._interp()
+                ),
                 T.RandomHorizontalFlip(),
             ]
         elif self.augment == "pad-crop":
@@ -92,6 +113,10 @@ class Preprocess:
             ]
         else:
             return self.eval_transform()
+        if self.auto_augment == "trivialaugment":
+            steps.append(T.TrivialAugmentWide(interpolation=self._interp()))
+        elif self.auto_augment == "randaugment":
+            steps.append(T.RandAugment(interpolation=self._interp()))
         return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def eval_transform(self, normalize: bool = True) -> T.Compose:

@@ -26,6 +26,7 @@ from train.datasets import dataset_split, detect_kind, subset
 from train.distributed import DistInfo, barrier, cleanup, init_distributed
 from train.engine import EpochResult, Precision, evaluate, train_one_epoch
 from train.feature_cache import FeatureCache, compute_features, train_head_epoch
+from train.finetune import batchnorms, freeze_below, linear_probe, make_ema
 from train.models import arch_options, build_model, get_arch, get_head
 from train.optim import build_optimizer, build_scheduler
 from train.pretrained import PretrainedInfo, resolve_pretrained
@@ -177,6 +178,8 @@ class Run:
             mean=tuple(cfg.mean or self.info.mean or spec.mean),
             std=tuple(cfg.std or self.info.std or spec.std),
             augment=cfg.augment or spec.augment,
+            rrc_scale=(cfg.rrc_scale[0], cfg.rrc_scale[1]),
+            auto_augment=cfg.auto_augment,
         )
         self.model.to(self.device)
         if cfg.channels_last:
@@ -187,6 +190,8 @@ class Run:
                 p.requires_grad_(False)
             for p in get_head(self.model, self.arch).parameters():
                 p.requires_grad_(True)
+        self.frozen = [] if self.feature_extract else freeze_below(self.model, cfg.train_blocks)
+        self.ema: nn.Module | None = None  # made after the linear probe (see _fit)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
             if cfg.sync_bn:  # BatchNorm statistics over the global batch (CUDA only)
@@ -257,7 +262,15 @@ class Run:
         """Fine-tune: everything trains. Feature-extract: the frozen backbone stays in
         eval mode (BatchNorm statistics fixed), only the head trains."""
         self.train_model.train(training and not self.feature_extract)
+        if training:
+            for m in self.frozen + (batchnorms(self.model) if self.cfg.frozen_bn else []):
+                m.eval()
         get_head(self.model, self.arch).train(training)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is evaluated and saved: the EMA weights when ``ema_decay`` is set."""
+        return self.ema.module if self.ema is not None else self.model
 
     # -- the card and checkpoints ---------------------------------------------------------
     def card(self, metrics: Metrics) -> ModelCard:
@@ -305,7 +318,9 @@ class Run:
     def _checkpoint(self, epoch: int, metrics: Metrics) -> Checkpoint:
         return Checkpoint(
             card=self.card(metrics),
-            state_dict={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            state_dict={
+                k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()
+            },
             epoch=epoch,
             config={**self.cfg.to_dict(), "data": self.data, "arch_used": self.arch},
             history=list(self.history),
@@ -349,7 +364,7 @@ class Run:
         if not self.dist.is_main:
             return EpochOutcome(tr, EpochResult(0.0, 0.0, 0), torch.empty(0), torch.empty(0))
         va, preds, targets = evaluate(
-            self.model,
+            self.eval_model,
             self.val_loader,
             self.val_criterion,
             self.precision,
@@ -404,6 +419,32 @@ class Run:
         )
         return cache
 
+    def _linear_probe(self) -> None:
+        """LP-FT's first stage: the head alone, on cached frozen-backbone features."""
+        cfg, t = self.cfg, time.perf_counter()
+        cache = self._features()
+        results = linear_probe(
+            get_head(self.model, self.arch),
+            cache,
+            cfg.lp_epochs,
+            cfg.lp_lr,
+            cfg.momentum,
+            cfg.lp_batch_size,
+            self.criterion,
+            self.loader_gen,
+            self.device,
+        )
+        if cfg.channels_last:  # compute_features leaves the model contiguous
+            self.model.to(memory_format=torch.channels_last)
+        self.lp_val_acc = results[-1].acc
+        log.info(
+            "linear probe: %d epochs on %d cached view(s), val acc %.4f (%.1fs)",
+            cfg.lp_epochs,
+            cache.views,
+            self.lp_val_acc,
+            time.perf_counter() - t,
+        )
+
     # -- the run --------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train all epochs; returns the summary (also written to ``summary.json``)."""
@@ -446,6 +487,10 @@ class Run:
             outputs.start(self._resolved_config(), self.history)
         writer = self._tensorboard()
         cache = self._features() if self.cached else None
+        if cfg.mode == "finetune" and cfg.lp_epochs and self.start_epoch == 1:
+            self._linear_probe()
+        if cfg.ema_decay and not self.cached:
+            self.ema = make_ema(self.model, cfg.ema_decay, self.optimizer)
         confusion: list[list[int]] | None = None
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             te = time.perf_counter()
@@ -535,6 +580,7 @@ class Run:
             "checkpoint": str(self.out / "checkpoint.pt"),
             "world_size": self.dist.world_size,
             "feature_cache": bool(self.cached),
+            "lp_val_acc": getattr(self, "lp_val_acc", None),
         }
         self.outputs.finish(
             summary, confusion, self.classes, f"{cfg.model_name} val, epoch {best['epoch']}"
