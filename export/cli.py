@@ -118,6 +118,12 @@ def _precision_args(p: argparse.ArgumentParser) -> None:
         default=PrecisionConfig.fallback_rounds,
         help="fallback budget: re-checks on the val set at most",
     )
+    g.add_argument(
+        "--fallback-groups",
+        type=int,
+        default=PrecisionConfig.fallback_groups,
+        help="fallback sensitivity: blocks of consecutive compute nodes measured one at a time",
+    )
 
 
 def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the type
@@ -136,6 +142,7 @@ def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the 
         int8=a.int8_stage,
         fallback=a.precision_fallback,
         fallback_rounds=a.fallback_rounds,
+        fallback_groups=a.fallback_groups,
     )
 
 

@@ -46,8 +46,9 @@ class PrecisionConfig:
     calibration_data: str = ""  # default: the checkpoint's training data
     int8: bool = True
     fallback: bool = True
-    fallback_rounds: int = 6
-    fallback_max_fraction: float = 0.5
+    fallback_rounds: int = 8
+    fallback_groups: int = 8
+    fallback_max_fraction: float = 0.75
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:

@@ -1,11 +1,12 @@
 """Automatic precision fallback: when a gating reduced-precision stage fails the accuracy
 gate, keep the nodes that hurt most in FP32 until it passes (or the budget runs out).
 
-1. Sensitivity, in one pass on a few *training* images (never the val images the gate
-   judges), with the intermediate tensors marked as graph outputs: for INT8 (QDQ), the
-   quantization noise at each compute node's (Conv, Gemm, MatMul) inputs - activation
-   and weights; for FP16, the error a node adds to its input's, against FP32
-   (:func:`node_sensitivity`).
+1. Sensitivity, on a few *training* images (never the val images the gate judges): the
+   compute nodes (Conv, Gemm, MatMul) in graph order are cut into ``fallback_groups``
+   blocks; each block alone is kept in FP32 and the logit error against FP32 it removes
+   is its sensitivity (:func:`block_sensitivity`). Per-node local noise was tried first
+   and ranked the late layers worst, while the early ones matter most: their error is
+   amplified by everything after them.
 2. Search: exclude the worst ``k`` nodes (``nodes_to_exclude`` for ONNX Runtime
    quantization, ``node_block_list`` for the FP16 converter), ``k`` = 1, 2, 4, ...; re-run
    the stage on every val image under the same gate; once one passes, halve the step back
@@ -42,110 +43,35 @@ log = logging.getLogger(__name__)
 SUPPORTED = (INT8_STAGE, "onnxruntime-fp16")
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the named tensors (types from shape inference)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in have:
-            elem = types.get(name, onnx.TensorProto.FLOAT)
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-    return out
+def _mse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
 
 
-def _run_all(model: onnx.ModelProto, names: list[str], pixels: PixelBatches) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(
-        _with_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    input_name = session.get_inputs()[0].name
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for batch in pixels.batches:
-        values = session.run(names, {input_name: batch})
-        for n, v in zip(names, values, strict=True):
-            outs[n].append(np.asarray(v, np.float32))
-    return {n: np.concatenate(v) for n, v in outs.items()}
-
-
-def node_sensitivity(
-    fp32: onnx.ModelProto, reduced: onnx.ModelProto, nodes: list[str], pixels: PixelBatches
-) -> dict[str, float]:
-    """How much error each named node brings in, largest = most sensitive.
-
-    In a QDQ (INT8) graph, a node's inputs come from DequantizeLinear: its noise is the
-    relative squared quantization error of its activation input (the QuantizeLinear input
-    vs the DequantizeLinear output, in the INT8 graph itself) plus that of its weights
-    (the FP32 initializer vs its dequantized value). Elsewhere (FP16): the relative error
-    of the node's output against FP32 minus that of its input.
-    """
-    producers = {t: n for n in reduced.graph.node for t in n.output}
-    if any(n.op_type == "DequantizeLinear" for n in reduced.graph.node):
-        return _qdq_noise(fp32, reduced, nodes, producers, pixels)
-    by_name = {n.name: n for n in fp32.graph.node}
-    present = set(producers) | {i.name for i in reduced.graph.input}
-    pairs = {}
-    for name in nodes:
-        node = by_name[name]
-        x, y = node.input[0], node.output[0]
-        if x in present and y in present:
-            pairs[name] = (x, y)
-    tensors = sorted({t for pair in pairs.values() for t in pair})
-    ref, red = _run_all(fp32, tensors, pixels), _run_all(reduced, tensors, pixels)
-    return {n: _rel(ref[y], red[y]) - _rel(ref[x], red[x]) for n, (x, y) in pairs.items()}
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sum((a - b) ** 2) / max(np.sum(a**2), 1e-30))
-
-
-def _qdq_noise(
-    fp32: onnx.ModelProto,
-    qdq: onnx.ModelProto,
+def block_sensitivity(
     nodes: list[str],
-    producers: dict[str, onnx.NodeProto],
-    pixels: PixelBatches,
-) -> dict[str, float]:
-    from onnx import numpy_helper
+    groups: int,
+    rebuild: Callable[[list[str]], None],
+    model_path: Path,
+    fp32_path: Path,
+    probe: PixelBatches,
+) -> list[tuple[list[str], float]]:
+    """Blocks of consecutive compute nodes (graph order), each with the logit error it
+    removes when only it is kept in FP32 (probe images, against FP32), best first.
 
-    weights = {t.name: numpy_helper.to_array(t) for t in fp32.graph.initializer}
-    by_name = {n.name: n for n in qdq.graph.node}
-    act_pairs: dict[str, tuple[str, str]] = {}  # node -> (float input, dequantized input)
-    wt_pairs: dict[str, tuple[str, str]] = {}  # node -> (FP32 initializer, dequantized)
-    for name in nodes:
-        node = by_name.get(name)
-        if node is None:
-            continue
-        for idx, inp in enumerate(node.input[:2]):
-            dq = producers.get(inp)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear" and idx == 0:
-                act_pairs[name] = (q.input[0], inp)
-            elif idx == 1:
-                original = inp.removesuffix("_DequantizeLinear_Output")
-                if original in weights:
-                    wt_pairs[name] = (original, inp)
-    tensors = sorted(
-        {t for pair in act_pairs.values() for t in pair} | {p[1] for p in wt_pairs.values()}
-    )
-    out = _run_all(qdq, tensors, pixels)
-    scores = {}
-    for name in set(act_pairs) | set(wt_pairs):
-        score = 0.0
-        if name in act_pairs:
-            x, x_dq = act_pairs[name]
-            score += _rel(out[x], out[x_dq])
-        if name in wt_pairs:
-            w, w_dq = wt_pairs[name]
-            score += _rel(weights[w], out[w_dq][: len(weights[w])])
-        scores[name] = score
-    return scores
+    One block at a time rather than one node at a time: the error a node injects is
+    amplified by the layers after it, so it is measured where it matters - the logits -
+    at ``groups`` re-builds instead of one per node."""
+    fp32 = onnxruntime_logits(fp32_path, probe)
+    rebuild([])
+    base = _mse(onnxruntime_logits(model_path, probe), fp32)
+    size = max(1, -(-len(nodes) // groups))
+    blocks = [nodes[i : i + size] for i in range(0, len(nodes), size)]
+    scored = []
+    for block in blocks:
+        rebuild(block)
+        scored.append((block, base - _mse(onnxruntime_logits(model_path, probe), fp32)))
+    rebuild([])
+    return sorted(scored, key=lambda bs: bs[1], reverse=True)
 
 
 def throughput(path: Path, batch: np.ndarray, repeats: int = 3) -> float:
@@ -204,9 +130,15 @@ def search(run: ExportRun, stage: Stage) -> Stage:
     data = pc.calibration_data or run.ckpt.config.get("data", "") or run.data
     probe = load_pixels(run.ckpt, data, pc.calibration.split, 16, run.cfg.workers, 32)
     t0 = time.perf_counter()
-    scores = node_sensitivity(fp32, onnx.load(str(model_path)), nodes, probe)
-    ranked = sorted(scores, key=scores.get, reverse=True)  # type: ignore[arg-type]
-    log.info("fallback for %s: %d nodes ranked, worst %s", stage.name, len(ranked), ranked[:5])
+    blocks = block_sensitivity(nodes, pc.fallback_groups, rebuild, model_path, fp32_path, probe)
+    ranked = [n for block, _ in blocks for n in block]
+    log.info(
+        "fallback for %s: %d blocks of %d nodes, most sensitive first: %s",
+        stage.name,
+        len(blocks),
+        len(nodes),
+        [(b[0], round(gain, 5)) for b, gain in blocks],
+    )
     max_k = max(1, int(len(ranked) * pc.fallback_max_fraction))
     gating = stage.name in gating_stages(pc.precision, run.cfg.serving.target)
     classes = run.ckpt.card.classes
@@ -256,8 +188,9 @@ def search(run: ExportRun, stage: Stage) -> Stage:
             else:
                 low = mid
     record: dict[str, Any] = {
-        "method": "per-node quantization noise on 32 training images, worst excluded first",
-        "ranked": [[n, round(scores[n], 6)] for n in ranked[:max_k]],
+        "method": "logit error removed per block of nodes kept in FP32 "
+        "(32 training images), most sensitive first",
+        "blocks": [{"nodes": b, "error_removed": round(g, 6)} for b, g in blocks],
         "budget_rounds": pc.fallback_rounds,
         "max_nodes": max_k,
         "tried": tried,

@@ -100,7 +100,7 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
     passes, and the published version - an INT8 graph - is served by the real tritonserver
     (the export's Triton stages) with exactly ONNX Runtime's INT8 outputs."""
     out, repo = tmp_path / "out", tmp_path / "repo"
-    proc = _int8_export(trained_run, out, repo, *STRICT, "--fallback-rounds", "8")
+    proc = _int8_export(trained_run, out, repo, *STRICT, "--fallback-rounds", "6")
     assert "published antsbees version 1 (cpu)" in proc.stderr
     report = json.loads((out / "parity.json").read_text())
     by_name = {s["name"]: s for s in report["stages"]}
