@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         report["results"].append(asdict(engine))
     with serve_bench.server_context(args, repo, Path(args.out)) as srv:
-        for lv in serve_bench.triton_levels(srv, args, inputs, ort):
+        for lv in serve_bench.triton_levels(srv, args, inputs, ort, report["skipped"]):
             lv.ratio_to_pytorch = lv.throughput / pt.throughput
             report["results"].append(asdict(lv))
     paths = write_report(report, Path(args.out), args.model)

@@ -1,11 +1,14 @@
 """``python -m serve bench``: throughput and latency of a served model through Triton, with
 ONNX Runtime in-process as the baseline every Triton figure is a ratio to (torch-free).
 
-A closed-loop concurrency sweep over gRPC, gRPC with system shared memory and HTTP,
-tensor and raw-image input; per level throughput, p50/p90/p95/p99 latency, errors and
-Triton's own queue/compute time and average executed batch (statistics API deltas).
-``python -m export bench`` (``make bench``) runs the same sweep plus the baselines that
-need torch (PyTorch eager, a bare TensorRT engine) in one report.
+The Triton rows come from Triton's perf_analyzer (serve/perf_analyzer.py): a closed-loop
+concurrency sweep and open-loop request-rate runs (Poisson arrivals) over gRPC, gRPC with
+system shared memory and HTTP, tensor input and raw image bytes (``--input-data`` built
+from real val images), perf_analyzer's stability rule, its CSV parsed into the report's
+rows: throughput, p50/p90/p95/p99 latency, Triton's queue/compute time; errors and the
+average executed batch from the statistics API (deltas). The in-process baselines use
+``serve.loadgen``. ``python -m export bench`` (``make bench``) runs the same sweep plus
+the baselines that need torch (PyTorch eager, a bare TensorRT engine) in one report.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from serve import auth
-from serve.client import Classifier
-from serve.contract import ModelCard, image_model_name
+from serve import perf_analyzer as pa
+from serve.contract import IMAGE_INPUT, INPUT_NAME, ModelCard, image_model_name
 from serve.evaluate import list_image_folder
-from serve.files import latest_version
+from serve.files import atomic_write_json, latest_version
 from serve.loadgen import Level, level, measure
 from serve.machine import gemm_gflops_onnxruntime, machine_info
 from serve.preprocess import ResizeCrop, preprocess
@@ -82,29 +86,31 @@ def onnxruntime_baseline(
     return level("onnxruntime", "tensor", batch, 1, m, precision)
 
 
-def _server_stats(client: Any, model: str, headers: dict | None) -> dict[str, float]:
-    stats = client.get_inference_statistics(
-        model, as_json=True, headers=headers, client_timeout=30
-    )["model_stats"]
-    tot = dict.fromkeys(("queue_ns", "compute_ns", "success", "exec", "inferences"), 0.0)
-    for s in stats:
-        inf = s.get("inference_stats", {})
-        tot["queue_ns"] += float(inf.get("queue", {}).get("ns", 0))
-        tot["compute_ns"] += float(inf.get("compute_infer", {}).get("ns", 0))
-        tot["success"] += float(inf.get("success", {}).get("count", 0))
-        tot["exec"] += float(s.get("execution_count", 0))
-        tot["inferences"] += float(s.get("inference_count", 0))
+def _server_stats(client: Any, models: list[str], headers: dict | None) -> dict[str, float]:
+    """Summed statistics of the classifier (queue, compute, batches) and the failures of
+    every model in ``models``."""
+    tot = dict.fromkeys(("queue_ns", "compute_ns", "success", "exec", "inferences", "fail"), 0.0)
+    for i, name in enumerate(dict.fromkeys(models)):
+        stats = client.get_inference_statistics(
+            name, as_json=True, headers=headers, client_timeout=30
+        )["model_stats"]
+        for s in stats:
+            inf = s.get("inference_stats", {})
+            tot["fail"] += float(inf.get("fail", {}).get("count", 0))
+            if i:
+                continue
+            tot["queue_ns"] += float(inf.get("queue", {}).get("ns", 0))
+            tot["compute_ns"] += float(inf.get("compute_infer", {}).get("ns", 0))
+            tot["success"] += float(inf.get("success", {}).get("count", 0))
+            tot["exec"] += float(s.get("execution_count", 0))
+            tot["inferences"] += float(s.get("inference_count", 0))
     return tot
 
 
 def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Triton's average executed batch between two statistics snapshots."""
     d = {k: after[k] - before[k] for k in before}
-    n = max(d["success"], 1)
-    return {
-        "avg_queue_ms": d["queue_ns"] / n / 1e6,
-        "avg_compute_ms": d["compute_ns"] / n / 1e6,
-        "avg_executed_batch": d["inferences"] / d["exec"] if d["exec"] else 0.0,
-    }
+    return {"avg_executed_batch": d["inferences"] / d["exec"] if d["exec"] else 0.0}
 
 
 class ExternalServer:
@@ -120,78 +126,205 @@ class ExternalServer:
         return None
 
 
-def server_context(args: argparse.Namespace, repo: Path, log_dir: Path) -> Any:
-    """The bundled tritonserver on free loopback ports, or ``--grpc-url``'s server."""
-    if args.grpc_url:
-        return ExternalServer(args.grpc_url, args.http_url)
-    from serve.triton_server import ServerOptions, TritonServer, free_port
+# perf_analyzer 2.51 sends its -H headers over HTTP only ("ignored for GRPC requests"), yet
+# it calls the statistics API (and registers shared memory) on the protocol it drives.
+# The benchmark's own server therefore leaves those two open on gRPC; loading models,
+# tracing and logging stay behind the admin key there, and HTTP keeps every restriction.
+GRPC_OPEN_FOR_PERF_ANALYZER = ("statistics", "shared-memory")
 
-    opts = ServerOptions(
+
+def restricted_flags(key: str) -> list[str]:
+    """tritonserver flags: every control API behind ``key`` on HTTP, all but
+    :data:`GRPC_OPEN_FOR_PERF_ANALYZER` on gRPC."""
+    grpc = [a for a in auth.RESTRICTED if a not in GRPC_OPEN_FOR_PERF_ANALYZER]
+    return [
+        f"--http-restricted-api={','.join(auth.RESTRICTED)}:{auth.HEADER}={key}",
+        f"--grpc-restricted-protocol={','.join(grpc)}:{auth.HEADER}={key}",
+    ]
+
+
+def bench_server_options(repo: Path, load_models: list[str] | None = None) -> Any:
+    """Options of a private bundled server (free loopback ports) perf_analyzer can drive."""
+    from serve.triton_server import ServerOptions, free_port
+
+    key = auth.new_key()
+    return ServerOptions(
         model_repository=str(repo),
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
+        load_models=load_models or ["*"],
+        restricted=False,  # the restriction is ``restricted_flags`` (loopback only)
+        admin_key=key,
+        extra_args=restricted_flags(key),
     )
-    return TritonServer(opts, log_path=log_dir / "bench-server.log")
+
+
+def admin_key(srv: Any) -> str | None:
+    """The key of ``srv``'s restricted APIs (ours, or the file ``serve run`` wrote)."""
+    opts = getattr(srv, "opts", None)
+    return (opts.admin_key if opts is not None else None) or auth.resolve_key(srv.grpc_url)
+
+
+def server_context(args: argparse.Namespace, repo: Path, log_dir: Path) -> Any:
+    """The bundled tritonserver on free loopback ports, or ``--grpc-url``'s server (its
+    gRPC must leave statistics and shared memory open, see above, or bench HTTP only)."""
+    if args.grpc_url:
+        return ExternalServer(args.grpc_url, args.http_url)
+    from serve.triton_server import TritonServer
+
+    return TritonServer(bench_server_options(repo), log_path=log_dir / "bench-server.log")
+
+
+@dataclass
+class PaSettings:
+    """How perf_analyzer measures every Triton level (its own stability rule: 3
+    consecutive windows within ``stability_percentage`` in throughput and latency)."""
+
+    measurement_interval_ms: int = 1000
+    measurement_mode: str = "time_windows"
+    stability_percentage: float = 10.0
+    max_trials: int = 8
+    distribution: str = "poisson"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PaSettings:
+        return cls(
+            measurement_interval_ms=int(args.window * 1000),
+            stability_percentage=args.stability,
+            max_trials=args.max_trials,
+            distribution=args.distribution,
+        )
+
+
+def write_input_data(inputs: BenchInputs, model: str, out_dir: Path) -> dict[str, Path]:
+    """``--input-data`` files of the real val images: ``tensor`` (the classifier's FP32
+    pixels) and ``raw`` (the encoded files for the image pipeline's BYTES input)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pixels = [np.ascontiguousarray(x, dtype="<f4").tobytes() for x in inputs.pixels]
+    raw = [pa.bytes_element(bytes(r[0])) for r in inputs.raw]
+    files = {
+        "tensor": pa.input_data_json(INPUT_NAME, pixels),
+        "raw": pa.input_data_json(IMAGE_INPUT, raw, [1]),
+    }
+    return {k: atomic_write_json(out_dir / f"{model}-{k}.json", v) for k, v in files.items()}
+
+
+def _loads(args: argparse.Namespace) -> list[tuple[int, float]]:
+    return [(c, 0.0) for c in args.concurrency] + [(0, r) for r in args.request_rate]
 
 
 def triton_levels(
-    srv: Any, args: argparse.Namespace, inputs: BenchInputs, baseline: Level | None
+    srv: Any,
+    args: argparse.Namespace,
+    inputs: BenchInputs,
+    baseline: Level | None,
+    skipped: dict[str, str] | None = None,
 ) -> list[Level]:
-    """The concurrency sweep over ``args.protocols`` x ``args.inputs`` against ``srv``."""
+    """perf_analyzer over ``args.protocols`` x ``args.inputs`` x (concurrency levels, then
+    request rates with ``--distribution`` arrivals) against ``srv``; one row per level.
+    A level without any stable measurement goes into ``skipped`` with the reason."""
     import tritonclient.grpc as grpcclient
 
     model, batch = args.model, args.batch
-    levels: list[Level] = []
+    settings = PaSettings.from_args(args)
+    headers = auth.headers(admin_key(srv)) or {}
+    work = Path(args.out) / ".perf_analyzer"
+    data = write_input_data(inputs, model, work)
     stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
-    # statistics (and shared-memory registration) are control-plane APIs: they need the key
-    key = getattr(srv, "admin_key", None) or auth.resolve_key(srv.grpc_url)
-    headers = auth.headers(key)
+    levels: list[Level] = []
+    skipped = {} if skipped is None else skipped
+    combos = [
+        (protocol, kind, conc, rate)
+        for protocol in args.protocols
+        for kind in args.inputs
+        if not (protocol == "grpc-shm" and kind == "raw")  # shm carries pixel tensors
+        for conc, rate in _loads(args)
+    ]
     try:
-        for name, data in ((model, inputs.pixels), (image_model_name(model), inputs.raw)):
-            with Classifier(srv.grpc_url, name) as clf:  # warm-up: first runs are slow
-                for _ in range(5):
-                    clf.logits(data[:batch])
-        for protocol in args.protocols:
-            url = srv.http_url if protocol == "http" else srv.grpc_url
-            wire, shm = ("grpc", True) if protocol == "grpc-shm" else (protocol, False)
-            for kind in args.inputs:
-                if shm and kind == "raw":
-                    continue  # shared memory carries pixel tensors; bytes go in the body
-                target = model if kind == "tensor" else image_model_name(model)
-                data = (inputs.pixels if kind == "tensor" else inputs.raw)[:batch]
-                for conc in args.concurrency:
-                    before = _server_stats(stats_client, model, headers)
-                    m = measure(
-                        lambda clf, b=data: clf.logits(b),
-                        conc,
-                        args.window,
-                        args.max_seconds,
-                        make_worker_state=lambda u=url, t=target, p=wire, x=shm: Classifier(
-                            u, t, protocol=p, shared_memory=x, admin_key=key
-                        ),
-                    )
-                    lv = level(f"triton-{protocol}", kind, batch, conc, m, inputs.card.precision)
-                    lv.server = _delta(before, _server_stats(stats_client, model, headers))
-                    if baseline is not None:
-                        lv.ratio_to_onnxruntime = lv.throughput / baseline.throughput
-                    levels.append(lv)
-                    log.info(
-                        "%-15s %-6s c=%-3d %7.1f img/s  p50 %7.1f  p99 %7.1f ms  x%.2f ORT  "
-                        "errors %d%s",
-                        lv.backend,
-                        kind,
-                        conc,
-                        lv.throughput,
-                        lv.p50_ms,
-                        lv.p99_ms,
-                        lv.ratio_to_onnxruntime or 0,
-                        lv.errors,
-                        "" if lv.stable else "  (not stable: time cap)",
-                    )
+        for protocol, kind, conc, rate in tqdm(combos, desc="perf_analyzer", unit="level"):
+            target = model if kind == "tensor" else image_model_name(model)
+            wire, shm = ("grpc", "system") if protocol == "grpc-shm" else (protocol, "none")
+            profile = pa.Profile(
+                model=target,
+                url=srv.http_url if wire == "http" else srv.grpc_url,
+                protocol=wire,
+                batch=batch,
+                concurrency=conc,
+                request_rate=rate,
+                distribution=settings.distribution,
+                shared_memory=shm,
+                input_data=str(data[kind]),
+                measurement_interval_ms=settings.measurement_interval_ms,
+                measurement_mode=settings.measurement_mode,
+                stability_percentage=settings.stability_percentage,
+                max_trials=settings.max_trials,
+                headers=headers,
+            )
+            before = _server_stats(stats_client, [model, target], headers)
+            try:
+                result = pa.run(profile, work / "level.csv")
+            except pa.Unstable as e:
+                load = f"r={rate:g}" if rate else f"c={conc}"
+                skipped[f"triton-{protocol} {kind} {load}"] = str(e)
+                log.warning("triton-%s %s %s: %s", protocol, kind, load, e)
+                continue
+            after = _server_stats(stats_client, [model, target], headers)
+            lv = level_from_row(result, f"triton-{protocol}", kind, batch, inputs.card.precision)
+            lv.server.update(_delta(before, after))
+            lv.errors = int(after["fail"] - before["fail"])
+            if baseline is not None:
+                lv.ratio_to_onnxruntime = lv.throughput / baseline.throughput
+            levels.append(lv)
+            log.info(
+                "%-15s %-6s %-9s %7.1f img/s  p50 %7.1f  p99 %7.1f ms  x%.2f ORT  errors %d%s",
+                lv.backend,
+                kind,
+                f"r={rate:g}/s" if rate else f"c={conc}",
+                lv.throughput,
+                lv.p50_ms,
+                lv.p99_ms,
+                lv.ratio_to_onnxruntime or 0,
+                lv.errors,
+                "" if lv.stable else "  (not stable within max trials)",
+            )
     finally:
         stats_client.close()
     return levels
+
+
+def level_from_row(result: pa.Result, backend: str, kind: str, batch: int, precision: str) -> Level:
+    """A report row from perf_analyzer's (single-level) CSV."""
+    row = result.rows[-1]
+    return Level(
+        backend,
+        kind,
+        batch,
+        row.concurrency,
+        throughput=row.throughput,
+        p50_ms=row.p50_ms,
+        p90_ms=row.p90_ms,
+        p95_ms=row.p95_ms,
+        p99_ms=row.p99_ms,
+        stable=result.stable,
+        precision=precision,
+        request_rate=row.request_rate,
+        server={
+            "avg_queue_ms": row.server_queue_ms,
+            "avg_compute_ms": row.server_compute_ms,
+        },
+    )
+
+
+def load_generator(args: argparse.Namespace) -> dict[str, Any]:
+    """The report's ``load_generator``: the tool, its version and how it measured."""
+    return {
+        "tool": "perf_analyzer",
+        "version": pa.version(),
+        "source": f"tritonclient {pa.VERSION} wheel (bin/perf_analyzer)",
+        "settings": asdict(PaSettings.from_args(args)),
+        "in_process": "serve.loadgen: closed loop, 3 windows within 10% (the baselines)",
+    }
 
 
 def new_report(args: argparse.Namespace, inputs: BenchInputs, gemm: dict[str, float]) -> dict:
@@ -208,7 +341,7 @@ def new_report(args: argparse.Namespace, inputs: BenchInputs, gemm: dict[str, fl
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine_info(gemm),
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "load_generator": {"tool": "trainserve.loadgen (Python, closed loop)"},
+        "load_generator": load_generator(args),
         "results": [],
         "skipped": {},
     }
@@ -231,7 +364,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     report["results"].append(asdict(baseline))
     with server_context(args, repo, Path(args.out)) as srv:
-        report["results"] += [asdict(lv) for lv in triton_levels(srv, args, inputs, baseline)]
+        levels = triton_levels(srv, args, inputs, baseline, report["skipped"])
+        report["results"] += [asdict(lv) for lv in levels]
     return report
 
 
@@ -250,9 +384,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="grpc-shm: gRPC with the pixels in system shared memory (same machine only)",
     )
     p.add_argument("--inputs", type=lambda s: s.split(","), default=["tensor", "raw"])
+    p.add_argument(
+        "--request-rate",
+        type=lambda s: [float(x) for x in s.split(",") if x],
+        default=[10.0, 20.0],
+        help="open-loop request rates (requests/s) after the concurrency sweep ('' for none)",
+    )
+    p.add_argument(
+        "--distribution",
+        choices=["poisson", "constant"],
+        default="poisson",
+        help="arrivals of the request-rate runs",
+    )
     p.add_argument("--batch", type=int, default=1, help="images per request")
-    p.add_argument("--window", type=float, default=2.0, help="seconds per stability window")
-    p.add_argument("--max-seconds", type=float, default=20.0, help="time cap per level")
+    p.add_argument("--window", type=float, default=1.0, help="seconds per measurement window")
+    p.add_argument(
+        "--stability",
+        type=float,
+        default=10.0,
+        help="perf_analyzer -s: %% that 3 consecutive windows may differ by",
+    )
+    p.add_argument(
+        "--max-trials", type=int, default=8, help="perf_analyzer -r: windows before giving up"
+    )
+    p.add_argument(
+        "--max-seconds", type=float, default=20.0, help="time cap per in-process baseline"
+    )
     p.add_argument(
         "--grpc-url",
         default="",

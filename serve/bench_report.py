@@ -28,18 +28,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, bool], list[dict]] = {}
     for r in report["results"]:
-        groups.setdefault((r["backend"], r["input"]), []).append(r)
-    for (backend, kind), rows in groups.items():
-        rows = sorted(rows, key=lambda r: r["concurrency"])
+        groups.setdefault((r["backend"], r["input"], bool(r.get("request_rate"))), []).append(r)
+    for (backend, kind, open_loop), rows in groups.items():
+        rows = sorted(rows, key=lambda r: (r["concurrency"], r.get("request_rate") or 0))
         xs, ys = [r["p99_ms"] for r in rows], [r["throughput"] for r in rows]
-        style = "o-" if backend.startswith("triton") else "*"
-        ax.plot(xs, ys, style, ms=8 if style == "*" else 4, label=f"{backend} ({kind})")
+        style = ("s--" if open_loop else "o-") if backend.startswith("triton") else "*"
+        label = f"{backend} ({kind}{', Poisson rate' if open_loop else ''})"
+        ax.plot(xs, ys, style, ms=8 if style == "*" else 4, label=label)
         if backend.startswith("triton"):
             for r in rows:
                 ax.annotate(
-                    str(r["concurrency"]),
+                    f"{r['request_rate']:g}/s" if open_loop else str(r["concurrency"]),
                     (r["p99_ms"], r["throughput"]),
                     fontsize=7,
                     textcoords="offset points",
@@ -50,7 +51,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         xlabel="p99 latency (ms, log)",
         ylabel="throughput (images/s)",
         title=f"{report['model']} ({report['arch']}) on {report['machine']['cpu']}, "
-        f"{report['machine']['cores']} cores; labels = concurrency",
+        f"{report['machine']['cores']} cores; labels = concurrency or request rate",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -63,9 +64,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4, 16)) -> str:
     """The README's table from a bench JSON: the in-process baselines, then every Triton
-    row at the given concurrency levels."""
+    row at the given concurrency levels and every request-rate row."""
     head = (
-        "| backend | input | concurrency | img/s | p50 ms | p99 ms | errors | x ORT "
+        "| backend | input | load | img/s | p50 ms | p99 ms | errors | x ORT "
         "| queue ms | compute ms | avg batch |\n"
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
@@ -73,8 +74,10 @@ def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4,
     lines = [head]
     for r in report["results"]:
         triton = r["backend"].startswith("triton")
-        if triton and r["concurrency"] not in concurrency:
+        rate = r.get("request_rate")
+        if triton and not rate and r["concurrency"] not in concurrency:
             continue
+        load = f"{rate:g} req/s" if rate else f"c={r['concurrency']}"
         name = r["backend"] if triton else f"{r['backend']} in-process"
         name = name.replace("pytorch", "pytorch eager")
         ratio = r.get("ratio_to_onnxruntime") or r["throughput"] / ort["throughput"]
@@ -86,7 +89,7 @@ def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4,
             else " |  | "
         )
         lines.append(
-            f"| {name} | {r['input']} | {r['concurrency']} | {r['throughput']:.1f} | "
+            f"| {name} | {r['input']} | {load} | {r['throughput']:.1f} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {ratio:.2f} | {extra} |"
         )
     return "\n".join(lines)

@@ -1,10 +1,13 @@
-"""A closed-loop load generator for what perf_analyzer cannot drive: in-process baselines
-(ONNX Runtime, PyTorch, a bare TensorRT engine) measured with the same rules as the
-Triton rows, so every figure in a benchmark report is comparable.
+"""The load loop for what perf_analyzer cannot drive: the in-process baselines (ONNX
+Runtime, PyTorch, a bare TensorRT engine), so every Triton figure of a benchmark report
+(measured by perf_analyzer, serve/perf_analyzer.py) is a ratio to them in the same run.
 
 ``measure`` runs ``concurrency`` threads that each call ``run_once`` again as soon as it
-returns; a level stops when 3 consecutive windows agree within 10% (Model Navigator's
-stability rule) or at a time cap, and reports the latencies of the last 3 windows.
+returns; a level stops when 3 consecutive windows agree within 10% in throughput (the
+stability rule perf_analyzer applies too, there to latency as well) or at a time cap,
+and reports the latencies of the last 3 windows. Until perf_analyzer drove the bench,
+this loop also drove the Triton rows through the Python client; the side-by-side of the
+two on the same levels is in the README ("perf_analyzer vs the Python loop").
 """
 
 from __future__ import annotations
@@ -68,31 +71,23 @@ def measure(
     concurrency: int,
     window: float = 2.0,
     max_seconds: float = 20.0,
-    make_worker_state: Callable[[], Any] | None = None,
 ) -> Measurement:
-    """Closed loop with ``concurrency`` threads calling ``run_once(state)`` (``state`` from
-    ``make_worker_state``, closed at the end if it has ``close``)."""
+    """Closed loop with ``concurrency`` threads calling ``run_once(None)``."""
     lock = threading.Lock()
     records: list[tuple[float, float, bool]] = []  # (end time, latency, ok)
     stop = threading.Event()
 
     def worker() -> None:
-        state = make_worker_state() if make_worker_state else None
-        try:
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    run_once(state)
-                    ok = True
-                except Exception:  # noqa: BLE001 - counted as an error of this level
-                    ok = False
-                t1 = time.perf_counter()
-                with lock:
-                    records.append((t1, t1 - t0, ok))
-        finally:
-            close = getattr(state, "close", None)
-            if close:
-                close()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                run_once(None)
+                ok = True
+            except Exception:  # noqa: BLE001 - counted as an error of this level
+                ok = False
+            t1 = time.perf_counter()
+            with lock:
+                records.append((t1, t1 - t0, ok))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:

@@ -18,17 +18,19 @@ latter on ``LD_LIBRARY_PATH``.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import hashlib
 import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from serve.files import atomic_write_text
@@ -50,6 +52,10 @@ US_PER_MS = 1000.0
 
 class PerfAnalyzerError(RuntimeError):
     """perf_analyzer is missing, cannot load, or a run failed."""
+
+
+class Unstable(PerfAnalyzerError):
+    """perf_analyzer found no stable measurement (it then writes no report)."""
 
 
 # ----------------------------------------------------------------------------- install
@@ -306,9 +312,55 @@ class Result:
 UNSTABLE = "Failed to obtain stable measurement"
 
 
-def run(profile: Profile, csv_path: Path, timeout: float = 300.0) -> Result:
+def input_data_json(name: str, samples: list[bytes], shape: list[int] | None = None) -> dict:
+    """perf_analyzer's ``--input-data`` JSON: one step per sample of input ``name``, each
+    the sample's bytes in base64 (an FP32 tensor's raw little-endian bytes, or the 4-byte
+    length-prefixed element of a BYTES tensor, see :func:`bytes_element`)."""
+    steps = []
+    for raw in samples:
+        tensor: dict[str, object] = {"b64": base64.b64encode(raw).decode("ascii")}
+        if shape is not None:
+            tensor["shape"] = list(shape)
+        steps.append({name: tensor})
+    return {"data": steps}
+
+
+def bytes_element(data: bytes) -> bytes:
+    """One element of a Triton BYTES tensor as serialized on the wire (length prefix)."""
+    return struct.pack("<I", len(data)) + data
+
+
+def run(profile: Profile, csv_path: Path, timeout: float = 300.0, relax: bool = True) -> Result:
     """Run one profile; raises :class:`PerfAnalyzerError` with perf_analyzer's own words
-    when it fails (a failed request aborts a perf_analyzer run)."""
+    when it fails (a failed request aborts a perf_analyzer run).
+
+    perf_analyzer 2.51 writes no report at all when a level does not stabilize within
+    ``max_trials`` windows; with ``relax`` the level is measured again with windows twice
+    as long, accepting any 3 within 100% of each other, and the result says
+    ``stable=False``."""
+    result = _run_once(profile, csv_path, timeout)
+    if result is None and relax:
+        log.info(
+            "%s: not stable within %d windows, measured again unchecked",
+            profile.model,
+            profile.max_trials,
+        )
+        loose = replace(
+            profile,
+            stability_percentage=100.0,
+            max_trials=6,
+            measurement_interval_ms=2 * profile.measurement_interval_ms,
+        )
+        result = _run_once(loose, csv_path, timeout)
+        if result is not None:
+            result.stable = False
+    if result is None:
+        raise Unstable(f"{profile.model}: no stable measurement, even with relaxed rules")
+    return result
+
+
+def _run_once(profile: Profile, csv_path: Path, timeout: float) -> Result | None:
+    """One perf_analyzer process; None when it found no stable measurement."""
     binary = find_binary()
     cmd = profile.command(binary, csv_path)
     csv_path.unlink(missing_ok=True)
@@ -317,10 +369,12 @@ def run(profile: Profile, csv_path: Path, timeout: float = 300.0) -> Result:
     except subprocess.TimeoutExpired as e:
         raise PerfAnalyzerError(f"perf_analyzer ran over {timeout:g} s: {_shown(cmd)}") from e
     output = r.stdout + r.stderr
+    if r.returncode != 0 and UNSTABLE in output:
+        return None
     if r.returncode != 0 or not csv_path.is_file():
         tail = "\n".join(output.strip().splitlines()[-8:])
         raise PerfAnalyzerError(f"exit {r.returncode}: {_shown(cmd)}\n{tail}")
-    return Result(parse_csv(csv_path), UNSTABLE not in output, output, cmd)
+    return Result(parse_csv(csv_path), True, output, cmd)
 
 
 def _shown(cmd: list[str]) -> str:

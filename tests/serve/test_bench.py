@@ -1,11 +1,17 @@
-"""The serving benchmark harness writes the documented JSON and plot (a short sweep)."""
+"""The serving benchmark: perf_analyzer installed by setup, its CSV parsed from real runs
+against the test server, the harness's documented JSON and plot, and the config search."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from tests.helpers import run_cli
+import pytest
+
+from serve import auth
+from serve import perf_analyzer as pa
+from tests.helpers import HYMENOPTERA, run_cli
 
 RESULT_KEYS = {
     "backend",
@@ -21,7 +27,78 @@ RESULT_KEYS = {
 }
 
 
+def _binary() -> Path:
+    try:
+        return pa.find_binary()
+    except pa.PerfAnalyzerError as e:
+        pytest.skip(f"perf_analyzer is not installed: {e}")
+
+
+def test_perf_analyzer_found_after_setup() -> None:
+    binary = _binary()
+    assert pa.version(binary) == pa.VERSION  # the bundled tritonserver's version
+    assert pa.missing_libraries(binary.parent.parent / "libexec" / "perf_analyzer") == []
+
+
+@pytest.fixture(scope="module")
+def input_data(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from serve.bench import bench_inputs, write_input_data
+
+    inputs = bench_inputs(model_repo, "antsbees", HYMENOPTERA / "val", 4)
+    return write_input_data(inputs, "antsbees", tmp_path_factory.mktemp("pa"))
+
+
+def _profile(server, **kw) -> pa.Profile:
+    base = {
+        "model": "antsbees",
+        "url": server.grpc_url,
+        "measurement_interval_ms": 500,
+        "max_trials": 6,
+        "stability_percentage": 50,
+        "headers": auth.headers(server.admin_key) or {},
+    }
+    return pa.Profile(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("protocol", "kind", "shm", "rate"),
+    [("grpc", "tensor", "system", 0.0), ("http", "raw", "none", 0.0), ("grpc", "raw", "none", 5)],
+    ids=["grpc-shm-tensor-c2", "http-raw-c2", "grpc-raw-poisson"],
+)
+def test_perf_analyzer_csv_parsed_into_rows(
+    server, input_data: dict[str, Path], tmp_path: Path, protocol: str, kind: str, shm: str, rate
+) -> None:
+    profile = _profile(
+        server,
+        model="antsbees" if kind == "tensor" else "antsbees_image",
+        url=server.http_url if protocol == "http" else server.grpc_url,
+        protocol=protocol,
+        shared_memory=shm,
+        input_data=str(input_data[kind]),
+        concurrency=0 if rate else 2,
+        request_rate=rate,
+    )
+    result = pa.run(profile, tmp_path / "out.csv")
+    (row,) = result.rows
+    assert row.throughput > 0
+    assert 0 < row.p50_ms <= row.p90_ms <= row.p95_ms <= row.p99_ms
+    # server-side columns come from the statistics API, which needs the admin key
+    assert row.server_compute_ms > 0
+    if rate:
+        assert row.request_rate == rate and row.concurrency == 0
+    else:
+        assert row.concurrency == 2 and row.request_rate is None
+
+
+def test_perf_analyzer_failure_names_the_command(server, tmp_path: Path) -> None:
+    profile = _profile(server, model="no_such_model", concurrency=1)
+    with pytest.raises(pa.PerfAnalyzerError, match="no_such_model") as e:
+        pa.run(profile, tmp_path / "out.csv")
+    assert server.admin_key not in str(e.value)  # the header value is masked
+
+
 def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) -> None:
+    _binary()
     run_cli(
         "export",
         "bench",
@@ -33,31 +110,39 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
         str(model_repo),
         "--concurrency",
         "1,2",
+        "--request-rate",
+        "5",
         "--protocols",
         "grpc,grpc-shm,http",
         "--inputs",
         "tensor,raw",
         "--window",
         "0.5",
+        "--stability",
+        "50",
+        "--max-trials",
+        "6",
         "--max-seconds",
         "3",
         "--out",
         str(tmp_path),
     )
     report = json.loads((tmp_path / "antsbees-latest.json").read_text())
+    assert report["load_generator"]["tool"] == "perf_analyzer"
+    assert report["load_generator"]["version"] == pa.VERSION
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["peak_gflops_fp32"] > 1 and machine["cpu"]
     assert report["gflop_per_image"] > 0.1
-    backends = {(r["backend"], r["input"]) for r in report["results"]}
-    assert {
-        ("onnxruntime", "tensor"),
-        ("pytorch", "tensor"),
+    levels = {(r["backend"], r["input"], r["request_rate"]) for r in report["results"]}
+    for backend, kind in [
         ("triton-grpc", "tensor"),
         ("triton-grpc", "raw"),
         ("triton-grpc-shm", "tensor"),
         ("triton-http", "tensor"),
         ("triton-http", "raw"),
-    } <= backends
+    ]:
+        assert {(backend, kind, None), (backend, kind, 5.0)} <= levels
+    assert {("onnxruntime", "tensor", None), ("pytorch", "tensor", None)} <= levels
     for r in report["results"]:
         assert set(r) >= RESULT_KEYS and r["errors"] == 0 and r["throughput"] > 0
         assert r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
@@ -66,3 +151,51 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
     assert "tensorrt" in report["skipped"]  # no engine in a CPU repository
     assert (tmp_path / "antsbees-latest.png").read_bytes().startswith(b"\x89PNG")
     assert len(list(tmp_path.glob("antsbees-2*.json"))) == 1
+
+
+def test_tune_tiny_grid_publishes_the_winner(model_repo: Path, tmp_path: Path) -> None:
+    _binary()
+    from export.triton_config import parse_config, signature
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
+    before = parse_config((repo / "antsbees" / "config.pbtxt").read_text())
+    run_cli(
+        "export.tune",
+        "--model-repository",
+        str(repo),
+        "--data",
+        str(HYMENOPTERA / "val"),
+        "--instances",
+        "1",
+        "--max-batch-sizes",
+        "4",
+        "--delays-us",
+        "0",
+        "--concurrency",
+        "1,2",
+        "--window",
+        "0.5",
+        "--stability",
+        "50",
+        "--p99-ms",
+        "100000",
+        "--publish",
+        "--out",
+        str(tmp_path / "out"),
+    )
+    rep = json.loads((tmp_path / "out" / "antsbees-tune.json").read_text())
+    assert [t["is_current"] for t in rep["trials"]] == [True, False]
+    for t in rep["trials"]:
+        assert not t["error"] and len(t["points"]) == 2 and t["score"] > 0
+    assert rep["winner"] in [t["knobs"] for t in rep["trials"]]
+    after = parse_config((repo / "antsbees" / "config.pbtxt").read_text())
+    assert signature(after) == signature(before)
+    assert after.max_batch_size == rep["winner"]["max_batch_size"]
+    assert after.instance_group[0].count == rep["winner"]["instances"]
+    ens = parse_config((repo / "antsbees_image" / "config.pbtxt").read_text())
+    assert ens.max_batch_size == after.max_batch_size
+    assert sorted(p.name for p in (repo / "antsbees").iterdir() if p.name.isdigit()) == sorted(
+        p.name for p in (model_repo / "antsbees").iterdir() if p.name.isdigit()
+    )  # a config change, no new version
+    assert (tmp_path / "out" / "antsbees-tune.png").read_bytes().startswith(b"\x89PNG")
