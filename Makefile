@@ -38,10 +38,10 @@ MODEL_STORE ?=
 K8S_OUT ?= deploy/k8s
 NAMESPACE ?= default
 
-.PHONY: help setup lock data train export serve test test-fast lint format clean bench-train bench soak deploy-manifests
+.PHONY: help setup lock data train export serve test test-fast lint format clean bench-train bench tune soak deploy-manifests
 
 help:
-	@echo "make setup | train | export | serve | test | test-fast | bench | bench-train | soak | deploy-manifests | data | lint | clean"
+	@echo "make setup | train | export | serve | test | test-fast | bench | tune | bench-train | soak | deploy-manifests | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
 	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) PRECISION=$(PRECISION) (fp32|fp16|int8) DEPLOY=HOST:GRPC_PORT"
@@ -97,10 +97,17 @@ export: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m train bench --out bench $(BENCH_ARGS)
 
-# Triton HTTP/gRPC, tensor/raw, concurrency sweep vs in-process ORT and PyTorch.
+# perf_analyzer against Triton (gRPC, gRPC+shm, HTTP; tensor/raw; concurrency sweep and
+# Poisson request rates) vs in-process ORT and PyTorch, one run.
 bench: $(STAMP)
 	$(PY) -m export bench --model $(MODEL) --checkpoint $(OUT)/checkpoint.pt \
 		--model-repository $(REPO) --out bench $(if $(DATA),--data $(DATA)/val) $(BENCH_ARGS)
+
+# Search instances x max batch x queue delay with perf_analyzer; publish the best config
+# under the p99 budget (a config change, no new version). TUNE_ARGS="--p99-ms 100 ...".
+tune: $(STAMP)
+	$(PY) -m export.tune --model $(MODEL) --model-repository $(REPO) --out bench \
+		--data $(or $(DATA),$(call recipe_get,data))/val --publish $(TUNE_ARGS)
 
 # 5 minutes at concurrency 16, mixed protocols and inputs: 0 failures, bounded RSS growth.
 soak: $(STAMP)

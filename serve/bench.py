@@ -160,6 +160,14 @@ def bench_server_options(repo: Path, load_models: list[str] | None = None) -> An
     )
 
 
+def control_headers(key: str | None) -> dict[str, str]:
+    """Headers carrying ``key`` on both protocols: Triton 2.51 checks a restricted gRPC
+    protocol's header as ``triton-grpc-protocol-<name>`` (HTTP: ``<name>``)."""
+    if not key:
+        return {}
+    return {auth.HEADER: key, f"triton-grpc-protocol-{auth.HEADER}": key}
+
+
 def admin_key(srv: Any) -> str | None:
     """The key of ``srv``'s restricted APIs (ours, or the file ``serve run`` wrote)."""
     opts = getattr(srv, "opts", None)
@@ -228,7 +236,8 @@ def triton_levels(
 
     model, batch = args.model, args.batch
     settings = PaSettings.from_args(args)
-    headers = auth.headers(admin_key(srv)) or {}
+    key = admin_key(srv)
+    headers = control_headers(key)
     work = Path(args.out) / ".perf_analyzer"
     data = write_input_data(inputs, model, work)
     stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
@@ -259,7 +268,7 @@ def triton_levels(
                 measurement_mode=settings.measurement_mode,
                 stability_percentage=settings.stability_percentage,
                 max_trials=settings.max_trials,
-                headers=headers,
+                headers=auth.headers(key) or {},
             )
             before = _server_stats(stats_client, [model, target], headers)
             try:

@@ -1,0 +1,449 @@
+"""``python -m export.tune`` (``make tune``): search the classifier's serving config with
+perf_analyzer and publish the best one under a p99 budget.
+
+Triton Model Analyzer does this search upstream; here it cannot run (see README "Tuning":
+the command and its error), so this module does the same search with perf_analyzer
+directly: every candidate config (instance count x max batch size x dynamic-batching
+``max_queue_delay_microseconds``, plus the published config as it is) is written into a
+scratch copy of the model's folder (the version folders linked, not copied), reloaded on
+one bundled tritonserver through the model-control API, and measured at each concurrency
+level over gRPC with real val images. A candidate's score is its best throughput at a
+level whose p99 is within the budget; the winner's knobs are written into the model's
+``config.pbtxt`` (and the image pipeline's ``max_batch_size``) under the model's publish
+lock - a config change only, no new version: the signature (inputs, outputs, labels) and
+the preprocessing stay as they are.
+
+Writes ``<out>/<model>-tune.json`` and ``<out>/<model>-tune.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from export.triton_config import config_text, parse_config, signature
+from serve import auth
+from serve import perf_analyzer as pa
+from serve.bench import bench_inputs, bench_server_options, control_headers, write_input_data
+from serve.contract import image_model_name, preprocess_model_name
+from serve.files import atomic_write_json, atomic_write_text, latest_version, locked
+from serve.machine import machine_info
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The searched part of a classifier config."""
+
+    instances: int
+    max_batch_size: int
+    max_queue_delay_us: int
+
+    @property
+    def label(self) -> str:
+        return f"i{self.instances}-b{self.max_batch_size}-d{self.max_queue_delay_us}"
+
+
+@dataclass
+class Point:
+    """One measured level of one candidate."""
+
+    concurrency: int
+    throughput: float
+    p50_ms: float
+    p99_ms: float
+    server_queue_ms: float
+    server_compute_ms: float
+    stable: bool
+
+
+@dataclass
+class Trial:
+    """A candidate config and what perf_analyzer measured for it."""
+
+    knobs: Knobs
+    is_current: bool = False
+    points: list[Point] = field(default_factory=list)
+    error: str = ""
+
+    def best(self, budget_ms: float) -> Point | None:
+        """The highest-throughput level whose p99 is within ``budget_ms``."""
+        ok = [p for p in self.points if p.p99_ms <= budget_ms]
+        return max(ok, key=lambda p: p.throughput) if ok else None
+
+    def score(self, budget_ms: float) -> float:
+        best = self.best(budget_ms)
+        return best.throughput if best else 0.0
+
+
+def read_knobs(config_path: Path) -> Knobs:
+    """The knobs of a published classifier config."""
+    cfg = parse_config(config_path.read_text())
+    return Knobs(
+        instances=sum(g.count or 1 for g in cfg.instance_group) or 1,
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_us=cfg.dynamic_batching.max_queue_delay_microseconds,
+    )
+
+
+def with_knobs(text: str, knobs: Knobs) -> str:
+    """``text`` (a classifier config.pbtxt) with ``knobs`` applied; preferred batch sizes
+    above the new max batch size are dropped. The signature must not change."""
+    cfg = parse_config(text)
+    before = signature(cfg)
+    cfg.max_batch_size = knobs.max_batch_size
+    if not cfg.instance_group:
+        cfg.instance_group.add()
+    for i, group in enumerate(cfg.instance_group):
+        group.count = knobs.instances if i == 0 else 0
+    del cfg.instance_group[1:]
+    db = cfg.dynamic_batching
+    db.max_queue_delay_microseconds = knobs.max_queue_delay_us
+    kept = [b for b in db.preferred_batch_size if b <= knobs.max_batch_size]
+    del db.preferred_batch_size[:]
+    db.preferred_batch_size.extend(kept)
+    for warm in list(cfg.model_warmup):
+        if warm.batch_size > knobs.max_batch_size:
+            cfg.model_warmup.remove(warm)
+    if signature(cfg) != before:
+        raise ValueError("a config change must not change the model's signature")
+    return config_text(cfg)
+
+
+def candidates(
+    current: Knobs, instances: list[int], batches: list[int], delays: list[int]
+) -> list[Knobs]:
+    """The published config first, then the grid (without a duplicate of it)."""
+    grid = [Knobs(i, b, d) for i, b, d in itertools.product(instances, batches, delays)]
+    return [current] + [k for k in grid if k != current]
+
+
+def scratch_repo(repo: Path, model: str, work: Path) -> Path:
+    """A model repository holding only ``model``: its config and labels copied, every
+    other entry (versions, warmup inputs) linked."""
+    src = repo / model
+    dst = work / "repo" / model
+    if dst.parent.exists():
+        shutil.rmtree(dst.parent)
+    dst.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name.startswith("."):
+            continue
+        if entry.name in ("config.pbtxt", "labels.txt"):
+            shutil.copy2(entry, dst / entry.name)
+        else:
+            (dst / entry.name).symlink_to(entry.resolve())
+    return dst.parent
+
+
+def _reload(client: Any, model: str, headers: dict[str, str] | None) -> None:
+    client.load_model(model, headers=headers, client_timeout=300)
+    deadline = time.monotonic() + 300
+    while not client.is_model_ready(model):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{model} not ready 300 s after the reload")
+        time.sleep(0.2)
+
+
+def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str, Any]]:
+    """Measure every candidate on one bundled server; returns the trials and facts."""
+    import tritonclient.grpc as grpcclient
+
+    from serve.triton_server import TritonServer
+
+    repo = Path(args.model_repository)
+    current = read_knobs(repo / args.model / "config.pbtxt")
+    trials = [
+        Trial(k, is_current=(k == current))
+        for k in candidates(current, args.instances, args.max_batch_sizes, args.delays_us)
+    ]
+    inputs = bench_inputs(repo, args.model, args.data, 16)
+    data = write_input_data(inputs, args.model, work)["tensor"]
+    scratch = scratch_repo(repo, args.model, work)
+    config_path = scratch / args.model / "config.pbtxt"
+    original = config_path.read_text()
+    opts = bench_server_options(scratch, [args.model])
+    facts = {"version": int(inputs.version_dir.name), "precision": inputs.card.precision}
+    with TritonServer(opts, log_path=work / "tune-server.log") as srv:
+        headers = control_headers(opts.admin_key)
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            for trial in tqdm(trials, desc="configs", unit="config"):
+                atomic_write_text(config_path, with_knobs(original, trial.knobs))
+                try:
+                    _reload(client, args.model, headers)
+                    trial.points = measure(
+                        srv.grpc_url, args, data, auth.headers(opts.admin_key) or {}
+                    )
+                except (pa.PerfAnalyzerError, TimeoutError, Exception) as e:  # noqa: BLE001
+                    trial.error = str(e).splitlines()[0][:300]  # recorded; the search goes on
+                log.info(
+                    "%-16s %s", trial.knobs.label, trial.error or _describe(trial, args.p99_ms)
+                )
+        finally:
+            client.close()
+    return trials, facts
+
+
+def measure(url: str, args: argparse.Namespace, data: Path, headers: dict) -> list[Point]:
+    """perf_analyzer at each of ``args.concurrency`` against the reloaded config."""
+    points = []
+    for conc in args.concurrency:
+        profile = pa.Profile(
+            model=args.model,
+            url=url,
+            protocol="grpc",
+            concurrency=conc,
+            input_data=str(data),
+            measurement_interval_ms=int(args.window * 1000),
+            stability_percentage=args.stability,
+            max_trials=args.max_trials,
+            headers=headers,
+        )
+        try:
+            result = pa.run(profile, Path(data).parent / "tune.csv")
+        except pa.Unstable as e:
+            log.warning("c=%d: %s", conc, e)
+            continue
+        row = result.rows[-1]
+        points.append(
+            Point(
+                conc,
+                row.throughput,
+                row.p50_ms,
+                row.p99_ms,
+                row.server_queue_ms,
+                row.server_compute_ms,
+                result.stable,
+            )
+        )
+    return points
+
+
+def _describe(trial: Trial, budget: float) -> str:
+    best = trial.best(budget)
+    pts = "  ".join(
+        f"c{p.concurrency}: {p.throughput:.1f}/s p99 {p.p99_ms:.0f}" for p in trial.points
+    )
+    return f"best {best.throughput:.1f} img/s at c={best.concurrency}  ({pts})" if best else pts
+
+
+def publish_knobs(repo: Path, model: str, knobs: Knobs) -> list[Path]:
+    """Write ``knobs`` into the published classifier config under the model's publish
+    lock (a config change, no new version); the preprocess model and the ensemble follow
+    the max batch size (an ensemble may not batch more than its steps). Returns the
+    configs written."""
+    written = []
+    with locked(repo / model, what="publisher of this model"):
+        path = repo / model / "config.pbtxt"
+        atomic_write_text(path, with_knobs(path.read_text(), knobs))
+        written.append(path)
+        for other in (preprocess_model_name(model), image_model_name(model)):
+            p = repo / other / "config.pbtxt"
+            if p.is_file():
+                cfg = parse_config(p.read_text())
+                cfg.max_batch_size = knobs.max_batch_size
+                for warm in list(cfg.model_warmup):
+                    if warm.batch_size > knobs.max_batch_size:
+                        cfg.model_warmup.remove(warm)
+                atomic_write_text(p, config_text(cfg))
+                written.append(p)
+    return written
+
+
+def report(args: argparse.Namespace, trials: list[Trial], facts: dict[str, Any]) -> dict:
+    """The tune JSON: every trial, the winner under the budget and the current config."""
+    budget = args.p99_ms
+    current = next(t for t in trials if t.is_current)
+    best = max(trials, key=lambda t: (t.score(budget), t.is_current))
+    # a change must beat the current config by more than the noise to be published
+    winner = best if best.score(budget) > current.score(budget) * args.min_gain else current
+    base = current.score(budget)
+    gain = winner.score(budget) / base if base else None
+    best_gain = best.score(budget) / base if base else None
+    return {
+        "model": args.model,
+        **facts,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine_info({}),
+        "p99_budget_ms": budget,
+        "objective": "max throughput over the concurrency levels whose p99 <= budget",
+        "search": "perf_analyzer over the grid (Triton Model Analyzer cannot run here)",
+        "load_generator": {"tool": "perf_analyzer", "version": pa.version()},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "trials": [
+            {
+                **asdict(t),
+                "label": t.knobs.label,
+                "score": t.score(budget),
+                "best": asdict(b) if (b := t.best(budget)) else None,
+            }
+            for t in trials
+        ],
+        "current": asdict(current.knobs),
+        "best_measured": asdict(best.knobs),
+        "min_gain": args.min_gain,
+        "winner": asdict(winner.knobs),
+        "winner_vs_current": gain,
+        "best_vs_current": best_gain,
+        "published": False,
+    }
+
+
+def plot(rep: dict, path: Path) -> None:
+    """Throughput against p99 per candidate, the budget as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for t in rep["trials"]:
+        pts = t["points"]
+        if not pts:
+            continue
+        style = "-" if t["knobs"] == rep["winner"] else ":"
+        width = 2.5 if t["knobs"] == rep["winner"] or t["is_current"] else 1
+        tag = " (winner)" if t["knobs"] == rep["winner"] else ""
+        tag += " (current)" if t["is_current"] else ""
+        ax.plot(
+            [p["p99_ms"] for p in pts],
+            [p["throughput"] for p in pts],
+            "o" + style,
+            lw=width,
+            ms=3,
+            label=t["label"] + tag,
+        )
+    ax.axvline(rep["p99_budget_ms"], color="k", ls="--", lw=1, label="p99 budget")
+    ax.set(
+        xscale="log",
+        xlabel="p99 latency (ms, log)",
+        ylabel="throughput (images/s)",
+        title=f"{rep['model']} configs on {rep['machine']['cpu']}, {rep['machine']['cores']} "
+        "cores (i=instances, b=max batch, d=queue delay us)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def markdown_table(rep: dict) -> str:
+    """The README's table of the configs tried."""
+    lines = [
+        "| instances | max batch | queue delay us | best img/s (p99 <= budget) | at c | p99 ms "
+        "| note |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for t in sorted(rep["trials"], key=lambda t: -t["score"]):
+        k, b = t["knobs"], t["best"]
+        note = ", ".join(
+            n
+            for n, on in (
+                ("winner", k == rep["winner"]),
+                ("best measured", k == rep["best_measured"] and k != rep["winner"]),
+                ("current", t["is_current"]),
+                (t["error"], bool(t["error"])),
+                ("none within budget", not b and not t["error"]),
+            )
+            if on
+        )
+        lines.append(
+            f"| {k['instances']} | {k['max_batch_size']} | {k['max_queue_delay_us']} | "
+            + (
+                f"{b['throughput']:.1f} | {b['concurrency']} | {b['p99_ms']:.0f}"
+                if b
+                else "- | - | -"
+            )
+            + f" | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="antsbees")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--data", required=True, help="ImageFolder split with images (.../val)")
+    p.add_argument("--p99-ms", type=float, default=150.0, help="the p99 latency budget")
+    p.add_argument("--instances", type=_ints, default=[1, 2])
+    p.add_argument("--max-batch-sizes", type=_ints, default=[4, 16, 64])
+    p.add_argument("--delays-us", type=_ints, default=[0, 2000, 10000])
+    p.add_argument("--concurrency", type=_ints, default=[1, 4, 8, 16])
+    p.add_argument("--window", type=float, default=1.0, help="seconds per measurement window")
+    p.add_argument("--stability", type=float, default=10.0)
+    p.add_argument("--max-trials", type=int, default=6)
+    p.add_argument(
+        "--min-gain",
+        type=float,
+        default=1.05,
+        help="publish a config only if it beats the current one by this factor (noise)",
+    )
+    p.add_argument("--out", default="bench")
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help="write the winner into the model's config (a config change, no new version)",
+    )
+    p.add_argument("--table", default="", metavar="JSON", help="print the README table, exit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m export.tune``."""
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m export.tune", description=__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / ".tune"
+    trials, facts = search(args, work)
+    rep = report(args, trials, facts)
+    winner = Knobs(**rep["winner"])
+    if args.publish and not next(t for t in trials if t.knobs == winner).is_current:
+        repo = Path(args.model_repository)
+        rep["published"] = [str(p) for p in publish_knobs(repo, args.model, winner)]
+        rep["published_version"] = int(latest_version(repo / args.model).name)
+    json_path = atomic_write_json(out / f"{args.model}-tune.json", rep)
+    plot(rep, out / f"{args.model}-tune.png")
+    print(markdown_table(rep))
+    gain, best = rep["winner_vs_current"], rep["best_vs_current"]
+    print(
+        f"winner {winner.label} vs current {Knobs(**rep['current']).label}: "
+        + (
+            f"x{gain:.2f} (best measured {Knobs(**rep['best_measured']).label} x{best:.2f}, "
+            f"published only above x{args.min_gain:g})"
+            if gain
+            else "current config has no level within the budget"
+        )
+        + (" (published)" if rep["published"] else "")
+    )
+    print(f"wrote {json_path}, {out / f'{args.model}-tune.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
