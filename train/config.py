@@ -65,6 +65,7 @@ class TrainConfig:
     warmup_start: float = 0.1
     label_smoothing: float = 0.0
     # fine-tune extras (defaults: off, the tutorial's behaviour)
+    head_init: list[int] = field(default_factory=list)  # ImageNet rows for the new head
     lp_epochs: int = 0  # LP-FT: first train the head this many epochs on cached features
     lp_lr: float = 0.01  # LP stage: SGD (momentum) lr, cosine to 0 over lp_epochs
     lp_batch_size: int = 32
@@ -126,6 +127,8 @@ class TrainConfig:
             raise ValueError(
                 f"lp_lr must be > 0 and lp_batch_size >= 1 ({self.lp_lr}, {self.lp_batch_size})"
             )
+        if self.head_init and self.pretrained not in ("auto", "imagenet"):
+            raise ValueError(f"head_init needs ImageNet weights, not pretrained={self.pretrained}")
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones (e.g. [100, 150])")
         for name in (

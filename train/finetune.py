@@ -7,6 +7,9 @@ weight EMA.
   (:func:`freeze_below`); the frozen bottom costs no backward pass and its BatchNorm layers
   stay in eval mode.
 * ``frozen_bn``: every BatchNorm keeps its pretrained statistics (small batches).
+* ``head_init``: the new head starts from the pretrained ImageNet classifier's rows of the
+  matching classes (ants/bees: ImageNet 310 "ant", 309 "bee") instead of random weights:
+  the pretrained model's own knowledge of those classes is the starting point.
 * ``ema_decay``: ``torch.optim.swa_utils.AveragedModel`` with an EMA per optimizer step;
   the EMA weights (buffers included) are what is evaluated and saved.
 """
@@ -70,6 +73,37 @@ def freeze_below(model: nn.Module, train_blocks: int) -> list[nn.Module]:
         len(frozen),
     )
     return frozen
+
+
+def init_head_from_imagenet(
+    model: nn.Module, arch: str, indices: list[int], timeout: float = 15.0
+) -> str:
+    """Copy rows ``indices`` (one ImageNet class per class, in class order) of ``arch``'s
+    pretrained 1000-class head into ``model``'s head. Returns where they came from."""
+    from train.models import build_model, get_head, head_parameter_names
+    from train.pretrained import (
+        OFFLINE_ARCH,
+        efficientnet_lite0_state_dict,
+        torchvision_resnet18_state_dict,
+    )
+
+    head = get_head(model, arch)
+    if len(indices) != head.out_features or not all(0 <= i < 1000 for i in indices):
+        raise ValueError(
+            f"head_init needs {head.out_features} ImageNet class indices (0-999), got {indices}"
+        )
+    if arch == OFFLINE_ARCH:
+        state, source = efficientnet_lite0_state_dict(build_model(arch, 1000))
+    elif arch == "resnet18":
+        state, source = torchvision_resnet18_state_dict(timeout)
+    else:
+        raise ValueError(f"head_init: no ImageNet head known for arch {arch!r}")
+    w_key, b_key = head_parameter_names(arch)
+    with torch.no_grad():
+        head.weight.copy_(state[w_key][indices])
+        head.bias.copy_(state[b_key][indices])
+    log.info("head initialised from ImageNet classes %s of %s", indices, source)
+    return source
 
 
 def batchnorms(model: nn.Module) -> list[nn.Module]:

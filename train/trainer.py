@@ -26,7 +26,13 @@ from train.datasets import dataset_split, detect_kind, subset
 from train.distributed import DistInfo, barrier, cleanup, init_distributed
 from train.engine import EpochResult, Precision, evaluate, train_one_epoch
 from train.feature_cache import FeatureCache, compute_features, train_head_epoch
-from train.finetune import batchnorms, freeze_below, linear_probe, make_ema
+from train.finetune import (
+    batchnorms,
+    freeze_below,
+    init_head_from_imagenet,
+    linear_probe,
+    make_ema,
+)
 from train.models import arch_options, build_model, get_arch, get_head
 from train.optim import build_optimizer, build_scheduler
 from train.pretrained import PretrainedInfo, resolve_pretrained
@@ -171,6 +177,10 @@ class Run:
                 options=self.options,
             )
             self.arch = self.info.arch
+            if cfg.head_init:
+                init_head_from_imagenet(
+                    self.model, self.arch, list(cfg.head_init), cfg.download_timeout
+                )
         spec = get_arch(self.arch)
         self.pre = Preprocess(
             resize=cfg.resize or spec.resize,

@@ -1,5 +1,7 @@
-"""Recipes and configs: every recipe is valid, He et al.'s recipe is exact, errors name the
-problem, make passes only the variables that are set, schedules warm up."""
+"""Recipes and configs: every recipe is valid, He et al.'s and the PyTorch tutorial's recipes
+are exact, errors name the problem, make passes only the variables that are set, schedules
+warm up; the fine-tune extras (LP-FT, top blocks, frozen BN, EMA, TrivialAugment) run end to
+end on real images and weights; cross-validation folds partition the training images."""
 
 from __future__ import annotations
 
@@ -8,12 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision import transforms as T
 
 from tests.helpers import ROOT
+from train.checkpoint import load_checkpoint
 from train.cli import config_from_args
-from train.config import RECIPES_DIR, TrainConfig, load_recipe
-from train.models import arch_options
+from train.config import RECIPES_DIR, TrainConfig, load_recipe, resolve_config
+from train.data import Preprocess, is_image_file
+from train.finetune import block_names, init_head_from_imagenet
+from train.models import arch_options, build_model
 from train.optim import build_optimizer, build_scheduler
+from train.pretrained import efficientnet_lite0_state_dict
+from train.select import Candidate, materialize_fold, stratified_folds
+from train.trainer import Run
 
 
 def test_recipes_are_valid_and_he_et_al_is_exact() -> None:
@@ -34,12 +43,12 @@ def test_recipes_are_valid_and_he_et_al_is_exact() -> None:
         he["gamma"],
     ) == ("sgd", 0.1, 0.9, 0.0001, 128, 200, "multistep", [100, 150], 0.1)
     default = config_from_args([])
-    assert (default.recipe, default.model_name, default.mode, default.epochs) == (
+    assert (default.recipe, default.model_name, default.mode) == (
         "antsbees_finetune",
         "antsbees",
         "finetune",
-        25,
     )
+    assert default.lp_epochs > 0 and default.ema_decay > 0  # LP-FT with weight EMA
     cfg = config_from_args(["--recipe", "cifar10_resnet20", "--epochs", "3", "--no-batchnorm"])
     assert (cfg.epochs, cfg.lr, cfg.batchnorm, cfg.out) == (3, 0.1, False, "runs/cifar10_resnet20")
 
@@ -101,3 +110,133 @@ def test_schedules_with_warmup(schedule: str) -> None:
         assert lrs[2:] == pytest.approx(expected_after[schedule])
     else:  # cosine: monotone down from 0.1
         assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 0.01
+
+
+def test_tutorial_recipe_is_the_pytorch_tutorial() -> None:
+    """Tutorial: SGD lr 0.001 momentum 0.9, StepLR(7, 0.1), 25 epochs, batch 4,
+    RandomResizedCrop(224) + flip, every layer trains; none of the extras."""
+    cfg = config_from_args(["--recipe", "antsbees_tutorial"])
+    assert (cfg.model_name, cfg.mode, cfg.arch, cfg.pretrained) == (
+        "antsbees",
+        "finetune",
+        "resnet18",
+        "auto",
+    )
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay) == (
+        "sgd",
+        0.001,
+        0.9,
+        False,
+        0.0,
+    )
+    assert (cfg.schedule, cfg.step_size, cfg.gamma, cfg.warmup_epochs) == ("step", 7, 0.1, 0)
+    assert (cfg.epochs, cfg.batch_size, cfg.label_smoothing) == (25, 4, 0.0)
+    assert (cfg.augment, cfg.rrc_scale, cfg.auto_augment) == (None, [0.08, 1.0], "none")
+    assert (cfg.lp_epochs, cfg.train_blocks, cfg.frozen_bn, cfg.ema_decay) == (0, 0, False, 0.0)
+    # The new fields' defaults keep every older recipe's behaviour (the tutorial transform).
+    assert TrainConfig() == TrainConfig.from_dict({})
+    steps = Preprocess().train_transform().transforms
+    assert isinstance(steps[0], T.RandomResizedCrop) and steps[0].scale == (0.08, 1.0)
+    assert [type(s) for s in steps[1:]] == [T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+
+
+def test_new_fields_are_validated() -> None:
+    with pytest.raises(ValueError, match="auto_augment"):
+        TrainConfig(auto_augment="autoaugment").validate()
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0).validate()
+    with pytest.raises(ValueError, match="rrc_scale"):
+        TrainConfig(rrc_scale=[0.5, 0.2]).validate()
+    with pytest.raises(ValueError, match="lp_epochs"):
+        TrainConfig(lp_epochs=-1).validate()
+    cfg = config_from_args(["--set", "ema_decay=0.9", "--set", "rrc_scale=[0.3, 1.0]"])
+    assert (cfg.ema_decay, cfg.rrc_scale) == (0.9, [0.3, 1.0])
+    with pytest.raises(ValueError, match="unknown config keys: ema"):
+        config_from_args(["--set", "ema=0.9"])
+    pre = Preprocess(rrc_scale=(0.3, 1.0), auto_augment="trivialaugment")
+    steps = pre.train_transform().transforms
+    assert steps[0].scale == (0.3, 1.0) and isinstance(steps[2], T.TrivialAugmentWide)
+    assert Preprocess.from_card(pre.card_preprocessing(), pre.augment_settings()) == pre
+
+
+def test_head_init_copies_the_imagenet_rows_of_the_classes() -> None:
+    model = build_model("efficientnet_lite0", 2)
+    init_head_from_imagenet(model, "efficientnet_lite0", [310, 309])
+    imagenet, _ = efficientnet_lite0_state_dict(build_model("efficientnet_lite0", 1000))
+    assert torch.equal(model.classifier.weight, imagenet["classifier.weight"][[310, 309]])
+    assert torch.equal(model.classifier.bias, imagenet["classifier.bias"][[310, 309]])
+    with pytest.raises(ValueError, match="needs 2 ImageNet class indices"):
+        init_head_from_imagenet(model, "efficientnet_lite0", [310])
+    with pytest.raises(ValueError, match="head_init needs ImageNet weights"):
+        TrainConfig(head_init=[310, 309], pretrained="none").validate()
+
+
+@pytest.mark.slow
+def test_lp_ft_top_blocks_frozen_bn_ema_end_to_end(tmp_path: Path, hymenoptera: Path) -> None:
+    """LP on cached features, then 1 epoch of the top 2 blocks with frozen BN and EMA, on
+    16 real images with the real offline ImageNet backbone."""
+    cfg = resolve_config(
+        "antsbees_finetune",
+        {
+            "data": str(hymenoptera),
+            "out": str(tmp_path / "run"),
+            "arch": "efficientnet_lite0",
+            "epochs": 1,
+            "batch_size": 4,
+            "lp_epochs": 2,
+            "feature_views": 1,
+            "train_blocks": 2,
+            "frozen_bn": True,
+            "ema_decay": 0.5,
+            "auto_augment": "trivialaugment",
+            "train_subset": 16,
+            "val_subset": 16,
+            "workers": 0,
+        },
+    )
+    run = Run(cfg)
+    summary = run.fit()
+    assert summary["lp_val_acc"] is not None and 0 <= summary["lp_val_acc"] <= 1
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    imagenet, _ = efficientnet_lite0_state_dict(build_model("efficientnet_lite0", 1000))
+    # Below the top 2 blocks nothing moved, BatchNorm statistics included.
+    assert block_names(run.model)[-2:] == ["blocks.5", "blocks.6"]
+    for key, value in ckpt.state_dict.items():
+        if key.startswith(("conv_stem", "bn1", "blocks.0", "blocks.4")):
+            assert torch.equal(value, imagenet[key]), f"frozen tensor {key} changed"
+    # The top blocks trained; their BN statistics stayed (frozen_bn); the head is no
+    # longer the random one (LP) and the saved weights are the EMA's, not the live model's.
+    top = "blocks.6.0.conv_pwl.weight"
+    assert not torch.equal(ckpt.state_dict[top], imagenet[top])
+    assert torch.equal(ckpt.state_dict["bn2.running_mean"], imagenet["bn2.running_mean"])
+    live = run.model.state_dict()
+    assert torch.equal(ckpt.state_dict[top], run.ema.module.state_dict()[top].cpu())
+    assert not torch.equal(ckpt.state_dict[top], live[top])
+    assert ckpt.augment == {
+        "augment": "random-resized-crop",
+        "padding": 4,
+        "rrc_scale": cfg.rrc_scale,
+        "auto_augment": "trivialaugment",
+    }
+
+
+def test_cv_folds_partition_the_training_images(tmp_path: Path, hymenoptera: Path) -> None:
+    folds = stratified_folds(hymenoptera, 3)
+    train = sorted(p for p in (hymenoptera / "train").rglob("*") if is_image_file(p.name))
+    held = sorted(f for fold in folds for files in fold.values() for f in files)
+    assert held == train and len(set(held)) == len(held)  # each image held out exactly once
+    for c in ("ants", "bees"):
+        sizes = [len(f[c]) for f in folds]
+        assert max(sizes) - min(sizes) <= 1  # stratified
+    root = materialize_fold(folds, 1, tmp_path / "k3-1")
+
+    def images(d: Path) -> list[Path]:
+        return [p for p in d.rglob("*") if is_image_file(p.name)]
+
+    val = sorted(p.name for p in images(root / "val"))
+    assert val == sorted(f.name for files in folds[1].values() for f in files)
+    assert not set(val) & {p.name for p in images(root / "train")}
+    assert all(p.resolve().parent.parent == (hymenoptera / "train").resolve() for p in images(root))
+    assert Candidate.parse("ta antsbees_finetune auto_augment=trivialaugment lr=0.01") == (
+        Candidate("ta", "antsbees_finetune", {"auto_augment": "trivialaugment", "lr": 0.01})
+    )
