@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(markdown_table(json.loads(Path(args.table).read_text())))
         return 0
+    # SIGTERM unwinds like Ctrl-C, so the tune server is stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".tune"
