@@ -121,21 +121,21 @@ def linear_probe(
     criterion: nn.Module,
     generator: torch.Generator,
     device: torch.device,
-) -> list[EpochResult]:
+) -> tuple[EpochResult, EpochResult, torch.Tensor, torch.Tensor]:
     """Train ``head`` on cached features: SGD with momentum, cosine lr to 0 over ``epochs``.
-    Returns each epoch's val result."""
+    Returns the last epoch's (train, val, val predictions, val targets)."""
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     val_criterion = nn.CrossEntropyLoss()
-    results = []
+    if epochs < 1:
+        raise ValueError(f"linear probe needs epochs >= 1, got {epochs}")
     for epoch in range(1, epochs + 1):
-        tr, va, _, _ = train_head_epoch(
+        result = train_head_epoch(
             head, cache, epoch, opt, criterion, val_criterion, batch_size, generator, device
         )
         sched.step()
-        results.append(va)
-        log.debug("LP epoch %d: train acc %.4f, val acc %.4f", epoch, tr.acc, va.acc)
-    return results
+        log.debug("LP epoch %d: train acc %.4f, val acc %.4f", epoch, result[0].acc, result[1].acc)
+    return result
 
 
 def make_ema(model: nn.Module, decay: float, optimizer: torch.optim.Optimizer) -> AveragedModel:

@@ -429,11 +429,12 @@ class Run:
         )
         return cache
 
-    def _linear_probe(self) -> None:
-        """LP-FT's first stage: the head alone, on cached frozen-backbone features."""
+    def _linear_probe(self) -> EpochOutcome:
+        """LP-FT's first stage: the head alone, on cached frozen-backbone features. Its
+        result is recorded as epoch 0 (a checkpoint like any epoch's)."""
         cfg, t = self.cfg, time.perf_counter()
         cache = self._features()
-        results = linear_probe(
+        tr, va, preds, targets = linear_probe(
             get_head(self.model, self.arch),
             cache,
             cfg.lp_epochs,
@@ -446,7 +447,7 @@ class Run:
         )
         if cfg.channels_last:  # compute_features leaves the model contiguous
             self.model.to(memory_format=torch.channels_last)
-        self.lp_val_acc = results[-1].acc
+        self.lp_val_acc = va.acc
         log.info(
             "linear probe: %d epochs on %d cached view(s), val acc %.4f (%.1fs)",
             cfg.lp_epochs,
@@ -454,6 +455,7 @@ class Run:
             self.lp_val_acc,
             time.perf_counter() - t,
         )
+        return EpochOutcome(tr, va, preds, targets)
 
     # -- the run --------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -497,11 +499,14 @@ class Run:
             outputs.start(self._resolved_config(), self.history)
         writer = self._tensorboard()
         cache = self._features() if self.cached else None
+        confusion: list[list[int]] | None = None
         if cfg.mode == "finetune" and cfg.lp_epochs and self.start_epoch == 1:
-            self._linear_probe()
+            te = time.perf_counter()
+            lp = self._linear_probe()
+            if outputs is not None:
+                confusion = self._record(0, cfg.lp_lr, te, lp, writer) or confusion
         if cfg.ema_decay and not self.cached:
             self.ema = make_ema(self.model, cfg.ema_decay, self.optimizer)
-        confusion: list[list[int]] | None = None
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             te = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]

@@ -5,6 +5,7 @@ end on real images and weights; cross-validation folds partition the training im
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -197,7 +198,13 @@ def test_lp_ft_top_blocks_frozen_bn_ema_end_to_end(tmp_path: Path, hymenoptera: 
     run = Run(cfg)
     summary = run.fit()
     assert summary["lp_val_acc"] is not None and 0 <= summary["lp_val_acc"] <= 1
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in rows] == [0, 1]  # the linear probe is epoch 0
+    assert rows[0]["val_acc"] == summary["lp_val_acc"]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")  # epoch 1 (the best may be 0)
+    assert ckpt.epoch == 1
     imagenet, _ = efficientnet_lite0_state_dict(build_model("efficientnet_lite0", 1000))
     # Below the top 2 blocks nothing moved, BatchNorm statistics included.
     assert block_names(run.model)[-2:] == ["blocks.5", "blocks.6"]
