@@ -48,6 +48,22 @@ def input_data(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     return write_input_data(inputs, "antsbees", tmp_path_factory.mktemp("pa"))
 
 
+@pytest.fixture(scope="module")
+def bench_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The server make bench starts: gRPC statistics/shared memory open for perf_analyzer."""
+    from serve.bench import bench_server_options
+    from serve.triton_server import TritonServer
+
+    opts = bench_server_options(model_repo)
+    srv = TritonServer(opts, log_path=tmp_path_factory.mktemp("pa-srv") / "server.log").start()
+    yield srv
+    srv.stop()
+
+
+def _key(server) -> str:
+    return server.opts.admin_key
+
+
 def _profile(server, **kw) -> pa.Profile:
     base = {
         "model": "antsbees",
@@ -55,19 +71,25 @@ def _profile(server, **kw) -> pa.Profile:
         "measurement_interval_ms": 500,
         "max_trials": 6,
         "stability_percentage": 50,
-        "headers": auth.headers(server.admin_key) or {},
+        "headers": auth.headers(_key(server)) or {},
     }
     return pa.Profile(**{**base, **kw})
 
 
 @pytest.mark.parametrize(
-    ("protocol", "kind", "shm", "rate"),
-    [("grpc", "tensor", "system", 0.0), ("http", "raw", "none", 0.0), ("grpc", "raw", "none", 5)],
-    ids=["grpc-shm-tensor-c2", "http-raw-c2", "grpc-raw-poisson"],
+    ("fixture", "protocol", "kind", "shm", "rate"),
+    [
+        ("bench_server", "grpc", "tensor", "system", 0.0),
+        ("server", "http", "raw", "none", 0.0),  # every control API restricted: -H carries it
+        ("server", "http", "tensor", "system", 0.0),
+        ("bench_server", "grpc", "raw", "none", 10.0),
+    ],
+    ids=["grpc-shm-tensor-c2", "restricted-http-raw-c2", "restricted-http-shm-c2", "grpc-poisson"],
 )
 def test_perf_analyzer_csv_parsed_into_rows(
-    server, input_data: dict[str, Path], tmp_path: Path, protocol: str, kind: str, shm: str, rate
+    request, input_data: dict[str, Path], tmp_path: Path, fixture, protocol, kind, shm, rate
 ) -> None:
+    server = request.getfixturevalue(fixture)
     profile = _profile(
         server,
         model="antsbees" if kind == "tensor" else "antsbees_image",
@@ -90,11 +112,21 @@ def test_perf_analyzer_csv_parsed_into_rows(
         assert row.concurrency == 2 and row.request_rate is None
 
 
-def test_perf_analyzer_failure_names_the_command(server, tmp_path: Path) -> None:
-    profile = _profile(server, model="no_such_model", concurrency=1)
+def test_perf_analyzer_failure_names_the_command(bench_server, tmp_path: Path) -> None:
+    profile = _profile(bench_server, model="no_such_model", concurrency=1)
     with pytest.raises(pa.PerfAnalyzerError, match="no_such_model") as e:
         pa.run(profile, tmp_path / "out.csv")
-    assert server.admin_key not in str(e.value)  # the header value is masked
+    assert _key(bench_server) not in str(e.value)  # the header value is masked
+
+
+def test_grpc_against_the_fully_restricted_server_is_refused(
+    server, input_data: dict[str, Path], tmp_path: Path
+) -> None:
+    """Why make bench's own server opens gRPC statistics: perf_analyzer 2.51 cannot send
+    the key over gRPC (-H is HTTP only)."""
+    profile = _profile(server, concurrency=1, input_data=str(input_data["tensor"]))
+    with pytest.raises(pa.PerfAnalyzerError, match="restricted"):
+        pa.run(profile, tmp_path / "out.csv")
 
 
 def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) -> None:
@@ -109,9 +141,9 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
         "--model-repository",
         str(model_repo),
         "--concurrency",
-        "1,2",
+        "2",
         "--request-rate",
-        "5",
+        "10",
         "--protocols",
         "grpc,grpc-shm,http",
         "--inputs",
@@ -141,7 +173,7 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
         ("triton-http", "tensor"),
         ("triton-http", "raw"),
     ]:
-        assert {(backend, kind, None), (backend, kind, 5.0)} <= levels
+        assert {(backend, kind, None), (backend, kind, 10.0)} <= levels
     assert {("onnxruntime", "tensor", None), ("pytorch", "tensor", None)} <= levels
     for r in report["results"]:
         assert set(r) >= RESULT_KEYS and r["errors"] == 0 and r["throughput"] > 0
@@ -173,7 +205,7 @@ def test_tune_tiny_grid_publishes_the_winner(model_repo: Path, tmp_path: Path) -
         "--delays-us",
         "0",
         "--concurrency",
-        "1,2",
+        "2",
         "--window",
         "0.5",
         "--stability",
