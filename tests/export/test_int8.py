@@ -111,7 +111,8 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
     assert (
         stage["top1_agreement"] >= 0.99 and stage["reference_accuracy"] == report["reference_top1"]
     )
-    assert stage["accuracy_drop"] <= stage["thresholds"]["allowed_drop"] == pytest.approx(1 / 153)
+    assert stage["thresholds"]["allowed_drop"] == pytest.approx(1 / 153)  # one image
+    assert stage["accuracy_drop"] <= stage["thresholds"]["allowed_drop"] + 1e-12
     fallback = stage["fallback"]
     assert fallback["plain"]["status"] == "failed" and fallback["plain"]["top1_agreement"] < 0.99
     assert fallback["status"] == "passed" and 0 < len(fallback["excluded"]) <= fallback["max_nodes"]
