@@ -97,9 +97,15 @@ def resolve_key(url: str | None, key_file: str | None = None) -> str | None:
     return None
 
 
+GRPC_HEADER = f"triton-grpc-protocol-{HEADER}"  # the name Triton 2.51 checks over gRPC
+
+
 def headers(key: str | None) -> dict[str, str] | None:
-    """The request headers that carry ``key`` (None without a key)."""
-    return {HEADER: key} if key else None
+    """The request headers that carry ``key`` (None without a key): ``admin-key`` for
+    HTTP and ``triton-grpc-protocol-admin-key`` for gRPC (measured on Triton 2.51: its gRPC
+    frontend checks the restricted-protocol header under that prefixed name). Both are
+    sent, so one dict serves either protocol."""
+    return {HEADER: key, GRPC_HEADER: key} if key else None
 
 
 def server_flags(key: str) -> list[str]:

@@ -44,7 +44,7 @@ def test_control_plane_needs_the_admin_key(own_server, val_images, protocol):
     assert key and auth.resolve_key(url) == key  # the key file clients on this host use
     client = module.InferenceServerClient(url)
     try:
-        for headers in (None, {auth.HEADER: "wrong-" + key}):
+        for headers in (None, auth.headers("wrong-" + key)):
             for call in (
                 lambda h=headers: client.unload_model("antsbees", headers=h),
                 lambda h=headers: client.load_model("antsbees", headers=h),
@@ -61,7 +61,7 @@ def test_control_plane_needs_the_admin_key(own_server, val_images, protocol):
         with Classifier(url, "antsbees", protocol=protocol) as clf:
             np.testing.assert_array_equal(clf.logits(pixels), expected)
         # with the key: the same calls work
-        good = {auth.HEADER: key}
+        good = auth.headers(key)
         client.unload_model("antsbees_image", headers=good)
         wait_until(
             lambda: not client.is_model_ready("antsbees_image"), 60, "the ensemble to unload"
