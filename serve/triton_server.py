@@ -323,6 +323,10 @@ class TritonServer:
         return self.process.pid
 
     def start(self, timeout: float = 120.0) -> TritonServer:
+        """Start the server and wait until it is ready; a no-op while it already runs
+        (so ``with TritonServer(opts).start() as srv:`` starts one server, not two)."""
+        if self.process is not None and self.process.poll() is None:
+            return self
         install = TritonInstall.find()
         cmd = server_command(install, self.opts)
         out = None if self.inherit_output else subprocess.DEVNULL
@@ -338,7 +342,11 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()  # never leave a half-started server (or its key files) behind
+            raise
         return self
 
     @property

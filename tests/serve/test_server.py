@@ -287,3 +287,28 @@ def test_stock_image_client_contract(server, val_images: list[Path]) -> None:
         assert all(r[0].decode().split(":")[2] in ("ants", "bees") for r in result)
     finally:
         client.close()
+
+
+@pytest.mark.server
+def test_start_then_with_runs_one_server_and_cleans_up(tmp_path: Path) -> None:
+    """`with TritonServer(opts).start() as srv:` starts one server (a second start is a
+    no-op, not a second process on the same ports that leaks the first); leaving the block
+    stops it and removes its admin key files."""
+    from serve import auth
+    from serve.triton_server import ServerOptions, TritonServer
+
+    (tmp_path / "repo").mkdir()
+    opts = ServerOptions(
+        model_repository=str(tmp_path / "repo"),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    with TritonServer(opts, log_path=tmp_path / "server.log").start() as srv:
+        pid = srv.pid
+        assert srv.start() is srv and srv.pid == pid
+        key_files = [auth.key_path(u) for u in opts.urls]
+        assert all(p.is_file() for p in key_files)
+        assert srv.is_ready()
+    assert not process_alive(pid)
+    assert not any(p.exists() for p in key_files)
