@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -28,6 +28,23 @@ OFFLINE_ENV = {
 }
 
 T = TypeVar("T")
+
+
+def example_card(**overrides: Any) -> Any:
+    """A valid two-class ``ModelCard`` (ResNet-18 geometry, ImageNet mean/std) for tests
+    that need a card but no trained model; ``overrides`` go to ``ModelCard.create``."""
+    from serve.contract import ModelCard
+
+    fields: dict[str, Any] = {
+        "name": "m",
+        "arch": "resnet18",
+        "classes": ["ants", "bees"],
+        "resize": 256,
+        "crop": 224,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    return ModelCard.create(**{**fields, **overrides})
 
 
 def run_cli(

@@ -30,23 +30,10 @@ from export.triton_config import (
     set_plans,
 )
 from export.warmup import build_warmup
-from serve.contract import ModelCard
 from serve.preprocess import ResizeCrop, preprocess
-from tests.helpers import run_cli, wait_until
+from tests.helpers import example_card, run_cli, wait_until
 
 TRT_OK, TRT_WHY = tensorrt_status()
-
-
-def _card() -> ModelCard:
-    return ModelCard.create(
-        name="m",
-        arch="resnet18",
-        classes=["ants", "bees"],
-        resize=256,
-        crop=224,
-        mean=[0.485, 0.456, 0.406],
-        std=[0.229, 0.224, 0.225],
-    )
 
 
 def _roundtrip(cfg):
@@ -59,7 +46,7 @@ def _val_image(hymenoptera: Path, cls: str = "bees", index: int = 0) -> bytes:
 
 def test_warmup_files_are_in_tritons_input_data_file_format(hymenoptera: Path) -> None:
     images = [_val_image(hymenoptera, "ants"), _val_image(hymenoptera, "bees")]
-    warm = build_warmup(images, _card(), [1, 8, 32])
+    warm = build_warmup(images, example_card(), [1, 8, 32])
     # Batch 1 and each preferred size, cycling through the real images.
     assert [s.batch_size for s in warm.classifier.samples] == [1, 8, 32]
     assert [s.batch_size for s in warm.preprocess.samples] == [1, 8, 32]
@@ -73,13 +60,13 @@ def test_warmup_files_are_in_tritons_input_data_file_format(hymenoptera: Path) -
         raw = warm.preprocess.files[sample.input_data_file]
         (length,) = struct.unpack("<I", raw[:4])  # BYTES: uint32 LE length, then the bytes
         assert length == len(image) and raw[4:] == image
-    assert build_warmup([], _card(), []).classifier.files == {}
+    assert build_warmup([], example_card(), []).classifier.files == {}
     with pytest.raises(ValueError, match="at least one"):
-        build_warmup([], _card(), [1])
+        build_warmup([], example_card(), [1])
 
 
 def test_every_generated_config_parses_strictly_with_warmup(hymenoptera: Path) -> None:
-    card = _card()
+    card = example_card()
     warm = build_warmup([_val_image(hymenoptera)], card, [1, 16])
     serving = ServingConfig(preferred_batch_sizes=[16])
     assert serving.warmup_batch_sizes == [1, 16]
@@ -102,7 +89,7 @@ def test_every_generated_config_parses_strictly_with_warmup(hymenoptera: Path) -
 
 
 def test_gpu_configs_plans_per_compute_capability_and_engine_cache(hymenoptera: Path) -> None:
-    card = _card()
+    card = example_card()
     warm = build_warmup([_val_image(hymenoptera)], card, [1, 16, 64])
     serving = ServingConfig(
         max_batch_size=64, target="gpu", gpu_backend="tensorrt", preferred_batch_sizes=[16, 64]

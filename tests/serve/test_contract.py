@@ -16,18 +16,12 @@ from serve.contract import (
     preprocess_model_name,
     redact_paths,
 )
+from tests.helpers import example_card
 
 
 def _card(**kw) -> ModelCard:
-    return ModelCard.create(
-        name="antsbees",
-        arch="efficientnet_lite0",
-        classes=["ants", "bees"],
-        resize=256,
-        crop=224,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.5, 0.5, 0.5],
-        **kw,
+    return example_card(
+        name="antsbees", arch="efficientnet_lite0", mean=[0.5] * 3, std=[0.5] * 3, **kw
     )
 
 

@@ -15,29 +15,16 @@ import yaml
 
 from export.triton_config import ServingConfig, classifier_config, config_text, set_plans
 from serve import auth
-from serve.contract import ModelCard
 from serve.k8s import QUEUE_METRIC
-from tests.helpers import run_cli
+from tests.helpers import example_card, run_cli
 
 K8S_VERSION = "1.31.0"  # the schema version validated against (bundled by the package)
 CORE_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "Secret"}
 
 
-def _card() -> ModelCard:
-    return ModelCard.create(
-        name="m",
-        arch="resnet18",
-        classes=["ants", "bees"],
-        resize=256,
-        crop=224,
-        mean=[0.485, 0.456, 0.406],
-        std=[0.229, 0.224, 0.225],
-    )
-
-
 def _repo(root: Path, serving: ServingConfig, plans: dict[str, dict] | None = None) -> Path:
     """A repository holding the project's real generated classifier config."""
-    cfg = classifier_config("antsbees", _card(), serving)
+    cfg = classifier_config("antsbees", example_card(), serving)
     if plans:
         set_plans(cfg, {cc: f"model.sm{cc.replace('.', '')}.plan" for cc in plans})
     (root / "antsbees" / "1").mkdir(parents=True)
