@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from serve.files import atomic_write_json
 from train.data import Preprocess, image_folder
 from train.models import build_model
 from train.pretrained import OFFLINE_MEAN, OFFLINE_STD, efficientnet_lite0_state_dict
+from train.select import stratified_indices
 
 log = logging.getLogger(__name__)
 ANT_BEE = [310, 309]  # ImageNet "ant", "bee" in class order (ants, bees)
@@ -101,17 +101,6 @@ def accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
         return (head(x).argmax(1) == y).float().mean().item()
 
 
-def folds(y: list[int], k: int, seed: int) -> list[list[int]]:
-    """Stratified: each class shuffled with ``seed`` and dealt round-robin."""
-    rng, out = random.Random(seed), [[] for _ in range(k)]
-    for c in sorted(set(y)):
-        idx = [i for i, t in enumerate(y) if t == c]
-        rng.shuffle(idx)
-        for j, i in enumerate(idx):
-            out[j % k].append(i)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Compute features, score every candidate, write JSON + PNG, print the table."""
     from train.cli import default_data
@@ -130,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, c in CANDIDATES.items():
         accs = []
         for seed in a.seeds:
-            split = folds(y, a.folds, seed)
+            split = stratified_indices(y, a.folds, seed)
             for k in range(a.folds):
                 train = [i for j, part in enumerate(split) if j != k for i in part]
                 head = train_head(f, train, seed=seed, **c)

@@ -50,22 +50,39 @@ class Candidate:
         return cls(parts[0], parts[1], parse_sets(parts[2:]))
 
 
-def stratified_folds(root: Path, k: int, seed: int = 0) -> list[dict[str, list[Path]]]:
-    """``k`` folds of ``root/train``: per fold, class -> held-out image paths (shuffled with
-    ``seed``, dealt round-robin per class so every fold keeps the class balance)."""
+def stratified_indices(labels: list[int], k: int, seed: int = 0) -> list[list[int]]:
+    """``k`` stratified folds of ``labels``' indices: each class (in sorted order) shuffled
+    with one ``random.Random(seed)`` and dealt round-robin, so every fold keeps the class
+    balance."""
     if k < 2:
         raise ValueError(f"folds must be >= 2, got {k}")
+    rng, out = random.Random(seed), [[] for _ in range(k)]
+    for c in sorted(set(labels)):
+        idx = [i for i, t in enumerate(labels) if t == c]
+        rng.shuffle(idx)
+        for j, i in enumerate(idx):
+            out[j % k].append(i)
+    return out
+
+
+def stratified_folds(root: Path, k: int, seed: int = 0) -> list[dict[str, list[Path]]]:
+    """``k`` folds of ``root/train``: per fold, class -> held-out image paths
+    (:func:`stratified_indices` over the files in sorted order)."""
     train = root / "train"
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{train} has no class folders")
+    files = [
+        (c, f)
+        for c in classes
+        for f in sorted(p for p in (train / c).iterdir() if is_image_file(p.name))
+    ]
     folds: list[dict[str, list[Path]]] = [{c: [] for c in classes} for _ in range(k)]
-    rng = random.Random(seed)
-    for c in classes:
-        files = sorted(p for p in (train / c).iterdir() if is_image_file(p.name))
-        rng.shuffle(files)
-        for i, f in enumerate(files):
-            folds[i % k][c].append(f)
+    labels = [classes.index(c) for c, _ in files]
+    for i, part in enumerate(stratified_indices(labels, k, seed)):
+        for j in part:
+            c, f = files[j]
+            folds[i][c].append(f)
     return folds
 
 
