@@ -13,6 +13,7 @@ import argparse
 import logging
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from export.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
 from serve import bench as serve_bench
@@ -42,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
         default="",
-        help="TensorRT engine for the bare-engine baseline (default: the version's model.plan)",
+        help="TensorRT engine for the bare-engine baseline (default: the version's plan for "
+        "this GPU)",
     )
 
 
@@ -66,29 +68,29 @@ def onnx_baselines(given: list[str] | None, run_dir: Path, version_dir: Path) ->
     return [p for p in candidates if p.is_file() and sha256(p) != served_sha]
 
 
+def engine_baseline(args: argparse.Namespace, version_dir: Path, pixels: Any) -> Any:
+    """The bare-engine row for ``--engine`` or the version's plan that runs on this GPU
+    (``model.sm<cc>.plan`` per compute capability, ``model.plan`` hardware-compatible);
+    else the reasons, recorded as skipped."""
+    plans = [Path(args.engine)] if args.engine else sorted(version_dir.glob("model*.plan"))
+    if not plans:
+        return f"no TensorRT engine in {version_dir} (a CPU repository has none)"
+    reasons = []
+    for plan in plans:
+        row = tensorrt_baseline(plan, pixels, args.batch, args.window, args.max_seconds)
+        if not isinstance(row, str):
+            return row
+        reasons.append(row)
+    return "; ".join(reasons)
+
+
 def run(args: argparse.Namespace) -> int:
     """Baselines + the Triton sweep, written as bench/<model>-latest.json/.png."""
     ckpt_path = Path(args.checkpoint or f"runs/{args.model}/checkpoint.pt")
     ckpt = load_checkpoint(ckpt_path)
     data = args.data or str(Path(ckpt.config.get("data", "")) / "val")
-    repo = Path(args.model_repository)
-    inputs = serve_bench.bench_inputs(repo, args.model, data, max(args.batch, 16))
     gemm = {"onnxruntime": gemm_gflops_onnxruntime(), "torch": gemm_gflops_torch()}
-    report = serve_bench.new_report(args, inputs, gemm)
-    peak = report["machine"]["peak_gflops_fp32"]
-    log.info("machine: %s", report["machine"])
-    ort = serve_bench.onnxruntime_baseline(
-        inputs.version_dir / "model.onnx",
-        inputs.pixels,
-        args.batch,
-        args.window,
-        args.max_seconds,
-        inputs.card.precision,
-    )
-    if inputs.card.gflop_per_image:
-        ort.server = {"efficiency_of_peak": ort.throughput * inputs.card.gflop_per_image / peak}
-    report["results"].append(asdict(ort))
-    log.info("onnxruntime in-process: %.1f img/s", ort.throughput)
+    inputs, report, ort = serve_bench.baseline_report(args, data, gemm)
     for path in onnx_baselines(args.onnx_baselines, ckpt_path.parent, inputs.version_dir):
         row = serve_bench.onnxruntime_baseline(
             path, inputs.pixels, args.batch, args.window, args.max_seconds, precision_of(path)
@@ -100,16 +102,14 @@ def run(args: argparse.Namespace) -> int:
     pt.ratio_to_onnxruntime = pt.throughput / ort.throughput
     report["results"].append(asdict(pt))
     log.info("pytorch eager in-process: %.1f img/s", pt.throughput)
-    plan = Path(args.engine) if args.engine else inputs.version_dir / "model.plan"
-    engine = tensorrt_baseline(plan, inputs.pixels, args.batch, args.window, args.max_seconds)
+    engine = engine_baseline(args, inputs.version_dir, inputs.pixels)
     if isinstance(engine, str):
         report["skipped"]["tensorrt"] = engine
     else:
         report["results"].append(asdict(engine))
-    with serve_bench.server_context(args, repo, Path(args.out)) as srv:
-        for lv in serve_bench.triton_levels(srv, args, inputs, ort, report["skipped"]):
-            lv.ratio_to_pytorch = lv.throughput / pt.throughput
-            report["results"].append(asdict(lv))
+    for lv in serve_bench.sweep(args, inputs, ort, report):
+        lv.ratio_to_pytorch = lv.throughput / pt.throughput
+        report["results"].append(asdict(lv))
     paths = write_report(report, Path(args.out), args.model)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from export.triton_config import config_text, parse_config, signature
 from serve import auth
 from serve import perf_analyzer as pa
-from serve.bench import bench_inputs, bench_server_options, control_headers, write_input_data
+from serve.bench import bench_inputs, bench_server_options, write_input_data
 from serve.contract import image_model_name, preprocess_model_name
 from serve.files import atomic_write_json, atomic_write_text, latest_version, locked
 
@@ -178,7 +178,7 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
     opts = bench_server_options(scratch, [args.model])
     facts = {"version": int(inputs.version_dir.name), "precision": inputs.card.precision}
     with TritonServer(opts, log_path=work / "tune-server.log") as srv:
-        headers = control_headers(opts.admin_key)
+        headers = auth.headers(opts.admin_key) or {}
         client = grpcclient.InferenceServerClient(srv.grpc_url)
         try:
             for trial in tqdm(trials, desc="configs", unit="config"):

@@ -126,25 +126,10 @@ class ExternalServer:
         return None
 
 
-# perf_analyzer 2.51 sends its -H headers over HTTP only ("ignored for GRPC requests"), yet
-# it calls the statistics API (and registers shared memory) on the protocol it drives.
-# The benchmark's own server therefore leaves those two open on gRPC; loading models,
-# tracing and logging stay behind the admin key there, and HTTP keeps every restriction.
-GRPC_OPEN_FOR_PERF_ANALYZER = ("statistics", "shared-memory")
-
-
-def restricted_flags(key: str) -> list[str]:
-    """tritonserver flags: every control API behind ``key`` on HTTP, all but
-    :data:`GRPC_OPEN_FOR_PERF_ANALYZER` on gRPC."""
-    grpc = [a for a in auth.RESTRICTED if a not in GRPC_OPEN_FOR_PERF_ANALYZER]
-    return [
-        f"--http-restricted-api={','.join(auth.RESTRICTED)}:{auth.HEADER}={key}",
-        f"--grpc-restricted-protocol={','.join(grpc)}:{auth.HEADER}={key}",
-    ]
-
-
 def bench_server_options(repo: Path, load_models: list[str] | None = None) -> Any:
-    """Options of a private bundled server (free loopback ports) perf_analyzer can drive."""
+    """Options of a private bundled server on free loopback ports, with the control plane
+    locked as under ``serve run`` (perf_analyzer sends the key with ``-H``, under both the
+    HTTP and the gRPC header name: :func:`serve.auth.headers`)."""
     from serve.triton_server import ServerOptions, free_port
 
     key = auth.new_key()
@@ -154,18 +139,8 @@ def bench_server_options(repo: Path, load_models: list[str] | None = None) -> An
         grpc_port=free_port(),
         metrics_port=free_port(),
         load_models=load_models or ["*"],
-        restricted=False,  # the restriction is ``restricted_flags`` (loopback only)
         admin_key=key,
-        extra_args=restricted_flags(key),
     )
-
-
-def control_headers(key: str | None) -> dict[str, str]:
-    """Headers carrying ``key`` on both protocols: Triton 2.51 checks a restricted gRPC
-    protocol's header as ``triton-grpc-protocol-<name>`` (HTTP: ``<name>``)."""
-    if not key:
-        return {}
-    return {auth.HEADER: key, f"triton-grpc-protocol-{auth.HEADER}": key}
 
 
 def admin_key(srv: Any) -> str | None:
@@ -176,7 +151,7 @@ def admin_key(srv: Any) -> str | None:
 
 def server_context(args: argparse.Namespace, repo: Path, log_dir: Path) -> Any:
     """The bundled tritonserver on free loopback ports, or ``--grpc-url``'s server (its
-    gRPC must leave statistics and shared memory open, see above, or bench HTTP only)."""
+    admin key from ``$TRAINSERVE_ADMIN_KEY`` or the key file ``serve run`` wrote)."""
     if args.grpc_url:
         return ExternalServer(args.grpc_url, args.http_url)
     from serve.triton_server import TritonServer
@@ -237,7 +212,7 @@ def triton_levels(
     model, batch = args.model, args.batch
     settings = PaSettings.from_args(args)
     key = admin_key(srv)
-    headers = control_headers(key)
+    headers = auth.headers(key) or {}
     work = Path(args.out) / ".perf_analyzer"
     data = write_input_data(inputs, model, work)
     stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
@@ -356,14 +331,15 @@ def new_report(args: argparse.Namespace, inputs: BenchInputs, gemm: dict[str, fl
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The Triton sweep with the ONNX Runtime in-process baseline; returns the report."""
-    repo = Path(args.model_repository)
-    inputs = bench_inputs(repo, args.model, args.data, max(args.batch, 16))
-    gemm = {"onnxruntime": gemm_gflops_onnxruntime()}
+def baseline_report(
+    args: argparse.Namespace, data: str, gemm: dict[str, float]
+) -> tuple[BenchInputs, dict[str, Any], Level]:
+    """The inputs, a new report and its first row: in-process ONNX Runtime on the served
+    ``model.onnx`` (every Triton figure is a ratio to it), with its share of the GEMM peak."""
+    inputs = bench_inputs(Path(args.model_repository), args.model, data, max(args.batch, 16))
     report = new_report(args, inputs, gemm)
     log.info("machine: %s", report["machine"])
-    baseline = onnxruntime_baseline(
+    ort = onnxruntime_baseline(
         inputs.version_dir / "model.onnx",
         inputs.pixels,
         args.batch,
@@ -371,10 +347,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.max_seconds,
         inputs.card.precision,
     )
-    report["results"].append(asdict(baseline))
+    peak = report["machine"].get("peak_gflops_fp32")
+    if inputs.card.gflop_per_image and peak:
+        ort.server = {"efficiency_of_peak": ort.throughput * inputs.card.gflop_per_image / peak}
+    report["results"].append(asdict(ort))
+    log.info("onnxruntime in-process: %.1f img/s", ort.throughput)
+    return inputs, report, ort
+
+
+def sweep(
+    args: argparse.Namespace, inputs: BenchInputs, ort: Level, report: dict[str, Any]
+) -> list[Level]:
+    """The Triton rows (perf_analyzer) on a server of the bench's own."""
+    repo = Path(args.model_repository)
     with server_context(args, repo, Path(args.out)) as srv:
-        levels = triton_levels(srv, args, inputs, baseline, report["skipped"])
-        report["results"] += [asdict(lv) for lv in levels]
+        return triton_levels(srv, args, inputs, ort, report["skipped"])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The Triton sweep with the ONNX Runtime in-process baseline; returns the report."""
+    inputs, report, ort = baseline_report(
+        args, args.data, {"onnxruntime": gemm_gflops_onnxruntime()}
+    )
+    report["results"] += [asdict(lv) for lv in sweep(args, inputs, ort, report)]
     return report
 
 

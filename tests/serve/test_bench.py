@@ -50,7 +50,7 @@ def input_data(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 @pytest.fixture(scope="module")
 def bench_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The server make bench starts: gRPC statistics/shared memory open for perf_analyzer."""
+    """The server make bench starts (control plane locked, as under serve run)."""
     from serve.bench import bench_server_options
     from serve.triton_server import TritonServer
 
@@ -119,14 +119,19 @@ def test_perf_analyzer_failure_names_the_command(bench_server, tmp_path: Path) -
     assert _key(bench_server) not in str(e.value)  # the header value is masked
 
 
-def test_grpc_against_the_fully_restricted_server_is_refused(
+def test_grpc_on_the_restricted_server_needs_the_key(
     server, input_data: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Why make bench's own server opens gRPC statistics: perf_analyzer 2.51 cannot send
-    the key over gRPC (-H is HTTP only)."""
-    profile = _profile(server, concurrency=1, input_data=str(input_data["tensor"]))
+    """perf_analyzer over gRPC registers shared memory and reads statistics, both behind
+    the admin key: without it the run is refused; with ``-H`` carrying the key under the
+    gRPC header name (``triton-grpc-protocol-admin-key``) it measures."""
+    kw = {"concurrency": 1, "shared_memory": "system", "input_data": str(input_data["tensor"])}
     with pytest.raises(pa.PerfAnalyzerError, match="restricted"):
-        pa.run(profile, tmp_path / "out.csv")
+        pa.run(_profile(server, headers={}, **kw), tmp_path / "out.csv")
+    with pytest.raises(pa.PerfAnalyzerError, match="restricted"):  # the HTTP name only
+        pa.run(_profile(server, headers={auth.HEADER: _key(server)}, **kw), tmp_path / "o.csv")
+    (row,) = pa.run(_profile(server, **kw), tmp_path / "ok.csv").rows
+    assert row.throughput > 0 and row.server_compute_ms > 0
 
 
 def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) -> None:
