@@ -81,10 +81,15 @@ def export_int8(run: ExportRun) -> None:
     cal = pc.calibration
     data = pc.calibration_data or run.ckpt.config.get("data", "") or run.data
     if Path(str(data)).suffix == ".npz" and Path(str(data)).resolve() == Path(run.data).resolve():
-        raise ValueError(
+        why = (
             f"INT8 calibration would use {data}, the file the gate judges: pass "
             "--calibration-data with the training images"
         )
+        if pc.precision == "int8":
+            raise ValueError(why)
+        run.int8_skipped = why  # INT8 is only reported here: the FP32 export goes on
+        log.warning("INT8 stage skipped: %s", why)
+        return
     pixels = load_pixels(run.ckpt, data, cal.split, cal.batch_size, run.cfg.workers, cal.count)
     prepared = preprocess_for_quantization(run.onnx_path, run.out_dir / "model_prepared.onnx")
     cache = run.out_dir / "int8_calibration.json"
@@ -106,6 +111,9 @@ def check_int8(run: ExportRun) -> None:
     assert run.pixels is not None and run.reference is not None
     if not run.cfg.precision.int8:
         run.skip(INT8_STAGE, "pytorch-fp32", "disabled (--no-int8-stage)")
+        return
+    if run.int8_skipped:
+        run.skip(INT8_STAGE, "pytorch-fp32", run.int8_skipped)
         return
     run.int8_logits = onnxruntime_logits(run.int8_path, run.pixels)
     run.compare_reduced(INT8_STAGE, run.int8_logits)

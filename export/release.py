@@ -123,6 +123,7 @@ class ExportRun:
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     int8_logits: np.ndarray | None = None
     int8_details: dict[str, Any] = field(default_factory=dict)
+    int8_skipped: str = ""  # why no INT8 model was built (an advisory stage left out)
 
     @property
     def onnx_path(self) -> Path:
@@ -366,7 +367,7 @@ def write_reports(run: ExportRun) -> None:
         "checkpoint_sha256": run.card.provenance.checkpoint_sha256,
         "onnx": str(run.onnx_path),
         "onnx_fp16": str(run.fp16_path),
-        "onnx_int8": str(run.int8_path) if cfg.precision.int8 else None,
+        "onnx_int8": str(run.int8_path) if cfg.precision.int8 and not run.int8_skipped else None,
         "precision": cfg.precision.precision,
         "gates": {
             "fp32": dataclasses.asdict(run.fp32_gate),

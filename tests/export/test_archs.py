@@ -97,6 +97,9 @@ def test_every_arch_exports_and_passes_parity(
     )
     stage = report["stages"][0]
     assert stage["status"] == "passed", stage
+    if not imagenet:  # an .npz holds only the judged images: no INT8 calibration set
+        (int8,) = [s for s in report["stages"] if s["name"] == "onnxruntime-int8"]
+        assert int8["status"] == "skipped" and "--calibration-data" in int8["reason"]
     assert stage["top1_agreement"] == 1.0 and stage["max_abs"] <= 1e-3
     cfg = parse_config((tmp_path / "repo" / f"p_{arch}" / "config.pbtxt").read_text())
     assert list(cfg.input[0].dims) == [3, spec.crop, spec.crop]
