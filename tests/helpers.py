@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 HYMENOPTERA = Path(os.environ.get("TEST_DATA", SHARED / "hymenoptera_data"))
@@ -64,15 +66,15 @@ def run_cli(
 
 
 def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll ``condition`` until it returns something truthy (returned) or ``timeout``
-    seconds pass (AssertionError naming ``what``). Exceptions count as "not yet"; the
-    last one is reported."""
+    """Poll ``condition`` until it returns something truthy or an array (returned) or
+    ``timeout`` seconds pass (AssertionError naming ``what``). Exceptions count as "not
+    yet"; the last one is reported."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None
     while True:
         try:
             value = condition()
-            if value:
+            if isinstance(value, np.ndarray) or value:
                 return value
         except Exception as e:  # noqa: BLE001 - not yet
             last = e

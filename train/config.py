@@ -6,11 +6,14 @@ The resolved config is saved with the run (``config.yaml``) and in every checkpo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 MODES = ("finetune", "feature-extract")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -195,7 +198,17 @@ def resolve_config(
     if recipe:
         values.update(load_recipe(recipe))
         values["recipe"] = str(recipe)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if (
+        values.get("head_init")
+        and "head_init" not in given
+        and given.get("pretrained", "auto") not in ("auto", "imagenet")
+    ):
+        # the recipe's ImageNet head rows only make sense on ImageNet weights: a flag that
+        # swaps the weights (pretrained none / a file) drops them; an explicit one still errors
+        log.info("pretrained=%s: not using the recipe's head_init", given["pretrained"])
+        values["head_init"] = []
+    values.update(given)
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
     return cfg

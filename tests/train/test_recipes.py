@@ -170,6 +170,10 @@ def test_head_init_copies_the_imagenet_rows_of_the_classes() -> None:
         init_head_from_imagenet(model, "efficientnet_lite0", [310])
     with pytest.raises(ValueError, match="head_init needs ImageNet weights"):
         TrainConfig(head_init=[310, 309], pretrained="none").validate()
+    # a flag that swaps the weights drops the recipe's ImageNet rows; an explicit one errors
+    assert resolve_config("antsbees_finetune", {"pretrained": "none"}).head_init == []
+    with pytest.raises(ValueError, match="head_init needs ImageNet weights"):
+        resolve_config("antsbees_finetune", {"pretrained": "none", "head_init": [1, 2]})
 
 
 @pytest.mark.slow
