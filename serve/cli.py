@@ -373,7 +373,11 @@ def _manifests_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="deploy/k8s", help="folder for triton.yaml and secret.yaml")
     p.add_argument("--name", default=d["name"].default)
     p.add_argument("--namespace", default=d["namespace"].default)
-    p.add_argument("--image", default=DEFAULT_IMAGE, help="Triton image (NGC 24.10 = Triton 2.51)")
+    p.add_argument(
+        "--image",
+        default=DEFAULT_IMAGE,
+        help="Triton image (default 25.07 = Triton 2.59.1, the first with the 2025 CVE fixes)",
+    )
     p.add_argument("--replicas", type=int, default=d["replicas"].default)
     p.add_argument("--min-replicas", type=int, default=d["min_replicas"].default)
     p.add_argument("--max-replicas", type=int, default=d["max_replicas"].default)

@@ -129,9 +129,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="antsbees")
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--data", required=True, help="ImageFolder split with images to send (.../val)")
-    p.add_argument("--seconds", type=float, default=300)
+    p.add_argument("--seconds", type=float, default=300, help="per allocator")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-rss-growth-mib", type=float, default=128.0)
+    p.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="both",
+        help="tritonserver's malloc: jemalloc (LD_PRELOAD), glibc, or both one after the "
+        "other to compare their RSS growth (default; glibc only when jemalloc is missing)",
+    )
     p.add_argument(
         "--shared-memory",
         action=argparse.BooleanOptionalAction,
@@ -147,48 +154,104 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench")
 
 
+ALLOCATORS = ("both", "jemalloc", "glibc")
+
+
+def allocators_to_run(choice: str) -> list[str]:
+    """The allocators a soak runs, jemalloc first; ``both`` without jemalloc installed
+    runs glibc alone and says so. Asking for jemalloc without it is an error."""
+    from serve.triton_server import find_jemalloc
+
+    if choice == "both":
+        if find_jemalloc() is None:
+            print("soak: libjemalloc.so.2 not installed (apt-get install libjemalloc2): glibc only")
+            return ["glibc"]
+        return ["jemalloc", "glibc"]
+    if choice == "jemalloc" and find_jemalloc() is None:
+        raise ValueError("--allocator jemalloc: libjemalloc.so.2 is not installed (libjemalloc2)")
+    return [choice]
+
+
+def plot_rss(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """RSS of tritonserver + stubs over the run, one line per allocator."""
+    from serve.plots import plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, r in results.items():
+        series = r["rss_series_mib"]
+        ax.plot([s for s, _ in series], [m for _, m in series], label=(
+            f"{name}: growth {r['rss_growth_mib']:.1f} MiB after {r['warmup_seconds']:.0f} s, "
+            f"{r['requests_per_s']:.0f} req/s"
+        ))  # fmt: skip
+        ax.axvline(r["warmup_seconds"], color="grey", lw=0.5, ls="--")
+    ax.set(xlabel="seconds", ylabel="RSS MiB (tritonserver + stubs)", title="soak: server memory")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(a: argparse.Namespace) -> int:
-    """``python -m serve soak``."""
+    """``python -m serve soak``: one soak per allocator, each on its own fresh server."""
     from serve.triton_server import ServerOptions, TritonServer, free_port
 
     repo = Path(a.model_repository)
     inputs = bench_inputs(repo, a.model, a.data, 32)
-    pixels, raw = inputs.pixels, inputs.raw
-    opts = ServerOptions(
-        model_repository=str(repo),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    with TritonServer(opts, log_path=out / "soak-server.log") as srv:
-        result = run_soak(
-            srv.pid,
-            srv.grpc_url,
-            srv.http_url,
-            a.model,
-            pixels,
-            raw,
-            a.seconds,
-            a.concurrency,
-            warmup=a.warmup,
-            shared_memory=a.shared_memory,
+    results: dict[str, dict[str, Any]] = {}
+    for allocator in allocators_to_run(a.allocator):
+        opts = ServerOptions(
+            model_repository=str(repo),
+            http_port=free_port(),
+            grpc_port=free_port(),
+            metrics_port=free_port(),
+            jemalloc=allocator == "jemalloc",
         )
-        result["server_ready_after"] = srv.is_ready()
-    result["passed"] = (
-        result["failed"] == 0
-        and result["server_ready_after"]
-        and result["rss_growth_mib"] <= a.max_rss_growth_mib
-    )
-    result["max_rss_growth_mib"] = a.max_rss_growth_mib
-    atomic_write_json(out / "soak-latest.json", result)
-    print(
-        f"soak {a.seconds:.0f}s x{a.concurrency}: {result['ok']} ok, {result['failed']} "
-        f"failed, {result['requests_per_s']:.1f} req/s; RSS {result['rss_mib_start']:.0f} -> "
-        f"max {result['rss_mib_max']:.0f} MiB after {result['warmup_seconds']:.0f} s warm-up "
-        f"(growth {result['rss_growth_mib']:.1f}, bound {a.max_rss_growth_mib:.0f}; "
-        f"{result['rss_growth_after_10s_mib']:.1f} counted from 10 s): "
-        f"{'PASSED' if result['passed'] else 'FAILED'}"
-    )
-    return 0 if result["passed"] else 1
+        with TritonServer(opts, log_path=out / f"soak-server-{allocator}.log") as srv:
+            r = run_soak(
+                srv.pid,
+                srv.grpc_url,
+                srv.http_url,
+                a.model,
+                inputs.pixels,
+                inputs.raw,
+                a.seconds,
+                a.concurrency,
+                warmup=a.warmup,
+                shared_memory=a.shared_memory,
+            )
+            r["server_ready_after"] = srv.is_ready()
+        r["passed"] = (
+            r["failed"] == 0
+            and r["server_ready_after"]
+            and r["rss_growth_mib"] <= a.max_rss_growth_mib
+        )
+        results[allocator] = r
+        print(
+            f"soak [{allocator}] {a.seconds:.0f}s x{a.concurrency}: {r['ok']} ok, {r['failed']} "
+            f"failed, {r['requests_per_s']:.1f} req/s; RSS {r['rss_mib_start']:.0f} -> "
+            f"max {r['rss_mib_max']:.0f} MiB after {r['warmup_seconds']:.0f} s warm-up "
+            f"(growth {r['rss_growth_mib']:.1f}, bound {a.max_rss_growth_mib:.0f}; "
+            f"{r['rss_growth_after_10s_mib']:.1f} counted from 10 s): "
+            f"{'PASSED' if r['passed'] else 'FAILED'}"
+        )
+    # the top level is the allocator serve run uses by default (jemalloc when installed)
+    report = {
+        **next(iter(results.values())),
+        "allocator": next(iter(results)),
+        "by_allocator": results,
+        "max_rss_growth_mib": a.max_rss_growth_mib,
+        "passed": all(r["passed"] for r in results.values()),
+    }
+    atomic_write_json(out / "soak-latest.json", report)
+    plot_rss(results, out / "soak-latest.png")
+    if len(results) == 2:
+        j, g = results["jemalloc"], results["glibc"]
+        print(
+            f"soak: RSS growth jemalloc {j['rss_growth_mib']:.1f} MiB vs glibc "
+            f"{g['rss_growth_mib']:.1f} MiB; "
+            f"peak {j['rss_mib_max']:.0f} vs {g['rss_mib_max']:.0f} MiB"
+        )
+    print(f"soak: {out / 'soak-latest.json'}, {out / 'soak-latest.png'}")
+    return 0 if report["passed"] else 1
