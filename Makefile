@@ -38,10 +38,10 @@ MODEL_STORE ?=
 K8S_OUT ?= deploy/k8s
 NAMESPACE ?= default
 
-.PHONY: help setup lock data train export serve test test-fast lint format clean bench-train bench tune soak deploy-manifests
+.PHONY: help setup lock data train export serve test test-all test-fast lint format clean bench-train bench tune soak deploy-manifests
 
 help:
-	@echo "make setup | train | export | serve | test | test-fast | bench | tune | bench-train | soak | deploy-manifests | data | lint | clean"
+	@echo "make setup | train | export | serve | test | test-all | test-fast | bench | tune | bench-train | soak | deploy-manifests | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
 	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) PRECISION=$(PRECISION) (fp32|fp16|int8) DEPLOY=HOST:GRPC_PORT"
@@ -124,7 +124,12 @@ serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \
 		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --watchdog $(WATCHDOG)
 
+# What CI runs: every behaviour, with per-architecture repetitions on representative
+# architectures (the marker `exhaustive` holds the rest: `make test-all`).
 test: $(STAMP)
+	$(PY) -m pytest -m "not exhaustive" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The subset that needs no server and no training (well under 2 minutes).

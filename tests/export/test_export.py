@@ -138,9 +138,9 @@ def test_export_publishes_next_version_and_gate_refuses(
         str(repo),
         "--out-dir",
         str(tmp_path / "out"),
-        # The FP32 gate is what this test is about; keep the other stages short.
-        "--fp16-limit",
-        "16",
+        # The FP32 gate is what this test is about; the reduced-precision stages are not.
+        "--no-fp16-stages",
+        "--no-int8-stage",
         "--no-triton-parity",
     ]
     run_cli(*common)

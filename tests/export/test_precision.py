@@ -215,6 +215,7 @@ def test_export_gpu_onnxruntime_target_here(trained_run: Path, tmp_path: Path) -
         "16",
         "--fp16-tolerance",
         "0.05",
+        "--no-int8-stage",  # a CPU-only advisory stage; test_int8 covers it
     )
     assert "published antsbees version 1 (gpu-onnxruntime)" in proc.stderr
     cfg = parse_config((repo / "antsbees" / "config.pbtxt").read_text())
@@ -241,6 +242,7 @@ def test_export_gpu_onnxruntime_target_here(trained_run: Path, tmp_path: Path) -
         "16",
         "--fp16-limit",
         "8",
+        "--no-int8-stage",
         "--no-triton-parity",
         check=False,
     )

@@ -279,6 +279,7 @@ def test_publish_while_serving_then_rollback(model_repo, trained_run, hymenopter
                 str(tmp_path / "out"),
                 "--fp16-limit",
                 "8",
+                "--no-int8-stage",  # publishing under traffic is the point, not INT8
                 "--no-triton-parity",
                 "--deploy",
                 srv.grpc_url,
@@ -345,6 +346,7 @@ def test_publishing_is_atomic_for_a_polling_reader(model_repo, trained_run, tmp_
             "16",
             "--fp16-limit",
             "8",
+            "--no-int8-stage",
             "--no-triton-parity",
         )
     finally:

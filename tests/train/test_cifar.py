@@ -60,6 +60,7 @@ def test_pretrained_resnet20_cli_reproduces_reference(cifar: Path) -> None:
     assert match and abs(float(match.group(1)) - REFERENCE_TOP1["resnet20"]) <= 0.05
 
 
+@pytest.mark.exhaustive  # ~1 min each on 10,000 images here; resnet20's CLI test stays in make test
 @pytest.mark.parametrize("arch", ["resnet32", "resnet44", "resnet56"])
 def test_pretrained_cifar_resnets_reproduce_reference(cifar: Path, arch: str) -> None:
     result = evaluate_weights(_weights(arch), arch, TEST_NPZ, verbose=False, workers=0)
@@ -110,7 +111,17 @@ def test_npz_and_imagefolder_sources(cifar: Path, hymenoptera: Path) -> None:
         dataset_split(cifar, "train", None, kind="cifar100")
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+# `make test`: one of each family/kind; the other depths are `make test-all` (exhaustive)
+TRAIN_REPRESENTATIVE = ("resnet20", "vgg11", "alexnet", "resnet18_cifar", "efficientnet_lite0")
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=() if a in TRAIN_REPRESENTATIVE else pytest.mark.exhaustive)
+        for a in ARCHS
+    ],
+)
 def test_every_arch_trains_resumes_and_evaluates(
     arch: str, tmp_path: Path, cifar: Path, hymenoptera: Path
 ) -> None:
