@@ -105,7 +105,12 @@ def _precision_args(p: argparse.ArgumentParser) -> None:
         default="",
         help="INT8: dataset whose train split calibrates (default: the checkpoint's data)",
     )
-    g.add_argument("--no-int8-stage", dest="int8_stage", action="store_false", help="skip INT8")
+    g.add_argument(
+        "--no-int8-stage",
+        dest="int8_stage",
+        action="store_false",
+        help="skip the advisory INT8 stage (quantize + check, ~15 s here; PRECISION=int8 needs it)",
+    )
     g.add_argument(
         "--no-precision-fallback",
         dest="precision_fallback",
