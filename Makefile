@@ -110,7 +110,8 @@ tune: $(STAMP)
 	$(PY) -m export.tune --model $(MODEL) --model-repository $(REPO) --out bench \
 		--data $(or $(DATA),$(call recipe_get,data))/val --publish $(TUNE_ARGS)
 
-# 5 minutes at concurrency 16, mixed protocols and inputs: 0 failures, bounded RSS growth.
+# Concurrency 16, mixed protocols and inputs, once with jemalloc and once with glibc malloc
+# (5 minutes each): 0 failures, bounded RSS growth, both growths in bench/soak-latest.{json,png}.
 soak: $(STAMP)
 	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench \
 		--data $(or $(DATA),$(call recipe_get,data))/val $(SOAK_ARGS)
