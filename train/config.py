@@ -110,7 +110,14 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "step_size"):
+        # LP-FT with epochs 0 is the linear probe alone (the head on cached features).
+        lp_only = self.mode == "finetune" and self.lp_epochs > 0
+        if self.epochs < (0 if lp_only else 1):
+            raise ValueError(
+                f"epochs must be >= 1 (0 only for mode finetune with lp_epochs > 0, the "
+                f"linear probe alone), got {self.epochs}"
+            )
+        for name in ("batch_size", "step_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("resize", "crop"):

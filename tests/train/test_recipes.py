@@ -150,6 +150,11 @@ def test_new_fields_are_validated() -> None:
         TrainConfig(rrc_scale=[0.5, 0.2]).validate()
     with pytest.raises(ValueError, match="lp_epochs"):
         TrainConfig(lp_epochs=-1).validate()
+    # epochs 0 means "the linear probe alone", so it needs one
+    TrainConfig(mode="finetune", lp_epochs=5, epochs=0).validate()
+    for bad in ({"mode": "finetune", "lp_epochs": 0}, {"mode": "feature-extract", "lp_epochs": 5}):
+        with pytest.raises(ValueError, match="epochs must be >= 1"):
+            TrainConfig(epochs=0, **bad).validate()
     cfg = config_from_args(["--set", "ema_decay=0.9", "--set", "rrc_scale=[0.3, 1.0]"])
     assert (cfg.ema_decay, cfg.rrc_scale) == (0.9, [0.3, 1.0])
     with pytest.raises(ValueError, match="unknown config keys: ema"):
@@ -229,6 +234,40 @@ def test_lp_ft_top_blocks_frozen_bn_ema_end_to_end(tmp_path: Path, hymenoptera: 
         "rrc_scale": cfg.rrc_scale,
         "auto_augment": "trivialaugment",
     }
+
+
+@pytest.mark.slow
+def test_linear_probe_alone_with_epochs_0(tmp_path: Path, hymenoptera: Path) -> None:
+    """``epochs: 0`` in an LP-FT recipe trains the head on cached features and stops: the
+    checkpoint is epoch 0's, the backbone is the ImageNet one, the head moved."""
+    cfg = resolve_config(
+        "antsbees_finetune",
+        {
+            "data": str(hymenoptera),
+            "out": str(tmp_path / "run"),
+            "arch": "efficientnet_lite0",
+            "epochs": 0,
+            "lp_epochs": 2,
+            "lp_lr": 0.01,
+            "feature_views": 1,
+            "train_subset": 16,
+            "val_subset": 16,
+            "workers": 0,
+        },
+    )
+    summary = Run(cfg).fit()
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["epoch"] for r in rows] == [0] and summary["best_epoch"] == 0
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    imagenet, _ = efficientnet_lite0_state_dict(build_model("efficientnet_lite0", 1000))
+    for key, value in ckpt.state_dict.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(value, imagenet[key]), f"backbone tensor {key} changed"
+    assert not torch.equal(
+        ckpt.state_dict["classifier.weight"], imagenet["classifier.weight"][[310, 309]]
+    )
 
 
 def test_cv_folds_partition_the_training_images(tmp_path: Path, hymenoptera: Path) -> None:
