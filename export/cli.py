@@ -165,6 +165,13 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         help="model files and the parity report (default: the checkpoint's folder)",
     )
     p.add_argument(
+        "--onnx-cache",
+        default="",
+        help="reuse the ONNX graph of an unchanged checkpoint (key: its sha256, opset, torch "
+        "and onnx versions) from this folder (default: $TRAINSERVE_ONNX_CACHE, else "
+        "~/.cache/trainserve/onnx; 'off' exports every time). Parity always runs.",
+    )
+    p.add_argument(
         "--no-publish", dest="publish", action="store_false", help="export and check only"
     )
     p.add_argument(
@@ -388,6 +395,7 @@ def run_export_command(a: argparse.Namespace) -> int:
         admin_key_file=a.admin_key_file or "",
         engine=a.engine,
         timing_cache=a.timing_cache,
+        onnx_cache=a.onnx_cache,
         profile=profile,
         serving=serving_from(a, profile),
         precision=precision_from(a),

@@ -13,6 +13,7 @@ import onnx
 import torch
 from torch import nn
 
+from export.onnx_cache import OnnxCache, cache_key
 from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
 from serve.files import atomic_write_bytes
 from train.checkpoint import Checkpoint, model_from_checkpoint
@@ -66,9 +67,18 @@ def metadata(card: ModelCard) -> dict[str, str]:
     }
 
 
-def export_onnx(ckpt: Checkpoint, path: str | Path, *, opset: int = OPSET) -> onnx.ModelProto:
-    """Export with a dynamic batch axis, attach metadata, check, and write atomically."""
-    path = Path(path)
+@dataclasses.dataclass
+class ExportedOnnx:
+    """What :func:`export_onnx` wrote: the graph, and whether it came from the cache."""
+
+    proto: onnx.ModelProto
+    cached: bool = False
+    key: str = ""
+
+
+def trace_onnx(ckpt: Checkpoint, *, opset: int = OPSET) -> onnx.ModelProto:
+    """``torch.onnx.export`` (dynamo) of the pixel model with a dynamic batch axis named
+    ``batch``; no metadata."""
     model = pixel_model(ckpt)
     c, h, w = ckpt.card.input.shape
     example = torch.rand(2, c, h, w) * 255
@@ -92,12 +102,35 @@ def export_onnx(ckpt: Checkpoint, path: str | Path, *, opset: int = OPSET) -> on
         dim0.ClearField("dim_value")
         dim0.dim_param = "batch"
     del proto.metadata_props[:]
-    for key, value in metadata(exported_card(ckpt)).items():
-        proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "trainserve.export"
-    onnx.checker.check_model(proto, full_check=True)
-    atomic_write_bytes(path, proto.SerializeToString())
     return proto
+
+
+def export_onnx(
+    ckpt: Checkpoint,
+    path: str | Path,
+    *,
+    opset: int = OPSET,
+    cache: OnnxCache | None = None,
+    checkpoint_sha256: str = "",
+) -> ExportedOnnx:
+    """Export with a dynamic batch axis, attach metadata, check, and write atomically.
+
+    With a ``cache`` and the checkpoint file's sha256, an unchanged checkpoint reuses the
+    graph exported before (see :mod:`export.onnx_cache`); the metadata is always fresh."""
+    key = cache_key(checkpoint_sha256, opset) if cache and checkpoint_sha256 else ""
+    proto = cache.get(key) if cache and key else None
+    cached = proto is not None
+    if proto is None:
+        proto = trace_onnx(ckpt, opset=opset)
+        if cache and key:
+            cache.put(key, proto)
+    del proto.metadata_props[:]
+    for k, value in metadata(exported_card(ckpt)).items():
+        proto.metadata_props.add(key=k, value=value)
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write_bytes(Path(path), proto.SerializeToString())
+    return ExportedOnnx(proto, cached, key)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

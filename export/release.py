@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from export.fp16 import convert_fp16, pytorch_fp16_logits
+from export.onnx_cache import OnnxCache
 from export.onnx_export import export_onnx, exported_card
 from export.parity import FP16_GATE, FP32_GATE, Stage, Thresholds, format_stage, judge, skipped
 from export.precision import (
@@ -85,6 +87,7 @@ class ExportConfig:
     admin_key_file: str = ""
     engine: str = ""
     timing_cache: str = ""
+    onnx_cache: str = ""  # "" -> $TRAINSERVE_ONNX_CACHE or ~/.cache/trainserve/onnx; "off"
     profile: EngineProfile = field(default_factory=EngineProfile)
     serving: ServingConfig = field(default_factory=ServingConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -124,6 +127,7 @@ class ExportRun:
     int8_logits: np.ndarray | None = None
     int8_details: dict[str, Any] = field(default_factory=dict)
     int8_skipped: str = ""  # why no INT8 model was built (an advisory stage left out)
+    onnx_cached: str = ""  # the cache key when model.onnx reused an earlier export
 
     @property
     def onnx_path(self) -> Path:
@@ -217,7 +221,24 @@ def export_models(run: ExportRun) -> None:
         card.num_classes,
         run.onnx_path,
     )
-    export_onnx(run.ckpt, run.onnx_path)
+    cache = OnnxCache.resolve(run.cfg.onnx_cache)
+    t = time.perf_counter()
+    exported = export_onnx(
+        run.ckpt,
+        run.onnx_path,
+        cache=cache,
+        checkpoint_sha256=sha256(run.cfg.checkpoint) if cache else "",
+    )
+    if exported.cached:
+        run.onnx_cached = exported.key
+        log.info(
+            "ONNX graph reused from %s (same checkpoint, opset, torch, onnx; %.1fs); "
+            "--onnx-cache off exports again",
+            cache.path(exported.key) if cache else "",
+            time.perf_counter() - t,
+        )
+    else:
+        log.info("ONNX exported in %.1fs", time.perf_counter() - t)
     convert_fp16(run.onnx_path, run.fp16_path, keep_first_last_fp32=run.cfg.keep_fp16_edges)
 
 
@@ -366,6 +387,7 @@ def write_reports(run: ExportRun) -> None:
         "checkpoint": str(cfg.checkpoint),
         "checkpoint_sha256": run.card.provenance.checkpoint_sha256,
         "onnx": str(run.onnx_path),
+        "onnx_from_cache": run.onnx_cached or None,
         "onnx_fp16": str(run.fp16_path),
         "onnx_int8": str(run.int8_path) if cfg.precision.int8 and not run.int8_skipped else None,
         "precision": cfg.precision.precision,

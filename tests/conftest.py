@@ -11,6 +11,7 @@ that trains or exports. ``make test-fast`` runs the rest.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,9 @@ from tests.helpers import HYMENOPTERA, OFFLINE_ENV, run_cli
 # Admin keys of the servers the tests start go to a private folder, not the user's.
 os.environ.setdefault("TRAINSERVE_KEY_DIR", "/tmp/trainserve-test-keys-" + str(os.getuid()))
 os.environ.pop("TRAINSERVE_ADMIN_KEY", None)
+# Exports of the same checkpoint share their ONNX graph through one cache per test run
+# (fresh each run, never the user's ~/.cache); parity still runs on every export.
+os.environ["TRAINSERVE_ONNX_CACHE"] = tempfile.mkdtemp(prefix="trainserve-test-onnx-")
 
 SERVER_FIXTURES = {"model_repo", "server", "own_server"}
 SLOW_FIXTURES = {"trained_run"}

@@ -152,6 +152,8 @@ def test_export_publishes_next_version_and_gate_refuses(
     assert versions(repo / "antsbees") == [1, 2]
     report = json.loads((tmp_path / "out" / "parity.json").read_text())
     assert report["passed"] is False and report["stages"][0]["status"] == "failed"
+    # The unchanged checkpoint's graph came from the ONNX cache; parity still ran on it.
+    assert report["onnx_from_cache"] and "ONNX graph reused" in proc.stderr
     # --force publishes anyway and the model card says so.
     run_cli(*common, "--atol", "1e-12", "--force")
     card = ModelCard.from_dict(
