@@ -94,7 +94,8 @@ export: $(STAMP)
 		--precision $(PRECISION) $(EXPORT_ARGS)
 
 # Time-to-accuracy on ants/bees (tutorial, feature-extract, default LP-FT; 3 seeds each;
-# ~45 min, the tutorial's 25 epochs are most of it) and CIFAR images/s.
+# ~45 min, the tutorial's 25 epochs are most of it) and CIFAR images/s. Add runs to the
+# last report: BENCH_ARGS="--recipes antsbees_tutorial --seeds 1 2 --skip-cifar --merge".
 bench-train: $(STAMP)
 	$(PY) -m train bench --out bench $(BENCH_ARGS)
 

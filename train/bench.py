@@ -160,6 +160,33 @@ def summarize_recipes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def merge_previous(report: dict[str, Any], previous: Path) -> None:
+    """Add the runs of an earlier report that ``report`` does not repeat (by name), each
+    dated (the earlier report's date when it had none), and its CIFAR rows when this one
+    has none; runs stay in recipe, arch, seed order."""
+    if not previous.is_file():
+        log.warning("--merge: no %s, nothing to merge", previous)
+        return
+    old = json.loads(previous.read_text())
+    repeated = {r["name"] for r in report["time_to_accuracy"]}
+    kept = [
+        {**r, "date": r.get("date", old.get("date"))}
+        for r in old.get("time_to_accuracy", [])
+        if r["name"] not in repeated
+    ]
+    order = {f"{recipe.removeprefix('antsbees_')}-": i for i, recipe in enumerate(ANTSBEES_RECIPES)}
+
+    def rank(r: dict[str, Any]) -> tuple[int, str, int]:
+        prefix = next((p for p in order if r["name"].startswith(p)), "")
+        return (order.get(prefix, len(order)), r.get("arch", r["name"]), r.get("seed", 0))
+
+    report["time_to_accuracy"] = sorted(kept + report["time_to_accuracy"], key=rank)
+    if not report["cifar_speed"]:
+        report["cifar_speed"] = old.get("cifar_speed", [])
+    report["merged_with"] = old.get("date")
+    log.info("--merge: kept %d run(s) of %s (%s)", len(kept), previous, old.get("date"))
+
+
 def images_per_second(arch: str, batch: int = 128, steps: int = 5) -> dict[str, Any]:
     """Training (forward+backward+SGD step) and inference throughput at 32x32."""
     import torch
@@ -263,6 +290,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--skip-antsbees", action="store_true")
     p.add_argument("--skip-cifar", action="store_true", help="no CIFAR images/s part")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs (and CIFAR rows) of <out>/train-latest.json that this "
+        "invocation does not repeat (e.g. add seeds of one recipe); each run keeps its date",
+    )
     p.add_argument("--download-timeout", type=float, default=10.0)
 
 
@@ -294,15 +327,19 @@ def run(a: argparse.Namespace) -> int:
                     r = time_to_accuracy(
                         name, recipe, arch, runs / name, a.epochs, a.data, seed=seed
                     )
+                    r["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                     report["time_to_accuracy"].append(r)
                     log.info(
                         "  best val acc %s, %s s", r.get("best_val_acc"), r.get("seconds_total")
                     )
-        report["antsbees"] = summarize_recipes(report["time_to_accuracy"])
     for arch, spec in ARCHS.items():
         if spec.family == "cifar" and not a.skip_cifar:
             report["cifar_speed"].append(images_per_second(arch))
             log.info("bench: %s", report["cifar_speed"][-1])
+    if a.merge:
+        merge_previous(report, out / "train-latest.json")
+    if report["time_to_accuracy"]:
+        report["antsbees"] = summarize_recipes(report["time_to_accuracy"])
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (f"train-{stamp}.json", "train-latest.json"):
