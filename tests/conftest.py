@@ -11,6 +11,7 @@ that trains or exports. ``make test-fast`` runs the rest.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,10 +24,15 @@ os.environ.setdefault("TRAINSERVE_KEY_DIR", "/tmp/trainserve-test-keys-" + str(o
 os.environ.pop("TRAINSERVE_ADMIN_KEY", None)
 # Exports of the same checkpoint share their ONNX graph through one cache per test run
 # (fresh each run, never the user's ~/.cache); parity still runs on every export.
-os.environ["TRAINSERVE_ONNX_CACHE"] = tempfile.mkdtemp(prefix="trainserve-test-onnx-")
+ONNX_CACHE = tempfile.mkdtemp(prefix="trainserve-test-onnx-")
+os.environ["TRAINSERVE_ONNX_CACHE"] = ONNX_CACHE
 
 SERVER_FIXTURES = {"model_repo", "server", "own_server"}
 SLOW_FIXTURES = {"trained_run"}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(ONNX_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

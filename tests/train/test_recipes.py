@@ -270,6 +270,55 @@ def test_linear_probe_alone_with_epochs_0(tmp_path: Path, hymenoptera: Path) -> 
     )
 
 
+def _resnet18_weights() -> tuple[Path, str]:
+    """The torchvision ResNet-18 ImageNet file in the hub cache, and why a test skips."""
+    from torchvision.models import ResNet18_Weights
+
+    name = Path(ResNet18_Weights.IMAGENET1K_V1.url).name
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    return cached, (
+        f"the default recipe on ResNet-18 needs its ImageNet weights, absent offline: "
+        f"place {name} in {cached.parent} (or set TORCH_HOME) to run it"
+    )
+
+
+@pytest.mark.slow
+def test_default_recipe_on_resnet18_imagenet_weights(tmp_path: Path, hymenoptera: Path) -> None:
+    """The card's model: the same LP-FT machinery on torchvision's ResNet-18 (head from the
+    ImageNet ant/bee rows, top 3 of its 8 blocks fine-tuned, the rest frozen). Runs where
+    the weights are in the torch hub cache; skips here with the reason."""
+    cached, why = _resnet18_weights()
+    if not cached.is_file():
+        pytest.skip(why)
+    cfg = resolve_config(
+        "antsbees_finetune",
+        {
+            "data": str(hymenoptera),
+            "out": str(tmp_path / "run"),
+            "pretrained": "imagenet",
+            "epochs": 1,
+            "lp_epochs": 2,
+            "feature_views": 1,
+            "train_subset": 32,
+            "val_subset": 32,
+            "workers": 0,
+        },
+    )
+    assert cfg.arch == "resnet18" and cfg.head_init == [310, 309]
+    run = Run(cfg)
+    summary = run.fit()
+    assert summary["arch"] == "resnet18" and "ResNet18_Weights" in summary["pretrained"]["source"]
+    assert block_names(run.model)[-3:] == ["layer3.1", "layer4.0", "layer4.1"]
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    imagenet = torch.load(cached, map_location="cpu", weights_only=True)
+    for key in ("conv1.weight", "layer1.0.conv1.weight", "layer3.0.conv2.weight"):
+        assert torch.equal(ckpt.state_dict[key], imagenet[key]), f"frozen {key} changed"
+    assert not torch.equal(
+        ckpt.state_dict["layer4.1.conv2.weight"], imagenet["layer4.1.conv2.weight"]
+    )
+    assert ckpt.card.arch == "resnet18" and ckpt.card.classes == ["ants", "bees"]
+
+
 def test_cv_folds_partition_the_training_images(tmp_path: Path, hymenoptera: Path) -> None:
     folds = stratified_folds(hymenoptera, 3)
     train = sorted(p for p in (hymenoptera / "train").rglob("*") if is_image_file(p.name))
