@@ -96,6 +96,8 @@ class Run:
         self.cfg = cfg
         self.out = Path(cfg.out or f"runs/{cfg.model_name}")
         self.data = resolve_data(cfg.data)
+        # a missing --data is named before the out folder's state (the likelier mistake)
+        self.kind = detect_kind(self.data, cfg.dataset)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda but no CUDA device is available")
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
