@@ -125,7 +125,6 @@ def export_onnx(
         proto = trace_onnx(ckpt, opset=opset)
         if cache and key:
             cache.put(key, proto)
-    del proto.metadata_props[:]
     for k, value in metadata(exported_card(ckpt)).items():
         proto.metadata_props.add(key=k, value=value)
     onnx.checker.check_model(proto, full_check=True)

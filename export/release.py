@@ -14,6 +14,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,11 @@ class ExportRun:
     int8_skipped: str = ""  # why no INT8 model was built (an advisory stage left out)
     onnx_cached: str = ""  # the cache key when model.onnx reused an earlier export
 
+    @cached_property
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint file's sha256 (the ONNX cache key and the card's provenance)."""
+        return sha256(self.cfg.checkpoint)
+
     @property
     def onnx_path(self) -> Path:
         return self.out_dir / "model.onnx"
@@ -227,7 +233,7 @@ def export_models(run: ExportRun) -> None:
         run.ckpt,
         run.onnx_path,
         cache=cache,
-        checkpoint_sha256=sha256(run.cfg.checkpoint) if cache else "",
+        checkpoint_sha256=run.checkpoint_sha256 if cache else "",
     )
     if exported.cached:
         run.onnx_cached = exported.key
@@ -321,7 +327,7 @@ def make_card(run: ExportRun) -> None:
     ckpt_path = Path(run.cfg.checkpoint)
     card = exported_card(run.ckpt)
     provenance = dataclasses.replace(
-        card.provenance, checkpoint=ckpt_path.name, checkpoint_sha256=sha256(ckpt_path)
+        card.provenance, checkpoint=ckpt_path.name, checkpoint_sha256=run.checkpoint_sha256
     )
     run.card = card.replace(
         name=run.name,

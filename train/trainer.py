@@ -97,7 +97,7 @@ class Run:
         self.out = Path(cfg.out or f"runs/{cfg.model_name}")
         self.data = resolve_data(cfg.data)
         # a missing --data is named before the out folder's state (the likelier mistake)
-        self.kind = detect_kind(self.data, cfg.dataset)
+        self.kind: str = detect_kind(self.data, cfg.dataset)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda but no CUDA device is available")
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -126,7 +126,6 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
-        self.kind = detect_kind(self.data, cfg.dataset)
         probe = dataset_split(self.data, "train", None, self.kind, cfg.download)
         self.classes: list[str] = list(probe.classes)
         self.options = arch_options(cfg.arch, cfg.batchnorm, cfg.dropout)

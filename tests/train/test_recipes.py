@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -181,28 +182,38 @@ def test_head_init_copies_the_imagenet_rows_of_the_classes() -> None:
         resolve_config("antsbees_finetune", {"pretrained": "none", "head_init": [1, 2]})
 
 
-@pytest.mark.slow
-def test_lp_ft_top_blocks_frozen_bn_ema_end_to_end(tmp_path: Path, hymenoptera: Path) -> None:
-    """LP on cached features, then 1 epoch of the top 2 blocks with frozen BN and EMA, on
-    16 real images with the real offline ImageNet backbone."""
-    cfg = resolve_config(
+def _small_lpft(hymenoptera: Path, tmp_path: Path, **overrides: Any) -> TrainConfig:
+    """The default recipe, shrunk to seconds: 2 LP epochs on one cached view of 16 images
+    (overrides win), output in ``tmp_path/run``."""
+    return resolve_config(
         "antsbees_finetune",
         {
             "data": str(hymenoptera),
             "out": str(tmp_path / "run"),
-            "arch": "efficientnet_lite0",
-            "epochs": 1,
-            "batch_size": 4,
             "lp_epochs": 2,
             "feature_views": 1,
-            "train_blocks": 2,
-            "frozen_bn": True,
-            "ema_decay": 0.5,
-            "auto_augment": "trivialaugment",
             "train_subset": 16,
             "val_subset": 16,
             "workers": 0,
+            **overrides,
         },
+    )
+
+
+@pytest.mark.slow
+def test_lp_ft_top_blocks_frozen_bn_ema_end_to_end(tmp_path: Path, hymenoptera: Path) -> None:
+    """LP on cached features, then 1 epoch of the top 2 blocks with frozen BN and EMA, on
+    16 real images with the real offline ImageNet backbone."""
+    cfg = _small_lpft(
+        hymenoptera,
+        tmp_path,
+        arch="efficientnet_lite0",
+        epochs=1,
+        batch_size=4,
+        train_blocks=2,
+        frozen_bn=True,
+        ema_decay=0.5,
+        auto_augment="trivialaugment",
     )
     run = Run(cfg)
     summary = run.fit()
@@ -240,21 +251,7 @@ def test_lp_ft_top_blocks_frozen_bn_ema_end_to_end(tmp_path: Path, hymenoptera: 
 def test_linear_probe_alone_with_epochs_0(tmp_path: Path, hymenoptera: Path) -> None:
     """``epochs: 0`` in an LP-FT recipe trains the head on cached features and stops: the
     checkpoint is epoch 0's, the backbone is the ImageNet one, the head moved."""
-    cfg = resolve_config(
-        "antsbees_finetune",
-        {
-            "data": str(hymenoptera),
-            "out": str(tmp_path / "run"),
-            "arch": "efficientnet_lite0",
-            "epochs": 0,
-            "lp_epochs": 2,
-            "lp_lr": 0.01,
-            "feature_views": 1,
-            "train_subset": 16,
-            "val_subset": 16,
-            "workers": 0,
-        },
-    )
+    cfg = _small_lpft(hymenoptera, tmp_path, arch="efficientnet_lite0", epochs=0, lp_lr=0.01)
     summary = Run(cfg).fit()
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -290,19 +287,8 @@ def test_default_recipe_on_resnet18_imagenet_weights(tmp_path: Path, hymenoptera
     cached, why = _resnet18_weights()
     if not cached.is_file():
         pytest.skip(why)
-    cfg = resolve_config(
-        "antsbees_finetune",
-        {
-            "data": str(hymenoptera),
-            "out": str(tmp_path / "run"),
-            "pretrained": "imagenet",
-            "epochs": 1,
-            "lp_epochs": 2,
-            "feature_views": 1,
-            "train_subset": 32,
-            "val_subset": 32,
-            "workers": 0,
-        },
+    cfg = _small_lpft(
+        hymenoptera, tmp_path, pretrained="imagenet", epochs=1, train_subset=32, val_subset=32
     )
     assert cfg.arch == "resnet18" and cfg.head_init == [310, 309]
     run = Run(cfg)
