@@ -57,11 +57,14 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -c "import torch, torchvision, onnxruntime, tritonclient.grpc, timm; print('setup ok: torch', torch.__version__)"
-	@# perf_analyzer (make bench/tune) needs libb64-0d; tritonserver runs with jemalloc (libjemalloc2)
-	@if ! ldconfig -p | grep -q 'libb64.so.0d ' || ! ldconfig -p | grep -q 'libjemalloc.so.2 '; then \
+	@# perf_analyzer (make bench/tune) needs libb64-0d; tritonserver runs with jemalloc (libjemalloc2);
+	@# the public front of `serve run` is HAProxy (haproxy); Triton's namespace needs unshare/ip
+	@if ! ldconfig -p | grep -q 'libb64.so.0d ' || ! ldconfig -p | grep -q 'libjemalloc.so.2 ' \
+		|| ! test -x /usr/sbin/haproxy; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d libjemalloc2; \
-		else echo "setup: as root, run: apt-get install -y libb64-0d libjemalloc2 (perf_analyzer, jemalloc)" >&2; fi; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				libb64-0d libjemalloc2 haproxy util-linux iproute2; \
+		else echo "setup: as root, run: apt-get install -y libb64-0d libjemalloc2 haproxy (perf_analyzer, jemalloc, the public front)" >&2; fi; \
 	fi
 	@# the perf_analyzer binary of the tritonclient 2.51.0 wheel (our tritonclient library stays)
 	$(PY) -m serve.perf_analyzer install || [ "$$(id -u)" != 0 ]

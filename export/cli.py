@@ -263,13 +263,15 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--max-queue-size",
         type=int,
         default=ServingConfig.max_queue_size,
-        help="requests waiting per model; more are rejected at once",
+        help="Triton queue policy: requests waiting per model (0: none - the public front "
+        "bounds the queue; any policy makes Triton 2.51's batcher stall 500 ms)",
     )
     g.add_argument(
         "--queue-timeout-us",
         type=int,
         default=ServingConfig.queue_timeout_us,
-        help="a request queued longer is rejected",
+        help="Triton queue policy: a request queued longer is rejected (0: none, see "
+        "--max-queue-size)",
     )
     g.add_argument(
         "--no-warmup",

@@ -88,6 +88,17 @@ class Admin:
             for m in raw.get("models", [])
         ]
 
+    def completed(self) -> dict[str, int]:
+        """Requests each model has finished so far (successes + failures; statistics API):
+        a count that moves means the model works, however slowly."""
+        raw = self.call("statistics", "get_inference_statistics", "", as_json=True)
+        done: dict[str, int] = {}
+        for m in raw.get("model_stats", []):
+            stats = m.get("inference_stats", {})
+            n = sum(int(stats.get(k, {}).get("count", 0)) for k in ("success", "fail"))
+            done[m["name"]] = done.get(m["name"], 0) + n
+        return done
+
     def config(self, model: str) -> dict[str, Any] | None:
         """The loaded config of ``model`` (None when it is not loaded)."""
         try:

@@ -117,6 +117,28 @@ def server_flags(key: str) -> list[str]:
     ]
 
 
+def shm_dir_file(url: str) -> Path:
+    """Where ``serve run`` says which /dev/shm the server at ``url`` uses."""
+    return key_path(url).with_name(key_path(url).name + ".shm")
+
+
+def write_shm_dir_file(url: str, folder: str) -> Path:
+    """Record ``folder`` (a server's private /dev/shm, as this user reaches it), 0600."""
+    return write_key_file(shm_dir_file(url), folder)
+
+
+def shm_dir(url: str | None) -> str | None:
+    """The private /dev/shm of the server at ``url`` (None: the machine's /dev/shm)."""
+    if not url:
+        return None
+    path = shm_dir_file(url)
+    try:
+        folder = path.read_text().strip()
+    except OSError:
+        return None
+    return folder if folder and Path(folder).is_dir() else None
+
+
 def remove_key_files(paths: list[Path]) -> None:
     for p in paths:
         with contextlib.suppress(OSError):

@@ -203,6 +203,8 @@ def triton_levels(
     inputs: BenchInputs,
     baseline: Level | None,
     skipped: dict[str, str] | None = None,
+    prefix: str = "triton",
+    combos: list[tuple[str, str, int, float]] | None = None,
 ) -> list[Level]:
     """perf_analyzer over ``args.protocols`` x ``args.inputs`` x (concurrency levels, then
     request rates with ``--distribution`` arrivals) against ``srv``; one row per level.
@@ -218,7 +220,7 @@ def triton_levels(
     stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
     levels: list[Level] = []
     skipped = {} if skipped is None else skipped
-    combos = [
+    combos = combos or [
         (protocol, kind, conc, rate)
         for protocol in args.protocols
         for kind in args.inputs
@@ -250,11 +252,11 @@ def triton_levels(
                 result = pa.run(profile, work / "level.csv")
             except pa.Unstable as e:
                 load = f"r={rate:g}" if rate else f"c={conc}"
-                skipped[f"triton-{protocol} {kind} {load}"] = str(e)
-                log.warning("triton-%s %s %s: %s", protocol, kind, load, e)
+                skipped[f"{prefix}-{protocol} {kind} {load}"] = str(e)
+                log.warning("%s-%s %s %s: %s", prefix, protocol, kind, load, e)
                 continue
             after = _server_stats(stats_client, [model, target], headers)
-            lv = level_from_row(result, f"triton-{protocol}", kind, batch, inputs.card.precision)
+            lv = level_from_row(result, f"{prefix}-{protocol}", kind, batch, inputs.card.precision)
             lv.server.update(_delta(before, after))
             lv.errors = int(after["fail"] - before["fail"])
             if baseline is not None:
@@ -358,10 +360,55 @@ def baseline_report(
 def sweep(
     args: argparse.Namespace, inputs: BenchInputs, ort: Level, report: dict[str, Any]
 ) -> list[Level]:
-    """The Triton rows (perf_analyzer) on a server of the bench's own."""
+    """The Triton rows (perf_analyzer) on a server of the bench's own: ``triton-*``
+    through the public front (what users get; serve/front.py), and in the same run
+    ``direct-*`` to the same tritonserver for a few levels, so the front's cost is a ratio
+    (``report["front_cost"]``). ``--grpc-url`` measures that server as it is."""
     repo = Path(args.model_repository)
     with server_context(args, repo, Path(args.out)) as srv:
-        return triton_levels(srv, args, inputs, ort, report["skipped"])
+        if isinstance(srv, ExternalServer) or args.no_front:
+            return triton_levels(srv, args, inputs, ort, report["skipped"])
+        from serve.stack import FrontOnly
+
+        with FrontOnly(srv, log_path=Path(args.out) / "bench-front.log") as front:
+            levels = triton_levels(front, args, inputs, ort, report["skipped"])
+            pairs = [
+                (p, k, c, 0.0)
+                for p in ("grpc",)
+                if p in args.protocols
+                for k in args.inputs
+                for c in args.concurrency
+                if c in (1, 4)
+            ]
+            direct = (
+                triton_levels(srv, args, inputs, ort, report["skipped"], "direct", pairs)
+                if pairs
+                else []
+            )
+    report["front_cost"] = front_cost(levels, direct)
+    return levels + direct
+
+
+def front_cost(front: list[Level], direct: list[Level]) -> list[dict[str, Any]]:
+    """Per level measured both ways: throughput ratio (front / direct) and the p50 the
+    front adds (ms)."""
+    by_key = {(lv.backend.split("-", 1)[1], lv.input, lv.concurrency): lv for lv in direct}
+    rows = []
+    for lv in front:
+        d = by_key.get((lv.backend.split("-", 1)[1], lv.input, lv.concurrency))
+        if d is None or not d.throughput or lv.request_rate:
+            continue
+        rows.append(
+            {
+                "protocol": lv.backend.split("-", 1)[1],
+                "kind": lv.input,
+                "concurrency": lv.concurrency,
+                "throughput_ratio": lv.throughput / d.throughput,
+                "p50_added_ms": lv.p50_ms - d.p50_ms,
+                "p99_added_ms": lv.p99_ms - d.p99_ms,
+            }
+        )
+    return rows
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -421,6 +468,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "starting the bundled one",
     )
     p.add_argument("--http-url", default="", help="with --grpc-url: its HTTP address")
+    p.add_argument(
+        "--no-front",
+        action="store_true",
+        help="measure the bundled tritonserver directly only (default: through the public "
+        "front, plus direct levels for the front's cost)",
+    )
     p.add_argument("--out", default="bench")
     p.add_argument(
         "--table",

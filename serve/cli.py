@@ -20,6 +20,7 @@ from serve.cli_common import (
 from serve.cli_common import main as cli_main
 from serve.client import DEFAULT_URLS, Classifier
 from serve.contract import image_model_name
+from serve.stack import FrontLimits
 from serve.triton_server import LOOPBACK, ServerOptions, exec_server, run_supervised
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,76 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="preload libjemalloc.so.2 (default: when installed)",
     )
+    f = p.add_argument_group(
+        "the public front (HAProxy; serve/front.py)",
+        "the public ports belong to HAProxy; tritonserver runs in a private network "
+        "namespace that only the front reaches",
+    )
+    f.add_argument(
+        "--no-front",
+        action="store_true",
+        help="serve tritonserver's own ports directly (loopback only; its frontend has "
+        "known crash bugs - for debugging)",
+    )
+    f.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=0,
+        help="largest request body; 0 = sized from the repository (max batch x input size)",
+    )
+    f.add_argument("--max-json-bytes", type=int, default=FrontLimits.max_json_bytes)
+    f.add_argument("--max-json-depth", type=int, default=FrontLimits.max_json_depth)
+    f.add_argument("--max-connections", type=int, default=FrontLimits.max_connections)
+    f.add_argument(
+        "--max-per-client",
+        type=int,
+        default=FrontLimits.max_per_client,
+        help="concurrent requests per client address",
+    )
+    f.add_argument(
+        "--max-queue",
+        type=int,
+        default=FrontLimits.max_queue,
+        help="requests inside Triton at once (running or queued); more are refused at "
+        "once (503 / gRPC UNAVAILABLE). Replaces Triton's queue policy, which stalls 2.51",
+    )
+    f.add_argument("--idle-timeout", type=float, default=FrontLimits.idle_timeout_s)
+    f.add_argument("--request-timeout", type=float, default=FrontLimits.request_timeout_s)
+    f.add_argument("--tls-cert", default="", help="PEM certificate: TLS on HTTP and gRPC")
+    f.add_argument("--tls-key", default="", help="PEM private key of --tls-cert (mode 0600)")
+    f.add_argument(
+        "--inference-key-file",
+        default=None,
+        metavar="FILE",
+        help="inference and metadata need this key too (header inference-key)",
+    )
+    f.add_argument(
+        "--private",
+        choices=("auto", "namespace", "loopback"),
+        default="auto",
+        help="where Triton listens: its own network namespace (auto: when possible) or "
+        "loopback ports (reachable by local users)",
+    )
     p.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
+
+
+def front_limits(a: argparse.Namespace) -> FrontLimits:
+    """The front's limits from ``serve run``'s flags."""
+    inference_key = auth.read_key_file(Path(a.inference_key_file)) if a.inference_key_file else ""
+    return FrontLimits(
+        max_body_bytes=a.max_body_bytes,
+        max_json_bytes=a.max_json_bytes,
+        max_json_depth=a.max_json_depth,
+        max_connections=a.max_connections,
+        max_per_client=a.max_per_client,
+        max_queue=a.max_queue,
+        idle_timeout_s=a.idle_timeout,
+        request_timeout_s=a.request_timeout,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        inference_key=inference_key,
+        private=a.private,
+    )
 
 
 def run_run(a: argparse.Namespace) -> int:
@@ -84,6 +154,23 @@ def run_run(a: argparse.Namespace) -> int:
         restricted=not a.unrestricted,
         admin_key=key,
         jemalloc=a.jemalloc,
+    )
+    if not a.no_front:
+        from serve.front import find_haproxy
+        from serve.stack import PublicServer
+
+        find_haproxy()  # refuse early, naming the fix
+        limits = front_limits(a)
+        server = PublicServer(opts, limits, inherit_output=True)
+        return run_supervised(opts, a.watchdog, server=server)
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        log.error("--no-front serves Triton's own ports: loopback only (got --host %s)", a.host)
+        return 2
+    log.warning(
+        "WARNING: --no-front: tritonserver 2.51's own ports are served directly. Its "
+        "frontend crashes on some request bodies (deep JSON, gzip bombs, chunked floods) "
+        "and has no idle timeout or connection cap; its admin key is in its argv. "
+        "Loopback only, for debugging."
     )
     if a.watchdog > 0:
         return run_supervised(opts, a.watchdog)

@@ -188,6 +188,7 @@ class Classifier(_Base):
                     max_regions=shm_regions,
                     timeout=timeout,
                     call_kwargs=self._call_kwargs(connect_timeout, auth.headers(key)),
+                    shm_dir=lambda: auth.shm_dir(self.url),
                 )
                 with self._pool.lease(1):  # register one region now: a remote server fails here
                     pass
@@ -238,6 +239,11 @@ class Classifier(_Base):
             inp.set_data_from_numpy(batch)
             result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
             return result.as_numpy(self.info.output_name)
+        # the owner's key goes with requests that name a region (the public front refuses
+        # them otherwise: a region name in a request reads or writes that region)
+        headers = self._pool.call_kwargs.get("headers")
+        if headers:
+            kwargs["headers"] = headers
         with self._pool.lease(batch.nbytes) as region:
             self._pool.attach(inp, batch, region)
             try:
@@ -245,8 +251,10 @@ class Classifier(_Base):
             except ClientError as e:
                 if not is_unknown_region(str(e)):
                     raise
-                # The server restarted and forgot the region: register it, resend once.
+                # The server restarted and forgot the region: register it (made anew where
+                # the server is now, for a private /dev/shm), write again, resend once.
                 self._pool.reregister(region)
+                self._pool.attach(inp, batch, region)
                 result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
             return result.as_numpy(self.info.output_name)
 

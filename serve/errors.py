@@ -25,6 +25,16 @@ class Unauthorized(ClientError):
     """The server refused a control-plane call: the admin key is missing or wrong."""
 
 
+class ServerBusy(ClientError):
+    """The public front refused the request for now: Triton holds its request bound, or
+    this client its concurrency share. A retry after a pause can succeed."""
+
+
+# What the front's refusals look like: its own message, or - for a gRPC request whose
+# body HAProxy 2.6 had not read yet - the RST_STREAM(CANCEL) it sends after its answer,
+# which gRPC reports instead of the answer (haproxy issue #1219, fixed after 2.6).
+BUSY_MARKERS = ("server busy", "too many concurrent requests", "rst_stream")
+
 # Server-side failures that a retry can cure: the server or a backend process restarting.
 TRANSIENT_MARKERS = (
     "stub process",
@@ -38,6 +48,7 @@ TRANSIENT_MARKERS = (
     "restart",
     "failed to connect",
     "no available versions",
+    *BUSY_MARKERS,
 )
 
 UNREACHABLE_MARKERS = (
@@ -65,7 +76,7 @@ NOT_READY_MARKERS = (
 
 def is_transient(error: Exception) -> bool:
     """True for errors an idempotent request may retry (never for bad input)."""
-    if isinstance(error, ServerUnavailable | ModelNotReady):
+    if isinstance(error, ServerUnavailable | ModelNotReady | ServerBusy):
         return True
     text = str(error).lower()
     return (
@@ -81,6 +92,11 @@ def classify_error(
     """The ClientError for a tritonclient/transport exception ``e`` raised by ``what``."""
     text = str(e)
     lowered = text.lower()
+    if any(s in lowered for s in BUSY_MARKERS):
+        return ServerBusy(
+            f"{what} refused by {url} for now (server busy: the front's request bound or "
+            f"this client's concurrency share is reached; retry later): {text}"
+        )
     if "bad image" not in lowered and any(s in lowered for s in UNREACHABLE_MARKERS):
         return ServerUnavailable(f"no Triton server at {url} ({protocol}): {text}")
     if "restricted" in lowered or "unauthorized" in lowered or "permission" in lowered:

@@ -11,18 +11,29 @@ grows when a larger batch comes (up to ``max_bytes``). Regions are registered wi
 server on creation and again after a server restart; ``close()`` unregisters and unlinks
 them. Registration is a control-plane call: a server with restricted APIs wants the
 admin key in ``headers``. Every failure is a :class:`~serve.errors.ClientError`.
-Uses tritonclient's ``tritonclient.utils.shared_memory``; no torch.
+
+Where the server keeps a private /dev/shm (``serve run``'s Triton lives in its own mount
+namespace, so no other local user sees the python backend's IPC regions), ``shm_dir``
+names that folder as this machine's owner reaches it (``/proc/<tritonserver>/root/dev/
+shm``, found by :func:`serve.auth.shm_dir` from the file ``serve run`` writes): regions
+are then files created there (mode 0600, ``mmap``), which Triton opens by the same key.
+``shm_dir`` is a callable, asked again when a restarted server forgot a region (a new
+namespace, a new folder). Otherwise regions are POSIX shared memory from tritonclient's
+``tritonclient.utils.shared_memory``; no torch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
+import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +49,29 @@ class Region:
     key: str
     size: int
     handle: Any
+    path: Path | None = None  # a file region in a server's private /dev/shm
+
+
+class FileRegion:
+    """A region as a file in a server's private /dev/shm (mode 0600), mapped here."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            self.map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.path = path
+
+    def write(self, array: np.ndarray) -> None:
+        view = np.frombuffer(self.map, dtype=np.uint8, count=array.nbytes)
+        view[:] = array.reshape(-1).view(np.uint8)
+
+    def destroy(self) -> None:
+        with contextlib.suppress(Exception):
+            self.map.close()
+        self.path.unlink(missing_ok=True)
 
 
 class SharedMemoryPool:
@@ -52,6 +86,7 @@ class SharedMemoryPool:
         max_bytes: int = 256 << 20,
         timeout: float = 30.0,
         call_kwargs: dict[str, Any] | None = None,
+        shm_dir: Callable[[], str | None] | None = None,
     ) -> None:
         if max_regions < 1:
             raise ValueError("max_regions must be >= 1")
@@ -59,6 +94,7 @@ class SharedMemoryPool:
         self.max_regions, self.min_bytes, self.max_bytes = max_regions, min_bytes, max_bytes
         self.timeout = timeout
         self.call_kwargs = dict(call_kwargs or {})  # headers=..., client_timeout=...
+        self.shm_dir = shm_dir or (lambda: None)
         self._cond = threading.Condition()
         self._free: list[Region] = []
         self._count = 0  # regions that exist or are being created (<= max_regions)
@@ -73,20 +109,39 @@ class SharedMemoryPool:
     def _create(self, nbytes: int) -> Region:
         import tritonclient.utils.shared_memory as shm
 
-        name = f"trainserve_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+        # The registered name is a secret capability: an inference request may name any
+        # registered region as its input or output, so a name another client could guess
+        # (the /dev/shm key is visible to every local user) would let it read or
+        # overwrite this client's tensors. The key (the /dev/shm file, mode 0600) differs.
+        name = f"trainserve_{secrets.token_hex(16)}"
+        key = f"/trainserve_{os.getpid()}_{uuid.uuid4().hex[:12]}"
         size = max(nbytes, self.min_bytes)
+        folder = self.shm_dir()
         try:
-            handle = shm.create_shared_memory_region(name, f"/{name}", size, create_only=True)
+            if folder:
+                path = Path(folder) / key.lstrip("/")
+                region = Region(name, key, size, FileRegion(path, size), path)
+            else:
+                handle = shm.create_shared_memory_region(name, key, size, create_only=True)
+                region = Region(name, key, size, handle)
         except Exception as e:  # noqa: BLE001
-            raise ClientError(f"cannot create shared-memory region {name}: {e}") from e
-        region = Region(name, f"/{name}", size, handle)
+            raise ClientError(f"cannot create shared-memory region {key}: {e}") from e
         try:
             self._register(region)
         except ClientError:
-            with contextlib.suppress(Exception):
-                shm.destroy_shared_memory_region(handle)
+            self._free_memory(region)
             raise
         return region
+
+    @staticmethod
+    def _free_memory(region: Region) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        if isinstance(region.handle, FileRegion):
+            region.handle.destroy()
+            return
+        with contextlib.suppress(Exception):
+            shm.destroy_shared_memory_region(region.handle)
 
     def _register(self, region: Region) -> None:
         try:
@@ -96,18 +151,16 @@ class SharedMemoryPool:
         except Exception as e:  # noqa: BLE001
             why = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
             raise ClientError(
-                f"the server refused shared-memory region {region.name}: {why} (it must run "
+                f"the server refused shared-memory region {region.key}: {why} (it must run "
                 "on this machine, share /dev/shm, and get the admin key if its "
                 "shared-memory API is restricted)"
             ) from e
 
     def _destroy(self, region: Region) -> None:
-        import tritonclient.utils.shared_memory as shm
 
         with contextlib.suppress(Exception):
             self.client.unregister_system_shared_memory(region.name, **self.call_kwargs)
-        with contextlib.suppress(Exception):
-            shm.destroy_shared_memory_region(region.handle)
+        self._free_memory(region)
 
     def _acquire(self, nbytes: int) -> Region | None:
         """A free region (the smallest that fits, else any), or None when a new one may be
@@ -170,16 +223,34 @@ class SharedMemoryPool:
 
         array = np.ascontiguousarray(array)
         try:
-            shm.set_shared_memory_region(region.handle, [array])
+            if isinstance(region.handle, FileRegion):
+                region.handle.write(array)
+            else:
+                shm.set_shared_memory_region(region.handle, [array])
         except Exception as e:  # noqa: BLE001
-            raise ClientError(f"cannot write shared-memory region {region.name}: {e}") from e
+            raise ClientError(f"cannot write shared-memory region {region.key}: {e}") from e
         inp.set_shared_memory(region.name, array.nbytes)
 
-    def reregister(self, region: Region) -> None:
-        """Tell the server about ``region`` again (after a server restart)."""
+    def reregister(self, region: Region) -> Region:
+        """Tell the server about ``region`` again (after a server restart); a file region
+        whose folder went with the old server is made anew where the server is now.
+        Returns the region to use (the same one, or its replacement)."""
         with contextlib.suppress(Exception):
             self.client.unregister_system_shared_memory(region.name, **self.call_kwargs)
+        if region.path is not None and (
+            not region.path.exists() or str(region.path.parent) != self.shm_dir()
+        ):
+            self._free_memory(region)
+            new = self._create(region.size)
+            region.name, region.key, region.handle, region.path = (
+                new.name,
+                new.key,
+                new.handle,
+                new.path,
+            )
+            return region
         self._register(region)
+        return region
 
     def close(self) -> None:
         """Unregister and unlink every region (leased ones when their lease ends)."""

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serve import auth
 
@@ -236,13 +237,14 @@ def describe(opts: ServerOptions, watchdog: float = 0.0) -> str:
     )
 
 
-def run_supervised(opts: ServerOptions, watchdog_interval: float) -> int:
-    """``serve run --watchdog``: tritonserver as a child (its log on our stdout) plus the
-    stub watchdog (serve/watchdog.py). SIGTERM/SIGINT stop the server cleanly; returns the
-    server's exit code. Used instead of :func:`exec_server` when the watchdog is on."""
+def run_supervised(opts: ServerOptions, watchdog_interval: float, server: Any = None) -> int:
+    """``serve run``: the server as a child (its log on our stdout) plus, when
+    ``watchdog_interval`` > 0, the stub watchdog (serve/watchdog.py). ``server`` is a
+    :class:`TritonServer` (the default) or a :class:`serve.stack.PublicServer` (the front).
+    SIGTERM/SIGINT stop the server cleanly; returns the server's exit code."""
     from serve.watchdog import WatchdogConfig, watch
 
-    server = TritonServer(opts, inherit_output=True)
+    server = server or TritonServer(opts, inherit_output=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -259,17 +261,22 @@ def run_supervised(opts: ServerOptions, watchdog_interval: float) -> int:
         if not stop.is_set():
             raise
         return server.stop() or 0  # stopped by a signal while loading models
-    cfg = WatchdogConfig(
-        url=server.local_grpc_url, interval=watchdog_interval, admin_key=opts.admin_key or None
-    )
-    watcher = threading.Thread(target=watch, args=(cfg, stop), daemon=True)
-    watcher.start()
+    watcher = None
+    if watchdog_interval > 0:
+        cfg = WatchdogConfig(
+            url=server.local_grpc_url,
+            interval=watchdog_interval,
+            admin_key=opts.admin_key or None,
+        )
+        watcher = threading.Thread(target=watch, args=(cfg, stop), daemon=True)
+        watcher.start()
     assert server.process is not None
     while not stop.is_set() and server.process.poll() is None:
         stop.wait(0.5)
     stop.set()
     code = server.stop(timeout=max(30.0, opts.exit_timeout + 10.0))
-    watcher.join(timeout=5)
+    if watcher is not None:
+        watcher.join(timeout=5)
     return code if code is not None else 0
 
 

@@ -8,7 +8,9 @@ stub that hangs (a native deadlock, ``SIGSTOP``) leaves requests waiting forever
 Every round the watchdog probes every loaded version of every non-ensemble model,
 concurrently, with one tiny valid request each and a deadline. A model whose probe
 reports a dead stub is restarted at once; one whose probes time out ``hung_rounds``
-rounds in a row is restarted as hung. The restart (``admin.restart``) builds new
+rounds in a row *while it completes no request at all* is restarted as hung (Triton's
+statistics API: a model whose finished-request count moved between rounds is busy, not
+hung, and is never restarted). The restart (``admin.restart``) builds new
 instances before the old ones go, so clients never see the model missing. Ensembles
 that lost a member are loaded again. Any other probe failure is reported, not acted on.
 Runs inside ``python -m serve run`` (``--watchdog SECONDS``) or against any server with
@@ -17,6 +19,7 @@ Runs inside ``python -m serve run`` (``--watchdog SECONDS``) or against any serv
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
@@ -109,6 +112,7 @@ class Watchdog:
         self.cfg = cfg
         self.say = log_fn or stamped
         self.timeouts: dict[str, int] = {}  # model -> consecutive rounds with a timed-out probe
+        self.completed: dict[str, int] = {}  # model -> finished requests at the last round
 
     def _probe(self, name: str, version: str) -> str | None:
         """None when the model answered, else the error message."""
@@ -142,6 +146,9 @@ class Watchdog:
                 for name in {n for n, _ in ready}
                 if (a.config(name) or {}).get("platform") == "ensemble"
             }
+            completed_before = dict(self.completed)
+            with contextlib.suppress(Exception):  # statistics are a hint, not a need
+                self.completed = a.completed()
         targets = [(n, v) for n, v in ready if n not in ensembles]
         result.probed = [f"{n}:{v}" for n, v in targets]
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
@@ -161,6 +168,13 @@ class Watchdog:
             else:
                 self.say(f"watchdog: probe of {key} failed (not a dead stub, left alone): {error}")
         for name in {n for n, _ in targets}:
+            moved = self.completed.get(name, 0) > completed_before.get(name, -1) >= 0
+            if name in timed_out_models and moved:
+                self.say(
+                    f"watchdog: {name} did not answer the probe within {self.cfg.timeout:g} s "
+                    "but finished other requests since the last round: busy, not hung"
+                )
+                timed_out_models.discard(name)
             self.timeouts[name] = self.timeouts.get(name, 0) + 1 if name in timed_out_models else 0
             if self.timeouts[name] >= self.cfg.hung_rounds and name not in to_restart:
                 to_restart[name] = (

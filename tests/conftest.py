@@ -108,8 +108,10 @@ def model_repo(
 
 @pytest.fixture(scope="session")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The real tritonserver on free loopback ports, stopped by PID afterwards."""
-    from serve.triton_server import ServerOptions, TritonServer, free_port
+    """What ``serve run`` serves, on free loopback ports: the HAProxy front on the public
+    ports, the real tritonserver private behind it; stopped by PID afterwards."""
+    from serve.stack import PublicServer
+    from serve.triton_server import ServerOptions, free_port
 
     opts = ServerOptions(
         model_repository=str(model_repo),
@@ -118,10 +120,10 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
         metrics_port=free_port(),
     )
     log = tmp_path_factory.mktemp("triton") / "server.log"
-    srv = TritonServer(opts, log_path=log).start()
+    srv = PublicServer(opts, log_path=log).start()
     yield srv
     code = srv.stop()
-    assert code == 0, f"tritonserver exited {code} on SIGTERM; log: {log}"
+    assert code == 0, f"the server stack exited {code} on SIGTERM; log: {log}"
 
 
 @pytest.fixture

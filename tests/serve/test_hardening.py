@@ -267,8 +267,8 @@ def test_server_restart_while_client_runs(model_repo, val_images, tmp_path):
         srv.stop()
 
 
-def _shm_files() -> set[str]:
-    return {p.name for p in Path("/dev/shm").glob("trainserve_*")}
+def _shm_files(*folders: str | None) -> set[str]:
+    return {p.name for f in ("/dev/shm", *folders) if f for p in Path(f).glob("trainserve_*")}
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -277,12 +277,16 @@ def test_shared_memory_inputs_match_and_survive_a_restart(
 ):
     """Pixels sent through system shared memory give the same logits as pixels in the
     request body, from threads sharing one client, with batches that grow the region; a
-    server restart (it forgets registrations) is recovered; close() leaves nothing behind."""
+    server restart (it forgets registrations) is recovered; close() leaves nothing behind.
+    Through the public front (``serve run``'s stack): the owner's requests carry the key,
+    and the regions are files in Triton's private /dev/shm (a new one after the restart)."""
+    from serve.stack import PublicServer
+
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     opts = ServerOptions(model_repository=str(model_repo), **ports)
     pixels = np.stack([preprocess(p, GEOMETRY) for p in val_images[:20]])
     before = _shm_files()
-    srv = TritonServer(opts, log_path=tmp_path / "a.log").start()
+    srv = PublicServer(opts, log_path=tmp_path / "a.log").start()
     url = srv.grpc_url if protocol == "grpc" else srv.http_url
     try:
         with Classifier(url, "antsbees", protocol=protocol) as plain:
@@ -306,9 +310,11 @@ def test_shared_memory_inputs_match_and_survive_a_restart(
             )
             assert len(status.get("regions", {})) >= 2  # one region per client thread
             srv.stop()
-            srv = TritonServer(opts, log_path=tmp_path / "b.log").start()  # same ports
+            srv = PublicServer(opts, log_path=tmp_path / "b.log").start()  # same ports
             np.testing.assert_array_equal(clf.logits(pixels[:3]), expected[:3])
+        assert _shm_files(srv.shm_dir) - before  # the client's regions exist now
         clf.close()
+        assert not _shm_files(srv.shm_dir) - before
         status = grpcclient.InferenceServerClient(srv.grpc_url).get_system_shared_memory_status(
             as_json=True, headers=auth.headers(srv.admin_key)
         )

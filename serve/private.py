@@ -1,0 +1,197 @@
+"""Triton and its front inside a private network namespace (``python -m serve.private``).
+
+``serve run`` opens the public listening sockets itself, in the host's network
+namespace, then starts this module under ``unshare --net --mount`` (as root) or ``unshare --user
+--map-root-user --net --mount`` (as an ordinary user, where unprivileged user namespaces are
+allowed). In the new namespace only a loopback interface exists: tritonserver binds its
+fixed ports there, where no other process of the machine can connect (another local
+user cannot enter the namespace). HAProxy runs in the same namespace and serves the
+inherited public sockets (``bind fd@N``: a socket stays in the namespace it was made in),
+so the front adds no extra hop. /dev/shm there is a private tmpfs, so the python
+backend's IPC regions (every request's tensors) are the owner's alone; the owner's
+shared-memory client creates its regions in that folder through
+``/proc/<tritonserver>/root/dev/shm``. Without ``unshare`` (see :func:`namespace_prefix`) the
+same module runs in the host namespace with Triton on loopback ports (the fallback).
+
+This process supervises both: HAProxy is restarted when it dies (a crash of the front
+never takes Triton down), tritonserver's exit ends everything with its exit code, and
+SIGTERM/SIGINT stop HAProxy, then tritonserver (cleanly, within its exit timeout).
+Everything here runs with umask 077, so Triton's and the python backend's files and IPC
+regions in /dev/shm are the owner's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("serve.private")
+
+
+@dataclass
+class PrivateSpec:
+    """What the child runs (written by the parent to a 0600 file, read once)."""
+
+    triton_cmd: list[str]
+    triton_env: dict[str, str]
+    triton_http: str  # HOST:PORT Triton's HTTP listens on (for readiness)
+    haproxy_cmd: list[str]
+    pass_fds: list[int] = field(default_factory=list)
+    in_namespace: bool = True
+    host_mount_namespace: str = ""  # the parent's (never mount over the machine's /dev/shm)
+    ready_timeout: float = 600.0
+    exit_timeout: float = 30.0
+
+    def write(self, path: Path) -> Path:
+        """Save as JSON, mode 0600 (the environment may name key paths)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f)
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> PrivateSpec:
+        return cls(**json.loads(path.read_text()))
+
+
+def namespace_prefix() -> tuple[list[str], str]:
+    """The command prefix that gives a child its own network namespace, and why not when
+    empty: ``unshare --net --mount`` as root, ``unshare --user --map-root-user --net
+    --mount`` otherwise (probed: that needs unprivileged user namespaces)."""
+    unshare = shutil.which("unshare")
+    if not unshare:
+        return [], "no `unshare` (util-linux) on this machine"
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
+    prefix = [unshare, *user, "--net", "--mount"]
+    try:
+        probe = subprocess.run([*prefix, "true"], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [], f"`{' '.join(prefix)}` failed: {e}"
+    if probe.returncode != 0:
+        why = probe.stderr.decode(errors="replace").strip().splitlines()
+        return (
+            [],
+            f"`{' '.join(prefix)}` is not allowed here: {why[-1] if why else probe.returncode}",
+        )
+    return prefix, ""
+
+
+def _loopback_up() -> None:
+    """Bring ``lo`` up in a fresh network namespace (``ip``, else the SIOCSIFFLAGS ioctl)."""
+    ip = shutil.which("ip") or "/usr/sbin/ip"
+    if Path(ip).exists() and subprocess.run([ip, "link", "set", "lo", "up"]).returncode == 0:
+        return
+    import fcntl
+    import socket
+    import struct
+
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14s", b"lo", 0, b"")
+        flags = struct.unpack("16sH14s", fcntl.ioctl(s, siocgifflags, ifreq))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14s", b"lo", flags | iff_up, b""))
+
+
+def _private_shm(host_mnt: str) -> None:
+    """A private tmpfs on /dev/shm (this mount namespace only): the python backend's IPC
+    regions - every request's tensors - are invisible to other local users. (Its stubs
+    make them 0644 whatever the umask: boost.interprocess chmods what it creates.)"""
+    if os.readlink("/proc/self/ns/mnt") == host_mnt:
+        log.error("WARNING: not in a mount namespace of its own: /dev/shm left as it is")
+        return
+    mount = shutil.which("mount") or "/usr/bin/mount"
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "mode=0700,nosuid,nodev", "tmpfs", "/dev/shm"],
+        capture_output=True,
+    )
+    if done.returncode != 0:
+        log.error(
+            "WARNING: no private /dev/shm (%s): the python backend's regions are visible "
+            "in the machine's /dev/shm",
+            done.stderr.decode(errors="replace").strip(),
+        )
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def run(spec: PrivateSpec) -> int:
+    """Start Triton, wait until ready, start (and keep restarting) HAProxy; returns
+    tritonserver's exit code."""
+    os.umask(0o077)
+    if spec.in_namespace:
+        _loopback_up()
+        _private_shm(spec.host_mount_namespace)
+    stop = threading.Event()
+    triton = subprocess.Popen(spec.triton_cmd, env=spec.triton_env)
+    haproxy: subprocess.Popen | None = None
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    deadline = time.monotonic() + spec.ready_timeout
+    while not stop.is_set() and triton.poll() is None and not _ready(spec.triton_http):
+        if time.monotonic() > deadline:
+            log.error("tritonserver not ready after %.0f s", spec.ready_timeout)
+            stop.set()
+        stop.wait(0.2)
+    restarts = 0
+    while not stop.is_set() and triton.poll() is None:
+        if haproxy is None or haproxy.poll() is not None:
+            if haproxy is not None:
+                restarts += 1
+                log.error(
+                    "the front (haproxy) exited with %s; restarting it (restart %d)",
+                    haproxy.returncode,
+                    restarts,
+                )
+            haproxy = subprocess.Popen(spec.haproxy_cmd, pass_fds=tuple(spec.pass_fds))
+        stop.wait(0.2)
+    if haproxy is not None and haproxy.poll() is None:
+        haproxy.terminate()
+        try:
+            haproxy.wait(10)
+        except subprocess.TimeoutExpired:
+            haproxy.kill()
+    if triton.poll() is None:
+        triton.send_signal(signal.SIGTERM)
+        try:
+            triton.wait(spec.exit_timeout)
+        except subprocess.TimeoutExpired:
+            triton.kill()
+            triton.wait(10)
+    return triton.returncode if triton.returncode is not None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serve.private SPEC.json``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m serve.private SPEC.json", file=sys.stderr)
+        return 2
+    path = Path(args[0])
+    spec = PrivateSpec.read(path)
+    path.unlink(missing_ok=True)
+    return run(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

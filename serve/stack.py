@@ -1,0 +1,546 @@
+"""``serve run``'s server: the HAProxy front on the public ports, tritonserver private.
+
+:class:`PublicServer` has the interface of :class:`serve.triton_server.TritonServer`
+(``start``/``stop``/``with``, ``http_url``, ``grpc_url``, ``metrics_url``, ``admin_key``,
+``pid``), so clients, tools and tests use either. What it does on ``start``:
+
+1. binds the public HTTP, gRPC and metrics sockets itself - a port in use fails here,
+   before anything is written (no key file of another running server is touched);
+2. reads the repository: the public models (``<model>``, ``<model>_image``), the internal
+   ones (``<model>_preprocess``) and the body cap (largest max batch x input size);
+3. writes the front's configuration and the key files (mode 0600, folder 0700);
+4. starts ``python -m serve.private`` in a new network namespace (serve/private.py):
+   Triton inside, unrestricted but unreachable except through the front (no key in any
+   argv), HAProxy serving the inherited public sockets. Where no namespace can be made,
+   Triton listens on loopback ports with its own restriction (key in its argv, visible
+   to local users through /proc) and a loud warning says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from serve import auth
+from serve.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
+from serve.front import FrontOptions, find_haproxy, render
+from serve.private import PrivateSpec, namespace_prefix
+from serve.triton_server import (
+    LOOPBACK,
+    ServerOptions,
+    TritonInstall,
+    free_port,
+    server_command,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_INT64": 8}
+PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace
+
+
+@dataclass
+class FrontLimits:
+    """The front's knobs that ``serve run`` exposes (see serve/front.py)."""
+
+    max_body_bytes: int = 0  # 0: sized from the repository (max batch x input size)
+    max_json_bytes: int = 32 << 10
+    max_json_depth: int = 32
+    max_connections: int = 2000
+    max_per_client: int = 64
+    max_queue: int = 256
+    idle_timeout_s: float = 60.0
+    request_timeout_s: float = 120.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    inference_key: str = ""
+    private: str = "auto"  # auto | namespace | loopback
+
+    def __post_init__(self) -> None:
+        if self.private not in ("auto", "namespace", "loopback"):
+            raise ValueError("private must be auto, namespace or loopback")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+
+
+@dataclass(frozen=True)
+class RepositoryModels:
+    """What the front needs to know of a model repository."""
+
+    public: list[str]
+    internal: list[str]
+    max_request_bytes: int
+
+
+def repository_models(repo: Path) -> RepositoryModels:
+    """Public and internal model names and the largest valid request body, from the
+    ``config.pbtxt`` files (parsed with Triton's ModelConfig protobuf)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    public, internal, largest = [], [], 1 << 20
+    configs = [
+        (p, text_format.Parse(p.read_text(), mc.ModelConfig()))
+        for p in sorted(repo.glob("*/config.pbtxt"))
+    ]
+    # encoded images: the preprocess model's per-image byte limit (an ensemble has none)
+    image_limits = [
+        int(c.parameters[PARAM_MAX_IMAGE_BYTES].string_value)
+        for _, c in configs
+        if PARAM_MAX_IMAGE_BYTES in c.parameters
+    ]
+    image_bytes = max(image_limits) if image_limits else 16 << 20
+    for cfg_path, cfg in configs:
+        name = cfg.name or cfg_path.parent.name
+        (internal if name.endswith(PREPROCESS_SUFFIX) else public).append(name)
+        batch = max(1, cfg.max_batch_size)
+        for inp in cfg.input:
+            dtype = mc.DataType.Name(inp.data_type)
+            if dtype == "TYPE_STRING":
+                # encoded images: a request up to one image of the largest allowed size
+                # (a batch of them must share that; the preprocess model checks each)
+                largest = max(largest, image_bytes + 4)
+                continue
+            item = DTYPE_BYTES.get(dtype, 4)
+            for d in inp.dims:
+                item *= max(1, d)
+            largest = max(largest, batch * item)
+    if not public:
+        raise FileNotFoundError(f"no models in {repo} (run `make export`)")
+    return RepositoryModels(public, internal, largest + (64 << 10))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise OSError(
+            e.errno, f"cannot listen on {host}:{port}: {e.strerror} (another server there?)"
+        ) from e
+    s.listen(4096)
+    s.set_inheritable(True)
+    return s
+
+
+def _write_private(path: Path, text: str) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+class PublicServer:
+    """The front + private tritonserver as one child process tree."""
+
+    def __init__(
+        self,
+        opts: ServerOptions,
+        limits: FrontLimits | None = None,
+        log_path: str | Path | None = None,
+        inherit_output: bool = False,
+    ) -> None:
+        self.opts = opts
+        self.limits = limits or FrontLimits()
+        self.log_path = Path(log_path) if log_path else None
+        self.inherit_output = inherit_output
+        self.process: subprocess.Popen | None = None
+        self.in_namespace = False
+        self.private_why = ""
+        self._sockets: list[socket.socket] = []
+        self._key_files: list[Path] = []
+        self._workdir: Path | None = None
+        self._log = None
+
+    # -- the TritonServer interface ------------------------------------------------------
+    @property
+    def admin_key(self) -> str | None:
+        return self.opts.admin_key or None
+
+    @property
+    def _client_host(self) -> str:
+        return LOOPBACK if self.opts.host in ("0.0.0.0", "::", "") else self.opts.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.opts.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.opts.grpc_port}"
+
+    local_grpc_url = grpc_url
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.opts.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int:
+        """tritonserver's PID (a child of the private supervisor)."""
+        assert self.process is not None
+        for _ in range(100):
+            kids = _children(self.process.pid)
+            for k in kids:
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{k}/exe").resolve().name == "tritonserver":
+                        return k
+            time.sleep(0.05)
+        raise RuntimeError("tritonserver is not running under the front's supervisor")
+
+    def front_stats(self) -> list[dict[str, str]]:
+        """HAProxy's ``show stat`` (one dict per frontend/backend/server row)."""
+        assert self._workdir is not None
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(self._workdir / "haproxy.sock"))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        rows = data.decode().strip().splitlines()
+        head = rows[0].lstrip("# ").split(",")
+        return [dict(zip(head, r.split(","), strict=False)) for r in rows[1:] if r]
+
+    def haproxy_pid(self) -> int | None:
+        """The front's PID, or None while it is being restarted."""
+        assert self.process is not None
+        for k in _children(self.process.pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{k}/exe").resolve().name == "haproxy":
+                    return k
+        return None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> PublicServer:
+        """Bind the public ports, start the private stack, wait until the front answers
+        ready; a no-op while it already runs."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        haproxy = find_haproxy()
+        install = TritonInstall.find()
+        repo = Path(self.opts.model_repository)
+        models = repository_models(repo)
+        self._sockets = [
+            _listen(self.opts.host, p)
+            for p in (self.opts.http_port, self.opts.grpc_port, self.opts.metrics_port)
+        ]
+        try:
+            self._start(haproxy, install, models, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(
+        self, haproxy: str, install: TritonInstall, models: RepositoryModels, timeout: float
+    ) -> None:
+        prefix, why = (
+            ([], "asked for loopback")
+            if self.limits.private == "loopback"
+            else (namespace_prefix())
+        )
+        if not prefix and self.limits.private == "namespace":
+            raise RuntimeError(f"no private network namespace for Triton: {why}")
+        self.in_namespace, self.private_why = bool(prefix), why
+        if self.in_namespace:
+            ports = PRIVATE_PORTS
+            triton_opts = replace(
+                self.opts,
+                host=LOOPBACK,
+                http_port=ports[0],
+                grpc_port=ports[1],
+                metrics_port=ports[2],
+                restricted=False,  # the front enforces the key; nothing else reaches Triton
+            )
+        else:
+            ports = (free_port(), free_port(), free_port())
+            triton_opts = replace(
+                self.opts,
+                host=LOOPBACK,
+                http_port=ports[0],
+                grpc_port=ports[1],
+                metrics_port=ports[2],
+                restricted=True,
+            )
+            log.warning(
+                "NO PRIVATE NAMESPACE for tritonserver (%s): it listens on 127.0.0.1:%d-%d, "
+                "which every local user can reach, and its admin key is in its argv "
+                "(readable in /proc by local users). Run as root or allow unprivileged "
+                "user namespaces to keep Triton private.",
+                why,
+                ports[0],
+                ports[2],
+            )
+        self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
+        os.chmod(self._workdir, 0o700)
+        tls_pem = ""
+        if self.limits.tls_cert:
+            pem = (
+                Path(self.limits.tls_cert).read_text()
+                + "\n"
+                + Path(self.limits.tls_key).read_text()
+            )
+            tls_pem = str(_write_private(self._workdir / "tls.pem", pem))
+        fds = [s.fileno() for s in self._sockets]
+        front = FrontOptions(
+            http_bind=f"fd@{fds[0]}",
+            grpc_bind=f"fd@{fds[1]}",
+            metrics_bind=f"fd@{fds[2]}",
+            triton_http=f"{LOOPBACK}:{ports[0]}",
+            triton_grpc=f"{LOOPBACK}:{ports[1]}",
+            triton_metrics=f"{LOOPBACK}:{ports[2]}",
+            public_models=models.public,
+            internal_models=models.internal,
+            admin_key=self.opts.admin_key if self.opts.restricted else "",
+            inference_key=self.limits.inference_key,
+            max_body_bytes=self.limits.max_body_bytes or models.max_request_bytes,
+            max_json_bytes=self.limits.max_json_bytes,
+            max_json_depth=self.limits.max_json_depth,
+            max_connections=self.limits.max_connections,
+            max_per_client=self.limits.max_per_client,
+            max_queue=self.limits.max_queue,
+            idle_timeout_s=self.limits.idle_timeout_s,
+            request_timeout_s=self.limits.request_timeout_s,
+            tls_pem=tls_pem,
+            stats_socket=str(self._workdir / "haproxy.sock"),
+        )
+        cfg = _write_private(self._workdir / "haproxy.cfg", render(front))
+        check = subprocess.run(
+            [haproxy, "-c", "-f", str(cfg)], capture_output=True, pass_fds=tuple(fds)
+        )
+        if check.returncode != 0:
+            out = (check.stdout + check.stderr).decode(errors="replace")
+            raise RuntimeError(f"haproxy refused the generated configuration {cfg}: {out[-2000:]}")
+        spec = PrivateSpec(
+            triton_cmd=server_command(install, triton_opts),
+            triton_env=install.environment(jemalloc=triton_opts.jemalloc_path()),
+            triton_http=f"{LOOPBACK}:{ports[0]}",
+            haproxy_cmd=[haproxy, "-W", "-db", "-f", str(cfg)],
+            pass_fds=fds,
+            in_namespace=self.in_namespace,
+            host_mount_namespace=os.readlink("/proc/self/ns/mnt"),
+            ready_timeout=timeout,
+            exit_timeout=float(self.opts.exit_timeout + 10),
+        )
+        spec_path = spec.write(self._workdir / "spec.json")
+        out = None if self.inherit_output else subprocess.DEVNULL
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log = self.log_path.open("wb")
+            out = self._log
+        self._key_files = self.opts.write_key_files()
+        self.process = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "serve.private", str(spec_path)],
+            pass_fds=tuple(fds),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+        self.wait_ready(timeout)
+        if self.in_namespace:  # where this user's shared-memory clients put their regions
+            folder = f"/proc/{self.pid}/root/dev/shm"
+            self._key_files += [auth.write_shm_dir_file(u, folder) for u in self.opts.urls]
+
+    @property
+    def shm_dir(self) -> str | None:
+        """The private /dev/shm of Triton, as this machine's owner reaches it."""
+        return f"/proc/{self.pid}/root/dev/shm" if self.in_namespace else None
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def is_ready(self) -> bool:
+        return self._get("/v2/health/ready") == 200
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        """Block until the front answers ready; raise with the log tail if the stack dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the server stack exited with {self.process.returncode}{self._log_tail()}"
+                )
+            if not self.limits.tls_cert and self.is_ready():
+                return
+            if self.limits.tls_cert and self._tls_ready():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout:.0f}s{self._log_tail()}")
+
+    def _tls_ready(self) -> bool:
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        try:
+            url = f"https://{self.http_url}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.is_file():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "\n--- server log ---\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM the stack (front first, then Triton), wait, SIGKILL the group if needed;
+        the key files, sockets and the private folder go."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait(10)
+            code = self.process.returncode
+        for s in self._sockets:
+            s.close()
+        self._sockets = []
+        auth.remove_key_files(self._key_files)
+        self._key_files = []
+        if self._log:
+            self._log.close()
+            self._log = None
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> PublicServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+class FrontOnly:
+    """The front alone (in this namespace) before a running loopback tritonserver - for
+    ``make bench``, which measures the same Triton through the front and directly in one
+    run, so the front's cost is a ratio. Same URL interface as :class:`PublicServer`."""
+
+    def __init__(
+        self, triton: Any, limits: FrontLimits | None = None, log_path: str | Path | None = None
+    ) -> None:
+        self.triton = triton
+        self.limits = limits or FrontLimits()
+        self.log_path = Path(log_path) if log_path else None
+        self.opts = replace(
+            triton.opts, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+        )
+        self.process: subprocess.Popen | None = None
+        self._sockets: list[socket.socket] = []
+        self._workdir: Path | None = None
+        self._log = None
+
+    http_url = PublicServer.http_url
+    grpc_url = PublicServer.grpc_url
+    metrics_url = PublicServer.metrics_url
+    _client_host = PublicServer._client_host
+    admin_key = PublicServer.admin_key
+    _get = PublicServer._get
+    is_ready = PublicServer.is_ready
+
+    def start(self, timeout: float = 60.0) -> FrontOnly:
+        haproxy = find_haproxy()
+        models = repository_models(Path(self.opts.model_repository))
+        self._sockets = [
+            _listen(LOOPBACK, p)
+            for p in (self.opts.http_port, self.opts.grpc_port, self.opts.metrics_port)
+        ]
+        self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
+        fds = [s.fileno() for s in self._sockets]
+        t = self.triton.opts
+        front = FrontOptions(
+            http_bind=f"fd@{fds[0]}",
+            grpc_bind=f"fd@{fds[1]}",
+            metrics_bind=f"fd@{fds[2]}",
+            triton_http=f"{LOOPBACK}:{t.http_port}",
+            triton_grpc=f"{LOOPBACK}:{t.grpc_port}",
+            triton_metrics=f"{LOOPBACK}:{t.metrics_port}",
+            public_models=models.public,
+            internal_models=models.internal,
+            admin_key=t.admin_key if t.restricted else "",
+            max_body_bytes=self.limits.max_body_bytes or models.max_request_bytes,
+            max_queue=self.limits.max_queue,
+            max_per_client=self.limits.max_per_client,
+        )
+        cfg = _write_private(self._workdir / "haproxy.cfg", render(front))
+        out = subprocess.DEVNULL
+        if self.log_path:
+            self._log = self.log_path.open("wb")
+            out = self._log
+        self.process = subprocess.Popen(
+            [haproxy, "-W", "-db", "-f", str(cfg)],
+            pass_fds=tuple(fds),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.is_ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the front did not start (see {self.log_path})")
+            time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        for s in self._sockets:
+            s.close()
+        self._sockets = []
+        if self._log:
+            self._log.close()
+            self._log = None
+        if self._workdir:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> FrontOnly:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,332 @@
+"""Issue 17: the public front (HAProxy) before a private tritonserver.
+
+Every attack is sent to the real front and the real tritonserver; afterwards the *same*
+tritonserver process (PID checked: no restart hides a death) answers a normal request
+with the same logits."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from serve import auth
+from serve.contract import INPUT_NAME
+from serve.preprocess import ResizeCrop, preprocess
+from tests.helpers import process_alive, wait_until
+
+GEOMETRY = ResizeCrop(256, 224)
+MODULES = {"grpc": grpcclient, "http": httpclient}
+
+
+@pytest.fixture(scope="module")
+def front(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``serve run``'s stack on free loopback ports: HAProxy public, Triton private."""
+    from serve.stack import FrontLimits, PublicServer
+    from serve.triton_server import ServerOptions, free_port
+
+    opts = ServerOptions(
+        model_repository=str(model_repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    limits = FrontLimits(max_connections=300, idle_timeout_s=3, max_per_client=400)
+    log = tmp_path_factory.mktemp("front") / "server.log"
+    srv = PublicServer(opts, limits, log_path=log).start()
+    srv.triton_pid = srv.pid
+    yield srv
+    code = srv.stop()
+    assert code == 0, f"the stack exited {code} on SIGTERM; log: {log}"
+
+
+@pytest.fixture(scope="module")
+def pixels(val_images: list[Path]) -> np.ndarray:
+    return preprocess(val_images[0], GEOMETRY)[None]
+
+
+@pytest.fixture(scope="module")
+def expected(front, pixels) -> np.ndarray:
+    return _infer(grpcclient, front.grpc_url, pixels)
+
+
+def _infer(module, url: str, x: np.ndarray, model: str = "antsbees", **kw) -> np.ndarray:
+    client = module.InferenceServerClient(url)
+    try:
+        inp = module.InferInput(INPUT_NAME, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer(model, [inp], **kw).as_numpy("logits")
+    finally:
+        client.close()
+
+
+def _still_serving(front, pixels, expected) -> None:
+    """The same tritonserver (no restart) gives the same answer over both protocols."""
+    assert process_alive(front.triton_pid) and front.pid == front.triton_pid
+    for module, url in ((grpcclient, front.grpc_url), (httpclient, front.http_url)):
+        np.testing.assert_array_equal(_infer(module, url, pixels), expected)
+
+
+def _raw(front, method: str, path: str, body: bytes = b"", headers=None) -> tuple[int, str]:
+    host, port = front.http_url.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def test_served_logits_through_the_front_match_direct(front, server, pixels, expected):
+    """What users get through the front is bit-identical to Triton's own answer."""
+    direct = _infer(grpcclient, server.grpc_url, pixels)
+    np.testing.assert_array_equal(expected, direct)
+    _still_serving(front, pixels, expected)
+
+
+def test_triton_is_private(front):
+    """Triton runs in its own network namespace (no local user reaches its ports) and no
+    argv or readable environment carries the key."""
+    if not front.in_namespace:
+        pytest.skip(f"no private namespace here: {front.private_why}")
+    triton, haproxy = front.pid, front.haproxy_pid()
+    assert os.readlink(f"/proc/{triton}/ns/net") != os.readlink("/proc/self/ns/net")
+    key = front.admin_key
+    for pid in (triton, haproxy):
+        assert key not in Path(f"/proc/{pid}/cmdline").read_text()
+        assert key not in Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    for f in Path(front._workdir).iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
+    assert stat.S_IMODE(Path(front._workdir).stat().st_mode) == 0o700
+
+
+def test_ipc_regions_are_private(front, pixels, expected):
+    """Triton's /dev/shm is a private tmpfs (mode 0700) in its own mount namespace: the
+    python backend's IPC regions - every request's tensors, which its stubs create 0644
+    whatever the umask - are not in the machine's /dev/shm for other local users."""
+    if not front.in_namespace:
+        pytest.skip(f"no private namespace here: {front.private_why}")
+    _still_serving(front, pixels, expected)
+    private = {p.name for p in Path(front.shm_dir).iterdir()}
+    assert any(n.startswith("triton_python_backend") for n in private), private
+    assert not private & {p.name for p in Path("/dev/shm").iterdir()}
+    assert stat.S_IMODE(Path(front.shm_dir).stat().st_mode) == 0o700
+
+
+def test_crashing_bodies_are_refused_and_triton_lives(front, pixels, expected):
+    """The request bodies that kill tritonserver 2.51 never reach it."""
+    deep = b'{"inputs":[{"name":"input","shape":[1],"datatype":"FP32","data":'
+    deep += b"[" * 50_000 + b"]" * 50_000 + b"}]}"
+    status, body = _raw(front, "POST", "/v2/models/antsbees/infer", deep)
+    assert status == 413 and "binary tensor extension" in body, (status, body)
+    nested = b'{"inputs":[{"name":"input","data":' + b"[" * 40 + b"]" * 40 + b"}]}"
+    status, body = _raw(front, "POST", "/v2/models/antsbees/infer", nested)
+    assert status == 400 and "nested deeper" in body, (status, body)
+    bomb = gzip.compress(b"[" * (8 << 20))
+    status, body = _raw(
+        front, "POST", "/v2/models/antsbees/infer", bomb, {"Content-Encoding": "gzip"}
+    )
+    assert status == 415 and "Content-Encoding" in body, (status, body)
+    # a chunked body of tiny chunks (CVE-2025-23310)
+    host, port = front.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(
+            b"POST /v2/models/antsbees/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"1\r\na\r\n" * 2000 + b"0\r\n\r\n"
+        )
+        reply = s.recv(4096).decode(errors="replace")
+    assert " 411 " in reply.splitlines()[0] and "Content-Length" in reply, reply
+    _still_serving(front, pixels, expected)
+
+
+def test_oversized_bodies_and_headers_are_refused(front, pixels, expected):
+    big = front.limits.max_body_bytes or 0
+    status, body = _raw(
+        front,
+        "POST",
+        "/v2/models/antsbees/infer",
+        b"",
+        {"Content-Length": str(10**12), "Inference-Header-Content-Length": "10"},
+    )
+    assert status == 413 and "request body over" in body, (status, body, big)
+    status, _ = _raw(front, "GET", "/v2/health/ready", headers={"X-Big": "a" * 70_000})
+    assert status in (400, 431), status
+    status, _ = _raw(front, "GET", "/v2/models/" + "a" * 70_000)
+    assert status in (400, 414), status
+    _still_serving(front, pixels, expected)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_only_public_routes_without_the_key(front, pixels, expected, protocol):
+    """Health, metadata, config and inference of the public models are open; the
+    control plane, statistics and the internal preprocess model need the admin key."""
+    module = MODULES[protocol]
+    url = front.grpc_url if protocol == "grpc" else front.http_url
+    client = module.InferenceServerClient(url)
+    keyed = auth.headers(front.admin_key)
+    try:
+        assert client.is_server_ready() and client.is_model_ready("antsbees")
+        assert client.get_model_metadata("antsbees_image")
+        for call in (
+            lambda **k: client.get_model_repository_index(**k),
+            lambda **k: client.get_inference_statistics(**k),
+            lambda **k: client.get_system_shared_memory_status(**k),
+            lambda **k: client.get_log_settings(**k),
+        ):
+            with pytest.raises(InferenceServerException) as info:
+                call()
+            assert "admin key" in str(info.value) or "403" in str(info.value), info.value
+            call(headers=keyed)  # the owner passes
+        with pytest.raises(InferenceServerException) as info:
+            client.get_model_metadata("antsbees_preprocess")
+        assert "not public" in str(info.value) or "403" in str(info.value), info.value
+        jpeg = np.array([[b"\xff\xd8not really"]], dtype=object)
+        inp = module.InferInput("IMAGE", [1, 1], "BYTES")
+        inp.set_data_from_numpy(jpeg)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("antsbees_preprocess", [inp])
+        assert "not public" in str(info.value) or "403" in str(info.value), info.value
+    finally:
+        client.close()
+    _still_serving(front, pixels, expected)
+
+
+def test_shared_memory_regions_need_the_key(front, pixels, expected):
+    """An inference request may name a registered region as its input or output: without
+    the key the front refuses any request that names one."""
+    client = httpclient.InferenceServerClient(front.http_url)
+    try:
+        inp = httpclient.InferInput(INPUT_NAME, [1, 3, 224, 224], "FP32")
+        inp.set_shared_memory("someone_elses_region", 602112)
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("antsbees", [inp])
+        assert "shared-memory" in str(info.value), info.value
+    finally:
+        client.close()
+    gclient = grpcclient.InferenceServerClient(front.grpc_url)
+    try:
+        inp = grpcclient.InferInput(INPUT_NAME, [1, 3, 224, 224], "FP32")
+        inp.set_shared_memory("someone_elses_region", 602112)
+        with pytest.raises(InferenceServerException) as info:
+            gclient.infer("antsbees", [inp])
+        assert "shared-memory" in str(info.value), info.value
+    finally:
+        gclient.close()
+    _still_serving(front, pixels, expected)
+
+
+def test_idle_connections_cannot_lock_the_server_out(front, pixels, expected):
+    """More idle TCP connections than the front's cap: they are closed after the idle
+    timeout and the server answers again; Triton never sees them."""
+    host, port = front.http_url.rsplit(":", 1)
+    socks = []
+    try:
+        for _ in range(front.limits.max_connections + 100):
+            s = socket.socket()
+            s.settimeout(30)
+            s.connect((host, int(port)))
+            socks.append(s)
+
+        closed: set[int] = set()
+
+        def all_closed() -> bool:
+            for i, s in enumerate(socks):
+                if i in closed:
+                    continue
+                s.setblocking(False)
+                try:
+                    while data := s.recv(4096):  # the front may say 408 before it closes
+                        assert b" 408 " in data or not data.startswith(b"HTTP"), data
+                    closed.add(i)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed.add(i)
+            return len(closed) == len(socks)
+
+        wait_until(all_closed, 120, "the front to close idle connections")
+    finally:
+        for s in socks:
+            s.close()
+    wait_until(lambda: front.is_ready(), 60, "the front to answer again")
+    _still_serving(front, pixels, expected)
+
+
+def test_the_front_is_restarted_when_it_dies(front, pixels, expected):
+    """``serve run`` restarts a dead HAProxy; Triton (same PID) never noticed."""
+    old = front.haproxy_pid()
+    assert old is not None
+    os.kill(old, signal.SIGKILL)
+    wait_until(
+        lambda: (front.haproxy_pid() not in (None, old)) and front.is_ready(),
+        60,
+        "a new front to answer",
+    )
+    _still_serving(front, pixels, expected)
+
+
+def test_a_second_server_on_the_same_ports_leaves_the_first_alone(front, model_repo):
+    """Issue 20 item 1: the ports are checked before any key file is written, so the
+    running server's owner keeps control."""
+    from serve import admin
+    from serve.stack import PublicServer
+    from serve.triton_server import ServerOptions
+
+    key_file = auth.key_path(front.grpc_url)
+    before = key_file.read_text()
+    opts = ServerOptions(
+        model_repository=str(model_repo),
+        http_port=front.opts.http_port,
+        grpc_port=front.opts.grpc_port,
+        metrics_port=front.opts.metrics_port,
+    )
+    with pytest.raises(OSError, match="cannot listen"):
+        PublicServer(opts).start()
+    assert key_file.read_text() == before
+    assert admin.list_models(front.grpc_url, auth.resolve_key(front.grpc_url))
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_no_stalls_for_sequential_tensor_requests(server, pixels, protocol):
+    """Issue 18: one client sending one 602 KB tensor after another never waits for
+    Triton's batcher. With any dynamic-batching queue policy, Triton 2.51 wakes the
+    batcher for a new request only if an instance is idle at that moment and otherwise
+    sleeps 500 ms (seen: p50 6 ms, p99 515 ms). A condition on the distribution, not on
+    wall-clock time: the slowest answer stays within a few times the median (a stall is
+    a flat ~500 ms, so it also stands out on a loaded machine)."""
+    import time
+
+    module = MODULES[protocol]
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    client = module.InferenceServerClient(url)
+    try:
+        inp = module.InferInput(INPUT_NAME, list(pixels.shape), "FP32")
+        inp.set_data_from_numpy(pixels)
+        for _ in range(10):
+            client.infer("antsbees", [inp])
+        latencies = []
+        # enough requests to see several stalls at the rate they came (every 0.5-2 s)
+        while len(latencies) < 400 and sum(latencies) < 8.0:
+            t = time.perf_counter()
+            client.infer("antsbees", [inp])
+            latencies.append(time.perf_counter() - t)
+    finally:
+        client.close()
+    lat = np.array(latencies)
+    median, slowest = float(np.median(lat)), float(lat.max())
+    stalled = (lat > 5 * median) & (lat > median + 0.3)
+    assert not stalled.any(), (
+        f"{int(stalled.sum())} of {len(lat)} requests stalled: median {median * 1e3:.1f} ms, "
+        f"slowest {slowest * 1e3:.1f} ms"
+    )
