@@ -102,6 +102,9 @@ class FrontOptions:
     header_timeout_s: float = 10.0
     request_timeout_s: float = 120.0
     tls_pem: str = ""  # certificate + key in one file (mode 0600)
+    # with inference_key: what the front puts in ``inference-key`` for Triton, which
+    # restricts inference to it (so Triton, having read the body, refuses the rest cleanly)
+    inference_token: str = ""
     stats_socket: str = ""  # HAProxy's runtime API (``show stat``), a 0600 Unix socket
 
     def __post_init__(self) -> None:
@@ -151,16 +154,16 @@ def render(o: FrontOptions) -> str:
         "    timeout queue 1s\n"
     )
     admin = (
-        f"    acl admin req.hdr({auth.HEADER}) -m str {o.admin_key}\n"
-        f"    acl admin req.hdr({auth.GRPC_HEADER}) -m str {o.admin_key}\n"
+        f"    acl admin req.hdr({auth.HEADER}) -m str -- {o.admin_key}\n"
+        f"    acl admin req.hdr({auth.GRPC_HEADER}) -m str -- {o.admin_key}\n"
         if o.admin_key
         else "    acl admin always_false\n"
     )
     if o.inference_key:
         admin += (
-            f"    acl user req.hdr({INFERENCE_KEY_HEADER}) -m str {o.inference_key}\n"
-            "    acl user_ok acl(admin)\n"
-            f"    acl user_ok req.hdr({INFERENCE_KEY_HEADER}) -m str {o.inference_key}\n"
+            f"    acl user_ok req.hdr({INFERENCE_KEY_HEADER}) -m str -- {o.inference_key}\n"
+            f"    acl user_ok req.hdr(triton-grpc-protocol-{INFERENCE_KEY_HEADER}) -m str -- "
+            f"{o.inference_key}\n"
         )
     else:
         admin += "    acl user_ok always_true\n"
@@ -208,6 +211,17 @@ def render(o: FrontOptions) -> str:
         f"    maxconn {o.max_connections}",
         admin.rstrip("\n"),
         "    http-request track-sc0 src table per_client",
+        # whether the client's keys are right, kept before the key headers are rewritten
+        "    http-request set-var(txn.key_ok) bool(1) if user_ok or admin",
+        "    acl key_ok var(txn.key_ok) -m bool",
+        *(
+            [
+                f"    http-request del-header {INFERENCE_KEY_HEADER}",
+                f"    http-request set-header {INFERENCE_KEY_HEADER} {o.inference_token} if key_ok",
+            ]
+            if o.inference_key and o.inference_token
+            else []
+        ),
         f"    http-request return {err(429, 'too many concurrent requests from this client')}"
         f" if {{ sc0_conn_cur gt {o.max_per_client} }} !admin",
         "    acl health path /v2 /v2/health/live /v2/health/ready",
@@ -222,8 +236,12 @@ def render(o: FrontOptions) -> str:
         f"    acl big_json req.hdr_val(content-length) gt {o.max_json_bytes}",
         "    acl big_json_header req.hdr_val(inference-header-content-length)"
         f" gt {o.max_json_bytes}",
-        f"    acl deep_json req.body -m reg (?:[\\[{{][^\\[\\]{{}}]*){{{depth}}}",
+        # single quotes: HAProxy passes the pattern to PCRE as it is
+        f"    acl deep_json req.body -m reg '(?:[\\[{{][^\\[\\]{{}}]*){{{depth}}}'",
         "    acl names_shm req.body,hex -m sub " + b"shared_memory_region".hex().upper(),
+        # Triton 2.51 truncates a dimension of 2^32 or more and answers (batch 2^32+1 ->
+        # batch 1, status 200): no valid dimension here has 10 digits
+        "    acl huge_dim req.body -m reg '\"shape\"\\s*:\\s*\\[[^\\]]*[0-9]{10}'",
         "    acl chunked req.hdr(transfer-encoding) -m found",
         "    acl encoded req.hdr(content-encoding) -m found",
         "    http-request return "
@@ -239,10 +257,10 @@ def render(o: FrontOptions) -> str:
         "    http-request return "
         + err(503, BUSY)
         + f" if {{ be_conn(triton_http) ge {o.max_queue} }}",
+        "    http-request allow if health is_get",
         "    http-request return "
         + err(401, "this server needs the inference key (header inference-key)")
-        + " if !user_ok",
-        "    http-request allow if health is_get",
+        + " if !key_ok !model_infer",
         "    http-request allow if model_get is_get",
         # the cheap header checks are done: now hold the body's start (up to the buffer)
         f"    http-request wait-for-body time {o.header_timeout_s:g}s if model_infer",
@@ -259,6 +277,9 @@ def render(o: FrontOptions) -> str:
         "    http-request return "
         + err(400, f"inference JSON nested deeper than {o.max_json_depth} levels")
         + " if model_infer deep_json",
+        "    http-request return "
+        + err(400, "a shape dimension of 10 or more digits (Triton would truncate it)")
+        + " if model_infer huge_dim",
         "    http-request return "
         + err(403, "shared-memory inputs and outputs need the admin key")
         + " if model_infer names_shm",
@@ -286,6 +307,19 @@ def render(o: FrontOptions) -> str:
         f"    maxconn {o.max_connections}",
         admin.rstrip("\n"),
         "    http-request track-sc0 src table per_client",
+        # whether the client's keys are right, kept before the key headers are rewritten
+        "    http-request set-var(txn.key_ok) bool(1) if user_ok or admin",
+        "    acl key_ok var(txn.key_ok) -m bool",
+        *(
+            [
+                f"    http-request del-header {INFERENCE_KEY_HEADER}",
+                f"    http-request del-header triton-grpc-protocol-{INFERENCE_KEY_HEADER}",
+                f"    http-request set-header triton-grpc-protocol-{INFERENCE_KEY_HEADER} "
+                f"{o.inference_token} if key_ok",
+            ]
+            if o.inference_key and o.inference_token
+            else []
+        ),
         f"    http-request return {grpc_err(8, 'too many concurrent requests from this client')}"
         f" if {{ sc0_conn_cur gt {o.max_per_client} }} !admin",
         "    acl open_method path " + " ".join(GRPC_SERVICE + m for m in GRPC_OPEN),
@@ -311,13 +345,14 @@ def render(o: FrontOptions) -> str:
         + grpc_err(14, BUSY)
         + f" if {{ be_conn(triton_grpc) ge {o.max_queue} }}",
         "    http-request return "
-        + grpc_err(16, "this server needs the inference key (metadata inference-key)")
-        + " if !user_ok",
-        "    http-request return "
         + grpc_err(7, "not a public method (admin key needed)")
         + " if !open_method",
         "    http-request allow if { path " + GRPC_SERVICE + "ServerLive "
-        f"{GRPC_SERVICE}ServerReady {GRPC_SERVICE}ServerMetadata }}",
+        f"{GRPC_SERVICE}ServerReady }}",
+        "    http-request return "
+        + grpc_err(16, "this server needs the inference key (metadata inference-key)")
+        + f" if !key_ok !{{ path {GRPC_SERVICE}ModelInfer }}",
+        f"    http-request allow if {{ path {GRPC_SERVICE}ServerMetadata }}",
         f"    http-request wait-for-body time {o.header_timeout_s:g}s",
         "    http-request return "
         + grpc_err(8, f"request message over {o.max_body_bytes} bytes (the largest valid batch)")

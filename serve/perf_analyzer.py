@@ -371,10 +371,28 @@ def run(profile: Profile, csv_path: Path, timeout: float = 300.0, relax: bool = 
     return result
 
 
+def mount_namespace_prefix(profile: Profile) -> list[str]:
+    """``serve run``'s Triton keeps a private /dev/shm (its own mount namespace), where
+    perf_analyzer's ``--shared-memory system`` regions must be made: then perf_analyzer
+    runs in that mount namespace (``nsenter``; the network stays ours, so it still talks
+    to the public front). Empty for any other server."""
+    if profile.shared_memory != "system":
+        return []
+    from serve import auth
+
+    folder = auth.shm_dir(profile.url)
+    match = re.fullmatch(r"/proc/(\d+)/root/dev/shm", folder or "")
+    if not match:
+        return []
+    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+    user = [] if os.geteuid() == 0 else ["--user", "--preserve-credentials"]
+    return [nsenter, f"--target={match.group(1)}", *user, "--mount", "--"]
+
+
 def _run_once(profile: Profile, csv_path: Path, timeout: float) -> Result | None:
     """One perf_analyzer process; None when it found no stable measurement."""
     binary = find_binary()
-    cmd = profile.command(binary, csv_path)
+    cmd = mount_namespace_prefix(profile) + profile.command(binary, csv_path)
     csv_path.unlink(missing_ok=True)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -288,6 +288,18 @@ class PublicServer:
                 ports[0],
                 ports[2],
             )
+        token = ""
+        if self.limits.inference_key:
+            # Triton refuses inference without this header itself (after reading the body:
+            # a clear error, where HAProxy 2.6 would reset a half-read stream); the
+            # front sets it for clients with the inference key. Only the front reaches a
+            # namespaced Triton, so the token in its argv is worth nothing to local users.
+            token = auth.new_key()
+            triton_opts.extra_args = [
+                *triton_opts.extra_args,
+                f"--grpc-restricted-protocol=inference:inference-key={token}",
+                f"--http-restricted-api=inference:inference-key={token}",
+            ]
         self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
         os.chmod(self._workdir, 0o700)
         tls_pem = ""
@@ -319,6 +331,7 @@ class PublicServer:
             idle_timeout_s=self.limits.idle_timeout_s,
             request_timeout_s=self.limits.request_timeout_s,
             tls_pem=tls_pem,
+            inference_token=token,
             stats_socket=str(self._workdir / "haproxy.sock"),
         )
         cfg = _write_private(self._workdir / "haproxy.cfg", render(front))

@@ -6,9 +6,11 @@ with the same logits."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import os
+import re
 import signal
 import socket
 import stat
@@ -147,6 +149,34 @@ def test_crashing_bodies_are_refused_and_triton_lives(front, pixels, expected):
         )
         reply = s.recv(4096).decode(errors="replace")
     assert " 411 " in reply.splitlines()[0] and "Content-Length" in reply, reply
+    _still_serving(front, pixels, expected)
+
+
+def test_a_batch_dimension_triton_would_truncate_is_refused(front, pixels, expected):
+    """Triton 2.51 answers batch 2^32+1 as batch 1 with status 200; over HTTP the front
+    refuses such a shape (gRPC's varints are not inspected: see the README)."""
+    import json
+
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": INPUT_NAME,
+                    "shape": [2**32 + 1, 3, 224, 224],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    status, body = _raw(
+        front,
+        "POST",
+        "/v2/models/antsbees/infer",
+        header + pixels.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 400 and "shape dimension" in body, (status, body)
     _still_serving(front, pixels, expected)
 
 
@@ -330,3 +360,89 @@ def test_no_stalls_for_sequential_tensor_requests(server, pixels, protocol):
         f"{int(stalled.sum())} of {len(lat)} requests stalled: median {median * 1e3:.1f} ms, "
         f"slowest {slowest * 1e3:.1f} ms"
     )
+
+
+@pytest.mark.parametrize("key", ["-" + "a" * 42, "--" + "b" * 41, "c" * 43])
+def test_generated_config_is_valid_for_every_key(tmp_path, key):
+    """Keys are token_urlsafe: one in 64 starts with '-', which HAProxy would read as an
+    ACL flag without the ``--`` that the generator puts before it."""
+    import subprocess
+
+    from serve.front import FrontOptions, find_haproxy, render
+
+    opts = FrontOptions(
+        http_bind="127.0.0.1:1",
+        grpc_bind="127.0.0.1:2",
+        metrics_bind="127.0.0.1:3",
+        triton_http="127.0.0.1:4",
+        triton_grpc="127.0.0.1:5",
+        triton_metrics="127.0.0.1:6",
+        public_models=["antsbees", "antsbees_image"],
+        internal_models=["antsbees_preprocess"],
+        admin_key=key,
+        inference_key=key[::-1],
+    )
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(render(opts))
+    check = subprocess.run([find_haproxy(), "-c", "-f", str(cfg)], capture_output=True)
+    assert check.returncode == 0, check.stderr.decode()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import shutil
+    import subprocess
+
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    key.chmod(0o600)
+    return cert, key
+
+
+def test_tls_and_inference_key(model_repo, tmp_path, pixels):
+    """``--tls-cert/--tls-key``: HTTPS and gRPC over TLS; ``--inference-key-file``:
+    inference needs the key (header ``inference-key``), the admin key also passes."""
+    from serve.stack import FrontLimits, PublicServer
+    from serve.triton_server import ServerOptions, free_port
+
+    cert, key = _self_signed(tmp_path)
+    opts = ServerOptions(
+        model_repository=str(model_repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    secret = auth.new_key()
+    limits = FrontLimits(tls_cert=str(cert), tls_key=str(key), inference_key=secret)
+    with PublicServer(opts, limits, log_path=tmp_path / "server.log") as srv:
+        https = httpclient.InferenceServerClient(
+            srv.http_url, ssl=True, ssl_options={"ca_certs": str(cert)}
+        )
+        grpcs = grpcclient.InferenceServerClient(
+            srv.grpc_url, ssl=True, root_certificates=str(cert)
+        )
+        try:
+            for module, client in ((httpclient, https), (grpcclient, grpcs)):
+                inp = module.InferInput(INPUT_NAME, list(pixels.shape), "FP32")
+                inp.set_data_from_numpy(pixels)
+                with pytest.raises(InferenceServerException) as info:
+                    client.infer("antsbees", [inp])
+                # HTTP: the front's 401; gRPC: Triton's own refusal (it read the body)
+                assert re.search("inference.key", str(info.value)), info.value
+                good = client.infer("antsbees", [inp], headers={"inference-key": secret})
+                assert good.as_numpy("logits").shape == (1, 2)
+        finally:
+            https.close()
+            grpcs.close()
+        # plain HTTP on the TLS port gets no answer from Triton
+        status = 0
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            status, _ = _raw(srv, "GET", "/v2/health/ready")
+        assert status != 200

@@ -223,15 +223,20 @@ def _tritonserver_under(pid: int) -> int:
     return found[0]
 
 
-@pytest.mark.parametrize("watchdog", ["10", "0"], ids=["supervised", "exec"])
-def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path, watchdog: str) -> None:
+@pytest.mark.parametrize(
+    "flags",
+    [["--watchdog", "10"], ["--watchdog", "0"], ["--watchdog", "0", "--no-front"]],
+    ids=["front+watchdog", "front", "no-front-exec"],
+)
+def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path, flags: list[str]) -> None:
     cmd = [os.sys.executable, "-m", "serve", "run", "--model-repository", str(model_repo)]
-    proc, _, url = _serve([*cmd, "--watchdog", watchdog], model_repo)
+    proc, _, url = _serve([*cmd, *flags], model_repo)
     try:
         _wait_ready(url, proc)
         server_pid = _tritonserver_under(proc.pid)
-        # --watchdog 0 execs tritonserver; otherwise `serve run` supervises it as a child.
-        assert (server_pid == proc.pid) == (watchdog == "0")
+        # --no-front --watchdog 0 execs tritonserver; otherwise `serve run` supervises the
+        # stack (the front and tritonserver) as children.
+        assert (server_pid == proc.pid) == ("--no-front" in flags)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0  # the server's own exit code
         assert not process_alive(server_pid)
