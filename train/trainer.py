@@ -36,7 +36,7 @@ from train.finetune import (
 from train.models import arch_options, build_model, get_arch, get_head
 from train.optim import build_optimizer, build_scheduler
 from train.pretrained import PretrainedInfo, resolve_pretrained
-from train.run_outputs import RunOutputs, banner
+from train.run_outputs import RunOutputs, banner, finished_run
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,14 @@ class Run:
             raise ValueError(
                 "feature caching runs in one process; use --no-cache-features with torchrun"
             )
+        # as config.yaml records them (_resolved_config): data and device resolved
+        settings = {**cfg.to_dict(), "data": self.data, "device": str(self.device)}
+        # OUT holds a finished run of these exact settings: nothing to train (re-runnable
+        # `make train export`); any other occupied OUT is still refused by RunOutputs.
+        self.finished = None if cfg.resume or cfg.overwrite else finished_run(self.out, settings)
         self.outputs = (
-            RunOutputs(self.out, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
-            if self.dist.is_main
+            RunOutputs(self.out, bool(cfg.resume), cfg.overwrite, settings)
+            if self.dist.is_main and self.finished is None
             else None
         )
 
@@ -470,6 +475,17 @@ class Run:
     def fit(self) -> dict[str, Any]:
         """Train all epochs; returns the summary (also written to ``summary.json``)."""
         t0 = time.perf_counter()
+        if self.finished is not None:
+            cleanup(self.dist)
+            log.info(
+                "%s already holds a finished run of these exact settings (best val acc %s at "
+                "epoch %s): nothing to train; --overwrite (TRAIN_ARGS=--overwrite) trains it "
+                "again, another OUT keeps both",
+                self.out,
+                self.finished.get("best_val_acc"),
+                self.finished.get("best_epoch"),
+            )
+            return self.finished
         try:
             self._setup()
             return self._fit(t0)
