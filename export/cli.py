@@ -110,7 +110,21 @@ def _precision_args(p: argparse.ArgumentParser) -> None:
         "--small-set-drop-images",
         type=int,
         default=ACCURACY_GATE.small_set_drop_images,
-        help="the accuracy drop allowed on a small set, in images",
+        help="on a small set: the accuracy drop allowed, in images, and the flips that "
+        "break a correct FP32 answer allowed (README: the gate on a small set)",
+    )
+    g.add_argument(
+        "--small-set-min-agreement",
+        type=float,
+        default=ACCURACY_GATE.small_set_min_agreement,
+        help="on a small set: the top-1 agreement floor (it only lowers --min-agreement)",
+    )
+    g.add_argument(
+        "--min-int8-speedup",
+        type=float,
+        default=PrecisionConfig.min_int8_speedup,
+        help="PRECISION=int8 is published only when in-process ONNX Runtime measures it at "
+        "least this many times FP32's images/s (batch 1 and 8, interleaved); else exit 3",
     )
     g.add_argument(
         "--calibration-count",
@@ -164,8 +178,13 @@ def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the 
     return PrecisionConfig(
         precision=a.precision,
         gate=AccuracyGate(
-            a.min_agreement, a.max_accuracy_drop, a.small_set_images, a.small_set_drop_images
+            a.min_agreement,
+            a.max_accuracy_drop,
+            a.small_set_images,
+            a.small_set_drop_images,
+            a.small_set_min_agreement,
         ),
+        min_int8_speedup=a.min_int8_speedup,
         calibration=Calibration(count=a.calibration_count, method=a.calibration_method),
         calibration_data=a.calibration_data,
         int8=a.int8_stage,
