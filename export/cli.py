@@ -19,10 +19,24 @@ log = logging.getLogger(__name__)
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("TensorRT engine (GPU hosts)")
-    g.add_argument("--min-batch", type=int, default=EngineProfile.min_batch)
-    g.add_argument("--opt-batch", type=int, default=EngineProfile.opt_batch)
-    g.add_argument("--max-batch", type=int, default=EngineProfile.max_batch)
-    g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument(
+        "--min-batch", type=int, default=EngineProfile.min_batch, help="engine profile: min batch"
+    )
+    g.add_argument(
+        "--opt-batch",
+        type=int,
+        default=EngineProfile.opt_batch,
+        help="engine profile: the batch TensorRT tunes for",
+    )
+    g.add_argument(
+        "--max-batch", type=int, default=EngineProfile.max_batch, help="engine profile: max batch"
+    )
+    g.add_argument(
+        "--fp16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="FP16 engine (the ONNX graph converted to FP16); --no-fp16: FP32",
+    )
     g.add_argument("--timing-cache", default="", help="load/save TensorRT's tactic timing cache")
     g.add_argument(
         "--version-compatible",
@@ -92,14 +106,38 @@ def _precision_args(p: argparse.ArgumentParser) -> None:
         default=ACCURACY_GATE.small_set_images,
         help="below this many images the allowed drop is --small-set-drop-images images",
     )
-    g.add_argument("--small-set-drop-images", type=int, default=ACCURACY_GATE.small_set_drop_images)
+    g.add_argument(
+        "--small-set-drop-images",
+        type=int,
+        default=ACCURACY_GATE.small_set_drop_images,
+        help="on a small set: the accuracy drop allowed, in images, and the flips that "
+        "break a correct FP32 answer allowed (README: the gate on a small set)",
+    )
+    g.add_argument(
+        "--small-set-min-agreement",
+        type=float,
+        default=ACCURACY_GATE.small_set_min_agreement,
+        help="on a small set: the top-1 agreement floor (it only lowers --min-agreement)",
+    )
+    g.add_argument(
+        "--min-int8-speedup",
+        type=float,
+        default=PrecisionConfig.min_int8_speedup,
+        help="PRECISION=int8 is published only when in-process ONNX Runtime measures it at "
+        "least this many times FP32's images/s (batch 1 and 8, interleaved); else exit 3",
+    )
     g.add_argument(
         "--calibration-count",
         type=int,
         default=Calibration.count,
         help="INT8: training images (eval transform) to calibrate on",
     )
-    g.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="MinMax")
+    g.add_argument(
+        "--calibration-method",
+        choices=CALIBRATION_METHODS,
+        default="MinMax",
+        help="INT8: ONNX Runtime's calibration method",
+    )
     g.add_argument(
         "--calibration-data",
         default="",
@@ -140,8 +178,13 @@ def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the 
     return PrecisionConfig(
         precision=a.precision,
         gate=AccuracyGate(
-            a.min_agreement, a.max_accuracy_drop, a.small_set_images, a.small_set_drop_images
+            a.min_agreement,
+            a.max_accuracy_drop,
+            a.small_set_images,
+            a.small_set_drop_images,
+            a.small_set_min_agreement,
         ),
+        min_int8_speedup=a.min_int8_speedup,
         calibration=Calibration(count=a.calibration_count, method=a.calibration_method),
         calibration_data=a.calibration_data,
         int8=a.int8_stage,
@@ -152,12 +195,16 @@ def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the 
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="runs/antsbees/checkpoint.pt")
+    p.add_argument(
+        "--checkpoint",
+        default="runs/antsbees/checkpoint.pt",
+        help="the training run's best checkpoint (make export: $(OUT)/checkpoint.pt)",
+    )
     p.add_argument("--name", default="", help="served model name (default: the checkpoint's)")
     p.add_argument(
         "--data", default="", help="dataset for parity (default: the checkpoint's training data)"
     )
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the data split parity and gates use")
     add_model_repository(p)
     p.add_argument(
         "--out-dir",
@@ -251,8 +298,18 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         default=ServingConfig.max_batch_size,
         help="cpu and gpu-onnxruntime (tensorrt: the profile's --max-batch)",
     )
-    g.add_argument("--max-queue-delay-us", type=int, default=ServingConfig.max_queue_delay_us)
-    g.add_argument("--instances", type=int, default=ServingConfig.instances)
+    g.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=ServingConfig.max_queue_delay_us,
+        help="dynamic batching: how long a request waits for others",
+    )
+    g.add_argument(
+        "--instances",
+        type=int,
+        default=ServingConfig.instances,
+        help="model instances (each its own backend process on CPU)",
+    )
     g.add_argument(
         "--intra-op-threads",
         type=int,
@@ -284,7 +341,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         default=ServingConfig.trt_engine_cache_path,
         help="gpu-onnxruntime: where the TensorRT accelerator keeps its engines (per model)",
     )
-    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (parity images)")
     _engine_args(p)
 
 

@@ -49,6 +49,8 @@ class PrecisionConfig:
     fallback_rounds: int = 8
     fallback_groups: int = 8
     fallback_max_fraction: float = 0.75
+    # PRECISION=int8 (CPU) must pay off: INT8 images/s >= this x FP32's, measured here
+    min_int8_speedup: float = 1.15
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
@@ -57,6 +59,8 @@ class PrecisionConfig:
             raise ValueError("PRECISION=int8 needs the INT8 stage (drop --no-int8-stage)")
         if not 0 < self.gate.min_agreement <= 1 or self.gate.max_accuracy_drop < 0:
             raise ValueError(f"invalid accuracy gate {self.gate}")
+        if self.min_int8_speedup < 0:
+            raise ValueError(f"--min-int8-speedup must be >= 0, got {self.min_int8_speedup}")
 
 
 def gating_stages(precision: str, target: str) -> set[str]:

@@ -32,7 +32,7 @@ from export.precision import (
     precision_details,
     served_stage,
 )
-from export.precision_fallback import fallback_step
+from export.precision_fallback import fallback_step, speed_gate
 from export.publish import Published, publish
 from export.report import write_histogram, write_json, write_markdown
 from export.stage_outputs import (
@@ -484,6 +484,7 @@ STEPS: list[Callable[[ExportRun], None]] = [
     export_int8,
     check_onnxruntime,
     fallback_step,
+    speed_gate,
     check_tensorrt,
     make_card,
     check_triton,

@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 EXIT_OK, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -55,18 +56,48 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors (an unknown flag, ``--precision int9``) are one ``error:`` line naming
+    the problem and the valid choices, not the whole usage block first; exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where it informs: not when the help already names the
+    default, nor for an empty or unset default, nor for on/off switches (``--no-publish``
+    would read "(default: True)", the value of its destination, not of the flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        switch = isinstance(
+            action,
+            argparse._StoreTrueAction | argparse._StoreFalseAction | argparse._StoreConstAction,
+        )
+        if (
+            switch
+            or "(default" in text.lower()
+            or action.default in (None, "", [], argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(
     prog: str, description: str, commands: Sequence[Command]
 ) -> argparse.ArgumentParser:
-    """An argparse parser with one subparser per command (defaults shown in --help)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    """An argparse parser with one subparser per command (informative defaults shown in
+    --help, :class:`HelpFormatter`)."""
+    parser = Parser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in commands:
         p = sub.add_parser(
             c.name,
             help=c.help,
             description=c.description or c.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         c.add_arguments(p)
         p.set_defaults(_run=c.run)
@@ -87,6 +118,12 @@ def main(
     if default and not top_level_help and (not argv or argv[0] not in names):
         argv = [default, *argv]
     parser = build_parser(prog, description, commands)
+    if default and top_level_help:  # the default command's options, not only the list
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        print(parser.format_help())
+        print(f"`{prog} [options]` runs `{prog} {default}`; its options:\n")
+        print(sub.choices[default].format_help(), end="")
+        return EXIT_OK
     args = parser.parse_args(argv)
     setup_logging()
     return run_guarded(lambda: args._run(args))

@@ -39,6 +39,10 @@ class Checkpoint:
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None
+    # With weight EMA ``state_dict`` holds the EMA weights (what is evaluated and exported);
+    # an exact resume also needs the live weights the optimizer steps and the EMA's count.
+    train_weights: dict[str, torch.Tensor] | None = None
+    ema_steps: int = 0
     torch_version: str = str(torch.__version__)
 
     def to_dict(self) -> dict[str, Any]:
@@ -56,6 +60,8 @@ class Checkpoint:
             "scheduler": self.scheduler,
             "scaler": self.scaler,
             "rng": self.rng,
+            "train_weights": self.train_weights,
+            "ema_steps": int(self.ema_steps),
             "torch_version": self.torch_version,
         }
 
@@ -87,6 +93,8 @@ class Checkpoint:
             scheduler=d.get("scheduler"),
             scaler=d.get("scaler"),
             rng=d.get("rng"),
+            train_weights=d.get("train_weights"),
+            ema_steps=int(d.get("ema_steps") or 0),
             torch_version=str(d.get("torch_version", "")),
         )
 

@@ -219,3 +219,20 @@ def resolve_config(
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
     return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.config RECIPE KEY``: print one resolved setting. What the Makefile
+    runs to name MODEL: it imports only this module (YAML, no torch), well under a second."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m train.config RECIPE KEY", file=sys.stderr)
+        return 2
+    print(getattr(resolve_config(args[0]), args[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,10 @@
 ``checkpoint.pt`` (best epoch) is written before ``last.pt`` (every epoch), so a run
 killed between the two never leaves ``last.pt`` ahead of a missing best; both are
 atomic. A fresh run refuses an ``OUT`` that already holds checkpoints unless it resumes
-or is told to overwrite; temp files of killed runs are removed at start. Also
+or is told to overwrite - except when it holds a *finished* run of exactly the same
+settings (:func:`finished_run`): then there is nothing to train and the run is skipped,
+so ``make train export`` can be run again. Temp files of killed runs are removed at
+start. Also
 ``metrics.jsonl``, ``curves.png``, ``confusion.png``, ``config.yaml``, ``summary.json``.
 """
 
@@ -36,16 +39,62 @@ def banner(msg: str) -> None:
     log.warning("\n%s\n!! %s\n%s\n", line, msg, line)
 
 
+# Settings that say how a run was started, not what it trains.
+NOT_COMPARED = ("resume", "overwrite")
+
+
+def settings_differences(out: Path, settings: dict[str, Any]) -> list[str] | None:
+    """``key: old -> new`` for each setting in which ``out/config.yaml`` differs from
+    ``settings`` (None when there is no readable config.yaml)."""
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    new = yaml.safe_load(yaml.safe_dump(settings, sort_keys=False))  # YAML's types
+    return [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in new.items()
+        if k not in NOT_COMPARED and saved.get(k) != v
+    ]
+
+
+def finished_run(out: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of the run in ``out`` when it finished (``summary.json`` and both
+    checkpoints present) with exactly ``settings`` (the resolved TrainConfig, ``data``
+    resolved), else None. Seeded training would only repeat it."""
+    if not all((out / n).is_file() for n in (*CHECKPOINTS, "summary.json")):
+        return None
+    if settings_differences(out, settings) != []:
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 class RunOutputs:
     """The files of one run in ``out`` (only the main process writes)."""
 
-    def __init__(self, out: Path, resuming: bool, overwrite: bool) -> None:
+    def __init__(
+        self,
+        out: Path,
+        resuming: bool,
+        overwrite: bool,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         self.out = out
         existing = [n for n in CHECKPOINTS if (out / n).is_file()]
         if existing and not (resuming or overwrite):
+            diff = settings_differences(out, settings) if settings is not None else None
+            why = f" with other settings ({'; '.join(diff)})" if diff else ""
+            state = "" if (out / "summary.json").is_file() else " (unfinished)"
             raise OutputExists(
-                f"{out} already holds {', '.join(existing)} from an earlier run: resume it "
-                f"(--resume {out / 'last.pt'}), pass --overwrite, or choose another --out"
+                f"{out} already holds {', '.join(existing)} from an earlier run{state}{why}: "
+                f"resume it (--resume {out / 'last.pt'}), pass --overwrite, or choose "
+                "another --out"
             )
         self.metrics_path = out / "metrics.jsonl"
 

@@ -36,7 +36,7 @@ from train.finetune import (
 from train.models import arch_options, build_model, get_arch, get_head
 from train.optim import build_optimizer, build_scheduler
 from train.pretrained import PretrainedInfo, resolve_pretrained
-from train.run_outputs import RunOutputs, banner
+from train.run_outputs import RunOutputs, banner, finished_run
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,14 @@ class Run:
             raise ValueError(
                 "feature caching runs in one process; use --no-cache-features with torchrun"
             )
+        # as config.yaml records them (_resolved_config): data and device resolved
+        settings = {**cfg.to_dict(), "data": self.data, "device": str(self.device)}
+        # OUT holds a finished run of these exact settings: nothing to train (re-runnable
+        # `make train export`); any other occupied OUT is still refused by RunOutputs.
+        self.finished = None if cfg.resume or cfg.overwrite else finished_run(self.out, settings)
         self.outputs = (
-            RunOutputs(self.out, resuming=bool(cfg.resume), overwrite=cfg.overwrite)
-            if self.dist.is_main
+            RunOutputs(self.out, bool(cfg.resume), cfg.overwrite, settings)
+            if self.dist.is_main and self.finished is None
             else None
         )
 
@@ -168,7 +173,9 @@ class Run:
             )
             self.arch = self.resume_ckpt.card.arch
             self.model = build_model(self.arch, len(self.classes), **self.options)
-            self.model.load_state_dict(self.resume_ckpt.state_dict)
+            # the live weights the optimizer steps (with EMA, state_dict holds the EMA's)
+            ckpt = self.resume_ckpt
+            self.model.load_state_dict(ckpt.train_weights or ckpt.state_dict)
         else:
             self.model, self.info = resolve_pretrained(
                 cfg.arch,
@@ -341,6 +348,12 @@ class Run:
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             rng=rng_state(self.loader_gen),
+            train_weights=(
+                {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                if self.ema is not None
+                else None
+            ),
+            ema_steps=int(self.ema.n_averaged) if self.ema is not None else 0,
         )
 
     def _resolved_config(self) -> dict[str, Any]:
@@ -462,6 +475,17 @@ class Run:
     def fit(self) -> dict[str, Any]:
         """Train all epochs; returns the summary (also written to ``summary.json``)."""
         t0 = time.perf_counter()
+        if self.finished is not None:
+            cleanup(self.dist)
+            log.info(
+                "%s already holds a finished run of these exact settings (best val acc %s at "
+                "epoch %s): nothing to train; --overwrite (TRAIN_ARGS=--overwrite) trains it "
+                "again, another OUT keeps both",
+                self.out,
+                self.finished.get("best_val_acc"),
+                self.finished.get("best_epoch"),
+            )
+            return self.finished
         try:
             self._setup()
             return self._fit(t0)
@@ -501,13 +525,20 @@ class Run:
         writer = self._tensorboard()
         cache = self._features() if self.cached else None
         confusion: list[list[int]] | None = None
-        if cfg.mode == "finetune" and cfg.lp_epochs and self.start_epoch == 1:
-            te = time.perf_counter()
-            lp = self._linear_probe()
-            if outputs is not None:
-                confusion = self._record(0, cfg.lp_lr, te, lp, writer) or confusion
+        if cfg.mode == "finetune" and cfg.lp_epochs:
+            if self.resume_ckpt is None:
+                te = time.perf_counter()
+                lp = self._linear_probe()
+                if outputs is not None:
+                    confusion = self._record(0, cfg.lp_lr, te, lp, writer) or confusion
+            else:  # every LP-FT checkpoint is saved after the probe (epoch 0): done already
+                lp_rows = [r for r in self.history if r["epoch"] == 0]
+                self.lp_val_acc = lp_rows[0]["val_acc"] if lp_rows else None
         if cfg.ema_decay and not self.cached:
             self.ema = make_ema(self.model, cfg.ema_decay, self.optimizer)
+            if self.resume_ckpt is not None and self.resume_ckpt.ema_steps:
+                self.ema.module.load_state_dict(self.resume_ckpt.state_dict)
+                self.ema.n_averaged.fill_(self.resume_ckpt.ema_steps)
         for epoch in range(self.start_epoch, cfg.epochs + 1):
             te = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]

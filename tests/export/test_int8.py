@@ -45,8 +45,52 @@ def test_accuracy_gate_counts_images_and_points() -> None:
     assert stage.status == "passed" and stage.accuracy_drop == pytest.approx(0.01)
     assert stage.per_class_accuracy == {"a": 0.98, "b": 1.0} and stage.gate == "accuracy"
     stage = judge("x", "fp32", ref, _logits(two_wrong), AccuracyGate(0.99), True, labels, classes)
-    assert stage.status == "failed" and "top-1 agreement 98.0000% < 99.00%" in stage.reason
+    assert stage.status == "failed" and "2 flips break a correct reference answer" in stage.reason
     assert "2.00 points below" in stage.reason  # two images of 100: more than one image
+    stage = judge("x", "fp32", ref, _logits(two_wrong), AccuracyGate(0.99), True, labels * 0 + 1)
+    assert "top-1 agreement" not in stage.reason  # 98% meets the small-set floor
+
+
+def test_small_set_gate_judges_flips_by_what_they_do() -> None:
+    """The issue's case: 153 val images, FP32 right on 147; INT8 flips 2, both to the
+    correct label (97.39% vs 96.08%). 99.5% agreement allowed no flip; now flips that fix
+    pass, flips that break count against the one image allowed, and a 98% floor stays."""
+    labels = np.array([0] * 70 + [1] * 83)
+    fp32_pred = labels.copy()
+    wrong = np.array([0, 1, 2, 3, 80, 81])  # FP32 wrong on 6: 147/153 = 96.08%
+    fp32_pred[wrong] = 1 - labels[wrong]
+    ref, gate, classes = _logits(fp32_pred), AccuracyGate(), ["ants", "bees"]
+
+    def flipped(*idx: int) -> np.ndarray:
+        pred = fp32_pred.copy()
+        pred[list(idx)] = 1 - pred[list(idx)]
+        return _logits(pred)
+
+    fixes_two = judge("int8", "fp32", ref, flipped(0, 80), gate, True, labels, classes)
+    assert fixes_two.status == "passed", fixes_two.reason
+    assert (fixes_two.flips_fix, fixes_two.flips_break) == (2, 0)
+    assert fixes_two.accuracy == pytest.approx(149 / 153) and fixes_two.top1_agreement < 0.995
+    assert fixes_two.thresholds["agreement_floor"] == 0.98
+    one_each = judge("int8", "fp32", ref, flipped(1, 10), gate, True, labels, classes)
+    assert one_each.status == "passed" and one_each.accuracy_drop == 0
+    breaks_two = judge("int8", "fp32", ref, flipped(10, 11, 0, 80), gate, True, labels, classes)
+    assert breaks_two.status == "failed"  # fixes never buy breaks
+    assert "2 flips break a correct reference answer (allowed 1" in breaks_two.reason
+    breaks_two_net = judge("int8", "fp32", ref, flipped(10, 11), gate, True, labels, classes)
+    assert "points below" in breaks_two_net.reason  # 2 images > the 1 allowed
+    reshuffle = judge("int8", "fp32", ref, flipped(0, 1, 2, 80), gate, True, labels, classes)
+    assert reshuffle.status == "failed" and "top-1 agreement 97.3856% < 98.00%" in (
+        reshuffle.reason
+    )
+    # a large set keeps the plain rule: 99.5% agreement, 0.5 points
+    big = np.tile(labels, 2)
+    big_ref = _logits(np.tile(fp32_pred, 2))
+    big_out = _logits(np.concatenate([flipped(0).argmax(1), fp32_pred]))
+    stage = judge("int8", "fp32", big_ref, big_out, gate, True, big, classes)
+    assert stage.status == "passed" and stage.thresholds["agreement_floor"] == 0.995
+    big_out = _logits(np.concatenate([flipped(0, 80).argmax(1), fp32_pred]))
+    stage = judge("int8", "fp32", big_ref, big_out, gate, True, big, classes)
+    assert stage.status == "failed" and "< 99.50%" in stage.reason
 
 
 def _int8_export(run: Path, out: Path, repo: Path, *extra: str, check: bool = True):
@@ -70,7 +114,16 @@ def _int8_export(run: Path, out: Path, repo: Path, *extra: str, check: bool = Tr
 
 # Stricter than INT8 can meet unaided: every val image must agree and no accuracy may be
 # lost (not even the one image the default allows on a small set).
-STRICT = ("--min-agreement", "1.0", "--max-accuracy-drop", "0", "--small-set-drop-images", "0")
+STRICT = (
+    "--min-agreement",
+    "1.0",
+    "--small-set-min-agreement",
+    "1.0",
+    "--max-accuracy-drop",
+    "0",
+    "--small-set-drop-images",
+    "0",
+)
 
 
 def test_int8_fails_a_strict_gate_without_fallback(trained_run: Path, tmp_path: Path) -> None:
@@ -94,6 +147,45 @@ def test_int8_fails_a_strict_gate_without_fallback(trained_run: Path, tmp_path: 
     assert stage["fallback"] == {"status": "disabled (--no-precision-fallback)"}
 
 
+def test_int8_speed_gate_refuses_a_slow_int8(trained_run: Path, tmp_path: Path) -> None:
+    """`make export PRECISION=int8` publishes INT8 only when it is measured faster than
+    FP32 by --min-int8-speedup: an INT8 that passes the accuracy gate (a lax one here, so
+    no fallback runs) but not a 1000x speed bar is refused with the numbers, exit 3,
+    nothing published; the speed verdict is printed and in the report."""
+    out, repo = tmp_path / "out", tmp_path / "repo"
+    lax = ("--small-set-min-agreement", "0.5", "--small-set-drop-images", "20")
+    proc = _int8_export(
+        trained_run,
+        out,
+        repo,
+        *lax,
+        "--min-int8-speedup",
+        "1000",
+        "--no-triton-parity",
+        check=False,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "INT8 speed vs FP32" in proc.stderr and "NOT faster" in proc.stderr
+    assert (
+        "INT8 is not worth serving: batch 1: " in proc.stderr
+        and "< --min-int8-speedup 1000" in (proc.stderr)
+    )
+    assert not versions(repo / "antsbees")
+    stage = next(
+        s
+        for s in json.loads((out / "parity.json").read_text())["stages"]
+        if s["name"] == "onnxruntime-int8"
+    )
+    assert stage["status"] == "failed" and stage["fallback"] is None  # accuracy passed
+    assert stage["thresholds"]["min_int8_speedup"] == 1000
+    speed = json.loads((out / "parity.json").read_text())["precision_details"]["int8"]["speed"]
+    for batch in ("1", "8"):
+        fp32, int8 = speed["batches"][batch]["fp32"], speed["batches"][batch]["int8"]
+        assert fp32["images_per_s"] > 0 and int8["images_per_s"] > 0
+        assert int8["speedup"] == pytest.approx(int8["images_per_s"] / fp32["images_per_s"], 0.01)
+    assert speed["passed"] is False and speed["slowest_speedup"] < 1000
+
+
 def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_path: Path) -> None:
     """`make export PRECISION=int8` (its python -m export equivalent): the plain INT8 model
     of this low-margin model fails the gate (measured: 95-97% agreement), the fallback keeps
@@ -102,7 +194,17 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
     ONNX Runtime's INT8 outputs. The gate allows one disagreeing image of 153 (99%):
     99.5% of 153 images is every image, which no INT8 variant short of FP32 met here."""
     out, repo = tmp_path / "out", tmp_path / "repo"
-    proc = _int8_export(trained_run, out, repo, "--min-agreement", "0.99")
+    # the speed gate is this machine's (test_int8_speed_gate_refuses_a_slow_int8 covers it)
+    proc = _int8_export(
+        trained_run,
+        out,
+        repo,
+        "--small-set-min-agreement",
+        "0.99",
+        "--min-int8-speedup",
+        "0",
+    )
+    assert "INT8 speed vs FP32" in proc.stderr and "publishing INT8" in proc.stderr
     assert "published antsbees version 1 (cpu)" in proc.stderr
     report = json.loads((out / "parity.json").read_text())
     by_name = {s["name"]: s for s in report["stages"]}

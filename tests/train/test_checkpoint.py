@@ -140,19 +140,30 @@ def _train(out: Path, data: Path, *extra: str, check: bool = True):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_fresh_run_refuses_an_out_with_checkpoints(tmp_path: Path) -> None:
+    """Run again with the same settings (`make train export` twice): the finished run is
+    kept and nothing trains. With other settings, or over an unfinished run: refused."""
     from tests.helpers import CIFAR
 
     out = tmp_path / "run"
     _train(out, CIFAR)
     first = (out / "checkpoint.pt").read_bytes()
+    metrics = (out / "metrics.jsonl").read_text()
     stale = out / f".last.pt.{2**22 + 7}.deadbeef.tmp"  # a killed writer's temp file
     stale.write_bytes(b"partial")
-    proc = _train(out, CIFAR, check=False)
+    proc = _train(out, CIFAR)
+    assert "already holds a finished run of these exact settings" in proc.stderr
+    assert "nothing to train" in proc.stderr and "--overwrite" in proc.stderr
+    assert (out / "checkpoint.pt").read_bytes() == first
+    assert (out / "metrics.jsonl").read_text() == metrics
+    proc = _train(out, CIFAR, "--lr", "0.05", check=False)
     assert proc.returncode == 2 and "already holds checkpoint.pt, last.pt" in proc.stderr
+    assert "other settings (lr: 0.1 -> 0.05)" in proc.stderr
     assert "--resume" in proc.stderr and "--overwrite" in proc.stderr
     assert (out / "checkpoint.pt").read_bytes() == first and stale.exists()
+    (out / "summary.json").unlink()  # as if killed before the end: resume, not skip
+    proc = _train(out, CIFAR, check=False)
+    assert proc.returncode == 2 and "earlier run (unfinished)" in proc.stderr
     proc = _train(out, CIFAR, "--overwrite")
     assert not stale.exists()  # cleaned at start
     assert "removed" in proc.stderr

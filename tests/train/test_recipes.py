@@ -325,3 +325,48 @@ def test_cv_folds_partition_the_training_images(tmp_path: Path, hymenoptera: Pat
     assert Candidate.parse("ta antsbees_finetune auto_augment=trivialaugment lr=0.01") == (
         Candidate("ta", "antsbees_finetune", {"auto_augment": "trivialaugment", "lr": 0.01})
     )
+
+
+class _Interrupted(Run):
+    """A run stopped as by Ctrl-C when fine-tune epoch ``stop_at`` starts."""
+
+    stop_at = 0
+
+    def _epoch_full(self, epoch: int) -> Any:
+        if epoch == self.stop_at:
+            raise KeyboardInterrupt
+        return super()._epoch_full(epoch)
+
+
+@pytest.mark.slow
+def test_default_recipe_resumes_exactly(tmp_path: Path, hymenoptera: Path) -> None:
+    """The default recipe (LP-FT, frozen BN, weight EMA, cosine over 2 epochs), shrunk:
+    interrupted in fine-tune epoch 1 (last.pt is the probe's epoch 0) and resumed, then
+    interrupted in epoch 2 and resumed, gives the uninterrupted run's weights and metrics
+    bit for bit; the probe runs once and epoch 0 is recorded once."""
+    small = {"arch": "efficientnet_lite0", "batch_size": 8}
+    Run(_small_lpft(hymenoptera, tmp_path / "straight", **small)).fit()
+    cfg = _small_lpft(hymenoptera, tmp_path / "split", **small)
+    assert (cfg.epochs, cfg.lp_epochs > 0, cfg.ema_decay > 0) == (2, True, True)
+    last = str(tmp_path / "split" / "run" / "last.pt")
+    for stop_at, done in ((1, 0), (2, 1)):
+        run = _Interrupted(cfg)
+        run.stop_at = stop_at
+        with pytest.raises(KeyboardInterrupt):
+            run.fit()
+        assert load_checkpoint(last).epoch == done
+        cfg = config_from_args(["--resume", last])  # what `--resume runs/X/last.pt` does
+    summary = Run(cfg).fit()
+    a = load_checkpoint(tmp_path / "straight" / "run" / "last.pt")
+    b = load_checkpoint(last)
+    assert a.epoch == b.epoch == 2
+    for key, value in a.state_dict.items():
+        assert torch.equal(value, b.state_dict[key]), key
+
+    def rows(run: str) -> list[dict]:
+        lines = (tmp_path / run / "run" / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(ln).items() if k != "seconds"} for ln in lines]
+
+    assert [r["epoch"] for r in rows("split")] == [0, 1, 2]
+    assert rows("straight") == rows("split")
+    assert summary["lp_val_acc"] == rows("straight")[0]["val_acc"]
