@@ -75,6 +75,10 @@ EXTERNAL_FLAGS = {
     "--no-deps": "pip",
     "--dry-run": "pip",
     "--nproc": "torchrun (--nproc_per_node)",
+    "--net": "unshare",
+    "--mount": "unshare",
+    "--user": "unshare",
+    "--map-root-user": "unshare",
 }
 
 
