@@ -42,14 +42,19 @@ class Admin:
     """A control-plane session with one server (``with Admin(url) as a: ...``)."""
 
     def __init__(
-        self, url: str | None = None, key: str | None = None, timeout: float = CALL_TIMEOUT
+        self,
+        url: str | None = None,
+        key: str | None = None,
+        timeout: float = CALL_TIMEOUT,
+        protocol: str = "grpc",
     ) -> None:
-        import tritonclient.grpc as grpcclient
+        from serve.client import make_client
 
-        self.url = url or DEFAULT_URLS["grpc"]
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
         self.key = key if key is not None else auth.resolve_key(self.url)
         self.timeout = timeout
-        self.client = grpcclient.InferenceServerClient(self.url)
+        self.client = make_client(protocol, self.url, min(10.0, timeout), timeout)
 
     def __enter__(self) -> Admin:
         return self
@@ -65,15 +70,14 @@ class Admin:
         self, what: str, fn: str, *args: Any, timeout: float | None = None, **kwargs: Any
     ) -> Any:
         """``self.client.<fn>(*args)`` with the key header and a deadline; errors typed."""
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = timeout or self.timeout
+        else:
+            kwargs.pop("as_json", None)  # the HTTP client answers JSON anyway
         try:
-            return getattr(self.client, fn)(
-                *args,
-                headers=auth.headers(self.key),
-                client_timeout=timeout or self.timeout,
-                **kwargs,
-            )
+            return getattr(self.client, fn)(*args, headers=auth.headers(self.key), **kwargs)
         except Exception as e:  # noqa: BLE001 - tritonclient/grpc errors, mapped
-            err = classify_error(e, what, self.url, "grpc", args[0] if args else "")
+            err = classify_error(e, what, self.url, self.protocol, args[0] if args else "")
             if "restricted" in str(e).lower() or "unauthenticated" in str(e).lower():
                 hint = "" if self.key else " (no admin key found: pass --admin-key-file)"
                 raise type(err)(f"{err}{hint}") from e
@@ -81,6 +85,8 @@ class Admin:
 
     def index(self) -> list[ModelVersion]:
         raw = self.call("repository index", "get_model_repository_index", as_json=True)
+        if isinstance(raw, list):  # HTTP
+            raw = {"models": raw}
         return [
             ModelVersion(
                 m["name"], m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", "")
@@ -102,7 +108,8 @@ class Admin:
     def config(self, model: str) -> dict[str, Any] | None:
         """The loaded config of ``model`` (None when it is not loaded)."""
         try:
-            return self.call("config", "get_model_config", model, as_json=True)["config"]
+            raw = self.call("config", "get_model_config", model, as_json=True)
+            return raw.get("config", raw)
         except ModelNotReady:
             return None
 
@@ -123,17 +130,19 @@ class Admin:
 
 
 @contextlib.contextmanager
-def session(url: str | None, key: str | None = None) -> Iterator[Admin]:
-    a = Admin(url, key)
+def session(url: str | None, key: str | None = None, protocol: str = "grpc") -> Iterator[Admin]:
+    a = Admin(url, key, protocol=protocol)
     try:
         yield a
     finally:
         a.close()
 
 
-def list_models(url: str | None = None, key: str | None = None) -> list[ModelVersion]:
+def list_models(
+    url: str | None = None, key: str | None = None, protocol: str = "grpc"
+) -> list[ModelVersion]:
     """Every model (and version) the server's repository knows, with its state."""
-    with session(url, key) as a:
+    with session(url, key, protocol) as a:
         return a.index()
 
 
@@ -247,6 +256,9 @@ def read_metrics(metrics_url: str, timeout: float = 5.0) -> dict[tuple[str, str]
     return out
 
 
+METRIC_KEYS = ("success", "failure", "avg_queue_ms", "avg_compute_ms", "avg_batch")
+
+
 def summarize_metrics(counters: dict[str, float]) -> dict[str, float]:
     """Success/failure counts, average queue and compute time per request (ms), and the
     average executed batch size, from Triton's cumulative counters."""
@@ -264,27 +276,41 @@ def summarize_metrics(counters: dict[str, float]) -> dict[str, float]:
     }
 
 
-def health(url: str | None, metrics_url: str, key: str | None = None) -> dict[str, Any]:
-    """Server liveness/readiness, each model's state, and metrics per model version."""
-    with session(url, key) as a:
+def health(
+    url: str | None, metrics_url: str | None, key: str | None = None, protocol: str = "grpc"
+) -> dict[str, Any]:
+    """Server liveness/readiness, each model's state, and metrics per model version
+    (``metrics_url`` None: unknown - the counts are then None, not 0)."""
+    with session(url, key, protocol) as a:
         try:
-            live = a.client.is_server_live(client_timeout=a.timeout)
-            ready = a.client.is_server_ready(client_timeout=a.timeout)
+            kw = {"client_timeout": a.timeout} if protocol == "grpc" else {}
+            live = a.client.is_server_live(**kw)
+            ready = a.client.is_server_ready(**kw)
         except Exception as e:  # noqa: BLE001
-            raise classify_error(e, "health", a.url, "grpc", "") from e
+            raise classify_error(e, "health", a.url, protocol, "") from e
         models = a.index()
-    try:
-        metrics = read_metrics(metrics_url)
-        metrics_error = ""
-    except OSError as e:
-        metrics, metrics_error = {}, f"metrics endpoint {metrics_url} unreachable: {e}"
+    metrics: dict[tuple[str, str], dict[str, float]] | None = None
+    if metrics_url is None:
+        metrics_error = (
+            f"metrics: unknown for {a.url} (no record of its metrics port; pass "
+            "--metrics-url http://HOST:PORT/metrics)"
+        )
+    else:
+        try:
+            metrics, metrics_error = read_metrics(metrics_url), ""
+        except OSError as e:
+            metrics_error = f"metrics endpoint {metrics_url} unreachable: {e}"
     rows = [
         {
             "model": m.name,
             "version": m.version,
             "state": m.state,
             "reason": m.reason,
-            **summarize_metrics(metrics.get((m.name, m.version), {})),
+            **(
+                summarize_metrics(metrics.get((m.name, m.version), {}))
+                if metrics is not None
+                else dict.fromkeys(METRIC_KEYS)
+            ),
         }
         for m in models
     ]

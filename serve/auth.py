@@ -139,6 +139,24 @@ def shm_dir(url: str | None) -> str | None:
     return folder if folder and Path(folder).is_dir() else None
 
 
+def metrics_url_file(url: str) -> Path:
+    """Where ``serve run`` records the metrics URL of the server at ``url``."""
+    return key_path(url).with_name(key_path(url).name + ".metrics")
+
+
+def metrics_url(url: str | None, default_port: int = 8002) -> str | None:
+    """The Prometheus URL of the server at ``url``: what ``serve run`` recorded for it;
+    else, for a server on the default ports (8000/8001), ``default_port``; else None."""
+    if not url:
+        return f"http://127.0.0.1:{default_port}/metrics"
+    try:
+        return metrics_url_file(url).read_text().strip() or None
+    except OSError:
+        pass
+    host, _, port = url.rpartition(":")
+    return f"http://{host}:{default_port}/metrics" if port in ("8000", "8001") else None
+
+
 def remove_key_files(paths: list[Path]) -> None:
     for p in paths:
         with contextlib.suppress(OSError):

@@ -269,17 +269,21 @@ def run_evaluate(a: argparse.Namespace) -> int:
 
 
 # -- operations --------------------------------------------------------------------------
-def add_admin_arguments(p: argparse.ArgumentParser, model: bool = True) -> None:
+def add_admin_arguments(
+    p: argparse.ArgumentParser, model: bool = True, protocols: bool = False
+) -> None:
     if model:
         p.add_argument("model")
-    add_url(p, protocols=False)
+    add_url(p, protocols=protocols)
     add_admin_key(p)
 
 
 def run_models(a: argparse.Namespace) -> int:
     from serve import admin
 
-    for m in admin.list_models(a.url, _key(a)):
+    protocol = getattr(a, "protocol", "grpc")
+    url = a.url or DEFAULT_URLS[protocol]
+    for m in admin.list_models(url, auth.resolve_key(url, a.admin_key_file), protocol):
         reason = f"  ({m.reason})" if m.reason else ""
         print(f"{m.name:32s} {m.version or '-':>4s}  {m.state}{reason}")
     return 0
@@ -308,9 +312,12 @@ def run_model_op(a: argparse.Namespace) -> int:
 
 
 def add_health_arguments(p: argparse.ArgumentParser) -> None:
-    add_admin_arguments(p, model=False)
+    add_admin_arguments(p, model=False, protocols=True)
     p.add_argument(
-        "--metrics-url", default=None, help="default http://<url host>:$METRICS_PORT/metrics (8002)"
+        "--metrics-url",
+        default=None,
+        help="the server's Prometheus URL; default: what `serve run` recorded for --url, "
+        "else :$METRICS_PORT for a server on the default ports, else unknown",
     )
     p.add_argument("--json", action="store_true")
 
@@ -318,9 +325,9 @@ def add_health_arguments(p: argparse.ArgumentParser) -> None:
 def run_health(a: argparse.Namespace) -> int:
     from serve import admin
 
-    host = (a.url or DEFAULT_URLS["grpc"]).rsplit(":", 1)[0]
-    metrics_url = a.metrics_url or f"http://{host}:{env_int('METRICS_PORT', 8002)}/metrics"
-    h = admin.health(a.url, metrics_url, _key(a))
+    url = a.url or DEFAULT_URLS[a.protocol]
+    metrics_url = a.metrics_url or auth.metrics_url(url, env_int("METRICS_PORT", 8002))
+    h = admin.health(url, metrics_url, auth.resolve_key(url, a.admin_key_file), a.protocol)
     if a.json:
         print(json.dumps(h, indent=2))
         return 0 if h["ready"] else 1
@@ -332,6 +339,9 @@ def run_health(a: argparse.Namespace) -> int:
         f"{'queue ms':>9s} {'compute ms':>10s} {'avg batch':>9s}"
     )
     for m in h["models"]:
+        if m["success"] is None:  # metrics unknown: say so instead of zeros
+            print(f"{m['model']:28s} {m['version'] or '-':>4s} {m['state']:10s} {'unknown':>8s}")
+            continue
         print(
             f"{m['model']:28s} {m['version'] or '-':>4s} {m['state']:10s} "
             f"{m['success']:8.0f} {m['failure']:7.0f} {m['avg_queue_ms']:9.2f} "
@@ -407,7 +417,7 @@ COMMANDS = [
     Command(
         "models",
         "list models, versions and their state",
-        lambda p: add_admin_arguments(p, model=False),
+        lambda p: add_admin_arguments(p, model=False, protocols=True),
         run_models,
     ),
     Command(

@@ -89,6 +89,12 @@ def make_client(
     protocol: str, url: str, connect_timeout: float, timeout: float, aio: bool = False
 ) -> Any:
     """A tritonclient InferenceServerClient with deadlines (and gRPC keepalive)."""
+    if "://" in url:
+        scheme, _, rest = url.partition("://")
+        raise ServerUnavailable(
+            f"--url takes HOST:PORT, not a URL: use {rest.rstrip('/')!r} (without "
+            f"'{scheme}://'; --protocol says how to talk to it)"
+        )
     module = protocol_module(protocol, aio)
     try:
         if protocol == "http":
@@ -218,7 +224,7 @@ class Classifier(_Base):
             "model readiness", self.client.is_model_ready, self.model, self.version, **kw
         ):
             v = f" version {self.version}" if self.version else ""
-            raise ModelNotReady(f"model '{self.model}'{v} is not ready on {self.url}")
+            raise ModelNotReady(f"model '{self.model}'{v} {self._why_not_ready()} on {self.url}")
         if self.protocol == "grpc":
             kw["as_json"] = True
         meta = self._call(
@@ -226,6 +232,27 @@ class Classifier(_Base):
         )
         config = self._call("config", self.client.get_model_config, self.model, self.version, **kw)
         return ModelInfo.from_api(self.model, meta, config.get("config", config))
+
+    def _why_not_ready(self) -> str:
+        """ "does not exist (models here: ...)" or "is not ready", from the metadata call's
+        answer (and the repository index, where the admin key is at hand)."""
+        try:
+            self.client.get_model_metadata(self.model, self.version)
+            return "is not ready"
+        except Exception as e:  # noqa: BLE001 - the message is what we want
+            text = str(e).lower()
+            if "unknown model" not in text and "not found" not in text:
+                return "is not ready"
+        names = ""
+        try:
+            from serve import admin
+
+            key = auth.resolve_key(self.url)
+            models = admin.list_models(self.url, key, self.protocol) if key else []
+            names = ", ".join(sorted({m.name for m in models if m.state == "READY"}))
+        except Exception:  # noqa: BLE001 - the list is a courtesy
+            names = ""
+        return "does not exist" + (f" (models here: {names})" if names else "")
 
     def _send(self, batch: np.ndarray, class_count: int) -> np.ndarray:
         inp = self._inputs(batch)

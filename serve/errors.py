@@ -97,6 +97,16 @@ def classify_error(
             f"{what} refused by {url} for now (server busy: the front's request bound or "
             f"this client's concurrency share is reached; retry later): {text}"
         )
+    if protocol == "http" and "connection closed" in lowered and "liveness" in what:
+        return ServerUnavailable(
+            f"{url} closed the connection before answering HTTP: if it is the gRPC port, "
+            f"use --protocol grpc there, or the HTTP port (default 8000) ({text})"
+        )
+    if "expected http/" in lowered or "rtsp/ or ice/" in lowered:
+        return ServerUnavailable(
+            f"{url} did not answer HTTP ({protocol}): is it the gRPC port? Use --protocol "
+            f"grpc there, or the HTTP port (default 8000) with --protocol http"
+        )
     if "bad image" not in lowered and any(s in lowered for s in UNREACHABLE_MARKERS):
         return ServerUnavailable(f"no Triton server at {url} ({protocol}): {text}")
     if "restricted" in lowered or "unauthorized" in lowered or "permission" in lowered:

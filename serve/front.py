@@ -358,7 +358,7 @@ def render(o: FrontOptions) -> str:
         + grpc_err(8, f"request message over {o.max_body_bytes} bytes (the largest valid batch)")
         + " if big_body",
         "    http-request return "
-        + grpc_err(7, "model is not public: " + ", ".join(o.public_models))
+        + grpc_err(7, "no such public model here; public models: " + ", ".join(o.public_models))
         + " if !named_first or names_internal",
         "    http-request return "
         + grpc_err(7, "shared-memory inputs and outputs need the admin key")

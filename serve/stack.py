@@ -358,7 +358,9 @@ class PublicServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("wb")
             out = self._log
-        self._key_files = self.opts.write_key_files()
+        self._key_files = self.opts.write_key_files() + [
+            auth.write_key_file(auth.metrics_url_file(u), self.metrics_url) for u in self.opts.urls
+        ]
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "serve.private", str(spec_path)],
             pass_fds=tuple(fds),

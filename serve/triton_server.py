@@ -341,7 +341,9 @@ class TritonServer:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = self.log_path.open("wb")
             out = self._log
-        self._key_files = self.opts.write_key_files()
+        self._key_files = self.opts.write_key_files() + [
+            auth.write_key_file(auth.metrics_url_file(u), self.metrics_url) for u in self.opts.urls
+        ]
         self.process = subprocess.Popen(
             cmd,
             env=install.environment(jemalloc=self.opts.jemalloc_path()),
