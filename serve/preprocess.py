@@ -6,9 +6,16 @@ Reproduces the training eval transform exactly - torchvision's PIL path of
 returns float32 0..255 RGB pixels, CHW: exported models normalize inside.
 
 The work per image is bounded before anything big is allocated: only the formats we
-serve are decoded (``SERVED_FORMATS``); the encoded size, the source pixels and the
-aspect ratio are checked from the header, and the resize target is checked before
-resizing. Every failure - a missing file, a corrupt or truncated stream, a bad EXIF
+serve are decoded (``SERVED_FORMATS``); the encoded size and the source pixels are
+checked from the header; a JPEG's scan count is counted from its markers (a progressive
+JPEG whose last scan repeats 300 times takes 13 s to decode; real ones have ~10 scans);
+a tiled image's tiles (TIFF) may not be much larger than the image (a 64x64 TIFF with one
+26500x26500 deflate tile decodes 2 GB); 16/32-bit images are scaled to 8 bits in row
+blocks of float32 (no float64 copy of the whole image). Any aspect ratio is served: where
+``Resize`` would make an image over ``max_resized_pixels`` (a 1x65535 GIF would become
+256 x 16.7 M), only the center crop's source region is resampled (Pillow's
+``resize(box=...)``, the same filter weights), so the work is bounded by the crop.
+Every failure - a missing file, a corrupt or truncated stream, a bad EXIF
 block, a decoder error of any type - becomes an :class:`ImageError` that names the input
 and the reason.
 """
@@ -26,7 +33,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Limits (the server-side preprocess model reads them from its config parameters).
 MAX_IMAGE_BYTES = 64 << 20  # encoded bytes per image
 MAX_PIXELS = 40_000_000  # source pixels (width x height) per image
-MAX_ASPECT_RATIO = 20.0  # longer side / shorter side (a 1x65535 GIF is 1.2 KB)
+MAX_ASPECT_RATIO = 0.0  # longer side / shorter side; 0: any (served by crop-before-resize)
+MAX_JPEG_SCANS = 40  # SOS markers in a JPEG (progressive ones have ~10)
+MAX_TILE_RATIO = 4.0  # a tile's pixels / the image's pixels (beyond a 1 MP floor)
+ROW_BLOCK_PIXELS = 1 << 20  # 16/32-bit -> 8-bit conversion works on blocks this big
 MAX_RESIZED_PIXELS = 8_000_000  # pixels of the resized image, before the crop
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # older name
 
@@ -83,6 +93,7 @@ class Limits:
     max_pixels: int = MAX_PIXELS
     max_aspect_ratio: float = MAX_ASPECT_RATIO
     max_resized_pixels: int = MAX_RESIZED_PIXELS
+    max_jpeg_scans: int = MAX_JPEG_SCANS
 
 
 DEFAULT_LIMITS = Limits()
@@ -143,11 +154,46 @@ def check_size(name: str, width: int, height: int, limits: Limits) -> None:
             f"{limits.max_pixels / 1e6:.0f} MP limit"
         )
     ratio = max(width, height) / min(width, height)
-    if ratio > limits.max_aspect_ratio:
+    if limits.max_aspect_ratio and ratio > limits.max_aspect_ratio:
         raise ImageError(
             f"{name}: {width}x{height} has an extreme aspect ratio ({ratio:.0f}:1, over "
             f"the {limits.max_aspect_ratio:g}:1 limit)"
         )
+
+
+def check_work(name: str, im: Image.Image, source: ImageSource, limits: Limits) -> None:
+    """Refuse what is small to send but expensive to decode: a JPEG with too many scans,
+    tiles far larger than the image."""
+    if im.format == "JPEG":
+        data = bytes(source) if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
+        # SOS (FF DA) cannot occur inside entropy-coded data (FF is stuffed as FF 00)
+        scans = data.count(b"\xff\xda")
+        if scans > limits.max_jpeg_scans:
+            raise ImageError(
+                f"{name}: a JPEG of {scans} scans is over the {limits.max_jpeg_scans} scan "
+                "limit (progressive JPEGs have about 10)"
+            )
+    width, height = im.size
+    allowed = max(MAX_TILE_RATIO * width * height, 1 << 20)
+    for tile in getattr(im, "tile", None) or []:
+        x0, y0, x1, y1 = tile[1]
+        if (x1 - x0) * (y1 - y0) > allowed:
+            raise ImageError(
+                f"{name}: a {x1 - x0}x{y1 - y0} tile in a {width}x{height} image "
+                "(far larger than the image it holds)"
+            )
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit grayscale -> 8 bits (scaled, not clipped at 255), in float32 row blocks."""
+    arr = np.asarray(im)
+    scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 1.0
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, ROW_BLOCK_PIXELS // max(1, arr.shape[1]))
+    for i in range(0, arr.shape[0], rows):
+        block = arr[i : i + rows].astype(np.float32) * np.float32(scale)
+        out[i : i + rows] = np.clip(block, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
 
 
 def load_image(
@@ -167,14 +213,12 @@ def load_image(
     try:
         with im:
             check_size(name, *im.size, limits)
+            check_work(name, im, source, limits)
             im = ImageOps.exif_transpose(im)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit grayscale: scale to 8 bits instead of clipping at 255.
-                arr = np.asarray(im, dtype=np.float64)
-                scale = 255.0 / 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 1.0
-                im = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+                im = _to_8bit(im)
             return im.convert("RGB")
     except ImageError:
         raise
@@ -186,22 +230,22 @@ def resize_crop(
     image: Image.Image, geometry: ResizeCrop, limits: Limits = DEFAULT_LIMITS, name: str = ""
 ) -> np.ndarray:
     """torchvision ``Resize`` + ``CenterCrop`` on a PIL image -> float32 [3, crop, crop].
-    The resize target is checked against ``limits.max_resized_pixels`` first."""
+    Where the resized image would be over ``limits.max_resized_pixels`` (extreme aspect
+    ratios), only the crop's source region is resampled, straight to the crop size."""
     w, h = image.size
     new_w, new_h = geometry.resized_size(w, h)
-    if new_w * new_h > limits.max_resized_pixels:
-        raise ImageError(
-            f"{name or f'{w}x{h} image'}: resizing {w}x{h} to {new_w}x{new_h} "
-            f"({new_w * new_h / 1e6:.1f} MP) is over the "
-            f"{limits.max_resized_pixels / 1e6:.0f} MP resize limit"
-        )
+    c = geometry.crop
+    top = int(round((new_h - c) / 2.0))
+    left = int(round((new_w - c) / 2.0))
     try:
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), RESAMPLING[geometry.interpolation])
-        c = geometry.crop
-        top = int(round((new_h - c) / 2.0))
-        left = int(round((new_w - c) / 2.0))
-        image = image.crop((left, top, left + c, top + c))
+        if new_w * new_h > limits.max_resized_pixels:
+            sx, sy = w / new_w, h / new_h  # the scale Resize would use on each axis
+            box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
+            image = image.resize((c, c), RESAMPLING[geometry.interpolation], box=box)
+        else:
+            if (new_w, new_h) != (w, h):
+                image = image.resize((new_w, new_h), RESAMPLING[geometry.interpolation])
+            image = image.crop((left, top, left + c, top + c))
         return np.asarray(image, dtype=np.float32).transpose(2, 0, 1).copy()
     except Exception as e:  # noqa: BLE001 - MemoryError, ValueError, ... name the input
         raise ImageError(f"{name or f'{w}x{h} image'}: cannot resize ({_reason(e)})") from e
