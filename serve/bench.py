@@ -86,6 +86,32 @@ def onnxruntime_baseline(
     return level("onnxruntime", "tensor", batch, 1, m, precision)
 
 
+def image_pipeline_baseline(
+    onnx_path: Path,
+    raw: np.ndarray,
+    geometry: ResizeCrop,
+    batch: int,
+    window: float,
+    cap: float,
+    precision: str = "fp32",
+) -> Level:
+    """The raw-image path's own limit: decode + preprocess (serve/preprocess.py, what the
+    server-side preprocess model runs) + ONNX Runtime, in one process, on the same
+    encoded images and batch as the ``raw`` Triton levels."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    images = [bytes(r[0]) for r in raw[:batch]]
+
+    def once(_: Any) -> None:
+        x = np.stack([preprocess(b, geometry) for b in images])
+        session.run(None, {name: x})
+
+    m = measure(once, 1, window, cap)
+    return level("image-pipeline", "raw", batch, 1, m, precision)
+
+
 def _server_stats(client: Any, models: list[str], headers: dict | None) -> dict[str, float]:
     """Summed statistics of the classifier (queue, compute, batches) and the failures of
     every model in ``models``."""
@@ -354,6 +380,21 @@ def baseline_report(
         ort.server = {"efficiency_of_peak": ort.throughput * inputs.card.gflop_per_image / peak}
     report["results"].append(asdict(ort))
     log.info("onnxruntime in-process: %.1f img/s", ort.throughput)
+    pre = inputs.card.preprocessing
+    pipeline = image_pipeline_baseline(
+        inputs.version_dir / "model.onnx",
+        inputs.raw,
+        ResizeCrop(pre.resize, pre.crop, pre.interpolation),
+        args.batch,
+        args.window,
+        args.max_seconds,
+        inputs.card.precision,
+    )
+    report["results"].append(asdict(pipeline))
+    report["image_pipeline_baseline"] = pipeline.throughput
+    log.info(
+        "image pipeline in-process (decode + preprocess + ORT): %.1f img/s", pipeline.throughput
+    )
     return inputs, report, ort
 
 
@@ -367,7 +408,9 @@ def sweep(
     repo = Path(args.model_repository)
     with server_context(args, repo, Path(args.out)) as srv:
         if isinstance(srv, ExternalServer) or args.no_front:
-            return triton_levels(srv, args, inputs, ort, report["skipped"])
+            levels = triton_levels(srv, args, inputs, ort, report["skipped"])
+            mark_levels(levels, report.get("image_pipeline_baseline"))
+            return levels
         from serve.stack import FrontOnly
 
         with FrontOnly(srv, log_path=Path(args.out) / "bench-front.log") as front:
@@ -377,8 +420,7 @@ def sweep(
                 for p in ("grpc",)
                 if p in args.protocols
                 for k in args.inputs
-                for c in args.concurrency
-                if c in (1, 4)
+                for c in sorted({min(args.concurrency), 4} & set(args.concurrency))
             ]
             direct = (
                 triton_levels(srv, args, inputs, ort, report["skipped"], "direct", pairs)
@@ -386,7 +428,31 @@ def sweep(
                 else []
             )
     report["front_cost"] = front_cost(levels, direct)
+    mark_levels(levels + direct, report.get("image_pipeline_baseline"))
     return levels + direct
+
+
+STALL_P99_OVER_P50 = 5.0  # a level whose p99 is over 5x its p50 is flagged as a stall
+
+
+def mark_levels(levels: list[Level], image_pipeline: float | None) -> None:
+    """Per level: the raw-image ratio to the in-process image pipeline, and the stall flag
+    (p99 over ``STALL_P99_OVER_P50`` x p50; closed-loop levels only)."""
+    for lv in levels:
+        if lv.input == "raw" and image_pipeline:
+            lv.server["ratio_to_image_pipeline"] = lv.throughput / image_pipeline
+        if not lv.request_rate and lv.p50_ms > 0:
+            lv.server["stall"] = float(lv.p99_ms > STALL_P99_OVER_P50 * lv.p50_ms)
+            if lv.server["stall"]:
+                log.warning(
+                    "%s %s c=%d: p99 %.1f ms is over %gx its p50 %.1f ms (a stall)",
+                    lv.backend,
+                    lv.input,
+                    lv.concurrency,
+                    lv.p99_ms,
+                    STALL_P99_OVER_P50,
+                    lv.p50_ms,
+                )
 
 
 def front_cost(front: list[Level], direct: list[Level]) -> list[dict[str, Any]]:

@@ -180,11 +180,21 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
     ]:
         assert {(backend, kind, None), (backend, kind, 10.0)} <= levels
     assert {("onnxruntime", "tensor", None), ("pytorch", "tensor", None)} <= levels
+    # issue 17/18: the same tritonserver measured directly too, so the front's cost is a
+    # ratio; the raw-image levels against the in-process image pipeline
+    assert {("direct-grpc", "tensor", None), ("direct-grpc", "raw", None)} <= levels
+    assert ("image-pipeline", "raw", None) in levels and report["image_pipeline_baseline"] > 0
+    costs = {(c["kind"], c["concurrency"]): c for c in report["front_cost"]}
+    assert set(costs) == {("tensor", 2), ("raw", 2)}, report["front_cost"]
+    assert all(c["throughput_ratio"] > 0 for c in costs.values())
     for r in report["results"]:
         assert set(r) >= RESULT_KEYS and r["errors"] == 0 and r["throughput"] > 0
         assert r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
-        if r["backend"].startswith("triton"):
+        if r["backend"].startswith(("triton", "direct")):
             assert r["ratio_to_onnxruntime"] > 0 and r["server"]["avg_executed_batch"] >= 1
+            assert "stall" in r["server"] or r["request_rate"]
+        if r["backend"].startswith("triton") and r["input"] == "raw":
+            assert r["server"]["ratio_to_image_pipeline"] > 0
     assert "tensorrt" in report["skipped"]  # no engine in a CPU repository
     assert (tmp_path / "antsbees-latest.png").read_bytes().startswith(b"\x89PNG")
     assert len(list(tmp_path.glob("antsbees-2*.json"))) == 1
