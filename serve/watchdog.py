@@ -9,8 +9,8 @@ Every round the watchdog probes every loaded version of every non-ensemble model
 concurrently, with one tiny valid request each and a deadline. A model whose probe
 reports a dead stub is restarted at once; one whose probes time out ``hung_rounds``
 rounds in a row *while it completes no request at all* is restarted as hung (Triton's
-statistics API: a model whose finished-request count moved between rounds is busy, not
-hung, and is never restarted). The restart (``admin.restart``) builds new
+statistics API: a model that finished other requests while its probe waited is busy,
+not hung, and is never restarted). The restart (``admin.restart``) builds new
 instances before the old ones go, so clients never see the model missing. Ensembles
 that lost a member are loaded again. Any other probe failure is reported, not acted on.
 Runs inside ``python -m serve run`` (``--watchdog SECONDS``) or against any server with
@@ -19,7 +19,6 @@ Runs inside ``python -m serve run`` (``--watchdog SECONDS``) or against any serv
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import threading
@@ -112,7 +111,6 @@ class Watchdog:
         self.cfg = cfg
         self.say = log_fn or stamped
         self.timeouts: dict[str, int] = {}  # model -> consecutive rounds with a timed-out probe
-        self.completed: dict[str, int] = {}  # model -> finished requests at the last round
 
     def _probe(self, name: str, version: str) -> str | None:
         """None when the model answered, else the error message."""
@@ -135,6 +133,26 @@ class Watchdog:
         finally:
             client.close()
 
+    @staticmethod
+    def _completed(a: admin.Admin) -> dict[str, int]:
+        """Finished requests per model; empty when statistics cannot be read (a hint)."""
+        try:
+            return a.completed()
+        except Exception:  # noqa: BLE001 - without statistics, timeouts count as before
+            return {}
+
+    def _watch_progress(self, models: set[str], before: dict[str, int]) -> dict[str, int]:
+        """Finished-request counts, polled until each of ``models`` moved past ``before``
+        or a window of max(probe timeout, 2 s) ends: a busy model shows progress."""
+        deadline = time.monotonic() + max(self.cfg.timeout, 2.0)
+        with admin.session(self.cfg.url, self.cfg.admin_key) as a:
+            while True:
+                now = self._completed(a)
+                moved = all(now.get(m, -1) > before.get(m, -1) >= 0 for m in models)
+                if moved or not now or time.monotonic() > deadline:
+                    return now
+                time.sleep(0.2)
+
     def check_once(self) -> Round:
         """Probe every READY version of every non-ensemble model once (concurrently);
         restart the models with a dead or hung stub and bring back their ensembles."""
@@ -146,13 +164,13 @@ class Watchdog:
                 for name in {n for n, _ in ready}
                 if (a.config(name) or {}).get("platform") == "ensemble"
             }
-            completed_before = dict(self.completed)
-            with contextlib.suppress(Exception):  # statistics are a hint, not a need
-                self.completed = a.completed()
+            completed_before = self._completed(a)
         targets = [(n, v) for n, v in ready if n not in ensembles]
         result.probed = [f"{n}:{v}" for n, v in targets]
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
             outcomes = list(pool.map(lambda t: self._probe(*t), targets))
+        slow = {n for (n, _), e in zip(targets, outcomes, strict=True) if e and is_timeout(e)}
+        completed_after = self._watch_progress(slow, completed_before) if slow else {}
         to_restart: dict[str, str] = {}
         timed_out_models: set[str] = set()
         for (name, version), error in zip(targets, outcomes, strict=True):
@@ -168,11 +186,12 @@ class Watchdog:
             else:
                 self.say(f"watchdog: probe of {key} failed (not a dead stub, left alone): {error}")
         for name in {n for n, _ in targets}:
-            moved = self.completed.get(name, 0) > completed_before.get(name, -1) >= 0
+            # requests of this model finished while its probe waited: busy, not hung
+            moved = completed_after.get(name, -1) > completed_before.get(name, -1) >= 0
             if name in timed_out_models and moved:
                 self.say(
                     f"watchdog: {name} did not answer the probe within {self.cfg.timeout:g} s "
-                    "but finished other requests since the last round: busy, not hung"
+                    "but finished other requests meanwhile: busy, not hung"
                 )
                 timed_out_models.discard(name)
             self.timeouts[name] = self.timeouts.get(name, 0) + 1 if name in timed_out_models else 0

@@ -247,3 +247,76 @@ def _flood(url: str, bound: int, gate: Path) -> None:
         assert client.is_server_ready() and client.is_model_ready("antsbees")
     finally:
         client.close()
+
+
+SLOW_MODEL = """
+import os
+import time
+import importlib.util
+
+_spec = importlib.util.spec_from_file_location(
+    "served_model", os.path.join(os.path.dirname(__file__), "served_model.py")
+)
+_served = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_served)
+
+
+class TritonPythonModel(_served.TritonPythonModel):
+    def execute(self, requests):
+        if os.path.exists(GATE):
+            time.sleep(1.0)  # a slow backend: busy, but it finishes every request
+        return super().execute(requests)
+"""
+
+
+def test_watchdog_leaves_a_busy_model_alone(model_repo, tmp_path):
+    """A model that answers every request, slowly, under steady load: its probes time out,
+    but it finished other requests meanwhile, so the watchdog does not restart it (a
+    restart would drop the work in flight)."""
+    from serve.triton_server import TritonServer, free_port
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    gate = tmp_path / "gate"
+    version = repo / "antsbees" / "1"
+    (version / "model.py").rename(version / "served_model.py")
+    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + SLOW_MODEL)
+    opts = ServerOptions(
+        model_repository=str(repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    with TritonServer(opts, log_path=tmp_path / "server.log") as server:
+        stop = threading.Event()
+        done: list[int] = []
+
+        def load() -> None:
+            client = grpcclient.InferenceServerClient(server.grpc_url)
+            inp = grpcclient.InferInput(INPUT_NAME, [1, 3, 224, 224], "FP32")
+            inp.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
+            try:
+                while not stop.is_set():
+                    client.infer("antsbees", [inp], client_timeout=120)
+                    done.append(1)
+            finally:
+                client.close()
+
+        gate.touch()
+        workers = [threading.Thread(target=load) for _ in range(3)]
+        [w.start() for w in workers]
+        try:
+            wait_until(lambda: len(done) >= 3, 120, "the slow model to answer")
+            dog = Watchdog(
+                WatchdogConfig(
+                    url=server.grpc_url, timeout=0.3, hung_rounds=1, admin_key=server.admin_key
+                ),
+                log_fn=lambda m: None,
+            )
+            rounds = [dog.check_once() for _ in range(2)]
+        finally:
+            stop.set()
+            gate.unlink(missing_ok=True)
+            [w.join(timeout=120) for w in workers]
+        assert any("antsbees:1" in r.timed_out for r in rounds), rounds  # it was slow
+        assert not any(r.restarted for r in rounds), rounds  # and left alone
