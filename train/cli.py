@@ -60,12 +60,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--arch",
         help="see README: resnet18, efficientnet_lite0, resnet20/32/44/56/"
-        "110, resnet18_cifar, vgg11, vgg16, alexnet",
+        "110, resnet18_cifar, vgg11, vgg16, alexnet, googlenet, googlenet_cifar",
     )
     g.add_argument(
         "--batchnorm", action=argparse.BooleanOptionalAction, help="BatchNorm on/off (CIFAR archs)"
     )
     g.add_argument("--dropout", type=float)
+    g.add_argument(
+        "--inception",
+        choices=("naive", "reduced"),
+        help="googlenet_cifar: Inception modules with 1x1 reductions (default) or naive",
+    )
+    g.add_argument(
+        "--aux-weight",
+        type=float,
+        help="googlenet_cifar: train the auxiliary classifiers, their losses weighted by this "
+        "(the paper: 0.3; default 0: none); dropped at export",
+    )
     g.add_argument("--mode", choices=MODES)
     g.add_argument("--pretrained", help="auto | imagenet | none | a weights file")
     g = p.add_argument_group("preprocessing (default: the arch's / the weights')")
