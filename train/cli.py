@@ -1,4 +1,4 @@
-"""Command line: ``python -m train [train] | evaluate | data | bench | cv | recipe``."""
+"""Command line: ``python -m train [train] | evaluate | data | bench | modules | cv | recipe``."""
 
 from __future__ import annotations
 
@@ -293,6 +293,18 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def add_modules_arguments(p: argparse.ArgumentParser) -> None:
+    from train.modules import add_arguments
+
+    add_arguments(p)
+
+
+def run_modules(args: argparse.Namespace) -> int:
+    from train.modules import run
+
+    return run(args)
+
+
 def add_cv_arguments(p: argparse.ArgumentParser) -> None:
     from train.select import add_arguments
 
@@ -338,6 +350,12 @@ COMMANDS = [
         run_bench,
     ),
     Command(
+        "modules",
+        "naive vs 1x1-reduced Inception modules and GoogLeNet: params, FLOPs, images/s",
+        add_modules_arguments,
+        run_modules,
+    ),
+    Command(
         "cv",
         "k-fold cross-validation of recipe settings on the training images",
         add_cv_arguments,
@@ -348,7 +366,7 @@ COMMANDS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m train [train|evaluate|data|bench|cv|recipe] ...`` (``train`` by default)."""
+    """``python -m train [train|evaluate|data|bench|modules|cv|recipe] ...`` (default train)."""
     return cli_main(
         "python -m train",
         "Train, evaluate and benchmark image classifiers (`python -m train COMMAND -h`).",

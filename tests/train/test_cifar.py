@@ -112,7 +112,14 @@ def test_npz_and_imagefolder_sources(cifar: Path, hymenoptera: Path) -> None:
 
 
 # `make test`: one of each family/kind; the other depths are `make test-all` (exhaustive)
-TRAIN_REPRESENTATIVE = ("resnet20", "vgg11", "alexnet", "resnet18_cifar", "efficientnet_lite0")
+TRAIN_REPRESENTATIVE = (
+    "resnet20",
+    "vgg11",
+    "alexnet",
+    "resnet18_cifar",
+    "efficientnet_lite0",
+    "googlenet_cifar",
+)
 
 
 @pytest.mark.parametrize(
