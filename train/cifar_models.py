@@ -296,13 +296,15 @@ class AuxClassifier(nn.Module):
     """The paper's auxiliary classifier for 16x16 maps: average-pool to 4x4, 1x1 conv to
     128 (+BN), ReLU, FC 1024, ReLU, dropout 0.7, FC to the classes."""
 
-    def __init__(self, cin: int, num_classes: int, batchnorm: bool) -> None:
+    def __init__(
+        self, cin: int, num_classes: int, batchnorm: bool, conv: int = 128, hidden: int = 1024
+    ) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(4)
-        self.conv = _conv_bn_relu(cin, 128, 1, batchnorm)
-        self.fc1 = nn.Linear(128 * 4 * 4, 1024)
+        self.conv = _conv_bn_relu(cin, conv, 1, batchnorm)
+        self.fc1 = nn.Linear(conv * 4 * 4, hidden)
         self.dropout = nn.Dropout(0.7)
-        self.fc2 = nn.Linear(1024, num_classes)
+        self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.flatten(self.conv(self.pool(x)), 1)
@@ -318,7 +320,8 @@ class CifarGoogLeNet(nn.Module):
     pool, dropout (0.4) and the linear classifier. ``aux``: the two auxiliary classifiers
     on 4a and 4d; in training mode the forward then returns ``(logits, aux1, aux2)``
     (weighted into the loss by ``aux_weight``), in eval mode the logits alone, and
-    :meth:`drop_aux` removes them for export."""
+    :meth:`drop_aux` removes them for export. ``width`` scales every channel count (1: the
+    paper's; smaller for quick wiring tests)."""
 
     def __init__(
         self,
@@ -327,17 +330,25 @@ class CifarGoogLeNet(nn.Module):
         dropout: float = 0.4,
         inception: str = "reduced",
         aux: bool = False,
+        width: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0 < width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {width}")
+
+        def w(n: int) -> int:
+            return max(1, round(n * width))
+
         self.stem = nn.Sequential(
-            _conv_bn_relu(3, 64, 3, batchnorm),
-            _conv_bn_relu(64, 64, 1, batchnorm),
-            _conv_bn_relu(64, 192, 3, batchnorm),
+            _conv_bn_relu(3, w(64), 3, batchnorm),
+            _conv_bn_relu(w(64), w(64), 1, batchnorm),
+            _conv_bn_relu(w(64), w(192), 3, batchnorm),
         )
-        cin = 192
+        cin = w(192)
         stages: dict[str, Inception] = {}
         for name, widths in INCEPTION_V1.items():
-            stages[name] = Inception(cin, widths, inception, batchnorm)
+            scaled = tuple(w(n) for n in widths)
+            stages[name] = Inception(cin, scaled, inception, batchnorm)  # type: ignore[arg-type]
             cin = stages[name].out_channels
         self.inception3 = nn.Sequential(stages["3a"], stages["3b"])
         self.pool3 = nn.MaxPool2d(3, stride=2, padding=1)
@@ -351,8 +362,11 @@ class CifarGoogLeNet(nn.Module):
         self.aux1: AuxClassifier | None = None
         self.aux2: AuxClassifier | None = None
         if aux:
-            self.aux1 = AuxClassifier(stages["4a"].out_channels, num_classes, batchnorm)
-            self.aux2 = AuxClassifier(stages["4d"].out_channels, num_classes, batchnorm)
+            for i, at in ((1, "4a"), (2, "4d")):
+                head = AuxClassifier(
+                    stages[at].out_channels, num_classes, batchnorm, w(128), w(1024)
+                )
+                setattr(self, f"aux{i}", head)
         _init(self)
 
     def drop_aux(self) -> None:

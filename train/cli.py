@@ -77,6 +77,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="googlenet_cifar: train the auxiliary classifiers, their losses weighted by this "
         "(the paper: 0.3; default 0: none); dropped at export",
     )
+    g.add_argument(
+        "--width",
+        type=float,
+        help="googlenet_cifar: channel multiplier (default 1, the paper's widths)",
+    )
     g.add_argument("--mode", choices=MODES)
     g.add_argument("--pretrained", help="auto | imagenet | none | a weights file")
     g = p.add_argument_group("preprocessing (default: the arch's / the weights')")

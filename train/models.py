@@ -61,10 +61,11 @@ def _googlenet_cifar(
     dropout: float = 0.4,
     inception: str = "reduced",
     aux: bool = False,
+    width: float = 1.0,
 ) -> nn.Module:
     from train.cifar_models import CifarGoogLeNet
 
-    return CifarGoogLeNet(num_classes, batchnorm, dropout, inception, aux)
+    return CifarGoogLeNet(num_classes, batchnorm, dropout, inception, aux, width)
 
 
 def drop_aux(model: nn.Module) -> nn.Module:
@@ -156,7 +157,7 @@ ARCHS: dict[str, ArchSpec] = {
         "googlenet_cifar",
         _googlenet_cifar,
         head="linear",
-        options=("batchnorm", "dropout", "inception", "aux"),
+        options=("batchnorm", "dropout", "inception", "aux", "width"),
         **_CIFAR,
         description="GoogLeNet (Inception v1) for 32x32 inputs (3x3 stem, no early "
         "max-pools; --inception naive|reduced, auxiliary classifiers with --aux-weight)",
@@ -186,11 +187,13 @@ def arch_options(
     dropout: float | None = None,
     inception: str | None = None,
     aux: bool = False,
+    width: float | None = None,
 ) -> dict:
     """The build options to record for ``arch``; an option it lacks is an error.
 
     ``inception`` (``naive`` | ``reduced``, default ``reduced``) and ``aux`` (auxiliary
-    classifiers) are GoogLeNet-for-32-px options, always recorded for it."""
+    classifiers) are GoogLeNet-for-32-px options, always recorded for it; ``width`` (its
+    channel multiplier) is recorded when given."""
     spec = get_arch(arch)
     opts: dict[str, Any] = {}
     if "batchnorm" in spec.options:
@@ -224,6 +227,10 @@ def arch_options(
         if "dropout" not in spec.options:
             raise ValueError(f"arch {arch} has no dropout option")
         opts["dropout"] = float(dropout)
+    if width is not None:
+        if "width" not in spec.options:
+            raise ValueError(f"arch {arch} has no width option (only googlenet_cifar)")
+        opts["width"] = float(width)
     return opts
 
 

@@ -129,7 +129,7 @@ class Run:
         probe = dataset_split(self.data, "train", None, self.kind, cfg.download)
         self.classes: list[str] = list(probe.classes)
         self.options = arch_options(
-            cfg.arch, cfg.batchnorm, cfg.dropout, cfg.inception, cfg.aux_weight > 0
+            cfg.arch, cfg.batchnorm, cfg.dropout, cfg.inception, cfg.aux_weight > 0, cfg.width
         )
         self.resume_ckpt = self._load_resume() if cfg.resume else None
         self._build_model()

@@ -65,6 +65,9 @@ def test_googlenet_cifar_options_flags_and_aux() -> None:
         arch_options("resnet20", inception="naive")
     with pytest.raises(ValueError, match="no auxiliary classifiers.*googlenet_cifar"):
         arch_options("vgg11", aux=True)
+    with pytest.raises(ValueError, match="no width option"):
+        arch_options("resnet18_cifar", width=0.5)
+    assert arch_options("googlenet_cifar", width=0.5)["width"] == 0.5
     cfg = config_from_args(
         [
             "--recipe",
@@ -111,7 +114,7 @@ def test_auxiliary_classifiers_train_with_their_weight() -> None:
     results = {}
     for weight in (0.0, 0.3):
         torch.manual_seed(0)
-        model = CifarGoogLeNet(10, dropout=0.0, aux=True)
+        model = CifarGoogLeNet(10, dropout=0.0, aux=True, width=0.25)
         model.aux1.dropout.p = model.aux2.dropout.p = 0.0
         before = {k: v.clone() for k, v in model.state_dict().items()}
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -224,6 +227,8 @@ def test_googlenet_with_aux_trains_exports_one_output_and_is_served(tmp_path: Pa
         "cifar10_googlenet",
         "--aux-weight",
         "0.3",
+        "--width",
+        "0.25",  # the wiring is the point, not accuracy
         "--train-subset",
         "128",
         "--val-subset",
@@ -241,7 +246,12 @@ def test_googlenet_with_aux_trains_exports_one_output_and_is_served(tmp_path: Pa
     )
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt.card.arch == "googlenet_cifar"
-    assert ckpt.card.arch_options == {"batchnorm": True, "inception": "reduced", "aux": True}
+    assert ckpt.card.arch_options == {
+        "batchnorm": True,
+        "inception": "reduced",
+        "aux": True,
+        "width": 0.25,
+    }
     assert {"aux1.fc2.weight", "aux2.fc2.weight"} <= set(ckpt.state_dict)
     assert ckpt.config["aux_weight"] == 0.3
     repo, out = tmp_path / "repo", tmp_path / "out"
@@ -274,9 +284,11 @@ def test_googlenet_with_aux_trains_exports_one_output_and_is_served(tmp_path: Pa
     assert ops.count("MaxPool") == 9 + 2  # a pool branch per module, two between stages
     # the graph holds exactly the weights of the network without its auxiliary heads
     weights = sum(int(torch.tensor(t.dims).prod()) for t in graph.graph.initializer)
-    no_aux = build_model("googlenet_cifar", 10).eval()
+    no_aux = build_model("googlenet_cifar", 10, width=0.25).eval()
     n_main = sum(p.numel() for p in no_aux.parameters())
-    assert n_main <= weights < n_main + 100_000  # + BatchNorm statistics, normalization
+    n_aux = sum(p.numel() for k, p in ckpt.state_dict.items() if k.startswith("aux"))
+    assert n_aux > 200_000  # what would be left in a graph that kept them
+    assert n_main <= weights < n_main + 20_000  # + BatchNorm statistics, normalization
     report = json.loads((out / "parity.json").read_text())
     by_name = {s["name"]: s for s in report["stages"]}
     fp32 = by_name["onnxruntime-fp32"]
