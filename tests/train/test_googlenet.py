@@ -304,3 +304,27 @@ def test_googlenet_with_aux_trains_exports_one_output_and_is_served(tmp_path: Pa
         served = by_name[f"triton-{protocol}"]
         assert served["status"] == "passed" and served["max_abs"] == 0.0, served
         assert served["images"] == 64
+
+
+def test_module_flops_are_the_convolutions_multiply_adds() -> None:
+    """`python -m train modules` counts 2 FLOPs per multiply-add of every convolution: for
+    3a on 32x32 that is 2 * 1024 * (192*64 + 192*128*9 + 192*32*25) naive, and the
+    reduced module's own sum; its rows give naive/reduced ratios from the same run."""
+    from train.modules import count_flops, ratios
+
+    hw = 32 * 32
+    naive = Inception(192, WIDTHS_3A, "naive")
+    reduced = Inception(192, WIDTHS_3A, "reduced")
+    assert count_flops(naive, (192, 32, 32)) == 2 * hw * (192 * 64 + 192 * 128 * 9 + 192 * 32 * 25)
+    macs = 192 * 64 + 192 * 96 + 96 * 128 * 9 + 192 * 16 + 16 * 32 * 25 + 192 * 32
+    assert count_flops(reduced, (192, 32, 32)) == 2 * hw * macs
+    rows = [
+        {"what": "m", "inception": k, "params": p, "flops_per_image": f, **speed}
+        for k, p, f, speed in (
+            ("naive", 30, 80, {"train_images_per_s": 1.0, "infer_images_per_s": 2.0}),
+            ("reduced", 10, 20, {"train_images_per_s": 4.0, "infer_images_per_s": 4.0}),
+        )
+    ]
+    assert ratios(rows) == [
+        {"what": "m", "params": 3.0, "flops": 4.0, "train_speed": 0.25, "infer_speed": 0.5}
+    ]
