@@ -17,6 +17,7 @@ from export.onnx_cache import OnnxCache, cache_key
 from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
 from serve.files import atomic_write_bytes
 from train.checkpoint import Checkpoint, model_from_checkpoint
+from train.models import drop_aux
 
 OPSET = 18
 
@@ -40,9 +41,11 @@ class PixelClassifier(nn.Module):
 
 
 def pixel_model(ckpt: Checkpoint) -> PixelClassifier:
-    """The checkpoint's model wrapped to take 0..255 pixels (eval mode)."""
+    """The checkpoint's model wrapped to take 0..255 pixels (eval mode), without
+    training-only auxiliary classifiers (GoogLeNet's): one output, no unused weights."""
     pre = ckpt.card.preprocessing
-    return PixelClassifier(model_from_checkpoint(ckpt), pre.mean, pre.std).eval()
+    model = drop_aux(model_from_checkpoint(ckpt))
+    return PixelClassifier(model, pre.mean, pre.std).eval()
 
 
 def exported_card(ckpt: Checkpoint) -> ModelCard:

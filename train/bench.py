@@ -291,6 +291,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-antsbees", action="store_true")
     p.add_argument("--skip-cifar", action="store_true", help="no CIFAR images/s part")
     p.add_argument(
+        "--cifar-archs",
+        nargs="+",
+        default=None,
+        help="CIFAR images/s of these 32 px archs only (default: every one)",
+    )
+    p.add_argument(
         "--merge",
         action="store_true",
         help="keep the runs (and CIFAR rows) of <out>/train-latest.json that this "
@@ -332,7 +338,13 @@ def run(a: argparse.Namespace) -> int:
                     log.info(
                         "  best val acc %s, %s s", r.get("best_val_acc"), r.get("seconds_total")
                     )
+    cifar_archs = getattr(a, "cifar_archs", None)
+    for name in cifar_archs or ():
+        if name not in ARCHS or ARCHS[name].family != "cifar":
+            raise ValueError(f"--cifar-archs: {name!r} is not a 32 px arch")
     for arch, spec in ARCHS.items():
+        if cifar_archs and arch not in cifar_archs:
+            continue
         if spec.family == "cifar" and not a.skip_cifar:
             report["cifar_speed"].append(images_per_second(arch))
             log.info("bench: %s", report["cifar_speed"][-1])

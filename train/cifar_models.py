@@ -222,3 +222,163 @@ class CifarAlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
+
+
+# GoogLeNet (Szegedy et al. 2015, Table 1): per Inception module the widths
+# (#1x1, #3x3 reduce, #3x3, #5x5 reduce, #5x5, pool proj).
+INCEPTION_V1 = {
+    "3a": (64, 96, 128, 16, 32, 32),
+    "3b": (128, 128, 192, 32, 96, 64),
+    "4a": (192, 96, 208, 16, 48, 64),
+    "4b": (160, 112, 224, 24, 64, 64),
+    "4c": (128, 128, 256, 24, 64, 64),
+    "4d": (112, 144, 288, 32, 64, 64),
+    "4e": (256, 160, 320, 32, 128, 128),
+    "5a": (256, 160, 320, 32, 128, 128),
+    "5b": (384, 192, 384, 48, 128, 128),
+}
+INCEPTION_KINDS = ("reduced", "naive")
+
+
+def _conv_bn_relu(cin: int, cout: int, k: int, batchnorm: bool) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=not batchnorm),
+        _norm(cout, batchnorm),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Inception(nn.Module):
+    """One Inception (v1) module: parallel 1x1, 3x3, 5x5 convolutions and a 3x3 max-pool
+    (stride 1), concatenated along channels.
+
+    ``reduced`` (the paper's Figure 2b): 1x1 reductions before the 3x3 and 5x5 convs and a
+    1x1 projection after the pool; output ``n1 + n3 + n5 + pool_proj`` channels.
+    ``naive`` (Figure 2a): the same branch widths without reductions, and the pool passes
+    all ``cin`` channels through, so the output (``n1 + n3 + n5 + cin``) grows with every
+    module - the paper's "computational blow up"."""
+
+    def __init__(
+        self,
+        cin: int,
+        widths: tuple[int, int, int, int, int, int],
+        kind: str = "reduced",
+        batchnorm: bool = True,
+    ) -> None:
+        super().__init__()
+        if kind not in INCEPTION_KINDS:
+            raise ValueError(f"inception must be one of {INCEPTION_KINDS}, got {kind!r}")
+        n1, r3, n3, r5, n5, pp = widths
+        self.kind = kind
+        self.branch1 = _conv_bn_relu(cin, n1, 1, batchnorm)
+        if kind == "reduced":
+            self.branch3 = nn.Sequential(
+                _conv_bn_relu(cin, r3, 1, batchnorm), _conv_bn_relu(r3, n3, 3, batchnorm)
+            )
+            self.branch5 = nn.Sequential(
+                _conv_bn_relu(cin, r5, 1, batchnorm), _conv_bn_relu(r5, n5, 5, batchnorm)
+            )
+            self.pool = nn.Sequential(
+                nn.MaxPool2d(3, stride=1, padding=1), _conv_bn_relu(cin, pp, 1, batchnorm)
+            )
+            self.out_channels = n1 + n3 + n5 + pp
+        else:
+            self.branch3 = _conv_bn_relu(cin, n3, 3, batchnorm)
+            self.branch5 = _conv_bn_relu(cin, n5, 5, batchnorm)
+            self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+            self.out_channels = n1 + n3 + n5 + cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.branch1(x), self.branch3(x), self.branch5(x), self.pool(x)], 1)
+
+
+class AuxClassifier(nn.Module):
+    """The paper's auxiliary classifier for 16x16 maps: average-pool to 4x4, 1x1 conv to
+    128 (+BN), ReLU, FC 1024, ReLU, dropout 0.7, FC to the classes."""
+
+    def __init__(
+        self, cin: int, num_classes: int, batchnorm: bool, conv: int = 128, hidden: int = 1024
+    ) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.conv = _conv_bn_relu(cin, conv, 1, batchnorm)
+        self.fc1 = nn.Linear(conv * 4 * 4, hidden)
+        self.dropout = nn.Dropout(0.7)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(self.conv(self.pool(x)), 1)
+        return self.fc2(self.dropout(F.relu(self.fc1(x), inplace=True)))
+
+
+class CifarGoogLeNet(nn.Module):
+    """GoogLeNet (Inception v1, 22 layers with parameters) for 32x32 inputs.
+
+    The paper's stem (7x7/2 conv, max-pool, 1x1, 3x3, max-pool: 224 -> 28 px) becomes
+    3x3 conv 64, 1x1 conv 64, 3x3 conv 192 at full resolution with no early max-pools;
+    then 3a, 3b (32 px), max-pool, 4a-4e (16 px), max-pool, 5a, 5b (8 px), global average
+    pool, dropout (0.4) and the linear classifier. ``aux``: the two auxiliary classifiers
+    on 4a and 4d; in training mode the forward then returns ``(logits, aux1, aux2)``
+    (weighted into the loss by ``aux_weight``), in eval mode the logits alone, and
+    :meth:`drop_aux` removes them for export. ``width`` scales every channel count (1: the
+    paper's; smaller for quick wiring tests)."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        batchnorm: bool = True,
+        dropout: float = 0.4,
+        inception: str = "reduced",
+        aux: bool = False,
+        width: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 0 < width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {width}")
+
+        def w(n: int) -> int:
+            return max(1, round(n * width))
+
+        self.stem = nn.Sequential(
+            _conv_bn_relu(3, w(64), 3, batchnorm),
+            _conv_bn_relu(w(64), w(64), 1, batchnorm),
+            _conv_bn_relu(w(64), w(192), 3, batchnorm),
+        )
+        cin = w(192)
+        stages: dict[str, Inception] = {}
+        for name, widths in INCEPTION_V1.items():
+            scaled = tuple(w(n) for n in widths)
+            stages[name] = Inception(cin, scaled, inception, batchnorm)  # type: ignore[arg-type]
+            cin = stages[name].out_channels
+        self.inception3 = nn.Sequential(stages["3a"], stages["3b"])
+        self.pool3 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception4a = stages["4a"]
+        self.inception4bcd = nn.Sequential(stages["4b"], stages["4c"], stages["4d"])
+        self.inception4e = stages["4e"]
+        self.pool4 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.inception5 = nn.Sequential(stages["5a"], stages["5b"])
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(cin, num_classes)
+        self.aux1: AuxClassifier | None = None
+        self.aux2: AuxClassifier | None = None
+        if aux:
+            for i, at in ((1, "4a"), (2, "4d")):
+                head = AuxClassifier(
+                    stages[at].out_channels, num_classes, batchnorm, w(128), w(1024)
+                )
+                setattr(self, f"aux{i}", head)
+        _init(self)
+
+    def drop_aux(self) -> None:
+        """Remove the auxiliary classifiers (export: the graph has one output)."""
+        self.aux1 = self.aux2 = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        x = self.pool3(self.inception3(self.stem(x)))
+        a = self.inception4a(x)
+        d = self.inception4bcd(a)
+        x = self.inception5(self.pool4(self.inception4e(d)))
+        logits = self.linear(self.dropout(torch.flatten(x.mean(dim=(2, 3)), 1)))
+        if self.training and self.aux1 is not None and self.aux2 is not None:
+            return logits, self.aux1(a), self.aux2(d)
+        return logits

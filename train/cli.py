@@ -1,4 +1,4 @@
-"""Command line: ``python -m train [train] | evaluate | data | bench | cv | recipe``."""
+"""Command line: ``python -m train [train] | evaluate | data | bench | modules | cv | recipe``."""
 
 from __future__ import annotations
 
@@ -60,12 +60,28 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--arch",
         help="see README: resnet18, efficientnet_lite0, resnet20/32/44/56/"
-        "110, resnet18_cifar, vgg11, vgg16, alexnet",
+        "110, resnet18_cifar, vgg11, vgg16, alexnet, googlenet, googlenet_cifar",
     )
     g.add_argument(
         "--batchnorm", action=argparse.BooleanOptionalAction, help="BatchNorm on/off (CIFAR archs)"
     )
     g.add_argument("--dropout", type=float)
+    g.add_argument(
+        "--inception",
+        choices=("naive", "reduced"),
+        help="googlenet_cifar: Inception modules with 1x1 reductions (default) or naive",
+    )
+    g.add_argument(
+        "--aux-weight",
+        type=float,
+        help="googlenet_cifar: train the auxiliary classifiers, their losses weighted by this "
+        "(the paper: 0.3; default 0: none); dropped at export",
+    )
+    g.add_argument(
+        "--width",
+        type=float,
+        help="googlenet_cifar: channel multiplier (default 1, the paper's widths)",
+    )
     g.add_argument("--mode", choices=MODES)
     g.add_argument("--pretrained", help="auto | imagenet | none | a weights file")
     g = p.add_argument_group("preprocessing (default: the arch's / the weights')")
@@ -282,6 +298,18 @@ def run_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def add_modules_arguments(p: argparse.ArgumentParser) -> None:
+    from train.modules import add_arguments
+
+    add_arguments(p)
+
+
+def run_modules(args: argparse.Namespace) -> int:
+    from train.modules import run
+
+    return run(args)
+
+
 def add_cv_arguments(p: argparse.ArgumentParser) -> None:
     from train.select import add_arguments
 
@@ -327,6 +355,12 @@ COMMANDS = [
         run_bench,
     ),
     Command(
+        "modules",
+        "naive vs 1x1-reduced Inception modules and GoogLeNet: params, FLOPs, images/s",
+        add_modules_arguments,
+        run_modules,
+    ),
+    Command(
         "cv",
         "k-fold cross-validation of recipe settings on the training images",
         add_cv_arguments,
@@ -337,7 +371,7 @@ COMMANDS = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m train [train|evaluate|data|bench|cv|recipe] ...`` (``train`` by default)."""
+    """``python -m train [train|evaluate|data|bench|modules|cv|recipe] ...`` (default train)."""
     return cli_main(
         "python -m train",
         "Train, evaluate and benchmark image classifiers (`python -m train COMMAND -h`).",

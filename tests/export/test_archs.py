@@ -30,11 +30,13 @@ def _weights(arch: str) -> Path:
     return path
 
 
-def _calibrated(arch: str, batchnorm: bool, images: torch.Tensor) -> torch.nn.Module:
+def _calibrated(
+    arch: str, batchnorm: bool, images: torch.Tensor, extra: dict | None = None
+) -> torch.nn.Module:
     """Random weights with BatchNorm statistics measured on real images (like a trained
     net's), so activations have realistic scale and the parity numbers mean something."""
     torch.manual_seed(0)
-    model = build_model(arch, 10, **arch_options(arch, batchnorm))
+    model = build_model(arch, 10, **arch_options(arch, batchnorm, **(extra or {})))
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration batches
@@ -46,25 +48,40 @@ def _calibrated(arch: str, batchnorm: bool, images: torch.Tensor) -> torch.nn.Mo
 
 
 # `make test` exports one architecture of each kind (the ImageNet-family defaults, a
-# trained CIFAR ResNet, a plain conv net without BatchNorm, a CIFAR ResNet-18); the
-# others are the same code path per architecture: `make test-all` (marker exhaustive).
+# trained CIFAR ResNet, a plain conv net without BatchNorm, a CIFAR ResNet-18, the 32 px
+# GoogLeNet); the others are the same code path per architecture: `make test-all`
+# (marker exhaustive), e.g. the naive-Inception GoogLeNet (~10x the FLOPs).
 REPRESENTATIVE = {
     ("resnet18", True),
     ("efficientnet_lite0", True),
     ("resnet20", True),
     ("resnet18_cifar", True),
     ("vgg11", False),
+    ("googlenet_cifar", True),  # full width, reduced modules: the recipe's network
 }
+# GoogLeNet variants beyond the representative one at a quarter of the widths (the same
+# ops; the naive modules at full width cost ~32 GFLOPs per image)
+SMALL_GOOGLENET = {"width": 0.25}
 EXPORT_CASES = [
-    pytest.param(a, bn, marks=() if (a, bn) in REPRESENTATIVE else pytest.mark.exhaustive)
-    for a, bn in [(a, True) for a in ARCHS]
-    + [(a, False) for a in ("resnet20", "resnet18_cifar", "vgg11", "alexnet")]
+    pytest.param(
+        a,
+        bn,
+        extra,
+        marks=() if (a, bn) in REPRESENTATIVE and not extra else pytest.mark.exhaustive,
+        id=f"{a}-{bn}" + "".join(f"-{k}{v}" for k, v in extra.items()),
+    )
+    for a, bn, extra in [(a, True, {}) for a in ARCHS]
+    + [(a, False, {}) for a in ("resnet20", "resnet18_cifar", "vgg11", "alexnet")]
+    + [
+        ("googlenet_cifar", False, SMALL_GOOGLENET),
+        ("googlenet_cifar", True, {"inception": "naive", **SMALL_GOOGLENET}),
+    ]
 ]
 
 
-@pytest.mark.parametrize(("arch", "batchnorm"), EXPORT_CASES)
+@pytest.mark.parametrize(("arch", "batchnorm", "extra"), EXPORT_CASES)
 def test_every_arch_exports_and_passes_parity(
-    arch: str, batchnorm: bool, tmp_path: Path, hymenoptera: Path
+    arch: str, batchnorm: bool, extra: dict, tmp_path: Path, hymenoptera: Path
 ) -> None:
     spec = ARCHS[arch]
     imagenet = spec.family == "imagenet"
@@ -79,7 +96,7 @@ def test_every_arch_exports_and_passes_parity(
         model.load_state_dict({k.removeprefix("module."): v for k, v in sd.items()})
         pre = Preprocess(resize=32, crop=32, augment="pad-crop")  # ImageNet mean/std
     else:
-        model = _calibrated(arch, batchnorm, calib)
+        model = _calibrated(arch, batchnorm, calib, extra)
     if imagenet:
         from train.models import replace_head
 
@@ -93,7 +110,7 @@ def test_every_arch_exports_and_passes_parity(
         crop=pre.crop,
         mean=list(pre.mean),
         std=list(pre.std),
-        arch_options=arch_options(arch, batchnorm),
+        arch_options=arch_options(arch, batchnorm, **extra),
     )
     ckpt = checkpoint_from_model(model, card, config={"data": str(data)})
     save_checkpoint(ckpt, tmp_path / "checkpoint.pt")
