@@ -48,16 +48,17 @@ def _calibrated(
 
 
 # `make test` exports one architecture of each kind (the ImageNet-family defaults, a
-# trained CIFAR ResNet, a plain conv net without BatchNorm, a CIFAR ResNet-18, the 32 px
-# GoogLeNet); the others are the same code path per architecture: `make test-all`
-# (marker exhaustive), e.g. the naive-Inception GoogLeNet (~10x the FLOPs).
+# trained CIFAR ResNet, a plain conv net without BatchNorm, a CIFAR ResNet-18); the 32 px
+# GoogLeNet's representative is tests/train/test_googlenet.py's end-to-end test (trained
+# with aux heads, exported, parity, served). The others are the same code path per
+# architecture: `make test-all` (marker exhaustive), e.g. the full-width and the
+# naive-Inception GoogLeNet (~10x the FLOPs).
 REPRESENTATIVE = {
     ("resnet18", True),
     ("efficientnet_lite0", True),
     ("resnet20", True),
     ("resnet18_cifar", True),
     ("vgg11", False),
-    ("googlenet_cifar", True),  # full width, reduced modules: the recipe's network
 }
 # GoogLeNet variants beyond the representative one at a quarter of the widths (the same
 # ops; the naive modules at full width cost ~32 GFLOPs per image)
