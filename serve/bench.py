@@ -115,7 +115,20 @@ def image_pipeline_baseline(
 def _server_stats(client: Any, models: list[str], headers: dict | None) -> dict[str, float]:
     """Summed statistics of the classifier (queue, compute, batches) and the failures of
     every model in ``models``."""
-    tot = dict.fromkeys(("queue_ns", "compute_ns", "success", "exec", "inferences", "fail"), 0.0)
+    tot = dict.fromkeys(
+        (
+            "queue_ns",
+            "compute_input_ns",
+            "compute_ns",
+            "compute_output_ns",
+            "request_ns",
+            "success",
+            "exec",
+            "inferences",
+            "fail",
+        ),
+        0.0,
+    )
     for i, name in enumerate(dict.fromkeys(models)):
         stats = client.get_inference_statistics(
             name, as_json=True, headers=headers, client_timeout=30
@@ -126,7 +139,10 @@ def _server_stats(client: Any, models: list[str], headers: dict | None) -> dict[
             if i:
                 continue
             tot["queue_ns"] += float(inf.get("queue", {}).get("ns", 0))
+            tot["compute_input_ns"] += float(inf.get("compute_input", {}).get("ns", 0))
             tot["compute_ns"] += float(inf.get("compute_infer", {}).get("ns", 0))
+            tot["compute_output_ns"] += float(inf.get("compute_output", {}).get("ns", 0))
+            tot["request_ns"] += float(inf.get("success", {}).get("ns", 0))
             tot["success"] += float(inf.get("success", {}).get("count", 0))
             tot["exec"] += float(s.get("execution_count", 0))
             tot["inferences"] += float(s.get("inference_count", 0))
@@ -134,9 +150,21 @@ def _server_stats(client: Any, models: list[str], headers: dict | None) -> dict[
 
 
 def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Triton's average executed batch between two statistics snapshots."""
+    """Between two statistics snapshots: Triton's average executed batch and where the
+    classifier's time went per request (ms): waiting in its queue, the copy into the
+    python-backend stub (compute_input), ONNX Runtime and the stub's own work
+    (compute_infer), the copy out (compute_output), and the whole request inside Triton
+    (the rest of what the client saw is the frontends, the front and the network)."""
     d = {k: after[k] - before[k] for k in before}
-    return {"avg_executed_batch": d["inferences"] / d["exec"] if d["exec"] else 0.0}
+    per = max(d["success"], 1.0) * 1e6
+    return {
+        "avg_executed_batch": d["inferences"] / d["exec"] if d["exec"] else 0.0,
+        "queue_ms": d["queue_ns"] / per,
+        "compute_input_ms": d["compute_input_ns"] / per,
+        "compute_infer_ms": d["compute_ns"] / per,
+        "compute_output_ms": d["compute_output_ns"] / per,
+        "in_triton_ms": d["request_ns"] / per,
+    }
 
 
 class ExternalServer:

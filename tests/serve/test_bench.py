@@ -193,6 +193,8 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
         if r["backend"].startswith(("triton", "direct")):
             assert r["ratio_to_onnxruntime"] > 0 and r["server"]["avg_executed_batch"] >= 1
             assert "stall" in r["server"] or r["request_rate"]
+            # where the time went inside Triton, per request (issue 18)
+            assert 0 < r["server"]["compute_infer_ms"] <= r["server"]["in_triton_ms"]
         if r["backend"].startswith("triton") and r["input"] == "raw":
             assert r["server"]["ratio_to_image_pipeline"] > 0
     assert "tensorrt" in report["skipped"]  # no engine in a CPU repository
