@@ -109,6 +109,9 @@ def classify_error(
         )
     if "bad image" not in lowered and any(s in lowered for s in UNREACHABLE_MARKERS):
         return ServerUnavailable(f"no Triton server at {url} ({protocol}): {text}")
+    if "no such public model" in lowered or "not a public route" in lowered:
+        v = f" version {version}" if version else ""
+        return ModelNotReady(f"model '{model}'{v} is not served by {url}: {text}")
     if "restricted" in lowered or "unauthorized" in lowered or "permission" in lowered:
         return Unauthorized(f"{what} refused by {url}: {text}")
     if any(s in lowered for s in NOT_READY_MARKERS):

@@ -215,9 +215,9 @@ def test_serve_run_watchdog_heals_a_killed_stub(model_repo, val_images, tmp_path
 
     try:
         expected = wait_until(first_answer, 180, "the server to answer")
-        (server_pid,) = [
+        (server_pid,) = [  # under serve run's supervisor of the front and Triton
             p
-            for p in child_pids(proc.pid)
+            for p in _descendants(proc.pid)
             if Path(f"/proc/{p}/exe").resolve().name == "tritonserver"
         ]
         for pid in stub_pids(server_pid):
@@ -265,6 +265,15 @@ def test_server_restart_while_client_runs(model_repo, val_images, tmp_path):
     finally:
         clf.close()
         srv.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], child_pids(pid)
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += child_pids(p)
+    return found
 
 
 def _shm_files(*folders: str | None) -> set[str]:
