@@ -33,7 +33,7 @@ EXPORT_ARGS ?=
 PYTEST_ARGS ?=
 # make deploy-manifests: Kubernetes manifests for N Tritons serving $(REPO).
 REPLICAS ?= 2
-IMAGE ?= nvcr.io/nvidia/tritonserver:25.07-py3
+IMAGE ?= nvcr.io/nvidia/tritonserver:26.07-py3
 MODEL_STORE ?=
 K8S_OUT ?= deploy/k8s
 NAMESPACE ?= default
