@@ -161,13 +161,18 @@ class ExportRun:
         return self.out_dir / "model_int8.onnx"
 
     @property
+    def int8_trt_path(self) -> Path:
+        """The INT8 Q/DQ graph TensorRT parses (symmetric, float biases; export/int8.py)."""
+        return self.out_dir / "model_int8_trt.onnx"
+
+    @property
     def served_onnx(self) -> Path:
         """The ONNX published as the version's ``model.onnx``: on CPU the card's precision;
         for ``tensorrt_plan`` the graph the strongly typed plans are built from (FP16, or
         INT8 Q/DQ with ``PRECISION=int8``), so ``python -m export trt`` rebuilds the same."""
         precision = self.cfg.precision.precision
         if self.cfg.serving.kind == "gpu-tensorrt":
-            return self.int8_path if precision == "int8" else self.fp16_path
+            return self.int8_trt_path if precision == "int8" else self.fp16_path
         if self.cfg.serving.target != "cpu" or precision == "fp32":
             return self.onnx_path
         return self.int8_path if precision == "int8" else self.fp16_path
@@ -328,7 +333,7 @@ def check_tensorrt(run: ExportRun) -> None:
     if run.engine is None:
         run.engine = run.out_dir / "model.plan"
         meta = build_engine(
-            run.int8_path if int8 else run.fp16_path,
+            run.int8_trt_path if int8 else run.fp16_path,
             run.engine,
             cfg.profile,
             INPUT_NAME,
@@ -348,17 +353,20 @@ def check_tensorrt(run: ExportRun) -> None:
 
 
 def build_tensorrt_rtx(run: ExportRun) -> None:
-    """Every ONNX this export produced (FP32, FP16, INT8 - the files parity judged, after
-    the fallback) through TensorRT-RTX's parser and builder for ``trt_rtx_targets``; each
-    build is recorded. Engines stay in ``<run>/tensorrt_rtx/``. A failed build of what
-    ``TARGET=gpu`` serves fails the gate; any other failure is a loud warning."""
+    """Every ONNX this export produced for TensorRT (FP32, FP16, the INT8 TensorRT
+    flavour - the files parity judged, after the fallback) through TensorRT-RTX's parser
+    and builder for ``trt_rtx_targets``; each build is recorded. Engines stay in
+    ``<run>/tensorrt_rtx/``. A failed build of what ``TARGET=gpu`` serves fails the gate;
+    any other failure is a loud warning."""
     cfg = run.cfg
     if not cfg.trt_rtx_targets:
         log.info("TensorRT-RTX builds off (--trt-rtx-targets none)")
         return
+    # The TensorRT inputs: the CPU's INT8 flavour (INT32 biases) is not one - TensorRT's
+    # parser refuses it; its TensorRT flavour, model_int8_trt.onnx, is built instead.
     graphs = [(run.onnx_path, "fp32"), (run.fp16_path, "fp16")]
     if cfg.precision.int8 and not run.int8_skipped:
-        graphs.append((run.int8_path, "int8"))
+        graphs.append((run.int8_trt_path, "int8"))
     for path, precision in graphs:
         if not path.is_file():
             continue
@@ -477,6 +485,9 @@ def write_reports(run: ExportRun) -> None:
         "onnx_from_cache": run.onnx_cached or None,
         "onnx_fp16": str(run.fp16_path),
         "onnx_int8": str(run.int8_path) if cfg.precision.int8 and not run.int8_skipped else None,
+        "onnx_int8_tensorrt": (
+            str(run.int8_trt_path) if cfg.precision.int8 and not run.int8_skipped else None
+        ),
         "precision": cfg.precision.precision,
         "gates": {
             "fp32": dataclasses.asdict(run.fp32_gate),

@@ -39,6 +39,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -317,12 +318,24 @@ def parse_network(trt: Any, onnx_path: str | Path) -> tuple[Any, Any, Any]:
     if not parser.parse_from_file(str(onnx_path)):
         if parser.num_errors:
             err = parser.get_error(0)
-            node = err.node_name()
-            first = f"{node}: {err.desc()}" if node else str(err.desc())
+            first = _parser_message(str(err.node_name()), str(err.desc()))
         else:
             first = logger.errors[0] if logger.errors else "the parser gave no reason"
         raise OnnxParseFailed(first)
     return builder, network, parser
+
+
+def _parser_message(node: str, desc: str) -> str:
+    """``node: what is wrong`` from a parser error, whose description wraps the builder's
+    message (``Invalid Node - ...``, ``... API Usage Error (node: message. In f at
+    file)``) and may add unrelated CUDA-runtime noise on a host without a GPU."""
+    if node:
+        found = re.search(re.escape(node) + r": (.+?)(?:\. In \S+ at |\)?$)", desc, re.M)
+        if found:
+            return f"{node}: {found.group(1).strip()}"
+    lines = [ln for ln in desc.splitlines() if ln.strip() and "catchCudaError" not in ln]
+    text = lines[-1] if lines and lines[0].startswith("Invalid Node") else " ".join(lines)
+    return f"{node}: {text}" if node else text
 
 
 def network_layers(network: Any) -> list[dict[str, str]]:
