@@ -46,9 +46,12 @@ from export.tensorrt_engine import (
     DEFAULT_RTX_TARGETS,
     EngineProfile,
     RtxBuild,
+    TensorRTUnavailable,
     build_engine,
+    import_rtx,
     parse_targets,
     rtx_build,
+    rtx_capabilities,
     tensorrt_logits,
     tensorrt_status,
 )
@@ -248,6 +251,13 @@ def start(cfg: ExportConfig) -> ExportRun:
         ok, why = tensorrt_status()
         if not ok:
             raise RuntimeError(NO_TENSORRT.format(why=why))
+    if cfg.trt_rtx_targets:  # an unknown compute capability is an error before any work
+        try:
+            rtx = import_rtx()
+        except TensorRTUnavailable as e:
+            log.warning("WARNING: %s; every TensorRT-RTX build will be recorded failed", e)
+        else:
+            rtx_capabilities(rtx, cfg.trt_rtx_targets)
     ckpt_path = Path(cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     data = cfg.data or ckpt.config.get("data", "")

@@ -177,3 +177,19 @@ def test_a_failed_build_of_what_gpu_serves_fails_the_gate(
         if p != failed
     ] + [RtxBuild(f"model_{failed}.onnx", failed, "tensorrt_rtx", ["8.6"], reason="no")]
     assert run.passed is passes
+
+
+def test_export_refuses_an_unknown_target_before_any_work(tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    proc = run_cli(
+        "export",
+        "--checkpoint",
+        str(tmp_path / "missing.pt"),
+        "--trt-rtx-targets",
+        "8.6",
+        "9.0",
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "cannot target compute capability 9.0" in proc.stderr  # before the checkpoint
