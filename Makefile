@@ -34,7 +34,7 @@ EXPORT_ARGS ?=
 PYTEST_ARGS ?=
 # make deploy-manifests: Kubernetes manifests for N Tritons serving $(REPO).
 REPLICAS ?= 2
-IMAGE ?= nvcr.io/nvidia/tritonserver:25.07-py3
+IMAGE ?= nvcr.io/nvidia/tritonserver:26.07-py3
 MODEL_STORE ?=
 K8S_OUT ?= deploy/k8s
 NAMESPACE ?= default
@@ -57,7 +57,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -c "import torch, torchvision, onnxruntime, tritonclient.grpc, timm; print('setup ok: torch', torch.__version__)"
+	$(PY) -c "import torch, torchvision, onnxruntime, tritonclient.grpc, timm, tensorrt_rtx; print('setup ok: torch', torch.__version__, '/ tensorrt_rtx', tensorrt_rtx.__version__)"
 	@# perf_analyzer (make bench/tune) needs libb64-0d; tritonserver runs with jemalloc (libjemalloc2);
 	@# the public front of `serve run` is HAProxy (haproxy); Triton's namespace needs unshare/ip
 	@if ! ldconfig -p | grep -q 'libb64.so.0d ' || ! ldconfig -p | grep -q 'libjemalloc.so.2 ' \
@@ -86,11 +86,14 @@ train: $(STAMP)
 		$(if $(DATA),--data $(DATA)) $(if $(ARCH),--arch $(ARCH)) $(if $(MODE),--mode $(MODE)) \
 		$(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-# TARGET=cpu (default): python backend + ONNX Runtime. TARGET=gpu: TensorRT FP16 engine
-# (tensorrt_plan; GPU_BACKEND=onnxruntime for ORT + TensorRT accelerator instead).
+# TARGET=cpu (default): python backend + ONNX Runtime. TARGET=gpu: strongly typed TensorRT
+# engine from the FP16 (or INT8 Q/DQ) ONNX (tensorrt_plan; GPU_BACKEND=onnxruntime for
+# ORT + TensorRT accelerator instead).
 # DEPLOY=127.0.0.1:8001 also loads the new version on that server (never implied).
 # PRECISION=int8|fp16 (TARGET=cpu) serves the INT8/FP16 model, published only when its
 # stage passes the accuracy gate (after the precision fallback, if needed).
+# Every ONNX for TensorRT is also built with TensorRT-RTX (no GPU needed) for 8.6 8.9 12.0:
+# EXPORT_ARGS="--trt-rtx-targets 8.6" changes the list; parity.json tensorrt_builds.
 export: $(STAMP)
 	$(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) \
 		$(if $(DATA),--data $(DATA)) --model-repository $(REPO) --target $(TARGET) \

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.tensorrt_engine import HARDWARE_LEVELS, EngineProfile
+from export.tensorrt_engine import DEFAULT_RTX_TARGETS, HARDWARE_LEVELS, EngineProfile
 from export.triton_config import GPU_BACKENDS, TARGETS, ServingConfig
 from serve.cli_common import Command, add_admin_key, add_model_repository
 from serve.cli_common import main as cli_main
@@ -18,7 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("TensorRT engine (GPU hosts)")
+    g = p.add_argument_group(
+        "TensorRT engine (GPU hosts; strongly typed: the precision is the ONNX graph's)"
+    )
     g.add_argument(
         "--min-batch", type=int, default=EngineProfile.min_batch, help="engine profile: min batch"
     )
@@ -30,12 +32,6 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-batch", type=int, default=EngineProfile.max_batch, help="engine profile: max batch"
-    )
-    g.add_argument(
-        "--fp16",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="FP16 engine (the ONNX graph converted to FP16); --no-fp16: FP32",
     )
     g.add_argument("--timing-cache", default="", help="load/save TensorRT's tactic timing cache")
     g.add_argument(
@@ -59,7 +55,6 @@ def profile_from(a: argparse.Namespace) -> EngineProfile:
         a.min_batch,
         a.opt_batch,
         a.max_batch,
-        a.fp16,
         version_compatible=a.version_compatible,
         hardware_compatibility=a.hardware_compatibility,
     )
@@ -69,8 +64,9 @@ EXPORT_DESCRIPTION = (
     "Export a checkpoint to ONNX (0..255 RGB pixels in, normalization inside, dynamic "
     "batch) and FP16 ONNX, compare every stage (ONNX Runtime FP32/FP16, PyTorch FP16, "
     "TensorRT FP16 where available, Triton HTTP/gRPC) with PyTorch on every val image, "
-    "write parity.json/.md/.png, and publish the next numeric version into the model "
-    "repository when nothing failed. Build an engine alone: `python -m export trt`."
+    "build every ONNX with TensorRT-RTX (--trt-rtx-targets), write parity.json/.md/.png, "
+    "and publish the next numeric version into the model repository when nothing failed. "
+    "Build an engine alone: `python -m export trt`."
 )
 
 
@@ -342,6 +338,15 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         help="gpu-onnxruntime: where the TensorRT accelerator keeps its engines (per model)",
     )
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers (parity images)")
+    g.add_argument(
+        "--trt-rtx-targets",
+        nargs="+",
+        default=list(DEFAULT_RTX_TARGETS),
+        metavar="CC",
+        help="compute capabilities every ONNX (FP32, FP16, INT8) is built for with "
+        "TensorRT-RTX, e.g. 8.6 8.9 12.0 (or 8.6,12.0); `none`: no builds. Recorded in "
+        "parity.json tensorrt_builds; engines in <run>/tensorrt_rtx/",
+    )
     _engine_args(p)
 
 
@@ -456,6 +461,7 @@ def run_export_command(a: argparse.Namespace) -> int:
         timing_cache=a.timing_cache,
         onnx_cache=a.onnx_cache,
         profile=profile,
+        trt_rtx_targets=tuple(a.trt_rtx_targets),
         serving=serving_from(a, profile),
         precision=precision_from(a),
     )
@@ -485,11 +491,12 @@ COMMANDS = [
     ),
     Command(
         "trt",
-        "build a TensorRT engine with Polygraphy (GPU hosts)",
+        "build a strongly typed TensorRT engine with Polygraphy (GPU hosts)",
         add_trt_arguments,
         run_trt,
-        description="Build a TensorRT engine (one optimization profile over the batch axis) "
-        "with Polygraphy and write beside it a JSON with the TensorRT version, GPU name and "
+        description="Build a strongly typed TensorRT engine (one optimization profile over "
+        "the batch axis; precision: the ONNX graph's, no FP16/INT8 flags) with Polygraphy "
+        "and write beside it a JSON with the TensorRT version, GPU name and "
         "compute capability, precision, profile and compatibility flags. With --name: build "
         "this GPU's plan from a published version's model.onnx, check it against ONNX "
         "Runtime FP32 on the val images of --data, and add it to the version "

@@ -2,9 +2,12 @@
 
 ``python -m export trt --model-repository REPO --name NAME [--version N] --data DIR``:
 
-1. build an engine from the version's ``model.onnx`` for the local GPU (Polygraphy,
-   the version's batch profile unless given, optional version/hardware compatibility);
-2. engine parity on this GPU: TensorRT vs ONNX Runtime FP32 on real val images,
+1. build a strongly typed engine from the version's ``model.onnx`` for the local GPU
+   (Polygraphy; the graph the export's plans were built from - FP16 or INT8 Q/DQ - so
+   the precision is the same; the version's batch profile unless given, optional
+   version/hardware compatibility);
+2. engine parity on this GPU: TensorRT vs ONNX Runtime (CPU, the same graph) on real
+   val images,
    decoded and resized by the served preprocessing (serve/preprocess.py), judged with
    the FP16 thresholds (top-1 agreement and median difference); a failure refuses the
    plan (exit 3) and changes nothing;
@@ -134,7 +137,9 @@ def add_plan(job: AddPlan) -> dict[str, Any]:
         gate = Thresholds(
             min_top1=job.min_top1, stat="median", atol=job.tolerance, rtol=job.tolerance
         )
-        stage = judge("tensorrt-fp16", "onnxruntime-fp32", reference, logits, gate, True)
+        # strongly typed: the plan computes in the version's model.onnx types
+        stage_name = f"tensorrt-{meta['precision']}"
+        stage = judge(stage_name, "onnxruntime", reference, logits, gate, True)
         if stage.status == "failed":
             raise EngineParityFailed(
                 f"the engine built on {meta['gpu_name']} disagrees with ONNX Runtime FP32 "

@@ -7,8 +7,14 @@ images through the checkpoint's eval transform (never the val images the gate ju
 
 Parameters follow ORT's guidance for CPUs: QUInt8 activations and QInt8 weights, and
 ``reduce_range`` (7-bit weights) where the CPU lacks VNNI, against integer saturation.
-The calibration ranges are cached (ORT's ``calibration_cache_path``), so re-quantizing
-with some nodes excluded (the precision fallback) does not calibrate again.
+
+``tensorrt=True`` writes the TensorRT flavour beside it (``model_int8_trt.onnx``, same
+calibration ranges): explicit Q/DQ as TensorRT's parser accepts it - symmetric INT8
+activations and weights (zero points 0, ``ActivationSymmetric``/``WeightSymmetric``)
+and biases left in float (``QuantizeBias=False``; the CPU flavour's INT32 bias
+``DequantizeLinear`` is refused by TensorRT). ONNX Runtime runs it too, but about half
+as fast on a CPU without VNNI (float biases keep ORT from fusing to QLinearConv), so the
+CPU serves its own flavour (README "TensorRT builds" has the comparison, ModelOpt too).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from serve.files import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
+# quantize_static extra_options for Q/DQ that TensorRT parses (and ORT CPU runs)
+TENSORRT_QDQ = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
 
 
 @dataclass(frozen=True)
@@ -98,8 +106,10 @@ def quantize_int8(
     cache: str | Path,
     nodes_to_exclude: Sequence[str] = (),
     metadata: dict[str, str] | None = None,
+    tensorrt: bool = False,
 ) -> dict[str, Any]:
-    """Quantize the pre-processed FP32 graph to INT8 QDQ and write it atomically.
+    """Quantize the pre-processed FP32 graph to INT8 QDQ and write it atomically
+    (``tensorrt``: the symmetric, float-bias flavour TensorRT parses).
 
     ``pixels`` (calibration images) may be None when ``cache`` already holds the ranges.
     Returns what was done (for the report and the card).
@@ -123,11 +133,12 @@ def quantize_int8(
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             reduce_range=reduce_range,
-            activation_type=QuantType.QUInt8,
+            activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=list(nodes_to_exclude) or None,
             calibrate_method=getattr(CalibrationMethod, calibration.method),
             calibration_cache_path=str(cache),
+            extra_options=dict(TENSORRT_QDQ) if tensorrt else {},
         )
         model = onnx.load(str(out))
     del model.metadata_props[:]
@@ -140,8 +151,11 @@ def quantize_int8(
     details = {
         "format": "QDQ",
         "per_channel": True,
-        "activation_type": "QUInt8",
+        "flavour": "tensorrt" if tensorrt else "cpu",
+        "activation_type": "QInt8" if tensorrt else "QUInt8",
         "weight_type": "QInt8",
+        "symmetric": tensorrt,
+        "bias": "float" if tensorrt else "int32",
         "reduce_range": reduce_range,
         "cpu_vnni": cpu_has_vnni(),
         "calibration_method": calibration.method,

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_STAGE = "onnxruntime-int8"
+INT8_TRT_STAGE = "onnxruntime-int8-tensorrt"  # model_int8_trt.onnx, the TensorRT flavour
 
 
 @dataclass
@@ -101,8 +102,22 @@ def export_int8(run: ExportRun) -> None:
     details = quantize_int8(
         prepared, run.int8_path, cal, pixels, cache, metadata=metadata_of(run.onnx_path)
     )
+    # The TensorRT flavour (symmetric, float biases) from the same calibration ranges.
+    trt = quantize_int8(
+        prepared,
+        run.int8_trt_path,
+        cal,
+        None,
+        cache,
+        metadata=metadata_of(run.onnx_path),
+        tensorrt=True,
+    )
     run.int8_details = {
         **details,
+        "tensorrt_flavour": {
+            "file": run.int8_trt_path.name,
+            **{k: trt[k] for k in ("activation_type", "symmetric", "bias", "quantized_nodes")},
+        },
         "calibration_data": Path(str(data)).name,
         "calibration_split": cal.split,
         "calibration_images": pixels.count,
@@ -115,12 +130,17 @@ def check_int8(run: ExportRun) -> None:
     assert run.pixels is not None and run.reference is not None
     if not run.cfg.precision.int8:
         run.skip(INT8_STAGE, "pytorch-fp32", "disabled (--no-int8-stage)")
+        run.skip(INT8_TRT_STAGE, "pytorch-fp32", "disabled (--no-int8-stage)")
         return
     if run.int8_skipped:
         run.skip(INT8_STAGE, "pytorch-fp32", run.int8_skipped)
+        run.skip(INT8_TRT_STAGE, "pytorch-fp32", run.int8_skipped)
         return
     run.int8_logits = onnxruntime_logits(run.int8_path, run.pixels)
     run.compare_reduced(INT8_STAGE, run.int8_logits)
+    # The TensorRT flavour's accuracy, measured here with ONNX Runtime (advisory; on GPU
+    # the tensorrt-int8 stage judges its engine).
+    run.compare_reduced(INT8_TRT_STAGE, onnxruntime_logits(run.int8_trt_path, run.pixels))
 
 
 def precision_details(run: ExportRun) -> dict[str, Any]:

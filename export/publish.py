@@ -11,8 +11,9 @@ Layout::
   published) + ``model.py``, the python backend running ONNX Runtime on CPU;
 * ``gpu`` + ``tensorrt``: ``model.sm<cc>.plan`` per compute capability (or ``model.plan``
   when hardware-compatible), each with its ``.json``, listed in ``cc_model_filenames``,
-  and the FP32 ``model.onnx`` they were built from (``python -m export trt`` adds the
-  plan of another GPU to the version from it);
+  and the ``model.onnx`` they were built from - FP16, or INT8 Q/DQ: the plans are strongly
+  typed, their precision is this graph's (``python -m export trt`` adds the plan of
+  another GPU to the version from it);
 * ``gpu`` + ``onnxruntime``: ``model.onnx`` with the TensorRT execution accelerator.
 
 Beside it ``<name>_preprocess`` (next version) and the ``<name>_image`` ensemble.

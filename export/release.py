@@ -1,6 +1,6 @@
-"""The export run: checkpoint -> ONNX (FP32, FP16) [-> TensorRT engine] -> parity of every
-stage on every val image -> report -> publish when every gating stage passed -> deploy to
-a live server when asked (``--deploy URL``).
+"""The export run: checkpoint -> ONNX (FP32, FP16, INT8) [-> TensorRT engine] -> parity of
+every stage on every val image -> TensorRT-RTX builds of every ONNX -> report -> publish
+when every gating stage passed -> deploy to a live server when asked (``--deploy URL``).
 
 :func:`run_export` is the list of its steps; each step reads and extends one
 :class:`ExportRun`.
@@ -42,7 +42,19 @@ from export.stage_outputs import (
     onnxruntime_logits,
     pytorch_logits,
 )
-from export.tensorrt_engine import EngineProfile, build_engine, tensorrt_logits, tensorrt_status
+from export.tensorrt_engine import (
+    DEFAULT_RTX_TARGETS,
+    EngineProfile,
+    RtxBuild,
+    TensorRTUnavailable,
+    build_engine,
+    import_rtx,
+    parse_targets,
+    rtx_build,
+    rtx_capabilities,
+    tensorrt_logits,
+    tensorrt_status,
+)
 from export.triton_config import ServingConfig
 from export.warmup import val_images
 from serve.cli_common import GateRefused
@@ -90,11 +102,14 @@ class ExportConfig:
     timing_cache: str = ""
     onnx_cache: str = ""  # "" -> $TRAINSERVE_ONNX_CACHE or ~/.cache/trainserve/onnx; "off"
     profile: EngineProfile = field(default_factory=EngineProfile)
+    # compute capabilities every ONNX is built for with TensorRT-RTX (() : no builds)
+    trt_rtx_targets: tuple[str, ...] = DEFAULT_RTX_TARGETS
     serving: ServingConfig = field(default_factory=ServingConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def validate(self) -> None:
         self.precision.validate()
+        self.trt_rtx_targets = parse_targets(self.trt_rtx_targets)
         if self.precision.precision == "fp16" and not self.fp16:
             raise ValueError("PRECISION=fp16 needs the FP16 stages (drop --no-fp16-stages)")
         if not 0 < self.atol <= FP32_GATE.atol:
@@ -129,6 +144,7 @@ class ExportRun:
     int8_details: dict[str, Any] = field(default_factory=dict)
     int8_skipped: str = ""  # why no INT8 model was built (an advisory stage left out)
     onnx_cached: str = ""  # the cache key when model.onnx reused an earlier export
+    rtx_builds: list[RtxBuild] = field(default_factory=list)
 
     @cached_property
     def checkpoint_sha256(self) -> str:
@@ -148,9 +164,18 @@ class ExportRun:
         return self.out_dir / "model_int8.onnx"
 
     @property
+    def int8_trt_path(self) -> Path:
+        """The INT8 Q/DQ graph TensorRT parses (symmetric, float biases; export/int8.py)."""
+        return self.out_dir / "model_int8_trt.onnx"
+
+    @property
     def served_onnx(self) -> Path:
-        """The ONNX published as the version's ``model.onnx`` (its precision: the card's)."""
+        """The ONNX published as the version's ``model.onnx``: on CPU the card's precision;
+        for ``tensorrt_plan`` the graph the strongly typed plans are built from (FP16, or
+        INT8 Q/DQ with ``PRECISION=int8``), so ``python -m export trt`` rebuilds the same."""
         precision = self.cfg.precision.precision
+        if self.cfg.serving.kind == "gpu-tensorrt":
+            return self.int8_trt_path if precision == "int8" else self.fp16_path
         if self.cfg.serving.target != "cpu" or precision == "fp32":
             return self.onnx_path
         return self.int8_path if precision == "int8" else self.fp16_path
@@ -165,9 +190,27 @@ class ExportRun:
         return Thresholds(min_top1=FP16_GATE.min_top1, stat="median", atol=tol, rtol=tol)
 
     @property
+    def required_build_precision(self) -> str:
+        """The precision whose TensorRT-RTX build gates publishing: what ``TARGET=gpu``
+        serves (its engine is FP16, or INT8 with ``PRECISION=int8``); "" on CPU targets."""
+        if self.cfg.serving.target != "gpu":
+            return ""
+        return "int8" if self.cfg.precision.precision == "int8" else "fp16"
+
+    @property
+    def failed_required_builds(self) -> list[RtxBuild]:
+        return [
+            b
+            for b in self.rtx_builds
+            if b.status == "failed" and b.precision == self.required_build_precision
+        ]
+
+    @property
     def passed(self) -> bool:
-        """No gating stage failed (advisory stages are reported, not enforced)."""
-        return all(s.status != "failed" or not s.gating for s in self.stages)
+        """No gating stage failed (advisory stages are reported, not enforced) and, for
+        ``TARGET=gpu``, the published precision built with TensorRT-RTX."""
+        stages_ok = all(s.status != "failed" or not s.gating for s in self.stages)
+        return stages_ok and not self.failed_required_builds
 
     def compare(
         self,
@@ -208,6 +251,13 @@ def start(cfg: ExportConfig) -> ExportRun:
         ok, why = tensorrt_status()
         if not ok:
             raise RuntimeError(NO_TENSORRT.format(why=why))
+    if cfg.trt_rtx_targets:  # an unknown compute capability is an error before any work
+        try:
+            rtx = import_rtx()
+        except TensorRTUnavailable as e:
+            log.warning("WARNING: %s; every TensorRT-RTX build will be recorded failed", e)
+        else:
+            rtx_capabilities(rtx, cfg.trt_rtx_targets)
     ckpt_path = Path(cfg.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     data = cfg.data or ckpt.config.get("data", "")
@@ -275,7 +325,9 @@ def check_onnxruntime(run: ExportRun) -> None:
 
 
 def check_tensorrt(run: ExportRun) -> None:
-    """Build (or take) the engine and compare it; skipped with the reason elsewhere."""
+    """Build (or take) the engine and compare it; skipped with the reason elsewhere. The
+    engine is strongly typed: built from the INT8 Q/DQ graph (``PRECISION=int8``) or the
+    accuracy-gated FP16 graph, so it computes in exactly the precision parity judged."""
     cfg = run.cfg
     assert run.pixels is not None and run.reference is not None
     wants_engine = cfg.serving.kind == "gpu-tensorrt"
@@ -290,22 +342,13 @@ def check_tensorrt(run: ExportRun) -> None:
         return
     if run.engine is None:
         run.engine = run.out_dir / "model.plan"
-        calibration = None
-        if int8:  # the INT8 ONNX model's calibration loader: training images, eval transform
-            cal = cfg.precision.calibration
-            data = cfg.precision.calibration_data or run.ckpt.config.get("data", "") or run.data
-            calibration = load_pixels(
-                run.ckpt, data, cal.split, cal.batch_size, cfg.workers, cal.count
-            ).batches
         meta = build_engine(
-            run.onnx_path,
+            run.int8_trt_path if int8 else run.fp16_path,
             run.engine,
-            dataclasses.replace(cfg.profile, int8=int8),
+            cfg.profile,
             INPUT_NAME,
             run.ckpt.card.input.shape,
             cfg.timing_cache or None,
-            calibration,
-            run.out_dir / "tensorrt_int8_calibration.cache" if int8 else None,
         )
         log.info(
             "built %s (%s, TensorRT %s, %s, %ss)",
@@ -317,6 +360,62 @@ def check_tensorrt(run: ExportRun) -> None:
         )
     logits = tensorrt_logits(run.engine, run.pixels.batches, INPUT_NAME, OUTPUT_NAME)
     run.compare_reduced(stage_name, logits)
+
+
+def build_tensorrt_rtx(run: ExportRun) -> None:
+    """Every ONNX this export produced for TensorRT (FP32, FP16, the INT8 TensorRT
+    flavour - the files parity judged, after the fallback) through TensorRT-RTX's parser
+    and builder for ``trt_rtx_targets``; each build is recorded. Engines stay in
+    ``<run>/tensorrt_rtx/``. A failed build of what ``TARGET=gpu`` serves fails the gate;
+    any other failure is a loud warning."""
+    cfg = run.cfg
+    if not cfg.trt_rtx_targets:
+        log.info("TensorRT-RTX builds off (--trt-rtx-targets none)")
+        return
+    # The TensorRT inputs: the CPU's INT8 flavour (INT32 biases) is not one - TensorRT's
+    # parser refuses it; its TensorRT flavour, model_int8_trt.onnx, is built instead.
+    graphs = [(run.onnx_path, "fp32"), (run.fp16_path, "fp16")]
+    if cfg.precision.int8 and not run.int8_skipped:
+        graphs.append((run.int8_trt_path, "int8"))
+    for path, precision in graphs:
+        if not path.is_file():
+            continue
+        record = rtx_build(
+            path,
+            precision,
+            cfg.trt_rtx_targets,
+            cfg.profile,
+            INPUT_NAME,
+            run.ckpt.card.input.shape,
+            run.out_dir / "tensorrt_rtx" / f"{path.stem}.engine",
+        )
+        run.rtx_builds.append(record)
+        if record.status == "built":
+            log.info(
+                "TensorRT-RTX built %s (%s, sm %s): %d bytes, %d layers %s, %.1fs",
+                record.onnx,
+                precision,
+                "/".join(record.compute_capabilities),
+                record.engine_bytes,
+                record.layers,
+                record.layer_types,
+                record.seconds,
+            )
+        elif precision == run.required_build_precision:
+            log.error(
+                "TensorRT-RTX could not build %s (%s), the precision TARGET=gpu serves: %s",
+                record.onnx,
+                precision,
+                record.reason,
+            )
+        else:
+            log.warning(
+                "WARNING: TensorRT-RTX could not build %s (%s): %s "
+                "(TensorRT cannot serve this graph; the CPU target does not need it)",
+                record.onnx,
+                precision,
+                record.reason,
+            )
 
 
 def make_card(run: ExportRun) -> None:
@@ -396,6 +495,9 @@ def write_reports(run: ExportRun) -> None:
         "onnx_from_cache": run.onnx_cached or None,
         "onnx_fp16": str(run.fp16_path),
         "onnx_int8": str(run.int8_path) if cfg.precision.int8 and not run.int8_skipped else None,
+        "onnx_int8_tensorrt": (
+            str(run.int8_trt_path) if cfg.precision.int8 and not run.int8_skipped else None
+        ),
         "precision": cfg.precision.precision,
         "gates": {
             "fp32": dataclasses.asdict(run.fp32_gate),
@@ -412,6 +514,7 @@ def write_reports(run: ExportRun) -> None:
         "passed": run.passed,
         "forced": bool(cfg.force and not run.passed),
         "stages": [s.to_dict() for s in run.stages],
+        "tensorrt_builds": [b.to_dict() for b in run.rtx_builds],
         "versions": {
             "torch": str(torch.__version__),
             "onnx": onnx.__version__,
@@ -429,7 +532,14 @@ def gate(run: ExportRun) -> None:
     """Refuse to publish when a gating stage failed (unless --force)."""
     if run.passed or run.cfg.force:
         return
-    reasons = "; ".join(f"{s.name}: {s.reason}" for s in run.stages if s.status == "failed")
+    failed = [s for s in run.stages if s.status == "failed"]
+    reasons = "; ".join(
+        [f"{s.name}: {s.reason}" for s in failed]
+        + [
+            f"TensorRT-RTX build of {b.onnx} ({b.precision}) failed: {b.reason}"
+            for b in run.failed_required_builds
+        ]
+    )
     raise ParityFailed(
         f"parity failed, not publishing ({reasons}); see {run.out_dir / 'parity.md'}"
     )
@@ -486,6 +596,7 @@ STEPS: list[Callable[[ExportRun], None]] = [
     fallback_step,
     speed_gate,
     check_tensorrt,
+    build_tensorrt_rtx,
     make_card,
     check_triton,
     write_reports,

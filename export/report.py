@@ -67,7 +67,37 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "here (reason given); they are never dropped silently.",
         "",
     ]
+    lines += rtx_builds_markdown(report.get("tensorrt_builds") or [])
     path.write_text("\n".join(lines))
+
+
+def rtx_builds_markdown(builds: list[dict[str, Any]]) -> list[str]:
+    """The TensorRT-RTX builds (one row per ONNX) for parity.md."""
+    lines = ["## TensorRT-RTX builds", ""]
+    if not builds:
+        return [*lines, "None (--trt-rtx-targets none).", ""]
+    lines += [
+        "| onnx | precision | builder | compute capabilities | status | engine bytes "
+        "| seconds | layers | layers by output type | reason |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for b in builds:
+        types = ", ".join(f"{k} {v}" for k, v in b["layer_types"].items())
+        status = b["status"] if b["status"] == "built" else f"**{b['status']}**"
+        lines.append(
+            f"| {b['onnx']} | {b['precision']} | {b['builder']} "
+            f"| {', '.join(b['compute_capabilities'])} | {status} "
+            f"| {b['engine_bytes'] or ''} | {_fmt(b['seconds'])} | {b['layers'] or ''} "
+            f"| {types} | {b['reason'].replace('|', '/')} |"
+        )
+    lines += [
+        "",
+        "Strongly typed builds: each engine computes in its ONNX graph's types (no FP16/INT8 "
+        "builder flags). Building needs no GPU; running these engines does (not done here). "
+        "For TARGET=gpu a failed build of the served precision fails the export.",
+        "",
+    ]
+    return lines
 
 
 def write_histogram(stages: list[Stage], diffs: dict[str, np.ndarray], path: Path) -> None:

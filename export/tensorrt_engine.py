@@ -1,17 +1,31 @@
-"""TensorRT FP16 engines, built and run with Polygraphy (GPU hosts with TensorRT only).
+"""TensorRT engines, strongly typed: the engine computes in the precision its ONNX graph
+carries. There is no FP16 or INT8 builder flag and no implicit INT8 calibration anywhere:
+an FP16 engine is built from the accuracy-gated FP16 ONNX (with the nodes the precision
+fallback kept in FP32), an INT8 engine from an explicit Q/DQ ONNX. TensorRT 10 gets the
+``STRONGLY_TYPED`` network flag, TensorRT 11 and TensorRT-RTX (``import tensorrt_rtx``),
+whose networks are always strongly typed, get it where the enum still has it.
 
-Build: ``NetworkFromOnnxPath`` -> ``CreateConfig(fp16=..., profiles=[one profile over the
-batch axis], load_timing_cache=...)`` -> ``EngineFromNetwork(..., save_timing_cache=...)``
--> ``SaveEngine`` (Polygraphy's documented loader chain). Beside ``model.plan`` goes
-``model.plan.json``: TensorRT version, GPU name and compute capability, precision,
-profile and compatibility flags. A plain engine only runs on the TensorRT version and GPU
-generation it was built for, so loading checks that file first and refuses a mismatch by
-name. TensorRT 10 can relax both (Polygraphy's ``CreateConfig(version_compatible=...,
-hardware_compatibility_level=...)``): a version-compatible engine also runs on later
-TensorRT releases of the same major version (the runtime must allow its embedded lean
-runtime: Triton's ``--backend-config=tensorrt,version-compatible=true``), a
-hardware-compatible one (``ampere_plus``) on every GPU from Ampere (sm80) on, at some
-speed cost.
+Two builders:
+
+* :func:`build_engine` (GPU hosts, ``import tensorrt``): Polygraphy's loader chain
+  ``NetworkFromOnnxPath(strongly_typed=...)`` -> ``CreateConfig(profiles=[one profile over
+  the batch axis], load_timing_cache=...)`` -> ``EngineFromNetwork(...)`` -> ``SaveEngine``.
+  Beside ``model.plan`` goes ``model.plan.json``: TensorRT version, GPU name and compute
+  capability, precision (read from the network), profile and compatibility flags. A plain
+  engine only runs on the TensorRT version and GPU generation it was built for, so loading
+  checks that file first and refuses a mismatch by name. TensorRT 10 can relax both
+  (``CreateConfig(version_compatible=..., hardware_compatibility_level=...)``): a
+  version-compatible engine also runs on later releases of the same major version (Triton
+  needs ``--backend-config=tensorrt,version-compatible=true``), a hardware-compatible one
+  (``ampere_plus``) on every GPU from Ampere (sm80) on, at some speed cost.
+* :func:`rtx_build` (any host, ``import tensorrt_rtx``): NVIDIA's TensorRT for RTX, whose
+  builder and ONNX parser run without a GPU, targeting a list of compute capabilities
+  (``IBuilderConfig.set_compute_capability``). The export builds every ONNX it produces
+  with it and records each build (:class:`RtxBuild`). It calls the TensorRT API directly
+  rather than through Polygraphy: Polygraphy picks ``tensorrt`` or ``tensorrt_rtx`` once
+  per process (``POLYGRAPHY_USE_TENSORRT_RTX``, read when ``polygraphy.config`` is first
+  imported), which would pin the GPU path to one of them, and the record needs the parsed
+  network's layers and the parser's own first error.
 
 In a model repository each version holds one plan per compute capability,
 ``model.sm<major><minor>.plan`` (+ its ``.json``), listed in the config's
@@ -22,16 +36,23 @@ In a model repository each version holds one plan per compute capability,
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import re
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from serve.files import atomic_write_text
+from serve.files import atomic_write_bytes, atomic_write_text
+
+RTX_MODULE = "tensorrt_rtx"
+DEFAULT_RTX_TARGETS = ("8.6", "8.9", "12.0")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -44,13 +65,12 @@ class EngineMismatch(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineProfile:
-    """One optimization profile over the batch axis (the other dims are fixed)."""
+    """One optimization profile over the batch axis (the other dims are fixed). No
+    precision here: a strongly typed engine computes in its ONNX graph's types."""
 
     min_batch: int = 1
     opt_batch: int = 16
     max_batch: int = 64
-    fp16: bool = True
-    int8: bool = False  # INT8 (with FP16 fallback kernels), calibrated by Polygraphy's Calibrator
     version_compatible: bool = False  # runs on later TensorRT 10.x too (lean runtime inside)
     hardware_compatibility: str = "none"  # "ampere_plus": one engine for sm80 and later
 
@@ -128,6 +148,30 @@ def current_platform() -> dict[str, Any]:
     }
 
 
+def strong_typing_flags(trt: Any) -> int:
+    """``create_network`` flags for a strongly typed network: ``STRONGLY_TYPED`` where the
+    module has it (TensorRT 10, TensorRT-RTX); 0 where networks are always strongly typed
+    and the flag is gone."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def layer_types(network: Any) -> dict[str, int]:
+    """The network's layers counted by the data type of their (first) output."""
+    counts = Counter(
+        network.get_layer(i).get_output(0).dtype.name for i in range(network.num_layers)
+    )
+    return dict(sorted(counts.items()))
+
+
+def network_precision(types: dict[str, int]) -> str:
+    """What a strongly typed network computes in: ``int8`` with Q/DQ, ``fp16`` with half
+    layers, else ``fp32``."""
+    if types.get("INT8") or types.get("UINT8"):
+        return "int8"
+    return "fp16" if types.get("HALF") else "fp32"
+
+
 def build_engine(
     onnx_path: str | Path,
     plan_path: str | Path,
@@ -135,16 +179,11 @@ def build_engine(
     input_name: str,
     item_shape: list[int],
     timing_cache: str | Path | None = None,
-    calibration: list[np.ndarray] | None = None,
-    calibration_cache: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Build ``plan_path`` from ``onnx_path``; returns (and writes) the engine's metadata.
-
-    With ``profile.int8`` the engine is calibrated by Polygraphy's ``Calibrator`` over
-    ``calibration`` (pixel batches of training images, eval transform - the INT8 ONNX
-    model's calibration loader) and keeps its ranges in ``calibration_cache``, which a
-    later build reads instead of calibrating again."""
+    """Build ``plan_path`` from ``onnx_path`` with TensorRT on this GPU, strongly typed
+    (precision: the graph's); returns (and writes) the engine's metadata."""
     require_tensorrt()
+    import tensorrt as trt
     from polygraphy.backend.trt import (
         CreateConfig,
         EngineFromNetwork,
@@ -167,35 +206,23 @@ def build_engine(
     if profile.version_compatible:
         compat["version_compatible"] = True
     if profile.hardware_compatibility != "none":
-        import tensorrt as trt
-
         compat["hardware_compatibility_level"] = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    if profile.int8:
-        from polygraphy.backend.trt import Calibrator
-
-        if calibration is None and not (calibration_cache and Path(calibration_cache).is_file()):
-            raise ValueError("an INT8 engine needs calibration batches or a calibration cache")
-        loader = [
-            {input_name: b[i : i + profile.max_batch]}
-            for b in calibration or []
-            for i in range(0, len(b), profile.max_batch)
-        ]
-        compat["int8"] = True
-        compat["calibrator"] = Calibrator(
-            loader, cache=str(calibration_cache) if calibration_cache else None
-        )
-    config = CreateConfig(fp16=profile.fp16, profiles=profiles, load_timing_cache=cache, **compat)
+    config = CreateConfig(profiles=profiles, load_timing_cache=cache, **compat)
     t0 = time.perf_counter()
-    engine = EngineFromNetwork(
-        NetworkFromOnnxPath(str(onnx_path)), config=config, save_timing_cache=cache
-    )
+    strongly_typed = bool(strong_typing_flags(trt))
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed)()
+    types = layer_types(network[1])
+    engine = EngineFromNetwork(network, config=config, save_timing_cache=cache)
     plan_path = Path(plan_path)
     tmp = plan_path.with_name(f".{plan_path.name}.tmp")
     SaveEngine(engine, path=str(tmp))()
     tmp.replace(plan_path)  # atomic: a failed build never leaves half an engine
     meta = {
         **current_platform(),
-        "precision": "int8" if profile.int8 else "fp16" if profile.fp16 else "fp32",
+        "builder": f"tensorrt {trt.__version__}",
+        "strongly_typed": True,
+        "precision": network_precision(types),
+        "layer_types": types,
         "profile": asdict(profile),
         "input": {"name": input_name, "shape": list(shape)},
         "version_compatible": profile.version_compatible,
@@ -205,6 +232,196 @@ def build_engine(
     }
     atomic_write_text(metadata_path(plan_path), json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+# -- TensorRT for RTX: builds on any host -----------------------------------------------------
+class OnnxParseFailed(RuntimeError):
+    """TensorRT's ONNX parser refused the graph (the message is the parser's first error)."""
+
+
+class EngineBuildFailed(RuntimeError):
+    """The builder returned no engine (the message is its first error)."""
+
+
+_LOGGERS: dict[str, Any] = {}
+
+
+def _logger(trt: Any) -> Any:
+    """One recording logger per TensorRT module (TensorRT wants one per process): keeps
+    the errors of the current build, so a failure can name the builder's first one."""
+    if trt.__name__ not in _LOGGERS:
+
+        class Recording(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    self.errors.append(msg)
+
+        _LOGGERS[trt.__name__] = Recording()
+    return _LOGGERS[trt.__name__]
+
+
+def import_rtx() -> Any:
+    """``tensorrt_rtx`` (``pip install tensorrt_rtx_cu12``; in the lock)."""
+    try:
+        return importlib.import_module(RTX_MODULE)
+    except ImportError as e:
+        raise TensorRTUnavailable(
+            f"import {RTX_MODULE} failed ({e}): `make setup` installs tensorrt_rtx_cu12"
+        ) from e
+
+
+def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Compute capabilities as ``("8.6", "12.0")`` from ``"8.6,12.0"`` / a list; ``none``
+    or empty -> no TensorRT-RTX builds. A malformed entry is an error naming it."""
+    items = text.split(",") if isinstance(text, str) else [p for t in text for p in t.split(",")]
+    items = [i.strip() for i in items if i.strip()]
+    if items in ([], ["none"]):
+        return ()
+    for item in items:
+        major, _, minor = item.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise ValueError(f"compute capability {item!r}: expected MAJOR.MINOR such as 8.6")
+    return tuple(dict.fromkeys(items))
+
+
+def rtx_capabilities(trt: Any, targets: tuple[str, ...]) -> list[Any]:
+    """``trt.ComputeCapability`` members for ``("8.6", ...)``; an unknown one is an error
+    listing what this TensorRT-RTX can target."""
+    out = []
+    for cc in targets:
+        name = "SM" + cc.replace(".", "")
+        if not hasattr(trt.ComputeCapability, name):
+            known = sorted(
+                (f"{m[2:-1]}.{m[-1]}" for m in dir(trt.ComputeCapability) if m[2:].isdigit()),
+                key=lambda v: tuple(int(p) for p in v.split(".")),
+            )
+            raise ValueError(
+                f"{trt.__name__} {trt.__version__} cannot target compute capability {cc} "
+                f"(it knows {', '.join(known)})"
+            )
+        out.append(getattr(trt.ComputeCapability, name))
+    return out
+
+
+def parse_network(trt: Any, onnx_path: str | Path) -> tuple[Any, Any, Any]:
+    """(builder, strongly typed network, parser) of ``onnx_path``; raises
+    :class:`OnnxParseFailed` with the parser's first error (node: description)."""
+    logger = _logger(trt)
+    logger.errors.clear()
+    builder = trt.Builder(logger)
+    network = builder.create_network(strong_typing_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        if parser.num_errors:
+            err = parser.get_error(0)
+            first = _parser_message(str(err.node_name()), str(err.desc()))
+        else:
+            first = logger.errors[0] if logger.errors else "the parser gave no reason"
+        raise OnnxParseFailed(first)
+    return builder, network, parser
+
+
+def _parser_message(node: str, desc: str) -> str:
+    """``node: what is wrong`` from a parser error, whose description wraps the builder's
+    message (``Invalid Node - ...``, ``... API Usage Error (node: message. In f at
+    file)``) and may add unrelated CUDA-runtime noise on a host without a GPU."""
+    if node:
+        found = re.search(re.escape(node) + r": (.+?)(?:\. In \S+ at |\)?$)", desc, re.M)
+        if found:
+            return f"{node}: {found.group(1).strip()}"
+    lines = [ln for ln in desc.splitlines() if ln.strip() and "catchCudaError" not in ln]
+    text = lines[-1] if lines and lines[0].startswith("Invalid Node") else " ".join(lines)
+    return f"{node}: {text}" if node else text
+
+
+def network_layers(network: Any) -> list[dict[str, str]]:
+    """Every layer's name, type and output data type (in network order)."""
+    return [
+        {
+            "name": layer.name,
+            "type": layer.type.name,
+            "dtype": layer.get_output(0).dtype.name,
+        }
+        for layer in (network.get_layer(i) for i in range(network.num_layers))
+    ]
+
+
+@dataclass
+class RtxBuild:
+    """One TensorRT-RTX build, as ``parity.json``'s ``tensorrt_builds`` records it."""
+
+    onnx: str
+    precision: str
+    builder: str
+    compute_capabilities: list[str]
+    status: str = "failed"  # built | failed
+    reason: str = ""
+    engine_bytes: int | None = None
+    seconds: float | None = None
+    layers: int | None = None
+    layer_types: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rtx_build(
+    onnx_path: str | Path,
+    precision: str,
+    targets: tuple[str, ...],
+    profile: EngineProfile,
+    input_name: str,
+    item_shape: list[int],
+    engine_path: str | Path | None = None,
+) -> RtxBuild:
+    """Parse and build ``onnx_path`` with TensorRT-RTX for ``targets`` (compute
+    capabilities); the engine goes to ``engine_path`` (atomically) when given. Never
+    raises for a graph or build problem: a failure is recorded with the parser's or
+    builder's first error."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    record = RtxBuild(Path(onnx_path).name, precision, RTX_MODULE, list(targets))
+    t0 = time.perf_counter()
+    try:
+        trt = import_rtx()
+        record.builder = f"{RTX_MODULE} {trt.__version__}"
+        capabilities = rtx_capabilities(trt, targets)
+        builder, network, _parser = parse_network(trt, onnx_path)
+        record.layers = network.num_layers
+        record.layer_types = layer_types(network)
+        config = builder.create_builder_config()
+        shape = tuple(int(d) for d in item_shape)
+        opt = builder.create_optimization_profile()
+        opt.set_shape(
+            input_name,
+            (profile.min_batch, *shape),
+            (profile.opt_batch, *shape),
+            (profile.max_batch, *shape),
+        )
+        config.add_optimization_profile(opt)
+        config.num_compute_capabilities = len(capabilities)
+        for i, cc in enumerate(capabilities):
+            config.set_compute_capability(cc, i)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            errors = _logger(trt).errors
+            raise EngineBuildFailed(errors[0] if errors else "the builder returned no engine")
+        data = bytes(serialized)
+        record.engine_bytes = len(data)
+        if engine_path is not None:
+            Path(engine_path).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(engine_path), data)
+        record.status = "built"
+    except (TensorRTUnavailable, OnnxParseFailed, EngineBuildFailed, ValueError) as e:
+        record.reason = str(e)
+    except Exception as e:  # noqa: BLE001 - whatever the bindings raise is this build's failure
+        record.reason = f"{type(e).__name__}: {e}"
+    record.seconds = round(time.perf_counter() - t0, 2)
+    return record
 
 
 def metadata_path(plan_path: str | Path) -> Path:

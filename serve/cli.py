@@ -473,7 +473,8 @@ def _manifests_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image",
         default=DEFAULT_IMAGE,
-        help="Triton image (default 25.07 = Triton 2.59.1, the first with the 2025 CVE fixes)",
+        help="Triton image (default 26.07: the first release clear of every published "
+        "Triton security bulletin; CUDA 13.3.1, needs a driver for CUDA 13.3)",
     )
     p.add_argument("--replicas", type=int, default=d["replicas"].default)
     p.add_argument("--min-replicas", type=int, default=d["min_replicas"].default)

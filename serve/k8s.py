@@ -4,8 +4,9 @@ published model repository (torch-free): ``python -m serve manifests`` /
 
 What is rendered (``<out>/triton.yaml``, several documents, plus ``<out>/secret.yaml``):
 
-* ``Deployment``: the NGC image (default ``nvcr.io/nvidia/tritonserver:25.07-py3``, the
-  first with the 2025 security fixes; 24.10 is the bundled 2.51), ``--model-repository`` on object
+* ``Deployment``: the NGC image (default ``nvcr.io/nvidia/tritonserver:26.07-py3``, the
+  first release clear of every published Triton security bulletin; 24.10 is the bundled
+  2.51), ``--model-repository`` on object
   storage (``s3://`` / ``gs://`` / ``as://``, read by Triton itself, credentials from the
   optional ``<name>-storage`` Secret) or on a volume (``pvc:CLAIM``, mounted read-only),
   explicit model control loading every published model, readiness
@@ -45,11 +46,12 @@ from tritonclient.grpc import model_config_pb2 as mc
 from serve import auth
 from serve.files import atomic_write_text
 
-# The cluster reaches :8000, so the default is the first release with the fixes for
-# CVE-2025-23310/23311 (unauthenticated crash via chunked HTTP) and 23319/23320/23334
-# (README): 25.07 = Triton 2.59.1. The generated configs use nothing newer than the bundled
-# 2.51 (NGC 24.10); a TensorRT plan must come from the image's own TensorRT.
-DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:25.07-py3"
+# The cluster reaches :8000, so the default is the first release clear of every published
+# Triton security bulletin (README): 26.07, built on CUDA 13.3.1 (releases before it are
+# affected by CVE-2025-23316, CVE-2026-24207, CVE-2026-47627, among others). The generated
+# configs use nothing newer than the bundled 2.51 (NGC 24.10); a TensorRT plan must come
+# from the image's own TensorRT (model.plan.json records the version it was built with).
+DEFAULT_IMAGE = "nvcr.io/nvidia/tritonserver:26.07-py3"
 QUEUE_METRIC = "triton_queue_time_us_per_request"
 MOUNT = "/models"
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}

@@ -66,6 +66,8 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
 # Flags of other programs the README names, with the program (never our CLIs' flags).
 EXTERNAL_FLAGS = {
     "--backend-config": "tritonserver",
+    "--allow-gpu-metrics": "tritonserver",
+    "--pinned-memory-pool-byte-size": "tritonserver",
     "--disable-auto-complete-config": "tritonserver",
     "--http-restricted-api": "tritonserver",
     "--grpc-restricted-protocol": "tritonserver",

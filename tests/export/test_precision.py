@@ -29,6 +29,7 @@ STAGES = [
     "onnxruntime-fp16",
     "pytorch-fp16",
     "onnxruntime-int8",
+    "onnxruntime-int8-tensorrt",
     "tensorrt-fp16",
     "triton-http",
     "triton-grpc",
@@ -45,7 +46,12 @@ def test_release_report_covers_every_stage(trained_run: Path, model_repo: Path) 
     for s in report["stages"]:
         if s["status"] == "skipped":
             assert s["reason"], s
-        elif s["name"] in ("onnxruntime-fp16", "pytorch-fp16", "onnxruntime-int8"):
+        elif s["name"] in (
+            "onnxruntime-fp16",
+            "pytorch-fp16",
+            "onnxruntime-int8",
+            "onnxruntime-int8-tensorrt",
+        ):
             # The published CPU model runs in FP32: reduced stages are measured, not enforced,
             # and judged by accuracy (agreement + labelled accuracy), not element-wise.
             assert s["gating"] is False and s["status"] in ("passed", "failed")
@@ -321,6 +327,8 @@ def test_tensorrt_engine_build_parity_and_refusal(trained_run: Path, tmp_path: P
     assert stage["top1_agreement"] >= 0.995 and stage["median_rel"] < 1e-2
     meta = json.loads((out / "model.plan.json").read_text())
     assert meta["precision"] == "fp16" and meta["profile"]["max_batch"] == 64
+    # strongly typed: built from the accuracy-gated FP16 graph, no FP16 builder flag
+    assert meta["strongly_typed"] is True and meta["onnx"].endswith("model_fp16.onnx")
     version = tmp_path / "repo" / "antsbees" / "1"
     assert len(list(version.glob("model.sm*.plan"))) == 1  # one plan per compute capability
     meta["tensorrt_version"] = "0.0.0"
@@ -332,7 +340,8 @@ def test_tensorrt_engine_build_parity_and_refusal(trained_run: Path, tmp_path: P
 def test_gpu_compose_file_serves_the_repository() -> None:
     compose = yaml.safe_load((ROOT / "serve" / "docker-compose.gpu.yml").read_text())
     svc = compose["services"]["triton"]
-    assert svc["image"].startswith("${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:")
+    # the first release clear of every published Triton security bulletin
+    assert svc["image"] == "${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:26.07-py3}"
     assert "--model-repository=/models" in svc["command"]
     assert any(v.endswith(":/models:ro") for v in svc["volumes"])
     assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]

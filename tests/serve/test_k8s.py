@@ -62,7 +62,8 @@ def test_cpu_repository_manifests_validate_and_wire_up(tmp_path: Path) -> None:
     assert dep["spec"]["replicas"] == 3
     pod = dep["spec"]["template"]
     (c,) = pod["spec"]["containers"]
-    assert c["image"] == "nvcr.io/nvidia/tritonserver:25.07-py3"  # CVE fixes
+    # the first release clear of every published Triton security bulletin
+    assert c["image"] == "nvcr.io/nvidia/tritonserver:26.07-py3"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8002"
