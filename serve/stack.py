@@ -43,6 +43,8 @@ from serve.triton_server import (
     ServerOptions,
     TritonInstall,
     free_port,
+    http_status,
+    log_tail,
     server_command,
 )
 
@@ -121,6 +123,38 @@ def repository_models(repo: Path) -> RepositoryModels:
     if not public:
         raise FileNotFoundError(f"no models in {repo} (run `make export`)")
     return RepositoryModels(public, internal, largest + (64 << 10))
+
+
+def front_options(
+    limits: FrontLimits,
+    models: RepositoryModels,
+    fds: list[int],
+    triton_ports: tuple[int, int, int],
+    **extra: str,
+) -> FrontOptions:
+    """The front for Triton on loopback ``triton_ports`` (HTTP, gRPC, metrics), serving
+    the inherited public sockets ``fds`` with ``limits``."""
+    http, grpc, metrics = triton_ports
+    return FrontOptions(
+        http_bind=f"fd@{fds[0]}",
+        grpc_bind=f"fd@{fds[1]}",
+        metrics_bind=f"fd@{fds[2]}",
+        triton_http=f"{LOOPBACK}:{http}",
+        triton_grpc=f"{LOOPBACK}:{grpc}",
+        triton_metrics=f"{LOOPBACK}:{metrics}",
+        public_models=models.public,
+        internal_models=models.internal,
+        inference_key=limits.inference_key,
+        max_body_bytes=limits.max_body_bytes or models.max_request_bytes,
+        max_json_bytes=limits.max_json_bytes,
+        max_json_depth=limits.max_json_depth,
+        max_connections=limits.max_connections,
+        max_per_client=limits.max_per_client,
+        max_queue=limits.max_queue,
+        idle_timeout_s=limits.idle_timeout_s,
+        request_timeout_s=limits.request_timeout_s,
+        **extra,
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -311,25 +345,12 @@ class PublicServer:
             )
             tls_pem = str(_write_private(self._workdir / "tls.pem", pem))
         fds = [s.fileno() for s in self._sockets]
-        front = FrontOptions(
-            http_bind=f"fd@{fds[0]}",
-            grpc_bind=f"fd@{fds[1]}",
-            metrics_bind=f"fd@{fds[2]}",
-            triton_http=f"{LOOPBACK}:{ports[0]}",
-            triton_grpc=f"{LOOPBACK}:{ports[1]}",
-            triton_metrics=f"{LOOPBACK}:{ports[2]}",
-            public_models=models.public,
-            internal_models=models.internal,
+        front = front_options(
+            self.limits,
+            models,
+            fds,
+            ports,
             admin_key=self.opts.admin_key if self.opts.restricted else "",
-            inference_key=self.limits.inference_key,
-            max_body_bytes=self.limits.max_body_bytes or models.max_request_bytes,
-            max_json_bytes=self.limits.max_json_bytes,
-            max_json_depth=self.limits.max_json_depth,
-            max_connections=self.limits.max_connections,
-            max_per_client=self.limits.max_per_client,
-            max_queue=self.limits.max_queue,
-            idle_timeout_s=self.limits.idle_timeout_s,
-            request_timeout_s=self.limits.request_timeout_s,
             tls_pem=tls_pem,
             inference_token=token,
             stats_socket=str(self._workdir / "haproxy.sock"),
@@ -380,13 +401,7 @@ class PublicServer:
         return f"/proc/{self.pid}/root/dev/shm" if self.in_namespace else None
 
     def _get(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return 0
+        return http_status(f"http://{self.http_url}{path}")
 
     def is_ready(self) -> bool:
         return self._get("/v2/health/ready") == 200
@@ -419,10 +434,7 @@ class PublicServer:
             return False
 
     def _log_tail(self, lines: int = 30) -> str:
-        if not self.log_path or not self.log_path.is_file():
-            return ""
-        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        return "\n--- server log ---\n" + "\n".join(tail)
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM the stack (front first, then Triton), wait, SIGKILL the group if needed;
@@ -503,19 +515,12 @@ class FrontOnly:
         self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
         fds = [s.fileno() for s in self._sockets]
         t = self.triton.opts
-        front = FrontOptions(
-            http_bind=f"fd@{fds[0]}",
-            grpc_bind=f"fd@{fds[1]}",
-            metrics_bind=f"fd@{fds[2]}",
-            triton_http=f"{LOOPBACK}:{t.http_port}",
-            triton_grpc=f"{LOOPBACK}:{t.grpc_port}",
-            triton_metrics=f"{LOOPBACK}:{t.metrics_port}",
-            public_models=models.public,
-            internal_models=models.internal,
+        front = front_options(
+            self.limits,
+            models,
+            fds,
+            (t.http_port, t.grpc_port, t.metrics_port),
             admin_key=t.admin_key if t.restricted else "",
-            max_body_bytes=self.limits.max_body_bytes or models.max_request_bytes,
-            max_queue=self.limits.max_queue,
-            max_per_client=self.limits.max_per_client,
         )
         cfg = _write_private(self._workdir / "haproxy.cfg", render(front))
         out = subprocess.DEVNULL

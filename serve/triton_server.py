@@ -280,6 +280,25 @@ def run_supervised(opts: ServerOptions, watchdog_interval: float, server: Any = 
     return code if code is not None else 0
 
 
+def http_status(url: str, timeout: float = 2.0) -> int:
+    """The HTTP status of GET ``url`` (0 when nothing answers)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def log_tail(path: Path | None, lines: int = 30) -> str:
+    """The last ``lines`` of a server log, for error messages ("" without one)."""
+    if not path or not path.is_file():
+        return ""
+    tail = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n--- server log ---\n" + "\n".join(tail)
+
+
 def free_port(host: str = LOOPBACK) -> int:
     """A currently free TCP port on ``host``."""
     with socket.socket() as s:
@@ -365,14 +384,7 @@ class TritonServer:
         return f"{host}:{self.opts.grpc_port}"
 
     def _get(self, path: str) -> int:
-        url = f"http://{self.http_url}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return 0
+        return http_status(f"http://{self.http_url}{path}")
 
     def is_ready(self) -> bool:
         return self._get("/v2/health/ready") == 200
@@ -392,10 +404,7 @@ class TritonServer:
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s{self._log_tail()}")
 
     def _log_tail(self, lines: int = 30) -> str:
-        if not self.log_path or not self.log_path.is_file():
-            return ""
-        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        return "\n--- server log ---\n" + "\n".join(tail)
+        return log_tail(self.log_path, lines)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM by PID, wait, SIGKILL the process group if it does not exit."""
