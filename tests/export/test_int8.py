@@ -243,7 +243,8 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
     assert card.precision == "int8"
     details = card.precision_details
     assert (
-        details["gate"]["min_agreement"] == 0.99 and details["gate"]["max_accuracy_drop"] == 0.005
+        details["gate"]["small_set_min_agreement"] == 0.99
+        and details["gate"]["max_accuracy_drop"] == 0.005
     )
     int8 = details["int8"]
     assert int8["calibration_images"] == 32 and int8["calibration_method"] == "MinMax"
