@@ -122,6 +122,16 @@ def _private_shm(host_mnt: str) -> None:
         )
 
 
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent dies (PR_SET_PDEATHSIG), so
+    a supervisor killed with SIGKILL leaves no server behind."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as r:
@@ -138,7 +148,7 @@ def run(spec: PrivateSpec) -> int:
         _loopback_up()
         _private_shm(spec.host_mount_namespace)
     stop = threading.Event()
-    triton = subprocess.Popen(spec.triton_cmd, env=spec.triton_env)
+    triton = subprocess.Popen(spec.triton_cmd, env=spec.triton_env, preexec_fn=die_with_parent)
     haproxy: subprocess.Popen | None = None
 
     def on_signal(signum: int, frame: object) -> None:
@@ -162,7 +172,9 @@ def run(spec: PrivateSpec) -> int:
                     haproxy.returncode,
                     restarts,
                 )
-            haproxy = subprocess.Popen(spec.haproxy_cmd, pass_fds=tuple(spec.pass_fds))
+            haproxy = subprocess.Popen(
+                spec.haproxy_cmd, pass_fds=tuple(spec.pass_fds), preexec_fn=die_with_parent
+            )
         stop.wait(0.2)
     if haproxy is not None and haproxy.poll() is None:
         haproxy.terminate()
@@ -183,6 +195,7 @@ def run(spec: PrivateSpec) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m serve.private SPEC.json``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    die_with_parent()  # `serve run` (or a test) killed outright: stop, do not linger
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m serve.private SPEC.json", file=sys.stderr)

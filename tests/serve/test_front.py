@@ -446,3 +446,32 @@ def test_tls_and_inference_key(model_repo, tmp_path, pixels):
         with contextlib.suppress(OSError, http.client.HTTPException):
             status, _ = _raw(srv, "GET", "/v2/health/ready")
         assert status != 200
+
+
+def test_a_killed_owner_leaves_no_server_behind(model_repo):
+    """`serve run` (or any owner of the stack) killed with SIGKILL: the supervisor, HAProxy
+    and tritonserver follow it (PR_SET_PDEATHSIG), none lingers on the machine."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time\n"
+        "from serve.stack import PublicServer\n"
+        "from serve.triton_server import ServerOptions, free_port\n"
+        f"o = ServerOptions(model_repository={str(model_repo)!r}, http_port=free_port(),"
+        " grpc_port=free_port(), metrics_port=free_port())\n"
+        "s = PublicServer(o).start()\n"
+        "print(s.process.pid, s.pid, s.haproxy_pid(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    owner = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root
+    )
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 3 and all(process_alive(p) for p in pids), pids
+    finally:
+        owner.kill()
+        owner.wait()
+    wait_until(lambda: not any(process_alive(p) for p in pids), 60, "the stack to stop")
