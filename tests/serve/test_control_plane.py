@@ -151,7 +151,8 @@ def test_one_bad_image_fails_the_whole_request_naming_it(server, val_images):
         client.close()
 
 
-GATED_MODEL = """
+# A model.py that wraps the published one (renamed served_model.py) in the same folder.
+WRAPPER = """
 import os
 import time
 import importlib.util
@@ -161,7 +162,11 @@ _spec = importlib.util.spec_from_file_location(
 )
 _served = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_served)
+"""
 
+GATED_MODEL = (
+    WRAPPER
+    + """
 
 class TritonPythonModel(_served.TritonPythonModel):
     def execute(self, requests):
@@ -170,6 +175,7 @@ class TritonPythonModel(_served.TritonPythonModel):
             time.sleep(0.02)
         return super().execute(requests)
 """
+)
 
 
 def test_a_flood_beyond_the_queue_bound_is_rejected_fast(model_repo, tmp_path):
@@ -261,17 +267,9 @@ def _flood(url: str, bound: int, gate: Path) -> None:
         client.close()
 
 
-SLOW_MODEL = """
-import os
-import time
-import importlib.util
-
-_spec = importlib.util.spec_from_file_location(
-    "served_model", os.path.join(os.path.dirname(__file__), "served_model.py")
-)
-_served = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_served)
-
+SLOW_MODEL = (
+    WRAPPER
+    + """
 
 class TritonPythonModel(_served.TritonPythonModel):
     def execute(self, requests):
@@ -279,6 +277,7 @@ class TritonPythonModel(_served.TritonPythonModel):
             time.sleep(1.0)  # a slow backend: busy, but it finishes every request
         return super().execute(requests)
 """
+)
 
 
 def test_watchdog_leaves_a_busy_model_alone(model_repo, tmp_path):
