@@ -188,35 +188,18 @@ def merge_previous(report: dict[str, Any], previous: Path) -> None:
 
 
 def images_per_second(arch: str, batch: int = 128, steps: int = 5) -> dict[str, Any]:
-    """Training (forward+backward+SGD step) and inference throughput at 32x32."""
-    import torch
-
+    """Training (forward+backward+SGD step) and inference throughput at 32x32
+    (train.modules.throughput: the same measurement as the Inception module comparison)."""
     from train.models import build_model
+    from train.modules import throughput
 
     model = build_model(arch, 10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    model.train()
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-    train_ips = batch * steps / (time.perf_counter() - t0)
-    model.eval()
-    with torch.inference_mode():
-        model(x)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model(x)
-        infer_ips = batch * steps / (time.perf_counter() - t0)
+    speed = throughput(model, (3, 32, 32), batch, steps, classes=10)
     return {
         "arch": arch,
         "batch": batch,
-        "train_images_per_s": round(train_ips, 1),
-        "infer_images_per_s": round(infer_ips, 1),
+        "train_images_per_s": round(speed["train_images_per_s"], 1),
+        "infer_images_per_s": round(speed["infer_images_per_s"], 1),
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
     }
 
