@@ -331,3 +331,47 @@ def test_watchdog_leaves_a_busy_model_alone(model_repo, tmp_path):
             [w.join(timeout=120) for w in workers]
         assert any("antsbees:1" in r.timed_out for r in rounds), rounds  # it was slow
         assert not any(r.restarted for r in rounds), rounds  # and left alone
+
+
+def test_one_client_gets_at_most_its_concurrency_share(model_repo, tmp_path):
+    """``--max-per-client``: the front counts one address's requests in flight (HTTP/2
+    streams of one connection too); over the share they are refused at once with a clear
+    error while the others are answered, so one client cannot take the whole queue."""
+    from serve.stack import FrontLimits, PublicServer
+    from serve.triton_server import free_port
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    gate = tmp_path / "gate"
+    version = repo / "antsbees" / "1"
+    (version / "model.py").rename(version / "served_model.py")
+    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + GATED_MODEL)
+    opts = ServerOptions(
+        model_repository=str(repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    results: list[str] = []
+    lock = threading.Lock()
+    with PublicServer(opts, FrontLimits(max_per_client=2), log_path=tmp_path / "s.log") as srv:
+        client = grpcclient.InferenceServerClient(srv.grpc_url)
+        inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[_small_jpeg()]], dtype=object))
+
+        def callback(result, error) -> None:
+            with lock:
+                results.append("ok" if error is None else str(error))
+
+        gate.touch()
+        try:
+            for _ in range(6):
+                client.async_infer("antsbees_image", [inp], callback=callback)
+            wait_until(lambda: len(results) >= 4, 120, "the excess to be refused")
+        finally:
+            gate.unlink(missing_ok=True)
+        wait_until(lambda: len(results) == 6, 300, "every request to be answered")
+        client.close()
+    refused = [r for r in results if r != "ok"]
+    assert results.count("ok") == 2, results
+    assert all("too many concurrent requests from this client" in r for r in refused), refused
