@@ -135,6 +135,12 @@ def _precision_args(p: argparse.ArgumentParser) -> None:
         help="INT8: ONNX Runtime's calibration method",
     )
     g.add_argument(
+        "--calibration-per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=Calibration.per_channel,
+        help="INT8: per-channel weight scales (--no-calibration-per-channel: per tensor)",
+    )
+    g.add_argument(
         "--calibration-data",
         default="",
         help="INT8: dataset whose train split calibrates (default: the checkpoint's data)",
@@ -181,7 +187,11 @@ def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the 
             a.small_set_min_agreement,
         ),
         min_int8_speedup=a.min_int8_speedup,
-        calibration=Calibration(count=a.calibration_count, method=a.calibration_method),
+        calibration=Calibration(
+            count=a.calibration_count,
+            method=a.calibration_method,
+            per_channel=a.calibration_per_channel,
+        ),
         calibration_data=a.calibration_data,
         int8=a.int8_stage,
         fallback=a.precision_fallback,
@@ -307,6 +317,26 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         help="model instances (each its own backend process on CPU)",
     )
     g.add_argument(
+        "--preprocess-instances",
+        type=int,
+        default=ServingConfig.preprocess_instances,
+        help="<name>_preprocess instances (0: --instances + --slow-lane-slots, so expensive "
+        "images in every slot still leave instances for the cheap ones)",
+    )
+    g.add_argument(
+        "--slow-lane-slots",
+        type=int,
+        default=ServingConfig.slow_lane_slots,
+        help="expensive images (decode work over a 16 MP baseline JPEG's) decoded at once, "
+        "across the preprocess instances; one more is refused as server busy",
+    )
+    g.add_argument(
+        "--decode-deadline",
+        type=float,
+        default=ServingConfig.decode_deadline_s,
+        help="seconds an expensive image may decode (in a forked child) before it is stopped",
+    )
+    g.add_argument(
         "--intra-op-threads",
         type=int,
         default=ServingConfig.intra_op_threads,
@@ -383,6 +413,9 @@ def serving_from(a: argparse.Namespace, profile: EngineProfile) -> ServingConfig
             max_queue_size=a.max_queue_size,
             queue_timeout_us=a.queue_timeout_us,
             warmup=a.warmup,
+            preprocess_instances=a.preprocess_instances,
+            slow_lane_slots=a.slow_lane_slots,
+            decode_deadline_s=a.decode_deadline,
         )
     return ServingConfig(
         a.max_batch_size,
@@ -395,6 +428,9 @@ def serving_from(a: argparse.Namespace, profile: EngineProfile) -> ServingConfig
         queue_timeout_us=a.queue_timeout_us,
         warmup=a.warmup,
         trt_engine_cache_path=a.trt_engine_cache,
+        preprocess_instances=a.preprocess_instances,
+        slow_lane_slots=a.slow_lane_slots,
+        decode_deadline_s=a.decode_deadline,
     )
 
 
@@ -481,6 +517,18 @@ def run_bench(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    from export.calibration_search import add_arguments
+
+    add_arguments(p)
+
+
+def run_calibrate(a: argparse.Namespace) -> int:
+    from export.calibration_search import run
+
+    return run(a)
+
+
 COMMANDS = [
     Command(
         "export",
@@ -507,6 +555,16 @@ COMMANDS = [
         "serving benchmark with the in-process baselines (ONNX Runtime, PyTorch, TensorRT)",
         add_bench_arguments,
         run_bench,
+    ),
+    Command(
+        "calibrate",
+        "INT8 calibration choices (method, per-channel, images) judged on training images",
+        add_calibrate_arguments,
+        run_calibrate,
+        description="Quantize the run's FP32 ONNX once per calibration choice, choose on "
+        "held-out training images (never the val images the export gate judges), and "
+        "report each choice's val agreement, accuracy and gate verdict beside it "
+        "(bench/int8-calibration-latest.json and .png).",
     ),
 ]
 

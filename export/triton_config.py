@@ -33,22 +33,28 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from serve.contract import (
+    DECODE_DEADLINE_S,
     IMAGE_INPUT,
     INPUT_NAME,
     MAX_ASPECT_RATIO,
+    MAX_FAST_WORK,
     MAX_IMAGE_BYTES,
     MAX_PIXELS,
     MAX_RESIZED_PIXELS,
     OUTPUT_NAME,
     PARAM_CROP,
+    PARAM_DECODE_DEADLINE,
     PARAM_INTERPOLATION,
     PARAM_MAX_ASPECT_RATIO,
+    PARAM_MAX_FAST_WORK,
     PARAM_MAX_IMAGE_BYTES,
     PARAM_MAX_PIXELS,
     PARAM_MAX_RESIZED_PIXELS,
     PARAM_PIXEL_RANGE,
     PARAM_RESIZE,
+    PARAM_SLOW_LANE_SLOTS,
     PIXELS_OUTPUT,
+    SLOW_LANE_SLOTS,
     ModelCard,
     image_model_name,
     preprocess_model_name,
@@ -80,6 +86,11 @@ class ServingConfig:
     queue_timeout_us: int = 0
     warmup: bool = True  # model_warmup from real val images (export/warmup.py)
     trt_engine_cache_path: str = "/tmp/triton_trt_cache"  # gpu-onnxruntime: engines kept here
+    # <name>_preprocess instances; 0: instances + slow-lane slots (an expensive image in
+    # every slot still leaves `instances` free for the cheap ones)
+    preprocess_instances: int = 0
+    slow_lane_slots: int = SLOW_LANE_SLOTS
+    decode_deadline_s: float = DECODE_DEADLINE_S
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -88,6 +99,10 @@ class ServingConfig:
             raise ValueError(f"gpu backend must be one of {GPU_BACKENDS}, got {self.gpu_backend!r}")
         if self.max_batch_size < 1 or self.instances < 1:
             raise ValueError("max_batch_size and instances must be >= 1")
+        if self.preprocess_instances < 0 or self.slow_lane_slots < 1:
+            raise ValueError("preprocess_instances must be >= 0 and slow_lane_slots >= 1")
+        if self.decode_deadline_s <= 0:
+            raise ValueError(f"decode deadline must be > 0 s, got {self.decode_deadline_s}")
         if self.max_queue_size < 0 or self.queue_timeout_us < 0:
             raise ValueError("max_queue_size and queue_timeout_us must be >= 0")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
@@ -98,6 +113,11 @@ class ServingConfig:
     def kind(self) -> str:
         """``cpu``, ``gpu-tensorrt`` or ``gpu-onnxruntime``."""
         return "cpu" if self.target == "cpu" else f"gpu-{self.gpu_backend}"
+
+    @property
+    def preprocess_instance_count(self) -> int:
+        """Instances of ``<name>_preprocess`` (see ``preprocess_instances``)."""
+        return self.preprocess_instances or self.instances + self.slow_lane_slots
 
     @property
     def warmup_batch_sizes(self) -> list[int]:
@@ -213,8 +233,12 @@ def preprocess_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.
     )
     cfg.input.add(name=IMAGE_INPUT, data_type=mc.TYPE_STRING, dims=[1])
     cfg.output.add(name=PIXELS_OUTPUT, data_type=mc.TYPE_FP32, dims=list(card.input.shape))
-    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=serving.instances)
-    _dynamic_batching(cfg, serving)
+    cfg.instance_group.add(
+        kind=mc.ModelInstanceGroup.KIND_CPU, count=serving.preprocess_instance_count
+    )
+    # No dynamic batching: each request is decoded alone, so an expensive image never
+    # delays the cheap requests it would have been batched with (decoding gains nothing
+    # from batches; the classifier behind it keeps its own batcher).
     cfg.version_policy.latest.num_versions = 1
     params = {
         **_geometry(card),
@@ -222,6 +246,9 @@ def preprocess_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.
         PARAM_MAX_RESIZED_PIXELS: str(MAX_RESIZED_PIXELS),
         PARAM_MAX_ASPECT_RATIO: f"{MAX_ASPECT_RATIO:g}",
         PARAM_MAX_IMAGE_BYTES: str(MAX_IMAGE_BYTES),
+        PARAM_MAX_FAST_WORK: str(MAX_FAST_WORK),
+        PARAM_DECODE_DEADLINE: f"{serving.decode_deadline_s:g}",
+        PARAM_SLOW_LANE_SLOTS: str(serving.slow_lane_slots),
     }
     for key, value in params.items():
         cfg.parameters[key].string_value = value

@@ -7,7 +7,12 @@ parameters, which ``make export`` fills from the model card: decode with Pillow 
 served formats only), EXIF orientation, any mode -> RGB, Resize(shorter side) +
 CenterCrop, float32 0..255 CHW. The work per image is bounded before anything big is
 allocated (encoded bytes, source pixels, aspect ratio, resize target: the ``max_*``
-parameters).
+parameters), and in time: an image whose header promises more decode work than
+``max_fast_work`` is decoded in a forked child killed at ``decode_deadline_s``, in one of
+``slow_lane_slots`` places shared by every instance of the model (a full lane answers
+"server busy" at once), so expensive images never hold every instance while cheap ones
+wait. The model has no dynamic batching: each request is decoded on its own, and a slow
+one never delays a request batched with it.
 
 A request with several images is answered as a whole: if any item is bad, the request
 fails with ``bad image: item k: <reason>`` naming the first bad item, and no pixels are
@@ -24,12 +29,13 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from image_preprocess import (  # noqa: E402
+    SLOW_LANE_SLOTS,
+    DecodeBusy,
     ImageError,
     Limits,
     ResizeCrop,
-    describe,
-    load_image,
-    resize_crop,
+    SlowLane,
+    preprocess_bounded,
 )
 
 
@@ -50,15 +56,24 @@ class TritonPythonModel:
             max_pixels=int(params.get("max_pixels", defaults.max_pixels)),
             max_aspect_ratio=float(params.get("max_aspect_ratio", defaults.max_aspect_ratio)),
             max_resized_pixels=int(params.get("max_resized_pixels", defaults.max_resized_pixels)),
+            max_fast_work=int(params.get("max_fast_work", defaults.max_fast_work)),
+            decode_deadline_s=float(params.get("decode_deadline_s", defaults.decode_deadline_s)),
         )
+        slots = int(params.get("slow_lane_slots", SLOW_LANE_SLOTS))
+        try:
+            self.lane = SlowLane.for_model(args["model_name"], slots)
+        except OSError as e:  # no private folder: isolated decodes, without the shared bound
+            pb_utils.Logger.log_warn(f"slow-image lane unavailable ({e}); decodes still isolated")
+            self.lane = None
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 
     def _pixels(self, item, index):
         data = item if isinstance(item, bytes) else bytes(item)
         try:
-            image = load_image(data, limits=self.limits)
-            return resize_crop(image, self.geometry, self.limits, describe(data))
+            return preprocess_bounded(data, self.geometry, self.limits, self.lane)
+        except DecodeBusy:
+            raise
         except ImageError as e:
             raise ImageError(f"item {index}: {e}") from e
         except Exception as e:  # never an empty reason, whatever failed
@@ -75,6 +90,8 @@ class TritonPythonModel:
                 pixels = np.stack([self._pixels(item, i) for i, item in enumerate(items)])
                 out = pb_utils.Tensor(self.output_name, pixels)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            except DecodeBusy as e:  # not a bad image: the client may retry
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
             except Exception as e:  # one bad request never affects the others
                 reason = str(e) or type(e).__name__
                 responses.append(

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from serve.preprocess import (
+    DECODE_DEADLINE_S,
     DEFAULT_INTERPOLATION,
     MAX_ASPECT_RATIO,
+    MAX_FAST_WORK,
     MAX_IMAGE_BYTES,
     MAX_PIXELS,
     MAX_RESIZED_PIXELS,
     RESAMPLING,
     SERVED_FORMATS,
+    SLOW_LANE_SLOTS,
 )
 
 SCHEMA = "trainserve.model_card/1"
@@ -52,18 +55,24 @@ PARAM_MAX_PIXELS = "max_pixels"
 PARAM_MAX_RESIZED_PIXELS = "max_resized_pixels"
 PARAM_MAX_ASPECT_RATIO = "max_aspect_ratio"
 PARAM_MAX_IMAGE_BYTES = "max_image_bytes"
+PARAM_MAX_FAST_WORK = "max_fast_work"  # decode work (pixel-passes) decoded in place
+PARAM_DECODE_DEADLINE = "decode_deadline_s"  # an isolated (expensive) decode's deadline
+PARAM_SLOW_LANE_SLOTS = "slow_lane_slots"  # isolated decodes at once, across instances
 
 NORMALIZATION = ("graph", "input")  # inside the exported graph | the caller normalizes
 PRECISIONS = ("fp32", "fp16", "int8")
 TARGET_KINDS = ("", "cpu", "gpu-tensorrt", "gpu-onnxruntime")
 
 __all__ = [
+    "DECODE_DEADLINE_S",
     "DEFAULT_INTERPOLATION",
     "MAX_ASPECT_RATIO",
+    "MAX_FAST_WORK",
     "MAX_IMAGE_BYTES",
     "MAX_PIXELS",
     "MAX_RESIZED_PIXELS",
     "SERVED_FORMATS",
+    "SLOW_LANE_SLOTS",
     "CardError",
     "ModelCard",
 ]

@@ -364,7 +364,11 @@ class PublicServer:
             raise RuntimeError(f"haproxy refused the generated configuration {cfg}: {out[-2000:]}")
         spec = PrivateSpec(
             triton_cmd=server_command(install, triton_opts),
-            triton_env=install.environment(jemalloc=triton_opts.jemalloc_path()),
+            triton_env={
+                **install.environment(jemalloc=triton_opts.jemalloc_path()),
+                # the preprocess models' slow-image lane (serve/preprocess.py SlowLane)
+                "TRAINSERVE_RUNTIME_DIR": str(self._workdir),
+            },
             triton_http=f"{LOOPBACK}:{ports[0]}",
             haproxy_cmd=[haproxy, "-W", "-db", "-f", str(cfg)],
             pass_fds=fds,

@@ -112,3 +112,19 @@ def stub_pids(server_pid: int) -> list[int]:
         if "triton_python_backend_stub" in cmd:
             out.append(p)
     return out
+
+
+def expensive_jpeg(side: int = 6000, scans: int = 40) -> bytes:
+    """A small (~0.2 MB) but expensive JPEG within the served limits: a flat ``side`` x
+    ``side`` progressive image whose last scan is repeated up to ``scans`` scans (6000 px,
+    40 scans: 2.2 s to decode on the 2 vCPU AMD EPYC here)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 130, 140)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    last, end = data.rfind(b"\xff\xda"), data.rfind(b"\xff\xd9")
+    extra = max(0, scans - data.count(b"\xff\xda"))
+    return data[:end] + data[last:end] * extra + data[end:]

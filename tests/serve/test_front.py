@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from serve import auth
 from serve.contract import INPUT_NAME
 from serve.preprocess import ResizeCrop, preprocess
-from tests.helpers import process_alive, wait_until
+from tests.helpers import child_pids, expensive_jpeg, process_alive, stub_pids, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)
 MODULES = {"grpc": grpcclient, "http": httpclient}
@@ -290,6 +290,60 @@ def test_idle_connections_cannot_lock_the_server_out(front, pixels, expected):
         for s in socks:
             s.close()
     wait_until(lambda: front.is_ready(), 60, "the front to answer again")
+    _still_serving(front, pixels, expected)
+
+
+def _image_infer(url: str, data: bytes) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        inp = grpcclient.InferInput("IMAGE", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[data]], dtype=object))
+        return client.infer("antsbees_image", [inp], client_timeout=120).as_numpy("logits")
+    finally:
+        client.close()
+
+
+def _decoders(front) -> list[int]:
+    """Forked decode children of the preprocess model's stubs (expensive images)."""
+    return [c for stub in stub_pids(front.triton_pid) for c in child_pids(stub)]
+
+
+def test_expensive_images_never_hold_up_the_cheap_ones(front, val_images, pixels, expected):
+    """Three JPEGs within every limit that decode for seconds each (166 KB; in Triton 2.51
+    three such images held every image client for 48 s): one is decoded in the slow lane
+    (a forked child), the others are refused at once as server busy, and cheap images sent
+    meanwhile are all answered - while the expensive one is still being decoded."""
+    import threading
+
+    from serve.errors import classify_error
+
+    slow = expensive_jpeg()
+    outcomes: list[str] = []
+
+    def send_slow() -> None:
+        try:
+            _image_infer(front.grpc_url, slow)
+            outcomes.append("answered")
+        except InferenceServerException as e:
+            err = classify_error(e, "infer", front.grpc_url, "grpc", "antsbees_image")
+            outcomes.append(type(err).__name__ + ": " + str(e))
+
+    threads = [threading.Thread(target=send_slow) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(_decoders(front).__len__, 60, "an expensive image decoded in a forked child")
+    cheap = [p.read_bytes() for p in val_images[:5]]
+    reference = [_image_infer(front.grpc_url, data) for data in cheap]
+    still_decoding = any(t.is_alive() for t in threads)
+    for t in threads:
+        t.join(timeout=120)
+    assert still_decoding, f"the cheap images waited for the expensive ones: {outcomes}"
+    np.testing.assert_array_equal(reference[0], expected)  # the same pixels, the same logits
+    assert outcomes.count("answered") >= 1, outcomes
+    refused = [o for o in outcomes if o != "answered"]
+    assert all(o.startswith("ServerBusy") and "slow-image lane" in o for o in refused), outcomes
+    assert len(refused) >= 1, outcomes
+    wait_until(lambda: not _decoders(front), 30, "the decode child reaped")
     _still_serving(front, pixels, expected)
 
 

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from serve.preprocess import ImageError, Limits, ResizeCrop, load_image, preprocess
+from serve.preprocess import (
+    DecodeBusy,
+    ImageError,
+    Limits,
+    ResizeCrop,
+    SlowLane,
+    decode_isolated,
+    inspect,
+    load_image,
+    preprocess,
+    preprocess_bounded,
+)
+from tests.helpers import expensive_jpeg
 from train.data import Preprocess, load_rgb
 
 
@@ -180,3 +193,81 @@ def test_every_decoder_failure_is_an_image_error(monkeypatch) -> None:
     monkeypatch.setattr(ImageOps, "exif_transpose", lambda im: 1 / 0)
     with pytest.raises(ImageError, match="cannot decode .ZeroDivisionError"):
         load_image(good)
+
+
+def test_inspect_reads_the_header_and_estimates_decode_work() -> None:
+    """Header only: format, size, scans; the work estimate grows with pixels and scans."""
+    flat = expensive_jpeg(side=2000, scans=40)
+    info = inspect(flat)
+    assert (info.format, info.width, info.height, info.scans) == ("JPEG", 2000, 2000, 40)
+    assert info.work > inspect(expensive_jpeg(side=2000, scans=10)).work > 2000 * 2000
+    with pytest.raises(ImageError, match="scan limit"):
+        inspect(_progressive_with_scans(300))
+
+
+def test_isolated_decode_gives_the_same_pixels(val_images: list[Path]) -> None:
+    """In a forked child (what the server does with an expensive image), the pixels are
+    the in-place ones, bit for bit."""
+    geometry = ResizeCrop(256, 224)
+    for path in val_images[:6]:
+        data = path.read_bytes()
+        expected = preprocess(data, geometry)
+        got = decode_isolated(data, geometry)
+        assert got.dtype == np.float32 and np.array_equal(got, expected), path.name
+    forced = Limits(max_fast_work=1)  # every image takes the isolated path
+    data = val_images[0].read_bytes()
+    assert np.array_equal(
+        preprocess_bounded(data, geometry, forced, None), preprocess(data, geometry)
+    )
+
+
+def _no_children_left() -> bool:
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_isolated_decode_is_stopped_at_its_deadline() -> None:
+    """An image within every limit that decodes for seconds (2.2 s here) is stopped at the
+    deadline with an error that says so, and the child is gone (killed and reaped)."""
+    limits = Limits(decode_deadline_s=0.2)
+    with pytest.raises(ImageError, match=r"longer than the 0.2 s deadline"):
+        decode_isolated(expensive_jpeg(), ResizeCrop(256, 224), limits)
+    assert _no_children_left()
+
+
+def test_isolated_decode_reports_the_decoders_error() -> None:
+    """A stream that passes the header checks but fails to decode: the child's reason."""
+    data = _truncated_jpeg()
+    with pytest.raises(ImageError, match="cannot decode|truncated|not a readable"):
+        decode_isolated(data, ResizeCrop(256, 224))
+    assert _no_children_left()
+
+
+def _truncated_jpeg() -> bytes:
+    rng = np.random.default_rng(3)
+    data = _encoded(Image.fromarray(rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)), "JPEG")
+    return data[: len(data) // 2]
+
+
+def test_slow_lane_slots_are_shared_and_a_full_lane_refuses_at_once(tmp_path: Path) -> None:
+    """Two openers of one lane folder (two instances of a model): one slot, held by one,
+    refuses the other with "server busy" at once; free again after release."""
+    first, second = SlowLane(tmp_path / "lane", 1), SlowLane(tmp_path / "lane", 1)
+    with first.slot(), pytest.raises(DecodeBusy, match="server busy: .* lane .* full"):
+        second.slot().__enter__()
+    with second.slot() as slot:
+        assert slot == 0
+    two = SlowLane(tmp_path / "two", 2)
+    with two.slot() as a, SlowLane(tmp_path / "two", 2).slot() as b:
+        assert {a, b} == {0, 1}
+
+
+def test_slow_lane_refuses_a_folder_others_can_reach(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    with pytest.raises(PermissionError, match="not a private folder"):
+        SlowLane(shared)
