@@ -42,13 +42,16 @@ TENSORRT_QDQ = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeB
 @dataclass(frozen=True)
 class Calibration:
     """How the INT8 model is calibrated: ``count`` images of ``split`` (eval transform),
-    ORT's ``method``, and ``reduce_range`` (None: on exactly when the CPU lacks VNNI)."""
+    ORT's ``method``, per-channel or per-tensor weights, and ``reduce_range`` (None: on
+    exactly when the CPU lacks VNNI). ``python -m export calibrate`` compares choices on
+    training images only."""
 
     count: int = 128
     method: str = "MinMax"
     split: str = "train"
     batch_size: int = 16
     reduce_range: bool | None = None
+    per_channel: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
@@ -131,7 +134,7 @@ def quantize_int8(
             str(out),
             reader,
             quant_format=QuantFormat.QDQ,
-            per_channel=True,
+            per_channel=calibration.per_channel,
             reduce_range=reduce_range,
             activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
@@ -150,7 +153,7 @@ def quantize_int8(
     atomic_write_bytes(Path(dst), model.SerializeToString())
     details = {
         "format": "QDQ",
-        "per_channel": True,
+        "per_channel": calibration.per_channel,
         "flavour": "tensorrt" if tensorrt else "cpu",
         "activation_type": "QInt8" if tensorrt else "QUInt8",
         "weight_type": "QInt8",

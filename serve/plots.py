@@ -41,9 +41,18 @@ def plot_confusion(
                     va="center",
                     color="white" if cm[i, j] > threshold else "black",
                 )
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:  # noqa: ANN001 - a Figure
+    """Save a matplotlib figure as PNG atomically (temp + rename) and close it."""
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
     tmp.replace(path)
+    return path

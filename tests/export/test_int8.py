@@ -282,3 +282,58 @@ def test_tensorrt_int8_engine_is_strongly_typed_and_gated(
     meta = json.loads((out / "model.plan.json").read_text())
     assert meta["precision"] == "int8" and meta["strongly_typed"] is True
     assert meta["onnx"].endswith("model_int8_trt.onnx")
+
+
+def test_calibration_halves_are_disjoint_training_images() -> None:
+    from export.calibration_search import split_training
+    from export.stage_outputs import PixelBatches
+
+    x = np.arange(10 * 3 * 2 * 2, dtype=np.float32).reshape(10, 3, 2, 2)
+    pixels = PixelBatches([x[:4], x[4:8], x[8:]], np.arange(10) % 2, [f"img{i}" for i in range(10)])
+    calib, select = split_training(pixels, seed=0, batch_size=3)
+    assert calib.count == 5 and select.count == 5
+    assert not set(calib.paths) & set(select.paths)
+    assert set(calib.paths) | set(select.paths) == set(pixels.paths)
+    for part in (calib, select):  # each image keeps its own pixels and label
+        for i, path in enumerate(part.paths):
+            k = int(path[3:])
+            assert np.array_equal(np.concatenate(part.batches)[i], x[k])
+            assert part.labels[i] == k % 2
+
+
+def test_calibrate_chooses_on_training_images_and_reports_val(
+    trained_run: Path, model_repo: Path, hymenoptera: Path, tmp_path: Path
+) -> None:
+    """`python -m export calibrate`: every choice quantized, chosen by agreement on the
+    held-out training half, each one's val gate verdict reported; JSON + PNG written."""
+    proc = run_cli(
+        "export",
+        "calibrate",
+        "--checkpoint",
+        str(trained_run / "checkpoint.pt"),
+        "--data",
+        str(hymenoptera),
+        "--methods",
+        "MinMax",
+        "--counts",
+        "8",
+        "0",
+        "--out",
+        str(tmp_path),
+    )
+    report = json.loads((tmp_path / "int8-calibration-latest.json").read_text())
+    rows = report["candidates"]
+    assert {(r["per_channel"], r["calibration_images"]) for r in rows} == {
+        (True, 8),
+        (False, 8),
+        (True, report["training_images"]["calibration"]),
+        (False, report["training_images"]["calibration"]),
+    }
+    train_images = sum(1 for p in (hymenoptera / "train").rglob("*") if p.is_file())
+    assert sum(report["training_images"].values()) == train_images
+    best = max(r["selection"]["top1_agreement"] for r in rows)
+    assert report["chosen"]["selection"]["top1_agreement"] == best
+    assert all(r["val"]["images"] == report["val_images"] > 0 for r in rows)
+    assert all(r["val"]["gate"] in ("passed", "failed") for r in rows)
+    assert (tmp_path / "int8-calibration-latest.png").stat().st_size > 0
+    assert f'EXPORT_ARGS="{report["export_args"]}"' in proc.stdout
