@@ -179,13 +179,14 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
         "cpu_vnni": cpu_has_vnni(),
         "onnxruntime": _ort_version(),
         "checkpoint": cfg.checkpoint.name,
-        "model": ckpt.card.name if hasattr(ckpt.card, "name") else "",
-        "arch": ckpt.config.get("arch", ""),
+        "model": ckpt.card.name,
+        "arch": ckpt.card.arch,
         "rule": "choose by top-1 agreement with FP32 on the selection half of the training "
         "images, then median |diff|, then fewer calibration images; val is reported only",
         "training_images": {"calibration": calib.count, "selection": select.count},
         "val_images": val.count,
         "gate": dataclasses.asdict(cfg.gate),
+        "agreement_floor": cfg.gate.agreement_floor(val.count),
         "candidates": candidates,
         "chosen": chosen,
         "export_args": export_args(chosen),
@@ -224,8 +225,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     val = [100 * (r["val"]["top1_agreement"] or 0) for r in rows]
     ax.bar(x - 0.2, sel, 0.4, label="training selection half (chooses)")
     ax.bar(x + 0.2, val, 0.4, label="val (reported only)")
-    floor = 100 * report["gate"]["min_agreement"]
-    ax.axhline(floor, color="gray", ls="--", lw=1, label=f"gate floor {floor:.1f}%")
+    floor = 100 * report["agreement_floor"]
+    ax.axhline(floor, color="gray", ls="--", lw=1, label=f"val agreement floor {floor:.1f}%")
     i = rows.index(report["chosen"])
     ax.annotate("chosen", (i, max(sel[i], val[i])), ha="center", va="bottom")
     ax.set_xticks(x, labels, fontsize=7)

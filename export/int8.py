@@ -73,11 +73,17 @@ def cpu_has_vnni() -> bool:
 
 
 class _PixelReader:
-    """ORT's CalibrationDataReader over eval-transformed pixel batches."""
+    """ORT's CalibrationDataReader over eval-transformed pixel batches (``single``: one
+    image at a time - ORT's histogram collectors (Percentile, Entropy) fail on a last
+    batch of another size: "inhomogeneous shape")."""
 
-    def __init__(self, input_name: str, pixels: PixelBatches) -> None:
+    def __init__(self, input_name: str, pixels: PixelBatches, single: bool = False) -> None:
         self.input_name = input_name
-        self.batches = pixels.batches
+        self.batches = (
+            [b[i : i + 1] for b in pixels.batches for i in range(len(b))]
+            if single
+            else pixels.batches
+        )
         self._it: Iterator[np.ndarray] = iter(self.batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -125,7 +131,8 @@ def quantize_int8(
     )
 
     src = onnx.load(str(prepared))
-    reader = _PixelReader(src.graph.input[0].name, pixels) if pixels is not None else None
+    single = calibration.method != "MinMax"
+    reader = _PixelReader(src.graph.input[0].name, pixels, single) if pixels is not None else None
     reduce_range = calibration.resolved_reduce_range()
     with tempfile.TemporaryDirectory(prefix="int8.") as tmp:
         out = Path(tmp) / "model_int8.onnx"
