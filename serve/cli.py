@@ -102,6 +102,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="requests inside Triton at once (running or queued); more are refused at "
         "once (503 / gRPC UNAVAILABLE). Replaces Triton's queue policy, which stalls 2.51",
     )
+    f.add_argument(
+        "--max-queue-bytes",
+        type=int,
+        default=FrontLimits.max_queue_bytes,
+        help="request bytes inside Triton at once: half for --max-queue requests up to "
+        "(this / 2 / --max-queue) bytes each, half for a few large ones (batches), each "
+        "up to --max-body-bytes; more are refused as server busy",
+    )
     f.add_argument("--idle-timeout", type=float, default=FrontLimits.idle_timeout_s)
     f.add_argument("--request-timeout", type=float, default=FrontLimits.request_timeout_s)
     f.add_argument("--tls-cert", default="", help="PEM certificate: TLS on HTTP and gRPC")
@@ -132,6 +140,7 @@ def front_limits(a: argparse.Namespace) -> FrontLimits:
         max_connections=a.max_connections,
         max_per_client=a.max_per_client,
         max_queue=a.max_queue,
+        max_queue_bytes=a.max_queue_bytes,
         idle_timeout_s=a.idle_timeout,
         request_timeout_s=a.request_timeout,
         tls_cert=a.tls_cert,

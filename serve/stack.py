@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class FrontLimits:
     max_connections: int = 2000
     max_per_client: int = 64
     max_queue: int = 256
+    max_queue_bytes: int = 512 << 20
     idle_timeout_s: float = 60.0
     request_timeout_s: float = 120.0
     tls_cert: str = ""
@@ -85,6 +86,7 @@ class RepositoryModels:
     public: list[str]
     internal: list[str]
     max_request_bytes: int
+    max_batch: dict[str, int] = field(default_factory=dict)  # every model's max_batch_size
 
 
 def repository_models(repo: Path) -> RepositoryModels:
@@ -94,6 +96,7 @@ def repository_models(repo: Path) -> RepositoryModels:
     from tritonclient.grpc import model_config_pb2 as mc
 
     public, internal, largest = [], [], 1 << 20
+    max_batch: dict[str, int] = {}
     configs = [
         (p, text_format.Parse(p.read_text(), mc.ModelConfig()))
         for p in sorted(repo.glob("*/config.pbtxt"))
@@ -108,6 +111,7 @@ def repository_models(repo: Path) -> RepositoryModels:
     for cfg_path, cfg in configs:
         name = cfg.name or cfg_path.parent.name
         (internal if name.endswith(PREPROCESS_SUFFIX) else public).append(name)
+        max_batch[name] = cfg.max_batch_size
         batch = max(1, cfg.max_batch_size)
         for inp in cfg.input:
             dtype = mc.DataType.Name(inp.data_type)
@@ -122,7 +126,7 @@ def repository_models(repo: Path) -> RepositoryModels:
             largest = max(largest, batch * item)
     if not public:
         raise FileNotFoundError(f"no models in {repo} (run `make export`)")
-    return RepositoryModels(public, internal, largest + (64 << 10))
+    return RepositoryModels(public, internal, largest + (64 << 10), max_batch)
 
 
 def front_options(
@@ -144,6 +148,7 @@ def front_options(
         triton_metrics=f"{LOOPBACK}:{metrics}",
         public_models=models.public,
         internal_models=models.internal,
+        max_batch={n: models.max_batch.get(n, 0) for n in models.public},
         inference_key=limits.inference_key,
         max_body_bytes=limits.max_body_bytes or models.max_request_bytes,
         max_json_bytes=limits.max_json_bytes,
@@ -151,6 +156,7 @@ def front_options(
         max_connections=limits.max_connections,
         max_per_client=limits.max_per_client,
         max_queue=limits.max_queue,
+        max_queue_bytes=limits.max_queue_bytes,
         idle_timeout_s=limits.idle_timeout_s,
         request_timeout_s=limits.request_timeout_s,
         **extra,

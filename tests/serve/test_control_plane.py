@@ -267,6 +267,95 @@ def _flood(url: str, bound: int, gate: Path) -> None:
         client.close()
 
 
+def test_the_queue_is_bounded_in_bytes_too(model_repo, tmp_path):
+    """Large requests (batches) have a byte budget of their own: with room for one, a
+    second batch is refused as server busy while the first is inside Triton - on HTTP
+    and gRPC - and single-image requests still get in; released, all are answered."""
+    from serve.errors import classify_error
+    from serve.stack import FrontLimits, PublicServer
+    from serve.triton_server import free_port
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    gate = tmp_path / "gate"
+    version = repo / "antsbees" / "1"
+    (version / "model.py").rename(version / "served_model.py")
+    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + GATED_MODEL)
+    opts = ServerOptions(
+        model_repository=str(repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    # 16 requests of up to 1 MiB (one image each), and one batch (the rest of 32 MiB)
+    limits = FrontLimits(max_queue=16, max_queue_bytes=32 << 20)
+    batch = np.zeros((4, 3, 224, 224), np.float32)  # 2.4 MB: a large request
+    single = np.zeros((1, 3, 224, 224), np.float32)
+    results: dict[str, list[str]] = {"batch": [], "single": []}
+    lock = threading.Lock()
+
+    def send(module, url: str, x: np.ndarray, kind: str) -> None:
+        client = module.InferenceServerClient(url)
+        try:
+            inp = module.InferInput(INPUT_NAME, list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            client.infer("antsbees", [inp])
+            outcome = "ok"
+        except InferenceServerException as e:
+            err = classify_error(e, "infer", url, module.__name__.split(".")[-1], "antsbees")
+            outcome = f"{type(err).__name__}: {e}"
+        finally:
+            client.close()
+        with lock:
+            results[kind].append(outcome)
+
+    def inside(backend: str) -> int:
+        rows = server.front_stats()
+        return sum(
+            int(r["scur"] or 0) for r in rows if r["pxname"] == backend and r["svname"] == "BACKEND"
+        )
+
+    with PublicServer(opts, limits, log_path=tmp_path / "server.log") as server:
+        threads = []
+        gate.touch()
+        try:
+            for module, url, backend in (
+                (grpcclient, server.grpc_url, "triton_grpc_large"),
+                (httpclient, server.http_url, "triton_http_large"),
+            ):
+                first = threading.Thread(target=send, args=(module, url, batch, "batch"))
+                first.start()
+                threads.append(first)
+                wait_until(lambda b=backend: inside(b) == 1, 60, f"a batch inside ({backend})")
+                send(module, url, batch, "batch")  # refused at once: no room for a second
+                with lock:
+                    refused = [r for r in results["batch"] if r != "ok"]
+                assert len(refused) == 1 and refused[0].startswith("ServerBusy"), results
+                for _ in range(3):  # single images still get in (they queue in Triton)
+                    t = threading.Thread(target=send, args=(module, url, single, "single"))
+                    t.start()
+                    threads.append(t)
+                wait_until(
+                    lambda: inside("triton_grpc") + inside("triton_http") >= 3,
+                    60,
+                    "single-image requests inside Triton",
+                )
+                gate.unlink()
+                for t in threads:
+                    t.join(timeout=120)
+                with lock:
+                    assert results["single"] == ["ok"] * 3, results
+                    assert results["batch"].count("ok") == 1, results
+                    results["batch"].clear()
+                    results["single"].clear()
+                threads.clear()
+                gate.touch()
+        finally:
+            gate.unlink(missing_ok=True)
+            for t in threads:
+                t.join(timeout=120)
+
+
 SLOW_MODEL = (
     WRAPPER
     + """

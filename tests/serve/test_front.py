@@ -180,6 +180,69 @@ def test_a_batch_dimension_triton_would_truncate_is_refused(front, pixels, expec
     _still_serving(front, pixels, expected)
 
 
+def _grpc_raw(url: str, message: bytes) -> tuple[str, str]:
+    """A hand-made ModelInfer message (bytes as they are) -> (status code name, details)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    with grpc.insecure_channel(url) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        try:
+            reply = call(message, timeout=60)
+            return "OK", str([list(o.shape) for o in reply.outputs])
+        except grpc.RpcError as e:
+            return e.code().name, e.details() or ""
+
+
+def _infer_message(pixels: np.ndarray, batch: int, model: str = "antsbees") -> bytes:
+    from tritonclient.grpc import service_pb2
+
+    req = service_pb2.ModelInferRequest(model_name=model)
+    req.inputs.add(name=INPUT_NAME, datatype="FP32", shape=[batch, *pixels.shape[1:]])
+    req.raw_input_contents.append(pixels.tobytes())
+    return req.SerializeToString()
+
+
+def test_grpc_messages_are_checked_as_protobuf(front, pixels, expected):
+    """The front parses a gRPC ModelInfer request (HAProxy's Lua, serve/grpc_check.lua):
+    Triton 2.51 answers batch 2^32+1 as batch 1 (measured here, status OK); batches over
+    the max are refused at the front; and nothing may hide after the 64 KiB the front
+    sees - protobuf keeps the *last* model name, so a second one after the tensor bytes
+    would reach the internal preprocess model, and a shared-memory parameter there would
+    name another client's region."""
+    from tritonclient.grpc import service_pb2
+
+    url = front.grpc_url
+    # the message is read whole (under 64 KiB): the front answers with its reason
+    few = pixels[:, :, :4, :4]
+    code, why = _grpc_raw(url, _infer_message(few, 2**32 + 1))
+    assert code == "INVALID_ARGUMENT" and "Triton would truncate" in why, (code, why)
+    code, why = _grpc_raw(url, _infer_message(few, 65))
+    assert code == "INVALID_ARGUMENT" and "max batch 64" in why, (code, why)
+    # as sent (602 KB, batch 2^32+1): Triton alone answers it as batch 1; the front refuses
+    code, why = _grpc_raw(url, _infer_message(pixels, 2**32 + 1))
+    assert code != "OK", (code, why)
+    # hidden behind 64 KiB of tensor bytes: refused before the body is read, which HAProxy
+    # 2.6 reports as RST_STREAM(CANCEL) instead of its message (haproxy/haproxy#1219)
+    tail = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
+    shm = service_pb2.ModelInferRequest()
+    out = shm.outputs.add(name="logits")
+    out.parameters["shared_memory_region"].string_param = "someone_elses_region"
+    for hidden in (tail, shm.SerializeToString()):
+        code, why = _grpc_raw(url, _infer_message(pixels, 1) + hidden)
+        by_front = "past the first" in why or (code == "CANCELLED" and "RST_STREAM" in why)
+        assert code != "OK" and by_front, (code, why)
+    code, why = _grpc_raw(url, b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01")
+    assert code != "OK", (code, why)
+    code, shapes = _grpc_raw(url, _infer_message(pixels, 1))  # a normal message passes
+    assert code == "OK" and shapes == "[[1, 2]]", (code, shapes)
+    _still_serving(front, pixels, expected)
+
+
 def test_oversized_bodies_and_headers_are_refused(front, pixels, expected):
     big = front.limits.max_body_bytes or 0
     status, body = _raw(

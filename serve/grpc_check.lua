@@ -1,0 +1,203 @@
+-- The public front's check of a gRPC ModelInfer request (HAProxy 2.6, Lua 5.3), run on
+-- the first bytes of the body that HAProxy holds (its buffer, 64 KiB): the gRPC frame
+-- (1 flag byte, 4 bytes of length) and the protobuf ModelInferRequest it carries, parsed
+-- field by field (serve/front.py loads it; tests/serve/test_front.py attacks it).
+--
+-- Refused, with the reason as the converter's result ("" = accepted):
+--   * a model name (field 1, any occurrence: protobuf keeps the last) that is not public;
+--   * an input shape (InferInputTensor field 3, packed or not) with a dimension under 0
+--     or of 2^31 or more (Triton 2.51 truncates 2^32+1 to 1 and answers), or a batch
+--     dimension over the model's max batch;
+--   * anything the buffer cannot show: a field that runs past the buffer unless it is
+--     the tensor data (field 7) that ends exactly where the message ends - so no model
+--     name, input or shared-memory parameter can hide after 64 KiB of tensor bytes;
+--   * malformed protobuf (bad varints, wire types, lengths).
+
+local DIM_LIMIT = 2147483648 -- 2^31
+
+-- The body comes hex-encoded (``req.body,hex``: a converter's string input stops at the
+-- first NUL byte, and a gRPC frame starts with one); bytes are decoded only where read,
+-- so the tensor data that length prefixes skip costs nothing.
+local Body = {}
+Body.__index = Body
+
+local function body_of(hex)
+  return setmetatable({ hex = hex, n = #hex // 2 }, Body)
+end
+
+function Body:byte(i)
+  if i < 1 or i > self.n then
+    return nil
+  end
+  return tonumber(self.hex:sub(2 * i - 1, 2 * i), 16)
+end
+
+function Body:sub(i, j)
+  return (self.hex:sub(2 * i - 1, 2 * j):gsub("..", function(h)
+    return string.char(tonumber(h, 16))
+  end))
+end
+
+local function varint(s, i, j)
+  local v, shift = 0, 0
+  while i <= j do
+    local b = s:byte(i)
+    i = i + 1
+    if shift > 56 then
+      return nil, "a varint longer than 9 bytes"
+    end
+    v = v | ((b & 0x7f) << shift)
+    if b < 0x80 then
+      return v, i
+    end
+    shift = shift + 7
+  end
+  return nil, "truncated"
+end
+
+-- Calls visit(num, wire, value, first, last) for each field of s[i..j]; wire 2 fields get
+-- their byte range [first, last] (last may be past j for the top level: see allow_past).
+local function each_field(s, i, j, visit, allow_past)
+  while i <= j do
+    local key, err = varint(s, i, j)
+    if not key then
+      return err
+    end
+    i = err
+    local num, wire = key >> 3, key & 7
+    if wire == 0 then
+      local v, nxt = varint(s, i, j)
+      if not v then
+        return nxt
+      end
+      i = nxt
+      local why = visit(num, 0, v)
+      if why then
+        return why
+      end
+    elseif wire == 2 then
+      local len, nxt = varint(s, i, j)
+      if not len then
+        return nxt
+      end
+      if len < 0 then
+        return "a negative length"
+      end
+      local first, last = nxt, nxt + len - 1
+      if last > j then
+        if not allow_past or not allow_past(num, last) then
+          return "field " .. num .. " runs past the first " .. j .. " bytes the front inspects"
+        end
+        return visit(num, 2, len, first, last)
+      end
+      local why = visit(num, 2, len, first, last)
+      if why then
+        return why
+      end
+      i = last + 1
+    elseif wire == 1 then
+      i = i + 8
+    elseif wire == 5 then
+      i = i + 4
+    else
+      return "wire type " .. wire
+    end
+  end
+  if i > j + 1 then
+    return "truncated"
+  end
+  return nil
+end
+
+local function parse_limits(spec)
+  local t = {}
+  for name, batch in string.gmatch(spec or "", "([^=/]+)=(%d+)") do
+    t[name] = tonumber(batch)
+  end
+  return t
+end
+
+local function check(hex, spec)
+  local limits = parse_limits(spec)
+  local body = body_of(hex)
+  if body.n < 5 then
+    return "not a gRPC message"
+  end
+  if body:byte(1) ~= 0 then
+    return "compressed messages are not accepted"
+  end
+  local b2, b3, b4, b5 = body:byte(2), body:byte(3), body:byte(4), body:byte(5)
+  local msg_end = 5 + ((b2 << 24) | (b3 << 16) | (b4 << 8) | b5)
+  if body.n > msg_end then
+    return "more than one message in a unary call"
+  end
+  local j = body.n
+  local model, shapes, tail = nil, {}, false
+  local function visit_input(num, wire, v, first, last)
+    if num ~= 3 then
+      return nil
+    end
+    local dims = shapes[#shapes]
+    if wire == 0 then
+      dims[#dims + 1] = v
+    elseif wire == 2 then
+      local i = first
+      while i <= last do
+        local d, nxt = varint(body, i, last)
+        if not d then
+          return "input shape: " .. nxt
+        end
+        dims[#dims + 1] = d
+        i = nxt
+      end
+    end
+    return nil
+  end
+  local function visit_top(num, wire, v, first, last)
+    if num == 1 and wire == 2 then
+      local name = body:sub(first, last)
+      if not limits[name] then
+        return "no such public model: " .. name:sub(1, 64):gsub("[^%w_.-]", "?")
+      end
+      model = name
+    elseif num == 5 and wire == 2 then
+      shapes[#shapes + 1] = {}
+      return each_field(body, first, last, visit_input)
+    end
+    return nil
+  end
+  local function tensor_data_to_the_end(num, last)
+    tail = num == 7 and last == msg_end
+    return tail
+  end
+  local why = each_field(body, 6, j, visit_top, tensor_data_to_the_end)
+  if why then
+    return why
+  end
+  if body.n < msg_end and not tail then
+    return "fields past the first " .. j .. " bytes the front inspects (only the tensor data may run on)"
+  end
+  if not model then
+    return "no model name"
+  end
+  local max_batch = limits[model]
+  for _, dims in ipairs(shapes) do
+    for k, d in ipairs(dims) do
+      if d < 0 or d >= DIM_LIMIT then
+        return "input shape dimension " .. k .. " is " .. d .. " (Triton would truncate it)"
+      end
+    end
+    if max_batch > 0 and dims[1] and dims[1] > max_batch then
+      return "batch " .. dims[1] .. " is over " .. model .. "'s max batch " .. max_batch
+    end
+  end
+  return ""
+end
+
+core.register_converters("grpc_infer_check", function(hex, spec)
+  local ok, result = pcall(check, hex or "", spec)
+  if not ok then
+    return "unreadable request (" .. tostring(result) .. ")"
+  end
+  return result
+end)
