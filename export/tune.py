@@ -177,7 +177,12 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
     original = config_path.read_text()
     opts = bench_server_options(scratch, [args.model])
     facts = {"version": int(inputs.version_dir.name), "precision": inputs.card.precision}
-    with TritonServer(opts, log_path=work / "tune-server.log") as srv:
+    from serve.stack import FrontOnly
+
+    with (
+        TritonServer(opts, log_path=work / "tune-server.log") as srv,
+        FrontOnly(srv, log_path=work / "tune-front.log") as front,
+    ):
         headers = auth.headers(opts.admin_key) or {}
         client = grpcclient.InferenceServerClient(srv.grpc_url)
         try:
@@ -185,9 +190,8 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
                 atomic_write_text(config_path, with_knobs(original, trial.knobs))
                 try:
                     _reload(client, args.model, headers)
-                    trial.points = measure(
-                        srv.grpc_url, args, data, auth.headers(opts.admin_key) or {}
-                    )
+                    # measured as users get it: through the public front, without a key
+                    trial.points = measure(front.grpc_url, args, data, {})
                 except (pa.PerfAnalyzerError, TimeoutError, Exception) as e:  # noqa: BLE001
                     trial.error = str(e).splitlines()[0][:300]  # recorded; the search goes on
                 log.info(
