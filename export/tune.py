@@ -190,8 +190,8 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
                 atomic_write_text(config_path, with_knobs(original, trial.knobs))
                 try:
                     _reload(client, args.model, headers)
-                    # measured as users get it: through the public front, without a key
-                    trial.points = measure(front.grpc_url, args, data, {})
+                    # through a public front (the key only for perf_analyzer's statistics)
+                    trial.points = measure(front.grpc_url, args, data, headers)
                 except (pa.PerfAnalyzerError, TimeoutError, Exception) as e:  # noqa: BLE001
                     trial.error = str(e).splitlines()[0][:300]  # recorded; the search goes on
                 log.info(

@@ -299,9 +299,10 @@ def triton_levels(
                 measurement_mode=settings.measurement_mode,
                 stability_percentage=settings.stability_percentage,
                 max_trials=settings.max_trials,
-                # what users send: no key (with one, the front would route the requests
-                # to its admin backend, past the queue bound and the public path)
-                headers={},
+                # perf_analyzer also reads Triton's statistics (an admin API) on this
+                # connection, so it carries the key; the front sends the owner's inference
+                # through the public backends, skipping only the public checks
+                headers=auth.headers(key) or {},
             )
             before = _server_stats(stats_client, [model, target], headers)
             try:

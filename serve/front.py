@@ -320,7 +320,9 @@ def render(o: FrontOptions) -> str:
             + ", ".join(o.public_models)
             + " (other APIs need the admin key)",
         ),
-        "    use_backend triton_http_admin if admin",
+        # the owner's inference shares the public backends (and their bounds); the rest of
+        # the owner's calls (control plane, statistics, watchdog probes) skip the queue
+        "    use_backend triton_http_admin if admin !model_infer",
         "    use_backend triton_http_large if large_body",
         "    default_backend triton_http",
         "",
@@ -406,7 +408,7 @@ def render(o: FrontOptions) -> str:
         "    http-request return "
         + grpc_err(14, BUSY)
         + f" if large_body {{ be_conn(triton_grpc_large) ge {o.max_large_requests} }}",
-        "    use_backend triton_grpc_admin if admin",
+        f"    use_backend triton_grpc_admin if admin !{{ path {GRPC_SERVICE}ModelInfer }}",
         "    use_backend triton_grpc_large if large_body",
         "    default_backend triton_grpc",
         "",
