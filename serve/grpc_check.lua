@@ -6,8 +6,8 @@
 -- Refused, with the reason as the converter's result ("" = accepted):
 --   * a model name (field 1, any occurrence: protobuf keeps the last) that is not public;
 --   * an input shape (InferInputTensor field 3, packed or not) with a dimension under 0
---     or of 2^31 or more (Triton 2.51 truncates 2^32+1 to 1 and answers), or a batch
---     dimension over the model's max batch;
+--     or of 2^31 or more (Triton 2.51 truncates 2^32+1 to 1 and answers; a batch over
+--     the max but under 2^31 Triton refuses itself, with its message);
 --   * anything the buffer cannot show: a field that runs past the buffer unless it is
 --     the tensor data (field 7) that ends exactly where the message ends - so no model
 --     name, input or shared-memory parameter can hide after 64 KiB of tensor bytes;
@@ -132,7 +132,10 @@ local function check(hex, spec)
     return "more than one message in a unary call"
   end
   local j = body.n
-  local model, shapes, tail = nil, {}, false
+  -- every served model has one input ("@single=1" in the spec): Triton refuses a request
+  -- with more inputs before running it, so the unseen rest of such a request is harmless
+  local single = limits["@single"] == 1
+  local model, shapes, tail, raws = nil, {}, false, 0
   local function visit_input(num, wire, v, first, last)
     if num ~= 3 then
       return nil
@@ -163,11 +166,15 @@ local function check(hex, spec)
     elseif num == 5 and wire == 2 then
       shapes[#shapes + 1] = {}
       return each_field(body, first, last, visit_input)
+    elseif num == 7 then
+      raws = raws + 1
     end
     return nil
   end
   local function tensor_data_to_the_end(num, last)
-    tail = num == 7 and last == msg_end
+    -- the (last) tensor data runs exactly to the message end; or, where every model has
+    -- one input, the data of a request that declared several (refused by Triton)
+    tail = num == 7 and (last == msg_end or (single and #shapes >= 2 and raws + 1 < #shapes))
     return tail
   end
   local why = each_field(body, 6, j, visit_top, tensor_data_to_the_end)
@@ -180,15 +187,17 @@ local function check(hex, spec)
   if not model then
     return "no model name"
   end
-  local max_batch = limits[model]
+  if model:sub(1, 1) == "@" then
+    return "no such public model: " .. model
+  end
+  -- A batch over the model's max (under 2^31) is left to Triton, which refuses it with
+  -- its own clear message after reading the body (a refusal here, before the body is
+  -- read, reaches the client as RST_STREAM(CANCEL) from HAProxy 2.6 instead).
   for _, dims in ipairs(shapes) do
     for k, d in ipairs(dims) do
       if d < 0 or d >= DIM_LIMIT then
         return "input shape dimension " .. k .. " is " .. d .. " (Triton would truncate it)"
       end
-    end
-    if max_batch > 0 and dims[1] and dims[1] > max_batch then
-      return "batch " .. dims[1] .. " is over " .. model .. "'s max batch " .. max_batch
     end
   end
   return ""

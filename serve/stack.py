@@ -87,6 +87,7 @@ class RepositoryModels:
     internal: list[str]
     max_request_bytes: int
     max_batch: dict[str, int] = field(default_factory=dict)  # every model's max_batch_size
+    single_input: bool = False  # every model has exactly one input
 
 
 def repository_models(repo: Path) -> RepositoryModels:
@@ -126,7 +127,8 @@ def repository_models(repo: Path) -> RepositoryModels:
             largest = max(largest, batch * item)
     if not public:
         raise FileNotFoundError(f"no models in {repo} (run `make export`)")
-    return RepositoryModels(public, internal, largest + (64 << 10), max_batch)
+    single = all(len(cfg.input) == 1 for _, cfg in configs)
+    return RepositoryModels(public, internal, largest + (64 << 10), max_batch, single)
 
 
 def front_options(
@@ -149,6 +151,7 @@ def front_options(
         public_models=models.public,
         internal_models=models.internal,
         max_batch={n: models.max_batch.get(n, 0) for n in models.public},
+        single_input=models.single_input,
         inference_key=limits.inference_key,
         max_body_bytes=limits.max_body_bytes or models.max_request_bytes,
         max_json_bytes=limits.max_json_bytes,
