@@ -178,6 +178,27 @@ class TritonPythonModel(_served.TritonPythonModel):
 )
 
 
+def _wrapped_repo(model_repo: Path, tmp_path: Path, model_py: str) -> tuple[ServerOptions, Path]:
+    """A copy of the repository whose classifier runs ``model_py`` over the published
+    model.py (renamed served_model.py), its behaviour switched by a gate file; server
+    options on free ports for it."""
+    from serve.triton_server import free_port
+
+    repo = tmp_path / "repo"
+    shutil.copytree(model_repo, repo)
+    gate = tmp_path / "gate"
+    version = repo / "antsbees" / "1"
+    (version / "model.py").rename(version / "served_model.py")
+    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + model_py)
+    opts = ServerOptions(
+        model_repository=str(repo),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+    )
+    return opts, gate
+
+
 def test_a_flood_beyond_the_queue_bound_is_rejected_fast(model_repo, tmp_path):
     """While the classifier cannot drain its queue (a slow backend), more requests than
     the front lets into Triton (``max_queue``, running or queued) are refused at once
@@ -192,22 +213,10 @@ def test_a_flood_beyond_the_queue_bound_is_rejected_fast(model_repo, tmp_path):
     sends. (Pausing the stub with SIGSTOP instead crashed Triton 2.51's python backend
     once under load: boost lock_exception in ModelInstanceExecute.)"""
     from serve.stack import FrontLimits, PublicServer
-    from serve.triton_server import free_port
 
     published = (model_repo / "antsbees" / "config.pbtxt").read_text()
     assert not parse_config(published).dynamic_batching.HasField("default_queue_policy")
-    repo = tmp_path / "repo"
-    shutil.copytree(model_repo, repo)
-    gate = tmp_path / "gate"
-    version = repo / "antsbees" / "1"
-    (version / "model.py").rename(version / "served_model.py")
-    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + GATED_MODEL)
-    opts = ServerOptions(
-        model_repository=str(repo),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
+    opts, gate = _wrapped_repo(model_repo, tmp_path, GATED_MODEL)
     limits = FrontLimits(max_queue=16)
     with PublicServer(opts, limits, log_path=tmp_path / "server.log") as server:
         _flood(server.grpc_url, limits.max_queue, gate)
@@ -273,20 +282,8 @@ def test_the_queue_is_bounded_in_bytes_too(model_repo, tmp_path):
     and gRPC - and single-image requests still get in; released, all are answered."""
     from serve.errors import classify_error
     from serve.stack import FrontLimits, PublicServer
-    from serve.triton_server import free_port
 
-    repo = tmp_path / "repo"
-    shutil.copytree(model_repo, repo)
-    gate = tmp_path / "gate"
-    version = repo / "antsbees" / "1"
-    (version / "model.py").rename(version / "served_model.py")
-    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + GATED_MODEL)
-    opts = ServerOptions(
-        model_repository=str(repo),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
+    opts, gate = _wrapped_repo(model_repo, tmp_path, GATED_MODEL)
     # 16 requests of up to 1 MiB (one image each), and one batch (the rest of 32 MiB)
     limits = FrontLimits(max_queue=16, max_queue_bytes=32 << 20)
     batch = np.zeros((4, 3, 224, 224), np.float32)  # 2.4 MB: a large request
@@ -373,20 +370,9 @@ def test_watchdog_leaves_a_busy_model_alone(model_repo, tmp_path):
     """A model that answers every request, slowly, under steady load: its probes time out,
     but it finished other requests meanwhile, so the watchdog does not restart it (a
     restart would drop the work in flight)."""
-    from serve.triton_server import TritonServer, free_port
+    from serve.triton_server import TritonServer
 
-    repo = tmp_path / "repo"
-    shutil.copytree(model_repo, repo)
-    gate = tmp_path / "gate"
-    version = repo / "antsbees" / "1"
-    (version / "model.py").rename(version / "served_model.py")
-    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + SLOW_MODEL)
-    opts = ServerOptions(
-        model_repository=str(repo),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
+    opts, gate = _wrapped_repo(model_repo, tmp_path, SLOW_MODEL)
     with TritonServer(opts, log_path=tmp_path / "server.log") as server:
         stop = threading.Event()
         done: list[int] = []
@@ -427,20 +413,8 @@ def test_one_client_gets_at_most_its_concurrency_share(model_repo, tmp_path):
     streams of one connection too); over the share they are refused at once with a clear
     error while the others are answered, so one client cannot take the whole queue."""
     from serve.stack import FrontLimits, PublicServer
-    from serve.triton_server import free_port
 
-    repo = tmp_path / "repo"
-    shutil.copytree(model_repo, repo)
-    gate = tmp_path / "gate"
-    version = repo / "antsbees" / "1"
-    (version / "model.py").rename(version / "served_model.py")
-    (version / "model.py").write_text(f"GATE = {str(gate)!r}\n" + GATED_MODEL)
-    opts = ServerOptions(
-        model_repository=str(repo),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-    )
+    opts, gate = _wrapped_repo(model_repo, tmp_path, GATED_MODEL)
     results: list[str] = []
     lock = threading.Lock()
     with PublicServer(opts, FrontLimits(max_per_client=2), log_path=tmp_path / "s.log") as srv:
