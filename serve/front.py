@@ -205,6 +205,17 @@ def render(o: FrontOptions) -> str:
             + '"'
         )
 
+    def grpc_refuse(code: int, message: str, cond: str, fmt: str = "") -> list[str]:
+        """A refusal after the body started: drained, then answered (grpc_check.lua);
+        ``fmt``: the message as a log-format string instead of ``message``."""
+        fmt = '"' + (fmt or message.replace('"', "'").replace("%", "%%")) + '"'
+        return [
+            f"    http-request set-var(txn.grpc_code) int({code}) if {cond}",
+            f"    http-request set-var-fmt(txn.grpc_msg) {fmt} if {cond}",
+            f"    http-request set-var(txn.grpc_drain) int({o.max_body_bytes + 65536}) if {cond}",
+            f"    http-request use-service lua.grpc_refuse if {cond}",
+        ]
+
     internal_hex = [(n.encode().hex().upper()) for n in o.internal_models]
     spec = "/".join(
         [f"{n}={max(0, int(o.max_batch.get(n, 0)))}" for n in o.public_models]
@@ -398,17 +409,16 @@ def render(o: FrontOptions) -> str:
         "    http-request return "
         + grpc_err(8, f"request message over {o.max_body_bytes} bytes (the largest valid batch)")
         + " if big_body",
-        "    http-request return "
-        + grpc_err(7, "no such public model here; public models: " + ", ".join(o.public_models))
-        + " if !named_first or names_internal",
+        *grpc_refuse(
+            7,
+            "no such public model here; public models: " + ", ".join(o.public_models),
+            "!named_first or names_internal",
+        ),
         # the whole message as far as the buffer shows it (serve/grpc_check.lua)
         f"    http-request set-var(txn.grpc_why) req.body,hex,lua.grpc_infer_check({spec}) if "
         f"{{ path {GRPC_SERVICE}ModelInfer }}",
-        '    http-request return status 200 hdr grpc-status 3 hdr grpc-message "'
-        '%[var(txn.grpc_why)]" if { var(txn.grpc_why) -m len gt 0 }',
-        "    http-request return "
-        + grpc_err(7, "shared-memory inputs and outputs need the admin key")
-        + " if names_shm",
+        *grpc_refuse(3, "", "{ var(txn.grpc_why) -m len gt 0 }", fmt="%[var(txn.grpc_why)]"),
+        *grpc_refuse(7, "shared-memory inputs and outputs need the admin key", "names_shm"),
         "    http-request return "
         + grpc_err(14, BUSY)
         + f" if large_body {{ be_conn(triton_grpc_large) ge {o.max_large_requests} }}",

@@ -210,3 +210,26 @@ core.register_converters("grpc_infer_check", function(hex, spec)
   end
   return result
 end)
+
+-- A gRPC refusal that first reads the request to its end. HAProxy 2.6 answering a
+-- request whose body it has not read yet resets the stream (RST_STREAM CANCEL,
+-- haproxy/haproxy#1219), and the client never sees the reason; this service drains the
+-- body (at most txn.grpc_drain bytes: the front's body cap) and answers trailers-only,
+-- with txn.grpc_code and txn.grpc_msg.
+core.register_service("grpc_refuse", "http", function(applet)
+  local code = applet:get_var("txn.grpc_code") or 3
+  local msg = applet:get_var("txn.grpc_msg") or "request refused"
+  local left = tonumber(applet:get_var("txn.grpc_drain")) or 0
+  while left > 0 do
+    local chunk = applet:receive(math.min(left, 16384))
+    if chunk == nil or chunk == "" then
+      break
+    end
+    left = left - #chunk
+  end
+  applet:set_status(200)
+  applet:add_header("content-type", "application/grpc")
+  applet:add_header("grpc-status", tostring(code))
+  applet:add_header("grpc-message", msg)
+  applet:start_response()
+end)

@@ -226,17 +226,21 @@ def test_grpc_messages_are_checked_as_protobuf(front, pixels, expected):
     assert code == "INVALID_ARGUMENT" and "must be <= 64" in why, (code, why)
     # as sent (602 KB, batch 2^32+1): Triton alone answers it as batch 1; the front refuses
     code, why = _grpc_raw(url, _infer_message(pixels, 2**32 + 1))
-    assert code != "OK", (code, why)
-    # hidden behind 64 KiB of tensor bytes: refused before the body is read, which HAProxy
-    # 2.6 reports as RST_STREAM(CANCEL) instead of its message (haproxy/haproxy#1219)
+    assert code == "INVALID_ARGUMENT" and "Triton would truncate" in why, (code, why)
+    # hidden behind 64 KiB of tensor bytes: refused with the reason (the front reads the
+    # body to its end first: answering earlier, HAProxy 2.6 resets the stream instead,
+    # haproxy/haproxy#1219)
     tail = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
     shm = service_pb2.ModelInferRequest()
     out = shm.outputs.add(name="logits")
     out.parameters["shared_memory_region"].string_param = "someone_elses_region"
     for hidden in (tail, shm.SerializeToString()):
         code, why = _grpc_raw(url, _infer_message(pixels, 1) + hidden)
-        by_front = "past the first" in why or (code == "CANCELLED" and "RST_STREAM" in why)
-        assert code != "OK" and by_front, (code, why)
+        assert code == "INVALID_ARGUMENT" and "past the first" in why, (code, why)
+    # a 602 KB message naming the internal model first: refused with the reason too
+    hidden_first = _infer_message(pixels, 1, model="antsbees_preprocess")
+    code, why = _grpc_raw(url, hidden_first)
+    assert code == "PERMISSION_DENIED" and "no such public model" in why, (code, why)
     code, why = _grpc_raw(url, b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01")
     assert code != "OK", (code, why)
     code, shapes = _grpc_raw(url, _infer_message(pixels, 1))  # a normal message passes
