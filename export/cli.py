@@ -314,7 +314,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--instances",
         type=int,
         default=ServingConfig.instances,
-        help="model instances (each its own backend process on CPU)",
+        help="classifier instances (each its own backend process on CPU; 0: 2 on CPU, 1 on GPU)",
     )
     g.add_argument(
         "--preprocess-instances",
@@ -340,7 +340,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--intra-op-threads",
         type=int,
         default=ServingConfig.intra_op_threads,
-        help="ONNX Runtime threads per CPU instance (0: ORT default)",
+        help="ONNX Runtime threads per CPU instance (0: the server's cores / instances)",
     )
     g.add_argument(
         "--max-queue-size",

@@ -88,6 +88,11 @@ def probe_inputs(metadata: dict[str, Any], grpcclient: Any) -> list[Any]:
     return inputs
 
 
+def instance_count(config: dict[str, Any]) -> int:
+    """A model's instances, from its config as the API returns it (JSON)."""
+    return sum(int(g.get("count", 1) or 1) for g in config.get("instance_group", [])) or 1
+
+
 def is_dead_stub(message: str) -> bool:
     """True for the python backend's "stub process is not healthy" errors."""
     text = message.lower()
@@ -112,8 +117,11 @@ class Watchdog:
         self.say = log_fn or stamped
         self.timeouts: dict[str, int] = {}  # model -> consecutive rounds with a timed-out probe
 
-    def _probe(self, name: str, version: str) -> str | None:
-        """None when the model answered, else the error message."""
+    def _probe(self, name: str, version: str, instances: int = 1) -> str | None:
+        """None when the model answered, else the error message. One probe after another,
+        as many as the model has instances: Triton hands an idle model's requests to its
+        instances in turn, so each instance's stub is reached (a dead one answers at once,
+        so under load it is the one that takes the next request)."""
         import tritonclient.grpc as grpcclient
 
         client = grpcclient.InferenceServerClient(self.cfg.url)
@@ -121,12 +129,13 @@ class Watchdog:
             meta = client.get_model_metadata(
                 name, version, as_json=True, client_timeout=self.cfg.timeout
             )
-            client.infer(
-                name,
-                probe_inputs(meta, grpcclient),
-                model_version=version,
-                client_timeout=self.cfg.timeout,
-            )
+            for _ in range(max(1, instances)):
+                client.infer(
+                    name,
+                    probe_inputs(meta, grpcclient),
+                    model_version=version,
+                    client_timeout=self.cfg.timeout,
+                )
             return None
         except Exception as e:  # noqa: BLE001 - every failure is a finding
             return (e.message() if hasattr(e, "message") and callable(e.message) else "") or str(e)
@@ -159,16 +168,15 @@ class Watchdog:
         result = Round()
         with admin.session(self.cfg.url, self.cfg.admin_key) as a:
             ready = [(m.name, m.version) for m in a.index() if m.state == "READY"]
-            ensembles = {
-                name
-                for name in {n for n, _ in ready}
-                if (a.config(name) or {}).get("platform") == "ensemble"
-            }
+            configs = {name: a.config(name) or {} for name in {n for n, _ in ready}}
+            ensembles = {n for n, c in configs.items() if c.get("platform") == "ensemble"}
             completed_before = self._completed(a)
         targets = [(n, v) for n, v in ready if n not in ensembles]
         result.probed = [f"{n}:{v}" for n, v in targets]
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
-            outcomes = list(pool.map(lambda t: self._probe(*t), targets))
+            outcomes = list(
+                pool.map(lambda t: self._probe(*t, instance_count(configs[t[0]])), targets)
+            )
         slow = {n for (n, _), e in zip(targets, outcomes, strict=True) if e and is_timeout(e)}
         completed_after = self._watch_progress(slow, completed_before) if slow else {}
         to_restart: dict[str, str] = {}

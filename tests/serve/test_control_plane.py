@@ -4,6 +4,7 @@ one bad image among several, and bounded queues that reject a flood."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import threading
@@ -21,7 +22,7 @@ from serve.client import Classifier
 from serve.contract import INPUT_NAME
 from serve.preprocess import ResizeCrop, preprocess
 from serve.triton_server import ServerOptions
-from serve.watchdog import Watchdog, WatchdogConfig
+from serve.watchdog import Watchdog, WatchdogConfig, check_once
 from tests.helpers import process_alive, stub_pids, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)
@@ -130,6 +131,28 @@ def test_watchdog_heals_a_hung_stub(own_server, val_images):
         for pid in hung:
             if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)  # a stopped stub would hold up shutdown
+
+
+def test_watchdog_finds_one_dead_instance_among_several(own_server, val_images):
+    """The classifier runs several instances on CPU (two by default); with one instance's
+    stub killed and the other healthy, one watchdog round finds it (it probes as many
+    times as the model has instances) and restarts the model: every request answers."""
+    pixels = preprocess(val_images[0], GEOMETRY)[None]
+    with admin.session(own_server.grpc_url) as a:
+        groups = (a.config("antsbees") or {}).get("instance_group", [])
+    assert sum(int(g.get("count", 1)) for g in groups) >= 2, groups
+    victim = sorted(_stub_of(own_server.pid, "antsbees"))[-1]
+    found = re.search(rb"/antsbees/(\d+)/", Path(f"/proc/{victim}/cmdline").read_bytes())
+    version = found.group(1).decode() if found else ""
+    with Classifier(own_server.grpc_url, "antsbees", version=version) as clf:
+        expected = clf.logits(pixels)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not process_alive(victim), 30, "the killed stub to go")
+    healed = check_once(WatchdogConfig(url=own_server.grpc_url), log=lambda _: None)
+    assert healed.restarted == ["antsbees"], healed
+    with Classifier(own_server.grpc_url, "antsbees", version=version) as clf:  # no retries
+        for _ in range(6):
+            np.testing.assert_array_equal(clf.logits(pixels), expected)
 
 
 def test_one_bad_image_fails_the_whole_request_naming_it(server, val_images):
