@@ -390,6 +390,26 @@ def new_report(args: argparse.Namespace, inputs: BenchInputs, gemm: dict[str, fl
     }
 
 
+def in_process_baselines(args: argparse.Namespace, inputs: BenchInputs) -> tuple[Level, Level]:
+    """In-process ONNX Runtime on the served ``model.onnx`` and the in-process image
+    pipeline (decode + preprocess + ORT), measured now."""
+    onnx_path = inputs.version_dir / "model.onnx"
+    ort = onnxruntime_baseline(
+        onnx_path, inputs.pixels, args.batch, args.window, args.max_seconds, inputs.card.precision
+    )
+    pre = inputs.card.preprocessing
+    pipeline = image_pipeline_baseline(
+        onnx_path,
+        inputs.raw,
+        ResizeCrop(pre.resize, pre.crop, pre.interpolation),
+        args.batch,
+        args.window,
+        args.max_seconds,
+        inputs.card.precision,
+    )
+    return ort, pipeline
+
+
 def baseline_report(
     args: argparse.Namespace, data: str, gemm: dict[str, float]
 ) -> tuple[BenchInputs, dict[str, Any], Level]:
@@ -398,35 +418,48 @@ def baseline_report(
     inputs = bench_inputs(Path(args.model_repository), args.model, data, max(args.batch, 16))
     report = new_report(args, inputs, gemm)
     log.info("machine: %s", report["machine"])
-    ort = onnxruntime_baseline(
-        inputs.version_dir / "model.onnx",
-        inputs.pixels,
-        args.batch,
-        args.window,
-        args.max_seconds,
-        inputs.card.precision,
-    )
+    ort, pipeline = in_process_baselines(args, inputs)
     peak = report["machine"].get("peak_gflops_fp32")
     if inputs.card.gflop_per_image and peak:
         ort.server = {"efficiency_of_peak": ort.throughput * inputs.card.gflop_per_image / peak}
     report["results"].append(asdict(ort))
     log.info("onnxruntime in-process: %.1f img/s", ort.throughput)
-    pre = inputs.card.preprocessing
-    pipeline = image_pipeline_baseline(
-        inputs.version_dir / "model.onnx",
-        inputs.raw,
-        ResizeCrop(pre.resize, pre.crop, pre.interpolation),
-        args.batch,
-        args.window,
-        args.max_seconds,
-        inputs.card.precision,
-    )
     report["results"].append(asdict(pipeline))
     report["image_pipeline_baseline"] = pipeline.throughput
     log.info(
         "image pipeline in-process (decode + preprocess + ORT): %.1f img/s", pipeline.throughput
     )
     return inputs, report, ort
+
+
+def adjacent_levels(
+    front: Any, args: argparse.Namespace, inputs: BenchInputs, report: dict[str, Any]
+) -> list[Level]:
+    """The ``triton-*`` rows, one protocol x input at a time, each group's ratios taken to
+    in-process baselines measured just before it (``report["baselines"]``): this machine's
+    speed drifts by a third within minutes (measured: the same ORT session 9.7 -> 14 ms per
+    image), so a ratio to a baseline from the start of the run says more about the drift
+    than about the server."""
+    levels: list[Level] = []
+    report["baselines"] = []
+    for protocol in args.protocols:
+        for kind in args.inputs:
+            if protocol == "grpc-shm" and kind == "raw":  # shm carries pixel tensors
+                continue
+            ort, pipeline = in_process_baselines(args, inputs)
+            report["baselines"].append(
+                {
+                    "protocol": protocol,
+                    "input": kind,
+                    "onnxruntime": ort.throughput,
+                    "image_pipeline": pipeline.throughput,
+                }
+            )
+            combos = [(protocol, kind, c, r) for c, r in _loads(args)]
+            group = triton_levels(front, args, inputs, ort, report["skipped"], combos=combos)
+            mark_levels(group, pipeline.throughput)
+            levels += group
+    return levels
 
 
 def sweep(
@@ -445,7 +478,7 @@ def sweep(
         from serve.stack import FrontOnly
 
         with FrontOnly(srv, log_path=Path(args.out) / "bench-front.log") as front:
-            levels = triton_levels(front, args, inputs, ort, report["skipped"])
+            levels = adjacent_levels(front, args, inputs, report)
             pairs = [
                 (p, k, c, 0.0)
                 for p in ("grpc",)
@@ -459,7 +492,7 @@ def sweep(
                 else []
             )
     report["front_cost"] = front_cost(levels, direct)
-    mark_levels(levels + direct, report.get("image_pipeline_baseline"))
+    mark_levels(direct, report.get("image_pipeline_baseline"))
     return levels + direct
 
 
