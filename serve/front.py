@@ -66,6 +66,7 @@ HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/hapro
 # The gRPC ModelInfer check (protobuf parsed in HAProxy's Lua): model names anywhere,
 # input shapes (dimensions >= 2^31, batch over the max), nothing hidden past the buffer.
 GRPC_CHECK_LUA = Path(__file__).with_name("grpc_check.lua")
+H2_WINDOW = 1 << 20  # HTTP/2 window HAProxy gives each client stream (the default: 64 KiB)
 
 
 class FrontUnavailable(RuntimeError):
@@ -230,6 +231,10 @@ def render(o: FrontOptions) -> str:
         f"    tune.bufsize {BUFSIZE}",
         "    tune.http.maxhdr 64",
         f"    tune.h2.max-concurrent-streams {o.max_grpc_streams}",
+        # a 602 KB tensor in one window instead of ten 64 KiB round trips: -0.6 ms p50 at
+        # c=1 (3 runs, 3.0 -> 2.3 ms outside Triton). HAProxy still buffers bufsize per
+        # stream; a stream that does not drain holds up only its own connection
+        f"    tune.h2.initial-window-size {H2_WINDOW}",
         "    hard-stop-after 30s",
         f"    lua-load {GRPC_CHECK_LUA}",
         *([f"    stats socket {o.stats_socket} mode 600 level operator"] if o.stats_socket else []),
@@ -389,9 +394,11 @@ def render(o: FrontOptions) -> str:
     if not internal_hex:
         lines.append("    acl names_internal always_false")
     lines += [
-        "    http-request return "
-        + grpc_err(3, "compressed messages are not accepted")
-        + " if encoded !{ req.hdr(grpc-encoding) -m str identity }",
+        *grpc_refuse(
+            3,
+            "compressed messages are not accepted",
+            "encoded !{ req.hdr(grpc-encoding) -m str identity }",
+        ),
         "    http-request allow if admin",
         "    http-request return "
         + grpc_err(14, BUSY)

@@ -245,6 +245,14 @@ def test_grpc_messages_are_checked_as_protobuf(front, pixels, expected):
     assert code != "OK", (code, why)
     code, shapes = _grpc_raw(url, _infer_message(pixels, 1))  # a normal message passes
     assert code == "OK" and shapes == "[[1, 2]]", (code, shapes)
+    client = grpcclient.InferenceServerClient(url)  # a gzip message (> 64 KiB): the reason
+    try:
+        inp = grpcclient.InferInput(INPUT_NAME, list(pixels.shape), "FP32")
+        inp.set_data_from_numpy(pixels)
+        with pytest.raises(InferenceServerException, match="compressed messages are not"):
+            client.infer("antsbees", [inp], compression_algorithm="gzip")
+    finally:
+        client.close()
     _still_serving(front, pixels, expected)
 
 
