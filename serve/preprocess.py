@@ -60,6 +60,9 @@ MAX_RESIZED_PIXELS = 8_000_000  # pixels of the resized image, before the crop
 MAX_FAST_WORK = 16_000_000  # estimated decode work decoded in place (ImageInfo.work)
 DECODE_DEADLINE_S = 5.0  # an isolated decode is killed after this long
 SLOW_LANE_SLOTS = 1  # isolated decodes at once, across all instances of a model
+# An isolated (expensive) decode runs at this nice value: the cores go to cheap requests
+# first and the expensive image gets what is left, within its deadline
+DECODE_NICE = 10
 JPEG_SCAN_SHARE = 25  # ~25 extra scans of a progressive JPEG cost one more full decode
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # older name
 
@@ -357,9 +360,10 @@ def decode_isolated(
     limits: Limits = DEFAULT_LIMITS,
     info: ImageInfo | None = None,
 ) -> np.ndarray:
-    """:func:`preprocess` in a forked child, killed after ``limits.decode_deadline_s``:
-    the caller gets the pixels or an :class:`ImageError` (the child's, or the deadline's),
-    and no memory the decoder touched stays in the caller's process."""
+    """:func:`preprocess` in a forked child (at nice ``DECODE_NICE``), killed after
+    ``limits.decode_deadline_s``: the caller gets the pixels or an :class:`ImageError`
+    (the child's, or the deadline's), and no memory the decoder touched stays in the
+    caller's process."""
     name = describe(data) if info is None else f"{describe(data)} ({info})"
     deadline = limits.decode_deadline_s
     expected = 1 + 3 * geometry.crop * geometry.crop * 4
@@ -369,6 +373,8 @@ def decode_isolated(
         try:
             os.close(read_fd)
             _die_with_parent()
+            with contextlib.suppress(OSError):
+                os.nice(DECODE_NICE)
             signal.alarm(max(1, math.ceil(deadline) + 1))  # its own deadline too
             _decode_child(write_fd, data, geometry, limits)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from serve.preprocess import (
+    DECODE_NICE,
     DecodeBusy,
     ImageError,
     Limits,
@@ -22,7 +24,7 @@ from serve.preprocess import (
     preprocess,
     preprocess_bounded,
 )
-from tests.helpers import child_pids, expensive_jpeg
+from tests.helpers import child_pids, expensive_jpeg, wait_until
 from train.data import Preprocess, load_rgb
 
 
@@ -234,6 +236,28 @@ def test_isolated_decode_is_stopped_at_its_deadline() -> None:
     with pytest.raises(ImageError, match=r"longer than the 0.2 s deadline"):
         decode_isolated(expensive_jpeg(), ResizeCrop(256, 224), limits)
     assert _children() <= before  # no decoder left running or as a zombie
+
+
+def test_isolated_decode_runs_at_low_priority() -> None:
+    """The expensive image's decoder runs niced (DECODE_NICE above its parent), so the
+    cores go to the cheap requests first."""
+    before = _children()
+    expected = min(19, os.nice(0) + DECODE_NICE)
+
+    def nice_of_decoder() -> bool:
+        (child,) = _children() - before
+        stat = Path(f"/proc/{child}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16]) == expected
+
+    worker = threading.Thread(
+        target=decode_isolated,
+        args=(expensive_jpeg(), ResizeCrop(256, 224), Limits(decode_deadline_s=60)),
+    )
+    worker.start()
+    try:
+        wait_until(nice_of_decoder, 30, f"the decoder child at nice {expected}", interval=0.02)
+    finally:
+        worker.join()
 
 
 def test_isolated_decode_reports_the_decoders_error() -> None:
