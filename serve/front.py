@@ -210,11 +210,14 @@ def render(o: FrontOptions) -> str:
         """A refusal after the body started: drained, then answered (grpc_check.lua);
         ``fmt``: the message as a log-format string instead of ``message``."""
         fmt = '"' + (fmt or message.replace('"', "'").replace("%", "%%")) + '"'
+        refused = "{ var(txn.grpc_code) -m found }"  # ``cond`` evaluated once
+        drain_bytes, drain_s = o.max_body_bytes + 65536, max(1, round(o.header_timeout_s))
         return [
             f"    http-request set-var(txn.grpc_code) int({code}) if {cond}",
-            f"    http-request set-var-fmt(txn.grpc_msg) {fmt} if {cond}",
-            f"    http-request set-var(txn.grpc_drain) int({o.max_body_bytes + 65536}) if {cond}",
-            f"    http-request use-service lua.grpc_refuse if {cond}",
+            f"    http-request set-var-fmt(txn.grpc_msg) {fmt} if {refused}",
+            f"    http-request set-var(txn.grpc_drain) int({drain_bytes}) if {refused}",
+            f"    http-request set-var(txn.grpc_drain_s) int({drain_s}) if {refused}",
+            f"    http-request use-service lua.grpc_refuse if {refused}",
         ]
 
     internal_hex = [(n.encode().hex().upper()) for n in o.internal_models]

@@ -191,8 +191,7 @@ local function check(hex, spec)
     return "no such public model: " .. model
   end
   -- A batch over the model's max (under 2^31) is left to Triton, which refuses it with
-  -- its own clear message after reading the body (a refusal here, before the body is
-  -- read, reaches the client as RST_STREAM(CANCEL) from HAProxy 2.6 instead).
+  -- its own message ("batch-size must be <= N") after reading the body.
   for _, dims in ipairs(shapes) do
     for k, d in ipairs(dims) do
       if d < 0 or d >= DIM_LIMIT then
@@ -214,13 +213,21 @@ end)
 -- A gRPC refusal that first reads the request to its end. HAProxy 2.6 answering a
 -- request whose body it has not read yet resets the stream (RST_STREAM CANCEL,
 -- haproxy/haproxy#1219), and the client never sees the reason; this service drains the
--- body (at most txn.grpc_drain bytes: the front's body cap) and answers trailers-only,
--- with txn.grpc_code and txn.grpc_msg.
+-- body (at most txn.grpc_drain bytes: the front's body cap, for at most txn.grpc_drain_s
+-- seconds: a slow sender is answered then, and reset) and answers trailers-only, with
+-- txn.grpc_code and txn.grpc_msg.
+local function seconds_since(start)
+  local now = core.now()
+  return (now.sec - start.sec) + (now.usec - start.usec) / 1e6
+end
+
 core.register_service("grpc_refuse", "http", function(applet)
   local code = applet:get_var("txn.grpc_code") or 3
   local msg = applet:get_var("txn.grpc_msg") or "request refused"
   local left = tonumber(applet:get_var("txn.grpc_drain")) or 0
-  while left > 0 do
+  local limit = tonumber(applet:get_var("txn.grpc_drain_s")) or 10
+  local start = core.now()
+  while left > 0 and seconds_since(start) < limit do
     local chunk = applet:receive(math.min(left, 16384))
     if chunk == nil or chunk == "" then
       break
