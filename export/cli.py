@@ -340,7 +340,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--intra-op-threads",
         type=int,
         default=ServingConfig.intra_op_threads,
-        help="ONNX Runtime threads per CPU instance (0: the server's cores / instances)",
+        help="ONNX Runtime threads per CPU instance (0: the server's cores / instances; "
+        "with one instance, ONNX Runtime's default)",
     )
     g.add_argument(
         "--max-queue-size",

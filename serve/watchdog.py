@@ -6,13 +6,17 @@ fails with "Stub process '<model>_0_0' is not healthy" - Triton never restarts i
 stub that hangs (a native deadlock, ``SIGSTOP``) leaves requests waiting forever.
 
 Every round the watchdog probes every loaded version of every non-ensemble model,
-concurrently, with one tiny valid request each and a deadline. A model whose probe
-reports a dead stub is restarted at once; one whose probes time out ``hung_rounds``
-rounds in a row *while it completes no request at all* is restarted as hung (Triton's
-statistics API: a model that finished other requests while its probe waited is busy,
-not hung, and is never restarted). The restart (``admin.restart``) builds new
+concurrently, with tiny valid requests (one per instance, in turn) and a deadline. A
+model whose probe reports a dead stub is restarted at once; one whose probes time out
+``hung_rounds`` rounds in a row *while it completes no request at all* is restarted as
+hung (Triton's statistics API: a model that finished other requests while its probe
+waited is busy, not hung, and is never restarted). The restart (``admin.restart``) builds new
 instances before the old ones go, so clients never see the model missing. Ensembles
 that lost a member are loaded again. Any other probe failure is reported, not acted on.
+Known limit: one *hung* stub among several instances is not seen - it keeps the request
+it hangs on, Triton hands every later request (and probe) to the others, and the model
+runs at reduced capacity until every instance hangs; a *dead* one answers at once and is
+found in the round.
 Runs inside ``python -m serve run`` (``--watchdog SECONDS``) or against any server with
 ``python -m serve watchdog --url HOST:PORT``; no torch.
 """
@@ -163,7 +167,8 @@ class Watchdog:
                 time.sleep(0.2)
 
     def check_once(self) -> Round:
-        """Probe every READY version of every non-ensemble model once (concurrently);
+        """Probe every READY version of every non-ensemble model (the models concurrently,
+        each as many times as it has instances, one probe after another);
         restart the models with a dead or hung stub and bring back their ensembles."""
         result = Round()
         with admin.session(self.cfg.url, self.cfg.admin_key) as a:

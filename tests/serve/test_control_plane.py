@@ -135,8 +135,10 @@ def test_watchdog_heals_a_hung_stub(own_server, val_images):
 
 def test_watchdog_finds_one_dead_instance_among_several(own_server, val_images):
     """The classifier runs several instances on CPU (two by default); with one instance's
-    stub killed and the other healthy, one watchdog round finds it (it probes as many
-    times as the model has instances) and restarts the model: every request answers."""
+    stub killed and the other healthy, a watchdog round finds it (it probes as many times
+    as the model has instances; Triton handed idle instances the probes in turn in every
+    try here, so one round, but that order is not promised: up to three) and restarts the
+    model: every request answers."""
     pixels = preprocess(val_images[0], GEOMETRY)[None]
     with admin.session(own_server.grpc_url) as a:
         groups = (a.config("antsbees") or {}).get("instance_group", [])
@@ -148,8 +150,11 @@ def test_watchdog_finds_one_dead_instance_among_several(own_server, val_images):
         expected = clf.logits(pixels)
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not process_alive(victim), 30, "the killed stub to go")
-    healed = check_once(WatchdogConfig(url=own_server.grpc_url), log=lambda _: None)
-    assert healed.restarted == ["antsbees"], healed
+    cfg = WatchdogConfig(url=own_server.grpc_url)
+    rounds = [check_once(cfg, log=lambda _: None)]
+    while "antsbees" not in rounds[-1].restarted and len(rounds) < 3:
+        rounds.append(check_once(cfg, log=lambda _: None))  # dispatch order not promised
+    assert rounds[-1].restarted == ["antsbees"], rounds
     with Classifier(own_server.grpc_url, "antsbees", version=version) as clf:  # no retries
         for _ in range(6):
             np.testing.assert_array_equal(clf.logits(pixels), expected)
