@@ -466,9 +466,11 @@ def sweep(
     args: argparse.Namespace, inputs: BenchInputs, ort: Level, report: dict[str, Any]
 ) -> list[Level]:
     """The Triton rows (perf_analyzer) on a server of the bench's own: ``triton-*``
-    through the public front (what users get; serve/front.py), and in the same run
-    ``direct-*`` to the same tritonserver for a few levels, so the front's cost is a ratio
-    (``report["front_cost"]``). ``--grpc-url`` measures that server as it is."""
+    through the public front (what users get; serve/front.py), and in the same run a few
+    levels ``front-*`` and ``direct-*`` (the same tritonserver without the front) in turn,
+    ``FRONT_AB_ROUNDS`` times each, so the front's cost is a ratio that the machine's drift
+    hits on both sides (``report["front_cost"]``). ``--grpc-url`` measures that server as
+    it is."""
     repo = Path(args.model_repository)
     with server_context(args, repo, Path(args.out)) as srv:
         if isinstance(srv, ExternalServer) or args.no_front:
@@ -486,16 +488,24 @@ def sweep(
                 for k in args.inputs
                 for c in sorted({min(args.concurrency), 4} & set(args.concurrency))
             ]
-            direct = (
-                triton_levels(srv, args, inputs, ort, report["skipped"], "direct", pairs)
-                if pairs
-                else []
-            )
-    report["front_cost"] = front_cost(levels, direct)
-    mark_levels(direct, report.get("image_pipeline_baseline"))
-    return levels + direct
+            # the front's cost: the same level through the front and direct, in turn, so
+            # the machine's drift hits both sides alike
+            paired: list[Level] = []
+            direct: list[Level] = []
+            for combo in pairs:
+                for _ in range(FRONT_AB_ROUNDS):
+                    paired += triton_levels(
+                        front, args, inputs, ort, report["skipped"], "front", [combo]
+                    )
+                    direct += triton_levels(
+                        srv, args, inputs, ort, report["skipped"], "direct", [combo]
+                    )
+    report["front_cost"] = front_cost(paired, direct)
+    mark_levels(paired + direct, report.get("image_pipeline_baseline"))
+    return levels + paired + direct
 
 
+FRONT_AB_ROUNDS = 2  # front / direct measured in turn this many times per level
 STALL_P99_OVER_P50 = 5.0  # a level whose p99 is over 5x its p50 is flagged as a stall
 
 
@@ -520,22 +530,37 @@ def mark_levels(levels: list[Level], image_pipeline: float | None) -> None:
 
 
 def front_cost(front: list[Level], direct: list[Level]) -> list[dict[str, Any]]:
-    """Per level measured both ways: throughput ratio (front / direct) and the p50 the
-    front adds (ms)."""
-    by_key = {(lv.backend.split("-", 1)[1], lv.input, lv.concurrency): lv for lv in direct}
+    """Per level measured both ways (``front-*`` and ``direct-*`` rows, possibly several
+    rounds each): throughput ratio (front / direct, of the means) and the p50 and p99 the
+    front adds (ms, difference of the means)."""
+
+    def groups(levels: list[Level]) -> dict[tuple[str, str, int], list[Level]]:
+        out: dict[tuple[str, str, int], list[Level]] = {}
+        for lv in levels:
+            if not lv.request_rate and lv.throughput:
+                key = (lv.backend.split("-", 1)[1], lv.input, lv.concurrency)
+                out.setdefault(key, []).append(lv)
+        return out
+
+    def mean(levels: list[Level], field: str) -> float:
+        return sum(getattr(lv, field) for lv in levels) / len(levels)
+
+    by_key = groups(direct)
     rows = []
-    for lv in front:
-        d = by_key.get((lv.backend.split("-", 1)[1], lv.input, lv.concurrency))
-        if d is None or not d.throughput or lv.request_rate:
+    for key, fronts in groups(front).items():
+        directs = by_key.get(key)
+        if not directs:
             continue
+        protocol, kind, concurrency = key
         rows.append(
             {
-                "protocol": lv.backend.split("-", 1)[1],
-                "kind": lv.input,
-                "concurrency": lv.concurrency,
-                "throughput_ratio": lv.throughput / d.throughput,
-                "p50_added_ms": lv.p50_ms - d.p50_ms,
-                "p99_added_ms": lv.p99_ms - d.p99_ms,
+                "protocol": protocol,
+                "kind": kind,
+                "concurrency": concurrency,
+                "rounds": min(len(fronts), len(directs)),
+                "throughput_ratio": mean(fronts, "throughput") / mean(directs, "throughput"),
+                "p50_added_ms": mean(fronts, "p50_ms") - mean(directs, "p50_ms"),
+                "p99_added_ms": mean(fronts, "p99_ms") - mean(directs, "p99_ms"),
             }
         )
     return rows
