@@ -213,9 +213,15 @@ end)
 -- A gRPC refusal that first reads the request to its end. HAProxy 2.6 answering a
 -- request whose body it has not read yet resets the stream (RST_STREAM CANCEL,
 -- haproxy/haproxy#1219), and the client never sees the reason; this service drains the
--- body (at most txn.grpc_drain bytes: the front's body cap, for at most txn.grpc_drain_s
--- seconds: a slow sender is answered then, and reset) and answers trailers-only, with
--- txn.grpc_code and txn.grpc_msg.
+-- body (at most txn.grpc_drain bytes: the front's body cap) and answers trailers-only,
+-- with txn.grpc_code and txn.grpc_msg. A receive waits for its chunk, so a sender that
+-- drips its body holds the stream as long as it drips (measured: 15 drips 3 s apart held
+-- it 45 s; txn.grpc_drain_s is checked only between chunks): at most MAX_DRAINS streams
+-- drain at once (HAProxy runs one thread), the next refusal is answered at once (and
+-- reset, as before). A drain whose client went away is counted off when Lua collects it.
+local MAX_DRAINS = 64
+local draining = 0
+
 local function seconds_since(start)
   local now = core.now()
   return (now.sec - start.sec) + (now.usec - start.usec) / 1e6
@@ -227,12 +233,29 @@ core.register_service("grpc_refuse", "http", function(applet)
   local left = tonumber(applet:get_var("txn.grpc_drain")) or 0
   local limit = tonumber(applet:get_var("txn.grpc_drain_s")) or 10
   local start = core.now()
+  local slot = nil
+  if draining < MAX_DRAINS then
+    draining = draining + 1
+    slot = setmetatable({ open = true }, {
+      __gc = function(t)
+        if t.open then
+          draining = draining - 1
+        end
+      end,
+    })
+  else
+    left = 0
+  end
   while left > 0 and seconds_since(start) < limit do
     local chunk = applet:receive(math.min(left, 16384))
     if chunk == nil or chunk == "" then
       break
     end
     left = left - #chunk
+  end
+  if slot then
+    slot.open = false
+    draining = draining - 1
   end
   applet:set_status(200)
   applet:add_header("content-type", "application/grpc")

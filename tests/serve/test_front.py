@@ -257,6 +257,64 @@ def test_grpc_messages_are_checked_as_protobuf(front, pixels, expected):
     _still_serving(front, pixels, expected)
 
 
+def test_slow_refused_bodies_hold_at_most_a_few_streams(front, pixels, expected):
+    """A refused gRPC message is read to its end before the answer (its reason reaches the
+    sender); a sender that drips the rest holds its stream meanwhile, so only MAX_DRAINS
+    such streams drain at once: beyond them the refusal comes at once (reset), and every
+    dripping sender still gets its answer."""
+    import threading
+
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    lua = (Path(__file__).parents[2] / "serve" / "grpc_check.lua").read_text()
+    limit = int(re.search(r"local MAX_DRAINS = (\d+)", lua).group(1))
+    hidden = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
+    message = _infer_message(pixels, 1) + hidden
+    opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections (32 streams each)
+    channels = [grpc.insecure_channel(front.grpc_url, options=opts) for _ in range(3)]
+    release = threading.Event()
+    codes: list[tuple[str, bool]] = []  # (status, whether the drips had been released)
+
+    def drip():
+        yield message
+        release.wait(60)  # the rest of the body only when told
+        yield b"\x0a\x01x"
+
+    def send(channel):
+        call = channel.stream_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda b: b,
+            response_deserializer=lambda b: b,
+        )
+        try:
+            call(drip(), timeout=120)
+            codes.append(("OK", release.is_set()))
+        except grpc.RpcError as e:
+            codes.append((e.code().name, release.is_set()))
+
+    senders = [threading.Thread(target=send, args=(channels[i % 3],)) for i in range(limit + 4)]
+    try:
+        for t in senders:
+            t.start()
+        # those beyond the limit are answered while the others still drip
+        wait_until(lambda: len(codes) >= 4, 60, "the refusals beyond the limit")
+        release.set()
+        for t in senders:
+            t.join(120)
+    finally:
+        release.set()
+        for c in channels:
+            c.close()
+    at_once = [c for c, released in codes if not released]
+    drained = [c for c, released in codes if released]
+    assert len(at_once) == 4 and "OK" not in at_once, codes
+    assert drained == ["INVALID_ARGUMENT"] * limit, codes
+    code, why = _grpc_raw(front.grpc_url, message)  # every drain slot is free again
+    assert code == "INVALID_ARGUMENT" and "past the first" in why, (code, why)
+    _still_serving(front, pixels, expected)
+
+
 def test_oversized_bodies_and_headers_are_refused(front, pixels, expected):
     big = front.limits.max_body_bytes or 0
     status, body = _raw(
