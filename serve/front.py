@@ -97,8 +97,6 @@ class FrontOptions:
     triton_metrics: str
     public_models: list[str]  # models anyone may infer on
     internal_models: list[str] = field(default_factory=list)  # named in no open request
-    # public model -> max batch (0: none), checked in gRPC requests by grpc_check.lua
-    max_batch: dict[str, int] = field(default_factory=dict)
     single_input: bool = False  # every model of the repository has exactly one input
     admin_key: str = ""
     inference_key: str = ""
@@ -222,8 +220,8 @@ def render(o: FrontOptions) -> str:
 
     internal_hex = [(n.encode().hex().upper()) for n in o.internal_models]
     spec = "/".join(
-        [f"{n}={max(0, int(o.max_batch.get(n, 0)))}" for n in o.public_models]
-        + (["@single=1"] if o.single_input else [])
+        # the public model names, and whether every model has one input (grpc_check.lua)
+        o.public_models + (["@single"] if o.single_input else [])
     )
     grpc_model_first = " ".join(_grpc_name_prefix_hex(n) for n in o.public_models)
     lines = [

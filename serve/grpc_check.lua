@@ -109,16 +109,17 @@ local function each_field(s, i, j, visit, allow_past)
   return nil
 end
 
-local function parse_limits(spec)
+-- spec: the public model names, "/"-separated; "@single" where every model has one input
+local function parse_spec(spec)
   local t = {}
-  for name, batch in string.gmatch(spec or "", "([^=/]+)=(%d+)") do
-    t[name] = tonumber(batch)
+  for name in string.gmatch(spec or "", "[^/]+") do
+    t[name] = true
   end
   return t
 end
 
 local function check(hex, spec)
-  local limits = parse_limits(spec)
+  local limits = parse_spec(spec)
   local body = body_of(hex)
   if body.n < 5 then
     return "not a gRPC message"
@@ -132,9 +133,9 @@ local function check(hex, spec)
     return "more than one message in a unary call"
   end
   local j = body.n
-  -- every served model has one input ("@single=1" in the spec): Triton refuses a request
+  -- every served model has one input ("@single" in the spec): Triton refuses a request
   -- with more inputs before running it, so the unseen rest of such a request is harmless
-  local single = limits["@single"] == 1
+  local single = limits["@single"] == true
   local model, shapes, tail, raws = nil, {}, false, 0
   local function visit_input(num, wire, v, first, last)
     if num ~= 3 then

@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,6 @@ class RepositoryModels:
     public: list[str]
     internal: list[str]
     max_request_bytes: int
-    max_batch: dict[str, int] = field(default_factory=dict)  # every model's max_batch_size
     single_input: bool = False  # every model has exactly one input
 
 
@@ -97,7 +96,6 @@ def repository_models(repo: Path) -> RepositoryModels:
     from tritonclient.grpc import model_config_pb2 as mc
 
     public, internal, largest = [], [], 1 << 20
-    max_batch: dict[str, int] = {}
     configs = [
         (p, text_format.Parse(p.read_text(), mc.ModelConfig()))
         for p in sorted(repo.glob("*/config.pbtxt"))
@@ -112,7 +110,6 @@ def repository_models(repo: Path) -> RepositoryModels:
     for cfg_path, cfg in configs:
         name = cfg.name or cfg_path.parent.name
         (internal if name.endswith(PREPROCESS_SUFFIX) else public).append(name)
-        max_batch[name] = cfg.max_batch_size
         batch = max(1, cfg.max_batch_size)
         for inp in cfg.input:
             dtype = mc.DataType.Name(inp.data_type)
@@ -128,7 +125,7 @@ def repository_models(repo: Path) -> RepositoryModels:
     if not public:
         raise FileNotFoundError(f"no models in {repo} (run `make export`)")
     single = all(len(cfg.input) == 1 for _, cfg in configs)
-    return RepositoryModels(public, internal, largest + (64 << 10), max_batch, single)
+    return RepositoryModels(public, internal, largest + (64 << 10), single)
 
 
 def front_options(
@@ -150,7 +147,6 @@ def front_options(
         triton_metrics=f"{LOOPBACK}:{metrics}",
         public_models=models.public,
         internal_models=models.internal,
-        max_batch={n: models.max_batch.get(n, 0) for n in models.public},
         single_input=models.single_input,
         inference_key=limits.inference_key,
         max_body_bytes=limits.max_body_bytes or models.max_request_bytes,
