@@ -140,9 +140,21 @@ def test_watchdog_finds_one_dead_instance_among_several(own_server, val_images):
     try here, so one round, but that order is not promised: up to three) and restarts the
     model: every request answers."""
     pixels = preprocess(val_images[0], GEOMETRY)[None]
+    cfg = WatchdogConfig(url=own_server.grpc_url)
     with admin.session(own_server.grpc_url) as a:
         groups = (a.config("antsbees") or {}).get("instance_group", [])
-    assert sum(int(g.get("count", 1)) for g in groups) >= 2, groups
+        versions = [m for m in a.index() if m.name == "antsbees" and m.state == "READY"]
+        instances = sum(int(g.get("count", 1)) for g in groups)
+        assert instances >= 2, groups
+        before = a.completed().get("antsbees", 0)
+        assert check_once(cfg, log=lambda _: None).restarted == []  # healthy: left alone
+        expected = instances * len(versions)  # one probe per instance of each version
+
+        def probes() -> int:  # statistics may trail the answers a little
+            done = a.completed().get("antsbees", 0) - before
+            return done if done >= expected else 0
+
+        assert wait_until(probes, 30, f"{expected} probes in the statistics") == expected
     victim = sorted(_stub_of(own_server.pid, "antsbees"))[-1]
     found = re.search(rb"/antsbees/(\d+)/", Path(f"/proc/{victim}/cmdline").read_bytes())
     version = found.group(1).decode() if found else ""
@@ -150,7 +162,6 @@ def test_watchdog_finds_one_dead_instance_among_several(own_server, val_images):
         expected = clf.logits(pixels)
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not process_alive(victim), 30, "the killed stub to go")
-    cfg = WatchdogConfig(url=own_server.grpc_url)
     rounds = [check_once(cfg, log=lambda _: None)]
     while "antsbees" not in rounds[-1].restarted and len(rounds) < 3:
         rounds.append(check_once(cfg, log=lambda _: None))  # dispatch order not promised
