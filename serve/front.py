@@ -148,6 +148,7 @@ class FrontOptions:
         return max(1, budget // max(self.max_body_bytes, self.small_body_bytes + 1))
 
 
+SHM_REFUSED = "shared-memory inputs and outputs need the admin key"  # as grpc_check.lua
 BUSY = "server busy: the request queue is full or the request waited too long; retry later"
 BUFSIZE = 65536  # bytes of a request HAProxy holds and inspects (headers + body start)
 
@@ -204,14 +205,16 @@ def render(o: FrontOptions) -> str:
             + '"'
         )
 
-    def grpc_refuse(code: int, message: str, cond: str, fmt: str = "") -> list[str]:
+    def grpc_refuse(code: int | None, message: str, cond: str, fmt: str = "") -> list[str]:
         """A refusal after the body started: drained, then answered (grpc_check.lua);
-        ``fmt``: the message as a log-format string instead of ``message``."""
+        ``fmt``: the message as a log-format string instead of ``message``; ``code`` None:
+        ``txn.grpc_code`` is set already (by the Lua check) where refused."""
         fmt = '"' + (fmt or message.replace('"', "'").replace("%", "%%")) + '"'
         refused = "{ var(txn.grpc_code) -m found }"  # ``cond`` evaluated once
         drain_bytes, drain_s = o.max_body_bytes + 65536, max(1, round(o.header_timeout_s))
+        set_code = f"    http-request set-var(txn.grpc_code) int({code}) if {cond}"
         return [
-            f"    http-request set-var(txn.grpc_code) int({code}) if {cond}",
+            *([set_code] if code is not None else []),
             f"    http-request set-var-fmt(txn.grpc_msg) {fmt} if {refused}",
             f"    http-request set-var(txn.grpc_drain) int({drain_bytes}) if {refused}",
             f"    http-request set-var(txn.grpc_drain_s) int({drain_s}) if {refused}",
@@ -330,9 +333,7 @@ def render(o: FrontOptions) -> str:
         "    http-request return "
         + err(400, "a shape dimension of 10 or more digits (Triton would truncate it)")
         + " if model_infer huge_dim",
-        "    http-request return "
-        + err(403, "shared-memory inputs and outputs need the admin key")
-        + " if model_infer names_shm",
+        "    http-request return " + err(403, SHM_REFUSED) + " if model_infer names_shm",
         "    http-request allow if model_infer is_post",
         "    http-request return "
         + err(
@@ -380,6 +381,7 @@ def render(o: FrontOptions) -> str:
         f"    http-request return {grpc_err(8, 'too many concurrent requests from this client')}"
         f" if {{ sc0_conn_cur gt {o.max_per_client} }} !admin",
         "    acl open_method path " + " ".join(GRPC_SERVICE + m for m in GRPC_OPEN),
+        f"    acl infer path {GRPC_SERVICE}ModelInfer",
         "    acl named_first req.body,bytes(5,130),hex -m beg " + grpc_model_first,
         "    acl names_shm req.body,hex -m sub " + b"shared_memory_region".hex().upper(),
         "    acl encoded req.hdr(grpc-encoding) -m found",
@@ -420,13 +422,14 @@ def render(o: FrontOptions) -> str:
         *grpc_refuse(
             7,
             "no such public model here; public models: " + ", ".join(o.public_models),
-            "!named_first or names_internal",
+            # ModelInfer: every model name is checked in Lua (below), no hex scan needed
+            "!named_first or !infer names_internal",
         ),
-        # the whole message as far as the buffer shows it (serve/grpc_check.lua)
-        f"    http-request set-var(txn.grpc_why) req.body,hex,lua.grpc_infer_check({spec}) if "
-        f"{{ path {GRPC_SERVICE}ModelInfer }}",
-        *grpc_refuse(3, "", "{ var(txn.grpc_why) -m len gt 0 }", fmt="%[var(txn.grpc_why)]"),
-        *grpc_refuse(7, "shared-memory inputs and outputs need the admin key", "names_shm"),
+        # the whole message as far as the buffer shows it, shared-memory parameters
+        # included (serve/grpc_check.lua: it sets txn.grpc_code where it refuses)
+        f"    http-request set-var(txn.grpc_why) lua.grpc_infer_check({spec}) if infer",
+        *grpc_refuse(None, "", "", fmt="%[var(txn.grpc_why)]"),
+        *grpc_refuse(7, SHM_REFUSED, "!infer names_shm"),
         "    http-request return "
         + grpc_err(14, BUSY)
         + f" if large_body {{ be_conn(triton_grpc_large) ge {o.max_large_requests} }}",

@@ -3,7 +3,10 @@
 -- (1 flag byte, 4 bytes of length) and the protobuf ModelInferRequest it carries, parsed
 -- field by field (serve/front.py loads it; tests/serve/test_front.py attacks it).
 --
--- Refused, with the reason as the converter's result ("" = accepted):
+-- Refused, with the reason as the fetch's result ("" = accepted) and the gRPC status in
+-- txn.grpc_code:
+--   * a shared-memory parameter anywhere in what the buffer shows (PERMISSION_DENIED: an
+--     admin-key call; the others INVALID_ARGUMENT);
 --   * a model name (field 1, any occurrence: protobuf keeps the last) that is not public;
 --   * an input shape (InferInputTensor field 3, packed or not) with a dimension under 0
 --     or of 2^31 or more (Triton 2.51 truncates 2^32+1 to 1 and answers; a batch over
@@ -14,29 +17,6 @@
 --   * malformed protobuf (bad varints, wire types, lengths).
 
 local DIM_LIMIT = 2147483648 -- 2^31
-
--- The body comes hex-encoded (``req.body,hex``: a converter's string input stops at the
--- first NUL byte, and a gRPC frame starts with one); bytes are decoded only where read,
--- so the tensor data that length prefixes skip costs nothing.
-local Body = {}
-Body.__index = Body
-
-local function body_of(hex)
-  return setmetatable({ hex = hex, n = #hex // 2 }, Body)
-end
-
-function Body:byte(i)
-  if i < 1 or i > self.n then
-    return nil
-  end
-  return tonumber(self.hex:sub(2 * i - 1, 2 * i), 16)
-end
-
-function Body:sub(i, j)
-  return (self.hex:sub(2 * i - 1, 2 * j):gsub("..", function(h)
-    return string.char(tonumber(h, 16))
-  end))
-end
 
 local function varint(s, i, j)
   local v, shift = 0, 0
@@ -118,10 +98,14 @@ local function parse_spec(spec)
   return t
 end
 
-local function check(hex, spec)
+local SHM_PARAMETER = "shared_memory_region"
+local SHM_REFUSED = "shared-memory inputs and outputs need the admin key"
+local INVALID_ARGUMENT, PERMISSION_DENIED = 3, 7
+
+local function check(body, spec)
   local limits = parse_spec(spec)
-  local body = body_of(hex)
-  if body.n < 5 then
+  local n = #body
+  if n < 5 then
     return "not a gRPC message"
   end
   if body:byte(1) ~= 0 then
@@ -129,10 +113,14 @@ local function check(hex, spec)
   end
   local b2, b3, b4, b5 = body:byte(2), body:byte(3), body:byte(4), body:byte(5)
   local msg_end = 5 + ((b2 << 24) | (b3 << 16) | (b4 << 8) | b5)
-  if body.n > msg_end then
+  if n > msg_end then
     return "more than one message in a unary call"
   end
-  local j = body.n
+  -- a shared-memory input or output (a parameter named so, anywhere the buffer shows)
+  if string.find(body, SHM_PARAMETER, 6, true) then
+    return SHM_REFUSED, PERMISSION_DENIED
+  end
+  local j = n
   -- every served model has one input ("@single" in the spec): Triton refuses a request
   -- with more inputs before running it, so the unseen rest of such a request is harmless
   local single = limits["@single"] == true
@@ -182,7 +170,7 @@ local function check(hex, spec)
   if why then
     return why
   end
-  if body.n < msg_end and not tail then
+  if n < msg_end and not tail then
     return "fields past the first " .. j .. " bytes the front inspects (only the tensor data may run on)"
   end
   if not model then
@@ -203,12 +191,20 @@ local function check(hex, spec)
   return ""
 end
 
-core.register_converters("grpc_infer_check", function(hex, spec)
-  local ok, result = pcall(check, hex or "", spec)
+-- A fetch, not a converter: a converter's string input stops at the first NUL byte (and a
+-- gRPC frame starts with one), so it would need the body hex-encoded, which HAProxy does
+-- into one buffer (half the body seen) and costs CPU per request; the fetch reads the
+-- buffered body as it is (``txn.f:req_body()``, after ``wait-for-body``).
+core.register_fetches("grpc_infer_check", function(txn, spec)
+  local ok, why, code = pcall(check, txn.f:req_body() or "", spec)
   if not ok then
-    return "unreadable request (" .. tostring(result) .. ")"
+    why, code = "unreadable request (" .. tostring(why) .. ")", INVALID_ARGUMENT
   end
-  return result
+  if why ~= "" then
+    -- the gRPC status of the refusal (serve/front.py answers with it)
+    txn:set_var("txn.grpc_code", code or INVALID_ARGUMENT)
+  end
+  return why
 end)
 
 -- A gRPC refusal that first reads the request to its end. HAProxy 2.6 answering a

@@ -245,6 +245,12 @@ def test_grpc_messages_are_checked_as_protobuf(front, pixels, expected):
     assert code != "OK", (code, why)
     code, shapes = _grpc_raw(url, _infer_message(pixels, 1))  # a normal message passes
     assert code == "OK" and shapes == "[[1, 2]]", (code, shapes)
+    # the check sees the whole buffer (~63 KiB), not half of it: a 45 KB request id before
+    # the tensor passes; one past the buffer is refused
+    got = _infer(grpcclient, url, pixels, request_id="x" * 45000)
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(InferenceServerException, match="runs past the first"):
+        _infer(grpcclient, url, pixels, request_id="x" * 70000)
     assert len(gzip.compress(pixels.tobytes())) > 65536  # past the buffer, even compressed
     client = grpcclient.InferenceServerClient(url)  # a gzip message: refused with the reason
     try:
