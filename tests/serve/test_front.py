@@ -23,7 +23,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from serve import auth
-from serve.contract import INPUT_NAME
+from serve.contract import IMAGE_INPUT, INPUT_NAME, PIXELS_OUTPUT
 from serve.preprocess import ResizeCrop, preprocess
 from tests.helpers import child_pids, expensive_jpeg, process_alive, stub_pids, wait_until
 
@@ -180,7 +180,7 @@ def test_a_batch_dimension_triton_would_truncate_is_refused(front, pixels, expec
     _still_serving(front, pixels, expected)
 
 
-def _grpc_raw(url: str, message: bytes) -> tuple[str, str]:
+def _grpc_raw(url: str, message: bytes, metadata=None) -> tuple[str, str]:
     """A hand-made ModelInfer message (bytes as they are) -> (status code name, details)."""
     import grpc
     from tritonclient.grpc import service_pb2
@@ -192,7 +192,7 @@ def _grpc_raw(url: str, message: bytes) -> tuple[str, str]:
             response_deserializer=service_pb2.ModelInferResponse.FromString,
         )
         try:
-            reply = call(message, timeout=60)
+            reply = call(message, timeout=60, metadata=metadata)
             return "OK", str([list(o.shape) for o in reply.outputs])
         except grpc.RpcError as e:
             return e.code().name, e.details() or ""
@@ -260,6 +260,34 @@ def test_grpc_messages_are_checked_as_protobuf(front, pixels, expected):
             client.infer("antsbees", [inp], compression_algorithm="gzip")
     finally:
         client.close()
+    _still_serving(front, pixels, expected)
+
+
+def test_the_owners_inference_is_checked_but_reaches_internal_models(
+    front, val_images, pixels, expected
+):
+    """With the admin key, inference bodies get the same crash checks (a body that kills
+    Triton kills it whoever sends it), while the internal preprocess model stays
+    reachable for the owner."""
+    keyed = auth.headers(front.admin_key)
+    nested = b'{"inputs":[{"name":"input","data":' + b"[" * 40 + b"]" * 40 + b"}]}"
+    status, body = _raw(front, "POST", "/v2/models/antsbees/infer", nested, keyed)
+    assert status == 400 and "nested deeper" in body, (status, body)
+    status, body = _raw(front, "POST", "/v2/models/antsbees_preprocess/infer", nested, keyed)
+    assert status == 400 and "nested deeper" in body, (status, body)
+    metadata = [(auth.GRPC_HEADER, front.admin_key)]
+    code, why = _grpc_raw(front.grpc_url, _infer_message(pixels, 2**32 + 1), metadata)
+    assert code == "INVALID_ARGUMENT" and "Triton would truncate" in why, (code, why)
+    image = np.array([[val_images[0].read_bytes()]], dtype=object)
+    for module, url in ((grpcclient, front.grpc_url), (httpclient, front.http_url)):
+        client = module.InferenceServerClient(url)
+        try:
+            inp = module.InferInput(IMAGE_INPUT, [1, 1], "BYTES")
+            inp.set_data_from_numpy(image)
+            got = client.infer("antsbees_preprocess", [inp], headers=keyed)
+            np.testing.assert_allclose(got.as_numpy(PIXELS_OUTPUT), pixels, atol=1e-6)
+        finally:
+            client.close()
     _still_serving(front, pixels, expected)
 
 
