@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +347,53 @@ def test_slow_refused_bodies_hold_at_most_a_few_streams(front, pixels, expected)
     assert drained == ["INVALID_ARGUMENT"] * limit, codes
     code, why = _grpc_raw(front.grpc_url, message)  # every drain slot is free again
     assert code == "INVALID_ARGUMENT" and "past the first" in why, (code, why)
+    _still_serving(front, pixels, expected)
+
+
+def test_drains_whose_client_went_away_free_their_slots(front, pixels, expected):
+    """Every drain slot taken by senders that then cancel (their drains are never resumed,
+    only collected): the front gets the slots back, and a refused message gets its reason
+    again instead of a reset."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    lua = (Path(__file__).parents[2] / "serve" / "grpc_check.lua").read_text()
+    limit = int(re.search(r"local MAX_DRAINS = (\d+)", lua).group(1))
+    hidden = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
+    message = _infer_message(pixels, 1) + hidden
+    opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections (32 streams each)
+    channels = [grpc.insecure_channel(front.grpc_url, options=opts) for _ in range(3)]
+    never = threading.Event()
+
+    def drip():
+        yield message
+        never.wait(120)  # the rest never comes: the sender cancels instead
+
+    calls = []
+    try:
+        for i in range(limit + 4):
+            call = channels[i % 3].stream_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            calls.append(call.future(drip(), timeout=120))
+        # every slot taken: those beyond the limit are answered at once
+        wait_until(lambda: sum(f.done() for f in calls) >= 4, 60, "refusals beyond the limit")
+        for f in calls:
+            f.cancel()
+        wait_until(
+            lambda: _grpc_raw(front.grpc_url, message)[0] == "INVALID_ARGUMENT",
+            30,
+            "a refusal with its reason after the senders went away",
+        )
+        for _ in range(limit // 8):  # and the slots stay free (each drain ends at once)
+            code, why = _grpc_raw(front.grpc_url, message)
+            assert code == "INVALID_ARGUMENT" and "past the first" in why, (code, why)
+    finally:
+        never.set()
+        for c in channels:
+            c.close()
     _still_serving(front, pixels, expected)
 
 
