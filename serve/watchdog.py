@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from serve import admin
+from serve import admin, auth
 from serve.client import DEFAULT_URLS
 
 log = logging.getLogger(__name__)
@@ -125,19 +125,24 @@ class Watchdog:
         """None when the model answered, else the error message. One probe after another,
         as many as the model has instances: Triton hands an idle model's requests to its
         instances in turn, so each instance's stub is reached (a dead one answers at once,
-        so under load it is the one that takes the next request)."""
+        so under load it is the one that takes the next request). With the admin key: the
+        public front serves internal models (``<model>_preprocess``) only to the owner, and
+        the owner's requests are not refused as busy."""
         import tritonclient.grpc as grpcclient
 
+        key = self.cfg.admin_key or auth.resolve_key(self.cfg.url)
+        headers = auth.headers(key)
         client = grpcclient.InferenceServerClient(self.cfg.url)
         try:
             meta = client.get_model_metadata(
-                name, version, as_json=True, client_timeout=self.cfg.timeout
+                name, version, as_json=True, headers=headers, client_timeout=self.cfg.timeout
             )
             for _ in range(max(1, instances)):
                 client.infer(
                     name,
                     probe_inputs(meta, grpcclient),
                     model_version=version,
+                    headers=headers,
                     client_timeout=self.cfg.timeout,
                 )
             return None

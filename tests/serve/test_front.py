@@ -292,6 +292,18 @@ def test_the_owners_inference_is_checked_but_reaches_internal_models(
     _still_serving(front, pixels, expected)
 
 
+def test_the_watchdog_probes_internal_models_through_the_front(front):
+    """`serve run`'s watchdog probes through the front: with the admin key it reaches the
+    internal preprocess model too (without it, every probe of that model was refused as
+    "no such public model" and a dead preprocess stub was never restarted)."""
+    from serve.watchdog import WatchdogConfig, check_once
+
+    lines: list[str] = []
+    healthy = check_once(WatchdogConfig(url=front.grpc_url), log=lines.append)
+    assert {"antsbees:1", "antsbees_preprocess:1"} <= set(healthy.probed), healthy
+    assert healthy.errors == {} and healthy.restarted == [], (healthy, lines)
+
+
 def test_slow_refused_bodies_hold_at_most_a_few_streams(front, pixels, expected):
     """A refused gRPC message is read to its end before the answer (its reason reaches the
     sender); a sender that drips the rest holds its stream meanwhile, so only MAX_DRAINS
