@@ -217,9 +217,10 @@ end)
 -- drips its body holds the stream as long as it drips (measured: 15 drips 3 s apart held
 -- it 45 s; txn.grpc_drain_s is checked only between chunks): at most MAX_DRAINS streams
 -- drain at once (HAProxy runs one thread), the next refusal is answered at once (and
--- reset, as before). A drain whose client went away is never resumed: it is counted off
--- when Lua collects it, which HAProxy does when it frees the stream (measured: 68 cancelled
--- senders, the next refusal drains again; test_drains_whose_client_went_away_free_their_slots).
+-- reset, as before). A drain whose client went away gives its slot back: its receive ends,
+-- or HAProxy frees the stream's Lua context and the slot's __gc counts it off (measured:
+-- 68 senders cancelled, the next refusals drain again;
+-- test_drains_whose_client_went_away_free_their_slots).
 local MAX_DRAINS = 64
 local draining = 0
 

@@ -304,6 +304,20 @@ def test_the_watchdog_probes_internal_models_through_the_front(front):
     assert healthy.errors == {} and healthy.restarted == [], (healthy, lines)
 
 
+def _drain_setup(front, pixels) -> tuple[int, bytes, list]:
+    """For the drain tests: MAX_DRAINS (grpc_check.lua), a 602 KB message the front refuses
+    only after reading it (an internal model named past the buffer), three connections."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    lua = (Path(__file__).parents[2] / "serve" / "grpc_check.lua").read_text()
+    limit = int(re.search(r"local MAX_DRAINS = (\d+)", lua).group(1))
+    hidden = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
+    opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections (32 streams each)
+    channels = [grpc.insecure_channel(front.grpc_url, options=opts) for _ in range(3)]
+    return limit, _infer_message(pixels, 1) + hidden, channels
+
+
 def test_slow_refused_bodies_hold_at_most_a_few_streams(front, pixels, expected):
     """A refused gRPC message is read to its end before the answer (its reason reaches the
     sender); a sender that drips the rest holds its stream meanwhile, so only MAX_DRAINS
@@ -312,14 +326,8 @@ def test_slow_refused_bodies_hold_at_most_a_few_streams(front, pixels, expected)
     import threading
 
     import grpc
-    from tritonclient.grpc import service_pb2
 
-    lua = (Path(__file__).parents[2] / "serve" / "grpc_check.lua").read_text()
-    limit = int(re.search(r"local MAX_DRAINS = (\d+)", lua).group(1))
-    hidden = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
-    message = _infer_message(pixels, 1) + hidden
-    opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections (32 streams each)
-    channels = [grpc.insecure_channel(front.grpc_url, options=opts) for _ in range(3)]
+    limit, message, channels = _drain_setup(front, pixels)
     release = threading.Event()
     codes: list[tuple[str, bool]] = []  # (status, whether the drips had been released)
 
@@ -363,18 +371,9 @@ def test_slow_refused_bodies_hold_at_most_a_few_streams(front, pixels, expected)
 
 
 def test_drains_whose_client_went_away_free_their_slots(front, pixels, expected):
-    """Every drain slot taken by senders that then cancel (their drains are never resumed,
-    only collected): the front gets the slots back, and a refused message gets its reason
-    again instead of a reset."""
-    import grpc
-    from tritonclient.grpc import service_pb2
-
-    lua = (Path(__file__).parents[2] / "serve" / "grpc_check.lua").read_text()
-    limit = int(re.search(r"local MAX_DRAINS = (\d+)", lua).group(1))
-    hidden = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
-    message = _infer_message(pixels, 1) + hidden
-    opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections (32 streams each)
-    channels = [grpc.insecure_channel(front.grpc_url, options=opts) for _ in range(3)]
+    """Every drain slot taken by senders that then cancel: the front gets the slots back,
+    and a refused message gets its reason again instead of a reset."""
+    limit, message, channels = _drain_setup(front, pixels)
     never = threading.Event()
 
     def drip():
