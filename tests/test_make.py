@@ -1,6 +1,6 @@
 """What the Makefile and the README promise a user before any work starts: MODEL is named
-cheaply and once, every flag and make variable the README names exists, bad choices are
-one clear line."""
+cheaply and once, every flag and make variable the README and docs/ name exists, bad
+choices are one clear line."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _option_strings(parser: argparse.ArgumentParser) -> set[str]:
     return found
 
 
-# Flags of other programs the README names, with the program (never our CLIs' flags).
+# Flags of other programs the README and docs/ name, with the program (never our CLIs' flags).
 EXTERNAL_FLAGS = {
     "--backend-config": "tritonserver",
     "--allow-gpu-metrics": "tritonserver",
@@ -85,8 +85,9 @@ EXTERNAL_FLAGS = {
 
 
 def test_every_flag_and_make_variable_the_readme_names_exists() -> None:
-    """A flag the README tells a user to pass (e.g. the `--server-url` it once named for
-    `make export`) is an option of one of our commands; a make variable is the Makefile's."""
+    """A flag the README or a docs/ page tells a user to pass (e.g. the `--server-url` it
+    once named for `make export`) is an option of one of our commands; a make variable is
+    the Makefile's. The README links the pages, so they are read with it."""
     from export.cli import COMMANDS as EXPORT
     from export.tune import add_arguments as tune_arguments
     from serve.cli import COMMANDS as SERVE
@@ -99,7 +100,9 @@ def test_every_flag_and_make_variable_the_readme_names_exists() -> None:
     tune = argparse.ArgumentParser()
     tune_arguments(tune)
     ours |= _option_strings(tune)
-    readme = (ROOT / "README.md").read_text()
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 1, "docs/*.md missing"
+    readme = "\n".join(page.read_text() for page in pages)
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]+)", readme))
     assert not EXTERNAL_FLAGS.keys() & ours  # the list above names no flag of ours
     assert sorted(named - ours - EXTERNAL_FLAGS.keys()) == []
