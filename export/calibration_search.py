@@ -39,6 +39,7 @@ from export.int8 import (
 )
 from export.parity import ACCURACY_GATE, AccuracyGate, diff_stats, judge
 from export.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
+from serve.errors import UsageError
 from serve.files import atomic_write_json
 from serve.machine import machine_info
 
@@ -64,9 +65,9 @@ class SearchConfig:
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in CALIBRATION_METHODS]
         if bad or not self.methods:
-            raise ValueError(f"calibration methods must be among {CALIBRATION_METHODS}: {bad}")
+            raise UsageError(f"calibration methods must be among {CALIBRATION_METHODS}: {bad}")
         if any(c < 0 for c in self.counts) or not self.counts:
-            raise ValueError(f"calibration counts must be >= 0 (0: all), got {self.counts}")
+            raise UsageError(f"calibration counts must be >= 0 (0: all), got {self.counts}")
 
 
 def _take(pixels: PixelBatches, index: np.ndarray, batch_size: int) -> PixelBatches:
@@ -84,7 +85,7 @@ def split_training(pixels: PixelBatches, seed: int, batch_size: int) -> tuple[Pi
     order = np.random.default_rng(seed).permutation(pixels.count)
     half = pixels.count // 2
     if half < 1:
-        raise ValueError(f"{pixels.count} training images: need at least 2 to split")
+        raise UsageError(f"{pixels.count} training images: need at least 2 to split")
     return _take(pixels, order[:half], batch_size), _take(pixels, order[half:], batch_size)
 
 

@@ -13,6 +13,7 @@ from export.tensorrt_engine import DEFAULT_RTX_TARGETS, HARDWARE_LEVELS, EngineP
 from export.triton_config import GPU_BACKENDS, TARGETS, ServingConfig
 from serve.cli_common import Command, add_admin_key, add_model_repository
 from serve.cli_common import main as cli_main
+from serve.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +461,7 @@ def run_trt(a: argparse.Namespace) -> int:
         print(f"added {done['plan']}: {done['metadata']['parity']['status']}")
         return 0
     if not a.onnx:
-        raise ValueError("give --onnx FILE (build an engine) or --name MODEL (add to a version)")
+        raise UsageError("give --onnx FILE (build an engine) or --name MODEL (add to a version)")
     proto = onnx.load(a.onnx, load_external_data=False)
     inp = proto.graph.input[0]
     item = [d.dim_value for d in inp.type.tensor_type.shape.dim][1:]

@@ -4,7 +4,6 @@ a server that happens to answer on a port is never deployed to."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ def deploy_and_measure(
         f"(in-process {in_process_top1:.4f})",
     )
     card_path = version_dir / "model_card.json"
-    card = ModelCard.from_dict(json.loads(card_path.read_text()))
+    card = ModelCard.read(card_path)
     atomic_write_json(card_path, card.replace(served=result).to_dict())
     return result
 

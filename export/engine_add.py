@@ -44,6 +44,7 @@ from export.tensorrt_engine import (
 from export.triton_config import config_text, parse_config, set_plans, target_of
 from serve.cli_common import GateRefused
 from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
+from serve.errors import UsageError
 from serve.files import atomic_write_text, copy_into, locked, sha256, versions
 from serve.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 
@@ -109,7 +110,7 @@ def add_plan(job: AddPlan) -> dict[str, Any]:
     model_dir = Path(job.repository) / job.name
     cfg = parse_config((model_dir / "config.pbtxt").read_text())
     if target_of(cfg) != "gpu-tensorrt":
-        raise ValueError(f"{model_dir} serves {target_of(cfg)} versions, not tensorrt_plan ones")
+        raise UsageError(f"{model_dir} serves {target_of(cfg)} versions, not tensorrt_plan ones")
     version_dir = _version_dir(model_dir, job.version)
     onnx_path = version_dir / "model.onnx"
     if not onnx_path.is_file():
@@ -117,7 +118,7 @@ def add_plan(job: AddPlan) -> dict[str, Any]:
             f"{onnx_path} is missing: this version was published without the ONNX its "
             "plans are built from; export it again to get a version that can gain plans"
         )
-    card = ModelCard.from_dict(json.loads((version_dir / "model_card.json").read_text()))
+    card = ModelCard.read(version_dir / "model_card.json")
     # The plan's batch range must cover the config's max_batch_size, whatever the flags say.
     top = cfg.max_batch_size
     profile = replace(

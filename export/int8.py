@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from export.stage_outputs import PixelBatches
+from serve.errors import UsageError
 from serve.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,9 @@ class Calibration:
 
     def __post_init__(self) -> None:
         if self.method not in CALIBRATION_METHODS:
-            raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}")
+            raise UsageError(f"calibration method must be one of {CALIBRATION_METHODS}")
         if self.count < 1:
-            raise ValueError(f"calibration count must be >= 1, got {self.count}")
+            raise UsageError(f"calibration count must be >= 1, got {self.count}")
 
     def resolved_reduce_range(self) -> bool:
         return (not cpu_has_vnni()) if self.reduce_range is None else self.reduce_range

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from export.int8 import Calibration, metadata_of, preprocess_for_quantization, quantize_int8
 from export.parity import AccuracyGate
 from export.stage_outputs import load_pixels, onnxruntime_logits
+from serve.errors import UsageError
 
 if TYPE_CHECKING:
     from export.release import ExportRun
@@ -55,13 +56,13 @@ class PrecisionConfig:
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise UsageError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.precision == "int8" and not self.int8:
-            raise ValueError("PRECISION=int8 needs the INT8 stage (drop --no-int8-stage)")
+            raise UsageError("PRECISION=int8 needs the INT8 stage (drop --no-int8-stage)")
         if not 0 < self.gate.min_agreement <= 1 or self.gate.max_accuracy_drop < 0:
-            raise ValueError(f"invalid accuracy gate {self.gate}")
+            raise UsageError(f"invalid accuracy gate {self.gate}")
         if self.min_int8_speedup < 0:
-            raise ValueError(f"--min-int8-speedup must be >= 0, got {self.min_int8_speedup}")
+            raise UsageError(f"--min-int8-speedup must be >= 0, got {self.min_int8_speedup}")
 
 
 def gating_stages(precision: str, target: str) -> set[str]:
@@ -91,7 +92,7 @@ def export_int8(run: ExportRun) -> None:
             "--calibration-data with the training images"
         )
         if pc.precision == "int8":
-            raise ValueError(why)
+            raise UsageError(why)
         run.int8_skipped = why  # INT8 is only reported here: the FP32 export goes on
         log.warning("INT8 stage skipped: %s", why)
         return

@@ -53,6 +53,7 @@ from export.triton_config import (
 )
 from export.warmup import build_warmup
 from serve.contract import ModelCard, image_model_name, preprocess_model_name
+from serve.errors import UsageError, UserError
 from serve.files import (
     atomic_write_text,
     copy_into,
@@ -70,7 +71,7 @@ IMAGE_PREPROCESS = EXPORT_DIR.parent / "serve" / "preprocess.py"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class Incompatible(ValueError):
+class Incompatible(UserError, ValueError):
     """The new version cannot join the model's existing versions."""
 
 
@@ -87,7 +88,7 @@ class Published:
 def check_model_name(name: str) -> str:
     """Model names become directory names and URL parts: keep them plain."""
     if not NAME_RE.match(name):
-        raise ValueError(
+        raise UsageError(
             f"bad model name {name!r}: use letters, digits, '_', '-', '.' "
             "(at most 64, not starting with a symbol)"
         )
@@ -98,7 +99,7 @@ def sanitize_label(label: str) -> str:
     """Labels go one per line into labels.txt: no line breaks or control characters."""
     clean = "".join(ch if ch.isprintable() else " " for ch in str(label)).strip()
     if not clean:
-        raise ValueError(f"class name {label!r} is empty after removing control characters")
+        raise UsageError(f"class name {label!r} is empty after removing control characters")
     return clean
 
 
@@ -107,7 +108,7 @@ def _latest_card(model_dir: Path) -> ModelCard | None:
     path = model_dir / str(found[-1]) / "model_card.json" if found else None
     if path is None or not path.is_file():
         return None
-    return ModelCard.from_dict(json.loads(path.read_text()))
+    return ModelCard.read(path)
 
 
 def check_compatible(model_dir: Path, cfg, labels: list[str], card: ModelCard) -> None:
@@ -151,7 +152,7 @@ def version_files(onnx_path: Path, serving: ServingConfig, engine: Path | None) 
     if serving.gpu_backend == "onnxruntime":
         return {"model.onnx": onnx_path}
     if engine is None:
-        raise ValueError("the tensorrt_plan target needs a built engine (model.plan)")
+        raise UsageError("the tensorrt_plan target needs a built engine (model.plan)")
     meta = metadata_path(engine)
     plan = plan_filename(json.loads(meta.read_text()) if meta.is_file() else {})
     files = {plan: engine, "model.onnx": onnx_path}

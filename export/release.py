@@ -59,6 +59,7 @@ from export.triton_config import ServingConfig
 from export.warmup import val_images
 from serve.cli_common import GateRefused
 from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard, ParitySummary
+from serve.errors import UsageError
 from serve.files import sha256
 from train.checkpoint import Checkpoint, load_checkpoint
 
@@ -111,14 +112,14 @@ class ExportConfig:
         self.precision.validate()
         self.trt_rtx_targets = parse_targets(self.trt_rtx_targets)
         if self.precision.precision == "fp16" and not self.fp16:
-            raise ValueError("PRECISION=fp16 needs the FP16 stages (drop --no-fp16-stages)")
+            raise UsageError("PRECISION=fp16 needs the FP16 stages (drop --no-fp16-stages)")
         if not 0 < self.atol <= FP32_GATE.atol:
-            raise ValueError(
+            raise UsageError(
                 f"atol {self.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
                 "be tightened, not loosened (use --force to publish anyway)"
             )
         if self.fp16_tolerance <= 0:
-            raise ValueError(f"fp16 tolerance must be > 0, got {self.fp16_tolerance:g}")
+            raise UsageError(f"fp16 tolerance must be > 0, got {self.fp16_tolerance:g}")
 
 
 @dataclass
@@ -250,7 +251,7 @@ def start(cfg: ExportConfig) -> ExportRun:
     if cfg.serving.kind == "gpu-tensorrt" and not cfg.engine:
         ok, why = tensorrt_status()
         if not ok:
-            raise RuntimeError(NO_TENSORRT.format(why=why))
+            raise TensorRTUnavailable(NO_TENSORRT.format(why=why))
     if cfg.trt_rtx_targets:  # an unknown compute capability is an error before any work
         try:
             rtx = import_rtx()
@@ -262,7 +263,7 @@ def start(cfg: ExportConfig) -> ExportRun:
     ckpt = load_checkpoint(ckpt_path)
     data = cfg.data or ckpt.config.get("data", "")
     if not data:
-        raise ValueError("no --data given and the checkpoint records no data folder")
+        raise UsageError("no --data given and the checkpoint records no data folder")
     out_dir = Path(cfg.out_dir) if cfg.out_dir else ckpt_path.parent
     return ExportRun(cfg, ckpt, cfg.name or ckpt.card.name, str(data), out_dir)
 
@@ -337,7 +338,7 @@ def check_tensorrt(run: ExportRun) -> None:
     ok, why = tensorrt_status()
     if not ok:
         if wants_engine and run.engine is None:
-            raise RuntimeError(NO_TENSORRT.format(why=why))
+            raise TensorRTUnavailable(NO_TENSORRT.format(why=why))
         run.skip(stage_name, "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
         return
     if run.engine is None:

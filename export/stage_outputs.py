@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from serve.errors import UsageError
 from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.data import Preprocess
 from train.datasets import dataset_split, subset
@@ -52,7 +53,7 @@ def load_pixels(
         seed=0,
     )
     if list(ds.classes) != ckpt.card.classes:
-        raise ValueError(
+        raise UsageError(
             f"{data} ({split}) classes {list(ds.classes)} differ from the "
             f"checkpoint's {ckpt.card.classes}"
         )

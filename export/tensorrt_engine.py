@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from serve.errors import UsageError, UserError
 from serve.files import atomic_write_bytes, atomic_write_text
 
 RTX_MODULE = "tensorrt_rtx"
@@ -55,11 +56,11 @@ DEFAULT_RTX_TARGETS = ("8.6", "8.9", "12.0")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(UserError, RuntimeError):
     """No ``tensorrt`` module or no CUDA GPU here."""
 
 
-class EngineMismatch(RuntimeError):
+class EngineMismatch(UserError, RuntimeError):
     """The engine was built for another TensorRT version or GPU."""
 
 
@@ -76,12 +77,12 @@ class EngineProfile:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError(
+            raise UsageError(
                 f"need 1 <= min ({self.min_batch}) <= opt ({self.opt_batch}) "
                 f"<= max ({self.max_batch}) batch"
             )
         if self.hardware_compatibility not in HARDWARE_LEVELS:
-            raise ValueError(
+            raise UsageError(
                 f"hardware compatibility must be one of {HARDWARE_LEVELS}, "
                 f"got {self.hardware_compatibility!r}"
             )
@@ -235,11 +236,11 @@ def build_engine(
 
 
 # -- TensorRT for RTX: builds on any host -----------------------------------------------------
-class OnnxParseFailed(RuntimeError):
+class OnnxParseFailed(UserError, RuntimeError):
     """TensorRT's ONNX parser refused the graph (the message is the parser's first error)."""
 
 
-class EngineBuildFailed(RuntimeError):
+class EngineBuildFailed(UserError, RuntimeError):
     """The builder returned no engine (the message is its first error)."""
 
 
@@ -284,7 +285,7 @@ def parse_targets(text: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     for item in items:
         major, _, minor = item.partition(".")
         if not (major.isdigit() and minor.isdigit()):
-            raise ValueError(f"compute capability {item!r}: expected MAJOR.MINOR such as 8.6")
+            raise UsageError(f"compute capability {item!r}: expected MAJOR.MINOR such as 8.6")
     return tuple(dict.fromkeys(items))
 
 
@@ -299,7 +300,7 @@ def rtx_capabilities(trt: Any, targets: tuple[str, ...]) -> list[Any]:
                 (f"{m[2:-1]}.{m[-1]}" for m in dir(trt.ComputeCapability) if m[2:].isdigit()),
                 key=lambda v: tuple(int(p) for p in v.split(".")),
             )
-            raise ValueError(
+            raise UsageError(
                 f"{trt.__name__} {trt.__version__} cannot target compute capability {cc} "
                 f"(it knows {', '.join(known)})"
             )
@@ -383,7 +384,7 @@ def rtx_build(
     raises for a graph or build problem: a failure is recorded with the parser's or
     builder's first error."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     record = RtxBuild(Path(onnx_path).name, precision, RTX_MODULE, list(targets))
     t0 = time.perf_counter()
     try:

@@ -59,6 +59,7 @@ from serve.contract import (
     image_model_name,
     preprocess_model_name,
 )
+from serve.errors import UsageError
 
 CPU_INSTANCES = 2  # classifier instances on CPU unless told (ServingConfig.instances)
 KEEP_VERSIONS = 2  # the classifier's version policy: the latest 2 stay loaded
@@ -98,22 +99,22 @@ class ServingConfig:
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+            raise UsageError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.gpu_backend not in GPU_BACKENDS:
-            raise ValueError(f"gpu backend must be one of {GPU_BACKENDS}, got {self.gpu_backend!r}")
+            raise UsageError(f"gpu backend must be one of {GPU_BACKENDS}, got {self.gpu_backend!r}")
         if self.max_batch_size < 1 or self.instances < 0:
-            raise ValueError("max_batch_size must be >= 1 and instances >= 0 (0: automatic)")
+            raise UsageError("max_batch_size must be >= 1 and instances >= 0 (0: automatic)")
         if self.intra_op_threads < 0:
-            raise ValueError("intra_op_threads must be >= 0 (0: cores / instances)")
+            raise UsageError("intra_op_threads must be >= 0 (0: cores / instances)")
         if self.preprocess_instances < 0 or self.slow_lane_slots < 1:
-            raise ValueError("preprocess_instances must be >= 0 and slow_lane_slots >= 1")
+            raise UsageError("preprocess_instances must be >= 0 and slow_lane_slots >= 1")
         if self.decode_deadline_s <= 0:
-            raise ValueError(f"decode deadline must be > 0 s, got {self.decode_deadline_s}")
+            raise UsageError(f"decode deadline must be > 0 s, got {self.decode_deadline_s}")
         if self.max_queue_size < 0 or self.queue_timeout_us < 0:
-            raise ValueError("max_queue_size and queue_timeout_us must be >= 0")
+            raise UsageError("max_queue_size and queue_timeout_us must be >= 0")
         bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
         if bad:
-            raise ValueError(f"preferred batch sizes {bad} outside 1..{self.max_batch_size}")
+            raise UsageError(f"preferred batch sizes {bad} outside 1..{self.max_batch_size}")
 
     @property
     def kind(self) -> str:

@@ -31,6 +31,7 @@ import numpy as np
 
 from export.triton_config import WarmupSample
 from serve.contract import IMAGE_INPUT, INPUT_NAME, ModelCard
+from serve.errors import UsageError
 from serve.files import atomic_write_bytes
 from serve.preprocess import ResizeCrop, preprocess
 
@@ -79,7 +80,7 @@ def build_warmup(images: list[bytes], card: ModelCard, batch_sizes: list[int]) -
     if not batch_sizes:
         return PipelineWarmup(clf, pre)
     if not images:
-        raise ValueError("warmup needs at least one encoded val image")
+        raise UsageError("warmup needs at least one encoded val image")
     p = card.preprocessing
     geometry = ResizeCrop(p.resize, p.crop, p.interpolation)
     for i, batch in enumerate(batch_sizes):

@@ -30,6 +30,7 @@ import numpy as np
 
 from export.triton_config import config_text, parse_config
 from serve.contract import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
+from serve.errors import SetupError
 from serve.files import atomic_write_json, versions
 from serve.machine import cpu_model
 from serve.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
@@ -97,7 +98,7 @@ def one_start(repo: Path, name: str, kind: str, payload: np.ndarray, steady: int
     finally:
         code = server.stop()
     if code != 0:
-        raise RuntimeError(f"tritonserver exited {code}; log: {log_path}")
+        raise SetupError(f"tritonserver exited {code}; log: {log_path}")
     return {
         "load_s": round(load_s, 3),
         "first_ms": round(first, 2),
@@ -107,12 +108,10 @@ def one_start(repo: Path, name: str, kind: str, payload: np.ndarray, steady: int
 
 def _payloads(repo: Path, name: str, data: Path) -> dict[str, np.ndarray]:
     """One val image that is not a warmup image: pixels [1, 3, H, W] and bytes [1, 1]."""
-    import json
-
     from serve.contract import ModelCard
 
     card_path = repo / name / str(versions(repo / name)[-1]) / "model_card.json"
-    card = ModelCard.from_dict(json.loads(card_path.read_text()))
+    card = ModelCard.read(card_path)
     warm = {p.read_bytes()[4:] for p in (repo / f"{name}_preprocess" / "warmup").glob("*")}
     files = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     image = next(p.read_bytes() for p in files if p.read_bytes() not in warm)

@@ -21,6 +21,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from serve.errors import UserError
+
 HEADER = "admin-key"
 ENV_KEY = "TRAINSERVE_ADMIN_KEY"
 ENV_DIR = "TRAINSERVE_KEY_DIR"
@@ -28,7 +30,7 @@ RESTRICTED = ("model-repository", "shared-memory", "statistics", "trace", "loggi
 OPEN = ("health", "metadata", "inference", "model-config")
 
 
-class AdminKeyError(PermissionError):
+class AdminKeyError(UserError, PermissionError):
     """A key file that is missing, unreadable or readable by others."""
 
 

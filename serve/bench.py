@@ -26,6 +26,7 @@ from tqdm import tqdm
 from serve import auth
 from serve import perf_analyzer as pa
 from serve.contract import IMAGE_INPUT, INPUT_NAME, ModelCard, image_model_name
+from serve.errors import UsageError
 from serve.evaluate import list_image_folder
 from serve.files import atomic_write_json, latest_version
 from serve.loadgen import Level, level, measure
@@ -47,14 +48,14 @@ class BenchInputs:
 
 def read_card(version_dir: Path) -> ModelCard:
     """A published version's model card (validated)."""
-    return ModelCard.from_dict(json.loads((version_dir / "model_card.json").read_text()))
+    return ModelCard.read(version_dir / "model_card.json")
 
 
 def bench_inputs(repo: Path, model: str, data: str | Path, count: int = 16) -> BenchInputs:
     """``count`` images of the ImageFolder split ``data`` (tiled when it holds fewer), as
     the model's input pixels and as encoded bytes."""
     if not data:
-        raise ValueError("give --data: an ImageFolder split with images to send (e.g. .../val)")
+        raise UsageError("give --data: an ImageFolder split with images to send (e.g. .../val)")
     version_dir = latest_version(repo / model)
     card = read_card(version_dir)
     pre = card.preprocessing

@@ -3,10 +3,18 @@
 stderr (results on stdout), and one mapping from errors to exit codes:
 
 * 0 - done;
-* 2 - bad input or usage (a missing file, a corrupt image, a bad config, no server...):
-  one ``error: ...`` line, no traceback (``TRAINSERVE_DEBUG=1`` shows it);
-* 3 - a quality gate refused (parity, accuracy): the numbers are printed before;
+* 1 - a bug: anything that is not one of the project's errors (a ``KeyError``, a
+  ``TypeError``, a bare ``ValueError``...): ``error: internal error ...`` and the full
+  traceback;
+* 2 - bad input, usage or environment the user can fix (a :class:`UserError`: a bad
+  flag value, a corrupt image, a bad config, no server...; or an ``OSError``: a missing
+  file, a full disk, a permission denied): one ``error: ...`` line, no traceback
+  (``TRAINSERVE_DEBUG=1`` shows it);
+* 3 - a quality gate refused (:class:`GateRefused`: parity, accuracy): the numbers are
+  printed before;
 * 130 - interrupted.
+
+The error classes live in :mod:`serve.errors` (the root, ``TrainServeError``).
 """
 
 from __future__ import annotations
@@ -19,13 +27,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-EXIT_OK, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 2, 3, 130
+# GateRefused is imported from here too (export's gates subclass it)
+from serve.errors import GateRefused, UsageError, UserError
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 log = logging.getLogger("trainserve")
-
-
-class GateRefused(RuntimeError):
-    """A quality gate (parity, accuracy) refused to let a model through: exit code 3."""
 
 
 @dataclass(frozen=True)
@@ -117,16 +124,20 @@ def main(
     top_level_help = argv[:1] in (["-h"], ["--help"])
     if default and not top_level_help and (not argv or argv[0] not in names):
         argv = [default, *argv]
-    parser = build_parser(prog, description, commands)
-    if default and top_level_help:  # the default command's options, not only the list
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        print(parser.format_help())
-        print(f"`{prog} [options]` runs `{prog} {default}`; its options:\n")
-        print(sub.choices[default].format_help(), end="")
-        return EXIT_OK
-    args = parser.parse_args(argv)
     setup_logging()
-    return run_guarded(lambda: args._run(args))
+
+    def parse_and_run() -> int | None:  # the parser too: its defaults read the environment
+        parser = build_parser(prog, description, commands)
+        if default and top_level_help:  # the default command's options, not only the list
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            print(parser.format_help())
+            print(f"`{prog} [options]` runs `{prog} {default}`; its options:\n")
+            print(sub.choices[default].format_help(), end="")
+            return EXIT_OK
+        args = parser.parse_args(argv)
+        return args._run(args)
+
+    return run_guarded(parse_and_run)
 
 
 def run_guarded(fn: Callable[[], int | None]) -> int:
@@ -141,12 +152,17 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return EXIT_INTERRUPTED
-    except (ValueError, OSError, RuntimeError, TypeError, ArithmeticError, LookupError) as e:
+    except (UserError, OSError) as e:  # the user's input, usage or environment
         if debug:
             log.exception("error: %s", e)
         else:
             log.error("error: %s", e)
         return EXIT_USAGE
+    except Exception as e:  # noqa: BLE001 - anything else is a bug: say so, with the trace
+        log.exception(
+            "error: internal error (a bug; please report it): %s: %s", type(e).__name__, e
+        )
+        return EXIT_BUG
 
 
 # -- shared arguments --------------------------------------------------------------------
@@ -155,7 +171,12 @@ def run_guarded(fn: Callable[[], int | None]) -> int:
 def env_int(name: str, default: int) -> int:
     """An integer from the environment (make variables), else ``default``."""
     value = os.environ.get(name, "")
-    return int(value) if value.strip() else default
+    if not value.strip():
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer, got {value!r}") from None
 
 
 def add_model_repository(p: argparse.ArgumentParser, default: str = "model_repository") -> None:

@@ -36,6 +36,7 @@ from serve.errors import (
     InferenceFailed,
     ModelNotReady,
     ServerUnavailable,
+    UsageError,
     classify_error,
     is_transient,
 )
@@ -81,7 +82,7 @@ def protocol_module(protocol: str, aio: bool = False) -> Any:
         else:
             import tritonclient.grpc as module
     else:
-        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+        raise UsageError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
     return module
 
 

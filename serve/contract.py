@@ -14,12 +14,15 @@ published card holds no machine-local path (file names and hashes only).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
+from serve.errors import UserError
 from serve.preprocess import (
     DECODE_DEADLINE_S,
     DEFAULT_INTERPOLATION,
@@ -78,7 +81,7 @@ __all__ = [
 ]
 
 
-class CardError(ValueError):
+class CardError(UserError, ValueError):
     """A model card (or the card part of a checkpoint) that does not follow the schema."""
 
 
@@ -334,6 +337,16 @@ class ModelCard:
         if schema != SCHEMA:
             raise CardError(f"model card schema {schema!r} is not {SCHEMA!r}")
         return _build(cls, data, "card")
+
+    @classmethod
+    def read(cls, path: str | Path) -> ModelCard:
+        """A card file (``model_card.json``), validated; one that is not JSON (truncated,
+        edited by hand) is a CardError too."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CardError(f"{path} is not a JSON model card ({e})") from e
+        return cls.from_dict(data)
 
 
 # -- a small strict reader for the dataclasses above ---------------------------------------

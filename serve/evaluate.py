@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from serve.client import Classifier
+from serve.errors import UsageError
 from serve.preprocess import IMAGE_EXTENSIONS
 
 
@@ -66,7 +67,7 @@ def list_image_folder(root: str | Path) -> tuple[list[str], list[tuple[str, int]
         raise FileNotFoundError(f"{root} does not exist")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class subfolders (expected {root}/<class>/*.jpg)")
+        raise UsageError(f"{root} has no class subfolders (expected {root}/<class>/*.jpg)")
     samples = []
     for index, name in enumerate(classes):
         for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
@@ -91,7 +92,7 @@ def evaluate_served(clf: Classifier, root: str | Path, batch_size: int = 16) -> 
                 continue
             label = result[0].label
             if label not in classes:
-                raise ValueError(
+                raise UsageError(
                     f"the server's label {label!r} is not a class folder of {root} ({classes})"
                 )
             preds[start + j] = classes.index(label)

@@ -24,11 +24,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from serve.errors import UserError
+
 TEMP_MARK = ".tmp"
 STAGING_PREFIX = ".staging-"
 
 
-class WriteError(OSError):
+class WriteError(UserError, OSError):
     """Writing ``path`` failed (disk full, permissions...); nothing half-written remains."""
 
 

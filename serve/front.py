@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve import auth
+from serve.errors import UsageError, UserError
 
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 # gRPC methods anyone may call (the model name inside is checked where it can be).
@@ -69,7 +70,7 @@ GRPC_CHECK_LUA = Path(__file__).with_name("grpc_check.lua")
 H2_WINDOW = 1 << 20  # HTTP/2 window HAProxy gives each client stream (the default: 64 KiB)
 
 
-class FrontUnavailable(RuntimeError):
+class FrontUnavailable(UserError, RuntimeError):
     """No haproxy binary on this machine."""
 
 
@@ -119,22 +120,22 @@ class FrontOptions:
 
     def __post_init__(self) -> None:
         if not self.public_models:
-            raise ValueError("the front needs at least one public model")
+            raise UsageError("the front needs at least one public model")
         for name in [*self.public_models, *self.internal_models]:
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name):
-                raise ValueError(f"model name {name!r} is not a plain name")
+                raise UsageError(f"model name {name!r} is not a plain name")
         for what in ("max_body_bytes", "max_json_bytes", "max_json_depth", "max_connections"):
             if getattr(self, what) < 1:
-                raise ValueError(f"{what} must be >= 1")
+                raise UsageError(f"{what} must be >= 1")
         if self.max_body_bytes >= 10**9:
-            raise ValueError("max_body_bytes must be under 1 GB (HAProxy 2.6 compares 32 bits)")
+            raise UsageError("max_body_bytes must be under 1 GB (HAProxy 2.6 compares 32 bits)")
         if self.max_json_bytes > BUFSIZE - 4096:
-            raise ValueError(f"max_json_bytes must be <= {BUFSIZE - 4096} (inspected in full)")
+            raise UsageError(f"max_json_bytes must be <= {BUFSIZE - 4096} (inspected in full)")
         if self.max_queue < 1 or self.max_queue_bytes < 1:
-            raise ValueError("max_queue and max_queue_bytes must be >= 1")
+            raise UsageError("max_queue and max_queue_bytes must be >= 1")
         for key in (self.admin_key, self.inference_key):
             if key and not re.fullmatch(r"[A-Za-z0-9_.~+/=-]{16,256}", key):
-                raise ValueError("keys must be 16-256 URL-safe characters")
+                raise UsageError("keys must be 16-256 URL-safe characters")
 
     @property
     def small_body_bytes(self) -> int:

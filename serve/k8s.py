@@ -44,6 +44,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from serve import auth
+from serve.errors import UsageError
 from serve.files import atomic_write_text
 
 # The cluster reaches :8000, so the default is the first release clear of every published
@@ -81,22 +82,22 @@ class DeployConfig:
 
     def __post_init__(self) -> None:
         if not DNS_LABEL.match(self.name) or not DNS_LABEL.match(self.namespace):
-            raise ValueError(
+            raise UsageError(
                 f"name/namespace must be DNS labels, got {self.name!r}/{self.namespace!r}"
             )
         if not 1 <= self.min_replicas <= self.replicas <= self.max_replicas:
-            raise ValueError(
+            raise UsageError(
                 f"need 1 <= min ({self.min_replicas}) <= replicas ({self.replicas}) "
                 f"<= max ({self.max_replicas})"
             )
         if not self.model_store:
             self.model_store = f"pvc:{self.name}-models"
         if not self.model_store.startswith(STORES):
-            raise ValueError(
+            raise UsageError(
                 f"model store must start with one of {STORES}, got {self.model_store!r}"
             )
         if self.queue_target_us < 1:
-            raise ValueError("queue_target_us must be >= 1")
+            raise UsageError("queue_target_us must be >= 1")
 
 
 @dataclass

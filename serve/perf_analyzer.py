@@ -34,6 +34,7 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from serve.errors import UsageError, UserError
 from serve.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ NEEDS = {
 US_PER_MS = 1000.0
 
 
-class PerfAnalyzerError(RuntimeError):
+class PerfAnalyzerError(UserError, RuntimeError):
     """perf_analyzer is missing, cannot load, or a run failed."""
 
 
@@ -205,9 +206,9 @@ class Profile:
 
     def __post_init__(self) -> None:
         if (self.concurrency > 0) == (self.request_rate > 0):
-            raise ValueError("give exactly one of concurrency and request_rate")
+            raise UsageError("give exactly one of concurrency and request_rate")
         if self.protocol not in ("grpc", "http"):
-            raise ValueError(f"protocol must be grpc or http, got {self.protocol!r}")
+            raise UsageError(f"protocol must be grpc or http, got {self.protocol!r}")
 
     def window_ms(self) -> int:
         """The measurement window; a request-rate run's holds about
@@ -435,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             path = _bin_dir(prefix) / "perf_analyzer"
         print(f"perf_analyzer {version(path)}: {path}")
     except (PerfAnalyzerError, subprocess.CalledProcessError, OSError) as e:
+        # the environment (offline, no wheel, a failed pip): one line, exit 2 as the CLIs
         print(f"perf_analyzer: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Image decoding and the eval geometry, with Pillow and NumPy only (no torch, no other
-module of this project: the file is copied as it is into the server-side preprocess model).
+"""Image decoding and the eval geometry, with Pillow and NumPy only (no torch; of this
+project only the error root, ``serve.errors``, with stand-ins where it is absent: the file
+is copied as it is into the server-side preprocess model, which has no ``serve`` package).
 
 Reproduces the training eval transform exactly - torchvision's PIL path of
 ``Resize(resize)`` (shorter side, Pillow's resampling) and ``CenterCrop(crop)`` - and
@@ -49,6 +50,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # the project's error root (serve/errors.py, the standard library only)
+    from serve.errors import UsageError, UserError
+except ImportError:  # this file alone, as image_preprocess.py of a Triton preprocess model
+
+    class UserError(Exception):  # type: ignore[no-redef]
+        """Stands in for ``serve.errors.UserError`` where this file runs alone."""
+
+    class UsageError(UserError, ValueError):  # type: ignore[no-redef]
+        """Stands in for ``serve.errors.UsageError`` where this file runs alone."""
+
+
 # Limits (the server-side preprocess model reads them from its config parameters).
 MAX_IMAGE_BYTES = 64 << 20  # encoded bytes per image
 MAX_PIXELS = 40_000_000  # source pixels (width x height) per image
@@ -84,11 +96,11 @@ RESAMPLING = {
 ImageSource = str | Path | bytes
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An input that is not a usable image; the message names the input and the problem."""
 
 
-class DecodeBusy(RuntimeError):
+class DecodeBusy(UserError, RuntimeError):
     """No slow-lane slot is free for an expensive image: retry later (not a bad image)."""
 
 
@@ -102,11 +114,11 @@ class ResizeCrop:
 
     def __post_init__(self) -> None:
         if self.interpolation not in RESAMPLING:
-            raise ValueError(
+            raise UsageError(
                 f"unknown interpolation {self.interpolation!r}; known: {', '.join(RESAMPLING)}"
             )
         if not (0 < self.crop <= self.resize):
-            raise ValueError(f"need 0 < crop ({self.crop}) <= resize ({self.resize})")
+            raise UsageError(f"need 0 < crop ({self.crop}) <= resize ({self.resize})")
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(w, h) after ``Resize(resize)``: the shorter side becomes ``resize``."""
@@ -421,7 +433,7 @@ class SlowLane:
 
     def __init__(self, directory: str | Path, slots: int = SLOW_LANE_SLOTS) -> None:
         if slots < 1:
-            raise ValueError(f"slow lane slots must be >= 1, got {slots}")
+            raise UsageError(f"slow lane slots must be >= 1, got {slots}")
         self.directory = Path(directory)
         self.slots = slots
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import ClientError
+from serve.errors import ClientError, UsageError
 
 
 @dataclass
@@ -89,7 +89,7 @@ class SharedMemoryPool:
         shm_dir: Callable[[], str | None] | None = None,
     ) -> None:
         if max_regions < 1:
-            raise ValueError("max_regions must be >= 1")
+            raise UsageError("max_regions must be >= 1")
         self.client = client
         self.max_regions, self.min_bytes, self.max_bytes = max_regions, min_bytes, max_bytes
         self.timeout = timeout

@@ -23,6 +23,7 @@ import numpy as np
 from serve.bench import bench_inputs
 from serve.client import Classifier
 from serve.contract import image_model_name
+from serve.errors import UsageError
 from serve.files import atomic_write_json
 
 
@@ -168,7 +169,7 @@ def allocators_to_run(choice: str) -> list[str]:
             return ["glibc"]
         return ["jemalloc", "glibc"]
     if choice == "jemalloc" and find_jemalloc() is None:
-        raise ValueError("--allocator jemalloc: libjemalloc.so.2 is not installed (libjemalloc2)")
+        raise UsageError("--allocator jemalloc: libjemalloc.so.2 is not installed (libjemalloc2)")
     return [choice]
 
 

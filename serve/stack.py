@@ -36,6 +36,7 @@ from typing import Any
 
 from serve import auth
 from serve.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
+from serve.errors import SetupError, UsageError
 from serve.front import FrontOptions, find_haproxy, render
 from serve.private import PrivateSpec, namespace_prefix
 from serve.triton_server import (
@@ -74,9 +75,9 @@ class FrontLimits:
 
     def __post_init__(self) -> None:
         if self.private not in ("auto", "namespace", "loopback"):
-            raise ValueError("private must be auto, namespace or loopback")
+            raise UsageError("private must be auto, namespace or loopback")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("TLS needs both --tls-cert and --tls-key")
+            raise UsageError("TLS needs both --tls-cert and --tls-key")
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,7 @@ class PublicServer:
                     if Path(f"/proc/{k}/exe").resolve().name == "tritonserver":
                         return k
             time.sleep(0.05)
-        raise RuntimeError("tritonserver is not running under the front's supervisor")
+        raise SetupError("tritonserver is not running under the front's supervisor")
 
     def front_stats(self) -> list[dict[str, str]]:
         """HAProxy's ``show stat`` (one dict per frontend/backend/server row)."""
@@ -296,7 +297,7 @@ class PublicServer:
             else (namespace_prefix())
         )
         if not prefix and self.limits.private == "namespace":
-            raise RuntimeError(f"no private network namespace for Triton: {why}")
+            raise SetupError(f"no private network namespace for Triton: {why}")
         self.in_namespace, self.private_why = bool(prefix), why
         if self.in_namespace:
             ports = PRIVATE_PORTS
@@ -366,7 +367,7 @@ class PublicServer:
         )
         if check.returncode != 0:
             out = (check.stdout + check.stderr).decode(errors="replace")
-            raise RuntimeError(f"haproxy refused the generated configuration {cfg}: {out[-2000:]}")
+            raise SetupError(f"haproxy refused the generated configuration {cfg}: {out[-2000:]}")
         spec = PrivateSpec(
             triton_cmd=server_command(install, triton_opts),
             triton_env={
@@ -420,7 +421,7 @@ class PublicServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
+                raise SetupError(
                     f"the server stack exited with {self.process.returncode}{self._log_tail()}"
                 )
             if not self.limits.tls_cert and self.is_ready():
@@ -547,7 +548,7 @@ class FrontOnly:
         while not self.is_ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the front did not start (see {self.log_path})")
+                raise SetupError(f"the front did not start (see {self.log_path})")
             time.sleep(0.1)
         return self
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from serve import auth
+from serve.errors import SetupError, UsageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def find_jemalloc() -> str | None:
     return next((p for p in JEMALLOC_PATHS if Path(p).is_file()), None)
 
 
-class TritonNotFound(RuntimeError):
+class TritonNotFound(UserError, RuntimeError):
     """The nvidia-pytriton wheel (and its tritonserver) is not installed."""
 
 
@@ -150,7 +151,7 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         if not self.restricted and self.host not in LOOPBACK_HOSTS:
-            raise ValueError(
+            raise UsageError(
                 f"refusing to bind {self.host} with unrestricted control APIs: anyone who "
                 "reaches the port could load models (arbitrary code) - keep the admin key "
                 "restriction on, or bind 127.0.0.1"
@@ -394,7 +395,7 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(
+                raise SetupError(
                     f"tritonserver exited with {self.process.returncode}{self._log_tail()}"
                 )
             if self.is_ready():

@@ -1,13 +1,19 @@
 """One CLI pattern for the three stages: `python -m <stage> <command>`, --help everywhere,
-one error line and exit 2 for bad input, no tracebacks."""
+one error line and exit 2 for bad input, no tracebacks; a bug (any exception outside the
+project's root, serve.errors.TrainServeError) exits 1 with its traceback."""
 
 from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import subprocess
 
 import pytest
 
 from export.cli import COMMANDS as EXPORT
 from serve.cli import COMMANDS as SERVE
-from tests.helpers import run_cli
+from tests.helpers import PY, ROOT, run_cli
 from train.cli import COMMANDS as TRAIN
 
 EVERY = [["train"], ["export"], ["serve"]] + [
@@ -101,3 +107,102 @@ def test_a_bad_choice_is_one_line_with_the_choices(capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: argument --precision")
     assert "'int9'" in err and "fp32" in err and "int8" in err and "usage" not in err
+
+
+# -- one error root: user errors exit 2 in one line, anything else is a bug (exit 1) -------
+
+
+def _raising_cli(raise_: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A one-command CLI on ``serve.cli_common.main`` whose command runs ``raise ...``."""
+    code = (
+        "import sys\n"
+        "from serve.cli_common import Command, main\n"
+        "from serve.errors import *  # noqa: F403\n"
+        "from serve.contract import CardError\n"
+        "from serve.files import WriteError\n"
+        f"def run(args):\n    raise {raise_}\n"
+        "command = Command('go', 'raise', lambda p: None, run)\n"
+        "sys.exit(main('python -m demo', 'demo', [command], ['go']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRAINSERVE_DEBUG"} | (env or {})
+    return subprocess.run(
+        [PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("raise_", "code", "line"),
+    [
+        ("UsageError('--flag must be >= 1, got 0')", 2, "error: --flag must be >= 1, got 0"),
+        ("UserError('no such thing')", 2, "error: no such thing"),
+        ("SetupError('no CUDA device')", 2, "error: no CUDA device"),
+        ("CardError('card.crop is missing')", 2, "error: card.crop is missing"),
+        ("ServerUnavailable('no Triton server at x')", 2, "error: no Triton server at x"),
+        ("WriteError('cannot write f: no space left')", 2, "error: cannot write f: no space left"),
+        ("FileNotFoundError('x does not exist')", 2, "error: x does not exist"),
+        ("PermissionError(13, 'Denied', 'f')", 2, "error: [Errno 13] Denied: 'f'"),
+        ("GateRefused('parity failed')", 3, "error: parity failed"),
+        ("KeyboardInterrupt()", 130, "interrupted"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line_without_a_traceback(raise_: str, code: int, line: str) -> None:
+    proc = _raising_cli(raise_)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr == line + "\n" and proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "raise_", ["KeyError('arch')", "TypeError('operand')", "ValueError('bare')", "OverflowError()"]
+)  # fmt: skip
+def test_anything_else_is_a_bug_with_its_traceback(raise_: str) -> None:
+    proc = _raising_cli(raise_)
+    assert proc.returncode == 1, proc.stderr
+    kind = raise_.split("(")[0]
+    assert proc.stderr.startswith(f"error: internal error (a bug; please report it): {kind}")
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(kind)
+
+
+def test_trainserve_debug_shows_a_user_errors_traceback() -> None:
+    proc = _raising_cli("UsageError('bad value')", env={"TRAINSERVE_DEBUG": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: bad value\n") and "Traceback" in proc.stderr
+
+
+def test_env_int_names_a_bad_make_variable() -> None:
+    """`HTTP_PORT=abc python -m serve ...`: the parser's defaults are guarded too."""
+    proc = run_cli("serve", "health", env={"HTTP_PORT": "abc"}, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: HTTP_PORT must be an integer, got 'abc'\n"
+
+
+def _project_exception_classes() -> list[type]:
+    found = []
+    for package in ("train", "export", "serve"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            if path.stem in ("__main__", "triton_python_model", "triton_preprocess_model"):
+                continue  # the Triton models import triton_python_backend_utils
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            module = importlib.import_module(name)
+            found += [
+                obj
+                for obj in vars(module).values()
+                if inspect.isclass(obj)
+                and issubclass(obj, BaseException)
+                and obj.__module__ == name
+            ]
+    return found
+
+
+def test_every_project_exception_has_the_one_root() -> None:
+    from serve.errors import GateRefused, TrainServeError, UserError
+
+    classes = _project_exception_classes()
+    assert len(classes) >= 25  # the walk found them (30 when written)
+    assert [c.__name__ for c in classes if not issubclass(c, TrainServeError)] == []
+    # every one is a user error but the gates (exit 3)
+    gates = {c.__name__ for c in classes if issubclass(c, GateRefused)}
+    assert gates == {"GateRefused", "ParityFailed", "EngineParityFailed"}
+    assert [c.__name__ for c in classes if not issubclass(c, UserError | GateRefused)] == [
+        "TrainServeError"
+    ]

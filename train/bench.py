@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from serve.errors import UsageError
 from serve.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -324,7 +325,7 @@ def run(a: argparse.Namespace) -> int:
     cifar_archs = getattr(a, "cifar_archs", None)
     for name in cifar_archs or ():
         if name not in ARCHS or ARCHS[name].family != "cifar":
-            raise ValueError(f"--cifar-archs: {name!r} is not a 32 px arch")
+            raise UsageError(f"--cifar-archs: {name!r} is not a 32 px arch")
     for arch, spec in ARCHS.items():
         if cifar_archs and arch not in cifar_archs:
             continue

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from serve.contract import CardError, ModelCard
+from serve.errors import UsageError
 from serve.files import atomic_write
 
 FORMAT = "trainserve.checkpoint/2"
@@ -73,14 +74,14 @@ class Checkpoint:
         if fmt == LEGACY_FORMAT:
             d = _from_legacy(d)
         elif fmt != FORMAT:
-            raise ValueError(f"{where} is not a {FORMAT} checkpoint (format={fmt!r})")
+            raise UsageError(f"{where} is not a {FORMAT} checkpoint (format={fmt!r})")
         missing = [k for k in ("card", "state_dict") if k not in d]
         if missing:
-            raise ValueError(f"{where} lacks {', '.join(missing)}")
+            raise UsageError(f"{where} lacks {', '.join(missing)}")
         try:
             card = ModelCard.from_dict(d["card"])
         except CardError as e:
-            raise ValueError(f"{where}: {e}") from e
+            raise UsageError(f"{where}: {e}") from e
         return cls(
             card=card,
             state_dict=d["state_dict"],
@@ -103,7 +104,7 @@ def _from_legacy(d: dict[str, Any]) -> dict[str, Any]:
     """A ``trainserve.checkpoint/1`` dict (card fields at the top level) in the new shape."""
     missing = [k for k in ("arch", "classes", "preprocess", "state_dict") if k not in d]
     if missing:
-        raise ValueError(f"legacy checkpoint lacks {', '.join(missing)}")
+        raise UsageError(f"legacy checkpoint lacks {', '.join(missing)}")
     pre, metrics = d["preprocess"], d.get("metrics") or {}
     card = ModelCard.create(
         name=d.get("model_name") or "model",
@@ -180,9 +181,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+        raise UsageError(f"cannot load checkpoint {path}: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a checkpoint dict")
+        raise UsageError(f"{path} is not a checkpoint dict")
     return Checkpoint.from_dict(data, str(path))
 
 
@@ -195,7 +196,7 @@ def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit arch {card.arch!r}: {e}") from e
+        raise UsageError(f"checkpoint weights do not fit arch {card.arch!r}: {e}") from e
     return model.eval()
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serve.errors import UsageError
+
 
 def _norm(channels: int, batchnorm: bool) -> nn.Module:
     return nn.BatchNorm2d(channels) if batchnorm else nn.Identity()
@@ -267,7 +269,7 @@ class Inception(nn.Module):
     ) -> None:
         super().__init__()
         if kind not in INCEPTION_KINDS:
-            raise ValueError(f"inception must be one of {INCEPTION_KINDS}, got {kind!r}")
+            raise UsageError(f"inception must be one of {INCEPTION_KINDS}, got {kind!r}")
         n1, r3, n3, r5, n5, pp = widths
         self.kind = kind
         self.branch1 = _conv_bn_relu(cin, n1, 1, batchnorm)
@@ -334,7 +336,7 @@ class CifarGoogLeNet(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 < width <= 4:
-            raise ValueError(f"width must be in (0, 4], got {width}")
+            raise UsageError(f"width must be in (0, 4], got {width}")
 
         def w(n: int) -> int:
             return max(1, round(n * width))

@@ -10,6 +10,7 @@ from typing import Any
 
 from serve.cli_common import Command
 from serve.cli_common import main as cli_main
+from serve.errors import UsageError
 from train.config import AMP, DEFAULT_RECIPE, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,11 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UsageError(f"--set {item!r}: the value is not valid YAML ({e})") from None
     return out
 
 
@@ -230,7 +234,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         evaluate_checkpoint(args.checkpoint, args.data, args.split, **common)
         return 0
     if not args.arch or not args.data:
-        raise ValueError("--weights needs --arch and --data")
+        raise UsageError("--weights needs --arch and --data")
     evaluate_weights(
         args.weights, args.arch, args.data, args.split, mean=args.mean, std=args.std, **common
     )
@@ -279,7 +283,7 @@ def run_recipe(args: argparse.Namespace) -> int:
     values = resolve_config(args.recipe).to_dict()
     if args.get:
         if args.get not in values:
-            raise ValueError(f"no setting {args.get!r}; known: {', '.join(values)}")
+            raise UsageError(f"no setting {args.get!r}; known: {', '.join(values)}")
         print(values[args.get])
     else:
         print(yaml.safe_dump(values, sort_keys=False), end="")

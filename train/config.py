@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from serve.errors import UsageError, UserError
+
 log = logging.getLogger(__name__)
 
 MODES = ("finetune", "feature-extract")
@@ -112,44 +114,44 @@ class TrainConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise UsageError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         # LP-FT with epochs 0 is the linear probe alone (the head on cached features).
         lp_only = self.mode == "finetune" and self.lp_epochs > 0
         if self.epochs < (0 if lp_only else 1):
-            raise ValueError(
+            raise UsageError(
                 f"epochs must be >= 1 (0 only for mode finetune with lp_epochs > 0, the "
                 f"linear probe alone), got {self.epochs}"
             )
         for name in ("batch_size", "step_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("resize", "crop"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise UsageError(f"lr must be > 0, got {self.lr}")
         if self.crop and self.resize and self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
+            raise UsageError(f"crop ({self.crop}) must not exceed resize ({self.resize})")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise UsageError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.inception not in (None, "naive", "reduced"):
-            raise ValueError(f"inception must be naive or reduced, got {self.inception!r}")
+            raise UsageError(f"inception must be naive or reduced, got {self.inception!r}")
         if self.width is not None and not 0 < self.width <= 4:
-            raise ValueError(f"width must be in (0, 4], got {self.width}")
+            raise UsageError(f"width must be in (0, 4], got {self.width}")
         if not self.aux_weight >= 0:  # NaN too
-            raise ValueError(f"aux_weight must be >= 0 (0: off), got {self.aux_weight}")
+            raise UsageError(f"aux_weight must be >= 0 (0: off), got {self.aux_weight}")
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
-            raise ValueError(f"rrc_scale must be [min, max], 0 < min <= max <= 1: {self.rrc_scale}")
+            raise UsageError(f"rrc_scale must be [min, max], 0 < min <= max <= 1: {self.rrc_scale}")
         if self.lp_lr <= 0 or self.lp_batch_size < 1:
-            raise ValueError(
+            raise UsageError(
                 f"lp_lr must be > 0 and lp_batch_size >= 1 ({self.lp_lr}, {self.lp_batch_size})"
             )
         if self.head_init and self.pretrained not in ("auto", "imagenet"):
-            raise ValueError(f"head_init needs ImageNet weights, not pretrained={self.pretrained}")
+            raise UsageError(f"head_init needs ImageNet weights, not pretrained={self.pretrained}")
         if self.schedule == "multistep" and not self.milestones:
-            raise ValueError("schedule 'multistep' needs milestones (e.g. [100, 150])")
+            raise UsageError("schedule 'multistep' needs milestones (e.g. [100, 150])")
         for name in (
             "workers",
             "threads",
@@ -163,7 +165,7 @@ class TrainConfig:
             "train_blocks",
         ):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (safe for ``torch.load(weights_only=True)``, JSON and YAML)."""
@@ -175,7 +177,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
         return cls(**values)
@@ -199,9 +201,9 @@ def load_recipe(name: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
+        raise UsageError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(values, dict):
-        raise ValueError(f"recipe {path} must be a mapping of config keys")
+        raise UsageError(f"recipe {path} must be a mapping of config keys")
     TrainConfig.from_dict(values)  # unknown keys -> error naming them
     return values
 
@@ -239,7 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m train.config RECIPE KEY", file=sys.stderr)
         return 2
-    print(getattr(resolve_config(args[0]), args[1]))
+    try:  # serve/cli_common.py's rule, without importing more than YAML
+        cfg = resolve_config(args[0])
+        if not hasattr(cfg, args[1]):
+            raise UsageError(f"no setting {args[1]!r} in a TrainConfig")
+    except (UserError, OSError) as e:  # a bad recipe: one error line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(getattr(cfg, args[1]))
     return 0
 
 

@@ -12,6 +12,7 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from serve.contract import DEFAULT_INTERPOLATION, Preprocessing
+from serve.errors import UsageError
 from serve.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -41,16 +42,16 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+            raise UsageError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         if self.auto_augment not in AUTO_AUGMENTS:
-            raise ValueError(
+            raise UsageError(
                 f"auto_augment must be one of {AUTO_AUGMENTS}, got {self.auto_augment!r}"
             )
         lo, hi = self.rrc_scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"rrc_scale must be 0 < min <= max <= 1, got {self.rrc_scale}")
+            raise UsageError(f"rrc_scale must be 0 < min <= max <= 1, got {self.rrc_scale}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean/std need 3 values each, std > 0 (got {self.mean}, {self.std})")
+            raise UsageError(f"mean/std need 3 values each, std > 0 (got {self.mean}, {self.std})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (mean/std as lists)."""
@@ -168,7 +169,7 @@ def check_image_folder(root: Path, split: str) -> Path:
         )
     classes = [p for p in split_dir.iterdir() if p.is_dir()]
     if not classes:
-        raise ValueError(
+        raise UsageError(
             f"{split_dir} has no class subfolders (expected {split_dir}/<class>/*.jpg)"
         )
     return split_dir
@@ -192,7 +193,7 @@ def build_datasets(
     train = image_folder(root, "train", pre.train_transform())
     val = image_folder(root, "val", pre.eval_transform())
     if train.classes != val.classes:
-        raise ValueError(
+        raise UsageError(
             f"train classes {train.classes} and val classes {val.classes} differ in {root}"
         )
     return train, val

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from serve.errors import UsageError
 from train.data import image_folder
 
 KINDS = ("auto", "imagefolder", "npz", "cifar10", "cifar100")
@@ -35,11 +36,11 @@ class ArrayDataset(Dataset):
         self, x: np.ndarray, y: np.ndarray, classes: list[str], transform: Any, source: str = ""
     ) -> None:
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
-            raise ValueError(f"{source}: x must be uint8 [N, H, W, 3], got {x.dtype} {x.shape}")
+            raise UsageError(f"{source}: x must be uint8 [N, H, W, 3], got {x.dtype} {x.shape}")
         if len(x) != len(y):
-            raise ValueError(f"{source}: {len(x)} images but {len(y)} labels")
+            raise UsageError(f"{source}: {len(x)} images but {len(y)} labels")
         if len(y) and (y.min() < 0 or y.max() >= len(classes)):
-            raise ValueError(f"{source}: labels outside 0..{len(classes) - 1}")
+            raise UsageError(f"{source}: labels outside 0..{len(classes) - 1}")
         self.x, self.targets = x, [int(v) for v in y]
         self.classes, self.transform, self.source = classes, transform, source
 
@@ -54,7 +55,7 @@ class ArrayDataset(Dataset):
 def detect_kind(data: str | Path, kind: str = "auto") -> str:
     """Resolve ``auto`` by looking at the path; explain what was expected if nothing fits."""
     if kind not in KINDS:
-        raise ValueError(f"dataset must be one of {KINDS}, got {kind!r}")
+        raise UsageError(f"dataset must be one of {KINDS}, got {kind!r}")
     if kind != "auto":
         return kind
     p = Path(data)
@@ -89,7 +90,7 @@ def npz_classes(path: Path, num_classes: int) -> list[str]:
     if txt.is_file():
         names = [ln.strip() for ln in txt.read_text().splitlines() if ln.strip()]
         if len(names) < num_classes:
-            raise ValueError(f"{txt} lists {len(names)} classes, labels need {num_classes}")
+            raise UsageError(f"{txt} lists {len(names)} classes, labels need {num_classes}")
         return names
     return [f"class_{i}" for i in range(num_classes)]
 
@@ -98,7 +99,7 @@ def load_npz(path: Path, transform: Any) -> ArrayDataset:
     """An ArrayDataset from an ``x``/``y`` archive."""
     with np.load(path) as d:
         if "x" not in d or "y" not in d:
-            raise ValueError(f"{path} must hold arrays 'x' and 'y' (has {list(d.keys())})")
+            raise UsageError(f"{path} must hold arrays 'x' and 'y' (has {list(d.keys())})")
         x, y = d["x"], d["y"].astype(np.int64)
     return ArrayDataset(
         x, y, npz_classes(path, int(y.max()) + 1 if len(y) else 0), transform, str(path)

@@ -10,10 +10,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from serve.errors import UserError
 from train.distributed import DistInfo, all_reduce_sum
 from train.progress import progress
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Diverged(UserError, FloatingPointError):
+    """The loss became NaN or infinite: the learning rate or the data needs a fix."""
 
 
 @dataclass
@@ -91,7 +96,7 @@ def train_one_epoch(
             for a in aux:
                 loss = loss + aux_weight * criterion(a, y)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise Diverged(
                 f"{desc}: loss is {loss.item()} at batch {i + 1}; "
                 "lower the learning rate or check the data"
             )

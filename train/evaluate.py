@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from serve.errors import UsageError
 from serve.plots import plot_confusion
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.data import Preprocess
@@ -48,7 +49,7 @@ def evaluate_model(
     (on a fixed random ``limit`` images when > 0: the same ones as ``--val-subset``)."""
     ds = subset(dataset_split(data, split, pre.eval_transform(), dataset), limit, seed=0)
     if classes is not None and list(ds.classes) != list(classes):
-        raise ValueError(
+        raise UsageError(
             f"{data} ({split}) classes {list(ds.classes)} differ from the model's {list(classes)}"
         )
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
@@ -75,7 +76,7 @@ def evaluate_checkpoint(
     ckpt = load_checkpoint(checkpoint)
     data = data or ckpt.config.get("data")
     if not data:
-        raise ValueError("no --data given and the checkpoint records none")
+        raise UsageError("no --data given and the checkpoint records none")
     return evaluate_model(
         model_from_checkpoint(ckpt),
         Preprocess.from_card(ckpt.card.preprocessing),
@@ -102,16 +103,16 @@ def evaluate_weights(
     known = known_weights(path)
     if mean is None or std is None:
         if known is None:
-            raise ValueError(
+            raise UsageError(
                 f"{path} is not a known published file: give --mean and --std, "
                 "the normalization the weights were trained with"
             )
         mean, std = list(known["mean"]), list(known["std"])
     if known and known["arch"] != arch:
-        raise ValueError(f"{path} holds {known['arch']} weights, not {arch}")
+        raise UsageError(f"{path} holds {known['arch']} weights, not {arch}")
     head_w = state.get(f"{get_arch(arch).head}.weight")
     if head_w is None:
-        raise ValueError(f"{path} has no {get_arch(arch).head} layer: not a full {arch}")
+        raise UsageError(f"{path} has no {get_arch(arch).head} layer: not a full {arch}")
     model = build_model(arch, int(head_w.shape[0]))
     load_backbone(model, arch, state, str(path))
     spec = get_arch(arch)

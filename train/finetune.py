@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from serve.errors import UsageError
 from train.engine import EpochResult
 from train.feature_cache import FeatureCache, train_head_epoch
 
@@ -57,7 +58,7 @@ def freeze_below(model: nn.Module, train_blocks: int) -> list[nn.Module]:
         return []
     names = block_names(model)
     if train_blocks > len(names):
-        raise ValueError(f"train_blocks {train_blocks} > the model's {len(names)} blocks")
+        raise UsageError(f"train_blocks {train_blocks} > the model's {len(names)} blocks")
     first = names[len(names) - train_blocks]
     frozen: list[nn.Module] = []
     for name, module in blocks(model):
@@ -90,7 +91,7 @@ def init_head_from_imagenet(
 
     head = get_head(model, arch)
     if len(indices) != head.out_features or not all(0 <= i < 1000 for i in indices):
-        raise ValueError(
+        raise UsageError(
             f"head_init needs {head.out_features} ImageNet class indices (0-999), got {indices}"
         )
     if arch == OFFLINE_ARCH:
@@ -98,7 +99,7 @@ def init_head_from_imagenet(
     elif arch in TORCHVISION_WEIGHTS:
         state, source = torchvision_state_dict(arch, timeout)
     else:
-        raise ValueError(f"head_init: no ImageNet head known for arch {arch!r}")
+        raise UsageError(f"head_init: no ImageNet head known for arch {arch!r}")
     w_key, b_key = head_parameter_names(arch)
     with torch.no_grad():
         head.weight.copy_(state[w_key][indices])
@@ -129,7 +130,7 @@ def linear_probe(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     val_criterion = nn.CrossEntropyLoss()
     if epochs < 1:
-        raise ValueError(f"linear probe needs epochs >= 1, got {epochs}")
+        raise UsageError(f"linear probe needs epochs >= 1, got {epochs}")
     for epoch in range(1, epochs + 1):
         result = train_head_epoch(
             head, cache, epoch, opt, criterion, val_criterion, batch_size, generator, device

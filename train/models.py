@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from serve.errors import UsageError
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -178,7 +179,7 @@ def get_arch(name: str) -> ArchSpec:
     try:
         return ARCHS[name]
     except KeyError:
-        raise ValueError(f"unknown arch {name!r}; known: {', '.join(ARCHS)}") from None
+        raise UsageError(f"unknown arch {name!r}; known: {', '.join(ARCHS)}") from None
 
 
 def arch_options(
@@ -199,7 +200,7 @@ def arch_options(
     if "batchnorm" in spec.options:
         opts["batchnorm"] = bool(batchnorm)
     elif not batchnorm:
-        raise ValueError(
+        raise UsageError(
             f"arch {arch} has no BatchNorm switch (only: "
             f"{', '.join(n for n, s in ARCHS.items() if 'batchnorm' in s.options)})"
         )
@@ -209,27 +210,27 @@ def arch_options(
 
         kind = inception or "reduced"
         if kind not in INCEPTION_KINDS:
-            raise ValueError(f"inception must be one of {INCEPTION_KINDS}, got {kind!r}")
+            raise UsageError(f"inception must be one of {INCEPTION_KINDS}, got {kind!r}")
         opts["inception"] = kind
     elif inception:
-        raise ValueError(
+        raise UsageError(
             f"arch {arch} has no Inception modules "
             f"(--inception is for: {', '.join(with_inception)})"
         )
     if "aux" in spec.options:
         opts["aux"] = bool(aux)
     elif aux:
-        raise ValueError(
+        raise UsageError(
             f"arch {arch} has no auxiliary classifiers (--aux-weight is for: "
             f"{', '.join(n for n, s in ARCHS.items() if 'aux' in s.options)})"
         )
     if dropout is not None:
         if "dropout" not in spec.options:
-            raise ValueError(f"arch {arch} has no dropout option")
+            raise UsageError(f"arch {arch} has no dropout option")
         opts["dropout"] = float(dropout)
     if width is not None:
         if "width" not in spec.options:
-            raise ValueError(f"arch {arch} has no width option (only googlenet_cifar)")
+            raise UsageError(f"arch {arch} has no width option (only googlenet_cifar)")
         opts["width"] = float(width)
     return opts
 
@@ -237,11 +238,11 @@ def arch_options(
 def build_model(arch: str, num_classes: int, **options: Any) -> nn.Module:
     """A freshly initialised model of ``arch`` with ``num_classes`` outputs."""
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
     spec = get_arch(arch)
     unknown = set(options) - set(spec.options)
     if unknown:
-        raise ValueError(f"arch {arch} does not take options {sorted(unknown)}")
+        raise UsageError(f"arch {arch} does not take options {sorted(unknown)}")
     return spec.build(num_classes, **options)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from serve.errors import SetupError, UsageError, UserError
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 from train.models import build_model, get_arch, head_parameter_names, replace_head
 
@@ -58,7 +59,7 @@ class PretrainedInfo:
         return d
 
 
-class PretrainedUnavailable(RuntimeError):
+class PretrainedUnavailable(UserError, RuntimeError):
     """ImageNet weights could not be found in the cache nor downloaded."""
 
 
@@ -118,13 +119,11 @@ def efficientnet_lite0_state_dict(model: nn.Module) -> tuple[dict[str, torch.Ten
     dst_keys = list(model.state_dict().keys())
     dst_shapes = {k: v.shape for k, v in model.state_dict().items()}
     if len(src) != len(dst_keys):
-        raise RuntimeError(
-            f"{path}: {len(src)} tensors, timm efficientnet_lite0 has {len(dst_keys)}"
-        )
+        raise SetupError(f"{path}: {len(src)} tensors, timm efficientnet_lite0 has {len(dst_keys)}")
     mapped = {}
     for (src_key, tensor), dst_key in zip(src.items(), dst_keys, strict=True):
         if tensor.shape != dst_shapes[dst_key]:
-            raise RuntimeError(
+            raise SetupError(
                 f"{path}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
                 f"{tuple(dst_shapes[dst_key])}"
             )
@@ -152,12 +151,12 @@ def read_state_dict_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot load weights from {path}: {e}") from e
+        raise UsageError(f"cannot load weights from {path}: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return strip_prefix(obj["state_dict"]), obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return strip_prefix(obj), {}
-    raise ValueError(
+    raise UsageError(
         f"{path} holds no state dict (expected a dict of tensors or {{'state_dict': ...}})"
     )
 
@@ -177,14 +176,14 @@ def load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor], o
         note = "classification head re-initialised (class count differs)"
     bad = [k for k in state if k in own and state[k].shape != own[k].shape]
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"{origin} does not fit {arch}: shape mismatch in "
             + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:5])
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in head_keys and not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(
+        raise UsageError(
             f"{origin} does not fit {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return note
@@ -192,7 +191,7 @@ def load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor], o
 
 def _imagenet_model(arch: str, num_classes: int, timeout: float) -> tuple[nn.Module, str]:
     if get_arch(arch).family != "imagenet":
-        raise ValueError(
+        raise UsageError(
             f"no ImageNet weights for the 32x32 arch {arch!r}; use "
             "PRETRAINED=none or a weights file"
         )
@@ -202,7 +201,7 @@ def _imagenet_model(arch: str, num_classes: int, timeout: float) -> tuple[nn.Mod
     elif arch == OFFLINE_ARCH:
         state, source = efficientnet_lite0_state_dict(model)
     else:
-        raise ValueError(f"no ImageNet weights known for arch {arch!r}")
+        raise UsageError(f"no ImageNet weights known for arch {arch!r}")
     model.load_state_dict(state)
     replace_head(model, arch, num_classes)
     return model, source
@@ -226,7 +225,7 @@ def resolve_pretrained(
         info = PretrainedInfo(pretrained, arch, "random init")
         return build_model(arch, num_classes, **options), info
     if options and pretrained in ("auto", "imagenet"):
-        raise ValueError(f"arch options {options} cannot be combined with ImageNet weights")
+        raise UsageError(f"arch options {options} cannot be combined with ImageNet weights")
     if pretrained in ("auto", "imagenet"):
         try:
             model, source = _imagenet_model(arch, num_classes, timeout)
@@ -255,9 +254,9 @@ def resolve_pretrained(
     trained_arch = card.arch if card else meta.get("arch")
     trained_options = card.arch_options if card else meta.get("arch_options")
     if trained_arch not in (None, arch):
-        raise ValueError(f"{path} was trained as arch {trained_arch!r}, not {arch!r}")
+        raise UsageError(f"{path} was trained as arch {trained_arch!r}, not {arch!r}")
     if trained_options and trained_options != options:
-        raise ValueError(f"{path} was trained with arch options {trained_options}, not {options}")
+        raise UsageError(f"{path} was trained with arch options {trained_options}, not {options}")
     model = build_model(arch, num_classes, **options)
     note = load_backbone(model, arch, state, str(path))
     known = known_weights(path)

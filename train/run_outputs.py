@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from serve.errors import UserError
 from serve.files import atomic_write_json, atomic_write_text, remove_stale_temp_files
 from serve.plots import plot_confusion
 from train.checkpoint import Checkpoint, save_checkpoint
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = ("checkpoint.pt", "last.pt")
 
 
-class OutputExists(ValueError):
+class OutputExists(UserError, ValueError):
     """OUT already holds a run and neither resume nor overwrite was asked for."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve.errors import UsageError
 from serve.files import atomic_write_json
 from train.data import is_image_file
 
@@ -46,7 +47,7 @@ class Candidate:
 
         parts = text.split()
         if len(parts) < 2:
-            raise ValueError(f"candidate needs 'LABEL RECIPE [key=value ...]', got {text!r}")
+            raise UsageError(f"candidate needs 'LABEL RECIPE [key=value ...]', got {text!r}")
         return cls(parts[0], parts[1], parse_sets(parts[2:]))
 
 
@@ -55,7 +56,7 @@ def stratified_indices(labels: list[int], k: int, seed: int = 0) -> list[list[in
     with one ``random.Random(seed)`` and dealt round-robin, so every fold keeps the class
     balance."""
     if k < 2:
-        raise ValueError(f"folds must be >= 2, got {k}")
+        raise UsageError(f"folds must be >= 2, got {k}")
     rng, out = random.Random(seed), [[] for _ in range(k)]
     for c in sorted(set(labels)):
         idx = [i for i, t in enumerate(labels) if t == c]
@@ -71,7 +72,7 @@ def stratified_folds(root: Path, k: int, seed: int = 0) -> list[dict[str, list[P
     train = root / "train"
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{train} has no class folders")
+        raise UsageError(f"{train} has no class folders")
     files = [
         (c, f)
         for c in classes

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from serve.contract import Metrics, ModelCard, Pretrained, Provenance, redact_paths
+from serve.errors import SetupError, UsageError
 from train.checkpoint import Checkpoint, load_checkpoint, rng_state, set_rng_state
 from train.config import TrainConfig
 from train.data import Preprocess
@@ -99,19 +100,19 @@ class Run:
         # a missing --data is named before the out folder's state (the likelier mistake)
         self.kind: str = detect_kind(self.data, cfg.dataset)
         if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda but no CUDA device is available")
+            raise SetupError("--device cuda but no CUDA device is available")
         use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         self.dist: DistInfo = init_distributed("cuda" if use_cuda else "cpu")
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if use_cuda else "cpu")
         self.precision = Precision(self.device, cfg.amp, cfg.channels_last)
         if cfg.batch_size % self.dist.world_size:
-            raise ValueError(
+            raise UsageError(
                 f"batch_size {cfg.batch_size} (global) is not divisible by "
                 f"{self.dist.world_size} processes"
             )
         self.cached = cfg.mode == "feature-extract" and cfg.cache_features
         if self.cached and self.dist.enabled:
-            raise ValueError(
+            raise UsageError(
                 "feature caching runs in one process; use --no-cache-features with torchrun"
             )
         # as config.yaml records them (_resolved_config): data and device resolved
@@ -157,7 +158,7 @@ class Run:
         if ckpt.optimizer is None:
             problems.append("no optimizer state")
         if problems:
-            raise ValueError(f"cannot resume from {self.cfg.resume}: " + "; ".join(problems))
+            raise UsageError(f"cannot resume from {self.cfg.resume}: " + "; ".join(problems))
         return ckpt
 
     def _build_model(self) -> None:
@@ -216,7 +217,7 @@ class Run:
         if self.dist.enabled:
             if cfg.sync_bn:  # BatchNorm statistics over the global batch (CUDA only)
                 if self.device.type != "cuda":
-                    raise ValueError("--sync-bn needs CUDA devices")
+                    raise UsageError("--sync-bn needs CUDA devices")
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
@@ -232,7 +233,7 @@ class Run:
         # A fixed val subset, whatever the seed: `evaluate --limit N` sees the same images.
         self.val_ds = subset(self._split("val", self.pre.eval_transform()), cfg.val_subset, 0)
         if list(self.val_ds.classes) != self.classes:
-            raise ValueError(
+            raise UsageError(
                 f"train classes {self.classes} and val classes "
                 f"{list(self.val_ds.classes)} differ in {self.data}"
             )
@@ -555,7 +556,7 @@ class Run:
         if outputs is None:
             return {}
         if self.best is None:
-            raise RuntimeError(
+            raise UsageError(
                 f"nothing to train: start epoch {self.start_epoch} > epochs {cfg.epochs}"
             )
         return self._summarize(t0, confusion)

@@ -72,3 +72,14 @@ def test_names_and_paths() -> None:
     assert redact_paths("akamaster/pytorch_resnet_cifar10 (BSD)") == (
         "akamaster/pytorch_resnet_cifar10 (BSD)"
     )
+
+
+def test_a_card_file_that_is_not_json_is_a_card_error(tmp_path) -> None:
+    """A truncated or hand-edited model_card.json is the user's to fix (exit 2), not a
+    JSONDecodeError traceback."""
+    path = tmp_path / "model_card.json"
+    path.write_text(json.dumps(example_card().to_dict())[:-20])
+    with pytest.raises(CardError, match=r"model_card.json is not a JSON model card"):
+        ModelCard.read(path)
+    path.write_text(json.dumps(example_card().to_dict()))
+    assert ModelCard.read(path) == example_card()

@@ -69,3 +69,28 @@ def test_serve_cli_commands_work_without_torch() -> None:
             [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
         )
         assert proc.returncode == 0 and "usage:" in proc.stdout, (command.name, proc.stderr)
+
+
+def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> None:
+    """serve/preprocess.py is copied as ``image_preprocess.py`` next to the Triton
+    preprocess model, where no ``serve`` package exists: its errors keep their builtin
+    bases through the stand-ins for serve.errors."""
+    import shutil
+
+    shutil.copy(ROOT / "serve" / "preprocess.py", tmp_path / "image_preprocess.py")
+    code = (
+        "import sys; sys.modules['serve'] = None\n"  # `import serve...` raises ImportError
+        "import image_preprocess as p\n"
+        "assert issubclass(p.ImageError, ValueError) and issubclass(p.DecodeBusy, RuntimeError)\n"
+        "assert issubclass(p.ImageError, p.UserError) and p.UserError.__module__ == p.__name__\n"
+        "try:\n    p.preprocess(b'not an image', p.ResizeCrop(8, 8))\n"
+        "except p.ImageError as e:\n    print('ImageError:', e)\n"
+        "try:\n    p.ResizeCrop(8, 16)\n"
+        "except ValueError as e:\n    print(type(e).__name__, e)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ImageError: <12 bytes>" in proc.stdout
+    assert "UsageError need 0 < crop (16) <= resize (8)" in proc.stdout
