@@ -68,7 +68,7 @@ $(STAMP): requirements.lock pyproject.toml
 		else echo "setup: as root, run: apt-get install -y libb64-0d libjemalloc2 haproxy (perf_analyzer, jemalloc, the public front)" >&2; fi; \
 	fi
 	@# the perf_analyzer binary of the tritonclient 2.51.0 wheel (our tritonclient library stays)
-	$(PY) -m serve.perf_analyzer install || [ "$$(id -u)" != 0 ]
+	$(PY) -m serve.tools.perf_analyzer install || [ "$$(id -u)" != 0 ]
 	touch $@
 
 # Re-resolve the full package set from pyproject.toml's pins into requirements.lock.

@@ -1,5 +1,5 @@
 """In-process baselines that need torch or TensorRT, measured with the same load loop as
-the Triton rows (``serve.loadgen``): PyTorch eager, a bare TensorRT engine, the GEMM
+the Triton rows (``serve.tools.loadgen``): PyTorch eager, a bare TensorRT engine, the GEMM
 peak of torch's BLAS, and a network's FLOPs per image."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.loadgen import Level, level, measure
-from serve.machine import timed_gflops
+from serve.core.machine import timed_gflops
+from serve.tools.loadgen import Level, level, measure
 from train.checkpoint import Checkpoint
 from train.models import build_model
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from export.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
-from serve import bench as serve_bench
-from serve.bench_report import write_report
-from serve.machine import gemm_gflops_onnxruntime
+from serve.core.machine import gemm_gflops_onnxruntime
+from serve.tools import bench as serve_bench
+from serve.tools.bench_report import write_report
 from train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def precision_of(path: Path) -> str:
 def onnx_baselines(given: list[str] | None, run_dir: Path, version_dir: Path) -> list[Path]:
     """The extra in-process rows: ``given``, or the run's FP32 and INT8 graphs that differ
     from the served ``model.onnx``."""
-    from serve.files import sha256
+    from serve.core.files import sha256
 
     if given is not None:
         return [Path(p) for p in given]

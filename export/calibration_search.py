@@ -39,9 +39,9 @@ from export.int8 import (
 )
 from export.parity import ACCURACY_GATE, AccuracyGate, diff_stats, judge
 from export.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
-from serve.errors import UsageError
-from serve.files import atomic_write_json
-from serve.machine import machine_info
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_json
+from serve.core.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     """Selection (training) vs val top-1 agreement per candidate; the chosen one marked."""
     import matplotlib.pyplot as plt
 
-    from serve.plots import save_figure
+    from serve.core.plots import save_figure
 
     rows = report["candidates"]
     labels = [
@@ -286,7 +286,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def table(report: dict[str, Any]) -> str:
-    """The README table of a report."""
+    """The docs table of a report (docs/export-and-parity.md)."""
     head = (
         "| method | weights | calib. images | selection agree (train) | val agree | "
         "val accuracy (FP32) | flips break/fix | gate |\n| --- | --- | ---: | ---: | ---: | "

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from export.tensorrt_engine import DEFAULT_RTX_TARGETS, HARDWARE_LEVELS, EngineProfile
 from export.triton_config import GPU_BACKENDS, TARGETS, ServingConfig
-from serve.cli_common import Command, add_admin_key, add_model_repository
-from serve.cli_common import main as cli_main
-from serve.errors import UsageError
+from serve.core.cli_common import Command, add_admin_key, add_model_repository
+from serve.core.cli_common import main as cli_main
+from serve.core.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _precision_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=ACCURACY_GATE.small_set_drop_images,
         help="on a small set: the accuracy drop allowed, in images, and the flips that "
-        "break a correct FP32 answer allowed (README: the gate on a small set)",
+        "break a correct FP32 answer allowed (docs/export-and-parity.md: the accuracy gate)",
     )
     g.add_argument(
         "--small-set-min-agreement",

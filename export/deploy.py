@@ -7,12 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from serve import admin
-from serve.client import Classifier
-from serve.contract import ModelCard, image_model_name, preprocess_model_name
-from serve.errors import ClientError
-from serve.evaluate import evaluate_served
-from serve.files import atomic_write_json
+from serve.client import admin
+from serve.client.client import Classifier
+from serve.client.evaluate import evaluate_served
+from serve.core.contract import ModelCard, image_model_name, preprocess_model_name
+from serve.core.errors import ClientError
+from serve.core.files import atomic_write_json
 
 
 def deploy_and_measure(
@@ -27,7 +27,7 @@ def deploy_and_measure(
     """Load ``name`` (+ its image pipeline) on the server at ``url`` and evaluate the
     raw-image ensemble on ``data/split``; the result also goes into the model card.
     Raises ClientError when the server cannot be reached or refuses."""
-    from serve import auth
+    from serve.core import auth
 
     key = auth.resolve_key(url, admin_key_file)
     version = int(version_dir.name)

@@ -8,7 +8,7 @@
    version/hardware compatibility);
 2. engine parity on this GPU: TensorRT vs ONNX Runtime (CPU, the same graph) on real
    val images,
-   decoded and resized by the served preprocessing (serve/preprocess.py), judged with
+   decoded and resized by the served preprocessing (serve/core/preprocess.py), judged with
    the FP16 thresholds (top-1 agreement and median difference); a failure refuses the
    plan (exit 3) and changes nothing;
 3. under the model's publish lock: ``model.sm<cc>.plan`` (or ``model.plan`` for a
@@ -42,11 +42,11 @@ from export.tensorrt_engine import (
     tensorrt_logits,
 )
 from export.triton_config import config_text, parse_config, set_plans, target_of
-from serve.cli_common import GateRefused
-from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
-from serve.errors import UsageError
-from serve.files import atomic_write_text, copy_into, locked, sha256, versions
-from serve.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
+from serve.core.cli_common import GateRefused
+from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_text, copy_into, locked, sha256, versions
+from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)
 

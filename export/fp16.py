@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from export.stage_outputs import PixelBatches
-from serve.files import atomic_write_bytes
+from serve.core.files import atomic_write_bytes
 from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.progress import progress
 

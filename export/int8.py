@@ -14,7 +14,8 @@ activations and weights (zero points 0, ``ActivationSymmetric``/``WeightSymmetri
 and biases left in float (``QuantizeBias=False``; the CPU flavour's INT32 bias
 ``DequantizeLinear`` is refused by TensorRT). ONNX Runtime runs it too, but about half
 as fast on a CPU without VNNI (float biases keep ORT from fusing to QLinearConv), so the
-CPU serves its own flavour (README "TensorRT builds" has the comparison, ModelOpt too).
+CPU serves its own flavour (docs/gpu-and-tensorrt.md "TensorRT builds" has the comparison,
+ModelOpt too).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import numpy as np
 import onnx
 
 from export.stage_outputs import PixelBatches
-from serve.errors import UsageError
-from serve.files import atomic_write_bytes
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

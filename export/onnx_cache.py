@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from serve.files import atomic_write_bytes
+from serve.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

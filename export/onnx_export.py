@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from export.onnx_cache import OnnxCache, cache_key
-from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
-from serve.files import atomic_write_bytes
+from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
+from serve.core.files import atomic_write_bytes
 from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.models import drop_aux
 

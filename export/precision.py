@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from export.int8 import Calibration, metadata_of, preprocess_for_quantization, quantize_int8
 from export.parity import AccuracyGate
 from export.stage_outputs import load_pixels, onnxruntime_logits
-from serve.errors import UsageError
+from serve.core.errors import UsageError
 
 if TYPE_CHECKING:
     from export.release import ExportRun

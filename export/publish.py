@@ -4,7 +4,7 @@ Layout::
 
     <repo>/<name>/config.pbtxt         model-level config (export/triton_config.py)
     <repo>/<name>/labels.txt           one class name per line (label_filename)
-    <repo>/<name>/<N>/model_card.json  everything known about version N (serve/contract.py)
+    <repo>/<name>/<N>/model_card.json  everything known about version N (serve/core/contract.py)
     <repo>/<name>/<N>/...              the target's files:
 
 * ``cpu``: ``model.onnx`` (FP32, or the INT8/FP16 model when that precision was
@@ -52,9 +52,9 @@ from export.triton_config import (
     target_of,
 )
 from export.warmup import build_warmup
-from serve.contract import ModelCard, image_model_name, preprocess_model_name
-from serve.errors import UsageError, UserError
-from serve.files import (
+from serve.core.contract import ModelCard, image_model_name, preprocess_model_name
+from serve.core.errors import UsageError, UserError
+from serve.core.files import (
     atomic_write_text,
     copy_into,
     locked,
@@ -67,7 +67,7 @@ from serve.files import (
 EXPORT_DIR = Path(__file__).resolve().parent
 PYTHON_MODEL = EXPORT_DIR / "triton_python_model.py"
 PREPROCESS_MODEL = EXPORT_DIR / "triton_preprocess_model.py"
-IMAGE_PREPROCESS = EXPORT_DIR.parent / "serve" / "preprocess.py"
+IMAGE_PREPROCESS = EXPORT_DIR.parent / "serve" / "core" / "preprocess.py"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -57,10 +57,10 @@ from export.tensorrt_engine import (
 )
 from export.triton_config import ServingConfig
 from export.warmup import val_images
-from serve.cli_common import GateRefused
-from serve.contract import INPUT_NAME, OUTPUT_NAME, ModelCard, ParitySummary
-from serve.errors import UsageError
-from serve.files import sha256
+from serve.core.cli_common import GateRefused
+from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard, ParitySummary
+from serve.core.errors import UsageError
+from serve.core.files import sha256
 from train.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -467,7 +467,7 @@ def check_triton(run: ExportRun) -> None:
             "disabled (--no-triton-parity)"
             if not cfg.triton_parity
             else "the bundled tritonserver has only the python backend; serve the GPU "
-            "repository with the NGC container (serve/docker-compose.gpu.yml)"
+            "repository with the NGC container (serve/deploy/docker-compose.gpu.yml)"
         )
         for stage_name in names:
             run.skip(stage_name, served, reason)

@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import UsageError, UserError
-from serve.files import atomic_write_bytes, atomic_write_text
+from serve.core.errors import UsageError, UserError
+from serve.core.files import atomic_write_bytes, atomic_write_text
 
 RTX_MODULE = "tensorrt_rtx"
 DEFAULT_RTX_TARGETS = ("8.6", "8.9", "12.0")

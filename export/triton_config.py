@@ -6,7 +6,7 @@ Runtime on CPU; ``tensorrt_plan`` or ``onnxruntime`` + TensorRT accelerator on G
 ``<name>_preprocess`` (python backend: encoded image -> pixels, the card's geometry and
 the per-image limits as parameters) and the ``<name>_image`` ensemble of the two.
 
-Queues are bounded at the public front (serve/front.py: at most ``--max-inflight``
+Queues are bounded at the public front (serve/runtime/front.py: at most ``--max-inflight``
 requests inside Triton, ``--max-queue`` waiting at the front), not in Triton: in Triton
 2.51 any dynamic-batching queue policy (``max_queue_size``, a default timeout or
 ``allow_timeout_override``) turns off the batcher's payload prefetching, and the batcher
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serve.contract import (
+from serve.core.contract import (
     DECODE_DEADLINE_S,
     IMAGE_INPUT,
     INPUT_NAME,
@@ -59,7 +59,7 @@ from serve.contract import (
     image_model_name,
     preprocess_model_name,
 )
-from serve.errors import UsageError
+from serve.core.errors import UsageError
 
 CPU_INSTANCES = 2  # classifier instances on CPU unless told (ServingConfig.instances)
 KEEP_VERSIONS = 2  # the classifier's version policy: the latest 2 stay loaded
@@ -79,7 +79,7 @@ class ServingConfig:
     max_batch_size: int = 64
     max_queue_delay_us: int = 500
     # 0: CPU_INSTANCES on CPU (two single-threaded ONNX Runtime sessions beat one with
-    # two threads under load: measured, README "Instances x threads"), 1 on GPU
+    # two threads under load: measured, docs/benchmarks.md "Instances x threads"), 1 on GPU
     instances: int = 0
     # ONNX Runtime threads per CPU instance; 0: the cores the stub may use / instances
     intra_op_threads: int = 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from export.stage_outputs import PixelBatches
-from serve.contract import image_model_name
+from serve.core.contract import image_model_name
 
 
 def triton_logits(
@@ -23,8 +23,8 @@ def triton_logits(
     """Publish into a scratch repository, serve it on free loopback ports, and return
     each protocol's logits for every image; with ``images`` (the same images, encoded),
     also the raw-image ensemble's logits under the key ``image``."""
-    from serve.client import Classifier
-    from serve.triton_server import ServerOptions, TritonServer, free_port
+    from serve.client.client import Classifier
+    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 
     out: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="parity-repo-") as tmp:

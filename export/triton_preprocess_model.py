@@ -1,7 +1,7 @@
 """Triton python-backend model: encoded image bytes -> the classifier's input pixels.
 
 Copied into each published ``<model>_preprocess`` version as ``model.py``, next to
-``image_preprocess.py`` (a copy of ``serve/preprocess.py``, the same decoder the
+``image_preprocess.py`` (a copy of ``serve/core/preprocess.py``, the same decoder the
 training data loader and the client use). Every step is read from the config's
 parameters, which ``make export`` fills from the model card: decode with Pillow (the
 served formats only), EXIF orientation, any mode -> RGB, Resize(shorter side) +

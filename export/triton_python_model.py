@@ -19,7 +19,7 @@ def intra_op_threads(config, params):
     """ONNX Runtime's intra-op threads for one instance: the config's value, else the
     cores this process may use divided among the instances (0 = ORT's default for one).
     Two instances x 1 thread ran 1.4x one instance x 2 threads at concurrency 4 on 2
-    cores (README "Instances x threads"): a parallel section of a two-thread session
+    cores (docs/benchmarks.md "Instances x threads"): a parallel section of a two-thread session
     waits for whichever thread the frontend or load generator took the core from."""
     threads = int(params.get("intra_op_threads", "0") or 0)
     if threads > 0:

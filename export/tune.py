@@ -1,8 +1,8 @@
 """``python -m export.tune`` (``make tune``): search the classifier's serving config with
 perf_analyzer and publish the best one under a p99 budget.
 
-Triton Model Analyzer does this search upstream; here it cannot run (see README "Tuning":
-the command and its error), so this module does the same search with perf_analyzer
+Triton Model Analyzer does this search upstream; here it cannot run (see docs/benchmarks.md
+"make tune": the command and its error), so this module does the same search with perf_analyzer
 directly: every candidate config (instance count x max batch size x dynamic-batching
 ``max_queue_delay_microseconds``, plus the published config as it is) is written into a
 scratch copy of the model's folder (the version folders linked, not copied), reloaded on
@@ -33,11 +33,11 @@ from typing import Any
 from tqdm import tqdm
 
 from export.triton_config import config_text, parse_config, signature
-from serve import auth
-from serve import perf_analyzer as pa
-from serve.bench import bench_inputs, bench_server_options, write_input_data
-from serve.contract import image_model_name, preprocess_model_name
-from serve.files import atomic_write_json, atomic_write_text, latest_version, locked
+from serve.core import auth
+from serve.core.contract import image_model_name, preprocess_model_name
+from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
+from serve.tools import perf_analyzer as pa
+from serve.tools.bench import bench_inputs, bench_server_options, write_input_data
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
     """Measure every candidate on one bundled server; returns the trials and facts."""
     import tritonclient.grpc as grpcclient
 
-    from serve.triton_server import TritonServer
+    from serve.runtime.triton_server import TritonServer
 
     repo = Path(args.model_repository)
     current = read_knobs(repo / args.model / "config.pbtxt")
@@ -177,7 +177,7 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
     original = config_path.read_text()
     opts = bench_server_options(scratch, [args.model])
     facts = {"version": int(inputs.version_dir.name), "precision": inputs.card.precision}
-    from serve.stack import FrontOnly
+    from serve.runtime.stack import FrontOnly
 
     with (
         TritonServer(opts, log_path=work / "tune-server.log") as srv,
@@ -296,7 +296,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write the winner into the model's config (a config change, no new version)",
     )
-    p.add_argument("--table", default="", metavar="JSON", help="print the README table, exit")
+    p.add_argument("--table", default="", metavar="JSON", help="print the docs table, exit")
 
 
 def main(argv: list[str] | None = None) -> int:

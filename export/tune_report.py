@@ -1,5 +1,5 @@
 """The ``make tune`` report: the JSON of every trial with the winner under the p99 budget,
-its PNG (throughput against p99 per candidate) and the README's table."""
+its PNG (throughput against p99 per candidate) and the table in docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from export.tune import Trial
-from serve import perf_analyzer as pa
-from serve.machine import machine_info
+from serve.core.machine import machine_info
+from serve.tools import perf_analyzer as pa
 
 
 def report(args: argparse.Namespace, trials: list[Trial], facts: dict[str, Any]) -> dict:
@@ -95,7 +95,7 @@ def plot(rep: dict, path: Path) -> None:
 
 
 def markdown_table(rep: dict) -> str:
-    """The README's table of the configs tried."""
+    """The docs' table of the configs tried (docs/benchmarks.md)."""
     lines = [
         "| instances | max batch | queue delay us | best img/s (p99 <= budget) | at c | p99 ms "
         "| note |",

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from export.triton_config import config_text, parse_config
-from serve.contract import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
-from serve.errors import SetupError
-from serve.files import atomic_write_json, versions
-from serve.machine import cpu_model
-from serve.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
+from serve.core.contract import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
+from serve.core.errors import SetupError
+from serve.core.files import atomic_write_json, versions
+from serve.core.machine import cpu_model
+from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def one_start(repo: Path, name: str, kind: str, payload: np.ndarray, steady: int
     """Start a server on ``repo``, time load, first and steady requests, stop it."""
     import tritonclient.grpc as grpcclient
 
-    from serve.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 
     opts = ServerOptions(
         model_repository=str(repo),
@@ -108,7 +108,7 @@ def one_start(repo: Path, name: str, kind: str, payload: np.ndarray, steady: int
 
 def _payloads(repo: Path, name: str, data: Path) -> dict[str, np.ndarray]:
     """One val image that is not a warmup image: pixels [1, 3, H, W] and bytes [1, 1]."""
-    from serve.contract import ModelCard
+    from serve.core.contract import ModelCard
 
     card_path = repo / name / str(versions(repo / name)[-1]) / "model_card.json"
     card = ModelCard.read(card_path)

@@ -9,19 +9,20 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from serve import auth
-from serve.cli_common import (
+from serve.client.client import Classifier
+from serve.client.connect import DEFAULT_URLS
+from serve.core import auth
+from serve.core.cli_common import (
     Command,
     add_admin_key,
     add_model_repository,
     add_url,
     env_int,
 )
-from serve.cli_common import main as cli_main
-from serve.client import DEFAULT_URLS, Classifier
-from serve.contract import image_model_name
-from serve.stack import FrontLimits
-from serve.triton_server import LOOPBACK, ServerOptions, exec_server, run_supervised
+from serve.core.cli_common import main as cli_main
+from serve.core.contract import image_model_name
+from serve.runtime.stack import FrontLimits
+from serve.runtime.triton_server import LOOPBACK, ServerOptions, exec_server, run_supervised
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="preload libjemalloc.so.2 (default: when installed)",
     )
     f = p.add_argument_group(
-        "the public front (HAProxy; serve/front.py)",
+        "the public front (HAProxy; serve/runtime/front.py)",
         "the public ports belong to HAProxy; tritonserver runs in a private network "
         "namespace that only the front reaches",
     )
@@ -165,8 +166,8 @@ def run_run(a: argparse.Namespace) -> int:
         jemalloc=a.jemalloc,
     )
     if not a.no_front:
-        from serve.front import find_haproxy
-        from serve.stack import PublicServer
+        from serve.runtime.front import find_haproxy
+        from serve.runtime.stack import PublicServer
 
         find_haproxy()  # refuse early, naming the fix
         limits = front_limits(a)
@@ -254,8 +255,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(a: argparse.Namespace) -> int:
-    from serve.evaluate import evaluate_served
-    from serve.plots import plot_confusion
+    from serve.client.evaluate import evaluate_served
+    from serve.core.plots import plot_confusion
 
     with Classifier(
         a.url, a.model, protocol=a.protocol, version=a.version, max_batch=a.batch_size
@@ -288,7 +289,7 @@ def add_admin_arguments(
 
 
 def run_models(a: argparse.Namespace) -> int:
-    from serve import admin
+    from serve.client import admin
 
     protocol = getattr(a, "protocol", "grpc")
     url = a.url or DEFAULT_URLS[protocol]
@@ -299,7 +300,7 @@ def run_models(a: argparse.Namespace) -> int:
 
 
 def run_model_op(a: argparse.Namespace) -> int:
-    from serve import admin
+    from serve.client import admin
 
     key = _key(a)
     if a.command == "load":
@@ -332,7 +333,7 @@ def add_health_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_health(a: argparse.Namespace) -> int:
-    from serve import admin
+    from serve.client import admin
 
     url = a.url or DEFAULT_URLS[a.protocol]
     metrics_url = a.metrics_url or auth.metrics_url(url, env_int("METRICS_PORT", 8002))
@@ -370,7 +371,7 @@ def add_watchdog_arguments(p: argparse.ArgumentParser) -> None:
 def run_watchdog(a: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from serve import watchdog
+    from serve.runtime import watchdog
 
     cfg = watchdog.WatchdogConfig(
         url=a.url or DEFAULT_URLS["grpc"],
@@ -386,25 +387,25 @@ def run_watchdog(a: argparse.Namespace) -> int:
 
 
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    from serve.bench import add_arguments
+    from serve.tools.bench import add_arguments
 
     add_arguments(p)
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from serve.bench import main
+    from serve.tools.bench import main
 
     return main(a)
 
 
 def _soak_arguments(p: argparse.ArgumentParser) -> None:
-    from serve.soak import add_arguments
+    from serve.tools.soak import add_arguments
 
     add_arguments(p)
 
 
 def _soak(a: argparse.Namespace) -> int:
-    from serve.soak import run
+    from serve.tools.soak import run
 
     return run(a)
 
@@ -472,7 +473,7 @@ COMMANDS = [
 
 # -- manifests -----------------------------------------------------------------------------
 def _manifests_arguments(p: argparse.ArgumentParser) -> None:
-    from serve.k8s import DEFAULT_IMAGE, DeployConfig
+    from serve.deploy.k8s import DEFAULT_IMAGE, DeployConfig
 
     d = DeployConfig.__dataclass_fields__
     add_model_repository(p)
@@ -515,7 +516,7 @@ def _manifests_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _manifests(a: argparse.Namespace) -> int:
-    from serve.k8s import DeployConfig, write_manifests
+    from serve.deploy.k8s import DeployConfig, write_manifests
 
     cfg = DeployConfig(
         model_repository=a.model_repository,

@@ -110,8 +110,8 @@ def model_repo(
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """What ``serve run`` serves, on free loopback ports: the HAProxy front on the public
     ports, the real tritonserver private behind it; stopped by PID afterwards."""
-    from serve.stack import PublicServer
-    from serve.triton_server import ServerOptions, free_port
+    from serve.runtime.stack import PublicServer
+    from serve.runtime.triton_server import ServerOptions, free_port
 
     opts = ServerOptions(
         model_repository=str(model_repo),
@@ -129,7 +129,7 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def own_server(model_repo: Path, tmp_path: Path):
     """A server of its own, for tests that kill or restart things."""
-    from serve.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 
     opts = ServerOptions(
         model_repository=str(model_repo),

@@ -1,6 +1,6 @@
 """One CLI pattern for the three stages: `python -m <stage> <command>`, --help everywhere,
 one error line and exit 2 for bad input, no tracebacks; a bug (any exception outside the
-project's root, serve.errors.TrainServeError) exits 1 with its traceback."""
+project's root, serve.core.errors.TrainServeError) exits 1 with its traceback."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _entries(help_text: str) -> list[str]:
 def test_help_texts_say_each_default_once_and_truly(stage: str) -> None:
     """No "(default: )", no second "(default: X)" after a help that names its default, no
     `--no-publish ... (default: True)`, and every option of export explains itself."""
-    from serve.cli_common import build_parser
+    from serve.core.cli_common import build_parser
 
     commands = {"train": TRAIN, "export": EXPORT, "serve": SERVE}[stage]
     parser = build_parser(f"python -m {stage}", "", commands)
@@ -113,13 +113,13 @@ def test_a_bad_choice_is_one_line_with_the_choices(capsys) -> None:
 
 
 def _raising_cli(raise_: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """A one-command CLI on ``serve.cli_common.main`` whose command runs ``raise ...``."""
+    """A one-command CLI on ``serve.core.cli_common.main`` whose command runs ``raise ...``."""
     code = (
         "import sys\n"
-        "from serve.cli_common import Command, main\n"
-        "from serve.errors import *  # noqa: F403\n"
-        "from serve.contract import CardError\n"
-        "from serve.files import WriteError\n"
+        "from serve.core.cli_common import Command, main\n"
+        "from serve.core.errors import *  # noqa: F403\n"
+        "from serve.core.contract import CardError\n"
+        "from serve.core.files import WriteError\n"
         f"def run(args):\n    raise {raise_}\n"
         "command = Command('go', 'raise', lambda p: None, run)\n"
         "sys.exit(main('python -m demo', 'demo', [command], ['go']))\n"
@@ -179,10 +179,10 @@ def test_env_int_names_a_bad_make_variable() -> None:
 def _project_exception_classes() -> list[type]:
     found = []
     for package in ("train", "export", "serve"):
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             if path.stem in ("__main__", "triton_python_model", "triton_preprocess_model"):
                 continue  # the Triton models import triton_python_backend_utils
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             module = importlib.import_module(name)
             found += [
                 obj
@@ -195,7 +195,7 @@ def _project_exception_classes() -> list[type]:
 
 
 def test_every_project_exception_has_the_one_root() -> None:
-    from serve.errors import GateRefused, TrainServeError, UserError
+    from serve.core.errors import GateRefused, TrainServeError, UserError
 
     classes = _project_exception_classes()
     assert len(classes) >= 25  # the walk found them (30 when written)

@@ -50,9 +50,12 @@ def test_make_names_model_once_without_torch(tmp_path: Path) -> None:
     )
     assert proc.stdout == "antsbees\n"
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()}
-    # of serve only its error root (the standard library alone), no serving code
+    # of serve only its error root and the lazy face of serve.core (the standard library
+    # alone), no serving code
     assert "torch" not in imported and not {m for m in imported if m.startswith("serve.")} - {
-        "serve.errors"
+        "serve.core",
+        "serve.core.exports",
+        "serve.core.errors",
     }
 
 
@@ -94,7 +97,7 @@ def test_every_flag_and_make_variable_the_readme_names_exists() -> None:
     from export.cli import COMMANDS as EXPORT
     from export.tune import add_arguments as tune_arguments
     from serve.cli import COMMANDS as SERVE
-    from serve.cli_common import build_parser
+    from serve.core.cli_common import build_parser
     from train.cli import COMMANDS as TRAIN
 
     ours: set[str] = set()
@@ -115,6 +118,6 @@ def test_every_flag_and_make_variable_the_readme_names_exists() -> None:
     variables = set(re.findall(r"(?<![\w-])([A-Z][A-Z0-9_]{2,})=", readme))
     variables |= set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.M))
     # --set KEY=VALUE is a placeholder; TRITON_IMAGE is docker compose's (the GPU file)
-    compose = (ROOT / "serve" / "docker-compose.gpu.yml").read_text()
+    compose = (ROOT / "serve" / "deploy" / "docker-compose.gpu.yml").read_text()
     assert "TRITON_IMAGE" in compose
     assert sorted(variables - defined - {"KEY", "TRITON_IMAGE"}) == []

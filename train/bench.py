@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.errors import UsageError
-from serve.files import atomic_write_json
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ ANTSBEES_RECIPES = ("antsbees_tutorial", "antsbees_feature_extract", "antsbees_f
 def _machine() -> dict[str, Any]:
     import torch
 
-    from serve.machine import cpu_model
+    from serve.core.machine import cpu_model
 
     return {
         "cpu": cpu_model(),

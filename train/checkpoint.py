@@ -1,6 +1,6 @@
 """Self-describing checkpoints, written atomically and read without unpickling code.
 
-A checkpoint holds the model card (``serve.contract.ModelCard``: architecture and its
+A checkpoint holds the model card (``serve.core.contract.ModelCard``: architecture and its
 options, classes, input, eval preprocessing, provenance, metrics) - everything the export
 stage needs - and everything ``--resume`` needs: weights, epoch, optimizer, scheduler,
 scaler, RNG states, history. On disk it is a plain dict of tensors, strings, numbers,
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.contract import CardError, ModelCard
-from serve.errors import UsageError
-from serve.files import atomic_write
+from serve.core.contract import CardError, ModelCard
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write
 
 FORMAT = "trainserve.checkpoint/2"
 LEGACY_FORMAT = "trainserve.checkpoint/1"

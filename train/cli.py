@@ -8,9 +8,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from serve.cli_common import Command
-from serve.cli_common import main as cli_main
-from serve.errors import UsageError
+from serve.core.cli_common import Command
+from serve.core.cli_common import main as cli_main
+from serve.core.errors import UsageError
 from train.config import AMP, DEFAULT_RECIPE, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
         "--arch",
-        help="see README: resnet18, efficientnet_lite0, resnet20/32/44/56/"
+        help="see docs/training.md: resnet18, efficientnet_lite0, resnet20/32/44/56/"
         "110, resnet18_cifar, vgg11, vgg16, alexnet, googlenet, googlenet_cifar",
     )
     g.add_argument(

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from serve.errors import UsageError, UserError
+from serve.core.errors import UsageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m train.config RECIPE KEY", file=sys.stderr)
         return 2
-    try:  # serve/cli_common.py's rule, without importing more than YAML
+    try:  # serve/core/cli_common.py's rule, without importing more than YAML
         cfg = resolve_config(args[0])
         if not hasattr(cfg, args[1]):
             raise UsageError(f"no setting {args[1]!r} in a TrainConfig")

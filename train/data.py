@@ -11,9 +11,9 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
-from serve.contract import DEFAULT_INTERPOLATION, Preprocessing
-from serve.errors import UsageError
-from serve.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
+from serve.core.contract import DEFAULT_INTERPOLATION, Preprocessing
+from serve.core.errors import UsageError
+from serve.core.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

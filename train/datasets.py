@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from serve.errors import UsageError
+from serve.core.errors import UsageError
 from train.data import image_folder
 
 KINDS = ("auto", "imagefolder", "npz", "cifar10", "cifar100")

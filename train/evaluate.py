@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from serve.errors import UsageError
-from serve.plots import plot_confusion
+from serve.core.errors import UsageError
+from serve.core.plots import plot_confusion
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.data import Preprocess
 from train.datasets import dataset_split, subset

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from serve.files import atomic_write_json
+from serve.core.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 

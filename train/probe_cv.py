@@ -5,7 +5,7 @@ views, RandomResizedCrop scale (0.25, 1)) are computed once; then each candidate
 (random init or the ImageNet ant/bee rows; lr; epochs) is scored by stratified 3-fold
 cross-validation on them, over 3 seeds. Val is only reported for the record (each
 candidate trained on all training images), never used to choose. This is how the
-default recipe's ``head_init`` and ``lp_lr`` were chosen (README); ``python -m train cv``
+default recipe's ``head_init`` and ``lp_lr`` were chosen (docs/results.md); ``python -m train cv``
 does the same for whole training runs (slower).
 """
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from serve.files import atomic_write_json
+from serve.core.files import atomic_write_json
 from train.data import Preprocess, image_folder
 from train.models import build_model
 from train.pretrained import OFFLINE_MEAN, OFFLINE_STD, efficientnet_lite0_state_dict

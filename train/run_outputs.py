@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from serve.errors import UserError
-from serve.files import atomic_write_json, atomic_write_text, remove_stale_temp_files
-from serve.plots import plot_confusion
+from serve.core.errors import UserError
+from serve.core.files import atomic_write_json, atomic_write_text, remove_stale_temp_files
+from serve.core.plots import plot_confusion
 from train.checkpoint import Checkpoint, save_checkpoint
 from train.plots import plot_curves
 

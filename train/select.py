@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.errors import UsageError
-from serve.files import atomic_write_json
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_json
 from train.data import is_image_file
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from serve.contract import Metrics, ModelCard, Pretrained, Provenance, redact_paths
-from serve.errors import SetupError, UsageError
+from serve.core.contract import Metrics, ModelCard, Pretrained, Provenance, redact_paths
+from serve.core.errors import SetupError, UsageError
 from train.checkpoint import Checkpoint, load_checkpoint, rng_state, set_rng_state
 from train.config import TrainConfig
 from train.data import Preprocess

@@ -11,7 +11,7 @@ import torch
 from export.precision import PrecisionConfig
 from export.release import ExportConfig, run_export
 from export.triton_config import parse_config
-from serve.contract import ModelCard
+from serve.core.contract import ModelCard
 from tests.helpers import CIFAR, SHARED
 from train.checkpoint import checkpoint_from_model, save_checkpoint
 from train.data import Preprocess

@@ -15,8 +15,8 @@ import pytest
 from export.onnx_export import read_metadata
 from export.parity import FP32_GATE, diff_stats, judge
 from export.triton_config import parse_config
-from serve.contract import ModelCard
-from serve.files import sha256, versions
+from serve.core.contract import ModelCard
+from serve.core.files import sha256, versions
 from tests.helpers import run_cli
 from train.checkpoint import load_checkpoint
 

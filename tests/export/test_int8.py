@@ -16,8 +16,8 @@ from export.precision import PrecisionConfig
 from export.release import ExportConfig, run_export
 from export.tensorrt_engine import tensorrt_status
 from export.triton_config import ServingConfig
-from serve.contract import ModelCard
-from serve.files import sha256, versions
+from serve.core.contract import ModelCard
+from serve.core.files import sha256, versions
 from tests.helpers import run_cli
 
 TRT_OK, TRT_WHY = tensorrt_status()

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper
 
 from export.onnx_cache import ENV, OnnxCache, cache_key
 from export.onnx_export import export_onnx, read_metadata
-from serve.contract import ModelCard
-from serve.files import sha256
+from serve.core.contract import ModelCard
+from serve.core.files import sha256
 from train.checkpoint import checkpoint_from_model, save_checkpoint
 from train.models import arch_options, build_model
 

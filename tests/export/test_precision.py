@@ -18,8 +18,8 @@ from export.precision import PrecisionConfig
 from export.release import ExportConfig, run_export
 from export.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
 from export.triton_config import ServingConfig, classifier_config, config_text, parse_config
-from serve.contract import ModelCard
-from serve.files import versions
+from serve.core.contract import ModelCard
+from serve.core.files import versions
 from tests.helpers import ROOT, SHARED, run_cli
 from train.checkpoint import checkpoint_from_model, save_checkpoint
 from train.models import build_model
@@ -338,12 +338,15 @@ def test_tensorrt_engine_build_parity_and_refusal(trained_run: Path, tmp_path: P
 
 
 def test_gpu_compose_file_serves_the_repository() -> None:
-    compose = yaml.safe_load((ROOT / "serve" / "docker-compose.gpu.yml").read_text())
+    compose = yaml.safe_load((ROOT / "serve" / "deploy" / "docker-compose.gpu.yml").read_text())
     svc = compose["services"]["triton"]
     # the first release clear of every published Triton security bulletin
     assert svc["image"] == "${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:26.07-py3}"
     assert "--model-repository=/models" in svc["command"]
-    assert any(v.endswith(":/models:ro") for v in svc["volumes"])
+    volume = next(v for v in svc["volumes"] if v.endswith(":/models:ro"))
+    # compose resolves a relative path from the file's folder: the default is the repo's
+    default = volume.split(":-", 1)[1].split("}", 1)[0]
+    assert (ROOT / "serve" / "deploy" / default).resolve() == (ROOT / "model_repository")
     assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert all(p.startswith("127.0.0.1:") for p in svc["ports"])
 

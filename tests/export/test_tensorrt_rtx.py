@@ -24,7 +24,7 @@ from export.tensorrt_engine import (
     rtx_build,
 )
 from export.triton_config import ServingConfig
-from serve.contract import INPUT_NAME
+from serve.core.contract import INPUT_NAME
 
 BUILD_KEYS = {
     "onnx",

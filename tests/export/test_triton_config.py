@@ -30,7 +30,7 @@ from export.triton_config import (
     set_plans,
 )
 from export.warmup import build_warmup
-from serve.preprocess import ResizeCrop, preprocess
+from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import example_card, run_cli, wait_until
 
 TRT_OK, TRT_WHY = tensorrt_status()
@@ -217,7 +217,7 @@ def test_published_model_warms_up_on_the_real_server(
     says so, per model) and the model then answers a real image."""
     import tritonclient.grpc as grpcclient
 
-    from serve.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 
     for model, suffix in (("antsbees", "fp32"), ("antsbees_preprocess", "bytes")):
         cfg = parse_config((model_repo / model / "config.pbtxt").read_text())

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from serve.contract import (
+from serve.core.contract import (
     SCHEMA,
     CardError,
     ModelCard,

@@ -17,12 +17,13 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from export.triton_config import parse_config
-from serve import admin, auth
-from serve.client import Classifier
-from serve.contract import INPUT_NAME
-from serve.preprocess import ResizeCrop, preprocess
-from serve.triton_server import ServerOptions
-from serve.watchdog import Watchdog, WatchdogConfig, check_once
+from serve.client import admin
+from serve.client.client import Classifier
+from serve.core import auth
+from serve.core.contract import INPUT_NAME
+from serve.core.preprocess import ResizeCrop, preprocess
+from serve.runtime.triton_server import ServerOptions
+from serve.runtime.watchdog import Watchdog, WatchdogConfig, check_once
 from tests.helpers import process_alive, stub_pids, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)
@@ -221,7 +222,7 @@ def _wrapped_repo(model_repo: Path, tmp_path: Path, model_py: str) -> tuple[Serv
     """A copy of the repository whose classifier runs ``model_py`` over the published
     model.py (renamed served_model.py), its behaviour switched by a gate file; server
     options on free ports for it."""
-    from serve.triton_server import free_port
+    from serve.runtime.triton_server import free_port
 
     repo = tmp_path / "repo"
     shutil.copytree(model_repo, repo)
@@ -251,7 +252,7 @@ def test_a_flood_beyond_the_queue_bound_is_rejected_fast(model_repo, tmp_path):
     model.py underneath), so what is refused does not depend on how fast a loaded client
     sends. (Pausing the stub with SIGSTOP instead crashed Triton 2.51's python backend
     once under load: boost lock_exception in ModelInstanceExecute.)"""
-    from serve.stack import FrontLimits, PublicServer
+    from serve.runtime.stack import FrontLimits, PublicServer
 
     published = (model_repo / "antsbees" / "config.pbtxt").read_text()
     assert not parse_config(published).dynamic_batching.HasField("default_queue_policy")
@@ -275,7 +276,7 @@ def _flood(url: str, bound: int, gate: Path) -> None:
     """Small encoded images to the ``_image`` ensemble (whose classifier step blocks): a
     message that fits the front's buffer is refused with the front's own "server busy".
     (A refused 600 KB tensor reaches gRPC as RST_STREAM(CANCEL) instead, see
-    serve.errors.BUSY_MARKERS, and one connection flooded with such bodies can hold up its
+    serve.core.errors.BUSY_MARKERS, and one connection flooded with such bodies can hold up its
     own other streams in HAProxy 2.6's HTTP/2 demultiplexer.)"""
     n = bound + 40
     results: list[str] = []
@@ -319,8 +320,8 @@ def test_the_queue_is_bounded_in_bytes_too(model_repo, tmp_path):
     """Large requests (batches) have a byte budget of their own: with room for one, a
     second batch is refused as server busy while the first is inside Triton - on HTTP
     and gRPC - and single-image requests still get in; released, all are answered."""
-    from serve.errors import classify_error
-    from serve.stack import FrontLimits, PublicServer
+    from serve.core.errors import classify_error
+    from serve.runtime.stack import FrontLimits, PublicServer
 
     opts, gate = _wrapped_repo(model_repo, tmp_path, GATED_MODEL)
     # 16 requests of up to 1 MiB (one image each), and one batch (the rest of 32 MiB)
@@ -409,7 +410,7 @@ def test_watchdog_leaves_a_busy_model_alone(model_repo, tmp_path):
     """A model that answers every request, slowly, under steady load: its probes time out,
     but it finished other requests meanwhile, so the watchdog does not restart it (a
     restart would drop the work in flight)."""
-    from serve.triton_server import TritonServer
+    from serve.runtime.triton_server import TritonServer
 
     opts, gate = _wrapped_repo(model_repo, tmp_path, SLOW_MODEL)
     with TritonServer(opts, log_path=tmp_path / "server.log") as server:
@@ -451,7 +452,7 @@ def test_one_client_gets_at_most_its_concurrency_share(model_repo, tmp_path):
     """``--max-per-client``: the front counts one address's requests in flight (HTTP/2
     streams of one connection too); over the share they are refused at once with a clear
     error while the others are answered, so one client cannot take the whole queue."""
-    from serve.stack import FrontLimits, PublicServer
+    from serve.runtime.stack import FrontLimits, PublicServer
 
     opts, gate = _wrapped_repo(model_repo, tmp_path, GATED_MODEL)
     results: list[str] = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.files import (
+from serve.core.files import (
     WriteError,
     atomic_write,
     atomic_write_text,

@@ -23,9 +23,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from serve import auth
-from serve.contract import IMAGE_INPUT, INPUT_NAME, PIXELS_OUTPUT
-from serve.preprocess import ResizeCrop, preprocess
+from serve.core import auth
+from serve.core.contract import IMAGE_INPUT, INPUT_NAME, PIXELS_OUTPUT
+from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import child_pids, expensive_jpeg, process_alive, stub_pids, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)
@@ -35,8 +35,8 @@ MODULES = {"grpc": grpcclient, "http": httpclient}
 @pytest.fixture(scope="module")
 def front(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """``serve run``'s stack on free loopback ports: HAProxy public, Triton private."""
-    from serve.stack import FrontLimits, PublicServer
-    from serve.triton_server import ServerOptions, free_port
+    from serve.runtime.stack import FrontLimits, PublicServer
+    from serve.runtime.triton_server import ServerOptions, free_port
 
     opts = ServerOptions(
         model_repository=str(model_repo),
@@ -209,7 +209,7 @@ def _infer_message(pixels: np.ndarray, batch: int, model: str = "antsbees") -> b
 
 
 def test_grpc_messages_are_checked_as_protobuf(front, pixels, expected):
-    """The front parses a gRPC ModelInfer request (HAProxy's Lua, serve/grpc_check.lua):
+    """The front parses a gRPC ModelInfer request (HAProxy's Lua, serve/runtime/grpc_check.lua):
     Triton 2.51 answers batch 2^32+1 as batch 1 (measured here, status OK), so dimensions
     of 2^31 or more are refused at the front (a batch over the max but under that, Triton
     refuses itself, with its message); and nothing may hide after the 64 KiB the front
@@ -296,7 +296,7 @@ def test_the_watchdog_probes_internal_models_through_the_front(front):
     """`serve run`'s watchdog probes through the front: with the admin key it reaches the
     internal preprocess model too (without it, every probe of that model was refused as
     "no such public model" and a dead preprocess stub was never restarted)."""
-    from serve.watchdog import WatchdogConfig, check_once
+    from serve.runtime.watchdog import WatchdogConfig, check_once
 
     lines: list[str] = []
     healthy = check_once(WatchdogConfig(url=front.grpc_url), log=lines.append)
@@ -310,7 +310,7 @@ def _drain_setup(front, pixels) -> tuple[int, bytes, list]:
     import grpc
     from tritonclient.grpc import service_pb2
 
-    lua = (Path(__file__).parents[2] / "serve" / "grpc_check.lua").read_text()
+    lua = (Path(__file__).parents[2] / "serve" / "runtime" / "grpc_check.lua").read_text()
     limit = int(re.search(r"local MAX_DRAINS = (\d+)", lua).group(1))
     hidden = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
     opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections (32 streams each)
@@ -543,7 +543,7 @@ def test_expensive_images_never_hold_up_the_cheap_ones(front, val_images, pixels
     meanwhile are all answered - while the expensive one is still being decoded."""
     import threading
 
-    from serve.errors import classify_error
+    from serve.core.errors import classify_error
 
     slow = expensive_jpeg()
     outcomes: list[str] = []
@@ -591,9 +591,9 @@ def test_the_front_is_restarted_when_it_dies(front, pixels, expected):
 def test_a_second_server_on_the_same_ports_leaves_the_first_alone(front, model_repo):
     """Issue 20 item 1: the ports are checked before any key file is written, so the
     running server's owner keeps control."""
-    from serve import admin
-    from serve.stack import PublicServer
-    from serve.triton_server import ServerOptions
+    from serve.client import admin
+    from serve.runtime.stack import PublicServer
+    from serve.runtime.triton_server import ServerOptions
 
     key_file = auth.key_path(front.grpc_url)
     before = key_file.read_text()
@@ -650,7 +650,7 @@ def test_generated_config_is_valid_for_every_key(tmp_path, key):
     ACL flag without the ``--`` that the generator puts before it."""
     import subprocess
 
-    from serve.front import FrontOptions, find_haproxy, render
+    from serve.runtime.front import FrontOptions, find_haproxy, render
 
     opts = FrontOptions(
         http_bind="127.0.0.1:1",
@@ -691,8 +691,8 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 def test_tls_and_inference_key(model_repo, tmp_path, pixels):
     """``--tls-cert/--tls-key``: HTTPS and gRPC over TLS; ``--inference-key-file``:
     inference needs the key (header ``inference-key``), the admin key also passes."""
-    from serve.stack import FrontLimits, PublicServer
-    from serve.triton_server import ServerOptions, free_port
+    from serve.runtime.stack import FrontLimits, PublicServer
+    from serve.runtime.triton_server import ServerOptions, free_port
 
     cert, key = _self_signed(tmp_path)
     opts = ServerOptions(
@@ -738,8 +738,8 @@ def test_a_killed_owner_leaves_no_server_behind(model_repo):
 
     code = (
         "import sys, time\n"
-        "from serve.stack import PublicServer\n"
-        "from serve.triton_server import ServerOptions, free_port\n"
+        "from serve.runtime.stack import PublicServer\n"
+        "from serve.runtime.triton_server import ServerOptions, free_port\n"
         f"o = ServerOptions(model_repository={str(model_repo)!r}, http_port=free_port(),"
         " grpc_port=free_port(), metrics_port=free_port())\n"
         "s = PublicServer(o).start()\n"

@@ -19,18 +19,19 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from serve import admin, auth
-from serve.client import Classifier, ClientError, InferenceFailed
-from serve.preprocess import ResizeCrop, preprocess
-from serve.soak import run_soak
-from serve.triton_server import (
+from serve.client import admin
+from serve.client.client import Classifier, ClientError, InferenceFailed
+from serve.core import auth
+from serve.core.preprocess import ResizeCrop, preprocess
+from serve.runtime.triton_server import (
     ServerOptions,
     TritonInstall,
     TritonServer,
     free_port,
     server_command,
 )
-from serve.watchdog import WatchdogConfig, check_once
+from serve.runtime.watchdog import WatchdogConfig, check_once
+from serve.tools.soak import run_soak
 from tests.helpers import ROOT, child_pids, process_alive, stub_pids, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)
@@ -289,7 +290,7 @@ def test_shared_memory_inputs_match_and_survive_a_restart(
     server restart (it forgets registrations) is recovered; close() leaves nothing behind.
     Through the public front (``serve run``'s stack): the owner's requests carry the key,
     and the regions are files in Triton's private /dev/shm (a new one after the restart)."""
-    from serve.stack import PublicServer
+    from serve.runtime.stack import PublicServer
 
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     opts = ServerOptions(model_repository=str(model_repo), **ports)

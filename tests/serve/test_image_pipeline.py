@@ -17,11 +17,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from serve import admin
-from serve.client import AsyncClassifier, Classifier, InferenceFailed, ModelNotReady
-from serve.contract import ModelCard
-from serve.preprocess import ResizeCrop, preprocess
-from serve.triton_server import ServerOptions, TritonServer, free_port
+from serve.client import admin
+from serve.client.client import AsyncClassifier, Classifier, InferenceFailed, ModelNotReady
+from serve.core.contract import ModelCard
+from serve.core.preprocess import ResizeCrop, preprocess
+from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 from tests.helpers import run_cli, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)

@@ -1,5 +1,7 @@
-"""The house has one direction: train -> serve, export -> train and serve; serve imports
-neither, and every serve module imports with torch absent."""
+"""The house has one direction: train -> serve.core, export -> train and serve, and inside
+serve its rooms in layers (core, client, runtime, tools; deploy on core); serve imports
+neither train nor export, has no import circles, and every serve module imports with torch
+absent."""
 
 from __future__ import annotations
 
@@ -13,33 +15,84 @@ import pytest
 from tests.helpers import ROOT
 
 PACKAGES = ("train", "export", "serve")
-ALLOWED = {"train": {"train", "serve"}, "export": {"export", "train", "serve"}, "serve": {"serve"}}
-SERVE_MODULES = sorted(
-    f"serve.{p.stem}" for p in (ROOT / "serve").glob("*.py") if p.stem != "__main__"
-)
+# Which rooms a room may import: serve's sub-packages stand in layers (core at the
+# bottom: the kernel every stage shares; then the clients; the server runtime; the
+# tools that measure it), deploy stands on core alone, and serve's own top (cli.py,
+# __main__.py) over all of them. train may use only serve.core.
+SERVE_ROOMS = ("serve.core", "serve.client", "serve.runtime", "serve.tools", "serve.deploy")
+ALLOWED = {
+    "serve.core": {"serve.core"},
+    "serve.client": {"serve.core", "serve.client"},
+    "serve.runtime": {"serve.core", "serve.client", "serve.runtime"},
+    "serve.tools": {"serve.core", "serve.client", "serve.runtime", "serve.tools"},
+    "serve.deploy": {"serve.core", "serve.deploy"},
+    "serve": {"serve", *SERVE_ROOMS},
+    "train": {"train", "serve.core"},
+    "export": {"export", "train", "serve", *SERVE_ROOMS},
+}
+MODULES = {
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+    for package in PACKAGES
+    for p in sorted((ROOT / package).rglob("*.py"))
+}
+SERVE_MODULES = sorted(m for m in MODULES if m.startswith("serve") and not m.endswith("__main__"))
+
+
+def _room(module: str) -> str:
+    """The room a module of ours belongs to: ``serve.core`` for serve/core/files.py,
+    ``serve`` for serve/cli.py, ``train`` for anything under train/."""
+    parts = module.split(".")
+    if parts[0] == "serve" and len(parts) > 1 and ".".join(parts[:2]) in SERVE_ROOMS:
+        return ".".join(parts[:2])
+    return parts[0]
 
 
 def _imports(path: Path) -> set[str]:
-    """Top-level packages of ours that a module imports (anywhere in the file)."""
+    """The modules of ours that a file imports (anywhere in it, lazy imports too):
+    ``from serve.core import auth`` is serve.core.auth, ``from serve.core import X``
+    (a name) is serve.core."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found |= {n.split(".")[0] for n in names if n.split(".")[0] in PACKAGES}
-    return found
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if sub in MODULES else node.module)
+    return {m for m in found if m.split(".")[0] in PACKAGES}
 
 
 def test_import_graph_has_one_direction() -> None:
+    """Every import goes down: train -> serve.core; export -> train, serve; and inside
+    serve core <- client <- runtime <- tools, deploy -> core."""
+    assert {"serve.core.contract", "serve.runtime.stack", "train.trainer"} <= MODULES.keys()
     wrong = []
-    for package, allowed in ALLOWED.items():
-        for path in sorted((ROOT / package).glob("*.py")):
-            for target in _imports(path) - allowed:
-                wrong.append(f"{package}/{path.name} imports {target}")
+    for module, path in MODULES.items():
+        allowed = ALLOWED[_room(module)]
+        for target in sorted(_imports(path)):
+            if _room(target) not in allowed:
+                wrong.append(f"{module} imports {target}")
     assert not wrong, wrong
+
+
+def test_serve_has_no_import_circles() -> None:
+    """No module of serve imports (through any chain) one that imports it back."""
+    graph = {m: _imports(p) & MODULES.keys() for m, p in MODULES.items() if m.startswith("serve")}
+    circles, state = [], {}
+
+    def visit(module: str, chain: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == "open":
+                circles.append(chain[chain.index(target) :] + [target])
+            elif target not in state:
+                visit(target, [*chain, target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not circles, circles
 
 
 @pytest.mark.parametrize("module", SERVE_MODULES)
@@ -72,12 +125,12 @@ def test_serve_cli_commands_work_without_torch() -> None:
 
 
 def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> None:
-    """serve/preprocess.py is copied as ``image_preprocess.py`` next to the Triton
+    """serve/core/preprocess.py is copied as ``image_preprocess.py`` next to the Triton
     preprocess model, where no ``serve`` package exists: its errors keep their builtin
-    bases through the stand-ins for serve.errors."""
+    bases through the stand-ins for serve.core.errors."""
     import shutil
 
-    shutil.copy(ROOT / "serve" / "preprocess.py", tmp_path / "image_preprocess.py")
+    shutil.copy(ROOT / "serve" / "core" / "preprocess.py", tmp_path / "image_preprocess.py")
     code = (
         "import sys; sys.modules['serve'] = None\n"  # `import serve...` raises ImportError
         "import image_preprocess as p\n"

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from export.triton_config import ServingConfig, classifier_config, config_text, set_plans
-from serve import auth
-from serve.k8s import QUEUE_METRIC
+from serve.core import auth
+from serve.deploy.k8s import QUEUE_METRIC
 from tests.helpers import example_card, run_cli
 
 K8S_VERSION = "1.31.0"  # the schema version validated against (bundled by the package)
@@ -72,7 +72,7 @@ def test_cpu_repository_manifests_validate_and_wire_up(tmp_path: Path) -> None:
         "grpc": 8001,
         "metrics": 8002,
     }
-    # The restricted APIs: serve/auth.py's flags, the key from the Secret via the env.
+    # The restricted APIs: serve/core/auth.py's flags, the key from the Secret via the env.
     for flag in auth.server_flags("$(TRITON_ADMIN_KEY)"):
         assert flag in c["args"]
     (env,) = c["env"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve import auth
+from serve.core import auth
 from tests.helpers import run_cli
 
 

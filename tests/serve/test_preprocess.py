@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from serve.preprocess import (
+from serve.core.preprocess import (
     DECODE_NICE,
     DecodeBusy,
     ImageError,
@@ -146,7 +146,7 @@ def test_jpegs_with_too_many_scans_are_refused_before_decoding() -> None:
 def test_tiles_far_larger_than_the_image_are_refused() -> None:
     """A 64x64 TIFF holding one 26500x26500 deflate tile decodes 2 GB: the tile list is
     checked before decoding (``check_work``)."""
-    from serve.preprocess import DEFAULT_LIMITS, check_work
+    from serve.core.preprocess import DEFAULT_LIMITS, check_work
 
     im = Image.open(io.BytesIO(_encoded(Image.new("L", (64, 64)), "TIFF")))
     check_work("ok.tif", im, b"", DEFAULT_LIMITS)

@@ -16,9 +16,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from serve.client import Classifier, ServerUnavailable
-from serve.preprocess import ResizeCrop, preprocess
-from serve.triton_server import free_port
+from serve.client.client import Classifier, ServerUnavailable
+from serve.core.preprocess import ResizeCrop, preprocess
+from serve.runtime.triton_server import free_port
 from tests.helpers import ROOT, child_pids, process_alive, run_cli
 
 GEOMETRY = ResizeCrop(256, 224)
@@ -299,8 +299,8 @@ def test_start_then_with_runs_one_server_and_cleans_up(tmp_path: Path) -> None:
     """`with TritonServer(opts).start() as srv:` starts one server (a second start is a
     no-op, not a second process on the same ports that leaks the first); leaving the block
     stops it and removes its admin key files."""
-    from serve import auth
-    from serve.triton_server import ServerOptions, TritonServer
+    from serve.core import auth
+    from serve.runtime.triton_server import ServerOptions, TritonServer
 
     (tmp_path / "repo").mkdir()
     opts = ServerOptions(

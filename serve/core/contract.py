@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from serve.errors import UserError
-from serve.preprocess import (
+from serve.core.errors import UserError
+from serve.core.preprocess import (
     DECODE_DEADLINE_S,
     DEFAULT_INTERPOLATION,
     MAX_ASPECT_RATIO,

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from serve.contract import DEFAULT_INTERPOLATION, PARAM_CROP, PARAM_INTERPOLATION, PARAM_RESIZE
-from serve.errors import ClientError
-from serve.preprocess import ResizeCrop
+from serve.core.contract import DEFAULT_INTERPOLATION, PARAM_CROP, PARAM_INTERPOLATION, PARAM_RESIZE
+from serve.core.errors import ClientError
+from serve.core.preprocess import ResizeCrop
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``serve run``'s server: the HAProxy front on the public ports, tritonserver private.
 
-:class:`PublicServer` has the interface of :class:`serve.triton_server.TritonServer`
+:class:`PublicServer` has the interface of :class:`serve.runtime.triton_server.TritonServer`
 (``start``/``stop``/``with``, ``http_url``, ``grpc_url``, ``metrics_url``, ``admin_key``,
 ``pid``), so clients, tools and tests use either. What it does on ``start``:
 
@@ -9,7 +9,7 @@
 2. reads the repository: the public models (``<model>``, ``<model>_image``), the internal
    ones (``<model>_preprocess``) and the body cap (largest max batch x input size);
 3. writes the front's configuration and the key files (mode 0600, folder 0700);
-4. starts ``python -m serve.private`` in a new network namespace (serve/private.py):
+4. starts ``python -m serve.runtime.private`` in a new network namespace (serve/runtime/private.py):
    Triton inside, unrestricted but unreachable except through the front (no key in any
    argv), HAProxy serving the inherited public sockets. Where no namespace can be made,
    Triton listens on loopback ports with its own restriction (key in its argv, visible
@@ -34,12 +34,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from serve import auth
-from serve.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
-from serve.errors import SetupError, UsageError
-from serve.front import FrontOptions, find_haproxy, render
-from serve.private import PrivateSpec, namespace_prefix
-from serve.triton_server import (
+from serve.core import auth
+from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
+from serve.core.errors import SetupError, UsageError
+from serve.runtime.front import FrontOptions, find_haproxy, render
+from serve.runtime.private import PrivateSpec, namespace_prefix
+from serve.runtime.triton_server import (
     LOOPBACK,
     ServerOptions,
     TritonInstall,
@@ -57,7 +57,7 @@ PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace
 
 @dataclass
 class FrontLimits:
-    """The front's knobs that ``serve run`` exposes (see serve/front.py)."""
+    """The front's knobs that ``serve run`` exposes (see serve/runtime/front.py)."""
 
     max_body_bytes: int = 0  # 0: sized from the repository (max batch x input size)
     max_json_bytes: int = 32 << 10
@@ -372,7 +372,7 @@ class PublicServer:
             triton_cmd=server_command(install, triton_opts),
             triton_env={
                 **install.environment(jemalloc=triton_opts.jemalloc_path()),
-                # the preprocess models' slow-image lane (serve/preprocess.py SlowLane)
+                # the preprocess models' slow-image lane (serve/core/preprocess.py SlowLane)
                 "TRAINSERVE_RUNTIME_DIR": str(self._workdir),
             },
             triton_http=f"{LOOPBACK}:{ports[0]}",
@@ -393,12 +393,12 @@ class PublicServer:
             auth.write_key_file(auth.metrics_url_file(u), self.metrics_url) for u in self.opts.urls
         ]
         self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "serve.private", str(spec_path)],
+            [*prefix, sys.executable, "-m", "serve.runtime.private", str(spec_path)],
             pass_fds=tuple(fds),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            cwd=str(Path(__file__).resolve().parent.parent),
+            cwd=str(Path(__file__).resolve().parents[2]),
         )
         self.wait_ready(timeout)
         if self.in_namespace:  # where this user's shared-memory clients put their regions

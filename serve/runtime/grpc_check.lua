@@ -1,7 +1,7 @@
 -- The public front's check of a gRPC ModelInfer request (HAProxy 2.6, Lua 5.3), run on
 -- the first bytes of the body that HAProxy holds (its buffer, 64 KiB): the gRPC frame
 -- (1 flag byte, 4 bytes of length) and the protobuf ModelInferRequest it carries, parsed
--- field by field (serve/front.py loads it; tests/serve/test_front.py attacks it).
+-- field by field (serve/runtime/front.py loads it; tests/serve/test_front.py attacks it).
 --
 -- Refused, with the reason as the fetch's result ("" = accepted) and the gRPC status in
 -- txn.grpc_code:
@@ -203,7 +203,7 @@ core.register_fetches("grpc_infer_check", function(txn, spec)
     why, code = "unreadable request (" .. tostring(why) .. ")", INVALID_ARGUMENT
   end
   if why ~= "" then
-    -- the gRPC status of the refusal (serve/front.py answers with it)
+    -- the gRPC status of the refusal (serve/runtime/front.py answers with it)
     txn:set_var("txn.grpc_code", code or INVALID_ARGUMENT)
   end
   return why

@@ -1,4 +1,4 @@
-"""Triton and its front inside a private network namespace (``python -m serve.private``).
+"""Triton and its front inside a private network namespace (``python -m serve.runtime.private``).
 
 ``serve run`` opens the public listening sockets itself, in the host's network
 namespace, then starts this module under ``unshare --net --mount`` (as root) or ``unshare --user
@@ -35,7 +35,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-log = logging.getLogger("serve.private")
+log = logging.getLogger("serve.runtime.private")
 
 
 @dataclass
@@ -193,12 +193,12 @@ def run(spec: PrivateSpec) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m serve.private SPEC.json``."""
+    """``python -m serve.runtime.private SPEC.json``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     die_with_parent()  # `serve run` (or a test) killed outright: stop, do not linger
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m serve.private SPEC.json", file=sys.stderr)
+        print("usage: python -m serve.runtime.private SPEC.json", file=sys.stderr)
         return 2
     path = Path(args[0])
     spec = PrivateSpec.read(path)

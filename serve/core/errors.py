@@ -11,7 +11,7 @@ Every exception this project raises on purpose derives from :class:`TrainServeEr
 * :class:`GateRefused` - a quality gate (parity, accuracy) refused a model: exit 3.
 
 Anything else - a ``KeyError``, a ``TypeError``, a bare ``ValueError`` - is a bug: the
-CLIs log its traceback and exit 1 (``serve/cli_common.py``). Each project exception
+CLIs log its traceback and exit 1 (``serve/core/cli_common.py``). Each project exception
 keeps the builtin base it had before (``CardError`` is a ``ValueError``, ``WriteError``
 an ``OSError``, ``ClientError`` a ``RuntimeError``) so existing handlers still match.
 

@@ -14,7 +14,7 @@ stderr (results on stdout), and one mapping from errors to exit codes:
   printed before;
 * 130 - interrupted.
 
-The error classes live in :mod:`serve.errors` (the root, ``TrainServeError``).
+The error classes live in :mod:`serve.core.errors` (the root, ``TrainServeError``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 # GateRefused is imported from here too (export's gates subclass it)
-from serve.errors import GateRefused, UsageError, UserError
+from serve.core.errors import GateRefused, UsageError, UserError
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

@@ -13,7 +13,7 @@ What is rendered (``<out>/triton.yaml``, several documents, plus ``<out>/secret.
   ``/v2/health/ready``, liveness ``/v2/health/live`` and a startup probe that gives slow
   loads (warmup, engine deserialization) time; Prometheus scrape annotations for :8002;
   a GPU per pod when a model runs on GPU; the restricted control APIs behind the admin
-  key (serve/auth.py's flags, the key taken from the Secret through ``$(TRITON_ADMIN_KEY)``);
+  key (serve/core/auth.py's flags, the key taken from the Secret through ``$(TRITON_ADMIN_KEY)``);
 * ``Service`` (HTTP 8000, gRPC 8001, metrics 8002);
 * ``HorizontalPodAutoscaler`` (autoscaling/v2) on a Pods metric,
   ``triton_queue_time_us_per_request``: Triton's cumulative queue time
@@ -43,12 +43,12 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serve import auth
-from serve.errors import UsageError
-from serve.files import atomic_write_text
+from serve.core import auth
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_text
 
 # The cluster reaches :8000, so the default is the first release clear of every published
-# Triton security bulletin (README): 26.07, built on CUDA 13.3.1 (releases before it are
+# Triton security bulletin (docs/deployment.md): 26.07, built on CUDA 13.3.1 (releases before it are
 # affected by CVE-2025-23316, CVE-2026-24207, CVE-2026-47627, among others). The generated
 # configs use nothing newer than the bundled 2.51 (NGC 24.10); a TensorRT plan must come
 # from the image's own TensorRT (model.plan.json records the version it was built with).

@@ -13,7 +13,7 @@ parameters, and class labels through Triton's classification extension (the mode
 Every call has a deadline: ``connect_timeout`` for liveness, metadata, config and
 shared-memory registration, ``timeout`` for inference (gRPC ``client_timeout``; HTTP
 connection/network timeouts; ``asyncio.wait_for`` in the async client); gRPC channels
-send keepalive pings during long calls. Errors are :mod:`serve.errors` types.
+send keepalive pings during long calls. Errors are :mod:`serve.core.errors` types.
 tritonclient's HTTP client is not thread-safe (gevent): use one Classifier per thread,
 or :class:`AsyncClassifier` for many requests in flight.
 """
@@ -30,18 +30,19 @@ from typing import Any
 
 import numpy as np
 
-from serve import auth
-from serve.errors import (
+from serve.client.connect import DEFAULT_URLS, make_client, protocol_module
+from serve.client.model_info import ModelInfo, Prediction, predictions
+from serve.client.shared_memory import SharedMemoryPool, is_unknown_region
+from serve.core import auth
+from serve.core.errors import (
     ClientError,
     InferenceFailed,
     ModelNotReady,
     ServerUnavailable,
-    UsageError,
     classify_error,
     is_transient,
 )
-from serve.model_info import ModelInfo, Prediction, predictions
-from serve.preprocess import (
+from serve.core.preprocess import (
     DEFAULT_LIMITS,
     ImageError,
     ImageSource,
@@ -49,7 +50,6 @@ from serve.preprocess import (
     describe,
     preprocess,
 )
-from serve.shared_memory import SharedMemoryPool, is_unknown_region
 
 __all__ = [
     "AsyncClassifier",
@@ -62,52 +62,6 @@ __all__ = [
     "ServerUnavailable",
     "is_transient",
 ]
-
-DEFAULT_URLS = {"http": "127.0.0.1:8000", "grpc": "127.0.0.1:8001"}
-# gRPC keepalive: ping an open call every 60 s, give up after 20 s without an answer;
-# no pings on an idle channel (Triton's default policy would count those as strikes).
-KEEPALIVE = {"keepalive_time_ms": 60_000, "keepalive_timeout_ms": 20_000}
-
-
-def protocol_module(protocol: str, aio: bool = False) -> Any:
-    """tritonclient's module for ``protocol`` (sync or asyncio)."""
-    if protocol == "http":
-        if aio:
-            import tritonclient.http.aio as module
-        else:
-            import tritonclient.http as module
-    elif protocol == "grpc":
-        if aio:
-            import tritonclient.grpc.aio as module
-        else:
-            import tritonclient.grpc as module
-    else:
-        raise UsageError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
-    return module
-
-
-def make_client(
-    protocol: str, url: str, connect_timeout: float, timeout: float, aio: bool = False
-) -> Any:
-    """A tritonclient InferenceServerClient with deadlines (and gRPC keepalive)."""
-    if "://" in url:
-        scheme, _, rest = url.partition("://")
-        raise ServerUnavailable(
-            f"--url takes HOST:PORT, not a URL: use {rest.rstrip('/')!r} (without "
-            f"'{scheme}://'; --protocol says how to talk to it)"
-        )
-    module = protocol_module(protocol, aio)
-    try:
-        if protocol == "http":
-            if aio:
-                return module.InferenceServerClient(url, conn_timeout=timeout)
-            return module.InferenceServerClient(
-                url, connection_timeout=connect_timeout, network_timeout=timeout
-            )
-        keepalive = module.KeepAliveOptions(**KEEPALIVE)
-        return module.InferenceServerClient(url, keepalive_options=keepalive)
-    except Exception as e:  # noqa: BLE001 - a malformed URL, an unusable address
-        raise ServerUnavailable(f"cannot create a {protocol} client for {url}: {e}") from e
 
 
 def read_bytes(source: ImageSource) -> bytes:
@@ -174,7 +128,7 @@ class Classifier(_Base):
         admin_key: str | None = None,
     ) -> None:
         """``shared_memory=True`` sends pixel tensors through system shared memory
-        (serve/shared_memory.py): the server must run on this machine, and registering
+        (serve/client/shared_memory.py): the server must run on this machine, and registering
         regions needs the server's admin key (``admin_key``, else found for ``url``)."""
         self.protocol = protocol
         self.module = protocol_module(protocol)
@@ -246,7 +200,7 @@ class Classifier(_Base):
                 return "is not ready"
         names = ""
         try:
-            from serve import admin
+            from serve.client import admin
 
             key = auth.resolve_key(self.url)
             models = admin.list_models(self.url, key, self.protocol) if key else []

@@ -21,7 +21,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from serve.errors import UserError
+from serve.core.errors import UserError
 
 HEADER = "admin-key"
 ENV_KEY = "TRAINSERVE_ADMIN_KEY"

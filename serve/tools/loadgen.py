@@ -1,13 +1,13 @@
 """The load loop for what perf_analyzer cannot drive: the in-process baselines (ONNX
 Runtime, PyTorch, a bare TensorRT engine), so every Triton figure of a benchmark report
-(measured by perf_analyzer, serve/perf_analyzer.py) is a ratio to them in the same run.
+(measured by perf_analyzer, serve/tools/perf_analyzer.py) is a ratio to them in the same run.
 
 ``measure`` runs ``concurrency`` threads that each call ``run_once`` again as soon as it
 returns; a level stops when 3 consecutive windows agree within 10% in throughput (the
 stability rule perf_analyzer applies too, there to latency as well) or at a time cap,
 and reports the latencies of the last 3 windows. Until perf_analyzer drove the bench,
 this loop also drove the Triton rows through the Python client; the side-by-side of the
-two on the same levels is in the README ("perf_analyzer vs the Python loop").
+two on the same levels is in docs/benchmarks.md ("perf_analyzer vs the Python loop").
 """
 
 from __future__ import annotations

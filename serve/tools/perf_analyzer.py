@@ -1,7 +1,7 @@
 """Triton's perf_analyzer: installed by ``make setup``, driven by ``make bench`` / ``make tune``
 (torch-free).
 
-Where the binary comes from (checked, see README "Benchmark"): the ``tritonclient`` 2.51.0
+Where the binary comes from (checked, see docs/benchmarks.md): the ``tritonclient`` 2.51.0
 wheel on PyPI (the version of the bundled tritonserver) ships ``bin/perf_analyzer``;
 newer tritonclient wheels depend on a ``perf-analyzer`` package that is only an empty
 placeholder here. The project keeps its newer tritonclient library and takes only the
@@ -11,8 +11,8 @@ binary out of the 2.51.0 wheel (downloaded once with pip, checked against its sh
 load, it runs on CPU), so ``<venv>/bin/perf_analyzer`` is a small wrapper that puts the
 latter on ``LD_LIBRARY_PATH``.
 
-``python -m serve.perf_analyzer install`` does the above and checks ``--version``;
-``python -m serve.perf_analyzer check`` only checks.
+``python -m serve.tools.perf_analyzer install`` does the above and checks ``--version``;
+``python -m serve.tools.perf_analyzer check`` only checks.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from serve.errors import UsageError, UserError
-from serve.files import atomic_write_text
+from serve.core.errors import UsageError, UserError
+from serve.core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def wrapper_script(prefix: Path) -> str:
     cudart = os.path.relpath(cudart_dir(prefix), _bin_dir(prefix))
     return (
         "#!/bin/sh\n"
-        f"# perf_analyzer {VERSION} from the tritonclient wheel (serve/perf_analyzer.py);\n"
+        f"# perf_analyzer {VERSION} from the tritonclient wheel (serve/tools/perf_analyzer.py);\n"
         "# libcudart.so.12 (nvidia-cuda-runtime-cu12) only has to be loadable.\n"
         'here=$(dirname "$(readlink -f "$0")")\n'
         f'LD_LIBRARY_PATH="$here/{cudart}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}" '
@@ -379,7 +379,7 @@ def mount_namespace_prefix(profile: Profile) -> list[str]:
     to the public front). Empty for any other server."""
     if profile.shared_memory != "system":
         return []
-    from serve import auth
+    from serve.core import auth
 
     folder = auth.shm_dir(profile.url)
     match = re.fullmatch(r"/proc/(\d+)/root/dev/shm", folder or "")
@@ -418,8 +418,8 @@ def _shown(cmd: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m serve.perf_analyzer install|check``."""
-    p = argparse.ArgumentParser(prog="python -m serve.perf_analyzer", description=__doc__)
+    """``python -m serve.tools.perf_analyzer install|check``."""
+    p = argparse.ArgumentParser(prog="python -m serve.tools.perf_analyzer", description=__doc__)
     p.add_argument("action", choices=["install", "check"])
     p.add_argument("--prefix", default=sys.prefix, help="the venv (default: this one)")
     p.add_argument(

@@ -1,5 +1,5 @@
 """Benchmark reports: ``bench/<model>-<date>.json`` + ``-latest.json``, a PNG of
-throughput against p99 latency, and the README's markdown table (torch-free)."""
+throughput against p99 latency, and the markdown table of docs/benchmarks.md (torch-free)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.files import atomic_write_json
+from serve.core.files import atomic_write_json
 
 
 def write_report(report: dict[str, Any], out: Path, model: str) -> list[Path]:
@@ -63,7 +63,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4, 16)) -> str:
-    """The README's table from a bench JSON: the in-process baselines, then every Triton
+    """The docs' table from a bench JSON: the in-process baselines, then every Triton
     row at the given concurrency levels and every request-rate row."""
     head = (
         "| backend | input | load | img/s | p50 ms | p99 ms | errors | x ORT "

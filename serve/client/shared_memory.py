@@ -10,12 +10,12 @@ by many threads holds a fixed number of regions, not one per thread forever. A r
 grows when a larger batch comes (up to ``max_bytes``). Regions are registered with the
 server on creation and again after a server restart; ``close()`` unregisters and unlinks
 them. Registration is a control-plane call: a server with restricted APIs wants the
-admin key in ``headers``. Every failure is a :class:`~serve.errors.ClientError`.
+admin key in ``headers``. Every failure is a :class:`~serve.core.errors.ClientError`.
 
 Where the server keeps a private /dev/shm (``serve run``'s Triton lives in its own mount
 namespace, so no other local user sees the python backend's IPC regions), ``shm_dir``
 names that folder as this machine's owner reaches it (``/proc/<tritonserver>/root/dev/
-shm``, found by :func:`serve.auth.shm_dir` from the file ``serve run`` writes): regions
+shm``, found by :func:`serve.core.auth.shm_dir` from the file ``serve run`` writes): regions
 are then files created there (mode 0600, ``mmap``), which Triton opens by the same key.
 ``shm_dir`` is a callable, asked again when a restarted server forgot a region (a new
 namespace, a new folder). Otherwise regions are POSIX shared memory from tritonclient's
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import ClientError, UsageError
+from serve.core.errors import ClientError, UsageError
 
 
 @dataclass

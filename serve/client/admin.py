@@ -2,7 +2,7 @@
 list models and versions, load, unload, restart, roll back, and read health and metrics.
 
 These are control-plane calls: on a server started by ``serve run`` they carry the admin
-key (``serve/auth.py``; found for the URL unless given). Every call has a deadline.
+key (``serve/core/auth.py``; found for the URL unless given). Every call has a deadline.
 Uses tritonclient's gRPC client (thread-safe, unlike the HTTP one) and urllib for the
 Prometheus endpoint; no torch.
 """
@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from serve import auth
-from serve.client import DEFAULT_URLS
-from serve.errors import ClientError, ModelNotReady, classify_error
+from serve.client.connect import DEFAULT_URLS
+from serve.core import auth
+from serve.core.errors import ClientError, ModelNotReady, classify_error
 
 CALL_TIMEOUT = 30.0  # seconds for an index/config/unload call
 LOAD_TIMEOUT = 300.0  # seconds for a load (a TensorRT engine can take a while)
@@ -48,7 +48,7 @@ class Admin:
         timeout: float = CALL_TIMEOUT,
         protocol: str = "grpc",
     ) -> None:
-        from serve.client import make_client
+        from serve.client.connect import make_client
 
         self.protocol = protocol
         self.url = url or DEFAULT_URLS[protocol]

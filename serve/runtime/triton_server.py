@@ -6,7 +6,7 @@ interpreter's LIBDIR (for libpython) and the venv's ``bin`` (the stub's Python
 finds packages through the first ``python3`` on PATH).
 
 Defaults that protect a deployment: every port binds loopback unless ``host`` says
-otherwise; the control-plane APIs are restricted behind an admin key (``serve/auth.py``),
+otherwise; the control-plane APIs are restricted behind an admin key (``serve/core/auth.py``),
 and binding a non-loopback address without that restriction is refused; tritonserver
 runs with jemalloc (``LD_PRELOAD``, as NVIDIA's containers do) when ``libjemalloc.so.2``
 is installed, which returns freed memory instead of letting glibc's arenas keep it.
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve import auth
-from serve.errors import SetupError, UsageError, UserError
+from serve.core import auth
+from serve.core.errors import SetupError, UsageError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,10 @@ def describe(opts: ServerOptions, watchdog: float = 0.0) -> str:
 
 def run_supervised(opts: ServerOptions, watchdog_interval: float, server: Any = None) -> int:
     """``serve run``: the server as a child (its log on our stdout) plus, when
-    ``watchdog_interval`` > 0, the stub watchdog (serve/watchdog.py). ``server`` is a
-    :class:`TritonServer` (the default) or a :class:`serve.stack.PublicServer` (the front).
+    ``watchdog_interval`` > 0, the stub watchdog (serve/runtime/watchdog.py). ``server`` is a
+    :class:`TritonServer` (the default) or a :class:`serve.runtime.stack.PublicServer` (the front).
     SIGTERM/SIGINT stop the server cleanly; returns the server's exit code."""
-    from serve.watchdog import WatchdogConfig, watch
+    from serve.runtime.watchdog import WatchdogConfig, watch
 
     server = server or TritonServer(opts, inherit_output=True)
     stop = threading.Event()

@@ -1,5 +1,5 @@
 """Image decoding and the eval geometry, with Pillow and NumPy only (no torch; of this
-project only the error root, ``serve.errors``, with stand-ins where it is absent: the file
+project only the error root, ``serve.core.errors``, with stand-ins where it is absent: the file
 is copied as it is into the server-side preprocess model, which has no ``serve`` package).
 
 Reproduces the training eval transform exactly - torchvision's PIL path of
@@ -50,15 +50,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-try:  # the project's error root (serve/errors.py, the standard library only)
-    from serve.errors import UsageError, UserError
+try:  # the project's error root (serve/core/errors.py, the standard library only)
+    from serve.core.errors import UsageError, UserError
 except ImportError:  # this file alone, as image_preprocess.py of a Triton preprocess model
 
     class UserError(Exception):  # type: ignore[no-redef]
-        """Stands in for ``serve.errors.UserError`` where this file runs alone."""
+        """Stands in for ``serve.core.errors.UserError`` where this file runs alone."""
 
     class UsageError(UserError, ValueError):  # type: ignore[no-redef]
-        """Stands in for ``serve.errors.UsageError`` where this file runs alone."""
+        """Stands in for ``serve.core.errors.UsageError`` where this file runs alone."""
 
 
 # Limits (the server-side preprocess model reads them from its config parameters).

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from serve.client import Classifier
-from serve.errors import UsageError
-from serve.preprocess import IMAGE_EXTENSIONS
+from serve.client.client import Classifier
+from serve.core.errors import UsageError
+from serve.core.preprocess import IMAGE_EXTENSIONS
 
 
 @dataclass

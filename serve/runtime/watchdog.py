@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from serve import admin, auth
-from serve.client import DEFAULT_URLS
+from serve.client import admin
+from serve.client.connect import DEFAULT_URLS
+from serve.core import auth
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class WatchdogConfig:
     interval: float = 10.0  # seconds between rounds
     timeout: float = 30.0  # per probe (a busy server queues it behind real work)
     hung_rounds: int = 3  # consecutive timed-out probes before a model counts as hung
-    admin_key: str | None = None  # None: found for the URL (serve/auth.py)
+    admin_key: str | None = None  # None: found for the URL (serve/core/auth.py)
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """``python -m serve bench``: throughput and latency of a served model through Triton, with
 ONNX Runtime in-process as the baseline every Triton figure is a ratio to (torch-free).
 
-The Triton rows come from Triton's perf_analyzer (serve/perf_analyzer.py): a closed-loop
+The Triton rows come from Triton's perf_analyzer (serve/tools/perf_analyzer.py): a closed-loop
 concurrency sweep and open-loop request-rate runs (Poisson arrivals) over gRPC, gRPC with
 system shared memory and HTTP, tensor input and raw image bytes (``--input-data`` built
 from real val images), perf_analyzer's stability rule, its CSV parsed into the report's
 rows: throughput, p50/p90/p95/p99 latency, Triton's queue/compute time; errors and the
 average executed batch from the statistics API (deltas). The in-process baselines use
-``serve.loadgen``. ``python -m export bench`` (``make bench``) runs the same sweep plus
+``serve.tools.loadgen``. ``python -m export bench`` (``make bench``) runs the same sweep plus
 the baselines that need torch (PyTorch eager, a bare TensorRT engine) in one report.
 """
 
@@ -23,15 +23,15 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from serve import auth
-from serve import perf_analyzer as pa
-from serve.contract import IMAGE_INPUT, INPUT_NAME, ModelCard, image_model_name
-from serve.errors import UsageError
-from serve.evaluate import list_image_folder
-from serve.files import atomic_write_json, latest_version
-from serve.loadgen import Level, level, measure
-from serve.machine import gemm_gflops_onnxruntime, machine_info
-from serve.preprocess import ResizeCrop, preprocess
+from serve.client.evaluate import list_image_folder
+from serve.core import auth
+from serve.core.contract import IMAGE_INPUT, INPUT_NAME, ModelCard, image_model_name
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_json, latest_version
+from serve.core.machine import gemm_gflops_onnxruntime, machine_info
+from serve.core.preprocess import ResizeCrop, preprocess
+from serve.tools import perf_analyzer as pa
+from serve.tools.loadgen import Level, level, measure
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def image_pipeline_baseline(
     cap: float,
     precision: str = "fp32",
 ) -> Level:
-    """The raw-image path's own limit: decode + preprocess (serve/preprocess.py, what the
+    """The raw-image path's own limit: decode + preprocess (serve/core/preprocess.py, what the
     server-side preprocess model runs) + ONNX Runtime, in one process, on the same
     encoded images and batch as the ``raw`` Triton levels."""
     import onnxruntime as ort
@@ -184,8 +184,8 @@ class ExternalServer:
 def bench_server_options(repo: Path, load_models: list[str] | None = None) -> Any:
     """Options of a private bundled server on free loopback ports, with the control plane
     locked as under ``serve run`` (perf_analyzer sends the key with ``-H``, under both the
-    HTTP and the gRPC header name: :func:`serve.auth.headers`)."""
-    from serve.triton_server import ServerOptions, free_port
+    HTTP and the gRPC header name: :func:`serve.core.auth.headers`)."""
+    from serve.runtime.triton_server import ServerOptions, free_port
 
     key = auth.new_key()
     return ServerOptions(
@@ -209,7 +209,7 @@ def server_context(args: argparse.Namespace, repo: Path, log_dir: Path) -> Any:
     admin key from ``$TRAINSERVE_ADMIN_KEY`` or the key file ``serve run`` wrote)."""
     if args.grpc_url:
         return ExternalServer(args.grpc_url, args.http_url)
-    from serve.triton_server import TritonServer
+    from serve.runtime.triton_server import TritonServer
 
     return TritonServer(bench_server_options(repo), log_path=log_dir / "bench-server.log")
 
@@ -367,7 +367,7 @@ def load_generator(args: argparse.Namespace) -> dict[str, Any]:
         "version": pa.version(),
         "source": f"tritonclient {pa.VERSION} wheel (bin/perf_analyzer)",
         "settings": asdict(PaSettings.from_args(args)),
-        "in_process": "serve.loadgen: closed loop, 3 windows within 10% (the baselines)",
+        "in_process": "serve.tools.loadgen: closed loop, 3 windows within 10% (the baselines)",
     }
 
 
@@ -467,7 +467,7 @@ def sweep(
     args: argparse.Namespace, inputs: BenchInputs, ort: Level, report: dict[str, Any]
 ) -> list[Level]:
     """The Triton rows (perf_analyzer) on a server of the bench's own: ``triton-*``
-    through the public front (what users get; serve/front.py), and in the same run a few
+    through the public front (what users get; serve/runtime/front.py), and in the same run a few
     levels ``front-*`` and ``direct-*`` (the same tritonserver without the front) in turn,
     ``FRONT_AB_ROUNDS`` times each, so the front's cost is a ratio that the machine's drift
     hits on both sides (``report["front_cost"]``). ``--grpc-url`` measures that server as
@@ -478,7 +478,7 @@ def sweep(
             levels = triton_levels(srv, args, inputs, ort, report["skipped"])
             mark_levels(levels, report.get("image_pipeline_baseline"))
             return levels
-        from serve.stack import FrontOnly
+        from serve.runtime.stack import FrontOnly
 
         with FrontOnly(srv, log_path=Path(args.out) / "bench-front.log") as front:
             levels = adjacent_levels(front, args, inputs, report)
@@ -635,13 +635,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--table",
         default="",
         metavar="JSON",
-        help="print the README table of a bench JSON (rows at --concurrency), exit",
+        help="print the docs table of a bench JSON (rows at --concurrency), exit",
     )
 
 
 def main(args: argparse.Namespace) -> int:
     """``python -m serve bench``."""
-    from serve.bench_report import markdown_table, write_report
+    from serve.tools.bench_report import markdown_table, write_report
 
     if args.table:
         print(markdown_table(json.loads(Path(args.table).read_text()), tuple(args.concurrency)))

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from serve.bench import bench_inputs
-from serve.client import Classifier
-from serve.contract import image_model_name
-from serve.errors import UsageError
-from serve.files import atomic_write_json
+from serve.client.client import Classifier
+from serve.core.contract import image_model_name
+from serve.core.errors import UsageError
+from serve.core.files import atomic_write_json
+from serve.tools.bench import bench_inputs
 
 
 def process_tree_rss(pid: int) -> int:
@@ -161,7 +161,7 @@ ALLOCATORS = ("both", "jemalloc", "glibc")
 def allocators_to_run(choice: str) -> list[str]:
     """The allocators a soak runs, jemalloc first; ``both`` without jemalloc installed
     runs glibc alone and says so. Asking for jemalloc without it is an error."""
-    from serve.triton_server import find_jemalloc
+    from serve.runtime.triton_server import find_jemalloc
 
     if choice == "both":
         if find_jemalloc() is None:
@@ -175,7 +175,7 @@ def allocators_to_run(choice: str) -> list[str]:
 
 def plot_rss(results: dict[str, dict[str, Any]], path: Path) -> None:
     """RSS of tritonserver + stubs over the run, one line per allocator."""
-    from serve.plots import plt
+    from serve.core.plots import plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, r in results.items():
@@ -194,7 +194,7 @@ def plot_rss(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """``python -m serve soak``: one soak per allocator, each on its own fresh server."""
-    from serve.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 
     repo = Path(a.model_repository)
     inputs = bench_inputs(repo, a.model, a.data, 32)

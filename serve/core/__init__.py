@@ -1,0 +1,18 @@
+"""The shared kernel every stage imports (torch-free, light): the model-card contract,
+atomic files, bounded image decoding, the admin key, the error root, the CLI pattern,
+machine facts and plots. ``train`` may import only this sub-package of ``serve``."""
+
+from serve.core.exports import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "contract": ["ModelCard", "Metrics", "Preprocessing", "Pretrained", "CardError"],
+        "errors": ["TrainServeError", "UserError", "UsageError", "SetupError", "GateRefused"],
+        "files": ["atomic_write", "atomic_write_json", "publish_dir", "staged_dir", "WriteError"],
+        "preprocess": ["preprocess", "load_image", "ImageError", "Limits", "DEFAULT_LIMITS"],
+        "cli_common": ["Command", "main", "run_guarded"],
+        "machine": ["machine_info", "cpu_model"],
+        "plots": ["save_figure", "plot_confusion"],
+    },
+)
