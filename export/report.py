@@ -102,10 +102,7 @@ def rtx_builds_markdown(builds: list[dict[str, Any]]) -> list[str]:
 
 def write_histogram(stages: list[Stage], diffs: dict[str, np.ndarray], path: Path) -> None:
     """Histogram of |diff| per stage (log-spaced bins), the shape behind the numbers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ran = [s for s in stages if s.name in diffs and diffs[s.name].size]
@@ -140,6 +137,4 @@ def write_histogram(stages: list[Stage], diffs: dict[str, np.ndarray], path: Pat
         title_fontsize=8,
     )
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -55,10 +55,7 @@ def report(args: argparse.Namespace, trials: list[Trial], facts: dict[str, Any])
 
 def plot(rep: dict, path: Path) -> None:
     """Throughput against p99 per candidate, the budget as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(9, 5))
     for t in rep["trials"]:
@@ -87,11 +84,7 @@ def plot(rep: dict, path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def markdown_table(rep: dict) -> str:

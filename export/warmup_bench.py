@@ -160,10 +160,7 @@ def _warmup_sizes(model_dir: Path) -> list[int]:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """First-request vs steady latency per kind, with and without warmup."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     labels, firsts, steadies = [], [], []
@@ -180,11 +177,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("latency (ms)")
     ax.set_title(f"{report['model']}: first request after a load ({report['cpu']})", fontsize=9)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

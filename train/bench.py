@@ -206,10 +206,7 @@ def images_per_second(arch: str, batch: int = 128, steps: int = 5) -> dict[str, 
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     speeds = report["cifar_speed"]
     fig, axes = plt.subplots(1, 2 if speeds else 1, figsize=(13 if speeds else 7, 4.5))
@@ -242,9 +239,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     if not speeds:
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path)
         return
     ax2 = axes[1]
     names = [s["arch"] for s in speeds]
@@ -259,9 +254,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     ax2.legend()
     ax2.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

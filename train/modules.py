@@ -136,10 +136,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Bars per measured thing: params, GFLOPs and images/s, naive vs reduced (log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     rows = report["rows"]
     whats = list(dict.fromkeys(r["what"] for r in rows))
@@ -167,9 +164,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         f"load {m['loadavg_1m']})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

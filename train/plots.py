@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from serve.core.plots import save_figure
+
 
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """Loss and accuracy per epoch (train and val) side by side."""
@@ -26,9 +28,4 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = ""
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

@@ -156,10 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     rows = report["table"]
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -175,9 +172,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         title="linear probe on the offline backbone's features",
     )
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -148,10 +148,7 @@ def table(results: list[dict[str, Any]], labels: list[str]) -> list[dict[str, An
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Bar chart of the held-out accuracy per candidate (mean +- std)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     rows = report["table"]
     fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(rows)), 4))
@@ -168,9 +165,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         title=f"{report['folds']}-fold CV on the training images, seeds {report['seeds']}",
     )
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,10 +22,7 @@ def write_report(report: dict[str, Any], out: Path, model: str) -> list[Path]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from serve.core.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(9, 5))
     groups: dict[tuple[str, str, bool], list[dict]] = {}
@@ -55,11 +52,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4, 16)) -> str:

@@ -175,7 +175,7 @@ def allocators_to_run(choice: str) -> list[str]:
 
 def plot_rss(results: dict[str, dict[str, Any]], path: Path) -> None:
     """RSS of tritonserver + stubs over the run, one line per allocator."""
-    from serve.core.plots import plt
+    from serve.core.plots import plt, save_figure
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, r in results.items():
@@ -187,9 +187,7 @@ def plot_rss(results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.axvline(r["warmup_seconds"], color="grey", lw=0.5, ls="--")
     ax.set(xlabel="seconds", ylabel="RSS MiB (tritonserver + stubs)", title="soak: server memory")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run(a: argparse.Namespace) -> int:
