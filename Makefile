@@ -39,10 +39,10 @@ MODEL_STORE ?=
 K8S_OUT ?= deploy/k8s
 NAMESPACE ?= default
 
-.PHONY: help setup lock data train export serve test test-all test-fast lint format clean bench-train bench tune soak deploy-manifests
+.PHONY: help setup lock data train export serve test test-long test-all test-fast lint format clean bench-train bench tune soak deploy-manifests
 
 help:
-	@echo "make setup | train | export | serve | test | test-all | test-fast | bench | tune | bench-train | soak | deploy-manifests | data | lint | clean"
+	@echo "make setup | train | export | serve | test | test-long | test-all | test-fast | bench | tune | bench-train | soak | deploy-manifests | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
 	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) PRECISION=$(PRECISION) (fp32|fp16|int8) DEPLOY=HOST:GRPC_PORT"
@@ -134,10 +134,14 @@ serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \
 		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --watchdog $(WATCHDOG)
 
-# What CI runs: every behaviour, with per-architecture repetitions on representative
-# architectures (the marker `exhaustive` holds the rest: `make test-all`).
+# Every behaviour, with per-architecture repetitions on representative architectures
+# (the marker `exhaustive` holds the rest: `make test-all`), less the few long end-to-end
+# tests (marker `long`: `make test-long`). CI (.ci/run) runs `make test`, then `make test-long`.
 test: $(STAMP)
-	$(PY) -m pytest -m "not exhaustive" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not exhaustive and not long" $(PYTEST_ARGS)
+
+test-long: $(STAMP)
+	$(PY) -m pytest -m "long and not exhaustive" $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

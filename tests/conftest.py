@@ -128,7 +128,8 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def own_server(model_repo: Path, tmp_path: Path):
-    """A server of its own, for tests that kill or restart things."""
+    """A server of its own, for tests that kill or restart things. Its shutdown grace is
+    3 s, not 10: with a stub killed or stopped, Triton waits out the whole grace."""
     from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 
     opts = ServerOptions(
@@ -136,6 +137,7 @@ def own_server(model_repo: Path, tmp_path: Path):
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
+        exit_timeout=3,
     )
     srv = TritonServer(opts, log_path=tmp_path / "server.log").start()
     yield srv

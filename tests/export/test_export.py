@@ -122,6 +122,7 @@ def _strings(obj) -> list[str]:
     return []
 
 
+@pytest.mark.long
 def test_export_publishes_next_version_and_gate_refuses(
     tmp_path: Path, trained_run: Path, model_repo: Path, hymenoptera: Path
 ) -> None:

@@ -126,6 +126,7 @@ STRICT = (
 )
 
 
+@pytest.mark.long
 def test_int8_fails_a_strict_gate_without_fallback(trained_run: Path, tmp_path: Path) -> None:
     proc = _int8_export(
         trained_run,
@@ -147,6 +148,7 @@ def test_int8_fails_a_strict_gate_without_fallback(trained_run: Path, tmp_path: 
     assert stage["fallback"] == {"status": "disabled (--no-precision-fallback)"}
 
 
+@pytest.mark.long
 def test_int8_speed_gate_refuses_a_slow_int8(trained_run: Path, tmp_path: Path) -> None:
     """`make export PRECISION=int8` publishes INT8 only when it is measured faster than
     FP32 by --min-int8-speedup: an INT8 that passes the accuracy gate (a lax one here, so
@@ -186,6 +188,7 @@ def test_int8_speed_gate_refuses_a_slow_int8(trained_run: Path, tmp_path: Path) 
     assert speed["passed"] is False and speed["slowest_speedup"] < 1000
 
 
+@pytest.mark.long
 def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_path: Path) -> None:
     """`make export PRECISION=int8` (its python -m export equivalent): the plain INT8 model
     of this low-margin model fails the gate (measured: 95-97% agreement), the fallback keeps
@@ -301,6 +304,7 @@ def test_calibration_halves_are_disjoint_training_images() -> None:
             assert part.labels[i] == k % 2
 
 
+@pytest.mark.long
 def test_calibrate_chooses_on_training_images_and_reports_val(
     trained_run: Path, model_repo: Path, hymenoptera: Path, tmp_path: Path
 ) -> None:

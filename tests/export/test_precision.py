@@ -93,6 +93,7 @@ def test_fp16_onnx_graph(trained_run: Path, model_repo: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_fp16_parity_on_a_cifar_model(tmp_path: Path) -> None:
     """The pretrained CIFAR ResNet-20 through every stage that runs here."""
     (weights,) = (SHARED / "pretrained" / "cifar10_resnets").glob("resnet20-*.th")
@@ -201,6 +202,7 @@ def test_cpu_and_gpu_configs_parse_strictly() -> None:
         ServingConfig(max_batch_size=8, preferred_batch_sizes=[16])
 
 
+@pytest.mark.long
 def test_export_gpu_onnxruntime_target_here(trained_run: Path, tmp_path: Path) -> None:
     repo = tmp_path / "gpu_repo"
     proc = run_cli(

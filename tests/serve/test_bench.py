@@ -142,6 +142,7 @@ def test_grpc_on_the_restricted_server_needs_the_key(
     assert row.throughput > 0 and row.server_compute_ms > 0
 
 
+@pytest.mark.long
 def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) -> None:
     _binary()
     run_cli(

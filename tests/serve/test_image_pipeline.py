@@ -235,6 +235,7 @@ def test_health_reports_readiness_and_metrics(server, val_images):
     assert "server live: True  ready: True" in text and "avg batch" in text
 
 
+@pytest.mark.long
 def test_publish_while_serving_then_rollback(model_repo, trained_run, hymenoptera, tmp_path):
     """Version 2 is published and loaded while a client keeps sending requests; none
     fails; both versions serve (policy: latest 2), clients can pin one; rollback serves

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -241,29 +243,43 @@ def test_isolated_decode_is_stopped_at_its_deadline() -> None:
 def test_isolated_decode_runs_at_low_priority() -> None:
     """The expensive image's decoder runs niced (DECODE_NICE above its parent), so the
     cores go to the cheap requests first."""
-    before = _children()
     expected = min(19, os.nice(0) + DECODE_NICE)
 
-    def nice(pid: int) -> int | None:
-        try:
-            return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
-        except (OSError, IndexError, ValueError):  # gone meanwhile
-            return None
+    def children() -> set[int]:  # from /proc directly: a poll costs microseconds
+        found: set[int] = set()
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found |= {int(c) for c in (task / "children").read_text().split()}
+        return found
 
-    def nice_of_decoder() -> bool:
-        # any new child at that nice: the decoder need not be the only new child (a full
-        # run once timed out here; the cause was not found, the old check assumed one)
-        return any(nice(child) == expected for child in _children() - before)
+    before = children()
+    seen: dict[int, set[int]] = {}  # each new child: the nice values it was seen at
 
+    def decoder_niced() -> bool:
+        for child in children() - before:
+            with contextlib.suppress(OSError):
+                seen.setdefault(child, set()).add(os.getpriority(os.PRIO_PROCESS, child))
+        return any(expected in nices for nices in seen.values())
+
+    result: list[object] = []
+    data = expensive_jpeg()
     worker = threading.Thread(
-        target=decode_isolated,
-        args=(expensive_jpeg(), ResizeCrop(256, 224), Limits(decode_deadline_s=60)),
+        target=lambda: result.append(
+            decode_isolated(data, ResizeCrop(256, 224), Limits(decode_deadline_s=60)).shape
+        )
     )
+    started = time.monotonic()
     worker.start()
     try:
-        wait_until(nice_of_decoder, 30, f"the decoder child at nice {expected}", interval=0.02)
+        wait_until(
+            decoder_niced,
+            30,
+            f"the decoder child at nice {expected} (seen: {seen}; decoded: {result})",
+            interval=0.005,
+        )
     finally:
         worker.join()
+    assert result == [(3, 224, 224)], f"{result} after {time.monotonic() - started:.2f} s"
 
 
 def test_isolated_decode_reports_the_decoders_error() -> None:

@@ -140,6 +140,7 @@ def _train(out: Path, data: Path, *extra: str, check: bool = True):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_fresh_run_refuses_an_out_with_checkpoints(tmp_path: Path) -> None:
     """Run again with the same settings (`make train export` twice): the finished run is
     kept and nothing trains. With other settings, or over an unfinished run: refused."""

@@ -43,6 +43,7 @@ def _weights(arch: str) -> Path:
     return path
 
 
+@pytest.mark.long
 def test_pretrained_resnet20_cli_reproduces_reference(cifar: Path) -> None:
     proc = run_cli(
         "train",
@@ -169,6 +170,7 @@ def test_every_arch_trains_resumes_and_evaluates(
     assert (tmp_path / arch / "confusion.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.long
 def test_resume_continues_exactly(tmp_path: Path, cifar: Path) -> None:
     args = [
         "--recipe",
@@ -218,6 +220,7 @@ def test_resume_refuses_a_checkpoint_of_another_arch(tmp_path: Path, cifar: Path
     assert proc.returncode == 2 and "cannot resume" in proc.stderr and "vgg11" in proc.stderr
 
 
+@pytest.mark.long
 def test_ddp_two_processes_match_one_process(tmp_path: Path, cifar: Path) -> None:
     """torchrun, 2 CPU processes (gloo), global batch 32 = 2 x 16, vs 1 process, batch 32.
     BatchNorm off and augmentation off so both see exactly the same arithmetic."""

@@ -214,6 +214,7 @@ def test_googlenet_auto_falls_back_offline_with_the_banner(
 
 
 @pytest.mark.server
+@pytest.mark.long
 def test_googlenet_with_aux_trains_exports_one_output_and_is_served(tmp_path: Path) -> None:
     """`make train RECIPE=cifar10_googlenet TRAIN_ARGS="--aux-weight 0.3"` (shrunk) then
     `make export`: the auxiliary classifiers are in the checkpoint, not in the graph (one

@@ -58,6 +58,7 @@ def test_feature_extract_trains_only_the_head(trained_run: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_train_cli_summary_and_pretrained_none(tmp_path: Path, hymenoptera: Path) -> None:
     out = tmp_path / "scratch"
     proc = run_cli(
