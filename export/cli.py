@@ -74,7 +74,7 @@ EXPORT_DESCRIPTION = (
 def _precision_args(p: argparse.ArgumentParser) -> None:
     from export.int8 import CALIBRATION_METHODS, Calibration
     from export.parity import ACCURACY_GATE
-    from export.precision import PRECISIONS, PrecisionConfig
+    from export.run_state import PRECISIONS, PrecisionConfig
 
     g = p.add_argument_group("precision (FP16/INT8 stages are judged by accuracy)")
     g.add_argument(
@@ -176,7 +176,7 @@ def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the 
     """The PrecisionConfig the flags describe."""
     from export.int8 import Calibration
     from export.parity import AccuracyGate
-    from export.precision import PrecisionConfig
+    from export.run_state import PrecisionConfig
 
     return PrecisionConfig(
         precision=a.precision,

@@ -18,60 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from export.int8 import Calibration, metadata_of, preprocess_for_quantization, quantize_int8
-from export.parity import AccuracyGate
+from export.int8 import metadata_of, preprocess_for_quantization, quantize_int8
+from export.run_state import INT8_STAGE, gating_stages
 from export.stage_outputs import load_pixels, onnxruntime_logits
 from serve.core.errors import UsageError
 
 if TYPE_CHECKING:
-    from export.release import ExportRun
+    from export.run_state import ExportRun
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
-INT8_STAGE = "onnxruntime-int8"
 INT8_TRT_STAGE = "onnxruntime-int8-tensorrt"  # model_int8_trt.onnx, the TensorRT flavour
-
-
-@dataclass
-class PrecisionConfig:
-    """What precision to publish, how reduced stages are judged, how INT8 is calibrated,
-    and the fallback search's budget (``fallback_rounds`` re-checks at most)."""
-
-    precision: str = "fp32"
-    gate: AccuracyGate = field(default_factory=AccuracyGate)
-    calibration: Calibration = field(default_factory=Calibration)
-    calibration_data: str = ""  # default: the checkpoint's training data
-    int8: bool = True
-    fallback: bool = True
-    fallback_rounds: int = 8
-    fallback_groups: int = 8
-    fallback_max_fraction: float = 0.75
-    # PRECISION=int8 (CPU) must pay off: INT8 images/s >= this x FP32's, measured here
-    min_int8_speedup: float = 1.15
-
-    def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.precision == "int8" and not self.int8:
-            raise UsageError("PRECISION=int8 needs the INT8 stage (drop --no-int8-stage)")
-        if not 0 < self.gate.min_agreement <= 1 or self.gate.max_accuracy_drop < 0:
-            raise UsageError(f"invalid accuracy gate {self.gate}")
-        if self.min_int8_speedup < 0:
-            raise UsageError(f"--min-int8-speedup must be >= 0, got {self.min_int8_speedup}")
-
-
-def gating_stages(precision: str, target: str) -> set[str]:
-    """The reduced-precision stages that gate publishing for this precision and target."""
-    if target == "gpu":
-        if precision == "int8":
-            return {"tensorrt-int8"}
-        return {"onnxruntime-fp16", "pytorch-fp16", "tensorrt-fp16"}
-    return {"int8": {INT8_STAGE}, "fp16": {"onnxruntime-fp16"}}.get(precision, set())
 
 
 def served_stage(precision: str) -> str:

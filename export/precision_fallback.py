@@ -38,11 +38,11 @@ import onnx
 from export.fp16 import convert_fp16
 from export.int8 import quantizable_nodes, quantize_int8
 from export.parity import Stage, format_stage, judge
-from export.precision import INT8_STAGE, gating_stages
+from export.run_state import INT8_STAGE, gating_stages
 from export.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
 
 if TYPE_CHECKING:
-    from export.release import ExportRun
+    from export.run_state import ExportRun
 
 log = logging.getLogger(__name__)
 

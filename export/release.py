@@ -13,55 +13,42 @@ import logging
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from export.fp16 import convert_fp16, pytorch_fp16_logits
 from export.onnx_cache import OnnxCache
 from export.onnx_export import export_onnx, exported_card
-from export.parity import FP16_GATE, FP32_GATE, Stage, Thresholds, format_stage, judge, skipped
 from export.precision import (
-    PrecisionConfig,
     check_int8,
     export_int8,
-    gating_stages,
     precision_details,
     served_stage,
 )
 from export.precision_fallback import fallback_step, speed_gate
 from export.publish import Published, publish
 from export.report import write_histogram, write_json, write_markdown
+from export.run_state import ExportConfig, ExportRun
 from export.stage_outputs import (
-    PixelBatches,
     encoded_images,
     load_pixels,
     onnxruntime_logits,
     pytorch_logits,
 )
 from export.tensorrt_engine import (
-    DEFAULT_RTX_TARGETS,
-    EngineProfile,
-    RtxBuild,
     TensorRTUnavailable,
     build_engine,
     import_rtx,
-    parse_targets,
     rtx_build,
     rtx_capabilities,
     tensorrt_logits,
     tensorrt_status,
 )
-from export.triton_config import ServingConfig
 from export.warmup import val_images
 from serve.core.cli_common import GateRefused
-from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard, ParitySummary
+from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ParitySummary
 from serve.core.errors import UsageError
-from serve.core.files import sha256
-from train.checkpoint import Checkpoint, load_checkpoint
+from train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -74,174 +61,6 @@ NO_TENSORRT = (
 
 class ParityFailed(GateRefused):
     """A gating stage missed its threshold and publishing was refused (exit 3)."""
-
-
-@dataclass
-class ExportConfig:
-    """Inputs of one export run."""
-
-    checkpoint: str
-    name: str = ""
-    data: str = ""
-    split: str = "val"
-    repository: str = "model_repository"
-    out_dir: str = ""
-    publish: bool = True
-    force: bool = False
-    batch_size: int = 32
-    workers: int = 2
-    atol: float = FP32_GATE.atol
-    parity_limit: int = 0
-    fp16: bool = True
-    fp16_limit: int = 1000
-    keep_fp16_edges: bool = False
-    fp16_tolerance: float = FP16_GATE.atol
-    triton_parity: bool = True
-    deploy: str = ""  # HOST:PORT of a live server to load the new version into
-    admin_key_file: str = ""
-    engine: str = ""
-    timing_cache: str = ""
-    onnx_cache: str = ""  # "" -> $TRAINSERVE_ONNX_CACHE or ~/.cache/trainserve/onnx; "off"
-    profile: EngineProfile = field(default_factory=EngineProfile)
-    # compute capabilities every ONNX is built for with TensorRT-RTX (() : no builds)
-    trt_rtx_targets: tuple[str, ...] = DEFAULT_RTX_TARGETS
-    serving: ServingConfig = field(default_factory=ServingConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-
-    def validate(self) -> None:
-        self.precision.validate()
-        self.trt_rtx_targets = parse_targets(self.trt_rtx_targets)
-        if self.precision.precision == "fp16" and not self.fp16:
-            raise UsageError("PRECISION=fp16 needs the FP16 stages (drop --no-fp16-stages)")
-        if not 0 < self.atol <= FP32_GATE.atol:
-            raise UsageError(
-                f"atol {self.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
-                "be tightened, not loosened (use --force to publish anyway)"
-            )
-        if self.fp16_tolerance <= 0:
-            raise UsageError(f"fp16 tolerance must be > 0, got {self.fp16_tolerance:g}")
-
-
-@dataclass
-class ExportRun:
-    """What the steps share."""
-
-    cfg: ExportConfig
-    ckpt: Checkpoint
-    name: str
-    data: str
-    out_dir: Path
-    stages: list[Stage] = field(default_factory=list)
-    diffs: dict[str, np.ndarray] = field(default_factory=dict)
-    pixels: PixelBatches | None = None
-    reference: np.ndarray | None = None
-    ort32: np.ndarray | None = None
-    engine: Path | None = None
-    card: ModelCard | None = None
-    report: dict[str, Any] = field(default_factory=dict)
-    published: Published | None = None
-    logits: dict[str, np.ndarray] = field(default_factory=dict)
-    int8_logits: np.ndarray | None = None
-    int8_details: dict[str, Any] = field(default_factory=dict)
-    int8_skipped: str = ""  # why no INT8 model was built (an advisory stage left out)
-    onnx_cached: str = ""  # the cache key when model.onnx reused an earlier export
-    rtx_builds: list[RtxBuild] = field(default_factory=list)
-
-    @cached_property
-    def checkpoint_sha256(self) -> str:
-        """The checkpoint file's sha256 (the ONNX cache key and the card's provenance)."""
-        return sha256(self.cfg.checkpoint)
-
-    @property
-    def onnx_path(self) -> Path:
-        return self.out_dir / "model.onnx"
-
-    @property
-    def fp16_path(self) -> Path:
-        return self.out_dir / "model_fp16.onnx"
-
-    @property
-    def int8_path(self) -> Path:
-        return self.out_dir / "model_int8.onnx"
-
-    @property
-    def int8_trt_path(self) -> Path:
-        """The INT8 Q/DQ graph TensorRT parses (symmetric, float biases; export/int8.py)."""
-        return self.out_dir / "model_int8_trt.onnx"
-
-    @property
-    def served_onnx(self) -> Path:
-        """The ONNX published as the version's ``model.onnx``: on CPU the card's precision;
-        for ``tensorrt_plan`` the graph the strongly typed plans are built from (FP16, or
-        INT8 Q/DQ with ``PRECISION=int8``), so ``python -m export trt`` rebuilds the same."""
-        precision = self.cfg.precision.precision
-        if self.cfg.serving.kind == "gpu-tensorrt":
-            return self.int8_trt_path if precision == "int8" else self.fp16_path
-        if self.cfg.serving.target != "cpu" or precision == "fp32":
-            return self.onnx_path
-        return self.int8_path if precision == "int8" else self.fp16_path
-
-    @property
-    def fp32_gate(self) -> Thresholds:
-        return Thresholds(min_top1=FP32_GATE.min_top1, stat="max", atol=self.cfg.atol)
-
-    @property
-    def fp16_gate(self) -> Thresholds:
-        tol = self.cfg.fp16_tolerance
-        return Thresholds(min_top1=FP16_GATE.min_top1, stat="median", atol=tol, rtol=tol)
-
-    @property
-    def required_build_precision(self) -> str:
-        """The precision whose TensorRT-RTX build gates publishing: what ``TARGET=gpu``
-        serves (its engine is FP16, or INT8 with ``PRECISION=int8``); "" on CPU targets."""
-        if self.cfg.serving.target != "gpu":
-            return ""
-        return "int8" if self.cfg.precision.precision == "int8" else "fp16"
-
-    @property
-    def failed_required_builds(self) -> list[RtxBuild]:
-        return [
-            b
-            for b in self.rtx_builds
-            if b.status == "failed" and b.precision == self.required_build_precision
-        ]
-
-    @property
-    def passed(self) -> bool:
-        """No gating stage failed (advisory stages are reported, not enforced) and, for
-        ``TARGET=gpu``, the published precision built with TensorRT-RTX."""
-        stages_ok = all(s.status != "failed" or not s.gating for s in self.stages)
-        return stages_ok and not self.failed_required_builds
-
-    def compare(
-        self,
-        name: str,
-        reference: str,
-        ref: np.ndarray,
-        out: np.ndarray,
-        gate: Thresholds,
-        gating: bool = True,
-    ) -> Stage:
-        assert self.pixels is not None
-        labels = self.pixels.labels[: len(out)]
-        stage = judge(name, reference, ref, out, gate, gating, labels, self.ckpt.card.classes)
-        self.stages.append(stage)
-        self.diffs[name] = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
-        self.logits[name] = np.asarray(out)
-        log.info("%s", format_stage(stage))
-        return stage
-
-    def compare_reduced(self, name: str, out: np.ndarray) -> Stage:
-        """A reduced-precision stage vs ``pytorch-fp32``, judged by the accuracy gate;
-        gating when its model is what gets published (:func:`gating_stages`)."""
-        assert self.reference is not None
-        gating = name in gating_stages(self.cfg.precision.precision, self.cfg.serving.target)
-        ref = self.reference[: len(out)]
-        return self.compare(name, "pytorch-fp32", ref, out, self.cfg.precision.gate, gating)
-
-    def skip(self, name: str, reference: str, reason: str) -> None:
-        self.stages.append(skipped(name, reference, reason))
-        log.info("%s", format_stage(self.stages[-1]))
 
 
 # -- the steps -------------------------------------------------------------------------------

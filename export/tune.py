@@ -26,13 +26,13 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from export.triton_config import config_text, parse_config, signature
+from export.tune_trials import Knobs, Point, Trial
 from serve.core import auth
 from serve.core.contract import image_model_name, preprocess_model_name
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
@@ -40,51 +40,6 @@ from serve.tools import perf_analyzer as pa
 from serve.tools.bench import bench_inputs, bench_server_options, write_input_data
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """The searched part of a classifier config."""
-
-    instances: int
-    max_batch_size: int
-    max_queue_delay_us: int
-
-    @property
-    def label(self) -> str:
-        return f"i{self.instances}-b{self.max_batch_size}-d{self.max_queue_delay_us}"
-
-
-@dataclass
-class Point:
-    """One measured level of one candidate."""
-
-    concurrency: int
-    throughput: float
-    p50_ms: float
-    p99_ms: float
-    server_queue_ms: float
-    server_compute_ms: float
-    stable: bool
-
-
-@dataclass
-class Trial:
-    """A candidate config and what perf_analyzer measured for it."""
-
-    knobs: Knobs
-    is_current: bool = False
-    points: list[Point] = field(default_factory=list)
-    error: str = ""
-
-    def best(self, budget_ms: float) -> Point | None:
-        """The highest-throughput level whose p99 is within ``budget_ms``."""
-        ok = [p for p in self.points if p.p99_ms <= budget_ms]
-        return max(ok, key=lambda p: p.throughput) if ok else None
-
-    def score(self, budget_ms: float) -> float:
-        best = self.best(budget_ms)
-        return best.throughput if best else 0.0
 
 
 def read_knobs(config_path: Path) -> Knobs:

@@ -32,21 +32,6 @@ TARGETS = (0.90, 0.93, 0.95)
 ANTSBEES_RECIPES = ("antsbees_tutorial", "antsbees_feature_extract", "antsbees_finetune")
 
 
-def _machine() -> dict[str, Any]:
-    import torch
-
-    from serve.core.machine import cpu_model
-
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "loadavg_1m": round(os.getloadavg()[0], 2),  # > cores: other work shares the CPU
-    }
-
-
 def _resnet18_weights_available(timeout: float) -> tuple[bool, str]:
     from train.pretrained import PretrainedUnavailable, torchvision_resnet18_state_dict
 
@@ -285,12 +270,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     """``python -m train bench``: see the module docstring."""
     from train.models import ARCHS
+    from train.modules import torch_machine
 
     out = Path(a.out)
     runs = out / "runs"
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": _machine(),
+        "machine": torch_machine(),
         "time_to_accuracy": [],
         "cifar_speed": [],
     }

@@ -11,18 +11,20 @@ from typing import Any
 from serve.core.cli_common import Command
 from serve.core.cli_common import main as cli_main
 from serve.core.errors import UsageError
-from train.config import AMP, DEFAULT_RECIPE, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
+from train.config import (
+    AMP,
+    DEFAULT_RECIPE,
+    MODES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+    default_data,
+    parse_sets,
+)
 
 log = logging.getLogger(__name__)
 
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/hymenoptera_data"
-LOCAL_DATA = Path("data/hymenoptera_data")
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
-
-
-def default_data() -> str:
-    """``../shared/data/hymenoptera_data`` when present, else ``data/hymenoptera_data``."""
-    return str(SHARED_DATA if SHARED_DATA.is_dir() else LOCAL_DATA)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,22 +166,6 @@ def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
     if not cfg.out:
         cfg.out = f"runs/{cfg.model_name}"
     return cfg
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` -> ``{key: yaml(value)}``; config keys use ``_`` or ``-``."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise UsageError(f"--set {item!r}: the value is not valid YAML ({e})") from None
-    return out
 
 
 def run_train(args: argparse.Namespace) -> int:

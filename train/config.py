@@ -24,6 +24,8 @@ AMP = ("none", "bf16", "fp16")
 AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "antsbees_finetune"
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/hymenoptera_data"
+LOCAL_DATA = Path("data/hymenoptera_data")
 
 
 @dataclass
@@ -230,6 +232,26 @@ def resolve_config(
     cfg = TrainConfig.from_dict(values)
     cfg.validate()
     return cfg
+
+
+def default_data() -> str:
+    """The default ``--data``: ``../shared/data/hymenoptera_data`` when present, else
+    ``data/hymenoptera_data``."""
+    return str(SHARED_DATA if SHARED_DATA.is_dir() else LOCAL_DATA)
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: yaml(value)}``; config keys use ``_`` or ``-``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise UsageError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,23 @@ log = logging.getLogger(__name__)
 MODULES = (("3a", 192, 32), ("4e", 528, 16))
 
 
+def torch_machine() -> dict[str, Any]:
+    """The machine a training benchmark ran on: CPU, cores, torch and its threads, GPU,
+    and the load average (over the core count: other work shared the CPU)."""
+    import torch
+
+    from serve.core.machine import cpu_model
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_1m": round(os.getloadavg()[0], 2),  # > cores: other work shares the CPU
+    }
+
+
 def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
     """Forward FLOPs of one image of ``shape`` (C, H, W), eval mode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -180,7 +197,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """``python -m train modules``: see the module docstring."""
-    from train.bench import _machine
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -192,7 +208,7 @@ def run(a: argparse.Namespace) -> int:
     rows.append(measure_network("reduced", a.net_batch, a.steps))
     report = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {**_machine(), "loadavg_1m_start": round(load0, 2)},
+        "machine": {**torch_machine(), "loadavg_1m_start": round(load0, 2)},
         "flops": "torch.utils.flop_counter.FlopCounterMode, forward, 2 per multiply-add",
         "rows": rows,
         "naive_over_reduced": ratios(rows),

@@ -103,7 +103,7 @@ def accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Compute features, score every candidate, write JSON + PNG, print the table."""
-    from train.cli import default_data
+    from train.config import default_data
 
     p = argparse.ArgumentParser(prog="python -m train.probe_cv", description=__doc__)
     p.add_argument("--data", default=default_data())

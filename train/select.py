@@ -43,7 +43,7 @@ class Candidate:
     @classmethod
     def parse(cls, text: str) -> Candidate:
         """``"LABEL RECIPE key=value ..."`` (values parsed as YAML)."""
-        from train.cli import parse_sets
+        from train.config import parse_sets
 
         parts = text.split()
         if len(parts) < 2:
@@ -180,7 +180,7 @@ def run(a: argparse.Namespace) -> int:
     """``python -m train cv``: see the module docstring."""
     from tqdm import tqdm
 
-    from train.cli import default_data
+    from train.config import default_data
 
     data = Path(a.data or default_data())
     out = Path(a.out)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.precision import PrecisionConfig
 from export.release import ExportConfig, run_export
+from export.run_state import PrecisionConfig
 from export.triton_config import parse_config
 from serve.core.contract import ModelCard
 from tests.helpers import CIFAR, SHARED

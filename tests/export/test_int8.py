@@ -12,8 +12,8 @@ import pytest
 
 from export.int8 import Calibration
 from export.parity import AccuracyGate, judge
-from export.precision import PrecisionConfig
 from export.release import ExportConfig, run_export
+from export.run_state import PrecisionConfig
 from export.tensorrt_engine import tensorrt_status
 from export.triton_config import ServingConfig
 from serve.core.contract import ModelCard

@@ -14,8 +14,8 @@ import yaml
 
 from export.int8 import Calibration
 from export.onnx_export import read_metadata
-from export.precision import PrecisionConfig
 from export.release import ExportConfig, run_export
+from export.run_state import PrecisionConfig
 from export.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
 from export.triton_config import ServingConfig, classifier_config, config_text, parse_config
 from serve.core.contract import ModelCard

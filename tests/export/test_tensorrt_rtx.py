@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.fp16 import convert_fp16
-from export.release import ExportConfig, ExportRun
+from export.run_state import ExportConfig, ExportRun
 from export.tensorrt_engine import (
     DEFAULT_RTX_TARGETS,
     EngineProfile,
@@ -163,7 +163,7 @@ def test_unknown_compute_capability_is_a_failed_build_naming_the_known_ones(
 def test_a_failed_build_of_what_gpu_serves_fails_the_gate(
     target: str, precision: str, failed: str, passes: bool
 ) -> None:
-    from export.precision import PrecisionConfig
+    from export.run_state import PrecisionConfig
 
     cfg = ExportConfig(
         checkpoint="x.pt",
