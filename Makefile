@@ -68,7 +68,7 @@ $(STAMP): requirements.lock pyproject.toml
 		else echo "setup: as root, run: apt-get install -y libb64-0d libjemalloc2 haproxy (perf_analyzer, jemalloc, the public front)" >&2; fi; \
 	fi
 	@# the perf_analyzer binary of the tritonclient 2.51.0 wheel (our tritonclient library stays)
-	$(PY) -m serve.tools.perf_analyzer install || [ "$$(id -u)" != 0 ]
+	$(PY) -m serve perf-analyzer install || [ "$$(id -u)" != 0 ]
 	touch $@
 
 # Re-resolve the full package set from pyproject.toml's pins into requirements.lock.
@@ -115,7 +115,7 @@ bench: $(STAMP)
 # Search instances x max batch x queue delay with perf_analyzer; publish the best config
 # under the p99 budget (a config change, no new version). TUNE_ARGS="--p99-ms 100 ...".
 tune: $(STAMP)
-	$(PY) -m export.tune --model $(MODEL) --model-repository $(REPO) --out bench \
+	$(PY) -m export tune --model $(MODEL) --model-repository $(REPO) --out bench \
 		--data $(or $(DATA),$(call recipe_get,data))/val --publish $(TUNE_ARGS)
 
 # Concurrency 16, mixed protocols and inputs, once with jemalloc and once with glibc malloc

@@ -568,11 +568,34 @@ COMMANDS = [
         "report each choice's val agreement, accuracy and gate verdict beside it "
         "(bench/int8-calibration-latest.json and .png).",
     ),
+    Command(
+        "tune",
+        "search the classifier's serving config with perf_analyzer (make tune)",
+        lambda p: _tool("tune").add_arguments(p),
+        lambda a: _tool("tune").run(a),
+        description="Search the classifier's serving config (instances x max batch x "
+        "queue delay, and the published config as it is) with perf_analyzer through the "
+        "front, on a scratch copy of the model folder; --publish writes the winner (a "
+        "config change, no new version). Writes <out>/<model>-tune.json and .png.",
+    ),
+    Command(
+        "warmup-bench",
+        "first-request latency after a load, with and without the model's warmup",
+        lambda p: _tool("warmup_bench").add_arguments(p),
+        lambda a: _tool("warmup_bench").run_command(a),
+    ),
 ]
 
 
+def _tool(name: str):  # noqa: ANN202 - the module, imported only when its command is used
+    import importlib
+
+    return importlib.import_module(f"export.{name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m export [export|trt|bench] ...`` (``export`` by default)."""
+    """``python -m export [export|trt|bench|calibrate|tune|warmup-bench] ...`` (``export``
+    by default)."""
     return cli_main(
         "python -m export",
         "Export, check and publish models (`python -m export COMMAND -h`).",

@@ -1,4 +1,4 @@
-"""``python -m export.tune`` (``make tune``): search the classifier's serving config with
+"""``python -m export tune`` (``make tune``): search the classifier's serving config with
 perf_analyzer and publish the best one under a p99 budget.
 
 Triton Model Analyzer does this search upstream; here it cannot run (see docs/benchmarks.md
@@ -34,7 +34,9 @@ from tqdm import tqdm
 from export.triton_config import config_text, parse_config, signature
 from export.tune_trials import Knobs, Point, Trial
 from serve.core import auth
+from serve.core.cli_common import tool_main
 from serve.core.contract import image_model_name, preprocess_model_name
+from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
 from serve.tools import perf_analyzer as pa
 from serve.tools.bench import bench_inputs, bench_server_options, write_input_data
@@ -254,21 +256,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--table", default="", metavar="JSON", help="print the docs table, exit")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m export.tune``."""
+def run(args: argparse.Namespace) -> int:
+    """``python -m export tune`` (``make tune``): the search, its report, the winner."""
     import json
 
-    p = argparse.ArgumentParser(prog="python -m export.tune", description=__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.table:
         from export.tune_report import markdown_table
 
         print(markdown_table(json.loads(Path(args.table).read_text())))
         return 0
     if not args.data:
-        p.error("--data is required (an ImageFolder split with images, e.g. .../val)")
+        raise UsageError("--data is required (an ImageFolder split with images, e.g. .../val)")
     # SIGTERM unwinds like Ctrl-C, so the tune server is stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     out = Path(args.out)
@@ -299,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {json_path}, {out / f'{args.model}-tune.png'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m export.tune``: the old spelling of ``python -m export tune``."""
+    return tool_main("python -m export.tune", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

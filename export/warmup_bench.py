@@ -1,6 +1,6 @@
 """First-request latency after a load, with and without ``model_warmup``.
 
-``python -m export.warmup_bench --model-repository REPO --model NAME --data DIR/val``:
+``python -m export warmup-bench --model-repository REPO --model NAME --data DIR/val``:
 for each variant (the published configs with their warmup; the same configs with
 ``model_warmup`` removed) and each request kind (one val image as a pixel tensor to the
 classifier; one encoded val image through the ``<name>_image`` pipeline), start a fresh
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from export.triton_config import config_text, parse_config
+from serve.core.cli_common import tool_main
 from serve.core.contract import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
 from serve.core.errors import SetupError
 from serve.core.files import atomic_write_json, versions
@@ -180,17 +181,18 @@ def plot(report: dict[str, Any], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m export.warmup_bench``."""
-    p = argparse.ArgumentParser(prog="python -m export.warmup_bench", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m export warmup-bench``."""
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--model", default="antsbees")
     p.add_argument("--data", required=True, help="folder of val images (not the warmup ones)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--steady", type=int, default=10)
     p.add_argument("--out", default="bench")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def run_command(a: argparse.Namespace) -> int:
+    """``python -m export warmup-bench``: measure, write the JSON + PNG, print the table."""
     report = run(Path(a.model_repository), a.model, Path(a.data), a.runs, a.steady, Path(a.out))
     for variant, kinds in report["results"].items():
         for kind, e in kinds.items():
@@ -199,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"  steady {e['steady_ms']:.1f} ms"
             )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m export.warmup_bench``: the old spelling of ``python -m export
+    warmup-bench``."""
+    return tool_main("python -m export.warmup_bench", __doc__, add_arguments, run_command, argv)
 
 
 if __name__ == "__main__":

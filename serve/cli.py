@@ -468,7 +468,19 @@ COMMANDS = [
         lambda p: _manifests_arguments(p),
         lambda a: _manifests(a),
     ),
+    Command(
+        "perf-analyzer",
+        "install or check Triton's perf_analyzer in this venv (make setup installs it)",
+        lambda p: _perf_analyzer().add_arguments(p),
+        lambda a: _perf_analyzer().run_command(a),
+    ),
 ]
+
+
+def _perf_analyzer():  # noqa: ANN202 - the module, imported only when the command is used
+    from serve.tools import perf_analyzer
+
+    return perf_analyzer
 
 
 # -- manifests -----------------------------------------------------------------------------

@@ -357,7 +357,22 @@ COMMANDS = [
         run_cv,
     ),
     Command("recipe", "print a resolved recipe or one setting", add_recipe_arguments, run_recipe),
+    Command(
+        "probe-cv",
+        "cross-validate the linear probe's head init and learning rate on cached features",
+        lambda p: _probe_cv().add_arguments(p),
+        lambda a: _probe_cv().run(a),
+        description="How the default recipe's head_init and lp_lr were chosen: the "
+        "offline backbone's features once, then k-fold CV of each candidate on the "
+        "training images (bench/probe-cv-latest.json and .png).",
+    ),
 ]
+
+
+def _probe_cv():  # noqa: ANN202 - the module, imported only when the command is used
+    from train import probe_cv
+
+    return probe_cv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``python -m train.probe_cv``: cross-validate the linear-probe choices in seconds.
+"""``python -m train probe-cv``: cross-validate the linear-probe choices in seconds.
 
 The frozen offline backbone's features of the TRAINING images (eval view + 2 augmented
 views, RandomResizedCrop scale (0.25, 1)) are computed once; then each candidate head
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from serve.core.cli_common import tool_main
 from serve.core.files import atomic_write_json
 from train.data import Preprocess, image_folder
 from train.models import build_model
@@ -101,17 +102,18 @@ def accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
         return (head(x).argmax(1) == y).float().mean().item()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Compute features, score every candidate, write JSON + PNG, print the table."""
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m train probe-cv``."""
     from train.config import default_data
 
-    p = argparse.ArgumentParser(prog="python -m train.probe_cv", description=__doc__)
     p.add_argument("--data", default=default_data())
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="bench")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def run(a: argparse.Namespace) -> int:
+    """Compute features, score every candidate, write JSON + PNG, print the table."""
     t0 = time.perf_counter()
     f = features(Path(a.data))
     y = f["train"][1].tolist()
@@ -173,6 +175,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     ax.grid(alpha=0.3, axis="x")
     save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.probe_cv``: the old spelling of ``python -m train probe-cv``."""
+    return tool_main("python -m train.probe_cv", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,22 @@ def main(
     return run_guarded(parse_and_run)
 
 
+def tool_main(
+    prog: str,
+    description: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int | None],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """A tool module's own ``python -m`` entry (the old spelling of a stage subcommand):
+    the same flags, logging and exit codes as the subcommand."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run_guarded(lambda: run(args))
+
+
 def run_guarded(fn: Callable[[], int | None]) -> int:
     """Run ``fn`` and turn exceptions into the exit codes of the module docstring."""
     debug = os.environ.get("TRAINSERVE_DEBUG", "") not in ("", "0")

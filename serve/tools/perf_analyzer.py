@@ -11,8 +11,8 @@ binary out of the 2.51.0 wheel (downloaded once with pip, checked against its sh
 load, it runs on CPU), so ``<venv>/bin/perf_analyzer`` is a small wrapper that puts the
 latter on ``LD_LIBRARY_PATH``.
 
-``python -m serve.tools.perf_analyzer install`` does the above and checks ``--version``;
-``python -m serve.tools.perf_analyzer check`` only checks.
+``python -m serve perf-analyzer install`` does the above and checks ``--version``;
+``python -m serve perf-analyzer check`` only checks.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from serve.core.errors import UsageError, UserError
+from serve.core.cli_common import tool_main
+from serve.core.errors import SetupError, UsageError, UserError
 from serve.core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -417,9 +418,8 @@ def _shown(cmd: list[str]) -> str:
     return " ".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m serve.tools.perf_analyzer install|check``."""
-    p = argparse.ArgumentParser(prog="python -m serve.tools.perf_analyzer", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m serve perf-analyzer``."""
     p.add_argument("action", choices=["install", "check"])
     p.add_argument("--prefix", default=sys.prefix, help="the venv (default: this one)")
     p.add_argument(
@@ -427,19 +427,28 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="where the wheel is kept (default: <prefix>/var/wheels)",
     )
-    a = p.parse_args(argv)
+
+
+def run_command(a: argparse.Namespace) -> int:
+    """``python -m serve perf-analyzer install|check`` (``make setup`` installs)."""
     prefix = Path(a.prefix)
     try:
         if a.action == "install":
             path = install(prefix, Path(a.cache) if a.cache else prefix / "var" / "wheels")
         else:
             path = _bin_dir(prefix) / "perf_analyzer"
-        print(f"perf_analyzer {version(path)}: {path}")
-    except (PerfAnalyzerError, subprocess.CalledProcessError, OSError) as e:
-        # the environment (offline, no wheel, a failed pip): one line, exit 2 as the CLIs
-        print(f"perf_analyzer: {e}", file=sys.stderr)
-        return 2
+    except subprocess.CalledProcessError as e:  # a failed pip (offline, no wheel)
+        raise SetupError(f"perf_analyzer: {e}") from e
+    print(f"perf_analyzer {version(path)}: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serve.tools.perf_analyzer``: the old spelling of ``python -m serve
+    perf-analyzer``."""
+    return tool_main(
+        "python -m serve.tools.perf_analyzer", __doc__, add_arguments, run_command, argv
+    )
 
 
 if __name__ == "__main__":

@@ -219,7 +219,8 @@ def test_tune_tiny_grid_publishes_the_winner(model_repo: Path, tmp_path: Path) -
     shutil.copytree(model_repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
     before = parse_config((repo / "antsbees" / "config.pbtxt").read_text())
     run_cli(
-        "export.tune",
+        "export",
+        "tune",
         "--model-repository",
         str(repo),
         "--data",

@@ -1,7 +1,7 @@
 """The house has one direction: train -> serve.core, export -> train and serve, and inside
 serve its rooms in layers (core, client, runtime, tools; deploy on core); serve imports
-neither train nor export, no module is in an import circle, and every serve module imports with torch
-absent."""
+neither train nor export, no module is in an import circle, and every serve module
+imports with torch absent."""
 
 from __future__ import annotations
 
