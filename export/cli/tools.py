@@ -1,0 +1,36 @@
+"""The measuring commands of ``python -m export``: bench, calibrate, tune, warmup-bench
+(each imports its module only when used)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from export.bench import add_arguments
+
+    add_arguments(p)
+
+
+def run_bench(a: argparse.Namespace) -> int:
+    from export.bench import run
+
+    return run(a)
+
+
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    from export.calibration_search import add_arguments
+
+    add_arguments(p)
+
+
+def run_calibrate(a: argparse.Namespace) -> int:
+    from export.calibration_search import run
+
+    return run(a)
+
+
+def tool(name: str):  # noqa: ANN202 - the module, imported only when its command is used
+    import importlib
+
+    return importlib.import_module(f"export.{name}")
