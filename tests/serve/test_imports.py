@@ -40,7 +40,7 @@ SERVE_MODULES = sorted(m for m in MODULES if m.startswith("serve") and not m.end
 
 def _room(module: str) -> str:
     """The room a module of ours belongs to: ``serve.core`` for serve/core/files.py,
-    ``serve`` for serve/cli.py, ``train`` for anything under train/."""
+    ``serve`` for serve/cli/run.py, ``train`` for anything under train/."""
     parts = module.split(".")
     if parts[0] == "serve" and len(parts) > 1 and ".".join(parts[:2]) in SERVE_ROOMS:
         return ".".join(parts[:2])
