@@ -310,7 +310,7 @@ def _drain_setup(front, pixels) -> tuple[int, bytes, list]:
     import grpc
     from tritonclient.grpc import service_pb2
 
-    lua = (Path(__file__).parents[2] / "serve" / "runtime" / "grpc_check.lua").read_text()
+    lua = (Path(__file__).parents[3] / "serve" / "runtime" / "grpc_check.lua").read_text()
     limit = int(re.search(r"local MAX_DRAINS = (\d+)", lua).group(1))
     hidden = service_pb2.ModelInferRequest(model_name="antsbees_preprocess").SerializeToString()
     opts = [("grpc.use_local_subchannel_pool", 1)]  # separate connections (32 streams each)
@@ -746,7 +746,7 @@ def test_a_killed_owner_leaves_no_server_behind(model_repo):
         "print(s.process.pid, s.pid, s.haproxy_pid(), flush=True)\n"
         "time.sleep(600)\n"
     )
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     owner = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=root
     )
