@@ -18,6 +18,7 @@ from typing import Any
 from export.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
 from serve.core.machine import gemm_gflops_onnxruntime
 from serve.tools import bench as serve_bench
+from serve.tools.bench_inputs import onnxruntime_baseline
 from serve.tools.bench_report import write_report
 from train.checkpoint import load_checkpoint
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     gemm = {"onnxruntime": gemm_gflops_onnxruntime(), "torch": gemm_gflops_torch()}
     inputs, report, ort = serve_bench.baseline_report(args, data, gemm)
     for path in onnx_baselines(args.onnx_baselines, ckpt_path.parent, inputs.version_dir):
-        row = serve_bench.onnxruntime_baseline(
+        row = onnxruntime_baseline(
             path, inputs.pixels, args.batch, args.window, args.max_seconds, precision_of(path)
         )
         row.ratio_to_onnxruntime = row.throughput / ort.throughput

@@ -39,7 +39,8 @@ from serve.core.contract import image_model_name, preprocess_model_name
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
 from serve.tools import perf_analyzer as pa
-from serve.tools.bench import bench_inputs, bench_server_options, write_input_data
+from serve.tools.bench_inputs import bench_inputs, write_input_data
+from serve.tools.bench_server import bench_server_options
 
 log = logging.getLogger(__name__)
 

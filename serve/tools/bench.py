@@ -20,198 +20,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
-from serve.client.evaluate import list_image_folder
 from serve.core import auth
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, ModelCard, image_model_name
-from serve.core.errors import UsageError
-from serve.core.files import atomic_write_json, latest_version
+from serve.core.contract import image_model_name
 from serve.core.machine import gemm_gflops_onnxruntime, machine_info
-from serve.core.preprocess import ResizeCrop, preprocess
+from serve.core.preprocess import ResizeCrop
 from serve.tools import perf_analyzer as pa
-from serve.tools.loadgen import Level, level, measure
+from serve.tools.bench_inputs import (
+    BenchInputs,
+    bench_inputs,
+    image_pipeline_baseline,
+    onnxruntime_baseline,
+    write_input_data,
+)
+from serve.tools.bench_report import FRONT_AB_ROUNDS, front_cost, mark_levels
+from serve.tools.bench_server import (
+    ExternalServer,
+    _delta,
+    _server_stats,
+    admin_key,
+    server_context,
+)
+from serve.tools.loadgen import Level
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BenchInputs:
-    """The latest published version of a model and real images to send to it."""
-
-    version_dir: Path
-    card: ModelCard
-    pixels: np.ndarray  # [N, 3, H, W] float32, the model's eval preprocessing
-    raw: np.ndarray  # [N, 1] encoded bytes of the same images
-
-
-def read_card(version_dir: Path) -> ModelCard:
-    """A published version's model card (validated)."""
-    return ModelCard.read(version_dir / "model_card.json")
-
-
-def bench_inputs(repo: Path, model: str, data: str | Path, count: int = 16) -> BenchInputs:
-    """``count`` images of the ImageFolder split ``data`` (tiled when it holds fewer), as
-    the model's input pixels and as encoded bytes."""
-    if not data:
-        raise UsageError("give --data: an ImageFolder split with images to send (e.g. .../val)")
-    version_dir = latest_version(repo / model)
-    card = read_card(version_dir)
-    pre = card.preprocessing
-    geometry = ResizeCrop(pre.resize, pre.crop, pre.interpolation)
-    _, samples = list_image_folder(data)
-    paths = [p for p, _ in samples][:count]
-    pixels = np.stack([preprocess(p, geometry) for p in paths])
-    raw = np.array([[Path(p).read_bytes()] for p in paths], dtype=object)
-    while len(pixels) < count:
-        pixels, raw = np.concatenate([pixels, pixels]), np.concatenate([raw, raw])
-    return BenchInputs(version_dir, card, pixels[:count], raw[:count])
-
-
-def onnxruntime_baseline(
-    onnx_path: Path,
-    pixels: np.ndarray,
-    batch: int,
-    window: float,
-    cap: float,
-    precision: str = "fp32",
-) -> Level:
-    """ONNX Runtime in-process on this machine, all threads, batch ``batch``."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    x = pixels[:batch]
-    m = measure(lambda _: session.run(None, {name: x}), 1, window, cap)
-    return level("onnxruntime", "tensor", batch, 1, m, precision)
-
-
-def image_pipeline_baseline(
-    onnx_path: Path,
-    raw: np.ndarray,
-    geometry: ResizeCrop,
-    batch: int,
-    window: float,
-    cap: float,
-    precision: str = "fp32",
-) -> Level:
-    """The raw-image path's own limit: decode + preprocess (serve/core/preprocess.py, what the
-    server-side preprocess model runs) + ONNX Runtime, in one process, on the same
-    encoded images and batch as the ``raw`` Triton levels."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    images = [bytes(r[0]) for r in raw[:batch]]
-
-    def once(_: Any) -> None:
-        x = np.stack([preprocess(b, geometry) for b in images])
-        session.run(None, {name: x})
-
-    m = measure(once, 1, window, cap)
-    return level("image-pipeline", "raw", batch, 1, m, precision)
-
-
-def _server_stats(client: Any, models: list[str], headers: dict | None) -> dict[str, float]:
-    """Summed statistics of the classifier (queue, compute, batches) and the failures of
-    every model in ``models``."""
-    tot = dict.fromkeys(
-        (
-            "queue_ns",
-            "compute_input_ns",
-            "compute_ns",
-            "compute_output_ns",
-            "request_ns",
-            "success",
-            "exec",
-            "inferences",
-            "fail",
-        ),
-        0.0,
-    )
-    for i, name in enumerate(dict.fromkeys(models)):
-        stats = client.get_inference_statistics(
-            name, as_json=True, headers=headers, client_timeout=30
-        )["model_stats"]
-        for s in stats:
-            inf = s.get("inference_stats", {})
-            tot["fail"] += float(inf.get("fail", {}).get("count", 0))
-            if i:
-                continue
-            tot["queue_ns"] += float(inf.get("queue", {}).get("ns", 0))
-            tot["compute_input_ns"] += float(inf.get("compute_input", {}).get("ns", 0))
-            tot["compute_ns"] += float(inf.get("compute_infer", {}).get("ns", 0))
-            tot["compute_output_ns"] += float(inf.get("compute_output", {}).get("ns", 0))
-            tot["request_ns"] += float(inf.get("success", {}).get("ns", 0))
-            tot["success"] += float(inf.get("success", {}).get("count", 0))
-            tot["exec"] += float(s.get("execution_count", 0))
-            tot["inferences"] += float(s.get("inference_count", 0))
-    return tot
-
-
-def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Between two statistics snapshots: Triton's average executed batch and where the
-    classifier's time went per request (ms): waiting in its queue, the copy into the
-    python-backend stub (compute_input), ONNX Runtime and the stub's own work
-    (compute_infer), the copy out (compute_output), and the whole request inside Triton
-    (the rest of what the client saw is the frontends, the front and the network)."""
-    d = {k: after[k] - before[k] for k in before}
-    per = max(d["success"], 1.0) * 1e6
-    return {
-        "avg_executed_batch": d["inferences"] / d["exec"] if d["exec"] else 0.0,
-        "queue_ms": d["queue_ns"] / per,
-        "compute_input_ms": d["compute_input_ns"] / per,
-        "compute_infer_ms": d["compute_ns"] / per,
-        "compute_output_ms": d["compute_output_ns"] / per,
-        "in_triton_ms": d["request_ns"] / per,
-    }
-
-
-class ExternalServer:
-    """A server started elsewhere (the same interface as TritonServer for the sweep)."""
-
-    def __init__(self, grpc_url: str, http_url: str) -> None:
-        self.grpc_url, self.http_url = grpc_url, http_url or grpc_url
-
-    def __enter__(self) -> ExternalServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def bench_server_options(repo: Path, load_models: list[str] | None = None) -> Any:
-    """Options of a private bundled server on free loopback ports, with the control plane
-    locked as under ``serve run`` (perf_analyzer sends the key with ``-H``, under both the
-    HTTP and the gRPC header name: :func:`serve.core.auth.headers`)."""
-    from serve.runtime.triton_server import ServerOptions, free_port
-
-    key = auth.new_key()
-    return ServerOptions(
-        model_repository=str(repo),
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        load_models=load_models or ["*"],
-        admin_key=key,
-    )
-
-
-def admin_key(srv: Any) -> str | None:
-    """The key of ``srv``'s restricted APIs (ours, or the file ``serve run`` wrote)."""
-    opts = getattr(srv, "opts", None)
-    return (opts.admin_key if opts is not None else None) or auth.resolve_key(srv.grpc_url)
-
-
-def server_context(args: argparse.Namespace, repo: Path, log_dir: Path) -> Any:
-    """The bundled tritonserver on free loopback ports, or ``--grpc-url``'s server (its
-    admin key from ``$TRAINSERVE_ADMIN_KEY`` or the key file ``serve run`` wrote)."""
-    if args.grpc_url:
-        return ExternalServer(args.grpc_url, args.http_url)
-    from serve.runtime.triton_server import TritonServer
-
-    return TritonServer(bench_server_options(repo), log_path=log_dir / "bench-server.log")
 
 
 @dataclass
@@ -233,19 +66,6 @@ class PaSettings:
             max_trials=args.max_trials,
             distribution=args.distribution,
         )
-
-
-def write_input_data(inputs: BenchInputs, model: str, out_dir: Path) -> dict[str, Path]:
-    """``--input-data`` files of the real val images: ``tensor`` (the classifier's FP32
-    pixels) and ``raw`` (the encoded files for the image pipeline's BYTES input)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pixels = [np.ascontiguousarray(x, dtype="<f4").tobytes() for x in inputs.pixels]
-    raw = [pa.bytes_element(bytes(r[0])) for r in inputs.raw]
-    files = {
-        "tensor": pa.input_data_json(INPUT_NAME, pixels),
-        "raw": pa.input_data_json(IMAGE_INPUT, raw, [1]),
-    }
-    return {k: atomic_write_json(out_dir / f"{model}-{k}.json", v) for k, v in files.items()}
 
 
 def _loads(args: argparse.Namespace) -> list[tuple[int, float]]:
@@ -504,67 +324,6 @@ def sweep(
     report["front_cost"] = front_cost(paired, direct)
     mark_levels(paired + direct, report.get("image_pipeline_baseline"))
     return levels + paired + direct
-
-
-FRONT_AB_ROUNDS = 2  # front / direct measured in turn this many times per level
-STALL_P99_OVER_P50 = 5.0  # a level whose p99 is over 5x its p50 is flagged as a stall
-
-
-def mark_levels(levels: list[Level], image_pipeline: float | None) -> None:
-    """Per level: the raw-image ratio to the in-process image pipeline, and the stall flag
-    (p99 over ``STALL_P99_OVER_P50`` x p50; closed-loop levels only)."""
-    for lv in levels:
-        if lv.input == "raw" and image_pipeline:
-            lv.server["ratio_to_image_pipeline"] = lv.throughput / image_pipeline
-        if not lv.request_rate and lv.p50_ms > 0:
-            lv.server["stall"] = float(lv.p99_ms > STALL_P99_OVER_P50 * lv.p50_ms)
-            if lv.server["stall"]:
-                log.warning(
-                    "%s %s c=%d: p99 %.1f ms is over %gx its p50 %.1f ms (a stall)",
-                    lv.backend,
-                    lv.input,
-                    lv.concurrency,
-                    lv.p99_ms,
-                    STALL_P99_OVER_P50,
-                    lv.p50_ms,
-                )
-
-
-def front_cost(front: list[Level], direct: list[Level]) -> list[dict[str, Any]]:
-    """Per level measured both ways (``front-*`` and ``direct-*`` rows, possibly several
-    rounds each): throughput ratio (front / direct, of the means) and the p50 and p99 the
-    front adds (ms, difference of the means)."""
-
-    def groups(levels: list[Level]) -> dict[tuple[str, str, int], list[Level]]:
-        out: dict[tuple[str, str, int], list[Level]] = {}
-        for lv in levels:
-            if not lv.request_rate and lv.throughput:
-                key = (lv.backend.split("-", 1)[1], lv.input, lv.concurrency)
-                out.setdefault(key, []).append(lv)
-        return out
-
-    def mean(levels: list[Level], field: str) -> float:
-        return sum(getattr(lv, field) for lv in levels) / len(levels)
-
-    by_key = groups(direct)
-    rows = []
-    for key, fronts in groups(front).items():
-        directs = by_key.get(key)
-        if not directs:
-            continue
-        protocol, kind, concurrency = key
-        rows.append(
-            {
-                "protocol": protocol,
-                "kind": kind,
-                "concurrency": concurrency,
-                "rounds": min(len(fronts), len(directs)),
-                "throughput_ratio": mean(fronts, "throughput") / mean(directs, "throughput"),
-                "p50_added_ms": mean(fronts, "p50_ms") - mean(directs, "p50_ms"),
-                "p99_added_ms": mean(fronts, "p99_ms") - mean(directs, "p99_ms"),
-            }
-        )
-    return rows
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,11 +3,15 @@ throughput against p99 latency, and the markdown table of docs/benchmarks.md (to
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from serve.core.files import atomic_write_json
+from serve.tools.loadgen import Level
+
+log = logging.getLogger(__name__)
 
 
 def write_report(report: dict[str, Any], out: Path, model: str) -> list[Path]:
@@ -86,3 +90,64 @@ def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4,
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {ratio:.2f} | {extra} |"
         )
     return "\n".join(lines)
+
+
+FRONT_AB_ROUNDS = 2  # front / direct measured in turn this many times per level
+STALL_P99_OVER_P50 = 5.0  # a level whose p99 is over 5x its p50 is flagged as a stall
+
+
+def mark_levels(levels: list[Level], image_pipeline: float | None) -> None:
+    """Per level: the raw-image ratio to the in-process image pipeline, and the stall flag
+    (p99 over ``STALL_P99_OVER_P50`` x p50; closed-loop levels only)."""
+    for lv in levels:
+        if lv.input == "raw" and image_pipeline:
+            lv.server["ratio_to_image_pipeline"] = lv.throughput / image_pipeline
+        if not lv.request_rate and lv.p50_ms > 0:
+            lv.server["stall"] = float(lv.p99_ms > STALL_P99_OVER_P50 * lv.p50_ms)
+            if lv.server["stall"]:
+                log.warning(
+                    "%s %s c=%d: p99 %.1f ms is over %gx its p50 %.1f ms (a stall)",
+                    lv.backend,
+                    lv.input,
+                    lv.concurrency,
+                    lv.p99_ms,
+                    STALL_P99_OVER_P50,
+                    lv.p50_ms,
+                )
+
+
+def front_cost(front: list[Level], direct: list[Level]) -> list[dict[str, Any]]:
+    """Per level measured both ways (``front-*`` and ``direct-*`` rows, possibly several
+    rounds each): throughput ratio (front / direct, of the means) and the p50 and p99 the
+    front adds (ms, difference of the means)."""
+
+    def groups(levels: list[Level]) -> dict[tuple[str, str, int], list[Level]]:
+        out: dict[tuple[str, str, int], list[Level]] = {}
+        for lv in levels:
+            if not lv.request_rate and lv.throughput:
+                key = (lv.backend.split("-", 1)[1], lv.input, lv.concurrency)
+                out.setdefault(key, []).append(lv)
+        return out
+
+    def mean(levels: list[Level], field: str) -> float:
+        return sum(getattr(lv, field) for lv in levels) / len(levels)
+
+    by_key = groups(direct)
+    rows = []
+    for key, fronts in groups(front).items():
+        directs = by_key.get(key)
+        if not directs:
+            continue
+        protocol, kind, concurrency = key
+        rows.append(
+            {
+                "protocol": protocol,
+                "kind": kind,
+                "concurrency": concurrency,
+                "rounds": min(len(fronts), len(directs)),
+                "throughput_ratio": mean(fronts, "throughput") / mean(directs, "throughput"),
+                "p50_added_ms": mean(fronts, "p50_ms") - mean(directs, "p50_ms"),
+                "p99_added_ms": mean(fronts, "p99_ms") - mean(directs, "p99_ms"),
+            }
+        )
+    return rows

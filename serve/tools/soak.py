@@ -24,7 +24,7 @@ from serve.client.client import Classifier
 from serve.core.contract import image_model_name
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
-from serve.tools.bench import bench_inputs
+from serve.tools.bench_inputs import bench_inputs
 
 
 def process_tree_rss(pid: int) -> int:

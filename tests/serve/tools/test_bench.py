@@ -42,7 +42,7 @@ def test_perf_analyzer_found_after_setup() -> None:
 
 @pytest.fixture(scope="module")
 def input_data(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from serve.tools.bench import bench_inputs, write_input_data
+    from serve.tools.bench_inputs import bench_inputs, write_input_data
 
     inputs = bench_inputs(model_repo, "antsbees", HYMENOPTERA / "val", 4)
     return write_input_data(inputs, "antsbees", tmp_path_factory.mktemp("pa"))
@@ -52,7 +52,7 @@ def input_data(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def bench_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """The server make bench starts (control plane locked, as under serve run)."""
     from serve.runtime.triton_server import TritonServer
-    from serve.tools.bench import bench_server_options
+    from serve.tools.bench_server import bench_server_options
 
     opts = bench_server_options(model_repo)
     srv = TritonServer(opts, log_path=tmp_path_factory.mktemp("pa-srv") / "server.log").start()
