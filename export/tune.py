@@ -135,7 +135,7 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
     original = config_path.read_text()
     opts = bench_server_options(scratch, [args.model])
     facts = {"version": int(inputs.version_dir.name), "precision": inputs.card.precision}
-    from serve.runtime.stack import FrontOnly
+    from serve.runtime.front_only import FrontOnly
 
     with (
         TritonServer(opts, log_path=work / "tune-server.log") as srv,

@@ -8,7 +8,9 @@ __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "triton_server": ["ServerOptions", "TritonServer", "free_port"],
-        "stack": ["PublicServer", "FrontOnly", "FrontLimits"],
+        "stack": ["PublicServer"],
+        "front_only": ["FrontOnly"],
+        "limits": ["FrontLimits"],
         "front": ["FrontOptions", "render"],
         "watchdog": ["Watchdog", "WatchdogConfig"],
     },

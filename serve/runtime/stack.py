@@ -30,14 +30,19 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from serve.core import auth
-from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
-from serve.core.errors import SetupError, UsageError
-from serve.runtime.front import FrontOptions, find_haproxy, render
+from serve.core.errors import SetupError
+from serve.runtime.front import find_haproxy, render
+from serve.runtime.limits import (
+    PRIVATE_PORTS,
+    FrontLimits,
+    RepositoryModels,
+    front_options,
+    repository_models,
+)
 from serve.runtime.private import PrivateSpec, namespace_prefix
 from serve.runtime.triton_server import (
     LOOPBACK,
@@ -51,119 +56,8 @@ from serve.runtime.triton_server import (
 
 log = logging.getLogger(__name__)
 
-DTYPE_BYTES = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_INT64": 8}
-PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace
 
-
-@dataclass
-class FrontLimits:
-    """The front's knobs that ``serve run`` exposes (see serve/runtime/front.py)."""
-
-    max_body_bytes: int = 0  # 0: sized from the repository (max batch x input size)
-    max_json_bytes: int = 32 << 10
-    max_json_depth: int = 32
-    max_connections: int = 2000
-    max_per_client: int = 64
-    max_queue: int = 256
-    max_queue_bytes: int = 512 << 20
-    idle_timeout_s: float = 60.0
-    request_timeout_s: float = 120.0
-    tls_cert: str = ""
-    tls_key: str = ""
-    inference_key: str = ""
-    private: str = "auto"  # auto | namespace | loopback
-
-    def __post_init__(self) -> None:
-        if self.private not in ("auto", "namespace", "loopback"):
-            raise UsageError("private must be auto, namespace or loopback")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise UsageError("TLS needs both --tls-cert and --tls-key")
-
-
-@dataclass(frozen=True)
-class RepositoryModels:
-    """What the front needs to know of a model repository."""
-
-    public: list[str]
-    internal: list[str]
-    max_request_bytes: int
-    single_input: bool = False  # every model has exactly one input
-
-
-def repository_models(repo: Path) -> RepositoryModels:
-    """Public and internal model names and the largest valid request body, from the
-    ``config.pbtxt`` files (parsed with Triton's ModelConfig protobuf)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    public, internal, largest = [], [], 1 << 20
-    configs = [
-        (p, text_format.Parse(p.read_text(), mc.ModelConfig()))
-        for p in sorted(repo.glob("*/config.pbtxt"))
-    ]
-    # encoded images: the preprocess model's per-image byte limit (an ensemble has none)
-    image_limits = [
-        int(c.parameters[PARAM_MAX_IMAGE_BYTES].string_value)
-        for _, c in configs
-        if PARAM_MAX_IMAGE_BYTES in c.parameters
-    ]
-    image_bytes = max(image_limits) if image_limits else 16 << 20
-    for cfg_path, cfg in configs:
-        name = cfg.name or cfg_path.parent.name
-        (internal if name.endswith(PREPROCESS_SUFFIX) else public).append(name)
-        batch = max(1, cfg.max_batch_size)
-        for inp in cfg.input:
-            dtype = mc.DataType.Name(inp.data_type)
-            if dtype == "TYPE_STRING":
-                # encoded images: a request up to one image of the largest allowed size
-                # (a batch of them must share that; the preprocess model checks each)
-                largest = max(largest, image_bytes + 4)
-                continue
-            item = DTYPE_BYTES.get(dtype, 4)
-            for d in inp.dims:
-                item *= max(1, d)
-            largest = max(largest, batch * item)
-    if not public:
-        raise FileNotFoundError(f"no models in {repo} (run `make export`)")
-    single = all(len(cfg.input) == 1 for _, cfg in configs)
-    return RepositoryModels(public, internal, largest + (64 << 10), single)
-
-
-def front_options(
-    limits: FrontLimits,
-    models: RepositoryModels,
-    fds: list[int],
-    triton_ports: tuple[int, int, int],
-    **extra: str,
-) -> FrontOptions:
-    """The front for Triton on loopback ``triton_ports`` (HTTP, gRPC, metrics), serving
-    the inherited public sockets ``fds`` with ``limits``."""
-    http, grpc, metrics = triton_ports
-    return FrontOptions(
-        http_bind=f"fd@{fds[0]}",
-        grpc_bind=f"fd@{fds[1]}",
-        metrics_bind=f"fd@{fds[2]}",
-        triton_http=f"{LOOPBACK}:{http}",
-        triton_grpc=f"{LOOPBACK}:{grpc}",
-        triton_metrics=f"{LOOPBACK}:{metrics}",
-        public_models=models.public,
-        internal_models=models.internal,
-        single_input=models.single_input,
-        inference_key=limits.inference_key,
-        max_body_bytes=limits.max_body_bytes or models.max_request_bytes,
-        max_json_bytes=limits.max_json_bytes,
-        max_json_depth=limits.max_json_depth,
-        max_connections=limits.max_connections,
-        max_per_client=limits.max_per_client,
-        max_queue=limits.max_queue,
-        max_queue_bytes=limits.max_queue_bytes,
-        idle_timeout_s=limits.idle_timeout_s,
-        request_timeout_s=limits.request_timeout_s,
-        **extra,
-    )
-
-
-def _listen(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -179,7 +73,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return s
 
 
-def _write_private(path: Path, text: str) -> Path:
+def write_private(path: Path, text: str) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -236,7 +130,7 @@ class PublicServer:
         """tritonserver's PID (a child of the private supervisor)."""
         assert self.process is not None
         for _ in range(100):
-            kids = _children(self.process.pid)
+            kids = child_pids(self.process.pid)
             for k in kids:
                 with contextlib.suppress(OSError):
                     if Path(f"/proc/{k}/exe").resolve().name == "tritonserver":
@@ -261,7 +155,7 @@ class PublicServer:
     def haproxy_pid(self) -> int | None:
         """The front's PID, or None while it is being restarted."""
         assert self.process is not None
-        for k in _children(self.process.pid):
+        for k in child_pids(self.process.pid):
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{k}/exe").resolve().name == "haproxy":
                     return k
@@ -278,7 +172,7 @@ class PublicServer:
         repo = Path(self.opts.model_repository)
         models = repository_models(repo)
         self._sockets = [
-            _listen(self.opts.host, p)
+            listen_socket(self.opts.host, p)
             for p in (self.opts.http_port, self.opts.grpc_port, self.opts.metrics_port)
         ]
         try:
@@ -349,7 +243,7 @@ class PublicServer:
                 + "\n"
                 + Path(self.limits.tls_key).read_text()
             )
-            tls_pem = str(_write_private(self._workdir / "tls.pem", pem))
+            tls_pem = str(write_private(self._workdir / "tls.pem", pem))
         fds = [s.fileno() for s in self._sockets]
         front = front_options(
             self.limits,
@@ -361,7 +255,7 @@ class PublicServer:
             inference_token=token,
             stats_socket=str(self._workdir / "haproxy.sock"),
         )
-        cfg = _write_private(self._workdir / "haproxy.cfg", render(front))
+        cfg = write_private(self._workdir / "haproxy.cfg", render(front))
         check = subprocess.run(
             [haproxy, "-c", "-f", str(cfg)], capture_output=True, pass_fds=tuple(fds)
         )
@@ -480,97 +374,9 @@ class PublicServer:
         self.stop()
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except OSError:
         return []
     return [int(x) for x in text.split()]
-
-
-class FrontOnly:
-    """The front alone (in this namespace) before a running loopback tritonserver - for
-    ``make bench``, which measures the same Triton through the front and directly in one
-    run, so the front's cost is a ratio. Same URL interface as :class:`PublicServer`."""
-
-    def __init__(
-        self, triton: Any, limits: FrontLimits | None = None, log_path: str | Path | None = None
-    ) -> None:
-        self.triton = triton
-        self.limits = limits or FrontLimits()
-        self.log_path = Path(log_path) if log_path else None
-        self.opts = replace(
-            triton.opts, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
-        )
-        self.process: subprocess.Popen | None = None
-        self._sockets: list[socket.socket] = []
-        self._workdir: Path | None = None
-        self._log = None
-
-    http_url = PublicServer.http_url
-    grpc_url = PublicServer.grpc_url
-    metrics_url = PublicServer.metrics_url
-    _client_host = PublicServer._client_host
-    admin_key = PublicServer.admin_key
-    _get = PublicServer._get
-    is_ready = PublicServer.is_ready
-
-    def start(self, timeout: float = 60.0) -> FrontOnly:
-        haproxy = find_haproxy()
-        models = repository_models(Path(self.opts.model_repository))
-        self._sockets = [
-            _listen(LOOPBACK, p)
-            for p in (self.opts.http_port, self.opts.grpc_port, self.opts.metrics_port)
-        ]
-        self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
-        fds = [s.fileno() for s in self._sockets]
-        t = self.triton.opts
-        front = front_options(
-            self.limits,
-            models,
-            fds,
-            (t.http_port, t.grpc_port, t.metrics_port),
-            admin_key=t.admin_key if t.restricted else "",
-        )
-        cfg = _write_private(self._workdir / "haproxy.cfg", render(front))
-        out = subprocess.DEVNULL
-        if self.log_path:
-            self._log = self.log_path.open("wb")
-            out = self._log
-        self.process = subprocess.Popen(
-            [haproxy, "-W", "-db", "-f", str(cfg)],
-            pass_fds=tuple(fds),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while not self.is_ready():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SetupError(f"the front did not start (see {self.log_path})")
-            time.sleep(0.1)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        for s in self._sockets:
-            s.close()
-        self._sockets = []
-        if self._log:
-            self._log.close()
-            self._log = None
-        if self._workdir:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def __enter__(self) -> FrontOnly:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

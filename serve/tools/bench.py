@@ -298,7 +298,7 @@ def sweep(
             levels = triton_levels(srv, args, inputs, ort, report["skipped"])
             mark_levels(levels, report.get("image_pipeline_baseline"))
             return levels
-        from serve.runtime.stack import FrontOnly
+        from serve.runtime.front_only import FrontOnly
 
         with FrontOnly(srv, log_path=Path(args.out) / "bench-front.log") as front:
             levels = adjacent_levels(front, args, inputs, report)

@@ -1,0 +1,130 @@
+"""The front's limits: the knobs ``serve run`` exposes (:class:`FrontLimits`), what the
+repository's models need (:func:`repository_models`: names, inputs, the largest valid
+body) and the :class:`~serve.runtime.front.FrontOptions` rendered from both."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
+from serve.core.errors import UsageError
+from serve.runtime.front import FrontOptions
+from serve.runtime.triton_server import (
+    LOOPBACK,
+)
+
+log = logging.getLogger(__name__)
+
+
+DTYPE_BYTES = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_INT64": 8}
+PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace
+
+
+@dataclass
+class FrontLimits:
+    """The front's knobs that ``serve run`` exposes (see serve/runtime/front.py)."""
+
+    max_body_bytes: int = 0  # 0: sized from the repository (max batch x input size)
+    max_json_bytes: int = 32 << 10
+    max_json_depth: int = 32
+    max_connections: int = 2000
+    max_per_client: int = 64
+    max_queue: int = 256
+    max_queue_bytes: int = 512 << 20
+    idle_timeout_s: float = 60.0
+    request_timeout_s: float = 120.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    inference_key: str = ""
+    private: str = "auto"  # auto | namespace | loopback
+
+    def __post_init__(self) -> None:
+        if self.private not in ("auto", "namespace", "loopback"):
+            raise UsageError("private must be auto, namespace or loopback")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise UsageError("TLS needs both --tls-cert and --tls-key")
+
+
+@dataclass(frozen=True)
+class RepositoryModels:
+    """What the front needs to know of a model repository."""
+
+    public: list[str]
+    internal: list[str]
+    max_request_bytes: int
+    single_input: bool = False  # every model has exactly one input
+
+
+def repository_models(repo: Path) -> RepositoryModels:
+    """Public and internal model names and the largest valid request body, from the
+    ``config.pbtxt`` files (parsed with Triton's ModelConfig protobuf)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    public, internal, largest = [], [], 1 << 20
+    configs = [
+        (p, text_format.Parse(p.read_text(), mc.ModelConfig()))
+        for p in sorted(repo.glob("*/config.pbtxt"))
+    ]
+    # encoded images: the preprocess model's per-image byte limit (an ensemble has none)
+    image_limits = [
+        int(c.parameters[PARAM_MAX_IMAGE_BYTES].string_value)
+        for _, c in configs
+        if PARAM_MAX_IMAGE_BYTES in c.parameters
+    ]
+    image_bytes = max(image_limits) if image_limits else 16 << 20
+    for cfg_path, cfg in configs:
+        name = cfg.name or cfg_path.parent.name
+        (internal if name.endswith(PREPROCESS_SUFFIX) else public).append(name)
+        batch = max(1, cfg.max_batch_size)
+        for inp in cfg.input:
+            dtype = mc.DataType.Name(inp.data_type)
+            if dtype == "TYPE_STRING":
+                # encoded images: a request up to one image of the largest allowed size
+                # (a batch of them must share that; the preprocess model checks each)
+                largest = max(largest, image_bytes + 4)
+                continue
+            item = DTYPE_BYTES.get(dtype, 4)
+            for d in inp.dims:
+                item *= max(1, d)
+            largest = max(largest, batch * item)
+    if not public:
+        raise FileNotFoundError(f"no models in {repo} (run `make export`)")
+    single = all(len(cfg.input) == 1 for _, cfg in configs)
+    return RepositoryModels(public, internal, largest + (64 << 10), single)
+
+
+def front_options(
+    limits: FrontLimits,
+    models: RepositoryModels,
+    fds: list[int],
+    triton_ports: tuple[int, int, int],
+    **extra: str,
+) -> FrontOptions:
+    """The front for Triton on loopback ``triton_ports`` (HTTP, gRPC, metrics), serving
+    the inherited public sockets ``fds`` with ``limits``."""
+    http, grpc, metrics = triton_ports
+    return FrontOptions(
+        http_bind=f"fd@{fds[0]}",
+        grpc_bind=f"fd@{fds[1]}",
+        metrics_bind=f"fd@{fds[2]}",
+        triton_http=f"{LOOPBACK}:{http}",
+        triton_grpc=f"{LOOPBACK}:{grpc}",
+        triton_metrics=f"{LOOPBACK}:{metrics}",
+        public_models=models.public,
+        internal_models=models.internal,
+        single_input=models.single_input,
+        inference_key=limits.inference_key,
+        max_body_bytes=limits.max_body_bytes or models.max_request_bytes,
+        max_json_bytes=limits.max_json_bytes,
+        max_json_depth=limits.max_json_depth,
+        max_connections=limits.max_connections,
+        max_per_client=limits.max_per_client,
+        max_queue=limits.max_queue,
+        max_queue_bytes=limits.max_queue_bytes,
+        idle_timeout_s=limits.idle_timeout_s,
+        request_timeout_s=limits.request_timeout_s,
+        **extra,
+    )
