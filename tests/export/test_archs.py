@@ -68,7 +68,13 @@ EXPORT_CASES = [
         a,
         bn,
         extra,
-        marks=() if (a, bn) in REPRESENTATIVE and not extra else pytest.mark.exhaustive,
+        marks=(
+            pytest.mark.long  # a second ImageNet arch: ~45 s with a busy core
+            if (a, bn) == ("efficientnet_lite0", True) and not extra
+            else ()
+            if (a, bn) in REPRESENTATIVE and not extra
+            else pytest.mark.exhaustive
+        ),
         id=f"{a}-{bn}" + "".join(f"-{k}{v}" for k, v in extra.items()),
     )
     for a, bn, extra in [(a, True, {}) for a in ARCHS]

@@ -117,6 +117,7 @@ def test_bad_input_corpus_gets_clear_errors_and_server_stays_up(server, val_imag
         client.close()
 
 
+@pytest.mark.long
 def test_short_soak_mixed_protocols(server, val_images):
     pixels = np.stack([preprocess(p, GEOMETRY) for p in val_images[:8]])
     raw = np.array([[p.read_bytes()] for p in val_images[:8]], dtype=object)
