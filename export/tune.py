@@ -264,7 +264,10 @@ def run(args: argparse.Namespace) -> int:
     if args.table:
         from export.tune_report import markdown_table
 
-        print(markdown_table(json.loads(Path(args.table).read_text())))
+        try:
+            print(markdown_table(json.loads(Path(args.table).read_text())))
+        except (ValueError, KeyError) as e:  # not a tune report
+            raise UsageError(f"--table {args.table}: not a tune JSON ({e!r})") from None
         return 0
     if not args.data:
         raise UsageError("--data is required (an ImageFolder split with images, e.g. .../val)")

@@ -31,7 +31,7 @@ import numpy as np
 from export.triton_config import config_text, parse_config
 from serve.core.cli_common import tool_main
 from serve.core.contract import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
-from serve.core.errors import SetupError
+from serve.core.errors import SetupError, UsageError
 from serve.core.files import atomic_write_json, versions
 from serve.core.machine import cpu_model
 from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
@@ -70,7 +70,7 @@ def _request(client: Any, name: str, kind: str, payload: np.ndarray) -> float:
     result = client.infer(model, [inp])
     elapsed = (time.perf_counter() - t0) * 1e3
     if result.as_numpy(OUTPUT_NAME) is None:
-        raise RuntimeError(f"{model} answered without {OUTPUT_NAME}")
+        raise UsageError(f"{model} answered without {OUTPUT_NAME}")
     return elapsed
 
 

@@ -194,6 +194,24 @@ def _project_exception_classes() -> list[type]:
     return found
 
 
+def test_settings_of_the_wrong_type_are_one_line() -> None:
+    """YAML reads ``1e-3`` as a string: it is a number all the same; a word where a number
+    belongs is one error line naming the setting (it was a TypeError in validate, which
+    the error root turns into a bug's traceback and exit 1)."""
+    from serve.core.errors import UsageError
+    from train.config import parse_sets, resolve_config
+
+    assert resolve_config(overrides=parse_sets(["lr=1e-3", "epochs=3.0"])).lr == 0.001
+    assert resolve_config(overrides=parse_sets(["epochs=3.0"])).epochs == 3
+    for item, message in (
+        ("epochs=ten", "epochs must be an integer, got 'ten'"),
+        ("lr=abc", "lr must be a number, got 'abc'"),
+        ("amp=3", "amp must be a string, got 3"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            resolve_config(overrides=parse_sets([item]))
+
+
 def test_every_project_exception_has_the_one_root() -> None:
     from serve.core.errors import GateRefused, TrainServeError, UserError
 

@@ -182,7 +182,38 @@ class TrainConfig:
             raise UsageError(
                 f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
             )
-        return cls(**values)
+        types = {f.name: str(f.type) for f in fields(cls)}
+        return cls(**{k: _typed(k, v, types[k]) for k, v in values.items()})
+
+
+def _typed(name: str, value: Any, kind: str) -> Any:
+    """``value`` as the field's scalar type (``int``, ``float``, ``bool``, ``str``, each
+    optionally ``| None``): YAML reads ``1e-3`` as a string, so a number-like string becomes
+    a float; anything else of the wrong type is one clear error, not a crash later."""
+    base, optional = kind.removesuffix(" | None"), kind.endswith(" | None")
+    if value is None and optional:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if base == "float":
+        if number:
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UsageError(f"{name} must be a number, got {value!r}")
+    if base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if base == "bool" and not isinstance(value, bool):
+        raise UsageError(f"{name} must be true or false, got {value!r}")
+    if base == "str" and not isinstance(value, str):
+        raise UsageError(f"{name} must be a string, got {value!r}")
+    return value
 
 
 def recipe_path(name: str) -> Path:

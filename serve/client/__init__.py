@@ -7,7 +7,16 @@ from serve.core.exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "client": ["Classifier", "AsyncClassifier", "Prediction"],
+        "client": [
+            "Classifier",
+            "AsyncClassifier",
+            "Prediction",
+            "ClientError",
+            "InferenceFailed",
+            "ModelNotReady",
+            "ServerUnavailable",
+            "is_transient",
+        ],
         "connect": ["DEFAULT_URLS", "make_client"],
         "evaluate": ["evaluate_served"],
         "admin": ["list_models"],

@@ -10,7 +10,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "contract": ["ModelCard", "Metrics", "Preprocessing", "Pretrained", "CardError"],
         "errors": ["TrainServeError", "UserError", "UsageError", "SetupError", "GateRefused"],
         "files": ["atomic_write", "atomic_write_json", "publish_dir", "staged_dir", "WriteError"],
-        "preprocess": ["preprocess", "load_image", "ImageError", "Limits", "DEFAULT_LIMITS"],
+        # not the function ``preprocess``: the name is its module's (serve.core.preprocess)
+        "preprocess": ["load_image", "ImageError", "Limits", "DEFAULT_LIMITS", "ResizeCrop"],
         "cli_common": ["Command", "main", "run_guarded"],
         "machine": ["machine_info", "cpu_model"],
         "plots": ["save_figure", "plot_confusion"],

@@ -1,7 +1,7 @@
 -- The public front's check of a gRPC ModelInfer request (HAProxy 2.6, Lua 5.3), run on
 -- the first bytes of the body that HAProxy holds (its buffer, 64 KiB): the gRPC frame
 -- (1 flag byte, 4 bytes of length) and the protobuf ModelInferRequest it carries, parsed
--- field by field (serve/runtime/front.py loads it; tests/serve/test_front.py attacks it).
+-- field by field (serve/runtime/front.py loads it; tests/serve/runtime/test_front.py attacks it).
 --
 -- Refused, with the reason as the fetch's result ("" = accepted) and the gRPC status in
 -- txn.grpc_code:

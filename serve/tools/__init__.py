@@ -7,7 +7,7 @@ from serve.core.exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "bench": ["bench_inputs"],
+        "bench_inputs": ["BenchInputs"],
         "bench_report": ["write_report"],
         "loadgen": ["Level", "measure"],
         "soak": ["run_soak"],
