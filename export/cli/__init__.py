@@ -12,9 +12,12 @@ from export.cli.export_command import EXPORT_DESCRIPTION, add_export_arguments, 
 from export.cli.tools import (
     add_bench_arguments,
     add_calibrate_arguments,
+    add_tune_arguments,
+    add_warmup_bench_arguments,
     run_bench,
     run_calibrate,
-    tool,
+    run_tune,
+    run_warmup_bench,
 )
 from export.cli.trt import add_trt_arguments, run_trt
 from serve.core.cli_common import Command
@@ -60,8 +63,8 @@ COMMANDS = [
     Command(
         "tune",
         "search the classifier's serving config with perf_analyzer (make tune)",
-        lambda p: tool("tune").add_arguments(p),
-        lambda a: tool("tune").run(a),
+        add_tune_arguments,
+        run_tune,
         description="Search the classifier's serving config (instances x max batch x "
         "queue delay, and the published config as it is) with perf_analyzer through the "
         "front, on a scratch copy of the model folder; --publish writes the winner (a "
@@ -70,8 +73,8 @@ COMMANDS = [
     Command(
         "warmup-bench",
         "first-request latency after a load, with and without the model's warmup",
-        lambda p: tool("warmup_bench").add_arguments(p),
-        lambda a: tool("warmup_bench").run_command(a),
+        add_warmup_bench_arguments,
+        run_warmup_bench,
     ),
 ]
 

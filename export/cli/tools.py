@@ -30,7 +30,25 @@ def run_calibrate(a: argparse.Namespace) -> int:
     return run(a)
 
 
-def tool(name: str):  # noqa: ANN202 - the module, imported only when its command is used
-    import importlib
+def add_tune_arguments(p: argparse.ArgumentParser) -> None:
+    from export.tune import add_arguments
 
-    return importlib.import_module(f"export.{name}")
+    add_arguments(p)
+
+
+def run_tune(a: argparse.Namespace) -> int:
+    from export.tune import run
+
+    return run(a)
+
+
+def add_warmup_bench_arguments(p: argparse.ArgumentParser) -> None:
+    from export.warmup_bench import add_arguments
+
+    add_arguments(p)
+
+
+def run_warmup_bench(a: argparse.Namespace) -> int:
+    from export.warmup_bench import run_command
+
+    return run_command(a)
