@@ -11,9 +11,7 @@ from pathlib import Path
 from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
 from serve.core.errors import UsageError
 from serve.runtime.front import FrontOptions
-from serve.runtime.triton_server import (
-    LOOPBACK,
-)
+from serve.runtime.server_options import LOOPBACK
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +33,8 @@ from pathlib import Path
 from serve.core import auth
 from serve.core.errors import SetupError
 from serve.runtime.front import find_haproxy, render
+from serve.runtime.handle import ServerHandle, free_port
+from serve.runtime.install import TritonInstall
 from serve.runtime.limits import (
     PRIVATE_PORTS,
     FrontLimits,
@@ -44,15 +43,7 @@ from serve.runtime.limits import (
     repository_models,
 )
 from serve.runtime.private import PrivateSpec, namespace_prefix
-from serve.runtime.triton_server import (
-    LOOPBACK,
-    ServerOptions,
-    TritonInstall,
-    free_port,
-    http_status,
-    log_tail,
-    server_command,
-)
+from serve.runtime.server_options import LOOPBACK, ServerOptions, server_command
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +71,7 @@ def write_private(path: Path, text: str) -> Path:
     return path
 
 
-class PublicServer:
+class PublicServer(ServerHandle):
     """The front + private tritonserver as one child process tree."""
 
     def __init__(
@@ -90,41 +81,12 @@ class PublicServer:
         log_path: str | Path | None = None,
         inherit_output: bool = False,
     ) -> None:
-        self.opts = opts
+        super().__init__(opts, log_path, inherit_output)
         self.limits = limits or FrontLimits()
-        self.log_path = Path(log_path) if log_path else None
-        self.inherit_output = inherit_output
-        self.process: subprocess.Popen | None = None
         self.in_namespace = False
         self.private_why = ""
-        self._sockets: list[socket.socket] = []
-        self._key_files: list[Path] = []
-        self._workdir: Path | None = None
-        self._log = None
 
-    # -- the TritonServer interface ------------------------------------------------------
-    @property
-    def admin_key(self) -> str | None:
-        return self.opts.admin_key or None
-
-    @property
-    def _client_host(self) -> str:
-        return LOOPBACK if self.opts.host in ("0.0.0.0", "::", "") else self.opts.host
-
-    @property
-    def http_url(self) -> str:
-        return f"{self._client_host}:{self.opts.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self._client_host}:{self.opts.grpc_port}"
-
-    local_grpc_url = grpc_url
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.opts.metrics_port}/metrics"
-
+    # -- the TritonServer interface (the URLs and admin_key: ServerHandle) ---------------
     @property
     def pid(self) -> int:
         """tritonserver's PID (a child of the private supervisor)."""
@@ -165,7 +127,7 @@ class PublicServer:
     def start(self, timeout: float = 180.0) -> PublicServer:
         """Bind the public ports, start the private stack, wait until the front answers
         ready; a no-op while it already runs."""
-        if self.process is not None and self.process.poll() is None:
+        if self._running():
             return self
         haproxy = find_haproxy()
         install = TritonInstall.find()
@@ -185,6 +147,43 @@ class PublicServer:
     def _start(
         self, haproxy: str, install: TritonInstall, models: RepositoryModels, timeout: float
     ) -> None:
+        prefix = self._private_prefix()
+        ports, triton_opts = self._triton_options()
+        token = self._inference_token(triton_opts)
+        self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
+        os.chmod(self._workdir, 0o700)
+        fds = [s.fileno() for s in self._sockets]
+        cfg = self._write_front(haproxy, models, fds, ports, token)
+        spec = PrivateSpec(
+            triton_cmd=server_command(install, triton_opts),
+            triton_env={
+                **install.environment(jemalloc=triton_opts.jemalloc_path()),
+                # the preprocess models' slow-image lane (serve/core/isolated_decode.py SlowLane)
+                "TRAINSERVE_RUNTIME_DIR": str(self._workdir),
+            },
+            triton_http=f"{LOOPBACK}:{ports[0]}",
+            haproxy_cmd=[haproxy, "-W", "-db", "-f", str(cfg)],
+            pass_fds=fds,
+            in_namespace=self.in_namespace,
+            host_mount_namespace=os.readlink("/proc/self/ns/mnt"),
+            ready_timeout=timeout,
+            exit_timeout=float(self.opts.exit_timeout + 10),
+        )
+        spec_path = spec.write(self._workdir / "spec.json")
+        self._write_key_files()
+        self._spawn(
+            [*prefix, sys.executable, "-m", "serve.runtime.private", str(spec_path)],
+            pass_fds=tuple(fds),
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
+        self.wait_ready(timeout)
+        if self.in_namespace:  # where this user's shared-memory clients put their regions
+            folder = f"/proc/{self.pid}/root/dev/shm"
+            self._key_files += [auth.write_shm_dir_file(u, folder) for u in self.opts.urls]
+
+    def _private_prefix(self) -> list[str]:
+        """The command prefix of a private network namespace for the stack ([] on
+        loopback: asked for, or no namespace to be had where ``private`` allows it)."""
         prefix, why = (
             ([], "asked for loopback")
             if self.limits.private == "loopback"
@@ -193,49 +192,61 @@ class PublicServer:
         if not prefix and self.limits.private == "namespace":
             raise SetupError(f"no private network namespace for Triton: {why}")
         self.in_namespace, self.private_why = bool(prefix), why
-        if self.in_namespace:
-            ports = PRIVATE_PORTS
-            triton_opts = replace(
-                self.opts,
-                host=LOOPBACK,
-                http_port=ports[0],
-                grpc_port=ports[1],
-                metrics_port=ports[2],
-                restricted=False,  # the front enforces the key; nothing else reaches Triton
-            )
-        else:
-            ports = (free_port(), free_port(), free_port())
-            triton_opts = replace(
-                self.opts,
-                host=LOOPBACK,
-                http_port=ports[0],
-                grpc_port=ports[1],
-                metrics_port=ports[2],
-                restricted=True,
-            )
+        return prefix
+
+    def _triton_options(self) -> tuple[tuple[int, int, int], ServerOptions]:
+        """Triton's ports (HTTP, gRPC, metrics) and options behind the front: fixed
+        ports, unrestricted, in the namespace; free loopback ports, restricted, without."""
+        ports = PRIVATE_PORTS if self.in_namespace else (free_port(), free_port(), free_port())
+        triton_opts = replace(
+            self.opts,
+            host=LOOPBACK,
+            http_port=ports[0],
+            grpc_port=ports[1],
+            metrics_port=ports[2],
+            # in the namespace the front enforces the key; nothing else reaches Triton
+            restricted=not self.in_namespace,
+        )
+        if not self.in_namespace:
             log.warning(
                 "NO PRIVATE NAMESPACE for tritonserver (%s): it listens on 127.0.0.1:%d-%d, "
                 "which every local user can reach, and its admin key is in its argv "
                 "(readable in /proc by local users). Run as root or allow unprivileged "
                 "user namespaces to keep Triton private.",
-                why,
+                self.private_why,
                 ports[0],
                 ports[2],
             )
-        token = ""
-        if self.limits.inference_key:
-            # Triton refuses inference without this header itself (after reading the body:
-            # a clear error, where HAProxy 2.6 would reset a half-read stream); the
-            # front sets it for clients with the inference key. Only the front reaches a
-            # namespaced Triton, so the token in its argv is worth nothing to local users.
-            token = auth.new_key()
-            triton_opts.extra_args = [
-                *triton_opts.extra_args,
-                f"--grpc-restricted-protocol=inference:inference-key={token}",
-                f"--http-restricted-api=inference:inference-key={token}",
-            ]
-        self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
-        os.chmod(self._workdir, 0o700)
+        return ports, triton_opts
+
+    def _inference_token(self, triton_opts: ServerOptions) -> str:
+        """With an inference key: the token Triton requires for inference (added to
+        ``triton_opts``), which the front sets for clients with the key; else ""."""
+        if not self.limits.inference_key:
+            return ""
+        # Triton refuses inference without this header itself (after reading the body:
+        # a clear error, where HAProxy 2.6 would reset a half-read stream); the
+        # front sets it for clients with the inference key. Only the front reaches a
+        # namespaced Triton, so the token in its argv is worth nothing to local users.
+        token = auth.new_key()
+        triton_opts.extra_args = [
+            *triton_opts.extra_args,
+            f"--grpc-restricted-protocol=inference:inference-key={token}",
+            f"--http-restricted-api=inference:inference-key={token}",
+        ]
+        return token
+
+    def _write_front(
+        self,
+        haproxy: str,
+        models: RepositoryModels,
+        fds: list[int],
+        ports: tuple[int, int, int],
+        token: str,
+    ) -> Path:
+        """The front's configuration (and TLS file) in the private folder, checked by
+        ``haproxy -c``."""
+        assert self._workdir is not None
         tls_pem = ""
         if self.limits.tls_cert:
             pem = (
@@ -244,7 +255,6 @@ class PublicServer:
                 + Path(self.limits.tls_key).read_text()
             )
             tls_pem = str(write_private(self._workdir / "tls.pem", pem))
-        fds = [s.fileno() for s in self._sockets]
         front = front_options(
             self.limits,
             models,
@@ -262,68 +272,19 @@ class PublicServer:
         if check.returncode != 0:
             out = (check.stdout + check.stderr).decode(errors="replace")
             raise SetupError(f"haproxy refused the generated configuration {cfg}: {out[-2000:]}")
-        spec = PrivateSpec(
-            triton_cmd=server_command(install, triton_opts),
-            triton_env={
-                **install.environment(jemalloc=triton_opts.jemalloc_path()),
-                # the preprocess models' slow-image lane (serve/core/preprocess.py SlowLane)
-                "TRAINSERVE_RUNTIME_DIR": str(self._workdir),
-            },
-            triton_http=f"{LOOPBACK}:{ports[0]}",
-            haproxy_cmd=[haproxy, "-W", "-db", "-f", str(cfg)],
-            pass_fds=fds,
-            in_namespace=self.in_namespace,
-            host_mount_namespace=os.readlink("/proc/self/ns/mnt"),
-            ready_timeout=timeout,
-            exit_timeout=float(self.opts.exit_timeout + 10),
-        )
-        spec_path = spec.write(self._workdir / "spec.json")
-        out = None if self.inherit_output else subprocess.DEVNULL
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = self.log_path.open("wb")
-            out = self._log
-        self._key_files = self.opts.write_key_files() + [
-            auth.write_key_file(auth.metrics_url_file(u), self.metrics_url) for u in self.opts.urls
-        ]
-        self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "serve.runtime.private", str(spec_path)],
-            pass_fds=tuple(fds),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=str(Path(__file__).resolve().parents[2]),
-        )
-        self.wait_ready(timeout)
-        if self.in_namespace:  # where this user's shared-memory clients put their regions
-            folder = f"/proc/{self.pid}/root/dev/shm"
-            self._key_files += [auth.write_shm_dir_file(u, folder) for u in self.opts.urls]
+        return cfg
 
     @property
     def shm_dir(self) -> str | None:
         """The private /dev/shm of Triton, as this machine's owner reaches it."""
         return f"/proc/{self.pid}/root/dev/shm" if self.in_namespace else None
 
-    def _get(self, path: str) -> int:
-        return http_status(f"http://{self.http_url}{path}")
-
-    def is_ready(self) -> bool:
-        return self._get("/v2/health/ready") == 200
-
     def wait_ready(self, timeout: float = 180.0) -> None:
         """Block until the front answers ready; raise with the log tail if the stack dies."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise SetupError(
-                    f"the server stack exited with {self.process.returncode}{self._log_tail()}"
-                )
-            if not self.limits.tls_cert and self.is_ready():
-                return
-            if self.limits.tls_cert and self._tls_ready():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout:.0f}s{self._log_tail()}")
+        self._wait_ready(timeout, "the server stack", "server")
+
+    def _answers_ready(self) -> bool:
+        return self._tls_ready() if self.limits.tls_cert else self.is_ready()
 
     def _tls_ready(self) -> bool:
         import ssl
@@ -337,41 +298,10 @@ class PublicServer:
         except OSError:
             return False
 
-    def _log_tail(self, lines: int = 30) -> str:
-        return log_tail(self.log_path, lines)
-
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM the stack (front first, then Triton), wait, SIGKILL the group if needed;
         the key files, sockets and the private folder go."""
-        code = None
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait(10)
-            code = self.process.returncode
-        for s in self._sockets:
-            s.close()
-        self._sockets = []
-        auth.remove_key_files(self._key_files)
-        self._key_files = []
-        if self._log:
-            self._log.close()
-            self._log = None
-        if self._workdir:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-        return code
-
-    def __enter__(self) -> PublicServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self._stop(timeout)
 
 
 def child_pids(pid: int) -> list[int]:
