@@ -16,20 +16,23 @@ connection/network timeouts; ``asyncio.wait_for`` in the async client); gRPC cha
 send keepalive pings during long calls. Errors are :mod:`serve.core.errors` types.
 tritonclient's HTTP client is not thread-safe (gevent): use one Classifier per thread,
 or :class:`AsyncClassifier` for many requests in flight.
+
+The async client is serve/client/async_classifier.py and what both share (encoding,
+batching) serve/client/classifier_base.py; every name still imports from here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serve.client.async_classifier import AsyncClassifier
+from serve.client.classifier_base import ClassifierBase, read_bytes  # noqa: F401 - re-exported
 from serve.client.connect import DEFAULT_URLS, make_client, protocol_module
 from serve.client.model_info import ModelInfo, Prediction, predictions
 from serve.client.shared_memory import SharedMemoryPool, is_unknown_region
@@ -42,14 +45,7 @@ from serve.core.errors import (
     classify_error,
     is_transient,
 )
-from serve.core.preprocess import (
-    DEFAULT_LIMITS,
-    ImageError,
-    ImageSource,
-    Limits,
-    describe,
-    preprocess,
-)
+from serve.core.preprocess import DEFAULT_LIMITS, ImageError, ImageSource, Limits, describe
 
 __all__ = [
     "AsyncClassifier",
@@ -64,45 +60,7 @@ __all__ = [
 ]
 
 
-def read_bytes(source: ImageSource) -> bytes:
-    """Encoded image bytes from a path (or bytes as they are)."""
-    if isinstance(source, bytes | bytearray):
-        return bytes(source)
-    path = Path(source)
-    if not path.is_file():
-        raise ImageError(f"{path}: no such file")
-    return path.read_bytes()
-
-
-class _Base:
-    """What the sync and async clients share: inputs, outputs, batching."""
-
-    protocol: str
-    module: Any
-    info: ModelInfo
-    max_batch: int
-    limits: Limits
-    version: str
-
-    def encode(self, images: Sequence[ImageSource]) -> np.ndarray:
-        """Images -> the model's input array: pixels [N, 3, H, W] or bytes [N, 1]."""
-        if self.info.raw:
-            return np.array([[read_bytes(im)] for im in images], dtype=object)
-        assert self.info.geometry is not None
-        return np.stack([preprocess(im, self.info.geometry, limits=self.limits) for im in images])
-
-    def _inputs(self, batch: np.ndarray) -> Any:
-        dtype = "BYTES" if batch.dtype == object else self.info.input_dtype
-        return self.module.InferInput(self.info.input_name, list(batch.shape), dtype)
-
-    def _outputs(self, class_count: int) -> list:
-        return [self.module.InferRequestedOutput(self.info.output_name, class_count=class_count)]
-
-    def _chunks(self, array: np.ndarray) -> list[np.ndarray]:
-        return [array[i : i + self.max_batch] for i in range(0, len(array), self.max_batch)]
-
-
-class Classifier(_Base):
+class Classifier(ClassifierBase):
     """An image classifier behind a Triton server.
 
     >>> with Classifier("127.0.0.1:8001", "antsbees", protocol="grpc") as clf:
@@ -324,101 +282,3 @@ class Classifier(_Base):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class AsyncClassifier(_Base):
-    """asyncio variant for many requests in flight (tritonclient's aio clients); every
-    call is bounded by ``asyncio.wait_for``.
-
-    >>> clf = await AsyncClassifier.create("127.0.0.1:8001", "antsbees_image")
-    >>> results = await asyncio.gather(*(clf.classify([p]) for p in paths))
-    >>> await clf.close()
-    """
-
-    def __init__(
-        self,
-        url: str | None,
-        model: str,
-        protocol: str,
-        version: str,
-        max_batch: int,
-        timeout: float,
-        connect_timeout: float,
-    ) -> None:
-        self.protocol = protocol
-        self.module = protocol_module(protocol, aio=True)
-        self.url = url or DEFAULT_URLS[protocol]
-        self.model, self.version = model, version
-        self.timeout, self.connect_timeout = timeout, connect_timeout
-        self.limits = DEFAULT_LIMITS
-        self.client = make_client(protocol, self.url, connect_timeout, timeout, aio=True)
-        self.max_batch = max_batch
-
-    @classmethod
-    async def create(
-        cls,
-        url: str | None = None,
-        model: str = "antsbees",
-        *,
-        protocol: str = "grpc",
-        version: str = "",
-        max_batch: int = 32,
-        timeout: float = 60.0,
-        connect_timeout: float = 10.0,
-    ) -> AsyncClassifier:
-        self = cls(url, model, protocol, version, max_batch, timeout, connect_timeout)
-        try:
-            if not await self._call(
-                "model readiness", connect_timeout, self.client.is_model_ready, model, version
-            ):
-                raise ModelNotReady(f"model '{model}' is not ready on {self.url}")
-            kw = {"as_json": True} if protocol == "grpc" else {}
-            meta = await self._call(
-                "metadata", connect_timeout, self.client.get_model_metadata, model, version, **kw
-            )
-            config = await self._call(
-                "config", connect_timeout, self.client.get_model_config, model, version, **kw
-            )
-        except BaseException:
-            await self.close()
-            raise
-        self.info = ModelInfo.from_api(model, meta, config.get("config", config))
-        self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
-        return self
-
-    async def _call(self, what: str, deadline: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await asyncio.wait_for(fn(*args, **kwargs), deadline)
-        except TimeoutError as e:
-            raise ServerUnavailable(
-                f"{what}: no answer from {self.url} ({self.protocol}) within {deadline:g} s"
-            ) from e
-        except ClientError:
-            raise
-        except Exception as e:  # noqa: BLE001 - aiohttp / grpc.aio transport errors
-            raise classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
-
-    async def classify(
-        self, images: Sequence[ImageSource], top_k: int = 1
-    ) -> list[list[Prediction]]:
-        top_k = max(1, min(int(top_k), self.info.num_classes))
-        batch = self.encode(images)
-        results: list[list[Prediction]] = []
-        for chunk in self._chunks(batch):
-            inp = self._inputs(chunk)
-            inp.set_data_from_numpy(chunk)
-            result = await self._call(
-                "inference",
-                self.timeout,
-                self.client.infer,
-                self.model,
-                [inp],
-                model_version=self.version,
-                outputs=self._outputs(self.info.num_classes),
-            )
-            results += predictions(result.as_numpy(self.info.output_name), len(chunk), top_k)
-        return results
-
-    async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.client.close()

@@ -11,184 +11,38 @@ average executed batch from the statistics API (deltas). The in-process baseline
 the baselines that need torch (PyTorch eager, a bare TensorRT engine) in one report.
 """
 
+# The Triton rows (perf_analyzer at each level, its CSV as report rows) are
+# serve/tools/bench_triton.py; every name still imports from here.
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
-from serve.core import auth
-from serve.core.contract import image_model_name
 from serve.core.machine import gemm_gflops_onnxruntime, machine_info
 from serve.core.preprocess import ResizeCrop
-from serve.tools import perf_analyzer as pa
 from serve.tools.bench_inputs import (
     BenchInputs,
     bench_inputs,
     image_pipeline_baseline,
     onnxruntime_baseline,
-    write_input_data,
 )
 from serve.tools.bench_report import FRONT_AB_ROUNDS, front_cost, mark_levels
-from serve.tools.bench_server import (
-    ExternalServer,
-    _delta,
-    _server_stats,
-    admin_key,
-    server_context,
+from serve.tools.bench_server import ExternalServer, server_context
+from serve.tools.bench_triton import (  # noqa: F401 - re-exported
+    PaSettings,
+    level_from_row,
+    load_generator,
+    loads,
+    triton_levels,
 )
 from serve.tools.loadgen import Level
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PaSettings:
-    """How perf_analyzer measures every Triton level (its own stability rule: 3
-    consecutive windows within ``stability_percentage`` in throughput and latency)."""
-
-    measurement_interval_ms: int = 1000
-    measurement_mode: str = "time_windows"
-    stability_percentage: float = 10.0
-    max_trials: int = 8
-    distribution: str = "poisson"
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> PaSettings:
-        return cls(
-            measurement_interval_ms=int(args.window * 1000),
-            stability_percentage=args.stability,
-            max_trials=args.max_trials,
-            distribution=args.distribution,
-        )
-
-
-def _loads(args: argparse.Namespace) -> list[tuple[int, float]]:
-    return [(c, 0.0) for c in args.concurrency] + [(0, r) for r in args.request_rate]
-
-
-def triton_levels(
-    srv: Any,
-    args: argparse.Namespace,
-    inputs: BenchInputs,
-    baseline: Level | None,
-    skipped: dict[str, str] | None = None,
-    prefix: str = "triton",
-    combos: list[tuple[str, str, int, float]] | None = None,
-) -> list[Level]:
-    """perf_analyzer over ``args.protocols`` x ``args.inputs`` x (concurrency levels, then
-    request rates with ``--distribution`` arrivals) against ``srv``; one row per level.
-    A level without any stable measurement goes into ``skipped`` with the reason."""
-    import tritonclient.grpc as grpcclient
-
-    model, batch = args.model, args.batch
-    settings = PaSettings.from_args(args)
-    key = admin_key(srv)
-    headers = auth.headers(key) or {}
-    work = Path(args.out) / ".perf_analyzer"
-    data = write_input_data(inputs, model, work)
-    stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
-    levels: list[Level] = []
-    skipped = {} if skipped is None else skipped
-    combos = combos or [
-        (protocol, kind, conc, rate)
-        for protocol in args.protocols
-        for kind in args.inputs
-        if not (protocol == "grpc-shm" and kind == "raw")  # shm carries pixel tensors
-        for conc, rate in _loads(args)
-    ]
-    try:
-        for protocol, kind, conc, rate in tqdm(combos, desc="perf_analyzer", unit="level"):
-            target = model if kind == "tensor" else image_model_name(model)
-            wire, shm = ("grpc", "system") if protocol == "grpc-shm" else (protocol, "none")
-            profile = pa.Profile(
-                model=target,
-                url=srv.http_url if wire == "http" else srv.grpc_url,
-                protocol=wire,
-                batch=batch,
-                concurrency=conc,
-                request_rate=rate,
-                distribution=settings.distribution,
-                shared_memory=shm,
-                input_data=str(data[kind]),
-                measurement_interval_ms=settings.measurement_interval_ms,
-                measurement_mode=settings.measurement_mode,
-                stability_percentage=settings.stability_percentage,
-                max_trials=settings.max_trials,
-                # perf_analyzer also reads Triton's statistics (an admin API) on this
-                # connection, so it carries the key; the front sends the owner's inference
-                # through the public backends, skipping only the public checks
-                headers=auth.headers(key) or {},
-            )
-            before = _server_stats(stats_client, [model, target], headers)
-            try:
-                result = pa.run(profile, work / "level.csv")
-            except pa.Unstable as e:
-                load = f"r={rate:g}" if rate else f"c={conc}"
-                skipped[f"{prefix}-{protocol} {kind} {load}"] = str(e)
-                log.warning("%s-%s %s %s: %s", prefix, protocol, kind, load, e)
-                continue
-            after = _server_stats(stats_client, [model, target], headers)
-            lv = level_from_row(result, f"{prefix}-{protocol}", kind, batch, inputs.card.precision)
-            lv.server.update(_delta(before, after))
-            lv.errors = int(after["fail"] - before["fail"])
-            if baseline is not None:
-                lv.ratio_to_onnxruntime = lv.throughput / baseline.throughput
-            levels.append(lv)
-            log.info(
-                "%-15s %-6s %-9s %7.1f img/s  p50 %7.1f  p99 %7.1f ms  x%.2f ORT  errors %d%s",
-                lv.backend,
-                kind,
-                f"r={rate:g}/s" if rate else f"c={conc}",
-                lv.throughput,
-                lv.p50_ms,
-                lv.p99_ms,
-                lv.ratio_to_onnxruntime or 0,
-                lv.errors,
-                "" if lv.stable else "  (not stable within max trials)",
-            )
-    finally:
-        stats_client.close()
-    return levels
-
-
-def level_from_row(result: pa.Result, backend: str, kind: str, batch: int, precision: str) -> Level:
-    """A report row from perf_analyzer's (single-level) CSV."""
-    row = result.rows[-1]
-    return Level(
-        backend,
-        kind,
-        batch,
-        row.concurrency,
-        throughput=row.throughput,
-        p50_ms=row.p50_ms,
-        p90_ms=row.p90_ms,
-        p95_ms=row.p95_ms,
-        p99_ms=row.p99_ms,
-        stable=result.stable,
-        precision=precision,
-        request_rate=row.request_rate,
-        server={
-            "avg_queue_ms": row.server_queue_ms,
-            "avg_compute_ms": row.server_compute_ms,
-        },
-    )
-
-
-def load_generator(args: argparse.Namespace) -> dict[str, Any]:
-    """The report's ``load_generator``: the tool, its version and how it measured."""
-    return {
-        "tool": "perf_analyzer",
-        "version": pa.version(),
-        "source": f"tritonclient {pa.VERSION} wheel (bin/perf_analyzer)",
-        "settings": asdict(PaSettings.from_args(args)),
-        "in_process": "serve.tools.loadgen: closed loop, 3 windows within 10% (the baselines)",
-    }
 
 
 def new_report(args: argparse.Namespace, inputs: BenchInputs, gemm: dict[str, float]) -> dict:
@@ -276,7 +130,7 @@ def adjacent_levels(
                     "image_pipeline": pipeline.throughput,
                 }
             )
-            combos = [(protocol, kind, c, r) for c, r in _loads(args)]
+            combos = [(protocol, kind, c, r) for c, r in loads(args)]
             group = triton_levels(front, args, inputs, ort, report["skipped"], combos=combos)
             mark_levels(group, pipeline.throughput)
             levels += group
@@ -337,6 +191,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The sweep's options (shared with ``python -m export bench``)."""
+    _add_load_arguments(p)
+    _add_measurement_arguments(p)
+    _add_server_arguments(p)
+
+
+def _add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """What is measured: the model, its images, protocols, inputs and load levels."""
     p.add_argument("--model", default="antsbees")
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--data", default="", help="ImageFolder split with images to send (.../val)")
@@ -362,6 +223,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="poisson",
         help="arrivals of the request-rate runs",
     )
+
+
+def _add_measurement_arguments(p: argparse.ArgumentParser) -> None:
+    """How each level is measured: batch, windows, stability, time caps."""
     p.add_argument("--batch", type=int, default=1, help="images per request")
     p.add_argument("--window", type=float, default=1.0, help="seconds per measurement window")
     p.add_argument(
@@ -376,6 +241,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-seconds", type=float, default=20.0, help="time cap per in-process baseline"
     )
+
+
+def _add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Which server is measured, where the report goes, the docs table."""
     p.add_argument(
         "--grpc-url",
         default="",

@@ -1,0 +1,194 @@
+"""The Triton rows of ``make bench`` (torch-free): perf_analyzer (serve/tools/perf_analyzer.py)
+at every protocol x input x load level against one server, each run's CSV turned into a
+report row with Triton's statistics (deltas: average batch, errors) and its ratio to the
+in-process ONNX Runtime baseline. The sweep around it is serve/tools/bench.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from serve.core import auth
+from serve.core.contract import image_model_name
+from serve.tools import perf_analyzer as pa
+from serve.tools.bench_inputs import BenchInputs, write_input_data
+from serve.tools.bench_server import _delta, _server_stats, admin_key
+from serve.tools.loadgen import Level
+
+log = logging.getLogger(__name__)
+
+Combo = tuple[str, str, int, float]  # protocol, input kind, concurrency, request rate
+
+
+@dataclass
+class PaSettings:
+    """How perf_analyzer measures every Triton level (its own stability rule: 3
+    consecutive windows within ``stability_percentage`` in throughput and latency)."""
+
+    measurement_interval_ms: int = 1000
+    measurement_mode: str = "time_windows"
+    stability_percentage: float = 10.0
+    max_trials: int = 8
+    distribution: str = "poisson"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PaSettings:
+        return cls(
+            measurement_interval_ms=int(args.window * 1000),
+            stability_percentage=args.stability,
+            max_trials=args.max_trials,
+            distribution=args.distribution,
+        )
+
+
+def loads(args: argparse.Namespace) -> list[tuple[int, float]]:
+    """The load levels: the concurrency sweep, then the request rates."""
+    return [(c, 0.0) for c in args.concurrency] + [(0, r) for r in args.request_rate]
+
+
+def all_combos(args: argparse.Namespace) -> list[Combo]:
+    """Every protocol x input x load level of ``args`` (shared memory: tensors only)."""
+    return [
+        (protocol, kind, conc, rate)
+        for protocol in args.protocols
+        for kind in args.inputs
+        if not (protocol == "grpc-shm" and kind == "raw")  # shm carries pixel tensors
+        for conc, rate in loads(args)
+    ]
+
+
+def _profile(
+    srv: Any,
+    settings: PaSettings,
+    key: str | None,
+    target: str,
+    combo: Combo,
+    batch: int,
+    data: str,
+) -> pa.Profile:
+    """The perf_analyzer run of one level against ``target`` on ``srv``."""
+    protocol, _, conc, rate = combo
+    wire, shm = ("grpc", "system") if protocol == "grpc-shm" else (protocol, "none")
+    return pa.Profile(
+        model=target,
+        url=srv.http_url if wire == "http" else srv.grpc_url,
+        protocol=wire,
+        batch=batch,
+        concurrency=conc,
+        request_rate=rate,
+        distribution=settings.distribution,
+        shared_memory=shm,
+        input_data=data,
+        measurement_interval_ms=settings.measurement_interval_ms,
+        measurement_mode=settings.measurement_mode,
+        stability_percentage=settings.stability_percentage,
+        max_trials=settings.max_trials,
+        # perf_analyzer also reads Triton's statistics (an admin API) on this
+        # connection, so it carries the key; the front sends the owner's inference
+        # through the public backends, skipping only the public checks
+        headers=auth.headers(key) or {},
+    )
+
+
+def _log_level(lv: Level, kind: str, conc: int, rate: float) -> None:
+    log.info(
+        "%-15s %-6s %-9s %7.1f img/s  p50 %7.1f  p99 %7.1f ms  x%.2f ORT  errors %d%s",
+        lv.backend,
+        kind,
+        f"r={rate:g}/s" if rate else f"c={conc}",
+        lv.throughput,
+        lv.p50_ms,
+        lv.p99_ms,
+        lv.ratio_to_onnxruntime or 0,
+        lv.errors,
+        "" if lv.stable else "  (not stable within max trials)",
+    )
+
+
+def triton_levels(
+    srv: Any,
+    args: argparse.Namespace,
+    inputs: BenchInputs,
+    baseline: Level | None,
+    skipped: dict[str, str] | None = None,
+    prefix: str = "triton",
+    combos: list[Combo] | None = None,
+) -> list[Level]:
+    """perf_analyzer over ``args.protocols`` x ``args.inputs`` x (concurrency levels, then
+    request rates with ``--distribution`` arrivals) against ``srv``; one row per level.
+    A level without any stable measurement goes into ``skipped`` with the reason."""
+    import tritonclient.grpc as grpcclient
+
+    model, batch = args.model, args.batch
+    settings = PaSettings.from_args(args)
+    key = admin_key(srv)
+    headers = auth.headers(key) or {}
+    work = Path(args.out) / ".perf_analyzer"
+    data = write_input_data(inputs, model, work)
+    stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
+    levels: list[Level] = []
+    skipped = {} if skipped is None else skipped
+    combos = combos or all_combos(args)
+    try:
+        for combo in tqdm(combos, desc="perf_analyzer", unit="level"):
+            protocol, kind, conc, rate = combo
+            target = model if kind == "tensor" else image_model_name(model)
+            profile = _profile(srv, settings, key, target, combo, batch, str(data[kind]))
+            before = _server_stats(stats_client, [model, target], headers)
+            try:
+                result = pa.run(profile, work / "level.csv")
+            except pa.Unstable as e:
+                load = f"r={rate:g}" if rate else f"c={conc}"
+                skipped[f"{prefix}-{protocol} {kind} {load}"] = str(e)
+                log.warning("%s-%s %s %s: %s", prefix, protocol, kind, load, e)
+                continue
+            after = _server_stats(stats_client, [model, target], headers)
+            lv = level_from_row(result, f"{prefix}-{protocol}", kind, batch, inputs.card.precision)
+            lv.server.update(_delta(before, after))
+            lv.errors = int(after["fail"] - before["fail"])
+            if baseline is not None:
+                lv.ratio_to_onnxruntime = lv.throughput / baseline.throughput
+            levels.append(lv)
+            _log_level(lv, kind, conc, rate)
+    finally:
+        stats_client.close()
+    return levels
+
+
+def level_from_row(result: pa.Result, backend: str, kind: str, batch: int, precision: str) -> Level:
+    """A report row from perf_analyzer's (single-level) CSV."""
+    row = result.rows[-1]
+    return Level(
+        backend,
+        kind,
+        batch,
+        row.concurrency,
+        throughput=row.throughput,
+        p50_ms=row.p50_ms,
+        p90_ms=row.p90_ms,
+        p95_ms=row.p95_ms,
+        p99_ms=row.p99_ms,
+        stable=result.stable,
+        precision=precision,
+        request_rate=row.request_rate,
+        server={
+            "avg_queue_ms": row.server_queue_ms,
+            "avg_compute_ms": row.server_compute_ms,
+        },
+    )
+
+
+def load_generator(args: argparse.Namespace) -> dict[str, Any]:
+    """The report's ``load_generator``: the tool, its version and how it measured."""
+    return {
+        "tool": "perf_analyzer",
+        "version": pa.version(),
+        "source": f"tritonclient {pa.VERSION} wheel (bin/perf_analyzer)",
+        "settings": asdict(PaSettings.from_args(args)),
+        "in_process": "serve.tools.loadgen: closed loop, 3 windows within 10% (the baselines)",
+    }
