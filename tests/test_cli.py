@@ -180,7 +180,7 @@ def _project_exception_classes() -> list[type]:
     found = []
     for package in ("train", "export", "serve"):
         for path in sorted((ROOT / package).rglob("*.py")):
-            if path.stem in ("__main__", "triton_python_model", "triton_preprocess_model"):
+            if path.stem in ("__main__", "python_model", "preprocess_model"):
                 continue  # the Triton models import triton_python_backend_utils
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             module = importlib.import_module(name)

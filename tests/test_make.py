@@ -95,7 +95,7 @@ def test_every_flag_and_make_variable_the_readme_names_exists() -> None:
     once named for `make export`) is an option of one of our commands; a make variable is
     the Makefile's. The README links the pages, so they are read with it."""
     from export.cli import COMMANDS as EXPORT
-    from export.tune import add_arguments as tune_arguments
+    from export.tools.tune import add_arguments as tune_arguments
     from serve.cli import COMMANDS as SERVE
     from serve.core.cli_common import build_parser
     from train.cli import COMMANDS as TRAIN

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from export.parity import Stage
+from export.checks.parity import Stage
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

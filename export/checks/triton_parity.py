@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.stage_outputs import PixelBatches
+from export.checks.stage_outputs import PixelBatches
 from serve.core.contract import image_model_name
 
 

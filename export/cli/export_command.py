@@ -12,8 +12,8 @@ from export.cli.options import (
     profile_from,
     serving_from,
 )
-from export.tensorrt_engine import DEFAULT_RTX_TARGETS
-from export.triton_config import GPU_BACKENDS, TARGETS, ServingConfig
+from export.formats.tensorrt_rtx import DEFAULT_RTX_TARGETS
+from export.triton.config import GPU_BACKENDS, TARGETS, ServingConfig
 from serve.core.cli_common import add_admin_key, add_model_repository
 
 EXPORT_DESCRIPTION = (
@@ -208,7 +208,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export_command(a: argparse.Namespace) -> int:
-    from export.release import ExportConfig, run_export
+    from export.pipeline.release import ExportConfig, run_export
 
     profile = profile_from(a)
     cfg = ExportConfig(

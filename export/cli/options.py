@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from export.tensorrt_engine import HARDWARE_LEVELS, EngineProfile
-from export.triton_config import ServingConfig
+from export.formats.tensorrt_engine import HARDWARE_LEVELS, EngineProfile
+from export.triton.config import ServingConfig
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,9 +53,9 @@ def profile_from(a: argparse.Namespace) -> EngineProfile:
 
 
 def add_precision_arguments(p: argparse.ArgumentParser) -> None:
-    from export.int8 import CALIBRATION_METHODS, Calibration
-    from export.parity import ACCURACY_GATE
-    from export.run_state import PRECISIONS, PrecisionConfig
+    from export.checks.parity import ACCURACY_GATE
+    from export.formats.int8 import CALIBRATION_METHODS, Calibration
+    from export.pipeline.config import PRECISIONS, PrecisionConfig
 
     g = p.add_argument_group("precision (FP16/INT8 stages are judged by accuracy)")
     g.add_argument(
@@ -155,9 +155,9 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
 
 def precision_from(a: argparse.Namespace):  # noqa: ANN201 - lazy import of the type
     """The PrecisionConfig the flags describe."""
-    from export.int8 import Calibration
-    from export.parity import AccuracyGate
-    from export.run_state import PrecisionConfig
+    from export.checks.parity import AccuracyGate
+    from export.formats.int8 import Calibration
+    from export.pipeline.config import PrecisionConfig
 
     return PrecisionConfig(
         precision=a.precision,

@@ -7,48 +7,48 @@ import argparse
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from export.bench import add_arguments
+    from export.tools.bench import add_arguments
 
     add_arguments(p)
 
 
 def run_bench(a: argparse.Namespace) -> int:
-    from export.bench import run
+    from export.tools.bench import run
 
     return run(a)
 
 
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
-    from export.calibration_search import add_arguments
+    from export.tools.calibration_search import add_arguments
 
     add_arguments(p)
 
 
 def run_calibrate(a: argparse.Namespace) -> int:
-    from export.calibration_search import run
+    from export.tools.calibration_search import run
 
     return run(a)
 
 
 def add_tune_arguments(p: argparse.ArgumentParser) -> None:
-    from export.tune import add_arguments
+    from export.tools.tune import add_arguments
 
     add_arguments(p)
 
 
 def run_tune(a: argparse.Namespace) -> int:
-    from export.tune import run
+    from export.tools.tune import run
 
     return run(a)
 
 
 def add_warmup_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from export.warmup_bench import add_arguments
+    from export.tools.warmup_bench import add_arguments
 
     add_arguments(p)
 
 
 def run_warmup_bench(a: argparse.Namespace) -> int:
-    from export.warmup_bench import run_command
+    from export.tools.warmup_bench import run_command
 
     return run_command(a)

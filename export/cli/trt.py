@@ -32,11 +32,11 @@ def add_trt_arguments(p: argparse.ArgumentParser) -> None:
 def run_trt(a: argparse.Namespace) -> int:
     import onnx
 
-    from export.tensorrt_engine import build_engine, require_tensorrt
+    from export.formats.tensorrt_engine import build_engine, require_tensorrt
 
     require_tensorrt()  # the blocker first, before reading anything
     if a.name:
-        from export.engine_add import AddPlan, add_plan
+        from export.triton.engine_add import AddPlan, add_plan
 
         done = add_plan(
             AddPlan(

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import torch
 
-from export.stage_outputs import PixelBatches
+from export.checks.stage_outputs import PixelBatches
 from serve.core.files import atomic_write_bytes
 from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.progress import progress

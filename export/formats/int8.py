@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.stage_outputs import PixelBatches
+from export.checks.stage_outputs import PixelBatches
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_bytes
 

@@ -13,11 +13,11 @@ import onnx
 import torch
 from torch import nn
 
-from export.onnx_cache import OnnxCache, cache_key
+from export.formats.onnx_cache import OnnxCache, cache_key
 from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
 from serve.core.files import atomic_write_bytes
 from train.checkpoint import Checkpoint, model_from_checkpoint
-from train.models import drop_aux
+from train.models import build_model, drop_aux
 
 OPSET = 18
 
@@ -54,6 +54,17 @@ def exported_card(ckpt: Checkpoint) -> ModelCard:
     return card.replace(
         preprocessing=dataclasses.replace(card.preprocessing, normalization="graph")
     )
+
+
+def model_gflops(ckpt: Checkpoint) -> float:
+    """FLOPs per image of the checkpoint's network (torch's FlopCounterMode), GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    card = ckpt.card
+    model = build_model(card.arch, card.num_classes, **card.arch_options).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *card.input.shape))
+    return counter.get_total_flops() / 1e9
 
 
 def metadata(card: ModelCard) -> dict[str, str]:
@@ -120,7 +131,7 @@ def export_onnx(
     """Export with a dynamic batch axis, attach metadata, check, and write atomically.
 
     With a ``cache`` and the checkpoint file's sha256, an unchanged checkpoint reuses the
-    graph exported before (see :mod:`export.onnx_cache`); the metadata is always fresh."""
+    graph exported before (see :mod:`export.formats.onnx_cache`); the metadata is always fresh."""
     key = cache_key(checkpoint_sha256, opset) if cache and checkpoint_sha256 else ""
     proto = cache.get(key) if cache and key else None
     cached = proto is not None

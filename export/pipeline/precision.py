@@ -9,29 +9,40 @@ Which reduced stage gates depends on what is published:
 * ``TARGET=gpu``: the FP16 stages (TensorRT FP16 engine), or ``tensorrt-int8`` with
   ``PRECISION=int8``.
 
-Every reduced stage is judged by :class:`export.parity.AccuracyGate` against
+Every reduced stage is judged by :class:`export.checks.parity.AccuracyGate` against
 ``pytorch-fp32`` over every image; a gating one that fails goes to the precision
-fallback (:mod:`export.precision_fallback`) when enabled.
+fallback (:mod:`export.pipeline.precision_fallback`) when enabled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from export.int8 import metadata_of, preprocess_for_quantization, quantize_int8
-from export.run_state import INT8_STAGE, gating_stages
-from export.stage_outputs import load_pixels, onnxruntime_logits
+from export.checks.stage_outputs import load_pixels, onnxruntime_logits
+from export.formats.int8 import metadata_of, preprocess_for_quantization, quantize_int8
+from export.pipeline.config import INT8_STAGE
+from export.pipeline.job import ExportJob
+from export.pipeline.ledger import Ledger
 from serve.core.errors import UsageError
-
-if TYPE_CHECKING:
-    from export.run_state import ExportRun
 
 log = logging.getLogger(__name__)
 
 INT8_TRT_STAGE = "onnxruntime-int8-tensorrt"  # model_int8_trt.onnx, the TensorRT flavour
+
+
+@dataclass(frozen=True)
+class Int8Export:
+    """What :func:`export_int8` made: ``built`` when model_int8.onnx (and its TensorRT
+    flavour) exist; ``skipped`` says why not when it was asked for; ``details`` is the
+    calibration the card records."""
+
+    built: bool = False
+    skipped: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def served_stage(precision: str) -> str:
@@ -39,82 +50,79 @@ def served_stage(precision: str) -> str:
     return {"fp32": "onnxruntime-fp32", "fp16": "onnxruntime-fp16", "int8": INT8_STAGE}[precision]
 
 
-def export_int8(run: ExportRun) -> None:
-    """Calibrate on training images (eval transform) and write ``model_int8.onnx``."""
-    pc = run.cfg.precision
+def calibration_data(job: ExportJob) -> str:
+    """Where INT8 calibration (and the fallback's sensitivity probe) read training images."""
+    pc = job.cfg.precision
+    return str(pc.calibration_data or job.ckpt.config.get("data", "") or job.data)
+
+
+def export_int8(job: ExportJob) -> Int8Export:
+    """Calibrate on training images (eval transform) and write ``model_int8.onnx`` and its
+    TensorRT flavour ``model_int8_trt.onnx``."""
+    pc = job.cfg.precision
     if not pc.int8:
-        return
+        return Int8Export()
     cal = pc.calibration
-    data = pc.calibration_data or run.ckpt.config.get("data", "") or run.data
-    if Path(str(data)).suffix == ".npz" and Path(str(data)).resolve() == Path(run.data).resolve():
+    data = calibration_data(job)
+    if Path(data).suffix == ".npz" and Path(data).resolve() == Path(job.data).resolve():
         why = (
             f"INT8 calibration would use {data}, the file the gate judges: pass "
             "--calibration-data with the training images"
         )
         if pc.precision == "int8":
             raise UsageError(why)
-        run.int8_skipped = why  # INT8 is only reported here: the FP32 export goes on
-        log.warning("INT8 stage skipped: %s", why)
-        return
-    pixels = load_pixels(run.ckpt, data, cal.split, cal.batch_size, run.cfg.workers, cal.count)
-    prepared = preprocess_for_quantization(run.onnx_path, run.out_dir / "model_prepared.onnx")
-    cache = run.out_dir / "int8_calibration.json"
+        log.warning("INT8 stage skipped: %s", why)  # INT8 is only reported: FP32 goes on
+        return Int8Export(skipped=why)
+    pixels = load_pixels(job.ckpt, data, cal.split, cal.batch_size, job.cfg.workers, cal.count)
+    prepared = preprocess_for_quantization(job.onnx_path, job.out_dir / "model_prepared.onnx")
+    cache = job.out_dir / "int8_calibration.json"
     cache.unlink(missing_ok=True)  # ranges of this model and these images only
-    details = quantize_int8(
-        prepared, run.int8_path, cal, pixels, cache, metadata=metadata_of(run.onnx_path)
-    )
+    meta = metadata_of(job.onnx_path)
+    details = quantize_int8(prepared, job.int8_path, cal, pixels, cache, metadata=meta)
     # The TensorRT flavour (symmetric, float biases) from the same calibration ranges.
-    trt = quantize_int8(
-        prepared,
-        run.int8_trt_path,
-        cal,
-        None,
-        cache,
-        metadata=metadata_of(run.onnx_path),
-        tensorrt=True,
-    )
-    run.int8_details = {
-        **details,
-        "tensorrt_flavour": {
-            "file": run.int8_trt_path.name,
-            **{k: trt[k] for k in ("activation_type", "symmetric", "bias", "quantized_nodes")},
+    trt = quantize_int8(prepared, job.int8_trt_path, cal, None, cache, metadata=meta, tensorrt=True)
+    return Int8Export(
+        built=True,
+        details={
+            **details,
+            "tensorrt_flavour": {
+                "file": job.int8_trt_path.name,
+                **{k: trt[k] for k in ("activation_type", "symmetric", "bias", "quantized_nodes")},
+            },
+            "calibration_data": Path(data).name,
+            "calibration_split": cal.split,
+            "calibration_images": pixels.count,
+            "calibration_batch_size": cal.batch_size,
         },
-        "calibration_data": Path(str(data)).name,
-        "calibration_split": cal.split,
-        "calibration_images": pixels.count,
-        "calibration_batch_size": cal.batch_size,
-    }
+    )
 
 
-def check_int8(run: ExportRun) -> None:
-    """``onnxruntime-int8`` vs ``pytorch-fp32``, accuracy-gated (gating for INT8 on CPU)."""
-    assert run.pixels is not None and run.reference is not None
-    if not run.cfg.precision.int8:
-        run.skip(INT8_STAGE, "pytorch-fp32", "disabled (--no-int8-stage)")
-        run.skip(INT8_TRT_STAGE, "pytorch-fp32", "disabled (--no-int8-stage)")
+def check_int8(job: ExportJob, ledger: Ledger, int8: Int8Export) -> None:
+    """``onnxruntime-int8`` vs ``pytorch-fp32``, accuracy-gated (gating for INT8 on CPU),
+    and the TensorRT flavour's accuracy with ONNX Runtime (advisory; on GPU the
+    ``tensorrt-int8`` stage judges its engine)."""
+    if not int8.built:
+        why = int8.skipped or "disabled (--no-int8-stage)"
+        ledger.skip(INT8_STAGE, "pytorch-fp32", why)
+        ledger.skip(INT8_TRT_STAGE, "pytorch-fp32", why)
         return
-    if run.int8_skipped:
-        run.skip(INT8_STAGE, "pytorch-fp32", run.int8_skipped)
-        run.skip(INT8_TRT_STAGE, "pytorch-fp32", run.int8_skipped)
-        return
-    run.int8_logits = onnxruntime_logits(run.int8_path, run.pixels)
-    run.compare_reduced(INT8_STAGE, run.int8_logits)
-    # The TensorRT flavour's accuracy, measured here with ONNX Runtime (advisory; on GPU
-    # the tensorrt-int8 stage judges its engine).
-    run.compare_reduced(INT8_TRT_STAGE, onnxruntime_logits(run.int8_trt_path, run.pixels))
+    ledger.compare_reduced(INT8_STAGE, onnxruntime_logits(job.int8_path, ledger.pixels))
+    ledger.compare_reduced(INT8_TRT_STAGE, onnxruntime_logits(job.int8_trt_path, ledger.pixels))
 
 
-def precision_details(run: ExportRun) -> dict[str, Any]:
+def precision_details(
+    job: ExportJob,
+    ledger: Ledger,
+    int8: Int8Export,
+    fallback: dict[str, list[str]],
+    int8_speed: dict[str, Any] | None,
+) -> dict[str, Any]:
     """What the card records about the published precision: the gate, its numbers, the
-    calibration (INT8) and the fallback's choice."""
-    pc = run.cfg.precision
-    details: dict[str, Any] = {
-        "precision": pc.precision,
-        "gate": dataclasses.asdict(pc.gate),
-    }
+    calibration, the nodes the fallback kept in FP32 and the speed gate's figures (INT8)."""
+    pc = job.cfg.precision
+    details: dict[str, Any] = {"precision": pc.precision, "gate": dataclasses.asdict(pc.gate)}
     if pc.precision == "fp32":
         return details
-    names = gating_stages(pc.precision, run.cfg.serving.target)
     details["stages"] = {
         s.name: {
             "status": s.status,
@@ -126,9 +134,13 @@ def precision_details(run: ExportRun) -> dict[str, Any]:
             "images": s.images,
             "fallback": s.fallback,
         }
-        for s in run.stages
-        if s.name in names
+        for s in ledger.stages
+        if s.name in job.gating
     }
-    if pc.precision == "int8" and run.int8_details:
-        details["int8"] = run.int8_details
+    if pc.precision == "int8" and int8.details:
+        details["int8"] = dict(int8.details)
+        if INT8_STAGE in fallback:
+            details["int8"]["nodes_excluded"] = fallback[INT8_STAGE]
+        if int8_speed is not None:
+            details["int8"]["speed"] = int8_speed
     return details

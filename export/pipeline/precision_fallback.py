@@ -25,24 +25,26 @@ gate, keep the nodes that hurt most in FP32 until it passes (or the budget runs 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
-from export.fp16 import convert_fp16
-from export.int8 import quantizable_nodes, quantize_int8
-from export.parity import Stage, format_stage, judge
-from export.run_state import INT8_STAGE, gating_stages
-from export.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
-
-if TYPE_CHECKING:
-    from export.run_state import ExportRun
+from export.checks.parity import Stage, format_stage, judge
+from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
+from export.formats.fp16 import convert_fp16
+from export.formats.int8 import metadata_of, quantizable_nodes, quantize_int8
+from export.pipeline.config import INT8_STAGE
+from export.pipeline.job import ExportJob
+from export.pipeline.ledger import Ledger
+from export.pipeline.precision import calibration_data
 
 log = logging.getLogger(__name__)
 
@@ -136,78 +138,57 @@ def describe_speed(speed: dict[str, Any], name: str) -> str:
     )
 
 
-def _builder(run: ExportRun, stage_name: str) -> tuple[Path, Path, Callable[[list[str]], None]]:
+def _builder(job: ExportJob, stage_name: str) -> tuple[Path, Path, Callable[[list[str]], None]]:
     """(FP32 graph the node names refer to, the stage's model file, rebuild(excluded))."""
-    cfg = run.cfg
+    cfg = job.cfg
     if stage_name == INT8_STAGE:
-        prepared = run.out_dir / "model_prepared.onnx"
-        cache = run.out_dir / "int8_calibration.json"
+        prepared = job.out_dir / "model_prepared.onnx"
+        cache = job.out_dir / "int8_calibration.json"
+        meta = metadata_of(job.onnx_path)
 
         def rebuild(excluded: list[str]) -> None:
-            from export.int8 import metadata_of
-
             quantize_int8(
-                prepared,
-                run.int8_path,
-                cfg.precision.calibration,
-                None,
-                cache,
-                excluded,
-                metadata_of(run.onnx_path),
+                prepared, job.int8_path, cfg.precision.calibration, None, cache, excluded, meta
             )
 
-        return prepared, run.int8_path, rebuild
+        return prepared, job.int8_path, rebuild
 
     def rebuild_fp16(excluded: list[str]) -> None:
-        convert_fp16(run.onnx_path, run.fp16_path, cfg.keep_fp16_edges, excluded)
+        convert_fp16(job.onnx_path, job.fp16_path, cfg.keep_fp16_edges, excluded)
 
-    return run.onnx_path, run.fp16_path, rebuild_fp16
+    return job.onnx_path, job.fp16_path, rebuild_fp16
 
 
-def search(run: ExportRun, stage: Stage) -> Stage:
-    """Find the nodes to keep in FP32 for ``stage`` to pass; returns the final stage."""
-    pc = run.cfg.precision
-    assert run.pixels is not None and run.reference is not None
-    fp32_path, model_path, rebuild = _builder(run, stage.name)
-    fp32 = onnx.load(str(fp32_path))
-    nodes = quantizable_nodes(fp32)
-    plain_copy = model_path.with_name(model_path.stem + "_plain.onnx")
-    shutil.copyfile(model_path, plain_copy)
-    data = pc.calibration_data or run.ckpt.config.get("data", "") or run.data
-    probe = load_pixels(run.ckpt, data, pc.calibration.split, 16, run.cfg.workers, 32)
-    t0 = time.perf_counter()
-    blocks = block_sensitivity(nodes, pc.fallback_groups, rebuild, model_path, fp32_path, probe)
-    ranked = [n for block, _ in blocks for n in block]
-    log.info(
-        "fallback for %s: %d blocks of %d nodes, most sensitive first: %s",
-        stage.name,
-        len(blocks),
-        len(nodes),
-        [(b[0], round(gain, 5)) for b, gain in blocks],
-    )
-    max_k = max(1, int(len(ranked) * pc.fallback_max_fraction))
-    gating = stage.name in gating_stages(pc.precision, run.cfg.serving.target)
-    classes = run.ckpt.card.classes
-    tried: list[dict[str, Any]] = []
-    results: dict[int, tuple[Stage, np.ndarray]] = {}
-    candidates_dir = model_path.parent / "fallback_candidates"
-    shutil.rmtree(candidates_dir, ignore_errors=True)
-    candidates_dir.mkdir()
+@dataclass
+class _Search:
+    """One fallback search's state: the ranked nodes and every set tried."""
 
-    def check(k: int) -> Stage:
-        rebuild(ranked[:k])
-        logits = onnxruntime_logits(model_path, run.pixels)
+    job: ExportJob
+    ledger: Ledger
+    stage: Stage
+    ranked: list[str]
+    model_path: Path
+    rebuild: Callable[[list[str]], None]
+    candidates_dir: Path
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[int, tuple[Stage, np.ndarray]] = field(default_factory=dict)
+
+    def check(self, k: int) -> Stage:
+        """Rebuild with the worst ``k`` nodes in FP32 and judge it on every image."""
+        pc, ledger = self.job.cfg.precision, self.ledger
+        self.rebuild(self.ranked[:k])
+        logits = onnxruntime_logits(self.model_path, ledger.pixels)
         s = judge(
-            stage.name,
-            stage.reference,
-            run.reference,
+            self.stage.name,
+            self.stage.reference,
+            ledger.reference,
             logits,
             pc.gate,
-            gating,
-            run.pixels.labels,
-            classes,
+            self.stage.name in self.job.gating,
+            ledger.pixels.labels,
+            ledger.classes,
         )
-        tried.append(
+        self.tried.append(
             {
                 "excluded": k,
                 "status": s.status,
@@ -215,36 +196,81 @@ def search(run: ExportRun, stage: Stage) -> Stage:
                 "accuracy": s.accuracy,
             }
         )
-        results[k] = (s, logits)
-        if s.status == "passed":  # a candidate: the fastest passing set is chosen below
-            shutil.copyfile(model_path, candidates_dir / f"k{k}.onnx")
+        self.results[k] = (s, logits)
+        if s.status == "passed":  # a candidate: the fastest passing set is chosen later
+            shutil.copyfile(self.model_path, self.candidates_dir / f"k{k}.onnx")
         log.info("fallback k=%d: %s", k, format_stage(s))
         return s
 
-    k, low, passing = 1, 0, None
-    while len(tried) < pc.fallback_rounds:
-        if passing is None:
-            if check(k).status == "passed":
-                passing = k
-                continue
-            low, k = k, min(2 * k, max_k)
-            if low == max_k:
-                break
-        else:
-            mid = (low + passing) // 2
-            if mid <= low:
-                break
-            if check(mid).status == "passed":
-                passing = mid
+    def smallest_passing(self, max_k: int) -> int | None:
+        """k = 1, 2, 4, ... until one passes, then halve back toward the smallest passing
+        k while rounds remain; None when none passed within the budget."""
+        rounds = self.job.cfg.precision.fallback_rounds
+        k, low, passing = 1, 0, None
+        while len(self.tried) < rounds:
+            if passing is None:
+                if self.check(k).status == "passed":
+                    passing = k
+                    continue
+                low, k = k, min(2 * k, max_k)
+                if low == max_k:
+                    break
             else:
-                low = mid
+                mid = (low + passing) // 2
+                if mid <= low:
+                    break
+                if self.check(mid).status == "passed":
+                    passing = mid
+                else:
+                    low = mid
+        return passing
+
+
+def _ranked_nodes(
+    job: ExportJob, stage: Stage, rebuild: Callable[[list[str]], None], paths: tuple[Path, Path]
+) -> tuple[list[str], list[tuple[list[str], float]]]:
+    """The compute nodes, most sensitive block first, and the blocks with their scores."""
+    fp32_path, model_path = paths
+    pc = job.cfg.precision
+    nodes = quantizable_nodes(onnx.load(str(fp32_path)))
+    data = calibration_data(job)
+    probe = load_pixels(job.ckpt, data, pc.calibration.split, 16, job.cfg.workers, 32)
+    blocks = block_sensitivity(nodes, pc.fallback_groups, rebuild, model_path, fp32_path, probe)
+    log.info(
+        "fallback for %s: %d blocks of %d nodes, most sensitive first: %s",
+        stage.name,
+        len(blocks),
+        len(nodes),
+        [(b[0], round(gain, 5)) for b, gain in blocks],
+    )
+    return [n for block, _ in blocks for n in block], blocks
+
+
+def search(
+    job: ExportJob, ledger: Ledger, stage: Stage
+) -> tuple[Stage, np.ndarray | None, list[str]]:
+    """Find the nodes to keep in FP32 for ``stage`` to pass. Returns the final verdict,
+    the chosen model's logits and the nodes it keeps in FP32 (None and [] when no set
+    passed: the plain model stays the stage's file)."""
+    pc = job.cfg.precision
+    fp32_path, model_path, rebuild = _builder(job, stage.name)
+    plain_copy = model_path.with_name(model_path.stem + "_plain.onnx")
+    shutil.copyfile(model_path, plain_copy)
+    t0 = time.perf_counter()
+    ranked, blocks = _ranked_nodes(job, stage, rebuild, (fp32_path, model_path))
+    max_k = max(1, int(len(ranked) * pc.fallback_max_fraction))
+    candidates_dir = model_path.parent / "fallback_candidates"
+    shutil.rmtree(candidates_dir, ignore_errors=True)
+    candidates_dir.mkdir()
+    state = _Search(job, ledger, stage, ranked, model_path, rebuild, candidates_dir)
+    passing = state.smallest_passing(max_k)
     record: dict[str, Any] = {
         "method": "logit error removed per block of nodes kept in FP32 "
         "(32 training images), most sensitive first",
         "blocks": [{"nodes": b, "error_removed": round(g, 6)} for b, g in blocks],
         "budget_rounds": pc.fallback_rounds,
         "max_nodes": max_k,
-        "tried": tried,
+        "tried": state.tried,
         "plain": {
             "status": stage.status,
             "reason": stage.reason,
@@ -257,17 +283,16 @@ def search(run: ExportRun, stage: Stage) -> Stage:
         shutil.rmtree(candidates_dir, ignore_errors=True)
         shutil.copyfile(plain_copy, model_path)  # the plain model stays the stage's file
         record.update(status="failed", excluded=[])
-        stage.fallback = record
-        stage.reason += f"; fallback found no passing set within {len(tried)} rounds"
-        return stage
-    passed_k = sorted(k for k, (s, _) in results.items() if s.status == "passed")
-    models = {"fp32": run.onnx_path, "plain": plain_copy}
+        reason = stage.reason + f"; fallback found no passing set within {len(state.tried)} rounds"
+        return dataclasses.replace(stage, fallback=record, reason=reason), None, []
+    passed_k = sorted(k for k, (s, _) in state.results.items() if s.status == "passed")
+    models = {"fp32": job.onnx_path, "plain": plain_copy}
     models |= {f"k{k}": candidates_dir / f"k{k}.onnx" for k in passed_k}
-    speed = measure_speed(models, run.pixels.batches[0])
+    speed = measure_speed(models, ledger.pixels.batches[0])
     chosen = max(passed_k, key=lambda k: (slowest_speedup(speed, f"k{k}"), -k))
     shutil.copyfile(candidates_dir / f"k{chosen}.onnx", model_path)
     shutil.rmtree(candidates_dir, ignore_errors=True)
-    final, logits = results[chosen]
+    final, logits = state.results[chosen]
     log.info(
         "fallback: %d passing set(s) %s; the fastest keeps %d nodes in FP32: %s",
         len(passed_k),
@@ -289,62 +314,66 @@ def search(run: ExportRun, stage: Stage) -> Stage:
             "note": "in-process ONNX Runtime, median of interleaved rounds (speed)",
         },
     )
-    final.fallback = record
-    run.logits[stage.name] = logits
-    if stage.name == INT8_STAGE:
-        run.int8_logits = logits
-        run.int8_details["nodes_excluded"] = ranked[:chosen]
-    return final
+    return dataclasses.replace(final, fallback=record), logits, ranked[:chosen]
 
 
-def fallback_step(run: ExportRun) -> None:
-    """Run :func:`search` for every gating reduced stage that failed (when enabled)."""
-    pc = run.cfg.precision
-    names = gating_stages(pc.precision, run.cfg.serving.target)
-    for i, stage in enumerate(run.stages):
-        if stage.name not in names or stage.status != "failed":
+def fallback_step(job: ExportJob, ledger: Ledger) -> dict[str, list[str]]:
+    """Run :func:`search` for every gating reduced stage that failed (when enabled) and
+    revise its verdict; returns, per stage the fallback made pass, the nodes kept in FP32
+    (its model file now has them)."""
+    pc = job.cfg.precision
+    excluded: dict[str, list[str]] = {}
+    for stage in list(ledger.stages):
+        if stage.name not in job.gating or stage.status != "failed":
             continue
         if not pc.fallback:
-            stage.fallback = {"status": "disabled (--no-precision-fallback)"}
+            status = "disabled (--no-precision-fallback)"
+        elif stage.name not in SUPPORTED:
+            status = f"not available for {stage.name} here"
+        else:
+            final, logits, nodes = search(job, ledger, stage)
+            ledger.revise(final, logits)
+            if logits is not None:
+                excluded[stage.name] = nodes
             continue
-        if stage.name not in SUPPORTED:
-            stage.fallback = {"status": f"not available for {stage.name} here"}
-            continue
-        run.stages[i] = search(run, stage)
-        diff = run.logits[stage.name].astype(np.float64) - run.reference.astype(np.float64)
-        run.diffs[stage.name] = np.abs(diff)
+        ledger.revise(dataclasses.replace(stage, fallback={"status": status}))
+    return excluded
 
 
-def speed_gate(run: ExportRun) -> None:
+def speed_gate(job: ExportJob, ledger: Ledger) -> dict[str, Any] | None:
     """``PRECISION=int8`` on CPU: the INT8 model that passed the accuracy gate must measure
     at least ``min_int8_speedup`` x FP32's images/s (batch 1 and 8, in-process ONNX
     Runtime, interleaved rounds); else its stage fails with the numbers and nothing is
-    published (exit 3). The verdict is printed and recorded in the stage either way."""
-    pc = run.cfg.precision
-    if pc.precision != "int8" or run.cfg.serving.target != "cpu":
-        return
-    stage = next((s for s in run.stages if s.name == INT8_STAGE), None)
-    if stage is None or stage.status != "passed" or run.pixels is None:
-        return
-    speed = measure_speed({"fp32": run.onnx_path, "int8": run.int8_path}, run.pixels.batches[0])
+    published (exit 3). The verdict is printed and recorded in the stage either way;
+    returns the measurement (None when there was nothing to measure)."""
+    pc = job.cfg.precision
+    if pc.precision != "int8" or job.cfg.serving.target != "cpu":
+        return None
+    stage = ledger.stage(INT8_STAGE)
+    if stage is None or stage.status != "passed":
+        return None
+    models = {"fp32": job.onnx_path, "int8": job.int8_path}
+    speed = measure_speed(models, ledger.pixels.batches[0])
     worst = slowest_speedup(speed, "int8")
     ok = worst >= pc.min_int8_speedup
     speed.update(min_speedup=pc.min_int8_speedup, slowest_speedup=worst, passed=ok)
-    stage.thresholds = {**stage.thresholds, "min_int8_speedup": pc.min_int8_speedup}
-    run.int8_details["speed"] = speed
     numbers = describe_speed(speed, "int8")
-    verdict = "faster" if ok else "NOT faster"
     log.info(
         "INT8 speed vs FP32 (in-process ONNX Runtime, this CPU): %s - %s than FP32 by the "
         "%.2fx --min-int8-speedup: %s",
         numbers,
-        verdict,
+        "faster" if ok else "NOT faster",
         pc.min_int8_speedup,
         "publishing INT8" if ok else "refusing (PRECISION=fp32 serves FP32)",
     )
+    revised = dataclasses.replace(
+        stage, thresholds={**stage.thresholds, "min_int8_speedup": pc.min_int8_speedup}
+    )
     if not ok:
-        stage.status = "failed"
-        stage.reason = (
+        revised.status = "failed"
+        revised.reason = (
             f"INT8 is not worth serving: {numbers}, slowest {worst:.2f}x < "
             f"--min-int8-speedup {pc.min_int8_speedup:g}"
         )
+    ledger.revise(revised)
+    return speed

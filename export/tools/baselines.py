@@ -1,6 +1,6 @@
 """In-process baselines that need torch or TensorRT, measured with the same load loop as
 the Triton rows (``serve.tools.loadgen``): PyTorch eager, a bare TensorRT engine, the GEMM
-peak of torch's BLAS, and a network's FLOPs per image."""
+peak of torch's BLAS."""
 
 from __future__ import annotations
 
@@ -13,18 +13,6 @@ import torch
 from serve.core.machine import timed_gflops
 from serve.tools.loadgen import Level, level, measure
 from train.checkpoint import Checkpoint
-from train.models import build_model
-
-
-def model_gflops(ckpt: Checkpoint) -> float:
-    """FLOPs per image of the checkpoint's network (torch's FlopCounterMode), GFLOP."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    card = ckpt.card
-    model = build_model(card.arch, card.num_classes, **card.arch_options).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, *card.input.shape))
-    return counter.get_total_flops() / 1e9
 
 
 def gemm_gflops_torch(seconds: float = 3.0, n: int = 2048) -> float:
@@ -37,7 +25,7 @@ def pytorch_baseline(
     ckpt: Checkpoint, pixels: np.ndarray, batch: int, window: float, cap: float
 ) -> Level:
     """The exported network as PyTorch eager (0..255 pixels in, normalization inside)."""
-    from export.onnx_export import pixel_model
+    from export.formats.onnx_export import pixel_model
 
     model = pixel_model(ckpt)
     x = torch.from_numpy(pixels[:batch])
@@ -60,7 +48,7 @@ def tensorrt_baseline(
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        from export.tensorrt_engine import check_compatible
+        from export.formats.tensorrt_engine import check_compatible
 
         meta = check_compatible(plan)
     except Exception as e:  # noqa: BLE001 - TensorRT missing, another GPU: the reason is the row

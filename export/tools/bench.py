@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from export.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
+from export.tools.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
 from serve.core.machine import gemm_gflops_onnxruntime
 from serve.tools import bench as serve_bench
 from serve.tools.bench_inputs import onnxruntime_baseline
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def precision_of(path: Path) -> str:
     """The precision an exported graph records (``fp32`` when it records none)."""
-    from export.onnx_export import read_metadata
+    from export.formats.onnx_export import read_metadata
 
     return read_metadata(path).get("precision", "fp32")
 

@@ -8,7 +8,7 @@ one half calibrates, the other selects. The candidate with the most top-1 agreem
 the selection half (ties: the smaller median |logit diff|, then the fewer calibration
 images) is chosen; the val images the export gate judges never influence the choice.
 Each candidate's val agreement, labelled accuracy and gate verdict (the export's
-:func:`export.parity.judge` and gate) are then *reported* beside it, so the report
+:func:`export.checks.parity.judge` and gate) are then *reported* beside it, so the report
 shows whether the training-image choice also passes on val - which is the honest
 answer to "can plain INT8 pass?".
 
@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from export.int8 import (
+from export.checks.parity import ACCURACY_GATE, AccuracyGate, diff_stats, judge
+from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
+from export.formats.int8 import (
     CALIBRATION_METHODS,
     Calibration,
     cpu_has_vnni,
     preprocess_for_quantization,
     quantize_int8,
 )
-from export.parity import ACCURACY_GATE, AccuracyGate, diff_stats, judge
-from export.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
 from serve.core.machine import machine_info

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -31,10 +30,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from export.triton_config import config_text, parse_config, signature
-from export.tune_trials import Knobs, Point, Trial
+from export.tools.tune_trials import Knobs, Point, Trial
+from export.triton.config import config_text, parse_config, signature
 from serve.core import auth
-from serve.core.cli_common import tool_main
 from serve.core.contract import image_model_name, preprocess_model_name
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
@@ -262,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     if args.table:
-        from export.tune_report import markdown_table
+        from export.tools.tune_report import markdown_table
 
         try:
             print(markdown_table(json.loads(Path(args.table).read_text())))
@@ -276,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".tune"
-    from export.tune_report import markdown_table, plot, report
+    from export.tools.tune_report import markdown_table, plot, report
 
     trials, facts = search(args, work)
     rep = report(args, trials, facts)
@@ -301,13 +299,3 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {json_path}, {out / f'{args.model}-tune.png'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m export.tune``: the old spelling of ``python -m export tune``."""
-    return tool_main("python -m export.tune", __doc__, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())

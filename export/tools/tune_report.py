@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from export.tune_trials import Trial
+from export.tools.tune_trials import Trial
 from serve.core.machine import machine_info
 from serve.tools import perf_analyzer as pa
 

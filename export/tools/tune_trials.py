@@ -1,4 +1,4 @@
-"""What ``make tune`` records (export/tune.py searches, export/tune_report.py reports):
+"""What ``make tune`` records (export/tools/tune.py searches, export/tools/tune_report.py reports):
 a candidate config's knobs, one measured level of it, and the trial of a candidate."""
 
 from __future__ import annotations

@@ -22,14 +22,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from export.triton_config import config_text, parse_config
-from serve.core.cli_common import tool_main
+from export.triton.config import config_text, parse_config
 from serve.core.contract import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
 from serve.core.errors import SetupError, UsageError
 from serve.core.files import atomic_write_json, versions
@@ -201,13 +199,3 @@ def run_command(a: argparse.Namespace) -> int:
                 f"  steady {e['steady_ms']:.1f} ms"
             )
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m export.warmup_bench``: the old spelling of ``python -m export
-    warmup-bench``."""
-    return tool_main("python -m export.warmup_bench", __doc__, add_arguments, run_command, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,7 +18,7 @@ write a policy for servers reached without the front, at that cost.
 
 Warmup: the classifier and the preprocess model carry ``model_warmup`` entries (one per
 warmup batch size, each a real val image stored under ``<model>/warmup/``, where Triton
-reads them; see export/warmup.py), so the first client request does not pay for lazy
+reads them; see export/triton/warmup.py), so the first client request does not pay for lazy
 initialization. GPU lifecycle: a ``tensorrt_plan`` model maps each compute capability to
 its own plan (``cc_model_filenames``: ``model.sm90.plan`` ...), with ``model.plan`` as the
 fallback (a hardware-compatible engine when one was built); the ONNX Runtime GPU model
@@ -89,7 +89,7 @@ class ServingConfig:
     # 0: no Triton queue policy (the front bounds the queue; a policy stalls Triton 2.51)
     max_queue_size: int = 0
     queue_timeout_us: int = 0
-    warmup: bool = True  # model_warmup from real val images (export/warmup.py)
+    warmup: bool = True  # model_warmup from real val images (export/triton/warmup.py)
     trt_engine_cache_path: str = "/tmp/triton_trt_cache"  # gpu-onnxruntime: engines kept here
     # <name>_preprocess instances; 0: instances + slow-lane slots (an expensive image in
     # every slot still leaves `instances` free for the cheap ones)

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from export.parity import Thresholds, judge
-from export.tensorrt_engine import (
+from export.checks.parity import Thresholds, judge
+from export.formats.tensorrt_engine import (
     EngineProfile,
     build_engine,
     metadata_path,
@@ -41,7 +41,7 @@ from export.tensorrt_engine import (
     require_tensorrt,
     tensorrt_logits,
 )
-from export.triton_config import config_text, parse_config, set_plans, target_of
+from export.triton.config import config_text, parse_config, set_plans, target_of
 from serve.core.cli_common import GateRefused
 from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
 from serve.core.errors import UsageError

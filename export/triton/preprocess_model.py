@@ -1,7 +1,8 @@
 """Triton python-backend model: encoded image bytes -> the classifier's input pixels.
 
 Copied into each published ``<model>_preprocess`` version as ``model.py``, next to
-``image_preprocess.py`` (a copy of ``serve/core/preprocess.py``, the same decoder the
+``image_preprocess.py`` and ``image_isolated_decode.py`` (copies of
+``serve/core/preprocess.py`` and ``serve/core/isolated_decode.py``, the same decoder the
 training data loader and the client use). Every step is read from the config's
 parameters, which ``make export`` fills from the model card: decode with Pillow (the
 served formats only), EXIF orientation, any mode -> RGB, Resize(shorter side) +
@@ -28,14 +29,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from image_isolated_decode import SlowLane, preprocess_bounded  # noqa: E402
 from image_preprocess import (  # noqa: E402
     SLOW_LANE_SLOTS,
     DecodeBusy,
     ImageError,
     Limits,
     ResizeCrop,
-    SlowLane,
-    preprocess_bounded,
 )
 
 

@@ -2,7 +2,7 @@
 
 Layout::
 
-    <repo>/<name>/config.pbtxt         model-level config (export/triton_config.py)
+    <repo>/<name>/config.pbtxt         model-level config (export/triton/config.py)
     <repo>/<name>/labels.txt           one class name per line (label_filename)
     <repo>/<name>/<N>/model_card.json  everything known about version N (serve/core/contract.py)
     <repo>/<name>/<N>/...              the target's files:
@@ -18,7 +18,7 @@ Layout::
 
 Beside it ``<name>_preprocess`` (next version) and the ``<name>_image`` ensemble.
 ``<repo>/<name>/warmup/`` and ``<repo>/<name>_preprocess/warmup/`` hold the warmup
-inputs (real val images, export/warmup.py) the configs' ``model_warmup`` entries name.
+inputs (real val images, export/triton/warmup.py) the configs' ``model_warmup`` entries name.
 
 Every version is assembled in a hidden staging folder and renamed into place, so Triton
 never sees half a version. Publishers of one model take a lock on its folder and run one
@@ -36,8 +36,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.tensorrt_engine import metadata_path, plan_filename, repository_plans
-from export.triton_config import (
+import serve.core.isolated_decode as serve_isolated_decode
+import serve.core.preprocess as serve_preprocess
+from export.formats.tensorrt_engine import metadata_path, plan_filename, repository_plans
+from export.triton.config import (
     BACKEND_NAMES,
     ServingConfig,
     add_warmup,
@@ -51,7 +53,7 @@ from export.triton_config import (
     signature,
     target_of,
 )
-from export.warmup import build_warmup
+from export.triton.warmup import build_warmup
 from serve.core.contract import ModelCard, image_model_name, preprocess_model_name
 from serve.core.errors import UsageError, UserError
 from serve.core.files import (
@@ -64,10 +66,12 @@ from serve.core.files import (
     versions,
 )
 
-EXPORT_DIR = Path(__file__).resolve().parent
-PYTHON_MODEL = EXPORT_DIR / "triton_python_model.py"
-PREPROCESS_MODEL = EXPORT_DIR / "triton_preprocess_model.py"
-IMAGE_PREPROCESS = EXPORT_DIR.parent / "serve" / "core" / "preprocess.py"
+# The Triton-side model files, copied into each version as model.py (python backend).
+MODEL_FILES = Path(__file__).resolve().parent
+PYTHON_MODEL = MODEL_FILES / "python_model.py"
+PREPROCESS_MODEL = MODEL_FILES / "preprocess_model.py"
+IMAGE_PREPROCESS = Path(serve_preprocess.__file__).resolve()
+ISOLATED_DECODE = Path(serve_isolated_decode.__file__).resolve()
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -239,7 +243,11 @@ def publish(
         add_warmup(pre_cfg, warm.preprocess.samples)
         version_dir, card = _publish_version(model_dir, files, cfg, labels, card)
         assert card is not None
-        pre_files = {"model.py": PREPROCESS_MODEL, "image_preprocess.py": IMAGE_PREPROCESS}
+        pre_files = {
+            "model.py": PREPROCESS_MODEL,
+            "image_preprocess.py": IMAGE_PREPROCESS,
+            "image_isolated_decode.py": ISOLATED_DECODE,
+        }
         pre_version, _ = _publish_version(pre_dir, pre_files, pre_cfg, None)
         ens_dir = repo / image_model_name(name)
         (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version is empty

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.triton_config import WarmupSample
+from export.triton.config import WarmupSample
 from serve.core.contract import IMAGE_INPUT, INPUT_NAME, ModelCard
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_bytes
@@ -100,7 +100,7 @@ def build_warmup(images: list[bytes], card: ModelCard, batch_sizes: list[int]) -
 def val_images(ckpt, data: str | Path, split: str, count: int) -> list[bytes]:
     """``count`` encoded images of the split (a fixed random subset, the parity stages'
     sampling): the files' own bytes for image folders, PNG for array datasets."""
-    from export.stage_outputs import encoded_images
+    from export.checks.stage_outputs import encoded_images
 
     if count <= 0:
         return []

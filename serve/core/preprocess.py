@@ -20,10 +20,11 @@ blocks of float32 (no float64 copy of the whole image). Any aspect ratio is serv
 Time is bounded too. :func:`inspect` estimates an image's decode work from its header
 (:attr:`ImageInfo.work`: pixels, plus a share per JPEG scan); the server decodes an image
 over ``max_fast_work`` (default: a 16 MP baseline JPEG, ~0.4 s here) only in a forked
-child that is killed at ``decode_deadline_s`` (:func:`decode_isolated`: the decoder's
-memory goes with it), and only in one of a few :class:`SlowLane` slots shared by all of a
-model's instances, so expensive images never occupy every instance: when the lane is
-full, the next one is refused at once as "server busy" and the normal images go on.
+child that is killed at ``decode_deadline_s`` (``decode_isolated`` in
+serve/core/isolated_decode.py: the decoder's memory goes with it), and only in one of a
+few ``SlowLane`` slots shared by all of a model's instances, so expensive images never
+occupy every instance: when the lane is full, the next one is refused at once as "server
+busy" and the normal images go on.
 Every failure - a missing file, a corrupt or truncated stream, a bad EXIF
 block, a decoder error of any type - becomes an :class:`ImageError` that names the input
 and the reason.
@@ -31,19 +32,8 @@ and the reason.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import fcntl
 import io
-import math
-import os
-import select
-import signal
-import stat
-import tempfile
-import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -344,148 +334,3 @@ def preprocess(
     if max_pixels is not None:
         limits = replace(limits, max_pixels=max_pixels)
     return resize_crop(load_image(source, limits=limits), geometry, limits, describe(source))
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this (forked) process when the process that forked it dies."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _decode_child(write_fd: int, data: bytes, geometry: ResizeCrop, limits: Limits) -> None:
-    """In the forked child: decode, send b"K" + float32 pixels or b"E" + the reason."""
-    try:
-        pixels = preprocess(data, geometry, limits=limits)
-        payload = b"K" + np.ascontiguousarray(pixels, np.float32).tobytes()
-    except ImageError as e:
-        payload = b"E" + str(e).encode()
-    except BaseException as e:  # noqa: BLE001 - whatever failed, say it
-        payload = b"E" + f"{describe(data)}: cannot decode ({_reason(e)})".encode()
-    view = memoryview(payload)
-    while view:
-        view = view[os.write(write_fd, view) :]
-
-
-def decode_isolated(
-    data: bytes,
-    geometry: ResizeCrop,
-    limits: Limits = DEFAULT_LIMITS,
-    info: ImageInfo | None = None,
-) -> np.ndarray:
-    """:func:`preprocess` in a forked child (at nice ``DECODE_NICE``), killed after
-    ``limits.decode_deadline_s``: the caller gets the pixels or an :class:`ImageError`
-    (the child's, or the deadline's), and no memory the decoder touched stays in the
-    caller's process."""
-    name = describe(data) if info is None else f"{describe(data)} ({info})"
-    deadline = limits.decode_deadline_s
-    expected = 1 + 3 * geometry.crop * geometry.crop * 4
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: only this thread exists here; never return into the caller
-        try:
-            os.close(read_fd)
-            _die_with_parent()
-            with contextlib.suppress(OSError):
-                os.nice(DECODE_NICE)
-            signal.alarm(max(1, math.ceil(deadline) + 1))  # its own deadline too
-            _decode_child(write_fd, data, geometry, limits)
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    chunks: list[bytes] = []
-    end = time.monotonic() + deadline
-    timed_out = False
-    try:
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([read_fd], [], [], left)
-            if not ready:
-                continue
-            chunk = os.read(read_fd, 1 << 20)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        os.close(read_fd)
-        if timed_out:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-    if timed_out:
-        raise ImageError(f"{name}: decoding took longer than the {deadline:g} s deadline (stopped)")
-    payload = b"".join(chunks)
-    if payload[:1] == b"E":
-        raise ImageError(payload[1:].decode(errors="replace"))
-    if payload[:1] != b"K" or len(payload) != expected:
-        why = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "no result"
-        raise ImageError(f"{name}: the decoder stopped ({why}: out of memory or time?)")
-    return np.frombuffer(payload, np.float32, offset=1).reshape(3, geometry.crop, geometry.crop)
-
-
-class SlowLane:
-    """``slots`` places for expensive decodes, shared by every process that opens the
-    same ``directory`` (the instances of one model): ``flock`` on one file per slot, so a
-    slot held by a process that dies is free again. ``directory`` must be the caller's
-    own (0700): another user who could hold the files could close the lane."""
-
-    def __init__(self, directory: str | Path, slots: int = SLOW_LANE_SLOTS) -> None:
-        if slots < 1:
-            raise UsageError(f"slow lane slots must be >= 1, got {slots}")
-        self.directory = Path(directory)
-        self.slots = slots
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(self.directory)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-            raise PermissionError(
-                f"{self.directory} is not a private folder of this user (0700): refusing "
-                "to share its lock files"
-            )
-
-    @classmethod
-    def for_model(cls, model: str, slots: int = SLOW_LANE_SLOTS) -> SlowLane:
-        """The lane of ``model`` in ``$TRAINSERVE_RUNTIME_DIR`` (``serve run`` sets its own
-        0700 folder), else in a per-user folder under /dev/shm (or the temporary folder)."""
-        shared = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-        base = os.environ.get("TRAINSERVE_RUNTIME_DIR") or os.path.join(
-            shared, f"trainserve-{os.getuid()}"
-        )
-        return cls(Path(base) / "slow-lane" / model, slots)
-
-    @contextlib.contextmanager
-    def slot(self, what: str = "an expensive image") -> Iterator[int]:
-        """Hold a free slot for the block, or raise :class:`DecodeBusy` at once."""
-        for i in range(self.slots):
-            fd = os.open(self.directory / f"slot-{i}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                continue
-            try:
-                yield i
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-            return
-        raise DecodeBusy(
-            f"server busy: {what} needs the slow-image lane ({self.slots} at a time, shared "
-            "by the model's instances) and it is full; retry later"
-        )
-
-
-def preprocess_bounded(
-    data: bytes, geometry: ResizeCrop, limits: Limits, lane: SlowLane | None
-) -> np.ndarray:
-    """What the server does with one encoded image: cheap ones (``ImageInfo.work`` up to
-    ``limits.max_fast_work``) decoded here; expensive ones in a :class:`SlowLane` slot by
-    :func:`decode_isolated` (no lane: isolated, without the cross-process bound)."""
-    info = inspect(data, limits)
-    if info.work <= limits.max_fast_work:
-        return resize_crop(load_image(data, limits=limits), geometry, limits, describe(data))
-    if lane is None:
-        return decode_isolated(data, geometry, limits, info)
-    with lane.slot(f"a {info} image ({info.work / 1e6:.0f} M pixel-passes)"):
-        return decode_isolated(data, geometry, limits, info)

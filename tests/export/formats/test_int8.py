@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-from export.int8 import Calibration
-from export.parity import AccuracyGate, judge
-from export.release import ExportConfig, run_export
-from export.run_state import PrecisionConfig
-from export.tensorrt_engine import tensorrt_status
-from export.triton_config import ServingConfig
+from export.checks.parity import AccuracyGate, judge
+from export.formats.int8 import Calibration
+from export.formats.tensorrt_engine import tensorrt_status
+from export.pipeline.config import PrecisionConfig
+from export.pipeline.release import ExportConfig, run_export
+from export.triton.config import ServingConfig
 from serve.core.contract import ModelCard
 from serve.core.files import sha256, versions
 from tests.helpers import run_cli
@@ -288,8 +288,8 @@ def test_tensorrt_int8_engine_is_strongly_typed_and_gated(
 
 
 def test_calibration_halves_are_disjoint_training_images() -> None:
-    from export.calibration_search import split_training
-    from export.stage_outputs import PixelBatches
+    from export.checks.stage_outputs import PixelBatches
+    from export.tools.calibration_search import split_training
 
     x = np.arange(10 * 3 * 2 * 2, dtype=np.float32).reshape(10, 3, 2, 2)
     pixels = PixelBatches([x[:4], x[4:8], x[8:]], np.arange(10) % 2, [f"img{i}" for i in range(10)])

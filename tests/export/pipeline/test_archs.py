@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.release import ExportConfig, run_export
-from export.run_state import PrecisionConfig
-from export.triton_config import parse_config
+from export.pipeline.config import PrecisionConfig
+from export.pipeline.release import ExportConfig, run_export
+from export.triton.config import parse_config
 from serve.core.contract import ModelCard
 from tests.helpers import CIFAR, SHARED
 from train.checkpoint import checkpoint_from_model, save_checkpoint

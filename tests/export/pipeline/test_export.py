@@ -12,9 +12,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from export.onnx_export import read_metadata
-from export.parity import FP32_GATE, diff_stats, judge
-from export.triton_config import parse_config
+from export.checks.parity import FP32_GATE, diff_stats, judge
+from export.formats.onnx_export import read_metadata
+from export.triton.config import parse_config
 from serve.core.contract import ModelCard
 from serve.core.files import sha256, versions
 from tests.helpers import run_cli

@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from export.int8 import Calibration
-from export.onnx_export import read_metadata
-from export.release import ExportConfig, run_export
-from export.run_state import PrecisionConfig
-from export.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
-from export.triton_config import ServingConfig, classifier_config, config_text, parse_config
+from export.formats.int8 import Calibration
+from export.formats.onnx_export import read_metadata
+from export.formats.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
+from export.pipeline.config import PrecisionConfig
+from export.pipeline.release import ExportConfig, run_export
+from export.triton.config import ServingConfig, classifier_config, config_text, parse_config
 from serve.core.contract import ModelCard
 from serve.core.files import versions
 from tests.helpers import ROOT, SHARED, run_cli
@@ -306,7 +306,7 @@ def test_engine_platform_mismatch_is_named() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not TRT_OK, reason=f"TensorRT FP16 engine test needs TensorRT + GPU: {TRT_WHY}")
 def test_tensorrt_engine_build_parity_and_refusal(trained_run: Path, tmp_path: Path) -> None:
-    from export.tensorrt_engine import EngineMismatch, check_compatible
+    from export.formats.tensorrt_engine import EngineMismatch, check_compatible
 
     out = tmp_path / "out"
     report = run_export(

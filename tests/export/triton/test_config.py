@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.tensorrt_engine import (
+from export.formats.tensorrt_engine import (
     EngineProfile,
     mismatches,
     plan_filename,
     repository_plans,
     tensorrt_status,
 )
-from export.triton_config import (
+from export.triton.config import (
     ServingConfig,
     add_warmup,
     classifier_config,
@@ -29,7 +29,7 @@ from export.triton_config import (
     preprocess_config,
     set_plans,
 )
-from export.warmup import build_warmup
+from export.triton.warmup import build_warmup
 from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import example_card, run_cli, wait_until
 

@@ -1,7 +1,8 @@
 """The house has one direction: train -> serve.core, export -> train and serve, and inside
-serve its rooms in layers (core, client, runtime, tools; deploy on core); serve imports
-neither train nor export, no module is in an import circle, and every serve module
-imports with torch absent."""
+serve and export their rooms in layers (serve: core, client, runtime, tools, deploy on
+core; export: checks, formats, triton, pipeline, tools, cli); serve imports neither train
+nor export, no module is in an import circle, and every serve module imports with torch
+absent."""
 
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ PACKAGES = ("train", "export", "serve")
 # tools that measure it), deploy stands on core alone, and serve's own top (cli.py,
 # __main__.py) over all of them. train may use only serve.core.
 SERVE_ROOMS = ("serve.core", "serve.client", "serve.runtime", "serve.tools", "serve.deploy")
+# export's rooms, bottom first: measuring and judging (checks), the model files (formats),
+# the model repository (triton), the export run (pipeline), the tools around it, the CLI
+# over all of them. Each may import the rooms below it, train and serve.
+EXPORT_LAYERS = (
+    "export.checks",
+    "export.formats",
+    "export.triton",
+    "export.pipeline",
+    "export.tools",
+    "export.cli",
+)
+EXPORT_ROOMS = {
+    room: {*EXPORT_LAYERS[: i + 1], "train", "serve", *SERVE_ROOMS}
+    for i, room in enumerate(EXPORT_LAYERS)
+}
+ROOMS = (*SERVE_ROOMS, *EXPORT_LAYERS)
 ALLOWED = {
     "serve.core": {"serve.core"},
     "serve.client": {"serve.core", "serve.client"},
@@ -28,7 +45,8 @@ ALLOWED = {
     "serve.deploy": {"serve.core", "serve.deploy"},
     "serve": {"serve", *SERVE_ROOMS},
     "train": {"train", "serve.core"},
-    "export": {"export", "train", "serve", *SERVE_ROOMS},
+    **EXPORT_ROOMS,
+    "export": {"export", "export.cli"},  # export/__init__.py, __main__.py
 }
 MODULES = {
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
@@ -40,9 +58,10 @@ SERVE_MODULES = sorted(m for m in MODULES if m.startswith("serve") and not m.end
 
 def _room(module: str) -> str:
     """The room a module of ours belongs to: ``serve.core`` for serve/core/files.py,
-    ``serve`` for serve/cli/run.py, ``train`` for anything under train/."""
+    ``export.checks`` for export/checks/parity.py, ``serve`` for serve/cli/run.py,
+    ``train`` for anything under train/."""
     parts = module.split(".")
-    if parts[0] == "serve" and len(parts) > 1 and ".".join(parts[:2]) in SERVE_ROOMS:
+    if len(parts) > 1 and ".".join(parts[:2]) in ROOMS:
         return ".".join(parts[:2])
     return parts[0]
 
@@ -63,9 +82,13 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_import_graph_has_one_direction() -> None:
-    """Every import goes down: train -> serve.core; export -> train, serve; and inside
-    serve core <- client <- runtime <- tools, deploy -> core."""
+    """Every import goes down: train -> serve.core; export -> train, serve; inside serve
+    core <- client <- runtime <- tools, deploy -> core; inside export checks <- formats
+    <- triton <- pipeline <- tools <- cli."""
     assert {"serve.core.contract", "serve.runtime.stack", "train.trainer"} <= MODULES.keys()
+    assert {"export.checks.parity", "export.pipeline.release"} <= MODULES.keys()
+    stray = [m for m in MODULES if m.startswith("export.") and _room(m) == "export"]
+    assert stray == ["export.__main__"], f"export modules outside a room: {stray}"
     wrong = []
     for module, path in MODULES.items():
         allowed = ALLOWED[_room(module)]
@@ -126,19 +149,26 @@ def test_serve_cli_commands_work_without_torch() -> None:
 
 
 def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> None:
-    """serve/core/preprocess.py is copied as ``image_preprocess.py`` next to the Triton
-    preprocess model, where no ``serve`` package exists: its errors keep their builtin
-    bases through the stand-ins for serve.core.errors."""
+    """serve/core/preprocess.py and isolated_decode.py are copied as
+    ``image_preprocess.py`` and ``image_isolated_decode.py`` next to the Triton preprocess
+    model, where no ``serve`` package exists: the errors keep their builtin bases through
+    the stand-ins for serve.core.errors, and the isolated decoder imports its sibling."""
     import shutil
 
-    shutil.copy(ROOT / "serve" / "core" / "preprocess.py", tmp_path / "image_preprocess.py")
+    core = ROOT / "serve" / "core"
+    shutil.copy(core / "preprocess.py", tmp_path / "image_preprocess.py")
+    shutil.copy(core / "isolated_decode.py", tmp_path / "image_isolated_decode.py")
     code = (
         "import sys; sys.modules['serve'] = None\n"  # `import serve...` raises ImportError
         "import image_preprocess as p\n"
+        "import image_isolated_decode as d\n"
         "assert issubclass(p.ImageError, ValueError) and issubclass(p.DecodeBusy, RuntimeError)\n"
         "assert issubclass(p.ImageError, p.UserError) and p.UserError.__module__ == p.__name__\n"
+        "assert d.ImageError is p.ImageError and d.DecodeBusy is p.DecodeBusy\n"
         "try:\n    p.preprocess(b'not an image', p.ResizeCrop(8, 8))\n"
         "except p.ImageError as e:\n    print('ImageError:', e)\n"
+        "try:\n    d.preprocess_bounded(b'not an image', p.ResizeCrop(8, 8), p.Limits(), None)\n"
+        "except p.ImageError as e:\n    print('bounded ImageError:', e)\n"
         "try:\n    p.ResizeCrop(8, 16)\n"
         "except ValueError as e:\n    print(type(e).__name__, e)\n"
     )
@@ -147,4 +177,5 @@ def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> N
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ImageError: <12 bytes>" in proc.stdout
+    assert "bounded ImageError: <12 bytes>" in proc.stdout
     assert "UsageError need 0 < crop (16) <= resize (8)" in proc.stdout

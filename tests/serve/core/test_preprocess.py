@@ -13,18 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from serve.core.isolated_decode import SlowLane, decode_isolated, preprocess_bounded
 from serve.core.preprocess import (
     DECODE_NICE,
     DecodeBusy,
     ImageError,
     Limits,
     ResizeCrop,
-    SlowLane,
-    decode_isolated,
     inspect,
     load_image,
     preprocess,
-    preprocess_bounded,
 )
 from tests.helpers import child_pids, expensive_jpeg, wait_until
 from train.data import Preprocess, load_rgb

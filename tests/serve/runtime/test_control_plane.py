@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from export.triton_config import parse_config
+from export.triton.config import parse_config
 from serve.client import admin
 from serve.client.client import Classifier
 from serve.core import auth

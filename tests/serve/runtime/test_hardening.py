@@ -343,7 +343,7 @@ def test_security_defaults(model_repo):
         "--metrics-address=127.0.0.1",
     ):
         assert flag in cmd
-    from export.publish import check_model_name, sanitize_label
+    from export.triton.publish import check_model_name, sanitize_label
 
     assert sanitize_label("ants\nbees\t\x00") == "ants bees"
     with pytest.raises(ValueError):

@@ -1,0 +1,224 @@
+"""The export's building and judging steps: resolve the job, export ONNX (FP32, FP16),
+run PyTorch FP32 on every val image (the reference the ledger holds), judge ONNX Runtime
+and TensorRT against it, and build every ONNX with TensorRT-RTX. Each step takes what it
+reads as arguments and returns what it makes (export/pipeline/release.py lists them)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from export.checks.stage_outputs import load_pixels, onnxruntime_logits, pytorch_logits
+from export.formats.fp16 import convert_fp16, pytorch_fp16_logits
+from export.formats.onnx_cache import OnnxCache
+from export.formats.onnx_export import ExportedOnnx, export_onnx
+from export.formats.tensorrt_engine import (
+    TensorRTUnavailable,
+    build_engine,
+    tensorrt_logits,
+    tensorrt_status,
+)
+from export.formats.tensorrt_rtx import RtxBuild, import_rtx, rtx_build, rtx_capabilities
+from export.pipeline.config import ExportConfig
+from export.pipeline.job import ExportJob
+from export.pipeline.ledger import Ledger
+from export.pipeline.precision import Int8Export, check_int8
+from serve.core.contract import INPUT_NAME, OUTPUT_NAME
+from serve.core.errors import UsageError
+from train.checkpoint import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+NO_TENSORRT = (
+    "TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
+    "engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
+    "--engine, or use --gpu-backend onnxruntime"
+)
+
+
+def start(cfg: ExportConfig) -> ExportJob:
+    """Validate, fail fast on a missing TensorRT, load the checkpoint, resolve paths."""
+    cfg.validate()
+    if cfg.serving.kind == "gpu-tensorrt" and not cfg.engine:
+        ok, why = tensorrt_status()
+        if not ok:
+            raise TensorRTUnavailable(NO_TENSORRT.format(why=why))
+    if cfg.trt_rtx_targets:  # an unknown compute capability is an error before any work
+        try:
+            rtx = import_rtx()
+        except TensorRTUnavailable as e:
+            log.warning("WARNING: %s; every TensorRT-RTX build will be recorded failed", e)
+        else:
+            rtx_capabilities(rtx, cfg.trt_rtx_targets)
+    ckpt_path = Path(cfg.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    data = cfg.data or ckpt.config.get("data", "")
+    if not data:
+        raise UsageError("no --data given and the checkpoint records no data folder")
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else ckpt_path.parent
+    return ExportJob(cfg, ckpt, cfg.name or ckpt.card.name, str(data), out_dir)
+
+
+def export_models(job: ExportJob) -> ExportedOnnx:
+    """ONNX (FP32) and its FP16 variant, written atomically into the run folder."""
+    card = job.ckpt.card
+    log.info(
+        "exporting %s (%s, %d classes) -> %s",
+        job.cfg.checkpoint,
+        card.arch,
+        card.num_classes,
+        job.onnx_path,
+    )
+    cache = OnnxCache.resolve(job.cfg.onnx_cache)
+    t = time.perf_counter()
+    exported = export_onnx(
+        job.ckpt,
+        job.onnx_path,
+        cache=cache,
+        checkpoint_sha256=job.checkpoint_sha256 if cache else "",
+    )
+    if exported.cached:
+        log.info(
+            "ONNX graph reused from %s (same checkpoint, opset, torch, onnx; %.1fs); "
+            "--onnx-cache off exports again",
+            cache.path(exported.key) if cache else "",
+            time.perf_counter() - t,
+        )
+    else:
+        log.info("ONNX exported in %.1fs", time.perf_counter() - t)
+    convert_fp16(job.onnx_path, job.fp16_path, keep_first_last_fp32=job.cfg.keep_fp16_edges)
+    return exported
+
+
+def reference_outputs(job: ExportJob) -> Ledger:
+    """Every val image through the checkpoint's eval transform, and PyTorch FP32 on them:
+    the ledger every later stage is judged in."""
+    cfg = job.cfg
+    pixels = load_pixels(
+        job.ckpt, job.data, cfg.split, cfg.batch_size, cfg.workers, cfg.parity_limit
+    )
+    log.info("parity on %d %s images of %s", pixels.count, cfg.split, job.data)
+    return Ledger(
+        pixels=pixels,
+        reference=pytorch_logits(job.ckpt, pixels),
+        classes=job.ckpt.card.classes,
+        reduced_gate=cfg.precision.gate,
+        gating=job.gating,
+    )
+
+
+def check_onnxruntime(job: ExportJob, ledger: Ledger, int8: Int8Export) -> None:
+    """ONNX Runtime FP32 (element-wise gate) and FP16 (accuracy gate, gating only when
+    FP16 is published), then INT8 (:func:`export.pipeline.precision.check_int8`)."""
+    ort32 = onnxruntime_logits(job.onnx_path, ledger.pixels)
+    ledger.compare("onnxruntime-fp32", "pytorch-fp32", ledger.reference, ort32, job.fp32_gate)
+    if not job.cfg.fp16:
+        for stage_name in ("onnxruntime-fp16", "pytorch-fp16"):
+            ledger.skip(stage_name, "pytorch-fp32", "disabled (--no-fp16-stages)")
+    else:
+        ledger.compare_reduced("onnxruntime-fp16", onnxruntime_logits(job.fp16_path, ledger.pixels))
+        half, _ = pytorch_fp16_logits(job.ckpt, ledger.pixels, job.cfg.fp16_limit)
+        ledger.compare_reduced("pytorch-fp16", half)
+    check_int8(job, ledger, int8)
+
+
+def check_tensorrt(job: ExportJob, ledger: Ledger) -> Path | None:
+    """Build (or take) the engine and compare it; skipped with the reason elsewhere.
+    Returns the engine to publish, if any. The engine is strongly typed: built from the
+    INT8 Q/DQ graph (``PRECISION=int8``) or the accuracy-gated FP16 graph, so it computes
+    in exactly the precision parity judged."""
+    cfg = job.cfg
+    wants_engine = cfg.serving.kind == "gpu-tensorrt"
+    int8 = job.precision == "int8" and cfg.serving.target == "gpu"
+    stage_name = "tensorrt-int8" if int8 else "tensorrt-fp16"
+    engine = Path(cfg.engine) if cfg.engine else None
+    ok, why = tensorrt_status()
+    if not ok:
+        if wants_engine and engine is None:
+            raise TensorRTUnavailable(NO_TENSORRT.format(why=why))
+        ledger.skip(stage_name, "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
+        return engine
+    if engine is None:
+        engine = job.out_dir / "model.plan"
+        meta = build_engine(
+            job.int8_trt_path if int8 else job.fp16_path,
+            engine,
+            cfg.profile,
+            INPUT_NAME,
+            job.ckpt.card.input.shape,
+            cfg.timing_cache or None,
+        )
+        log.info(
+            "built %s (%s, TensorRT %s, %s, %ss)",
+            engine,
+            meta["precision"],
+            meta["tensorrt_version"],
+            meta["gpu_name"],
+            meta["build_seconds"],
+        )
+    logits = tensorrt_logits(engine, ledger.pixels.batches, INPUT_NAME, OUTPUT_NAME)
+    ledger.compare_reduced(stage_name, logits)
+    return engine
+
+
+def build_tensorrt_rtx(job: ExportJob, int8: Int8Export) -> list[RtxBuild]:
+    """Every ONNX this export produced for TensorRT (FP32, FP16, the INT8 TensorRT
+    flavour - the files parity judged, after the fallback) through TensorRT-RTX's parser
+    and builder for ``trt_rtx_targets``; each build is recorded. Engines stay in
+    ``<run>/tensorrt_rtx/``. A failed build of what ``TARGET=gpu`` serves fails the gate;
+    any other failure is a loud warning."""
+    cfg = job.cfg
+    if not cfg.trt_rtx_targets:
+        log.info("TensorRT-RTX builds off (--trt-rtx-targets none)")
+        return []
+    # The TensorRT inputs: the CPU's INT8 flavour (INT32 biases) is not one - TensorRT's
+    # parser refuses it; its TensorRT flavour, model_int8_trt.onnx, is built instead.
+    graphs = [(job.onnx_path, "fp32"), (job.fp16_path, "fp16")]
+    if int8.built:
+        graphs.append((job.int8_trt_path, "int8"))
+    builds = []
+    for path, precision in graphs:
+        if not path.is_file():
+            continue
+        record = rtx_build(
+            path,
+            precision,
+            cfg.trt_rtx_targets,
+            cfg.profile,
+            INPUT_NAME,
+            job.ckpt.card.input.shape,
+            job.out_dir / "tensorrt_rtx" / f"{path.stem}.engine",
+        )
+        builds.append(record)
+        _log_rtx_build(record, required=precision == job.required_build_precision)
+    return builds
+
+
+def _log_rtx_build(record: RtxBuild, required: bool) -> None:
+    if record.status == "built":
+        log.info(
+            "TensorRT-RTX built %s (%s, sm %s): %d bytes, %d layers %s, %.1fs",
+            record.onnx,
+            record.precision,
+            "/".join(record.compute_capabilities),
+            record.engine_bytes,
+            record.layers,
+            record.layer_types,
+            record.seconds,
+        )
+    elif required:
+        log.error(
+            "TensorRT-RTX could not build %s (%s), the precision TARGET=gpu serves: %s",
+            record.onnx,
+            record.precision,
+            record.reason,
+        )
+    else:
+        log.warning(
+            "WARNING: TensorRT-RTX could not build %s (%s): %s "
+            "(TensorRT cannot serve this graph; the CPU target does not need it)",
+            record.onnx,
+            record.precision,
+            record.reason,
+        )

@@ -1,0 +1,83 @@
+"""The parity ledger: the images every stage is judged on, the PyTorch FP32 reference on
+them, and each stage's verdict, element-wise differences and logits, in the order judged.
+
+Steps add to it through :meth:`Ledger.compare`, :meth:`Ledger.compare_reduced` and
+:meth:`Ledger.skip`; only the precision fallback and the speed gate revise a verdict
+(:meth:`Ledger.revise`), so what changed a stage is visible where it happens."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from export.checks.parity import AccuracyGate, Stage, Thresholds, format_stage, judge, skipped
+from export.checks.stage_outputs import PixelBatches
+from export.formats.tensorrt_rtx import RtxBuild
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ledger:
+    """What parity found so far. ``reduced_gate`` judges the reduced-precision stages,
+    ``gating`` names those that gate publishing (the rest are advisory)."""
+
+    pixels: PixelBatches
+    reference: np.ndarray  # pytorch-fp32 logits on every image
+    classes: list[str]
+    reduced_gate: AccuracyGate
+    gating: set[str]
+    stages: list[Stage] = field(default_factory=list)
+    diffs: dict[str, np.ndarray] = field(default_factory=dict)
+    logits: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def compare(
+        self,
+        name: str,
+        reference: str,
+        ref: np.ndarray,
+        out: np.ndarray,
+        gate: Thresholds,
+        gating: bool = True,
+    ) -> Stage:
+        """Judge stage ``name``'s logits ``out`` against ``ref`` (stage ``reference``)."""
+        labels = self.pixels.labels[: len(out)]
+        stage = judge(name, reference, ref, out, gate, gating, labels, self.classes)
+        self.stages.append(stage)
+        self._record(name, out, ref)
+        log.info("%s", format_stage(stage))
+        return stage
+
+    def compare_reduced(self, name: str, out: np.ndarray) -> Stage:
+        """A reduced-precision stage vs ``pytorch-fp32``, judged by the accuracy gate;
+        gating when its model is what gets published."""
+        ref = self.reference[: len(out)]
+        return self.compare(name, "pytorch-fp32", ref, out, self.reduced_gate, name in self.gating)
+
+    def skip(self, name: str, reference: str, reason: str) -> None:
+        """Record stage ``name`` as skipped, with why."""
+        self.stages.append(skipped(name, reference, reason))
+        log.info("%s", format_stage(self.stages[-1]))
+
+    def revise(self, stage: Stage, logits: np.ndarray | None = None) -> None:
+        """Replace the verdict of ``stage.name`` (and its logits, when the model changed)."""
+        i = next(i for i, s in enumerate(self.stages) if s.name == stage.name)
+        self.stages[i] = stage
+        if logits is not None:
+            self._record(stage.name, logits, self.reference[: len(logits)])
+
+    def stage(self, name: str) -> Stage | None:
+        """The verdict of stage ``name``, if it was judged or skipped."""
+        return next((s for s in self.stages if s.name == name), None)
+
+    def passed(self, failed_builds: Sequence[RtxBuild] = ()) -> bool:
+        """No gating stage failed (advisory ones are reported, not enforced), and no
+        required TensorRT-RTX build failed."""
+        return all(s.status != "failed" or not s.gating for s in self.stages) and not failed_builds
+
+    def _record(self, name: str, out: np.ndarray, ref: np.ndarray) -> None:
+        self.diffs[name] = np.abs(np.asarray(out, np.float64) - np.asarray(ref, np.float64))
+        self.logits[name] = np.asarray(out)
