@@ -206,7 +206,7 @@ def test_settings_of_the_wrong_type_are_one_line() -> None:
     for item, message in (
         ("epochs=ten", "epochs must be an integer, got 'ten'"),
         ("lr=abc", "lr must be a number, got 'abc'"),
-        ("amp=3", "amp must be a string, got 3"),
+        ("amp=3", "amp must be one of none, bf16, fp16, got 3"),
     ):
         with pytest.raises(UsageError, match=message):
             resolve_config(overrides=parse_sets([item]))

@@ -11,12 +11,9 @@ from typing import Any
 from serve.core.cli_common import Command
 from serve.core.cli_common import main as cli_main
 from serve.core.errors import UsageError
+from serve.core.flags import Flag, add_flags
 from train.config import (
-    AMP,
     DEFAULT_RECIPE,
-    MODES,
-    OPTIMIZERS,
-    SCHEDULES,
     TrainConfig,
     default_data,
     parse_sets,
@@ -27,8 +24,111 @@ log = logging.getLogger(__name__)
 HYMENOPTERA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 
 
+def F(field: str, option: str, help: str = "", **settings: Any) -> Flag:  # noqa: A002, N802
+    """A training flag: ``option`` sets TrainConfig's ``field`` (its type and choices)."""
+    return Flag(field, option, help, settings)
+
+
+RUN_FLAGS = [
+    F("resume", "--resume", "continue runs/X/last.pt exactly (its config is the base)"),
+    F(
+        "overwrite",
+        "--overwrite",
+        "start afresh in an OUT that already holds checkpoints (default: refuse)",
+        action="store_true",
+    ),
+]
+WHERE_FLAGS = [
+    F("model_name", "--model", "run/served model name"),
+    F("data", "--data", "ImageFolder root, .npz file or folder, or CIFAR root"),
+    F("dataset", "--dataset"),
+    F("download", "--download", "download torchvision CIFAR when missing (needs internet)"),
+    F("out", "--out", "output folder (default runs/<model>)"),
+]
+MODEL_FLAGS = [
+    F(
+        "arch",
+        "--arch",
+        "see docs/training.md: resnet18, efficientnet_lite0, resnet20/32/44/56/"
+        "110, resnet18_cifar, vgg11, vgg16, alexnet, googlenet, googlenet_cifar",
+    ),
+    F("batchnorm", "--batchnorm", "BatchNorm on/off (CIFAR archs)"),
+    F("dropout", "--dropout"),
+    F(
+        "inception",
+        "--inception",
+        "googlenet_cifar: Inception modules with 1x1 reductions (default) or naive",
+    ),
+    F(
+        "aux_weight",
+        "--aux-weight",
+        "googlenet_cifar: train the auxiliary classifiers, their losses weighted by this "
+        "(the paper: 0.3; default 0: none); dropped at export",
+    ),
+    F("width", "--width", "googlenet_cifar: channel multiplier (default 1, the paper's widths)"),
+    F("mode", "--mode"),
+    F("pretrained", "--pretrained", "auto | imagenet | none | a weights file"),
+]
+PREPROCESSING_FLAGS = [
+    F("resize", "--resize"),
+    F("crop", "--crop"),
+    F("mean", "--mean", nargs=3),
+    F("std", "--std", nargs=3),
+    F("augment", "--augment"),
+]
+OPTIMISATION_FLAGS = [
+    F("epochs", "--epochs"),
+    F("batch_size", "--batch-size", "global batch (split over processes)"),
+    F("optimizer", "--optimizer"),
+    F("lr", "--lr"),
+    F("momentum", "--momentum"),
+    F("nesterov", "--nesterov"),
+    F("weight_decay", "--weight-decay"),
+    F("betas", "--betas", nargs=2),
+    F("schedule", "--schedule"),
+    F("step_size", "--step-size", "step schedule: epochs per decay"),
+    F("milestones", "--milestones", "multistep schedule epochs"),
+    F("gamma", "--gamma", "decay factor (step/multistep/exponential)"),
+    F("decay", "--decay", "inverse-time: lr / (1 + decay * epoch)"),
+    F("min_lr", "--min-lr", "cosine floor"),
+    F("warmup_epochs", "--warmup-epochs"),
+    F("warmup_start", "--warmup-start", "warmup starts at lr * this"),
+    F("label_smoothing", "--label-smoothing"),
+    F(
+        "cache_features",
+        "--cache-features",
+        "feature-extract: train the head on cached backbone features",
+    ),
+    F("feature_views", "--feature-views", "augmented views cached per image"),
+]
+HARDWARE_FLAGS = [
+    F("device", "--device"),
+    F("amp", "--amp", "autocast dtype"),
+    F("channels_last", "--channels-last"),
+    F("sync_bn", "--sync-bn", "torchrun on GPUs: BatchNorm statistics over the global batch"),
+    F("workers", "--workers", "DataLoader workers"),
+    F("threads", "--threads", "torch threads (0: default)"),
+    F("seed", "--seed"),
+    F("deterministic", "--deterministic"),
+    F("train_subset", "--train-subset", "use N random training images"),
+    F("val_subset", "--val-subset", "use N random val images"),
+    F("max_train_batches", "--max-train-batches", "limit per epoch (smoke runs)"),
+    F("max_val_batches", "--max-val-batches", "limit per epoch (smoke runs)"),
+    F("download_timeout", "--download-timeout"),
+    F("tensorboard", "--tensorboard", "also log to <out>/tensorboard"),
+]
+GROUPS = {
+    "what and where": WHERE_FLAGS,
+    "model": MODEL_FLAGS,
+    "preprocessing (default: the arch's / the weights')": PREPROCESSING_FLAGS,
+    "optimisation": OPTIMISATION_FLAGS,
+    "hardware and runs": HARDWARE_FLAGS,
+}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags override the recipe only when given (their defaults are the recipe's)."""
+    """Flags override the recipe only when given (layered: a flag not given is absent),
+    each bound to its TrainConfig field (serve.core.flags)."""
     p.argument_default = argparse.SUPPRESS
     p.formatter_class = argparse.HelpFormatter
     p.add_argument(
@@ -43,101 +143,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="any config field, value parsed as YAML (e.g. --set ema_decay=0.99); repeatable",
     )
-    p.add_argument("--resume", help="continue runs/X/last.pt exactly (its config is the base)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="start afresh in an OUT that already holds checkpoints (default: refuse)",
-    )
-    g = p.add_argument_group("what and where")
-    g.add_argument("--model", dest="model_name", help="run/served model name")
-    g.add_argument("--data", help="ImageFolder root, .npz file or folder, or CIFAR root")
-    g.add_argument("--dataset", choices=("auto", "imagefolder", "npz", "cifar10", "cifar100"))
-    g.add_argument(
-        "--download",
-        action=argparse.BooleanOptionalAction,
-        help="download torchvision CIFAR when missing (needs internet)",
-    )
-    g.add_argument("--out", help="output folder (default runs/<model>)")
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--arch",
-        help="see docs/training.md: resnet18, efficientnet_lite0, resnet20/32/44/56/"
-        "110, resnet18_cifar, vgg11, vgg16, alexnet, googlenet, googlenet_cifar",
-    )
-    g.add_argument(
-        "--batchnorm", action=argparse.BooleanOptionalAction, help="BatchNorm on/off (CIFAR archs)"
-    )
-    g.add_argument("--dropout", type=float)
-    g.add_argument(
-        "--inception",
-        choices=("naive", "reduced"),
-        help="googlenet_cifar: Inception modules with 1x1 reductions (default) or naive",
-    )
-    g.add_argument(
-        "--aux-weight",
-        type=float,
-        help="googlenet_cifar: train the auxiliary classifiers, their losses weighted by this "
-        "(the paper: 0.3; default 0: none); dropped at export",
-    )
-    g.add_argument(
-        "--width",
-        type=float,
-        help="googlenet_cifar: channel multiplier (default 1, the paper's widths)",
-    )
-    g.add_argument("--mode", choices=MODES)
-    g.add_argument("--pretrained", help="auto | imagenet | none | a weights file")
-    g = p.add_argument_group("preprocessing (default: the arch's / the weights')")
-    g.add_argument("--resize", type=int)
-    g.add_argument("--crop", type=int)
-    g.add_argument("--mean", type=float, nargs=3)
-    g.add_argument("--std", type=float, nargs=3)
-    g.add_argument("--augment", choices=("random-resized-crop", "pad-crop", "none"))
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="global batch (split over processes)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--betas", type=float, nargs=2)
-    g.add_argument("--schedule", choices=SCHEDULES)
-    g.add_argument("--step-size", type=int, help="step schedule: epochs per decay")
-    g.add_argument("--milestones", type=int, nargs="+", help="multistep schedule epochs")
-    g.add_argument("--gamma", type=float, help="decay factor (step/multistep/exponential)")
-    g.add_argument("--decay", type=float, help="inverse-time: lr / (1 + decay * epoch)")
-    g.add_argument("--min-lr", type=float, help="cosine floor")
-    g.add_argument("--warmup-epochs", type=int)
-    g.add_argument("--warmup-start", type=float, help="warmup starts at lr * this")
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument(
-        "--cache-features",
-        action=argparse.BooleanOptionalAction,
-        help="feature-extract: train the head on cached backbone features",
-    )
-    g.add_argument("--feature-views", type=int, help="augmented views cached per image")
-    g = p.add_argument_group("hardware and runs")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--amp", choices=AMP, help="autocast dtype")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
-    g.add_argument(
-        "--sync-bn",
-        action=argparse.BooleanOptionalAction,
-        help="torchrun on GPUs: BatchNorm statistics over the global batch",
-    )
-    g.add_argument("--workers", type=int, help="DataLoader workers")
-    g.add_argument("--threads", type=int, help="torch threads (0: default)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction)
-    g.add_argument("--train-subset", type=int, help="use N random training images")
-    g.add_argument("--val-subset", type=int, help="use N random val images")
-    g.add_argument("--max-train-batches", type=int, help="limit per epoch (smoke runs)")
-    g.add_argument("--max-val-batches", type=int, help="limit per epoch (smoke runs)")
-    g.add_argument("--download-timeout", type=float)
-    g.add_argument(
-        "--tensorboard", action=argparse.BooleanOptionalAction, help="also log to <out>/tensorboard"
-    )
+    add_flags(p, TrainConfig, RUN_FLAGS, layered=True)
+    for title, flags in GROUPS.items():
+        add_flags(p.add_argument_group(title), TrainConfig, flags, layered=True)
 
 
 def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -17,11 +17,21 @@ from serve.core.errors import UsageError, UserError
 
 log = logging.getLogger(__name__)
 
-MODES = ("finetune", "feature-extract")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("step", "multistep", "exponential", "cosine", "inverse-time", "constant")
-AMP = ("none", "bf16", "fp16")
-AUTO_AUGMENTS = ("none", "trivialaugment", "randaugment")
+Mode = Literal["finetune", "feature-extract"]
+Optimizer = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["step", "multistep", "exponential", "cosine", "inverse-time", "constant"]
+Amp = Literal["none", "bf16", "fp16"]
+AutoAugment = Literal["none", "trivialaugment", "randaugment"]
+Device = Literal["auto", "cpu", "cuda"]
+DatasetKind = Literal["auto", "imagefolder", "npz", "cifar10", "cifar100"]
+Augment = Literal["random-resized-crop", "pad-crop", "none"]
+Inception = Literal["naive", "reduced"]
+MODES: tuple[str, ...] = get_args(Mode)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+AMP: tuple[str, ...] = get_args(Amp)
+AUTO_AUGMENTS: tuple[str, ...] = get_args(AutoAugment)
+DEVICES: tuple[str, ...] = get_args(Device)
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 DEFAULT_RECIPE = "antsbees_finetune"
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/hymenoptera_data"
@@ -35,7 +45,7 @@ class TrainConfig:
     # what and where
     model_name: str = "antsbees"
     data: str = ""
-    dataset: str = "auto"
+    dataset: DatasetKind = "auto"
     download: bool = False
     out: str = ""
     recipe: str = ""
@@ -43,29 +53,29 @@ class TrainConfig:
     arch: str = "resnet18"
     batchnorm: bool = True
     dropout: float | None = None
-    inception: str | None = None  # googlenet_cifar: naive | reduced (None: reduced)
+    inception: Inception | None = None  # googlenet_cifar: naive | reduced (None: reduced)
     aux_weight: float = 0.0  # googlenet_cifar: auxiliary classifiers' loss weight; 0: off
     width: float | None = None  # googlenet_cifar: channel multiplier (None: 1, the paper's)
-    mode: str = "finetune"
+    mode: Mode = "finetune"
     pretrained: str = "auto"
     # preprocessing (None: from the arch / pretrained weights)
     resize: int | None = None
     crop: int | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    augment: str | None = None
+    augment: Augment | None = None
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
-    auto_augment: str = "none"  # none | trivialaugment | randaugment (torchvision)
+    auto_augment: AutoAugment = "none"  # none | trivialaugment | randaugment (torchvision)
     # optimisation
     epochs: int = 25
     batch_size: int = 4
-    optimizer: str = "sgd"
+    optimizer: Optimizer = "sgd"
     lr: float = 0.001
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "step"
+    schedule: Schedule = "step"
     step_size: int = 7
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
@@ -86,8 +96,8 @@ class TrainConfig:
     cache_features: bool = True
     feature_views: int = 4
     # hardware
-    device: str = "auto"
-    amp: str = "none"
+    device: Device = "auto"
+    amp: Amp = "none"
     channels_last: bool = False
     sync_bn: bool = False
     workers: int = 2
@@ -112,7 +122,7 @@ class TrainConfig:
             "schedule": SCHEDULES,
             "amp": AMP,
             "auto_augment": AUTO_AUGMENTS,
-            "device": ("auto", "cpu", "cuda"),
+            "device": DEVICES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -187,12 +197,18 @@ class TrainConfig:
 
 
 def _typed(name: str, value: Any, kind: str) -> Any:
-    """``value`` as the field's scalar type (``int``, ``float``, ``bool``, ``str``, each
-    optionally ``| None``): YAML reads ``1e-3`` as a string, so a number-like string becomes
-    a float; anything else of the wrong type is one clear error, not a crash later."""
+    """``value`` as the field's scalar type (``int``, ``float``, ``bool``, ``str``, or one
+    of the ``Literal`` choices above, each optionally ``| None``): YAML reads ``1e-3`` as
+    a string, so a number-like string becomes a float; anything else of the wrong type is
+    one clear error, not a crash later."""
     base, optional = kind.removesuffix(" | None"), kind.endswith(" | None")
     if value is None and optional:
         return None
+    choices = get_args(globals().get(base))  # a Literal alias of this module: its values
+    if choices:
+        if value not in choices:
+            raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if base == "float":
         if number:

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx
@@ -36,7 +36,8 @@ from serve.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
+CalibrationMethod = Literal["MinMax", "Percentile", "Entropy"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 # quantize_static extra_options for Q/DQ that TensorRT parses (and ORT CPU runs)
 TENSORRT_QDQ = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
 
@@ -49,7 +50,7 @@ class Calibration:
     training images only."""
 
     count: int = 128
-    method: str = "MinMax"
+    method: CalibrationMethod = "MinMax"
     split: str = "train"
     batch_size: int = 16
     reduce_range: bool | None = None

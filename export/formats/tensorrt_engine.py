@@ -38,14 +38,15 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from serve.core.errors import UsageError, UserError
 from serve.core.files import atomic_write_text
 
-PRECISIONS = ("fp32", "fp16", "int8")
+EnginePrecision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(EnginePrecision)
 
 
 class TensorRTUnavailable(UserError, RuntimeError):
@@ -65,7 +66,7 @@ class EngineProfile:
     opt_batch: int = 16
     max_batch: int = 64
     version_compatible: bool = False  # runs on later TensorRT 10.x too (lean runtime inside)
-    hardware_compatibility: str = "none"  # "ampere_plus": one engine for sm80 and later
+    hardware_compatibility: HardwareLevel = "none"  # "ampere_plus": one engine for sm80 and later
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
@@ -80,7 +81,8 @@ class EngineProfile:
             )
 
 
-HARDWARE_LEVELS = ("none", "ampere_plus")
+HardwareLevel = Literal["none", "ampere_plus"]
+HARDWARE_LEVELS: tuple[str, ...] = get_args(HardwareLevel)
 DEFAULT_PLAN = "model.plan"  # the config's default_model_filename
 
 

@@ -4,6 +4,7 @@ and which reduced-precision stages gate publishing (:func:`gating_stages`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from export.checks.parity import (
     FP16_GATE,
@@ -16,7 +17,8 @@ from export.formats.tensorrt_rtx import DEFAULT_RTX_TARGETS, parse_targets
 from export.triton.config import ServingConfig
 from serve.core.errors import UsageError
 
-PRECISIONS = ("fp32", "fp16", "int8")
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 INT8_STAGE = "onnxruntime-int8"
 
 
@@ -34,7 +36,7 @@ class PrecisionConfig:
     """What precision to publish, how reduced stages are judged, how INT8 is calibrated,
     and the fallback search's budget (``fallback_rounds`` re-checks at most)."""
 
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     gate: AccuracyGate = field(default_factory=AccuracyGate)
     calibration: Calibration = field(default_factory=Calibration)
     calibration_data: str = ""  # default: the checkpoint's training data

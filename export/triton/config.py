@@ -28,6 +28,7 @@ keeps TensorRT's engines in ``trt_engine_cache_path`` so a reload does not rebui
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
@@ -63,8 +64,10 @@ from serve.core.errors import UsageError
 
 CPU_INSTANCES = 2  # classifier instances on CPU unless told (ServingConfig.instances)
 KEEP_VERSIONS = 2  # the classifier's version policy: the latest 2 stay loaded
-TARGETS = ("cpu", "gpu")
-GPU_BACKENDS = ("tensorrt", "onnxruntime")
+Target = Literal["cpu", "gpu"]
+GpuBackend = Literal["tensorrt", "onnxruntime"]
+TARGETS: tuple[str, ...] = get_args(Target)
+GPU_BACKENDS: tuple[str, ...] = get_args(GpuBackend)
 BACKEND_NAMES = {
     "cpu": "python (onnxruntime CPU)",
     "gpu-tensorrt": "tensorrt_plan",
@@ -83,8 +86,8 @@ class ServingConfig:
     instances: int = 0
     # ONNX Runtime threads per CPU instance; 0: the cores the stub may use / instances
     intra_op_threads: int = 0
-    target: str = "cpu"
-    gpu_backend: str = "tensorrt"
+    target: Target = "cpu"
+    gpu_backend: GpuBackend = "tensorrt"
     preferred_batch_sizes: list[int] = field(default_factory=list)
     # 0: no Triton queue policy (the front bounds the queue; a policy stalls Triton 2.51)
     max_queue_size: int = 0

@@ -11,6 +11,7 @@ from serve.core import auth
 from serve.core.cli_common import (
     add_model_repository,
 )
+from serve.core.flags import Flag, add_flags, build
 
 log = logging.getLogger("serve.cli")
 
@@ -45,64 +46,61 @@ def perf_analyzer_module():  # noqa: ANN202 - the module, imported only when the
     return perf_analyzer
 
 
-def add_manifests_arguments(p: argparse.ArgumentParser) -> None:
-    from serve.deploy.k8s import DEFAULT_IMAGE, DeployConfig
+MANIFEST_FLAGS = [
+    Flag("name", "--name"),
+    Flag("namespace", "--namespace"),
+    Flag(
+        "image",
+        "--image",
+        "Triton image (default 26.07: the first release clear of every published "
+        "Triton security bulletin; CUDA 13.3.1, needs a driver for CUDA 13.3)",
+    ),
+    Flag("replicas", "--replicas"),
+    Flag("min_replicas", "--min-replicas"),
+    Flag("max_replicas", "--max-replicas"),
+    Flag(
+        "model_store",
+        "--model-store",
+        "s3://bucket/path (gs://, as://) read by Triton, or pvc:CLAIM mounted "
+        "read-only (default pvc:<name>-models); copy the repository there first",
+    ),
+    Flag(
+        "queue_target_us",
+        "--queue-target-us",
+        "HPA target: average queue time per request (microseconds) per pod",
+    ),
+]
+PYTHON_DEPS_FLAG = Flag(
+    "python_deps",
+    "--no-python-deps",
+    "the image already has ONNX Runtime, NumPy and Pillow (CPU repositories)",
+)
 
-    d = DeployConfig.__dataclass_fields__
+
+def add_manifests_arguments(p: argparse.ArgumentParser) -> None:
+    from serve.deploy.k8s import DeployConfig
+
     add_model_repository(p)
     p.add_argument("--out", default="deploy/k8s", help="folder for triton.yaml and secret.yaml")
-    p.add_argument("--name", default=d["name"].default)
-    p.add_argument("--namespace", default=d["namespace"].default)
-    p.add_argument(
-        "--image",
-        default=DEFAULT_IMAGE,
-        help="Triton image (default 26.07: the first release clear of every published "
-        "Triton security bulletin; CUDA 13.3.1, needs a driver for CUDA 13.3)",
-    )
-    p.add_argument("--replicas", type=int, default=d["replicas"].default)
-    p.add_argument("--min-replicas", type=int, default=d["min_replicas"].default)
-    p.add_argument("--max-replicas", type=int, default=d["max_replicas"].default)
-    p.add_argument(
-        "--model-store",
-        default="",
-        help="s3://bucket/path (gs://, as://) read by Triton, or pvc:CLAIM mounted "
-        "read-only (default pvc:<name>-models); copy the repository there first",
-    )
-    p.add_argument(
-        "--queue-target-us",
-        type=int,
-        default=d["queue_target_us"].default,
-        help="HPA target: average queue time per request (microseconds) per pod",
-    )
+    add_flags(p, DeployConfig, MANIFEST_FLAGS)
     p.add_argument(
         "--admin-key-file",
         default=None,
         metavar="FILE",
         help="put this key in the Secret (default: a fresh random key)",
     )
-    p.add_argument(
-        "--no-python-deps",
-        dest="python_deps",
-        action="store_false",
-        help="the image already has ONNX Runtime, NumPy and Pillow (CPU repositories)",
-    )
+    add_flags(p, DeployConfig, [PYTHON_DEPS_FLAG])
 
 
 def run_manifests(a: argparse.Namespace) -> int:
     from serve.deploy.k8s import DeployConfig, write_manifests
 
-    cfg = DeployConfig(
+    cfg = build(
+        DeployConfig,
+        a,
+        [*MANIFEST_FLAGS, PYTHON_DEPS_FLAG],
         model_repository=a.model_repository,
-        name=a.name,
-        namespace=a.namespace,
-        image=a.image,
-        replicas=a.replicas,
-        min_replicas=a.min_replicas,
-        max_replicas=a.max_replicas,
-        model_store=a.model_store,
-        queue_target_us=a.queue_target_us,
         admin_key=auth.read_key_file(Path(a.admin_key_file)) if a.admin_key_file else "",
-        python_deps=a.python_deps,
     )
     for path in write_manifests(cfg, a.out):
         print(f"wrote {path}")
