@@ -246,6 +246,29 @@ def _ranked_nodes(
     return [n for block, _ in blocks for n in block], blocks
 
 
+def _record(
+    state: _Search, blocks: list[tuple[list[str], float]], max_k: int, seconds: float
+) -> dict[str, Any]:
+    """The stage's ``fallback`` record: how nodes were ranked, what was tried, the plain
+    model's verdict."""
+    stage = state.stage
+    return {
+        "method": "logit error removed per block of nodes kept in FP32 "
+        "(32 training images), most sensitive first",
+        "blocks": [{"nodes": b, "error_removed": round(g, 6)} for b, g in blocks],
+        "budget_rounds": state.job.cfg.precision.fallback_rounds,
+        "max_nodes": max_k,
+        "tried": state.tried,
+        "plain": {
+            "status": stage.status,
+            "reason": stage.reason,
+            "top1_agreement": stage.top1_agreement,
+            "accuracy": stage.accuracy,
+        },
+        "seconds": round(seconds, 1),
+    }
+
+
 def search(
     job: ExportJob, ledger: Ledger, stage: Stage
 ) -> tuple[Stage, np.ndarray | None, list[str]]:
@@ -264,21 +287,7 @@ def search(
     candidates_dir.mkdir()
     state = _Search(job, ledger, stage, ranked, model_path, rebuild, candidates_dir)
     passing = state.smallest_passing(max_k)
-    record: dict[str, Any] = {
-        "method": "logit error removed per block of nodes kept in FP32 "
-        "(32 training images), most sensitive first",
-        "blocks": [{"nodes": b, "error_removed": round(g, 6)} for b, g in blocks],
-        "budget_rounds": pc.fallback_rounds,
-        "max_nodes": max_k,
-        "tried": state.tried,
-        "plain": {
-            "status": stage.status,
-            "reason": stage.reason,
-            "top1_agreement": stage.top1_agreement,
-            "accuracy": stage.accuracy,
-        },
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
+    record = _record(state, blocks, max_k, time.perf_counter() - t0)
     if passing is None:
         shutil.rmtree(candidates_dir, ignore_errors=True)
         shutil.copyfile(plain_copy, model_path)  # the plain model stays the stage's file

@@ -94,6 +94,74 @@ def _candidate_key(c: dict[str, Any]) -> tuple[float, float, int]:
     return (-sel["top1_agreement"], sel["median_abs"], c["calibration_images"])
 
 
+@dataclass
+class _Sets:
+    """The images a candidate is judged on and FP32's logits on them."""
+
+    calib: PixelBatches
+    select: PixelBatches
+    val: PixelBatches
+    fp32_select: np.ndarray
+    fp32_val: np.ndarray
+    classes: list[str]
+
+
+def _try_candidate(
+    cfg: SearchConfig, sets: _Sets, prepared: Path, tmp: Path, i: int, choice: tuple
+) -> dict[str, Any]:
+    """Quantize with one (method, per_channel, count) and judge it: selection half, val."""
+    method, per_channel, count = choice
+    n = count or sets.calib.count
+    cal = Calibration(count=n, method=method, per_channel=per_channel)
+    pixels = _take(sets.calib, np.arange(min(n, sets.calib.count)), cfg.batch_size)
+    path = tmp / f"int8-{i}.onnx"
+    t0 = time.perf_counter()
+    details = quantize_int8(prepared, path, cal, pixels, tmp / f"cal-{i}.json")
+    seconds = time.perf_counter() - t0
+    sel_logits = onnxruntime_logits(path, sets.select)
+    sel = diff_stats(sets.fp32_select, sel_logits, "median")
+    sel["accuracy"] = float((sel_logits.argmax(1) == sets.select.labels).mean())
+    sel["reference_accuracy"] = float((sets.fp32_select.argmax(1) == sets.select.labels).mean())
+    stage = judge(
+        "onnxruntime-int8",
+        "onnxruntime-fp32",
+        sets.fp32_val,
+        onnxruntime_logits(path, sets.val),
+        cfg.gate,
+        labels=sets.val.labels,
+        classes=sets.classes,
+    )
+    log.info(
+        "%-10s per_channel=%-5s images=%-4d selection agree %.2f%%  val agree %.2f%% %s",
+        method,
+        per_channel,
+        pixels.count,
+        100 * sel["top1_agreement"],
+        100 * (stage.top1_agreement or 0),
+        stage.status,
+    )
+    selection_keys = ("images", "top1_agreement", "median_abs", "max_abs", "accuracy")
+    return {
+        "method": method,
+        "per_channel": per_channel,
+        "calibration_images": pixels.count,
+        "reduce_range": details["reduce_range"],
+        "quantize_seconds": round(seconds, 2),
+        "selection": {k: sel[k] for k in (*selection_keys, "reference_accuracy")},
+        "val": {
+            "images": stage.images,
+            "top1_agreement": stage.top1_agreement,
+            "median_abs": stage.median_abs,
+            "accuracy": stage.accuracy,
+            "reference_accuracy": stage.reference_accuracy,
+            "flips_break": stage.flips_break,
+            "flips_fix": stage.flips_fix,
+            "gate": stage.status,
+            "reason": stage.reason,
+        },
+    }
+
+
 def search(cfg: SearchConfig) -> dict[str, Any]:
     """Quantize with every candidate, judge on the selection half, report val too."""
     from train.checkpoint import load_checkpoint
@@ -106,73 +174,21 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
     train = load_pixels(ckpt, data, "train", cfg.batch_size, cfg.workers)
     val = load_pixels(ckpt, data, "val", cfg.batch_size, cfg.workers)
     calib, select = split_training(train, cfg.seed, cfg.batch_size)
-    fp32_select = onnxruntime_logits(onnx, select)
-    fp32_val = onnxruntime_logits(onnx, val)
-    classes = list(ckpt.card.classes)
-    candidates: list[dict[str, Any]] = []
+    sets = _Sets(
+        calib,
+        select,
+        val,
+        onnxruntime_logits(onnx, select),
+        onnxruntime_logits(onnx, val),
+        list(ckpt.card.classes),
+    )
     with tempfile.TemporaryDirectory(prefix="calibrate.") as tmp:
         prepared = preprocess_for_quantization(onnx, Path(tmp) / "prepared.onnx")
-        grid = list(itertools.product(cfg.methods, cfg.per_channel, cfg.counts))
-        for i, (method, per_channel, count) in enumerate(grid):
-            n = count or calib.count
-            cal = Calibration(count=n, method=method, per_channel=per_channel)
-            pixels = _take(calib, np.arange(min(n, calib.count)), cfg.batch_size)
-            path = Path(tmp) / f"int8-{i}.onnx"
-            t0 = time.perf_counter()
-            details = quantize_int8(prepared, path, cal, pixels, Path(tmp) / f"cal-{i}.json")
-            seconds = time.perf_counter() - t0
-            sel_logits = onnxruntime_logits(path, select)
-            sel = diff_stats(fp32_select, sel_logits, "median")
-            sel["accuracy"] = float((sel_logits.argmax(1) == select.labels).mean())
-            sel["reference_accuracy"] = float((fp32_select.argmax(1) == select.labels).mean())
-            stage = judge(
-                "onnxruntime-int8",
-                "onnxruntime-fp32",
-                fp32_val,
-                onnxruntime_logits(path, val),
-                cfg.gate,
-                labels=val.labels,
-                classes=classes,
-            )
-            row = {
-                "method": method,
-                "per_channel": per_channel,
-                "calibration_images": pixels.count,
-                "reduce_range": details["reduce_range"],
-                "quantize_seconds": round(seconds, 2),
-                "selection": {
-                    k: sel[k]
-                    for k in (
-                        "images",
-                        "top1_agreement",
-                        "median_abs",
-                        "max_abs",
-                        "accuracy",
-                        "reference_accuracy",
-                    )
-                },
-                "val": {
-                    "images": stage.images,
-                    "top1_agreement": stage.top1_agreement,
-                    "median_abs": stage.median_abs,
-                    "accuracy": stage.accuracy,
-                    "reference_accuracy": stage.reference_accuracy,
-                    "flips_break": stage.flips_break,
-                    "flips_fix": stage.flips_fix,
-                    "gate": stage.status,
-                    "reason": stage.reason,
-                },
-            }
-            candidates.append(row)
-            log.info(
-                "%-10s per_channel=%-5s images=%-4d selection agree %.2f%%  val agree %.2f%% %s",
-                method,
-                per_channel,
-                pixels.count,
-                100 * sel["top1_agreement"],
-                100 * (stage.top1_agreement or 0),
-                stage.status,
-            )
+        grid = itertools.product(cfg.methods, cfg.per_channel, cfg.counts)
+        candidates = [
+            _try_candidate(cfg, sets, prepared, Path(tmp), i, choice)
+            for i, choice in enumerate(grid)
+        ]
     chosen = min(candidates, key=_candidate_key)
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),

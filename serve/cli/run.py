@@ -11,10 +11,47 @@ from serve.core.cli_common import (
     add_model_repository,
     env_int,
 )
+from serve.core.flags import Flag, add_flags, build
 from serve.runtime.stack import FrontLimits
 from serve.runtime.triton_server import LOOPBACK, ServerOptions, exec_server, run_supervised
 
 log = logging.getLogger("serve.cli")
+
+
+FRONT_FLAGS = [
+    Flag(
+        "max_body_bytes",
+        "--max-body-bytes",
+        "largest request body; 0 = sized from the repository (max batch x input size)",
+    ),
+    Flag("max_json_bytes", "--max-json-bytes"),
+    Flag("max_json_depth", "--max-json-depth"),
+    Flag("max_connections", "--max-connections"),
+    Flag("max_per_client", "--max-per-client", "concurrent requests per client address"),
+    Flag(
+        "max_queue",
+        "--max-queue",
+        "requests inside Triton at once (running or queued); more are refused at "
+        "once (503 / gRPC UNAVAILABLE). Replaces Triton's queue policy, which stalls 2.51",
+    ),
+    Flag(
+        "max_queue_bytes",
+        "--max-queue-bytes",
+        "request bytes inside Triton at once: half for --max-queue requests up to "
+        "(this / 2 / --max-queue) bytes each, half for a few large ones (batches), each "
+        "up to --max-body-bytes; more are refused as server busy",
+    ),
+    Flag("idle_timeout_s", "--idle-timeout"),
+    Flag("request_timeout_s", "--request-timeout"),
+    Flag("tls_cert", "--tls-cert", "PEM certificate: TLS on HTTP and gRPC"),
+    Flag("tls_key", "--tls-key", "PEM private key of --tls-cert (mode 0600)"),
+]
+PRIVATE_FLAG = Flag(
+    "private",
+    "--private",
+    "where Triton listens: its own network namespace (auto: when possible) or "
+    "loopback ports (reachable by local users)",
+)
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,74 +103,21 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="serve tritonserver's own ports directly (loopback only; its frontend has "
         "known crash bugs - for debugging)",
     )
-    f.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=0,
-        help="largest request body; 0 = sized from the repository (max batch x input size)",
-    )
-    f.add_argument("--max-json-bytes", type=int, default=FrontLimits.max_json_bytes)
-    f.add_argument("--max-json-depth", type=int, default=FrontLimits.max_json_depth)
-    f.add_argument("--max-connections", type=int, default=FrontLimits.max_connections)
-    f.add_argument(
-        "--max-per-client",
-        type=int,
-        default=FrontLimits.max_per_client,
-        help="concurrent requests per client address",
-    )
-    f.add_argument(
-        "--max-queue",
-        type=int,
-        default=FrontLimits.max_queue,
-        help="requests inside Triton at once (running or queued); more are refused at "
-        "once (503 / gRPC UNAVAILABLE). Replaces Triton's queue policy, which stalls 2.51",
-    )
-    f.add_argument(
-        "--max-queue-bytes",
-        type=int,
-        default=FrontLimits.max_queue_bytes,
-        help="request bytes inside Triton at once: half for --max-queue requests up to "
-        "(this / 2 / --max-queue) bytes each, half for a few large ones (batches), each "
-        "up to --max-body-bytes; more are refused as server busy",
-    )
-    f.add_argument("--idle-timeout", type=float, default=FrontLimits.idle_timeout_s)
-    f.add_argument("--request-timeout", type=float, default=FrontLimits.request_timeout_s)
-    f.add_argument("--tls-cert", default="", help="PEM certificate: TLS on HTTP and gRPC")
-    f.add_argument("--tls-key", default="", help="PEM private key of --tls-cert (mode 0600)")
+    add_flags(f, FrontLimits, FRONT_FLAGS)
     f.add_argument(
         "--inference-key-file",
         default=None,
         metavar="FILE",
         help="inference and metadata need this key too (header inference-key)",
     )
-    f.add_argument(
-        "--private",
-        choices=("auto", "namespace", "loopback"),
-        default="auto",
-        help="where Triton listens: its own network namespace (auto: when possible) or "
-        "loopback ports (reachable by local users)",
-    )
+    add_flags(f, FrontLimits, [PRIVATE_FLAG])
     p.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
 
 
 def front_limits(a: argparse.Namespace) -> FrontLimits:
     """The front's limits from ``serve run``'s flags."""
     inference_key = auth.read_key_file(Path(a.inference_key_file)) if a.inference_key_file else ""
-    return FrontLimits(
-        max_body_bytes=a.max_body_bytes,
-        max_json_bytes=a.max_json_bytes,
-        max_json_depth=a.max_json_depth,
-        max_connections=a.max_connections,
-        max_per_client=a.max_per_client,
-        max_queue=a.max_queue,
-        max_queue_bytes=a.max_queue_bytes,
-        idle_timeout_s=a.idle_timeout,
-        request_timeout_s=a.request_timeout,
-        tls_cert=a.tls_cert,
-        tls_key=a.tls_key,
-        inference_key=inference_key,
-        private=a.private,
-    )
+    return build(FrontLimits, a, [*FRONT_FLAGS, PRIVATE_FLAG], inference_key=inference_key)
 
 
 def run_run(a: argparse.Namespace) -> int:

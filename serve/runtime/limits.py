@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
 from serve.core.errors import UsageError
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_INT64": 8}
 PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace
+
+
+Private = Literal["auto", "namespace", "loopback"]  # where Triton listens
 
 
 @dataclass
@@ -36,10 +40,10 @@ class FrontLimits:
     tls_cert: str = ""
     tls_key: str = ""
     inference_key: str = ""
-    private: str = "auto"  # auto | namespace | loopback
+    private: Private = "auto"
 
     def __post_init__(self) -> None:
-        if self.private not in ("auto", "namespace", "loopback"):
+        if self.private not in get_args(Private):
             raise UsageError("private must be auto, namespace or loopback")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise UsageError("TLS needs both --tls-cert and --tls-key")
