@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from export.tools.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
+from serve.core.flags import Flag, add_flags, build
 from serve.core.machine import gemm_gflops_onnxruntime
 from serve.tools import bench as serve_bench
+from serve.tools.bench_config import BENCH_FLAGS, BenchConfig, add_bench_flags
 from serve.tools.bench_inputs import onnxruntime_baseline
 from serve.tools.bench_report import write_report
 from train.checkpoint import load_checkpoint
@@ -25,28 +28,40 @@ from train.checkpoint import load_checkpoint
 log = logging.getLogger(__name__)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    serve_bench.add_arguments(p)
-    p.add_argument(
+@dataclass(frozen=True)
+class ExportBenchConfig(BenchConfig):
+    """``python -m serve bench``'s settings plus the baselines that need torch."""
+
+    checkpoint: str = ""
+    onnx_baselines: tuple[str, ...] | None = None
+    engine: str = ""
+
+
+EXPORT_FLAGS = [
+    Flag(
+        "checkpoint",
         "--checkpoint",
-        default="",
-        help="the run's checkpoint (PyTorch baseline; default runs/<model>/checkpoint.pt)",
-    )
-    p.add_argument(
+        "the run's checkpoint (PyTorch baseline; default runs/<model>/checkpoint.pt)",
+    ),
+    Flag(
+        "onnx_baselines",
         "--onnx-baselines",
-        nargs="*",
-        default=None,
-        metavar="ONNX",
-        help="more in-process ONNX Runtime rows (e.g. FP32 beside an INT8 version), each "
+        "more in-process ONNX Runtime rows (e.g. FP32 beside an INT8 version), each "
         "with the precision its graph records (default: the run folder's model.onnx and "
         "model_int8.onnx, unless identical to the served one)",
-    )
-    p.add_argument(
+        {"nargs": "*", "metavar": "ONNX"},
+    ),
+    Flag(
+        "engine",
         "--engine",
-        default="",
-        help="TensorRT engine for the bare-engine baseline (default: the version's plan for "
-        "this GPU)",
-    )
+        "TensorRT engine for the bare-engine baseline (default: the version's plan for this GPU)",
+    ),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_bench_flags(p, ExportBenchConfig)
+    add_flags(p, ExportBenchConfig, EXPORT_FLAGS)
 
 
 def precision_of(path: Path) -> str:
@@ -56,7 +71,7 @@ def precision_of(path: Path) -> str:
     return read_metadata(path).get("precision", "fp32")
 
 
-def onnx_baselines(given: list[str] | None, run_dir: Path, version_dir: Path) -> list[Path]:
+def onnx_baselines(given: Sequence[str] | None, run_dir: Path, version_dir: Path) -> list[Path]:
     """The extra in-process rows: ``given``, or the run's FP32 and INT8 graphs that differ
     from the served ``model.onnx``."""
     from serve.core.files import sha256
@@ -69,16 +84,16 @@ def onnx_baselines(given: list[str] | None, run_dir: Path, version_dir: Path) ->
     return [p for p in candidates if p.is_file() and sha256(p) != served_sha]
 
 
-def engine_baseline(args: argparse.Namespace, version_dir: Path, pixels: Any) -> Any:
+def engine_baseline(cfg: ExportBenchConfig, version_dir: Path, pixels: Any) -> Any:
     """The bare-engine row for ``--engine`` or the version's plan that runs on this GPU
     (``model.sm<cc>.plan`` per compute capability, ``model.plan`` hardware-compatible);
     else the reasons, recorded as skipped."""
-    plans = [Path(args.engine)] if args.engine else sorted(version_dir.glob("model*.plan"))
+    plans = [Path(cfg.engine)] if cfg.engine else sorted(version_dir.glob("model*.plan"))
     if not plans:
         return f"no TensorRT engine in {version_dir} (a CPU repository has none)"
     reasons = []
     for plan in plans:
-        row = tensorrt_baseline(plan, pixels, args.batch, args.window, args.max_seconds)
+        row = tensorrt_baseline(plan, pixels, cfg.batch, cfg.window, cfg.max_seconds)
         if not isinstance(row, str):
             return row
         reasons.append(row)
@@ -86,31 +101,36 @@ def engine_baseline(args: argparse.Namespace, version_dir: Path, pixels: Any) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    """``python -m export bench``: :func:`bench` on the config the flags describe."""
+    return bench(build(ExportBenchConfig, args, [*BENCH_FLAGS, *EXPORT_FLAGS]))
+
+
+def bench(cfg: ExportBenchConfig) -> int:
     """Baselines + the Triton sweep, written as bench/<model>-latest.json/.png."""
-    ckpt_path = Path(args.checkpoint or f"runs/{args.model}/checkpoint.pt")
+    ckpt_path = Path(cfg.checkpoint or f"runs/{cfg.model}/checkpoint.pt")
     ckpt = load_checkpoint(ckpt_path)
-    data = args.data or str(Path(ckpt.config.get("data", "")) / "val")
+    data = cfg.data or str(Path(ckpt.config.get("data", "")) / "val")
     gemm = {"onnxruntime": gemm_gflops_onnxruntime(), "torch": gemm_gflops_torch()}
-    inputs, report, ort = serve_bench.baseline_report(args, data, gemm)
-    for path in onnx_baselines(args.onnx_baselines, ckpt_path.parent, inputs.version_dir):
+    inputs, report, ort = serve_bench.baseline_report(cfg, data, gemm)
+    for path in onnx_baselines(cfg.onnx_baselines, ckpt_path.parent, inputs.version_dir):
         row = onnxruntime_baseline(
-            path, inputs.pixels, args.batch, args.window, args.max_seconds, precision_of(path)
+            path, inputs.pixels, cfg.batch, cfg.window, cfg.max_seconds, precision_of(path)
         )
         row.ratio_to_onnxruntime = row.throughput / ort.throughput
         report["results"].append({**asdict(row), "onnx": path.name})
         log.info("onnxruntime %s in-process (%s): %.1f img/s", row.precision, path, row.throughput)
-    pt = pytorch_baseline(ckpt, inputs.pixels, args.batch, args.window, args.max_seconds)
+    pt = pytorch_baseline(ckpt, inputs.pixels, cfg.batch, cfg.window, cfg.max_seconds)
     pt.ratio_to_onnxruntime = pt.throughput / ort.throughput
     report["results"].append(asdict(pt))
     log.info("pytorch eager in-process: %.1f img/s", pt.throughput)
-    engine = engine_baseline(args, inputs.version_dir, inputs.pixels)
+    engine = engine_baseline(cfg, inputs.version_dir, inputs.pixels)
     if isinstance(engine, str):
         report["skipped"]["tensorrt"] = engine
     else:
         report["results"].append(asdict(engine))
-    for lv in serve_bench.sweep(args, inputs, ort, report):
+    for lv in serve_bench.sweep(cfg, inputs, ort, report):
         lv.ratio_to_pytorch = lv.throughput / pt.throughput
         report["results"].append(asdict(lv))
-    paths = write_report(report, Path(args.out), args.model)
+    paths = write_report(report, Path(cfg.out), cfg.model)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -30,12 +30,14 @@ from typing import Any
 
 from tqdm import tqdm
 
+from export.tools.tune_config import TUNE_FLAGS, TuneConfig
 from export.tools.tune_trials import Knobs, Point, Trial
 from export.triton.config import config_text, parse_config, signature
 from serve.core import auth
 from serve.core.contract import image_model_name, preprocess_model_name
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
+from serve.core.flags import add_flags, build
 from serve.tools import perf_analyzer as pa
 from serve.tools.bench_inputs import bench_inputs, write_input_data
 from serve.tools.bench_server import bench_server_options
@@ -114,24 +116,24 @@ def _reload(client: Any, model: str, headers: dict[str, str] | None) -> None:
         time.sleep(0.2)
 
 
-def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str, Any]]:
+def search(cfg: TuneConfig, work: Path) -> tuple[list[Trial], dict[str, Any]]:
     """Measure every candidate on one bundled server; returns the trials and facts."""
     import tritonclient.grpc as grpcclient
 
     from serve.runtime.triton_server import TritonServer
 
-    repo = Path(args.model_repository)
-    current = read_knobs(repo / args.model / "config.pbtxt")
+    repo = Path(cfg.model_repository)
+    current = read_knobs(repo / cfg.model / "config.pbtxt")
     trials = [
         Trial(k, is_current=(k == current))
-        for k in candidates(current, args.instances, args.max_batch_sizes, args.delays_us)
+        for k in candidates(current, cfg.instances, cfg.max_batch_sizes, cfg.delays_us)
     ]
-    inputs = bench_inputs(repo, args.model, args.data, 16)
-    data = write_input_data(inputs, args.model, work)["tensor"]
-    scratch = scratch_repo(repo, args.model, work)
-    config_path = scratch / args.model / "config.pbtxt"
+    inputs = bench_inputs(repo, cfg.model, cfg.data, 16)
+    data = write_input_data(inputs, cfg.model, work)["tensor"]
+    scratch = scratch_repo(repo, cfg.model, work)
+    config_path = scratch / cfg.model / "config.pbtxt"
     original = config_path.read_text()
-    opts = bench_server_options(scratch, [args.model])
+    opts = bench_server_options(scratch, [cfg.model])
     facts = {"version": int(inputs.version_dir.name), "precision": inputs.card.precision}
     from serve.runtime.front_only import FrontOnly
 
@@ -145,32 +147,30 @@ def search(args: argparse.Namespace, work: Path) -> tuple[list[Trial], dict[str,
             for trial in tqdm(trials, desc="configs", unit="config"):
                 atomic_write_text(config_path, with_knobs(original, trial.knobs))
                 try:
-                    _reload(client, args.model, headers)
+                    _reload(client, cfg.model, headers)
                     # through a public front (the key only for perf_analyzer's statistics)
-                    trial.points = measure(front.grpc_url, args, data, headers)
+                    trial.points = measure(front.grpc_url, cfg, data, headers)
                 except (pa.PerfAnalyzerError, TimeoutError, Exception) as e:  # noqa: BLE001
                     trial.error = str(e).splitlines()[0][:300]  # recorded; the search goes on
-                log.info(
-                    "%-16s %s", trial.knobs.label, trial.error or _describe(trial, args.p99_ms)
-                )
+                log.info("%-16s %s", trial.knobs.label, trial.error or _describe(trial, cfg.p99_ms))
         finally:
             client.close()
     return trials, facts
 
 
-def measure(url: str, args: argparse.Namespace, data: Path, headers: dict) -> list[Point]:
-    """perf_analyzer at each of ``args.concurrency`` against the reloaded config."""
+def measure(url: str, cfg: TuneConfig, data: Path, headers: dict) -> list[Point]:
+    """perf_analyzer at each of ``cfg.concurrency`` against the reloaded config."""
     points = []
-    for conc in args.concurrency:
+    for conc in cfg.concurrency:
         profile = pa.Profile(
-            model=args.model,
+            model=cfg.model,
             url=url,
             protocol="grpc",
             concurrency=conc,
             input_data=str(data),
-            measurement_interval_ms=int(args.window * 1000),
-            stability_percentage=args.stability,
-            max_trials=args.max_trials,
+            measurement_interval_ms=int(cfg.window * 1000),
+            stability_percentage=cfg.stability,
+            max_trials=cfg.max_trials,
             headers=headers,
         )
         try:
@@ -224,78 +224,57 @@ def publish_knobs(repo: Path, model: str, knobs: Knobs) -> list[Path]:
     return written
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="antsbees")
-    p.add_argument("--model-repository", default="model_repository")
-    p.add_argument("--data", default="", help="ImageFolder split with images (.../val)")
-    p.add_argument("--p99-ms", type=float, default=200.0, help="the p99 latency budget")
-    p.add_argument("--instances", type=_ints, default=[1, 2])
-    p.add_argument("--max-batch-sizes", type=_ints, default=[8, 64])
-    p.add_argument("--delays-us", type=_ints, default=[0, 2000])
-    p.add_argument("--concurrency", type=_ints, default=[1, 4, 16])
-    p.add_argument("--window", type=float, default=1.0, help="seconds per measurement window")
-    p.add_argument("--stability", type=float, default=10.0)
-    p.add_argument("--max-trials", type=int, default=6)
-    p.add_argument(
-        "--min-gain",
-        type=float,
-        default=1.05,
-        help="publish a config only if it beats the current one by this factor (noise)",
-    )
-    p.add_argument("--out", default="bench")
-    p.add_argument(
-        "--publish",
-        action="store_true",
-        help="write the winner into the model's config (a config change, no new version)",
-    )
-    p.add_argument("--table", default="", metavar="JSON", help="print the docs table, exit")
+    add_flags(p, TuneConfig, TUNE_FLAGS)
 
 
 def run(args: argparse.Namespace) -> int:
-    """``python -m export tune`` (``make tune``): the search, its report, the winner."""
+    """``python -m export tune`` (``make tune``): :func:`tune` on the config the flags
+    describe."""
+    return tune(build(TuneConfig, args, TUNE_FLAGS))
+
+
+def tune(cfg: TuneConfig) -> int:
+    """The search, its report, the winner (published with ``cfg.publish``)."""
     import json
 
-    if args.table:
+    if cfg.table:
         from export.tools.tune_report import markdown_table
 
         try:
-            print(markdown_table(json.loads(Path(args.table).read_text())))
+            print(markdown_table(json.loads(Path(cfg.table).read_text())))
         except (ValueError, KeyError) as e:  # not a tune report
-            raise UsageError(f"--table {args.table}: not a tune JSON ({e!r})") from None
+            raise UsageError(f"--table {cfg.table}: not a tune JSON ({e!r})") from None
         return 0
-    if not args.data:
+    if not cfg.data:
         raise UsageError("--data is required (an ImageFolder split with images, e.g. .../val)")
     # SIGTERM unwinds like Ctrl-C, so the tune server is stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    out = Path(args.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     work = out / ".tune"
     from export.tools.tune_report import markdown_table, plot, report
 
-    trials, facts = search(args, work)
-    rep = report(args, trials, facts)
+    trials, facts = search(cfg, work)
+    rep = report(cfg, trials, facts)
     winner = Knobs(**rep["winner"])
-    if args.publish and not next(t for t in trials if t.knobs == winner).is_current:
-        repo = Path(args.model_repository)
-        rep["published"] = [str(p) for p in publish_knobs(repo, args.model, winner)]
-        rep["published_version"] = int(latest_version(repo / args.model).name)
-    json_path = atomic_write_json(out / f"{args.model}-tune.json", rep)
-    plot(rep, out / f"{args.model}-tune.png")
+    if cfg.publish and not next(t for t in trials if t.knobs == winner).is_current:
+        repo = Path(cfg.model_repository)
+        rep["published"] = [str(p) for p in publish_knobs(repo, cfg.model, winner)]
+        rep["published_version"] = int(latest_version(repo / cfg.model).name)
+    json_path = atomic_write_json(out / f"{cfg.model}-tune.json", rep)
+    plot(rep, out / f"{cfg.model}-tune.png")
     print(markdown_table(rep))
     gain, best = rep["winner_vs_current"], rep["best_vs_current"]
     print(
         f"winner {winner.label} vs current {Knobs(**rep['current']).label}: "
         + (
             f"x{gain:.2f} (best measured {Knobs(**rep['best_measured']).label} x{best:.2f}, "
-            f"published only above x{args.min_gain:g})"
+            f"published only above x{cfg.min_gain:g})"
             if gain
             else "current config has no level within the budget"
         )
         + (" (published)" if rep["published"] else "")
     )
-    print(f"wrote {json_path}, {out / f'{args.model}-tune.png'}")
+    print(f"wrote {json_path}, {out / f'{cfg.model}-tune.png'}")
     return 0

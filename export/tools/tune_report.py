@@ -3,29 +3,29 @@ its PNG (throughput against p99 per candidate) and the table in docs/benchmarks.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from export.tools.tune_config import TuneConfig
 from export.tools.tune_trials import Trial
 from serve.core.machine import machine_info
 from serve.tools import perf_analyzer as pa
 
 
-def report(args: argparse.Namespace, trials: list[Trial], facts: dict[str, Any]) -> dict:
+def report(cfg: TuneConfig, trials: list[Trial], facts: dict[str, Any]) -> dict:
     """The tune JSON: every trial, the winner under the budget and the current config."""
-    budget = args.p99_ms
+    budget = cfg.p99_ms
     current = max((t for t in trials if t.is_current), key=lambda t: t.score(budget))
     best = max(trials, key=lambda t: (t.score(budget), t.is_current))
     # a change must beat the current config by more than the noise to be published
-    winner = best if best.score(budget) > current.score(budget) * args.min_gain else current
+    winner = best if best.score(budget) > current.score(budget) * cfg.min_gain else current
     base = current.score(budget)
     gain = winner.score(budget) / base if base else None
     best_gain = best.score(budget) / base if base else None
     return {
-        "model": args.model,
+        "model": cfg.model,
         **facts,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine_info({}),
@@ -33,7 +33,8 @@ def report(args: argparse.Namespace, trials: list[Trial], facts: dict[str, Any])
         "objective": "max throughput over the concurrency levels whose p99 <= budget",
         "search": "perf_analyzer over the grid, one bundled server, reload per candidate",
         "load_generator": {"tool": "perf_analyzer", "version": pa.version()},
-        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        # the command, then every setting (as the parsed arguments recorded them)
+        "settings": {"command": "tune", **asdict(cfg)},
         "trials": [
             {
                 **asdict(t),
@@ -45,7 +46,7 @@ def report(args: argparse.Namespace, trials: list[Trial], facts: dict[str, Any])
         ],
         "current": asdict(current.knobs),
         "best_measured": asdict(best.knobs),
-        "min_gain": args.min_gain,
+        "min_gain": cfg.min_gain,
         "winner": asdict(winner.knobs),
         "winner_vs_current": gain,
         "best_vs_current": best_gain,

@@ -3,12 +3,12 @@ key, and Triton's statistics as deltas over a level (torch-free)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
 
 from serve.core import auth
+from serve.tools.bench_config import BenchConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,11 @@ def admin_key(srv: Any) -> str | None:
     return (opts.admin_key if opts is not None else None) or auth.resolve_key(srv.grpc_url)
 
 
-def server_context(args: argparse.Namespace, repo: Path, log_dir: Path) -> Any:
+def server_context(cfg: BenchConfig, repo: Path, log_dir: Path) -> Any:
     """The bundled tritonserver on free loopback ports, or ``--grpc-url``'s server (its
     admin key from ``$TRAINSERVE_ADMIN_KEY`` or the key file ``serve run`` wrote)."""
-    if args.grpc_url:
-        return ExternalServer(args.grpc_url, args.http_url)
+    if cfg.grpc_url:
+        return ExternalServer(cfg.grpc_url, cfg.http_url)
     from serve.runtime.triton_server import TritonServer
 
     return TritonServer(bench_server_options(repo), log_path=log_dir / "bench-server.log")

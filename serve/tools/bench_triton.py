@@ -5,7 +5,6 @@ in-process ONNX Runtime baseline. The sweep around it is serve/tools/bench.py.""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from serve.core import auth
 from serve.core.contract import image_model_name
 from serve.tools import perf_analyzer as pa
+from serve.tools.bench_config import BenchConfig, Distribution
 from serve.tools.bench_inputs import BenchInputs, write_input_data
 from serve.tools.bench_server import _delta, _server_stats, admin_key
 from serve.tools.loadgen import Level
@@ -34,31 +34,31 @@ class PaSettings:
     measurement_mode: str = "time_windows"
     stability_percentage: float = 10.0
     max_trials: int = 8
-    distribution: str = "poisson"
+    distribution: Distribution = "poisson"
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> PaSettings:
+    def from_config(cls, cfg: BenchConfig) -> PaSettings:
         return cls(
-            measurement_interval_ms=int(args.window * 1000),
-            stability_percentage=args.stability,
-            max_trials=args.max_trials,
-            distribution=args.distribution,
+            measurement_interval_ms=int(cfg.window * 1000),
+            stability_percentage=cfg.stability,
+            max_trials=cfg.max_trials,
+            distribution=cfg.distribution,
         )
 
 
-def loads(args: argparse.Namespace) -> list[tuple[int, float]]:
+def loads(cfg: BenchConfig) -> list[tuple[int, float]]:
     """The load levels: the concurrency sweep, then the request rates."""
-    return [(c, 0.0) for c in args.concurrency] + [(0, r) for r in args.request_rate]
+    return [(c, 0.0) for c in cfg.concurrency] + [(0, r) for r in cfg.request_rate]
 
 
-def all_combos(args: argparse.Namespace) -> list[Combo]:
-    """Every protocol x input x load level of ``args`` (shared memory: tensors only)."""
+def all_combos(cfg: BenchConfig) -> list[Combo]:
+    """Every protocol x input x load level of ``cfg`` (shared memory: tensors only)."""
     return [
         (protocol, kind, conc, rate)
-        for protocol in args.protocols
-        for kind in args.inputs
+        for protocol in cfg.protocols
+        for kind in cfg.inputs
         if not (protocol == "grpc-shm" and kind == "raw")  # shm carries pixel tensors
-        for conc, rate in loads(args)
+        for conc, rate in loads(cfg)
     ]
 
 
@@ -112,28 +112,28 @@ def _log_level(lv: Level, kind: str, conc: int, rate: float) -> None:
 
 def triton_levels(
     srv: Any,
-    args: argparse.Namespace,
+    cfg: BenchConfig,
     inputs: BenchInputs,
     baseline: Level | None,
     skipped: dict[str, str] | None = None,
     prefix: str = "triton",
     combos: list[Combo] | None = None,
 ) -> list[Level]:
-    """perf_analyzer over ``args.protocols`` x ``args.inputs`` x (concurrency levels, then
+    """perf_analyzer over ``cfg.protocols`` x ``cfg.inputs`` x (concurrency levels, then
     request rates with ``--distribution`` arrivals) against ``srv``; one row per level.
     A level without any stable measurement goes into ``skipped`` with the reason."""
     import tritonclient.grpc as grpcclient
 
-    model, batch = args.model, args.batch
-    settings = PaSettings.from_args(args)
+    model, batch = cfg.model, cfg.batch
+    settings = PaSettings.from_config(cfg)
     key = admin_key(srv)
     headers = auth.headers(key) or {}
-    work = Path(args.out) / ".perf_analyzer"
+    work = Path(cfg.out) / ".perf_analyzer"
     data = write_input_data(inputs, model, work)
     stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
     levels: list[Level] = []
     skipped = {} if skipped is None else skipped
-    combos = combos or all_combos(args)
+    combos = combos or all_combos(cfg)
     try:
         for combo in tqdm(combos, desc="perf_analyzer", unit="level"):
             protocol, kind, conc, rate = combo
@@ -183,12 +183,12 @@ def level_from_row(result: pa.Result, backend: str, kind: str, batch: int, preci
     )
 
 
-def load_generator(args: argparse.Namespace) -> dict[str, Any]:
+def load_generator(cfg: BenchConfig) -> dict[str, Any]:
     """The report's ``load_generator``: the tool, its version and how it measured."""
     return {
         "tool": "perf_analyzer",
         "version": pa.version(),
         "source": f"tritonclient {pa.VERSION} wheel (bin/perf_analyzer)",
-        "settings": asdict(PaSettings.from_args(args)),
+        "settings": asdict(PaSettings.from_config(cfg)),
         "in_process": "serve.tools.loadgen: closed loop, 3 windows within 10% (the baselines)",
     }

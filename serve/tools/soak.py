@@ -15,8 +15,9 @@ import argparse
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from serve.client.client import Classifier
 from serve.core.contract import image_model_name
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
+from serve.core.flags import Flag, add_flags, build
 from serve.tools.bench_inputs import bench_inputs
 
 
@@ -126,39 +128,63 @@ def run_soak(
     }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="antsbees")
-    p.add_argument("--model-repository", default="model_repository")
-    p.add_argument("--data", required=True, help="ImageFolder split with images to send (.../val)")
-    p.add_argument("--seconds", type=float, default=300, help="per allocator")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--max-rss-growth-mib", type=float, default=128.0)
-    p.add_argument(
+Allocator = Literal["both", "jemalloc", "glibc"]
+ALLOCATORS: tuple[str, ...] = get_args(Allocator)
+
+
+@dataclass(frozen=True)
+class SoakConfig:
+    """What ``python -m serve soak`` loads, for how long, and its pass bounds."""
+
+    model: str = "antsbees"
+    model_repository: str = "model_repository"
+    data: str = ""  # required on the command line
+    seconds: float = 300
+    concurrency: int = 16
+    max_rss_growth_mib: float = 128.0
+    allocator: Allocator = "both"
+    shared_memory: bool = True
+    warmup: float | None = None
+    out: str = "bench"
+
+
+SOAK_FLAGS = [
+    Flag("model", "--model"),
+    Flag("model_repository", "--model-repository"),
+    Flag(
+        "data",
+        "--data",
+        "ImageFolder split with images to send (.../val)",
+        {"required": True},
+    ),
+    Flag("seconds", "--seconds", "per allocator"),
+    Flag("concurrency", "--concurrency"),
+    Flag("max_rss_growth_mib", "--max-rss-growth-mib"),
+    Flag(
+        "allocator",
         "--allocator",
-        choices=ALLOCATORS,
-        default="both",
-        help="tritonserver's malloc: jemalloc (LD_PRELOAD), glibc, or both one after the "
+        "tritonserver's malloc: jemalloc (LD_PRELOAD), glibc, or both one after the "
         "other to compare their RSS growth (default; glibc only when jemalloc is missing)",
-    )
-    p.add_argument(
+    ),
+    Flag(
+        "shared_memory",
         "--shared-memory",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="every other gRPC tensor client sends pixels through system shared memory",
-    )
-    p.add_argument(
+        "every other gRPC tensor client sends pixels through system shared memory",
+    ),
+    Flag(
+        "warmup",
         "--warmup",
-        type=float,
-        default=None,
-        help="seconds before RSS growth is judged (default: a third of --seconds)",
-    )
-    p.add_argument("--out", default="bench")
+        "seconds before RSS growth is judged (default: a third of --seconds)",
+    ),
+    Flag("out", "--out"),
+]
 
 
-ALLOCATORS = ("both", "jemalloc", "glibc")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_flags(p, SoakConfig, SOAK_FLAGS)
 
 
-def allocators_to_run(choice: str) -> list[str]:
+def allocators_to_run(choice: Allocator) -> list[str]:
     """The allocators a soak runs, jemalloc first; ``both`` without jemalloc installed
     runs glibc alone and says so. Asking for jemalloc without it is an error."""
     from serve.runtime.triton_server import find_jemalloc
@@ -191,15 +217,20 @@ def plot_rss(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    """``python -m serve soak``: one soak per allocator, each on its own fresh server."""
+    """``python -m serve soak``: :func:`soak` on the config the flags describe."""
+    return soak(build(SoakConfig, a, SOAK_FLAGS))
+
+
+def soak(cfg: SoakConfig) -> int:
+    """One soak per allocator, each on its own fresh server; 0 when every one passed."""
     from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 
-    repo = Path(a.model_repository)
-    inputs = bench_inputs(repo, a.model, a.data, 32)
-    out = Path(a.out)
+    repo = Path(cfg.model_repository)
+    inputs = bench_inputs(repo, cfg.model, cfg.data, 32)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
-    for allocator in allocators_to_run(a.allocator):
+    for allocator in allocators_to_run(cfg.allocator):
         opts = ServerOptions(
             model_repository=str(repo),
             http_port=free_port(),
@@ -212,26 +243,27 @@ def run(a: argparse.Namespace) -> int:
                 srv.pid,
                 srv.grpc_url,
                 srv.http_url,
-                a.model,
+                cfg.model,
                 inputs.pixels,
                 inputs.raw,
-                a.seconds,
-                a.concurrency,
-                warmup=a.warmup,
-                shared_memory=a.shared_memory,
+                cfg.seconds,
+                cfg.concurrency,
+                warmup=cfg.warmup,
+                shared_memory=cfg.shared_memory,
             )
             r["server_ready_after"] = srv.is_ready()
         r["passed"] = (
             r["failed"] == 0
             and r["server_ready_after"]
-            and r["rss_growth_mib"] <= a.max_rss_growth_mib
+            and r["rss_growth_mib"] <= cfg.max_rss_growth_mib
         )
         results[allocator] = r
         print(
-            f"soak [{allocator}] {a.seconds:.0f}s x{a.concurrency}: {r['ok']} ok, {r['failed']} "
-            f"failed, {r['requests_per_s']:.1f} req/s; RSS {r['rss_mib_start']:.0f} -> "
+            f"soak [{allocator}] {cfg.seconds:.0f}s x{cfg.concurrency}: {r['ok']} ok, "
+            f"{r['failed']} failed, {r['requests_per_s']:.1f} req/s; "
+            f"RSS {r['rss_mib_start']:.0f} -> "
             f"max {r['rss_mib_max']:.0f} MiB after {r['warmup_seconds']:.0f} s warm-up "
-            f"(growth {r['rss_growth_mib']:.1f}, bound {a.max_rss_growth_mib:.0f}; "
+            f"(growth {r['rss_growth_mib']:.1f}, bound {cfg.max_rss_growth_mib:.0f}; "
             f"{r['rss_growth_after_10s_mib']:.1f} counted from 10 s): "
             f"{'PASSED' if r['passed'] else 'FAILED'}"
         )
@@ -240,7 +272,7 @@ def run(a: argparse.Namespace) -> int:
         **next(iter(results.values())),
         "allocator": next(iter(results)),
         "by_allocator": results,
-        "max_rss_growth_mib": a.max_rss_growth_mib,
+        "max_rss_growth_mib": cfg.max_rss_growth_mib,
         "passed": all(r["passed"] for r in results.values()),
     }
     atomic_write_json(out / "soak-latest.json", report)
