@@ -27,41 +27,9 @@ from pathlib import Path
 import numpy as np
 
 if __package__:  # serve.core.isolated_decode
-    from serve.core.preprocess import (
-        DECODE_NICE,
-        DEFAULT_LIMITS,
-        SLOW_LANE_SLOTS,
-        DecodeBusy,
-        ImageError,
-        ImageInfo,
-        Limits,
-        ResizeCrop,
-        UsageError,
-        _reason,
-        describe,
-        inspect,
-        load_image,
-        preprocess,
-        resize_crop,
-    )
+    import serve.core.preprocess as pre
 else:  # image_isolated_decode.py beside image_preprocess.py in a Triton preprocess model
-    from image_preprocess import (  # type: ignore[no-redef]
-        DECODE_NICE,
-        DEFAULT_LIMITS,
-        SLOW_LANE_SLOTS,
-        DecodeBusy,
-        ImageError,
-        ImageInfo,
-        Limits,
-        ResizeCrop,
-        UsageError,
-        _reason,
-        describe,
-        inspect,
-        load_image,
-        preprocess,
-        resize_crop,
-    )
+    import image_preprocess as pre  # type: ignore[no-redef]
 
 
 def _die_with_parent() -> None:
@@ -70,15 +38,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _decode_child(write_fd: int, data: bytes, geometry: ResizeCrop, limits: Limits) -> None:
+def _decode_child(write_fd: int, data: bytes, geometry: pre.ResizeCrop, limits: pre.Limits) -> None:
     """In the forked child: decode, send b"K" + float32 pixels or b"E" + the reason."""
     try:
-        pixels = preprocess(data, geometry, limits=limits)
+        pixels = pre.preprocess(data, geometry, limits=limits)
         payload = b"K" + np.ascontiguousarray(pixels, np.float32).tobytes()
-    except ImageError as e:
+    except pre.ImageError as e:
         payload = b"E" + str(e).encode()
     except BaseException as e:  # noqa: BLE001 - whatever failed, say it
-        payload = b"E" + f"{describe(data)}: cannot decode ({_reason(e)})".encode()
+        payload = b"E" + f"{pre.describe(data)}: cannot decode ({pre._reason(e)})".encode()
     view = memoryview(payload)
     while view:
         view = view[os.write(write_fd, view) :]
@@ -86,15 +54,15 @@ def _decode_child(write_fd: int, data: bytes, geometry: ResizeCrop, limits: Limi
 
 def decode_isolated(
     data: bytes,
-    geometry: ResizeCrop,
-    limits: Limits = DEFAULT_LIMITS,
-    info: ImageInfo | None = None,
+    geometry: pre.ResizeCrop,
+    limits: pre.Limits = pre.DEFAULT_LIMITS,
+    info: pre.ImageInfo | None = None,
 ) -> np.ndarray:
     """:func:`preprocess` in a forked child (at nice ``DECODE_NICE``), killed after
     ``limits.decode_deadline_s``: the caller gets the pixels or an :class:`ImageError`
     (the child's, or the deadline's), and no memory the decoder touched stays in the
     caller's process."""
-    name = describe(data) if info is None else f"{describe(data)} ({info})"
+    name = pre.describe(data) if info is None else f"{pre.describe(data)} ({info})"
     deadline = limits.decode_deadline_s
     expected = 1 + 3 * geometry.crop * geometry.crop * 4
     read_fd, write_fd = os.pipe()
@@ -104,7 +72,7 @@ def decode_isolated(
             os.close(read_fd)
             _die_with_parent()
             with contextlib.suppress(OSError):
-                os.nice(DECODE_NICE)
+                os.nice(pre.DECODE_NICE)
             signal.alarm(max(1, math.ceil(deadline) + 1))  # its own deadline too
             _decode_child(write_fd, data, geometry, limits)
         finally:
@@ -133,13 +101,15 @@ def decode_isolated(
                 os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
     if timed_out:
-        raise ImageError(f"{name}: decoding took longer than the {deadline:g} s deadline (stopped)")
+        raise pre.ImageError(
+            f"{name}: decoding took longer than the {deadline:g} s deadline (stopped)"
+        )
     payload = b"".join(chunks)
     if payload[:1] == b"E":
-        raise ImageError(payload[1:].decode(errors="replace"))
+        raise pre.ImageError(payload[1:].decode(errors="replace"))
     if payload[:1] != b"K" or len(payload) != expected:
         why = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "no result"
-        raise ImageError(f"{name}: the decoder stopped ({why}: out of memory or time?)")
+        raise pre.ImageError(f"{name}: the decoder stopped ({why}: out of memory or time?)")
     return np.frombuffer(payload, np.float32, offset=1).reshape(3, geometry.crop, geometry.crop)
 
 
@@ -149,9 +119,9 @@ class SlowLane:
     slot held by a process that dies is free again. ``directory`` must be the caller's
     own (0700): another user who could hold the files could close the lane."""
 
-    def __init__(self, directory: str | Path, slots: int = SLOW_LANE_SLOTS) -> None:
+    def __init__(self, directory: str | Path, slots: int = pre.SLOW_LANE_SLOTS) -> None:
         if slots < 1:
-            raise UsageError(f"slow lane slots must be >= 1, got {slots}")
+            raise pre.UsageError(f"slow lane slots must be >= 1, got {slots}")
         self.directory = Path(directory)
         self.slots = slots
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -163,7 +133,7 @@ class SlowLane:
             )
 
     @classmethod
-    def for_model(cls, model: str, slots: int = SLOW_LANE_SLOTS) -> SlowLane:
+    def for_model(cls, model: str, slots: int = pre.SLOW_LANE_SLOTS) -> SlowLane:
         """The lane of ``model`` in ``$TRAINSERVE_RUNTIME_DIR`` (``serve run`` sets its own
         0700 folder), else in a per-user folder under /dev/shm (or the temporary folder)."""
         shared = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -188,21 +158,23 @@ class SlowLane:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 os.close(fd)
             return
-        raise DecodeBusy(
+        raise pre.DecodeBusy(
             f"server busy: {what} needs the slow-image lane ({self.slots} at a time, shared "
             "by the model's instances) and it is full; retry later"
         )
 
 
 def preprocess_bounded(
-    data: bytes, geometry: ResizeCrop, limits: Limits, lane: SlowLane | None
+    data: bytes, geometry: pre.ResizeCrop, limits: pre.Limits, lane: SlowLane | None
 ) -> np.ndarray:
     """What the server does with one encoded image: cheap ones (``ImageInfo.work`` up to
     ``limits.max_fast_work``) decoded here; expensive ones in a :class:`SlowLane` slot by
     :func:`decode_isolated` (no lane: isolated, without the cross-process bound)."""
-    info = inspect(data, limits)
+    info = pre.inspect(data, limits)
     if info.work <= limits.max_fast_work:
-        return resize_crop(load_image(data, limits=limits), geometry, limits, describe(data))
+        return pre.resize_crop(
+            pre.load_image(data, limits=limits), geometry, limits, pre.describe(data)
+        )
     if lane is None:
         return decode_isolated(data, geometry, limits, info)
     with lane.slot(f"a {info} image ({info.work / 1e6:.0f} M pixel-passes)"):

@@ -48,35 +48,11 @@ from pathlib import Path
 
 from serve.core.errors import UserError
 from serve.runtime.front_config import render
-from serve.runtime.front_options import (
-    BUFSIZE,
-    BUSY,
-    GRPC_CHECK_LUA,
-    GRPC_OPEN,
-    GRPC_SERVICE,
-    H2_WINDOW,
-    INFERENCE_KEY_HEADER,
-    SHM_REFUSED,
-    FrontOptions,
-)
+from serve.runtime.front_options import FrontOptions
 
 # FrontOptions (serve/runtime/front_options.py) and render (serve/runtime/front_config.py)
 # are this module's names too: the front is imported from here.
-__all__ = [
-    "BUFSIZE",
-    "BUSY",
-    "GRPC_CHECK_LUA",
-    "GRPC_OPEN",
-    "GRPC_SERVICE",
-    "H2_WINDOW",
-    "HAPROXY_PATHS",
-    "INFERENCE_KEY_HEADER",
-    "SHM_REFUSED",
-    "FrontOptions",
-    "FrontUnavailable",
-    "find_haproxy",
-    "render",
-]
+__all__ = ["HAPROXY_PATHS", "FrontOptions", "FrontUnavailable", "find_haproxy", "render"]
 
 HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy")
 
