@@ -40,7 +40,7 @@ from serve.core.files import atomic_write_json, atomic_write_text, latest_versio
 from serve.core.flags import add_flags, build
 from serve.tools import perf_analyzer as pa
 from serve.tools.bench_inputs import bench_inputs, write_input_data
-from serve.tools.bench_server import bench_server_options
+from serve.tools.bench_server import bench_server_options, bench_stack
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,6 @@ def search(cfg: TuneConfig, work: Path) -> tuple[list[Trial], dict[str, Any]]:
     """Measure every candidate on one bundled server; returns the trials and facts."""
     import tritonclient.grpc as grpcclient
 
-    from serve.runtime.triton_server import TritonServer
-
     repo = Path(cfg.model_repository)
     current = read_knobs(repo / cfg.model / "config.pbtxt")
     trials = [
@@ -135,21 +133,16 @@ def search(cfg: TuneConfig, work: Path) -> tuple[list[Trial], dict[str, Any]]:
     original = config_path.read_text()
     opts = bench_server_options(scratch, [cfg.model])
     facts = {"version": int(inputs.version_dir.name), "precision": inputs.card.precision}
-    from serve.runtime.front_only import FrontOnly
-
-    with (
-        TritonServer(opts, log_path=work / "tune-server.log") as srv,
-        FrontOnly(srv, log_path=work / "tune-front.log") as front,
-    ):
-        headers = auth.headers(opts.admin_key) or {}
+    with bench_stack(opts, work / "tune-server.log") as srv:
+        headers = auth.headers(opts.admin_key) or {}  # the reloads, from here (no argv)
         client = grpcclient.InferenceServerClient(srv.grpc_url)
         try:
             for trial in tqdm(trials, desc="configs", unit="config"):
                 atomic_write_text(config_path, with_knobs(original, trial.knobs))
                 try:
                     _reload(client, cfg.model, headers)
-                    # through a public front (the key only for perf_analyzer's statistics)
-                    trial.points = measure(front.grpc_url, cfg, data, headers)
+                    # through the front's owner listener, in Triton's namespace (no key)
+                    trial.points = measure(srv.perf_url("grpc"), cfg, data)
                 except (pa.PerfAnalyzerError, TimeoutError, Exception) as e:  # noqa: BLE001
                     trial.error = str(e).splitlines()[0][:300]  # recorded; the search goes on
                 log.info("%-16s %s", trial.knobs.label, trial.error or _describe(trial, cfg.p99_ms))
@@ -158,20 +151,22 @@ def search(cfg: TuneConfig, work: Path) -> tuple[list[Trial], dict[str, Any]]:
     return trials, facts
 
 
-def measure(url: str, cfg: TuneConfig, data: Path, headers: dict) -> list[Point]:
-    """perf_analyzer at each of ``cfg.concurrency`` against the reloaded config."""
+def measure(where: tuple[str, int], cfg: TuneConfig, data: Path) -> list[Point]:
+    """perf_analyzer at each of ``cfg.concurrency`` against the reloaded config, at
+    ``where`` (the URL, and the PID whose namespaces it runs in)."""
+    url, netns_pid = where
     points = []
     for conc in cfg.concurrency:
         profile = pa.Profile(
             model=cfg.model,
             url=url,
+            netns_pid=netns_pid,
             protocol="grpc",
             concurrency=conc,
             input_data=str(data),
             measurement_interval_ms=int(cfg.window * 1000),
             stability_percentage=cfg.stability,
             max_trials=cfg.max_trials,
-            headers=headers,
         )
         try:
             result = pa.run(profile, Path(data).parent / "tune.csv")

@@ -61,6 +61,8 @@ from serve.core.contract import (
     preprocess_model_name,
 )
 from serve.core.errors import UsageError
+from serve.core.names import PARAM_DECODE_MEMORY, PARAM_MAX_REQUEST_WORK, PARAM_REQUEST_DEADLINE
+from serve.core.preprocess import DECODE_MEMORY_BYTES, MAX_REQUEST_WORK, REQUEST_DEADLINE_S
 
 CPU_INSTANCES = 2  # classifier instances on CPU unless told (ServingConfig.instances)
 KEEP_VERSIONS = 2  # the classifier's version policy: the latest 2 stay loaded
@@ -264,6 +266,9 @@ def preprocess_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.
         PARAM_MAX_FAST_WORK: str(MAX_FAST_WORK),
         PARAM_DECODE_DEADLINE: f"{serving.decode_deadline_s:g}",
         PARAM_SLOW_LANE_SLOTS: str(serving.slow_lane_slots),
+        PARAM_DECODE_MEMORY: str(DECODE_MEMORY_BYTES),
+        PARAM_MAX_REQUEST_WORK: str(MAX_REQUEST_WORK),
+        PARAM_REQUEST_DEADLINE: f"{REQUEST_DEADLINE_S:g}",
     }
     for key, value in params.items():
         cfg.parameters[key].string_value = value

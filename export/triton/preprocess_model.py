@@ -1,19 +1,23 @@
 """Triton python-backend model: encoded image bytes -> the classifier's input pixels.
 
 Copied into each published ``<model>_preprocess`` version as ``model.py``, next to
-``image_preprocess.py`` and ``image_isolated_decode.py`` (copies of
-``serve/core/preprocess.py`` and ``serve/core/isolated_decode.py``, the same decoder the
-training data loader and the client use). Every step is read from the config's
-parameters, which ``make export`` fills from the model card: decode with Pillow (the
-served formats only), EXIF orientation, any mode -> RGB, Resize(shorter side) +
-CenterCrop, float32 0..255 CHW. The work per image is bounded before anything big is
-allocated (encoded bytes, source pixels, aspect ratio, resize target: the ``max_*``
-parameters), and in time: an image whose header promises more decode work than
-``max_fast_work`` is decoded in a forked child killed at ``decode_deadline_s``, in one of
-``slow_lane_slots`` places shared by every instance of the model (a full lane answers
-"server busy" at once), so expensive images never hold every instance while cheap ones
-wait. The model has no dynamic batching: each request is decoded on its own, and a slow
-one never delays a request batched with it.
+``image_preprocess.py``, ``image_isolated_decode.py`` and ``image_scan.py`` (copies of
+``serve/core/preprocess.py``, ``serve/core/isolated_decode.py`` and
+``serve/core/image_scan.py``, the same decoder the training data loader and the client
+use). Every step is read from the config's parameters, which ``make export`` fills from
+the model card: decode with Pillow (the served formats only, known by their first
+bytes), EXIF orientation, any mode -> RGB, Resize(shorter side) + CenterCrop, float32
+0..255 CHW. Each request's images are read for their structure before any decoder runs
+(encoded bytes, source pixels, aspect ratio, the estimated decode work of each and of all:
+the ``max_*`` parameters), then every one is decoded out of this process under a deadline
+and a memory cap: a cheap one in the instance's reused decoder process, one whose
+structure promises more work than ``max_fast_work`` in a forked child killed at
+``decode_deadline_s``, in one of ``slow_lane_slots`` places shared by every instance of
+the model (a full lane answers "server busy" at once), so expensive images never hold
+every instance while cheap ones wait. A request whose client has cancelled, or whose
+``request_deadline_s`` passed, stops being decoded. The model has no dynamic batching:
+each request is decoded on its own, and a slow one never delays a request batched with
+it.
 
 A request with several images is answered as a whole: if any item is bad, the request
 fails with ``bad image: item k: <reason>`` naming the first bad item, and no pixels are
@@ -25,11 +29,10 @@ import json
 import os
 import sys
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from image_isolated_decode import SlowLane, preprocess_bounded  # noqa: E402
+from image_isolated_decode import DecodeWorker, SlowLane, preprocess_request  # noqa: E402
 from image_preprocess import (  # noqa: E402
     SLOW_LANE_SLOTS,
     DecodeBusy,
@@ -58,7 +61,14 @@ class TritonPythonModel:
             max_resized_pixels=int(params.get("max_resized_pixels", defaults.max_resized_pixels)),
             max_fast_work=int(params.get("max_fast_work", defaults.max_fast_work)),
             decode_deadline_s=float(params.get("decode_deadline_s", defaults.decode_deadline_s)),
+            decode_memory_bytes=int(
+                params.get("decode_memory_bytes", defaults.decode_memory_bytes)
+            ),
+            max_request_work=int(params.get("max_request_work", defaults.max_request_work)),
+            request_deadline_s=float(params.get("request_deadline_s", defaults.request_deadline_s)),
         )
+        # this instance's decoder process (forked on first use, again after a kill)
+        self.worker = DecodeWorker(self.geometry, self.limits)
         slots = int(params.get("slow_lane_slots", SLOW_LANE_SLOTS))
         try:
             self.lane = SlowLane.for_model(args["model_name"], slots)
@@ -68,16 +78,17 @@ class TritonPythonModel:
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
 
-    def _pixels(self, item, index):
-        data = item if isinstance(item, bytes) else bytes(item)
+    def _pixels(self, request, items):
+        data = [item if isinstance(item, bytes) else bytes(item) for item in items]
+        cancelled = getattr(request, "is_cancelled", lambda: False)
         try:
-            return preprocess_bounded(data, self.geometry, self.limits, self.lane)
-        except DecodeBusy:
+            return preprocess_request(
+                data, self.geometry, self.limits, self.lane, self.worker, cancelled
+            )
+        except (DecodeBusy, ImageError):
             raise
-        except ImageError as e:
-            raise ImageError(f"item {index}: {e}") from e
         except Exception as e:  # never an empty reason, whatever failed
-            raise ImageError(f"item {index}: {type(e).__name__}: {e}") from e
+            raise ImageError(f"{type(e).__name__}: {e}") from e
 
     def execute(self, requests):
         responses = []
@@ -86,8 +97,7 @@ class TritonPythonModel:
             try:
                 if tensor is None:
                     raise ImageError(f"missing input '{self.input_name}'")
-                items = tensor.as_numpy().reshape(-1)
-                pixels = np.stack([self._pixels(item, i) for i, item in enumerate(items)])
+                pixels = self._pixels(request, tensor.as_numpy().reshape(-1))
                 out = pb_utils.Tensor(self.output_name, pixels)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             except DecodeBusy as e:  # not a bad image: the client may retry
@@ -100,4 +110,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
-        pass
+        self.worker.close()

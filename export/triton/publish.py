@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import serve.core.image_scan as serve_image_scan
 import serve.core.isolated_decode as serve_isolated_decode
 import serve.core.preprocess as serve_preprocess
 from export.formats.tensorrt_engine import metadata_path, plan_filename, repository_plans
@@ -72,6 +73,7 @@ PYTHON_MODEL = MODEL_FILES / "python_model.py"
 PREPROCESS_MODEL = MODEL_FILES / "preprocess_model.py"
 IMAGE_PREPROCESS = Path(serve_preprocess.__file__).resolve()
 ISOLATED_DECODE = Path(serve_isolated_decode.__file__).resolve()
+IMAGE_SCAN = Path(serve_image_scan.__file__).resolve()
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -247,6 +249,7 @@ def publish(
             "model.py": PREPROCESS_MODEL,
             "image_preprocess.py": IMAGE_PREPROCESS,
             "image_isolated_decode.py": ISOLATED_DECODE,
+            "image_scan.py": IMAGE_SCAN,
         }
         pre_version, _ = _publish_version(pre_dir, pre_files, pre_cfg, None)
         ens_dir = repo / image_model_name(name)

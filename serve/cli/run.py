@@ -27,7 +27,20 @@ FRONT_FLAGS = [
     Flag("max_json_bytes", "--max-json-bytes"),
     Flag("max_json_depth", "--max-json-depth"),
     Flag("max_connections", "--max-connections"),
-    Flag("max_per_client", "--max-per-client", "concurrent requests per client address"),
+    Flag(
+        "max_per_client",
+        "--max-per-client",
+        "concurrent requests per client network (its address masked to --network-v4/-v6)",
+    ),
+    Flag("max_conns_per_client", "--max-conns-per-client", "open connections per address"),
+    Flag(
+        "max_conns_per_network",
+        "--max-conns-per-network",
+        "open connections per client network (more are closed when accepted; an eighth "
+        "of both shares while the front holds over half of --max-connections)",
+    ),
+    Flag("network_v4", "--network-v4", "the prefix length of a client's IPv4 network"),
+    Flag("network_v6", "--network-v6", "the prefix length of a client's IPv6 network"),
     Flag(
         "max_queue",
         "--max-queue",
@@ -41,7 +54,19 @@ FRONT_FLAGS = [
         "(this / 2 / --max-queue) bytes each, half for a few large ones (batches), each "
         "up to --max-body-bytes; more are refused as server busy",
     ),
-    Flag("idle_timeout_s", "--idle-timeout"),
+    Flag("idle_timeout_s", "--idle-timeout", "seconds a connection may idle between requests"),
+    Flag(
+        "header_timeout_s",
+        "--header-timeout",
+        "seconds for a request's headers (and for a new connection's first byte)",
+    ),
+    Flag(
+        "body_timeout_s",
+        "--body-timeout",
+        "seconds for a request's whole body after its headers (408 / DEADLINE_EXCEEDED); "
+        "a body larger than the front holds gets this plus its size at --min-body-rate",
+    ),
+    Flag("min_body_rate", "--min-body-rate", "bytes/s the rest of a large body must keep up"),
     Flag("request_timeout_s", "--request-timeout"),
     Flag("tls_cert", "--tls-cert", "PEM certificate: TLS on HTTP and gRPC"),
     Flag("tls_key", "--tls-key", "PEM private key of --tls-cert (mode 0600)"),

@@ -1,12 +1,24 @@
-"""Expensive images decoded apart: :func:`decode_isolated` runs :func:`preprocess` in a
-forked child at low priority that is killed at its deadline (the decoder's memory goes
-with it), :class:`SlowLane` lets only a few such decodes run at once across a model's
-instances, and :func:`preprocess_bounded` is what the server does with one encoded
-image (cheap ones in place, expensive ones through the lane).
+"""Every image the server decodes is decoded apart, under a deadline and a memory cap.
 
-Copied, like serve/core/preprocess.py (``image_preprocess.py``), into each Triton
-preprocess model as ``image_isolated_decode.py``, where no ``serve`` package exists: there
-it imports its sibling copy.
+:func:`preprocess_bounded` is what the server does with the encoded images of one
+request: it reads each one's structure first (serve/core/image_scan.py: the served
+formats by their first bytes, the size, the estimated decode work, with the slow-per-byte
+decoders counted), refuses what is over the limits - per image, and the request's
+total - before any decoder runs, then decodes each image out of process:
+
+- a cheap one (estimated work up to ``max_fast_work``) in this instance's
+  :class:`DecodeWorker`, a forked process reused from image to image, with a deadline
+  scaled to its estimate (a misestimated image is stopped early, the worker killed and
+  forked again) and an address-space cap;
+- an expensive one in a forked child at low priority (:func:`decode_isolated`), killed at
+  ``decode_deadline_s``, and only in one of a few :class:`SlowLane` slots shared by all of
+  a model's instances, so expensive images never occupy every instance: when the lane is
+  full the next one is refused at once as "server busy" and the normal images go on.
+
+No decoder's time or memory stays in the caller's process. Copied, like
+serve/core/preprocess.py (``image_preprocess.py``) and serve/core/image_scan.py, into each
+Triton preprocess model as ``image_isolated_decode.py``, where no ``serve`` package exists:
+there it imports its sibling copies.
 """
 
 from __future__ import annotations
@@ -16,20 +28,30 @@ import ctypes
 import fcntl
 import math
 import os
+import resource
 import select
 import signal
 import stat
+import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
 if __package__:  # serve.core.isolated_decode
+    import serve.core.image_scan as scanning
     import serve.core.preprocess as pre
-else:  # image_isolated_decode.py beside image_preprocess.py in a Triton preprocess model
+else:  # image_isolated_decode.py beside its siblings in a Triton preprocess model
     import image_preprocess as pre  # type: ignore[no-redef]
+    import image_scan as scanning  # type: ignore[no-redef]
+
+# Decode speed used to turn an estimate into a deadline (pixel-passes per second: a 16 MP
+# baseline JPEG in 0.4 s on the 2-vCPU AMD EPYC here), and the margin over it.
+DECODE_RATE = 40_000_000
+DEADLINE_MARGIN = 8.0
+MIN_DEADLINE_S = 0.25  # the shortest deadline of a cheap image
 
 
 def _die_with_parent() -> None:
@@ -38,33 +60,183 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _decode_child(write_fd: int, data: bytes, geometry: pre.ResizeCrop, limits: pre.Limits) -> None:
-    """In the forked child: decode, send b"K" + float32 pixels or b"E" + the reason."""
+def _cap_memory(cap_bytes: int) -> None:
+    """Cap this process's address space at what it uses now plus ``cap_bytes``: a decode
+    that needs more fails with MemoryError (reported as an ImageError)."""
+    with contextlib.suppress(OSError, ValueError):
+        status = Path("/proc/self/status").read_text()
+        vm = int(status.split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + cap_bytes, vm + cap_bytes))
+
+
+def _rss_bytes() -> int:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0
+
+
+def _decode_payload(data: bytes, geometry: pre.ResizeCrop, limits: pre.Limits) -> bytes:
+    """In a decoder process: b"K" + float32 pixels, or b"E" + the reason."""
     try:
         pixels = pre.preprocess(data, geometry, limits=limits)
-        payload = b"K" + np.ascontiguousarray(pixels, np.float32).tobytes()
+        return b"K" + np.ascontiguousarray(pixels, np.float32).tobytes()
     except pre.ImageError as e:
-        payload = b"E" + str(e).encode()
+        return b"E" + str(e).encode()
+    except MemoryError:
+        cap = limits.decode_memory_bytes >> 20
+        return b"E" + f"{pre.describe(data)}: needs more than the {cap} MiB decode cap".encode()
     except BaseException as e:  # noqa: BLE001 - whatever failed, say it
-        payload = b"E" + f"{pre.describe(data)}: cannot decode ({pre._reason(e)})".encode()
-    view = memoryview(payload)
+        return b"E" + f"{pre.describe(data)}: cannot decode ({pre._reason(e)})".encode()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
     while view:
-        view = view[os.write(write_fd, view) :]
+        view = view[os.write(fd, view) :]
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_until(fd: int, n: int, end: float) -> bytes | None:
+    """``n`` bytes from ``fd`` before the monotonic time ``end``; None at the deadline,
+    EOFError if the writer is gone."""
+    chunks, left = [], n
+    while left:
+        wait = end - time.monotonic()
+        if wait <= 0:
+            return None
+        ready, _, _ = select.select([fd], [], [], wait)
+        if not ready:
+            continue
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _kill(pid: int) -> int:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
+
+
+def _answer(payload: bytes, geometry: pre.ResizeCrop, name: str, why: str) -> np.ndarray:
+    if payload[:1] == b"E":
+        raise pre.ImageError(payload[1:].decode(errors="replace"))
+    if payload[:1] != b"K" or len(payload) != 1 + 3 * geometry.crop * geometry.crop * 4:
+        raise pre.ImageError(f"{name}: the decoder stopped ({why}: out of memory or time?)")
+    return np.frombuffer(payload, np.float32, offset=1).reshape(3, geometry.crop, geometry.crop)
+
+
+class DecodeWorker:
+    """A forked decoder process, reused from image to image by one model instance: each
+    decode under a deadline (past it the worker is killed and the next decode forks a new
+    one) and the worker's address space capped at ``limits.decode_memory_bytes`` over its
+    start; a worker that has grown past that cap in resident memory exits after its
+    answer (a decoder's peak never stays)."""
+
+    def __init__(self, geometry: pre.ResizeCrop, limits: pre.Limits) -> None:
+        self.geometry, self.limits = geometry, limits
+        self.pid = 0
+        self._to = self._from = -1
+        self.forks = 0  # how many workers this has started (a killed one is replaced)
+
+    def _start(self) -> None:
+        down_r, down_w = os.pipe()
+        up_r, up_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker: only this thread exists here; never return
+            try:
+                os.close(down_w)
+                os.close(up_r)
+                _die_with_parent()
+                self._serve(down_r, up_w)
+            finally:
+                os._exit(0)
+        os.close(down_r)
+        os.close(up_w)
+        self.pid, self._to, self._from = pid, down_w, up_r
+        self.forks += 1
+
+    def _serve(self, read_fd: int, write_fd: int) -> None:
+        """The worker's loop: a length-prefixed image in, a length-prefixed answer out."""
+        _cap_memory(self.limits.decode_memory_bytes)
+        start_rss = _rss_bytes()
+        while True:
+            try:
+                (n,) = struct.unpack("<Q", _read_exact(read_fd, 8))
+                data = _read_exact(read_fd, n)
+            except EOFError:
+                return
+            payload = _decode_payload(data, self.geometry, self.limits)
+            _write_all(write_fd, struct.pack("<Q", len(payload)) + payload)
+            if _rss_bytes() - start_rss > self.limits.decode_memory_bytes:
+                return  # grown: the next decode gets a fresh worker
+
+    def decode(self, data: bytes, deadline_s: float, name: str) -> np.ndarray:
+        """The pixels of ``data``, or :class:`ImageError` (the decoder's reason, its memory
+        cap, or ``deadline_s`` passed: the worker is killed)."""
+        for attempt in (1, 2):  # a worker that exited since (grown, killed) is replaced
+            if not self.pid:
+                self._start()
+            try:
+                _write_all(self._to, struct.pack("<Q", len(data)) + data)
+                end = time.monotonic() + deadline_s
+                head = _read_until(self._from, 8, end)
+                payload = (
+                    None
+                    if head is None
+                    else _read_until(self._from, *struct.unpack("<Q", head), end)
+                )
+            except (EOFError, BrokenPipeError):
+                status = self.close()
+                if attempt == 1:
+                    continue
+                why = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "exited"
+                raise pre.ImageError(f"{name}: the decoder stopped ({why})") from None
+            if payload is None:
+                self.close()
+                raise pre.ImageError(
+                    f"{name}: decoding took longer than {deadline_s:.2g} s, far more than its "
+                    "size and format need (stopped)"
+                )
+            return _answer(payload, self.geometry, name, "no result")
+        raise AssertionError("unreachable")
+
+    def close(self) -> int:
+        """Stop the worker (if any); its exit status."""
+        if not self.pid:
+            return 0
+        for fd in (self._to, self._from):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        pid, self.pid = self.pid, 0
+        return _kill(pid)
 
 
 def decode_isolated(
     data: bytes,
     geometry: pre.ResizeCrop,
     limits: pre.Limits = pre.DEFAULT_LIMITS,
-    info: pre.ImageInfo | None = None,
+    info: scanning.Scan | None = None,
 ) -> np.ndarray:
-    """:func:`preprocess` in a forked child (at nice ``DECODE_NICE``), killed after
-    ``limits.decode_deadline_s``: the caller gets the pixels or an :class:`ImageError`
-    (the child's, or the deadline's), and no memory the decoder touched stays in the
-    caller's process."""
+    """:func:`preprocess` in a forked child (at nice ``DECODE_NICE``, its address space
+    capped), killed after ``limits.decode_deadline_s``: the caller gets the pixels or an
+    :class:`ImageError` (the child's, or the deadline's), and no memory the decoder
+    touched stays in the caller's process."""
     name = pre.describe(data) if info is None else f"{pre.describe(data)} ({info})"
     deadline = limits.decode_deadline_s
-    expected = 1 + 3 * geometry.crop * geometry.crop * 4
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: only this thread exists here; never return into the caller
@@ -74,7 +246,8 @@ def decode_isolated(
             with contextlib.suppress(OSError):
                 os.nice(pre.DECODE_NICE)
             signal.alarm(max(1, math.ceil(deadline) + 1))  # its own deadline too
-            _decode_child(write_fd, data, geometry, limits)
+            _cap_memory(limits.decode_memory_bytes)
+            _write_all(write_fd, _decode_payload(data, geometry, limits))
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -96,21 +269,13 @@ def decode_isolated(
             chunks.append(chunk)
     finally:
         os.close(read_fd)
-        if timed_out:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
+        status = _kill(pid) if timed_out else os.waitpid(pid, 0)[1]
     if timed_out:
         raise pre.ImageError(
             f"{name}: decoding took longer than the {deadline:g} s deadline (stopped)"
         )
-    payload = b"".join(chunks)
-    if payload[:1] == b"E":
-        raise pre.ImageError(payload[1:].decode(errors="replace"))
-    if payload[:1] != b"K" or len(payload) != expected:
-        why = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "no result"
-        raise pre.ImageError(f"{name}: the decoder stopped ({why}: out of memory or time?)")
-    return np.frombuffer(payload, np.float32, offset=1).reshape(3, geometry.crop, geometry.crop)
+    why = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "no result"
+    return _answer(b"".join(chunks), geometry, name, why)
 
 
 class SlowLane:
@@ -164,18 +329,94 @@ class SlowLane:
         )
 
 
-def preprocess_bounded(
-    data: bytes, geometry: pre.ResizeCrop, limits: pre.Limits, lane: SlowLane | None
-) -> np.ndarray:
-    """What the server does with one encoded image: cheap ones (``ImageInfo.work`` up to
-    ``limits.max_fast_work``) decoded here; expensive ones in a :class:`SlowLane` slot by
-    :func:`decode_isolated` (no lane: isolated, without the cross-process bound)."""
-    info = pre.inspect(data, limits)
-    if info.work <= limits.max_fast_work:
-        return pre.resize_crop(
-            pre.load_image(data, limits=limits), geometry, limits, pre.describe(data)
+def fast_deadline(work: int, limits: pre.Limits) -> float:
+    """The deadline of a cheap image: its estimated work at ``DECODE_RATE``, times
+    ``DEADLINE_MARGIN``, at least ``MIN_DEADLINE_S``, at most the slow lane's."""
+    return min(limits.decode_deadline_s, max(MIN_DEADLINE_S, DEADLINE_MARGIN * work / DECODE_RATE))
+
+
+def scan_all(items: Sequence[bytes], limits: pre.Limits) -> list[scanning.Scan]:
+    """Every item's structure (ImageError ``item k: ...`` for the first bad one), then the
+    request's total work against ``limits.max_request_work``."""
+    scans = []
+    for i, data in enumerate(items):
+        try:
+            scans.append(pre.inspect(data, limits))
+        except pre.ImageError as e:
+            raise pre.ImageError(f"item {i}: {e}") from e
+    total = sum(s.work for s in scans)
+    if total > limits.max_request_work:
+        raise pre.ImageError(
+            f"the request's {len(items)} images would take {total / 1e6:.0f} M pixel-passes "
+            f"to decode, over the {limits.max_request_work / 1e6:.0f} M a request may "
+            "(send fewer or smaller images per request)"
         )
+    return scans
+
+
+def preprocess_bounded(
+    data: bytes,
+    geometry: pre.ResizeCrop,
+    limits: pre.Limits,
+    lane: SlowLane | None,
+    worker: DecodeWorker | None = None,
+    info: scanning.Scan | None = None,
+    budget_s: float | None = None,
+) -> np.ndarray:
+    """What the server does with one encoded image: its structure read and checked
+    (``info``, if the caller did), then decoded out of process - a cheap one in
+    ``worker`` (a fresh one if None) under a deadline scaled to its estimate, an
+    expensive one in a :class:`SlowLane` slot by :func:`decode_isolated` (no lane:
+    isolated, without the cross-process bound). ``budget_s``: what is left of the
+    request's own deadline (the image's deadline is never longer)."""
+    info = info or pre.inspect(data, limits)
+    name = f"{pre.describe(data)} ({info})"
+    if info.work <= limits.max_fast_work:
+        deadline = fast_deadline(info.work, limits)
+        if budget_s is not None:
+            deadline = max(0.01, min(deadline, budget_s))
+        own = worker is None
+        worker = worker or DecodeWorker(geometry, limits)
+        try:
+            return worker.decode(data, deadline, name)
+        finally:
+            if own:
+                worker.close()
     if lane is None:
         return decode_isolated(data, geometry, limits, info)
     with lane.slot(f"a {info} image ({info.work / 1e6:.0f} M pixel-passes)"):
         return decode_isolated(data, geometry, limits, info)
+
+
+def preprocess_request(
+    items: Sequence[bytes],
+    geometry: pre.ResizeCrop,
+    limits: pre.Limits,
+    lane: SlowLane | None,
+    worker: DecodeWorker | None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> np.ndarray:
+    """A request's images -> pixels [n, 3, crop, crop]: all of them checked first (the
+    request's total work bounded), then decoded one by one within
+    ``limits.request_deadline_s`` in all; a request whose client has gone (``cancelled``)
+    or whose deadline passed stops being decoded. ImageError ``item k: ...`` names the
+    first bad item; DecodeBusy when the slow lane is full."""
+    scans = scan_all(items, limits)
+    end = time.monotonic() + limits.request_deadline_s
+    out = []
+    for i, (data, info) in enumerate(zip(items, scans, strict=True)):
+        left = end - time.monotonic()
+        if cancelled():
+            raise pre.ImageError(f"item {i}: the client cancelled the request (not decoded)")
+        if left <= 0:
+            raise pre.ImageError(
+                f"item {i}: the request's {limits.request_deadline_s:g} s decode deadline "
+                "passed (send fewer or smaller images per request)"
+            )
+        try:
+            out.append(preprocess_bounded(data, geometry, limits, lane, worker, info, left))
+        except pre.DecodeBusy:
+            raise
+        except pre.ImageError as e:
+            raise pre.ImageError(f"item {i}: {e}") from e
+    return np.stack(out)

@@ -28,6 +28,9 @@ PARAM_MAX_IMAGE_BYTES = "max_image_bytes"
 PARAM_MAX_FAST_WORK = "max_fast_work"  # decode work (pixel-passes) decoded in place
 PARAM_DECODE_DEADLINE = "decode_deadline_s"  # an isolated (expensive) decode's deadline
 PARAM_SLOW_LANE_SLOTS = "slow_lane_slots"  # isolated decodes at once, across instances
+PARAM_DECODE_MEMORY = "decode_memory_bytes"  # a decoder process's address-space cap
+PARAM_MAX_REQUEST_WORK = "max_request_work"  # decode work of one request's images
+PARAM_REQUEST_DEADLINE = "request_deadline_s"  # one request's images decoded within
 
 
 def image_model_name(name: str) -> str:

@@ -7,24 +7,26 @@ Reproduces the training eval transform exactly - torchvision's PIL path of
 returns float32 0..255 RGB pixels, CHW: exported models normalize inside.
 
 The work per image is bounded before anything big is allocated: only the formats we
-serve are decoded (``SERVED_FORMATS``); the encoded size and the source pixels are
-checked from the header; a JPEG's scan count is counted from its markers (a progressive
-JPEG whose last scan repeats 300 times takes 13 s to decode; real ones have ~10 scans);
-a tiled image's tiles (TIFF) may not be much larger than the image (a 64x64 TIFF with one
-26500x26500 deflate tile decodes 2 GB); 16/32-bit images are scaled to 8 bits in row
-blocks of float32 (no float64 copy of the whole image). Any aspect ratio is served: where
-``Resize`` would make an image over ``max_resized_pixels`` (a 1x65535 GIF would become
-256 x 16.7 M), only the center crop's source region is resampled (Pillow's
-``resize(box=...)``, the same filter weights), so the work is bounded by the crop.
+serve are decoded (``SERVED_FORMATS``, recognised by their first bytes); the encoded size
+and the source pixels are checked from the header; :func:`inspect` reads an image's
+structure without Pillow (serve/core/image_scan.py: JPEG scans and segments, PNG chunks,
+TIFF strips and pages, run-length BMP, lossless WebP - what makes decoders slow per byte
+rather than per pixel) and refuses what is over its limits; a tiled image's tiles (TIFF)
+may not be much larger than the image (a 64x64 TIFF with one 26500x26500 deflate tile
+decodes 2 GB); 16/32-bit images are scaled to 8 bits in row blocks of float32 (no float64
+copy of the whole image). Any aspect ratio is served: where ``Resize`` would make an
+image over ``max_resized_pixels`` (a 1x65535 GIF would become 256 x 16.7 M), only the
+center crop's source region is resampled (Pillow's ``resize(box=...)``, the same filter
+weights), so the work is bounded by the crop.
 
-Time is bounded too. :func:`inspect` estimates an image's decode work from its header
-(:attr:`ImageInfo.work`: pixels, plus a share per JPEG scan); the server decodes an image
-over ``max_fast_work`` (default: a 16 MP baseline JPEG, ~0.4 s here) only in a forked
-child that is killed at ``decode_deadline_s`` (``decode_isolated`` in
-serve/core/isolated_decode.py: the decoder's memory goes with it), and only in one of a
-few ``SlowLane`` slots shared by all of a model's instances, so expensive images never
-occupy every instance: when the lane is full, the next one is refused at once as "server
-busy" and the normal images go on.
+Time and memory are bounded in the server: every image is decoded out of process under a
+deadline and a memory cap (serve/core/isolated_decode.py): a cheap one (estimated work up
+to ``max_fast_work``, default a 16 MP baseline JPEG, ~0.4 s here) in the instance's
+reused decoder process, an expensive one in a forked child killed at
+``decode_deadline_s`` and only in one of a few ``SlowLane`` slots shared by all of a
+model's instances, so expensive images never occupy every instance: when the lane is
+full, the next one is refused at once as "server busy" and the normal images go on. A
+request's images are bounded in total too (``max_request_work``, ``request_deadline_s``).
 Every failure - a missing file, a corrupt or truncated stream, a bad EXIF
 block, a decoder error of any type - becomes an :class:`ImageError` that names the input
 and the reason.
@@ -39,6 +41,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if __package__:  # serve.core.preprocess
+    import serve.core.image_scan as scanning
+else:  # image_preprocess.py beside image_scan.py in a Triton preprocess model
+    import image_scan as scanning  # type: ignore[no-redef]
 
 try:  # the project's error root (serve/core/errors.py, the standard library only)
     from serve.core.errors import UsageError, UserError
@@ -55,21 +62,22 @@ except ImportError:  # this file alone, as image_preprocess.py of a Triton prepr
 MAX_IMAGE_BYTES = 64 << 20  # encoded bytes per image
 MAX_PIXELS = 40_000_000  # source pixels (width x height) per image
 MAX_ASPECT_RATIO = 0.0  # longer side / shorter side; 0: any (served by crop-before-resize)
-MAX_JPEG_SCANS = 40  # SOS markers in a JPEG (progressive ones have ~10)
 MAX_TILE_RATIO = 4.0  # a tile's pixels / the image's pixels (beyond a 1 MP floor)
 ROW_BLOCK_PIXELS = 1 << 20  # 16/32-bit -> 8-bit conversion works on blocks this big
 MAX_RESIZED_PIXELS = 8_000_000  # pixels of the resized image, before the crop
 MAX_FAST_WORK = 16_000_000  # estimated decode work decoded in place (ImageInfo.work)
-DECODE_DEADLINE_S = 5.0  # an isolated decode is killed after this long
-SLOW_LANE_SLOTS = 1  # isolated decodes at once, across all instances of a model
+DECODE_DEADLINE_S = 5.0  # an expensive image's decode is killed after this long
+DECODE_MEMORY_BYTES = 1 << 30  # a decoder process's address space beyond its start
+MAX_REQUEST_WORK = 256_000_000  # estimated decode work of one request's images (~6 s)
+REQUEST_DEADLINE_S = 10.0  # one request's images decoded within this, in all
+SLOW_LANE_SLOTS = 1  # expensive decodes at once, across all instances of a model
 # An isolated (expensive) decode runs at this nice value: the cores go to cheap requests
 # first and the expensive image gets what is left, within its deadline
 DECODE_NICE = 10
-JPEG_SCAN_SHARE = 25  # ~25 extra scans of a progressive JPEG cost one more full decode
 DEFAULT_MAX_PIXELS = MAX_PIXELS  # older name
 
 # Pillow format names decoded here (EPS, FITS, PSD, ... are never reached).
-SERVED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+SERVED_FORMATS = scanning.SERVED
 # File extensions read from image folders (the same formats).
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
@@ -125,30 +133,11 @@ class Limits:
     max_pixels: int = MAX_PIXELS
     max_aspect_ratio: float = MAX_ASPECT_RATIO
     max_resized_pixels: int = MAX_RESIZED_PIXELS
-    max_jpeg_scans: int = MAX_JPEG_SCANS
     max_fast_work: int = MAX_FAST_WORK
     decode_deadline_s: float = DECODE_DEADLINE_S
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What an image's header says, before anything is decoded."""
-
-    format: str
-    width: int
-    height: int
-    scans: int  # SOS markers (JPEG), 0 for other formats
-
-    @property
-    def work(self) -> int:
-        """Estimated decode work in pixel-passes: the pixels, plus one more pass per
-        ``JPEG_SCAN_SHARE`` scans (measured here: a 36 MP progressive JPEG of 40 scans
-        decodes in 2.2 s, a 39 MP baseline one in 1.0 s, a 12 MP baseline one in 0.32 s)."""
-        return int(self.width * self.height * (1 + self.scans / JPEG_SCAN_SHARE))
-
-    def __str__(self) -> str:
-        scans = f", {self.scans} scans" if self.scans else ""
-        return f"{self.format} {self.width}x{self.height}{scans}"
+    decode_memory_bytes: int = DECODE_MEMORY_BYTES
+    max_request_work: int = MAX_REQUEST_WORK
+    request_deadline_s: float = REQUEST_DEADLINE_S
 
 
 DEFAULT_LIMITS = Limits()
@@ -172,6 +161,10 @@ def _open(source: ImageSource, name: str, limits: Limits) -> Image.Image:
             raise ImageError(
                 f"{name}: {len(source)} bytes is over the {limits.max_bytes} byte limit"
             )
+        try:
+            scanning.sniff(bytes(source[:16]))
+        except scanning.ScanError as e:
+            raise ImageError(f"{name}: {e}") from None
         fp: io.BytesIO | Path = io.BytesIO(source)
     else:
         fp = Path(source)
@@ -216,19 +209,9 @@ def check_size(name: str, width: int, height: int, limits: Limits) -> None:
         )
 
 
-def check_work(name: str, im: Image.Image, source: ImageSource, limits: Limits) -> int:
-    """Refuse what is small to send but expensive to decode: a JPEG with too many scans,
-    tiles far larger than the image. Returns the JPEG's scan count (0: not a JPEG)."""
-    scans = 0
-    if im.format == "JPEG":
-        data = bytes(source) if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
-        # SOS (FF DA) cannot occur inside entropy-coded data (FF is stuffed as FF 00)
-        scans = data.count(b"\xff\xda")
-        if scans > limits.max_jpeg_scans:
-            raise ImageError(
-                f"{name}: a JPEG of {scans} scans is over the {limits.max_jpeg_scans} scan "
-                "limit (progressive JPEGs have about 10)"
-            )
+def check_work(name: str, im: Image.Image, limits: Limits) -> None:
+    """Refuse what is small to send but expensive to decode that the structure scan
+    cannot see: tiles far larger than the image."""
     width, height = im.size
     allowed = max(MAX_TILE_RATIO * width * height, 1 << 20)
     for tile in getattr(im, "tile", None) or []:
@@ -238,23 +221,30 @@ def check_work(name: str, im: Image.Image, source: ImageSource, limits: Limits) 
                 f"{name}: a {x1 - x0}x{y1 - y0} tile in a {width}x{height} image "
                 "(far larger than the image it holds)"
             )
-    return scans
 
 
-def inspect(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> ImageInfo:
-    """Read the header only: format, size, scans; refuse what is over the limits (the
-    same checks as :func:`load_image`, without decoding). ~0.1 ms."""
+def inspect(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> scanning.Scan:
+    """Read the structure only (serve/core/image_scan.py, no decoder): format, size and
+    estimated decode work; refuse what is not a served format or over the limits. A few
+    steps per marker, chunk or tile, bounded in number."""
     name = describe(source)
-    im = _open(source, name, limits)
+    if isinstance(source, bytes | bytearray):
+        data = bytes(source)
+    else:
+        try:
+            data = Path(source).read_bytes()
+        except OSError:
+            raise ImageError(f"{name}: no such file") from None
+    if not data:
+        raise ImageError(f"{name}: empty input")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"{name}: {len(data)} bytes is over the {limits.max_bytes} byte limit")
     try:
-        with im:
-            check_size(name, *im.size, limits)
-            scans = check_work(name, im, source, limits)
-            return ImageInfo(im.format or "?", im.size[0], im.size[1], scans)
-    except ImageError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ImageError(f"{name}: cannot read the header ({_reason(e)})") from e
+        info = scanning.scan(data)
+    except scanning.ScanError as e:
+        raise ImageError(f"{name}: {e}") from None
+    check_size(name, info.width, info.height, limits)
+    return info
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -282,11 +272,12 @@ def load_image(
     if max_pixels is not None:
         limits = replace(limits, max_pixels=max_pixels)
     name = describe(source)
+    inspect(source, limits)  # the structure first: what no decoder should be given
     im = _open(source, name, limits)
     try:
         with im:
             check_size(name, *im.size, limits)
-            check_work(name, im, source, limits)
+            check_work(name, im, limits)
             im = ImageOps.exif_transpose(im)
             if im.mode == "P" and "transparency" in im.info:
                 im = im.convert("RGBA")

@@ -9,7 +9,6 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         "triton_server": ["ServerOptions", "TritonServer", "free_port"],
         "stack": ["PublicServer"],
-        "front_only": ["FrontOnly"],
         "limits": ["FrontLimits"],
         "front": ["FrontOptions", "render"],
         "watchdog": ["Watchdog", "WatchdogConfig"],

@@ -24,17 +24,33 @@ What the generated configuration (:func:`render`) enforces, before Triton sees a
   and refused when nested deeper than ``max_json_depth``; header size and count and URL
   length bounded (``tune.bufsize``, ``tune.http.maxhdr``); non-admin inference that names
   a shared-memory region refused.
-- **Connections**: a global cap, a per-client concurrent-request cap (429), idle,
-  header and slow-client timeouts, a request deadline; gRPC streams per connection capped.
+- **Slow bodies**: a request body is held until it has arrived whole (HAProxy's buffer
+  is sized to the largest request the queue bound counts), within ``body_timeout_s`` of
+  its headers and with no pause over ``header_timeout_s`` (408 / DEADLINE_EXCEEDED); a
+  larger one streams on with a deadline at ``min_body_rate`` (serve/runtime/body_rate.lua,
+  a Lua filter woken even when no byte comes). So a body still arriving holds only its
+  own connection: the queue bound counts only requests that arrived whole.
+- **Connections**: counted when accepted, per address and per client network (the
+  address masked to ``network_v4`` / ``network_v6``), an eighth of both shares while the
+  front is half full; a global cap; a client network's concurrent requests capped (429);
+  the first request (and an HTTP/2 preface) within the header timeout; idle and request
+  deadlines; gRPC streams per connection capped.
 - **The queue**: at most ``max_queue`` requests are inside Triton at once (running or in
-  its policy-free queue); the rest are refused at once (503 / gRPC UNAVAILABLE, "server
-  busy"). It is bounded in bytes too (``max_queue_bytes``): those requests may be at most
+  its policy-free queue; counted once their bodies are whole); the rest are refused at
+  once (503 / gRPC UNAVAILABLE, "server busy"). It is bounded in bytes too (``max_queue_bytes``): those requests may be at most
   :attr:`FrontOptions.small_body_bytes` each (half the byte budget over ``max_queue``: a
   few images), and larger ones (batches, up to ``max_body_bytes``) go through a backend of
   their own holding at most :attr:`FrontOptions.max_large_requests` (the other half).
   Nothing waits in HAProxy: a gRPC stream held there keeps its body in the
   connection's flow-control window and stalls every other stream of that connection
   once (503). Triton's own queue stays policy-free, so it never stalls.
+- **Names read in full**: every gRPC message the front lets through is parsed whole in
+  Lua (serve/runtime/grpc_check.lua): ModelInfer to its tensor bytes, the other open
+  methods (a model name and version, at most 4 KiB) field by field.
+- **Client errors are 4xx**: a body Triton 2.51 cannot parse, which it answers with 500,
+  gets 400 with Triton's message.
+- **The owner's listeners**: inside Triton's private namespace (only the owner enters
+  it), every call is the owner's without a key - where perf_analyzer runs.
 - **TLS** on HTTP and gRPC when a certificate is given.
 
 Secrets (the admin and inference keys, the TLS key) sit in files of mode 0600 in a

@@ -28,10 +28,15 @@ INFERENCE_KEY_HEADER = "inference-key"
 H2_WINDOW = 1 << 20  # HTTP/2 window HAProxy gives each client stream (the default: 64 KiB)
 SHM_REFUSED = "shared-memory inputs and outputs need the admin key"  # as grpc_check.lua
 BUSY = "server busy: the request queue is full or the request waited too long; retry later"
-BUFSIZE = 65536  # bytes of a request HAProxy holds and inspects (headers + body start)
+HEADROOM = 64 << 10  # buffer room beyond a request body: its headers and HAProxy's own
+MAX_HELD_BYTES = 4 << 20  # the largest body the front holds whole (its buffer's size)
+H2_FRAME = 1 << 16  # the largest HTTP/2 frame the front accepts (HAProxy: its bufsize)
+MAX_META_BYTES = 4096  # the largest non-inference gRPC message (a model name and version)
 # The gRPC ModelInfer check (protobuf parsed in HAProxy's Lua): model names anywhere,
 # input shapes (dimensions >= 2^31, batch over the max), nothing hidden past the buffer.
 GRPC_CHECK_LUA = Path(__file__).with_name("grpc_check.lua")
+# The deadline of a body too large to wait for whole (its size at the least rate).
+BODY_RATE_LUA = Path(__file__).with_name("body_rate.lua")
 
 
 @dataclass
@@ -53,18 +58,29 @@ class FrontOptions:
     max_json_bytes: int = 32 << 10
     max_json_depth: int = 32
     max_connections: int = 2000
-    max_per_client: int = 64  # concurrent requests per client address
+    max_per_client: int = 64  # concurrent requests per client network (see network_v4/v6)
+    max_conns_per_client: int = 128  # open connections per client address
+    max_conns_per_network: int = 512  # open connections per client network
+    network_v4: int = 24  # the prefix that makes a client's network: IPv4 /24,
+    network_v6: int = 64  # IPv6 /64 (32 and 128: every address its own network)
     max_grpc_streams: int = 32  # concurrent streams per HTTP/2 connection
     max_queue: int = 256  # requests inside Triton (running or queued); more are refused
     max_queue_bytes: int = 512 << 20  # request bytes inside Triton (see serve/runtime/front.py)
-    idle_timeout_s: float = 60.0
-    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0  # a connection idle between requests
+    header_timeout_s: float = 5.0  # a new connection's first request headers
+    body_timeout_s: float = 10.0  # a request body (up to the buffer), from its headers
+    min_body_rate: int = 256 << 10  # bytes/s a body beyond the buffer must keep up
     request_timeout_s: float = 120.0
     tls_pem: str = ""  # certificate + key in one file (mode 0600)
     # with inference_key: what the front puts in ``inference-key`` for Triton, which
     # restricts inference to it (so Triton, having read the body, refuses the rest cleanly)
     inference_token: str = ""
     stats_socket: str = ""  # HAProxy's runtime API (``show stat``), a 0600 Unix socket
+    # listeners where every call is the owner's, without a key (HOST:PORT for HTTP and
+    # gRPC): only inside Triton's private network namespace, which only the owner enters
+    # (perf_analyzer runs there, so no key sits in its argv)
+    owner_http: str = ""
+    owner_grpc: str = ""
 
     def __post_init__(self) -> None:
         if not self.public_models:
@@ -72,13 +88,29 @@ class FrontOptions:
         for name in [*self.public_models, *self.internal_models]:
             if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", name):
                 raise UsageError(f"model name {name!r} is not a plain name")
-        for what in ("max_body_bytes", "max_json_bytes", "max_json_depth", "max_connections"):
+        for what in (
+            "max_body_bytes",
+            "max_json_bytes",
+            "max_json_depth",
+            "max_connections",
+            "max_per_client",
+            "max_conns_per_client",
+            "max_conns_per_network",
+            "min_body_rate",
+        ):
             if getattr(self, what) < 1:
                 raise UsageError(f"{what} must be >= 1")
+        if not (8 <= self.network_v4 <= 32 and 16 <= self.network_v6 <= 128):
+            raise UsageError("client networks: network_v4 in 8..32, network_v6 in 16..128")
+        for what in ("idle_timeout_s", "header_timeout_s", "body_timeout_s"):
+            if getattr(self, what) <= 0:
+                raise UsageError(f"{what} must be > 0")
         if self.max_body_bytes >= 10**9:
             raise UsageError("max_body_bytes must be under 1 GB (HAProxy 2.6 compares 32 bits)")
-        if self.max_json_bytes > BUFSIZE - 4096:
-            raise UsageError(f"max_json_bytes must be <= {BUFSIZE - 4096} (inspected in full)")
+        if self.max_json_bytes > self.bufsize - HEADROOM:
+            raise UsageError(
+                f"max_json_bytes must be <= {self.bufsize - HEADROOM} (inspected in full)"
+            )
         if self.max_queue < 1 or self.max_queue_bytes < 1:
             raise UsageError("max_queue and max_queue_bytes must be >= 1")
         for key in (self.admin_key, self.inference_key):
@@ -89,6 +121,17 @@ class FrontOptions:
     def small_body_bytes(self) -> int:
         """The largest request counted by ``max_queue`` (half the byte budget over it)."""
         return max(64 << 10, self.max_queue_bytes // 2 // self.max_queue)
+
+    @property
+    def held_bytes(self) -> int:
+        """The largest body the front holds whole before Triton sees it: every request
+        counted by ``max_queue`` (larger ones go to the large requests' backend)."""
+        return min(self.small_body_bytes, self.max_body_bytes, MAX_HELD_BYTES)
+
+    @property
+    def bufsize(self) -> int:
+        """HAProxy's buffer: a held body with room for its headers."""
+        return self.held_bytes + HEADROOM
 
     @property
     def max_large_requests(self) -> int:

@@ -1,5 +1,6 @@
 -- The public front's check of a gRPC ModelInfer request (HAProxy 2.6, Lua 5.3), run on
--- the first bytes of the body that HAProxy holds (its buffer, 64 KiB): the gRPC frame
+-- the body that HAProxy holds (the whole message, or its buffer's worth of a larger one:
+-- serve/runtime/front_options.py FrontOptions.held_bytes): the gRPC frame
 -- (1 flag byte, 4 bytes of length) and the protobuf ModelInferRequest it carries, parsed
 -- field by field (serve/runtime/front.py loads it; tests/serve/runtime/test_front.py attacks it).
 --
@@ -7,13 +8,15 @@
 -- txn.grpc_code:
 --   * a shared-memory parameter anywhere in what the buffer shows (PERMISSION_DENIED: an
 --     admin-key call; the others INVALID_ARGUMENT);
---   * a model name (field 1, any occurrence: protobuf keeps the last) that is not public;
+--   * a model name (field 1, any occurrence: protobuf keeps the last) that is not public
+--     (PERMISSION_DENIED);
 --   * an input shape (InferInputTensor field 3, packed or not) with a dimension under 0
 --     or of 2^31 or more (Triton 2.51 truncates 2^32+1 to 1 and answers; a batch over
 --     the max but under 2^31 Triton refuses itself, with its message);
 --   * anything the buffer cannot show: a field that runs past the buffer unless it is
 --     the tensor data (field 7) that ends exactly where the message ends - so no model
---     name, input or shared-memory parameter can hide after 64 KiB of tensor bytes;
+--     name, input or shared-memory parameter can hide after the tensor bytes of a
+--     message larger than the buffer;
 --   * malformed protobuf (bad varints, wire types, lengths).
 
 local DIM_LIMIT = 2147483648 -- 2^31
@@ -126,7 +129,7 @@ local function check(body, spec)
   -- every served model has one input ("@single" in the spec): Triton refuses a request
   -- with more inputs before running it, so the unseen rest of such a request is harmless
   local single = limits["@single"] == true
-  local model, shapes, tail, raws = nil, {}, false, 0
+  local model, shapes, tail, raws, code = nil, {}, false, 0, nil
   local function visit_input(num, wire, v, first, last)
     if num ~= 3 then
       return nil
@@ -151,6 +154,7 @@ local function check(body, spec)
     if num == 1 and wire == 2 then
       local name = body:sub(first, last)
       if not owner and not limits[name] then
+        code = PERMISSION_DENIED
         return "no such public model: " .. name:sub(1, 64):gsub("[^%w_.-]", "?")
       end
       model = name
@@ -170,7 +174,7 @@ local function check(body, spec)
   end
   local why = each_field(body, 6, j, visit_top, tensor_data_to_the_end)
   if why then
-    return why
+    return why, code
   end
   if n < msg_end and not tail then
     return "fields past the first " .. j .. " bytes the front inspects (only the tensor data may run on)"
@@ -179,7 +183,7 @@ local function check(body, spec)
     return "no model name"
   end
   if not owner and model:sub(1, 1) == "@" then
-    return "no such public model: " .. model
+    return "no such public model: " .. model, PERMISSION_DENIED
   end
   -- A batch over the model's max (under 2^31) is left to Triton, which refuses it with
   -- its own message ("batch-size must be <= N") after reading the body.
@@ -209,59 +213,62 @@ core.register_fetches("grpc_infer_check", function(txn, spec)
   return why
 end)
 
--- A gRPC refusal that first reads the request to its end. HAProxy 2.6 answering a
--- request whose body it has not read yet resets the stream (RST_STREAM CANCEL,
--- haproxy/haproxy#1219), and the client never sees the reason; this service drains the
--- body (at most txn.grpc_drain bytes: the front's body cap) and answers trailers-only,
--- with txn.grpc_code and txn.grpc_msg. A receive waits for its chunk, so a sender that
--- drips its body holds the stream as long as it drips (measured: 15 drips 3 s apart held
--- it 45 s; txn.grpc_drain_s is checked only between chunks): at most MAX_DRAINS streams
--- drain at once (HAProxy runs one thread), the next refusal is answered at once (and
--- reset, as before). A drain whose client went away gives its slot back: its receive ends,
--- or HAProxy frees the stream's Lua context and the slot's __gc counts it off (measured:
--- 68 senders cancelled, the next refusals drain again;
--- test_drains_whose_client_went_away_free_their_slots).
-local MAX_DRAINS = 64
-local draining = 0
-
-local function seconds_since(start)
-  local now = core.now()
-  return (now.sec - start.sec) + (now.usec - start.usec) / 1e6
+-- The other open methods (ModelReady, ModelMetadata, ModelConfig): their request is a
+-- model name (field 1) and a version (field 2), a few bytes. The whole message is parsed,
+-- so no name hides anywhere: at most max_bytes, every name public (protobuf keeps the
+-- last, so each is checked), the version digits, and nothing else. ServerMetadata,
+-- ServerLive and ServerReady carry nothing and are not checked.
+local function check_meta(body, spec, max_bytes)
+  local public = parse_spec(spec)
+  local n = #body
+  if n < 5 then
+    return "not a gRPC message"
+  end
+  if body:byte(1) ~= 0 then
+    return "compressed messages are not accepted"
+  end
+  local b2, b3, b4, b5 = body:byte(2), body:byte(3), body:byte(4), body:byte(5)
+  local len = (b2 << 24) | (b3 << 16) | (b4 << 8) | b5
+  if len > max_bytes then
+    return "a " .. len .. "-byte message for a method that takes a model name (at most " .. max_bytes .. ")"
+  end
+  if n ~= 5 + len then
+    return "the message is not one whole gRPC frame"
+  end
+  local named, code = false, nil
+  local why = each_field(body, 6, n, function(num, wire, v, first, last)
+    if num == 1 and wire == 2 then
+      local name = body:sub(first, last)
+      if not public[name] then
+        code = PERMISSION_DENIED
+        return "no such public model: " .. name:sub(1, 64):gsub("[^%w_.-]", "?")
+      end
+      named = true
+    elseif num == 2 and wire == 2 then
+      if not body:sub(first, last):match("^[0-9]*$") or last - first >= 18 then
+        return "a model version is digits"
+      end
+    else
+      return "unexpected field " .. num .. " (a model name and version only)"
+    end
+    return nil
+  end)
+  if why then
+    return why, code
+  end
+  if not named then
+    return "no model name"
+  end
+  return ""
 end
 
-core.register_service("grpc_refuse", "http", function(applet)
-  local code = applet:get_var("txn.grpc_code") or 3
-  local msg = applet:get_var("txn.grpc_msg") or "request refused"
-  local left = tonumber(applet:get_var("txn.grpc_drain")) or 0
-  local limit = tonumber(applet:get_var("txn.grpc_drain_s")) or 10
-  local start = core.now()
-  local slot = nil
-  if draining < MAX_DRAINS then
-    draining = draining + 1
-    slot = setmetatable({ open = true }, {
-      __gc = function(t)
-        if t.open then
-          draining = draining - 1
-        end
-      end,
-    })
-  else
-    left = 0
+core.register_fetches("grpc_meta_check", function(txn, spec, max_bytes)
+  local ok, why, code = pcall(check_meta, txn.f:req_body() or "", spec, tonumber(max_bytes) or 4096)
+  if not ok then
+    why, code = "unreadable request (" .. tostring(why) .. ")", INVALID_ARGUMENT
   end
-  while left > 0 and seconds_since(start) < limit do
-    local chunk = applet:receive(math.min(left, 16384))
-    if chunk == nil or chunk == "" then
-      break
-    end
-    left = left - #chunk
+  if why ~= "" then
+    txn:set_var("txn.grpc_code", code or INVALID_ARGUMENT)
   end
-  if slot then
-    slot.open = false
-    draining = draining - 1
-  end
-  applet:set_status(200)
-  applet:add_header("content-type", "application/grpc")
-  applet:add_header("grpc-status", tostring(code))
-  applet:add_header("grpc-message", msg)
-  applet:start_response()
+  return why
 end)

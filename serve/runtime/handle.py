@@ -1,7 +1,7 @@
 """What the server handles share (:class:`ServerHandle`): :class:`TritonServer`
-(serve/runtime/triton_server.py), :class:`PublicServer` (serve/runtime/stack.py) and
-:class:`FrontOnly` (serve/runtime/front_only.py) each run one child process tree on the
-ports of their ``opts``; this is their URLs, readiness, output, key files and stop."""
+(serve/runtime/triton_server.py) and :class:`PublicServer` (serve/runtime/stack.py) each
+run one child process tree on the ports of their ``opts``; this is their URLs, readiness,
+output, key files and stop."""
 
 from __future__ import annotations
 

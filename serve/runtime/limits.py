@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 DTYPE_BYTES = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_INT64": 8}
 PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace
+# the front's owner listeners (HTTP, gRPC) inside that namespace: every call there is the
+# owner's without a key (only the owner can enter the namespace; perf_analyzer runs there)
+OWNER_PORTS = (8010, 8011)
 
 
 Private = Literal["auto", "namespace", "loopback"]  # where Triton listens
@@ -33,9 +36,16 @@ class FrontLimits:
     max_json_depth: int = 32
     max_connections: int = 2000
     max_per_client: int = 64
+    max_conns_per_client: int = 128
+    max_conns_per_network: int = 512
+    network_v4: int = 24
+    network_v6: int = 64
     max_queue: int = 256
     max_queue_bytes: int = 512 << 20
     idle_timeout_s: float = 60.0
+    header_timeout_s: float = 5.0
+    body_timeout_s: float = 10.0
+    min_body_rate: int = 256 << 10
     request_timeout_s: float = 120.0
     tls_cert: str = ""
     tls_key: str = ""
@@ -124,9 +134,16 @@ def front_options(
         max_json_depth=limits.max_json_depth,
         max_connections=limits.max_connections,
         max_per_client=limits.max_per_client,
+        max_conns_per_client=limits.max_conns_per_client,
+        max_conns_per_network=limits.max_conns_per_network,
+        network_v4=limits.network_v4,
+        network_v6=limits.network_v6,
         max_queue=limits.max_queue,
         max_queue_bytes=limits.max_queue_bytes,
         idle_timeout_s=limits.idle_timeout_s,
+        header_timeout_s=limits.header_timeout_s,
+        body_timeout_s=limits.body_timeout_s,
+        min_body_rate=limits.min_body_rate,
         request_timeout_s=limits.request_timeout_s,
         **extra,
     )

@@ -36,6 +36,7 @@ from serve.runtime.front import find_haproxy, render
 from serve.runtime.handle import ServerHandle, free_port
 from serve.runtime.install import TritonInstall
 from serve.runtime.limits import (
+    OWNER_PORTS,
     PRIVATE_PORTS,
     FrontLimits,
     RepositoryModels,
@@ -80,11 +81,17 @@ class PublicServer(ServerHandle):
         limits: FrontLimits | None = None,
         log_path: str | Path | None = None,
         inherit_output: bool = False,
+        owner_listeners: bool = False,
     ) -> None:
         super().__init__(opts, log_path, inherit_output)
         self.limits = limits or FrontLimits()
         self.in_namespace = False
         self.private_why = ""
+        # the front's keyless owner listeners: always inside the private namespace (only
+        # the owner enters it); on loopback only when asked (make bench without a
+        # namespace: every local user reaches them while it runs, as they reach Triton)
+        self.owner_listeners = owner_listeners
+        self._owner_ports: tuple[int, int] | None = None
 
     # -- the TritonServer interface (the URLs and admin_key: ServerHandle) ---------------
     @property
@@ -255,6 +262,16 @@ class PublicServer(ServerHandle):
                 + Path(self.limits.tls_key).read_text()
             )
             tls_pem = str(write_private(self._workdir / "tls.pem", pem))
+        # inside the private namespace: the owner's listeners (perf_analyzer, run there
+        # by serve.tools.perf_analyzer, needs no key in its argv)
+        owner = (
+            {
+                "owner_http": f"{LOOPBACK}:{OWNER_PORTS[0]}",
+                "owner_grpc": f"{LOOPBACK}:{OWNER_PORTS[1]}",
+            }
+            if self.in_namespace
+            else {}
+        )
         front = front_options(
             self.limits,
             models,
@@ -264,6 +281,7 @@ class PublicServer(ServerHandle):
             tls_pem=tls_pem,
             inference_token=token,
             stats_socket=str(self._workdir / "haproxy.sock"),
+            **owner,
         )
         cfg = write_private(self._workdir / "haproxy.cfg", render(front))
         check = subprocess.run(
@@ -273,6 +291,21 @@ class PublicServer(ServerHandle):
             out = (check.stdout + check.stderr).decode(errors="replace")
             raise SetupError(f"haproxy refused the generated configuration {cfg}: {out[-2000:]}")
         return cfg
+
+    def perf_url(self, wire: str, direct: bool = False) -> tuple[str, int]:
+        """Where a tool of the owner's (perf_analyzer) reaches this server without a key:
+        the front's owner listener (``direct``: Triton itself, skipping the front) for
+        ``wire`` ("http" or "grpc"), and the PID whose namespaces it must run in (0: this
+        one's)."""
+        http = wire == "http"
+        if self.in_namespace:
+            ports = PRIVATE_PORTS if direct else OWNER_PORTS
+            return f"{LOOPBACK}:{ports[0 if http else 1]}", self.pid
+        if direct:
+            raise SetupError("Triton is reached directly only inside its namespace")
+        if not self._owner_ports:
+            raise SetupError("this server was started without owner listeners")
+        return f"{LOOPBACK}:{self._owner_ports[0 if http else 1]}", 0
 
     @property
     def shm_dir(self) -> str | None:

@@ -145,40 +145,53 @@ def sweep(cfg: BenchConfig, inputs: BenchInputs, ort: Level, report: dict[str, A
     through the public front (what users get; serve/runtime/front.py), and in the same run a few
     levels ``front-*`` and ``direct-*`` (the same tritonserver without the front) in turn,
     ``FRONT_AB_ROUNDS`` times each, so the front's cost is a ratio that the machine's drift
-    hits on both sides (``report["front_cost"]``). ``--grpc-url`` measures that server as
-    it is."""
+    hits on both sides (``report["front_cost"]``). perf_analyzer runs in Triton's
+    namespace, where the front's owner listener and Triton's own port need no key. Then
+    the lockout figure (``report["lockout"]``: serve/tools/lockout.py). ``--grpc-url``
+    measures that server as it is (no lockout figure: it would attack it)."""
     repo = Path(cfg.model_repository)
     with server_context(cfg, repo, Path(cfg.out)) as srv:
-        if isinstance(srv, ExternalServer) or cfg.no_front:
-            levels = triton_levels(srv, cfg, inputs, ort, report["skipped"])
+        if isinstance(srv, ExternalServer) or cfg.no_front or not srv.in_namespace:
+            skipped = report["skipped"]
+            levels = triton_levels(srv, cfg, inputs, ort, skipped, direct=cfg.no_front)
             mark_levels(levels, report.get("image_pipeline_baseline"))
-            return levels
-        from serve.runtime.front_only import FrontOnly
+        else:
+            levels = adjacent_levels(srv, cfg, inputs, report) + front_cost_levels(
+                srv, cfg, inputs, ort, report
+            )
+        if not isinstance(srv, ExternalServer) and cfg.lockout_seconds > 0:
+            from serve.tools import lockout
 
-        with FrontOnly(srv, log_path=Path(cfg.out) / "bench-front.log") as front:
-            levels = adjacent_levels(front, cfg, inputs, report)
-            pairs = [
-                (p, k, c, 0.0)
-                for p in ("grpc",)
-                if p in cfg.protocols
-                for k in cfg.inputs
-                for c in sorted({min(cfg.concurrency), 4} & set(cfg.concurrency))
-            ]
-            # the front's cost: the same level through the front and direct, in turn, so
-            # the machine's drift hits both sides alike
-            paired: list[Level] = []
-            direct: list[Level] = []
-            for combo in pairs:
-                for _ in range(FRONT_AB_ROUNDS):
-                    paired += triton_levels(
-                        front, cfg, inputs, ort, report["skipped"], "front", [combo]
-                    )
-                    direct += triton_levels(
-                        srv, cfg, inputs, ort, report["skipped"], "direct", [combo]
-                    )
+            image = bytes(inputs.raw[0, 0])
+            report["lockout"] = lockout.measure(
+                srv, cfg.model, inputs.pixels[:1], image, cfg.lockout_seconds
+            )
+    return levels
+
+
+def front_cost_levels(
+    srv: Any, cfg: BenchConfig, inputs: BenchInputs, ort: Level, report: dict[str, Any]
+) -> list[Level]:
+    """The front's cost: the same level through the front and direct (Triton's own port
+    in its namespace), in turn, so the machine's drift hits both sides alike."""
+    pairs = [
+        (p, k, c, 0.0)
+        for p in ("grpc",)
+        if p in cfg.protocols
+        for k in cfg.inputs
+        for c in sorted({min(cfg.concurrency), 4} & set(cfg.concurrency))
+    ]
+    paired: list[Level] = []
+    direct: list[Level] = []
+    for combo in pairs:
+        for _ in range(FRONT_AB_ROUNDS):
+            paired += triton_levels(srv, cfg, inputs, ort, report["skipped"], "front", [combo])
+            direct += triton_levels(
+                srv, cfg, inputs, ort, report["skipped"], "direct", [combo], direct=True
+            )
     report["front_cost"] = front_cost(paired, direct)
     mark_levels(paired + direct, report.get("image_pipeline_baseline"))
-    return levels + paired + direct
+    return paired + direct
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class BenchConfig:
     grpc_url: str = ""
     http_url: str = ""
     no_front: bool = False
+    lockout_seconds: float = 10.0
     out: str = "bench"
     table: str = ""
 
@@ -117,6 +118,13 @@ SERVER_FLAGS = [
         "measure the bundled tritonserver directly only (default: through the public "
         "front, plus direct levels for the front's cost)",
         {"action": "store_true"},  # the field says no: a plain switch, not --no-X off
+    ),
+    Flag(
+        "lockout_seconds",
+        "--lockout-seconds",
+        "seconds per phase of the lockout figure: a normal client while slow senders, "
+        "hostile images and silent connections try to lock it out of the bench's own "
+        "stack (0: not measured)",
     ),
     Flag("out", "--out"),
     Flag(

@@ -22,6 +22,15 @@ def write_report(report: dict[str, Any], out: Path, model: str) -> list[Path]:
     paths.append(atomic_write_json(out / f"{model}-latest.json", report))
     plot(report, out / f"{model}-latest.png")
     paths.append(out / f"{model}-latest.png")
+    if "lockout" in report:
+        from serve.tools.lockout import plot as plot_lockout
+
+        title = (
+            f"{model}: a normal client while strangers try to lock it out "
+            f"({report['machine']['cpu']}, {report['machine']['cores']} cores)"
+        )
+        plot_lockout(report["lockout"], title, out / f"{model}-lockout-latest.png")
+        paths.append(out / f"{model}-lockout-latest.png")
     return paths
 
 

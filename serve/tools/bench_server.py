@@ -4,6 +4,7 @@ key, and Triton's statistics as deltas over a level (torch-free)."""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float
 
 
 class ExternalServer:
-    """A server started elsewhere (the same interface as TritonServer for the sweep)."""
+    """A server started elsewhere (the same interface as PublicServer for the sweep)."""
 
     def __init__(self, grpc_url: str, http_url: str) -> None:
         self.grpc_url, self.http_url = grpc_url, http_url or grpc_url
@@ -80,22 +81,42 @@ class ExternalServer:
     def __exit__(self, *exc: object) -> None:
         return None
 
+    def perf_url(self, wire: str, direct: bool = False) -> tuple[str, int]:
+        """A ``serve run`` of this user's (its private /dev/shm is named in the key
+        folder): the front's owner listener inside its namespace, where perf_analyzer
+        needs no key. Any other server: its own URL, without a key (perf_analyzer reads
+        the statistics API, which then must be open)."""
+        from serve.runtime.limits import OWNER_PORTS, PRIVATE_PORTS
+
+        match = re.fullmatch(r"/proc/(\d+)/root/dev/shm", auth.shm_dir(self.grpc_url) or "")
+        if not match:
+            return (self.http_url if wire == "http" else self.grpc_url), 0
+        ports = PRIVATE_PORTS if direct else OWNER_PORTS
+        return f"127.0.0.1:{ports[0] if wire == 'http' else ports[1]}", int(match.group(1))
+
 
 def bench_server_options(repo: Path, load_models: list[str] | None = None) -> Any:
     """Options of a private bundled server on free loopback ports, with the control plane
-    locked as under ``serve run`` (perf_analyzer sends the key with ``-H``, under both the
-    HTTP and the gRPC header name: :func:`serve.core.auth.headers`)."""
+    locked as under ``serve run``."""
     from serve.runtime.triton_server import ServerOptions, free_port
 
-    key = auth.new_key()
     return ServerOptions(
         model_repository=str(repo),
         http_port=free_port(),
         grpc_port=free_port(),
         metrics_port=free_port(),
         load_models=load_models or ["*"],
-        admin_key=key,
+        admin_key=auth.new_key(),
     )
+
+
+def bench_stack(opts: Any, log_path: Path) -> Any:
+    """``serve run``'s stack for a measurement: the front on the public ports, Triton in
+    its private namespace, and the front's owner listeners where perf_analyzer reaches
+    them without a key (:meth:`PublicServer.perf_url`)."""
+    from serve.runtime.stack import PublicServer
+
+    return PublicServer(opts, log_path=log_path, owner_listeners=True)
 
 
 def admin_key(srv: Any) -> str | None:
@@ -105,10 +126,8 @@ def admin_key(srv: Any) -> str | None:
 
 
 def server_context(cfg: BenchConfig, repo: Path, log_dir: Path) -> Any:
-    """The bundled tritonserver on free loopback ports, or ``--grpc-url``'s server (its
+    """The bench's own stack (:func:`bench_stack`), or ``--grpc-url``'s server (its
     admin key from ``$TRAINSERVE_ADMIN_KEY`` or the key file ``serve run`` wrote)."""
     if cfg.grpc_url:
         return ExternalServer(cfg.grpc_url, cfg.http_url)
-    from serve.runtime.triton_server import TritonServer
-
-    return TritonServer(bench_server_options(repo), log_path=log_dir / "bench-server.log")
+    return bench_stack(bench_server_options(repo), log_dir / "bench-server.log")

@@ -65,18 +65,22 @@ def all_combos(cfg: BenchConfig) -> list[Combo]:
 def _profile(
     srv: Any,
     settings: PaSettings,
-    key: str | None,
     target: str,
     combo: Combo,
     batch: int,
     data: str,
+    direct: bool = False,
 ) -> pa.Profile:
-    """The perf_analyzer run of one level against ``target`` on ``srv``."""
+    """The perf_analyzer run of one level against ``target`` on ``srv``: through the
+    front's owner listener (``direct``: Triton itself), inside the server's namespaces,
+    with no key in its argv."""
     protocol, _, conc, rate = combo
     wire, shm = ("grpc", "system") if protocol == "grpc-shm" else (protocol, "none")
+    url, netns_pid = srv.perf_url(wire, direct)
     return pa.Profile(
         model=target,
-        url=srv.http_url if wire == "http" else srv.grpc_url,
+        url=url,
+        netns_pid=netns_pid,
         protocol=wire,
         batch=batch,
         concurrency=conc,
@@ -88,10 +92,6 @@ def _profile(
         measurement_mode=settings.measurement_mode,
         stability_percentage=settings.stability_percentage,
         max_trials=settings.max_trials,
-        # perf_analyzer also reads Triton's statistics (an admin API) on this
-        # connection, so it carries the key; the front sends the owner's inference
-        # through the public backends, skipping only the public checks
-        headers=auth.headers(key) or {},
     )
 
 
@@ -118,6 +118,7 @@ def triton_levels(
     skipped: dict[str, str] | None = None,
     prefix: str = "triton",
     combos: list[Combo] | None = None,
+    direct: bool = False,
 ) -> list[Level]:
     """perf_analyzer over ``cfg.protocols`` x ``cfg.inputs`` x (concurrency levels, then
     request rates with ``--distribution`` arrivals) against ``srv``; one row per level.
@@ -126,8 +127,7 @@ def triton_levels(
 
     model, batch = cfg.model, cfg.batch
     settings = PaSettings.from_config(cfg)
-    key = admin_key(srv)
-    headers = auth.headers(key) or {}
+    headers = auth.headers(admin_key(srv)) or {}  # the statistics, read here (no argv)
     work = Path(cfg.out) / ".perf_analyzer"
     data = write_input_data(inputs, model, work)
     stats_client = grpcclient.InferenceServerClient(srv.grpc_url)
@@ -138,7 +138,7 @@ def triton_levels(
         for combo in tqdm(combos, desc="perf_analyzer", unit="level"):
             protocol, kind, conc, rate = combo
             target = model if kind == "tensor" else image_model_name(model)
-            profile = _profile(srv, settings, key, target, combo, batch, str(data[kind]))
+            profile = _profile(srv, settings, target, combo, batch, str(data[kind]), direct)
             before = _server_stats(stats_client, [model, target], headers)
             try:
                 result = pa.run(profile, work / "level.csv")

@@ -102,11 +102,17 @@ def run(profile: Profile, csv_path: Path, timeout: float = 300.0, relax: bool = 
     return result
 
 
-def mount_namespace_prefix(profile: Profile) -> list[str]:
-    """``serve run``'s Triton keeps a private /dev/shm (its own mount namespace), where
-    perf_analyzer's ``--shared-memory system`` regions must be made: then perf_analyzer
-    runs in that mount namespace (``nsenter``; the network stays ours, so it still talks
-    to the public front). Empty for any other server."""
+def namespace_prefix(profile: Profile) -> list[str]:
+    """The ``nsenter`` that puts perf_analyzer where it must run: in the network and mount
+    namespaces of ``profile.netns_pid`` (serve run's private Triton: its owner listeners
+    need no key, so none is in perf_analyzer's argv, and its /dev/shm is where
+    ``--shared-memory system`` regions must be made); else, for shared memory only, in
+    the mount namespace of the server whose private /dev/shm the key folder names.
+    Empty for any other server."""
+    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+    user = [] if os.geteuid() == 0 else ["--user", "--preserve-credentials"]
+    if profile.netns_pid:
+        return [nsenter, f"--target={profile.netns_pid}", *user, "--net", "--mount", "--"]
     if profile.shared_memory != "system":
         return []
     from serve.core import auth
@@ -115,36 +121,25 @@ def mount_namespace_prefix(profile: Profile) -> list[str]:
     match = re.fullmatch(r"/proc/(\d+)/root/dev/shm", folder or "")
     if not match:
         return []
-    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
-    user = [] if os.geteuid() == 0 else ["--user", "--preserve-credentials"]
     return [nsenter, f"--target={match.group(1)}", *user, "--mount", "--"]
 
 
 def _run_once(profile: Profile, csv_path: Path, timeout: float) -> Result | None:
     """One perf_analyzer process; None when it found no stable measurement."""
     binary = find_binary()
-    cmd = mount_namespace_prefix(profile) + profile.command(binary, csv_path)
+    cmd = namespace_prefix(profile) + profile.command(binary, csv_path)
     csv_path.unlink(missing_ok=True)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as e:
-        raise PerfAnalyzerError(f"perf_analyzer ran over {timeout:g} s: {_shown(cmd)}") from e
+        raise PerfAnalyzerError(f"perf_analyzer ran over {timeout:g} s: {' '.join(cmd)}") from e
     output = r.stdout + r.stderr
     if r.returncode != 0 and (UNSTABLE in output or EMPTY_WINDOW in output):
         return None
     if r.returncode != 0 or not csv_path.is_file():
         tail = "\n".join(output.strip().splitlines()[-8:])
-        raise PerfAnalyzerError(f"exit {r.returncode}: {_shown(cmd)}\n{tail}")
+        raise PerfAnalyzerError(f"exit {r.returncode}: {' '.join(cmd)}\n{tail}")
     return Result(parse_csv(csv_path), True, output, cmd)
-
-
-def _shown(cmd: list[str]) -> str:
-    """The command line with header values (the admin key) masked."""
-    out, mask = [], False
-    for a in cmd:
-        out.append(a.split(":", 1)[0] + ":***" if mask else a)
-        mask = a == "-H"
-    return " ".join(out)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

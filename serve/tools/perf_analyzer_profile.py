@@ -36,7 +36,9 @@ class Profile:
     measurement_request_count: int = 50  # count_windows only
     stability_percentage: float = 10.0
     max_trials: int = 10
-    headers: dict[str, str] = field(default_factory=dict)
+    # run inside the network and mount namespaces of this PID (serve run's private
+    # Triton, where the front's owner listeners need no key): no secret in the argv
+    netns_pid: int = 0
     extra: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -83,8 +85,6 @@ class Profile:
             cmd.append(f"--request-distribution={self.distribution}")
         if self.input_data:
             cmd.append(f"--input-data={self.input_data}")
-        for k, v in self.headers.items():
-            cmd += ["-H", f"{k}:{v}"]
         return cmd + list(self.extra)
 
 

@@ -158,6 +158,7 @@ def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> N
     core = ROOT / "serve" / "core"
     shutil.copy(core / "preprocess.py", tmp_path / "image_preprocess.py")
     shutil.copy(core / "isolated_decode.py", tmp_path / "image_isolated_decode.py")
+    shutil.copy(core / "image_scan.py", tmp_path / "image_scan.py")
     code = (
         "import sys; sys.modules['serve'] = None\n"  # `import serve...` raises ImportError
         "import image_preprocess as p\n"
@@ -165,6 +166,8 @@ def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> N
         "assert issubclass(p.ImageError, ValueError) and issubclass(p.DecodeBusy, RuntimeError)\n"
         "assert issubclass(p.ImageError, p.UserError) and p.UserError.__module__ == p.__name__\n"
         "assert d.pre is p  # the sibling copy, not a serve package\n"
+        "import image_scan\n"
+        "assert p.scanning is image_scan and d.scanning is image_scan\n"
         "try:\n    p.preprocess(b'not an image', p.ResizeCrop(8, 8))\n"
         "except p.ImageError as e:\n    print('ImageError:', e)\n"
         "try:\n    d.preprocess_bounded(b'not an image', p.ResizeCrop(8, 8), p.Limits(), None)\n"
@@ -176,6 +179,6 @@ def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> N
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ImageError: <12 bytes>" in proc.stdout
-    assert "bounded ImageError: <12 bytes>" in proc.stdout
+    assert "ImageError: <12 bytes>: not a readable image: not one of the served" in proc.stdout
+    assert "bounded ImageError: <12 bytes>: not a readable image" in proc.stdout
     assert "UsageError need 0 < crop (16) <= resize (8)" in proc.stdout

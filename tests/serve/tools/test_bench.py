@@ -3,8 +3,11 @@ against the test server, the harness's documented JSON and plot, and the config 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -50,51 +53,66 @@ def input_data(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 @pytest.fixture(scope="module")
 def bench_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The server make bench starts (control plane locked, as under serve run)."""
-    from serve.runtime.triton_server import TritonServer
-    from serve.tools.bench_server import bench_server_options
+    """The stack make bench starts: serve run's, with the front's owner listeners."""
+    from serve.tools.bench_server import bench_server_options, bench_stack
 
-    opts = bench_server_options(model_repo)
-    srv = TritonServer(opts, log_path=tmp_path_factory.mktemp("pa-srv") / "server.log").start()
+    log = tmp_path_factory.mktemp("pa-srv") / "server.log"
+    srv = bench_stack(bench_server_options(model_repo), log).start()
     yield srv
     srv.stop()
 
 
-def _key(server) -> str:
-    return server.opts.admin_key
-
-
-def _profile(server, **kw) -> pa.Profile:
+def _profile(server, protocol: str = "grpc", direct: bool = False, **kw) -> pa.Profile:
+    """perf_analyzer where make bench runs it: in the server's namespaces, at the front's
+    owner listener (``direct``: Triton's own port), with no key in its argv."""
+    url, pid = server.perf_url(protocol, direct)
     base = {
         "model": "antsbees",
-        "url": server.grpc_url,
+        "url": url,
+        "netns_pid": pid,
+        "protocol": protocol,
         "measurement_interval_ms": 500,
         "max_trials": 6,
         "stability_percentage": 50,
-        "headers": auth.headers(_key(server)) or {},
     }
     return pa.Profile(**{**base, **kw})
 
 
+def _argv_with(secret: str) -> list[str]:
+    """Every process's command line that holds ``secret`` (as another local user sees it)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if secret in argv:
+                found.append(argv.replace("\0", " ")[:200])
+    return found
+
+
 @pytest.mark.parametrize(
-    ("fixture", "protocol", "kind", "shm", "rate"),
+    ("fixture", "protocol", "kind", "shm", "rate", "direct"),
     [
-        ("bench_server", "grpc", "tensor", "system", 0.0),
-        ("server", "http", "raw", "none", 0.0),  # every control API restricted: -H carries it
-        ("server", "http", "tensor", "system", 0.0),
-        ("bench_server", "grpc", "raw", "none", 10.0),
+        ("bench_server", "grpc", "tensor", "system", 0.0, False),
+        ("server", "http", "raw", "none", 0.0, False),
+        ("server", "http", "tensor", "system", 0.0, True),
+        ("bench_server", "grpc", "raw", "none", 10.0, False),
     ],
-    ids=["grpc-shm-tensor-c2", "restricted-http-raw-c2", "restricted-http-shm-c2", "grpc-poisson"],
+    ids=["grpc-shm-tensor-c2", "http-raw-c2", "direct-http-shm-c2", "grpc-poisson"],
 )
 def test_perf_analyzer_csv_parsed_into_rows(
-    request, input_data: dict[str, Path], tmp_path: Path, fixture, protocol, kind, shm, rate
+    request, input_data: dict[str, Path], tmp_path: Path, fixture, protocol, kind, shm, rate, direct
 ) -> None:
     server = request.getfixturevalue(fixture)
+    if not server.in_namespace:
+        pytest.skip(f"no private namespace here: {server.private_why}")
     profile = _profile(
         server,
+        protocol,
+        direct,
         model="antsbees" if kind == "tensor" else "antsbees_image",
-        url=server.http_url if protocol == "http" else server.grpc_url,
-        protocol=protocol,
         shared_memory=shm,
         input_data=str(input_data[kind]),
         concurrency=0 if rate else 2,
@@ -104,7 +122,7 @@ def test_perf_analyzer_csv_parsed_into_rows(
     (row,) = result.rows
     assert row.throughput > 0
     assert 0 < row.p50_ms <= row.p90_ms <= row.p95_ms <= row.p99_ms
-    # server-side columns come from the statistics API, which needs the admin key
+    # server-side columns come from the statistics API, which needs the owner
     assert row.server_compute_ms > 0
     if rate:
         assert row.request_rate == rate and row.concurrency == 0
@@ -114,38 +132,49 @@ def test_perf_analyzer_csv_parsed_into_rows(
 
 def test_perf_analyzer_failure_names_the_command(bench_server, tmp_path: Path) -> None:
     profile = _profile(bench_server, model="no_such_model", concurrency=1)
-    with pytest.raises(pa.PerfAnalyzerError, match="no_such_model") as e:
+    with pytest.raises(pa.PerfAnalyzerError, match="no_such_model"):
         pa.run(profile, tmp_path / "out.csv")
-    assert _key(bench_server) not in str(e.value)  # the header value is masked
 
 
-@pytest.mark.parametrize("fixture", ["bench_server", "server"], ids=["tritonserver", "front"])
-def test_grpc_on_the_restricted_server_needs_the_key(
-    request, fixture, input_data: dict[str, Path], tmp_path: Path
+def test_perf_analyzer_needs_no_key_in_its_argv(
+    bench_server, input_data: dict[str, Path], tmp_path: Path
 ) -> None:
-    """perf_analyzer over gRPC registers shared memory and reads statistics, both behind
-    the admin key: without it the run is refused; with ``-H`` carrying the key it
-    measures. Straight to tritonserver 2.51 the key must come under the gRPC header name
-    (``triton-grpc-protocol-admin-key``); the public front takes either name."""
-    server = request.getfixturevalue(fixture)
+    """perf_analyzer registers shared memory and reads statistics, both the owner's: on
+    the public port without a key it is refused; where make bench runs it (Triton's
+    namespace, the front's owner listener) it measures - and while it runs, no process's
+    command line holds the admin key (another local user reads them in /proc)."""
+    import threading
+
+    if not bench_server.in_namespace:
+        pytest.skip(f"no private namespace here: {bench_server.private_why}")
     kw = {"concurrency": 1, "shared_memory": "system", "input_data": str(input_data["tensor"])}
-    with pytest.raises(pa.PerfAnalyzerError, match="restricted|admin key"):
-        pa.run(_profile(server, headers={}, **kw), tmp_path / "out.csv")
-    http_name_only = _profile(server, headers={auth.HEADER: _key(server)}, **kw)
-    if fixture == "bench_server":
-        with pytest.raises(pa.PerfAnalyzerError, match="restricted"):
-            pa.run(http_name_only, tmp_path / "o.csv")
-    else:
-        (row,) = pa.run(http_name_only, tmp_path / "o.csv").rows
-        assert row.throughput > 0
-    (row,) = pa.run(_profile(server, **kw), tmp_path / "ok.csv").rows
+    public = pa.Profile(model="antsbees", url=bench_server.grpc_url, **kw)
+    with pytest.raises(pa.PerfAnalyzerError, match="admin key|not a public"):
+        pa.run(public, tmp_path / "out.csv")
+    rows: list = []
+    run = threading.Thread(
+        target=lambda: rows.append(pa.run(_profile(bench_server, **kw), tmp_path / "ok.csv"))
+    )
+    run.start()
+    leaks: list[str] = []
+    while run.is_alive():
+        leaks += _argv_with(bench_server.admin_key)
+        run.join(0.05)
+    assert not leaks, leaks
+    (row,) = rows[0].rows
     assert row.throughput > 0 and row.server_compute_ms > 0
 
 
 @pytest.mark.long
 def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) -> None:
+    """make bench end to end (short levels), its JSON and plots, the lockout figure - and
+    while it runs, no process's command line holds the admin key of its server."""
+    import subprocess
+    import sys
+
     _binary()
-    run_cli(
+    before = set(auth.key_dir().glob("*")) if auth.key_dir().is_dir() else set()
+    args = [
         "export",
         "bench",
         "--checkpoint",
@@ -170,9 +199,29 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
         "6",
         "--max-seconds",
         "3",
+        "--lockout-seconds",
+        "2",
         "--out",
         str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+    keys: set[str] = set()
+    leaks: list[str] = []
+    while proc.poll() is None:
+        for f in set(auth.key_dir().glob("*")) - before if auth.key_dir().is_dir() else ():
+            with contextlib.suppress(OSError):
+                text = f.read_text().strip()
+                if re.fullmatch(r"[A-Za-z0-9_-]{16,}", text):  # a key, not a URL or folder
+                    keys.add(text)
+        for key in keys:
+            leaks += _argv_with(key)
+        time.sleep(0.1)
+    out = proc.stdout.read() if proc.stdout else ""
+    assert proc.returncode == 0, out[-5000:]
+    assert keys, "the bench's server wrote no admin key file"
+    assert not leaks, leaks
     report = json.loads((tmp_path / "antsbees-latest.json").read_text())
     assert report["load_generator"]["tool"] == "perf_analyzer"
     assert report["load_generator"]["version"] == pa.VERSION
@@ -209,6 +258,12 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
     assert "tensorrt" in report["skipped"]  # no engine in a CPU repository
     assert (tmp_path / "antsbees-latest.png").read_bytes().startswith(b"\x89PNG")
     assert len(list(tmp_path.glob("antsbees-2*.json"))) == 1
+    lockout = report["lockout"]  # issue 30: the phases, each judged against idle
+    phases = {r["phase"] for r in lockout["phases"]}
+    assert {"idle", "slow senders x4", "slow senders x64", "hostile images x3"} <= phases
+    for r in lockout["phases"]:
+        assert r["requests"] > 0 and 0 <= r["success"] <= 1, r
+    assert (tmp_path / "antsbees-lockout-latest.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_tune_tiny_grid_publishes_the_winner(model_repo: Path, tmp_path: Path) -> None:
