@@ -37,7 +37,8 @@ What the generated configuration (:func:`render`) enforces, before Triton sees a
   deadlines; gRPC streams per connection capped.
 - **The queue**: at most ``max_queue`` requests are inside Triton at once (running or in
   its policy-free queue; counted once their bodies are whole); the rest are refused at
-  once (503 / gRPC UNAVAILABLE, "server busy"). It is bounded in bytes too (``max_queue_bytes``): those requests may be at most
+  once (503 / gRPC UNAVAILABLE, "server busy"). It is bounded in bytes too
+  (``max_queue_bytes``): those requests may be at most
   :attr:`FrontOptions.small_body_bytes` each (half the byte budget over ``max_queue``: a
   few images), and larger ones (batches, up to ``max_body_bytes``) go through a backend of
   their own holding at most :attr:`FrontOptions.max_large_requests` (the other half).

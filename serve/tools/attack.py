@@ -258,11 +258,11 @@ class SlowSenders:
 
 
 class SilentConnections:
-    """Up to ``total`` sockets from ``addresses`` opened and left silent, reopened as the
-    front closes them, until :meth:`stop`."""
+    """Up to ``total`` sockets from ``addresses`` opened and left silent, those the front
+    closed reopened every ``reopen_s``, until :meth:`stop`."""
 
-    def __init__(self, url: str, addresses: list[str], total: int) -> None:
-        self.url, self.addresses, self.total = url, addresses, total
+    def __init__(self, url: str, addresses: list[str], total: int, reopen_s: float = 2.0) -> None:
+        self.url, self.addresses, self.total, self.reopen_s = url, addresses, total, reopen_s
         self.opened = self.refused = 0
         self.held_max = 0
         self._stop = threading.Event()
@@ -293,7 +293,10 @@ class SilentConnections:
                             continue
                         alive.append(s)
                     while len(alive) < per and not self._stop.is_set():
-                        s = socket.socket()
+                        try:
+                            s = socket.socket()
+                        except OSError:  # out of descriptors: hold what is open
+                            break
                         s.setblocking(False)
                         try:
                             s.bind((a, 0))
@@ -306,7 +309,7 @@ class SilentConnections:
                         self.opened += 1
                     held[a] = alive
                 self.held_max = max(self.held_max, sum(len(v) for v in held.values()))
-                self._stop.wait(0.5)
+                self._stop.wait(self.reopen_s)
         finally:
             for socks in held.values():
                 for s in socks:
@@ -399,3 +402,72 @@ def normal_client(
         except Exception as e:  # noqa: BLE001 - a failure of any kind counts
             errors.append(str(e)[:200])
     return ClientRun(len(lat), len(errors), lat, errors)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serve.tools.attack slow|silent|images ...``: one attack in a process of
+    its own (so the measured client shares no interpreter with it), until SIGTERM; prints
+    ``ready`` once under way and a JSON summary at the end."""
+    import argparse
+    import signal
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m serve.tools.attack", description=main.__doc__)
+    sub = p.add_subparsers(dest="attack", required=True)
+    slow = sub.add_parser("slow", help="slow senders (SlowSenders)")
+    slow.add_argument("--http", required=True)
+    slow.add_argument("--grpc", required=True)
+    slow.add_argument("--model", required=True)
+    slow.add_argument("--shape", type=_shape, default=(1, 3, 224, 224))
+    slow.add_argument("--addresses", type=int, default=4)
+    slow.add_argument("--per-address", type=int, default=4)
+    slow.add_argument("--first-network", type=int, default=1)
+    silent = sub.add_parser("silent", help="silent connections (SilentConnections)")
+    silent.add_argument("--url", required=True)
+    silent.add_argument("--addresses", type=int, default=20)
+    silent.add_argument("--total", type=int, default=10_000)
+    silent.add_argument("--first-network", type=int, default=100)
+    images = sub.add_parser("images", help="hostile image clients (HostileImageClients)")
+    images.add_argument("--grpc", required=True)
+    images.add_argument("--model", required=True)
+    images.add_argument("--clients", type=int, default=3)
+    a = p.parse_args(argv)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    summary: dict[str, object]
+    if a.attack == "slow":
+        pixels = np.zeros(a.shape, np.float32)
+        addresses = attacker_addresses(a.addresses, a.first_network)
+        senders = SlowSenders(a.http, a.grpc, a.model, pixels, addresses, a.per_address).start()
+        print("ready", flush=True)
+        stop.wait()
+        cut = senders.stop()
+        summary = {
+            "attacker_requests": len(cut),
+            "longest_hold_s": max((r.seconds for r in cut), default=0.0),
+            "answers": {k: sum(r.answer == k for r in cut) for k in {r.answer for r in cut}},
+        }
+    elif a.attack == "silent":
+        conns = SilentConnections(a.url, attacker_addresses(a.addresses, a.first_network), a.total)
+        conns.start()
+        print("ready", flush=True)
+        stop.wait()
+        conns.stop()
+        summary = {"opened": conns.opened, "held_max": conns.held_max}
+    else:
+        clients = HostileImageClients(a.grpc, a.model, a.clients).start()
+        print("ready", flush=True)
+        stop.wait()
+        summary = dict(clients.stop())
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

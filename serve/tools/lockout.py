@@ -12,24 +12,21 @@ the same client's idle run: success >= 99% and p99 <= 3x the idle p99.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from serve.core.contract import IMAGE_INPUT, INPUT_NAME, image_model_name
-from serve.tools.attack import (
-    ClientRun,
-    HostileImageClients,
-    SilentConnections,
-    SlowSenders,
-    attacker_addresses,
-    normal_client,
-    raise_fd_limit,
-)
+from serve.tools.attack import ClientRun, normal_client
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +34,44 @@ SLOW_SENDER_ADDRESSES = (4, 16, 64)
 SUCCESS_TARGET = 0.99
 P99_TARGET = 3.0  # x the same client's idle p99
 SETTLE_S = 3.0  # the attack under way before the normal client is measured
+SILENT_PER_PROCESS = 9_000  # sockets one attacking process holds (its descriptor limit)
+
+
+@contextlib.contextmanager
+def attacking(*argvs: list[str]) -> Iterator[list[dict]]:
+    """Each ``python -m serve.tools.attack ARGV`` in a process of its own (the measured
+    client shares no interpreter, GIL or descriptor table with them), under way before
+    the block; stopped after it, their JSON summaries in the yielded list."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "serve.tools.attack", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for argv in argvs
+    ]
+    summaries: list[dict] = []
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"an attacker did not start ({line!r})")
+        time.sleep(SETTLE_S)
+        yield summaries
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            with contextlib.suppress(ValueError, IndexError):
+                summaries.append(json.loads(out.strip().splitlines()[-1]))
 
 
 def _tensor_call(url: str, model: str, pixels: np.ndarray) -> tuple[Callable[[], object], Any]:
@@ -105,11 +140,12 @@ def _row(phase: str, client: str, run: ClientRun, idle: ClientRun | None, **extr
 def measure(
     srv: Any, model: str, pixels: np.ndarray, image: bytes, seconds: float, silent: int = 20_000
 ) -> dict[str, Any]:
-    """Every phase against ``srv`` (a :class:`~serve.runtime.stack.PublicServer`)."""
-    raise_fd_limit()
+    """Every phase against ``srv`` (a :class:`~serve.runtime.stack.PublicServer`); the
+    attackers run in processes of their own (serve/tools/attack.py)."""
     tensor, tensor_client = _tensor_call(srv.grpc_url, model, pixels)
     raw, image_client = _image_call(srv.grpc_url, model, image)
     fresh = _new_connection_call(srv.http_url, model, pixels)
+    shape = ",".join(str(d) for d in pixels.shape)
     rows: list[dict] = []
     try:
         for call in (tensor, raw, fresh):  # warm the paths
@@ -121,49 +157,39 @@ def measure(
         }
         rows += [_row("idle", name, run, None) for name, run in idle.items()]
         for n in SLOW_SENDER_ADDRESSES:
-            senders = SlowSenders(
-                srv.http_url, srv.grpc_url, model, pixels, attacker_addresses(n), 4
-            ).start()
-            try:
-                time.sleep(SETTLE_S)
+            argv = ["slow", "--http", srv.http_url, "--grpc", srv.grpc_url, "--model", model]
+            argv += ["--shape", shape, "--addresses", str(n), "--per-address", "4"]
+            with attacking(argv) as summaries:
                 run = normal_client(tensor, seconds)
-            finally:
-                cut = senders.stop()
-            held = max((r.seconds for r in cut), default=0.0)
+            extra = {"attackers": n, **(summaries[0] if summaries else {})}
             rows.append(
-                _row(
-                    f"slow senders x{n}",
-                    "grpc tensor",
-                    run,
-                    idle["grpc tensor"],
-                    attackers=n,
-                    attacker_requests=len(cut),
-                    longest_hold_s=held,
-                )
+                _row(f"slow senders x{n}", "grpc tensor", run, idle["grpc tensor"], **extra)
             )
-        images = HostileImageClients(srv.grpc_url, model, clients=3).start()
-        try:
-            time.sleep(SETTLE_S)
+        argv = ["images", "--grpc", srv.grpc_url, "--model", model, "--clients", "3"]
+        with attacking(argv) as summaries:
             run = normal_client(raw, seconds)
-        finally:
-            outcomes = images.stop()
+        outcomes = summaries[0] if summaries else {}
         rows.append(
             _row("hostile images x3", "grpc raw image", run, idle["grpc raw image"], **outcomes)
         )
-        conns = SilentConnections(srv.http_url, attacker_addresses(40, 100), silent).start()
-        try:
-            time.sleep(SETTLE_S)
+        procs = -(-silent // SILENT_PER_PROCESS)
+        argvs = [
+            ["silent", "--url", srv.http_url, "--addresses", "20", "--total"]
+            + [str(silent // procs), "--first-network", str(100 + 20 * k)]
+            for k in range(procs)
+        ]
+        with attacking(*argvs) as summaries:
             run = normal_client(fresh, seconds)
-        finally:
-            conns.stop()
+        opened = sum(int(x.get("opened", 0)) for x in summaries)
+        held = sum(int(x.get("held_max", 0)) for x in summaries)
         rows.append(
             _row(
                 f"silent conns {silent}",
                 "new http conn",
                 run,
                 idle["new http conn"],
-                opened=conns.opened,
-                held_max=conns.held_max,
+                opened=opened,
+                held_max=held,
             )
         )
     finally:
