@@ -32,17 +32,19 @@ DEPLOY ?=
 TRAIN_ARGS ?=
 EXPORT_ARGS ?=
 PYTEST_ARGS ?=
-# make deploy-manifests: Kubernetes manifests for N Tritons serving $(REPO).
-REPLICAS ?= 2
+# Tritons serving $(REPO): `make serve` runs REPLICAS on this machine (default 1: these are
+# 2 cores), `make deploy-manifests` asks Kubernetes for REPLICAS pods (default 2); `make
+# bench REPLICAS=2` measures two local ones beside one. One name, each target's own default.
+REPLICAS ?=
 IMAGE ?= nvcr.io/nvidia/tritonserver:26.07-py3
 MODEL_STORE ?=
 K8S_OUT ?= deploy/k8s
 NAMESPACE ?= default
 
-.PHONY: help setup lock data train export serve test test-long test-all test-fast lint format clean bench-train bench tune soak deploy-manifests
+.PHONY: help setup lock data train export serve test test-long test-all test-fast lint format clean bench-train bench tune soak chaos deploy-manifests
 
 help:
-	@echo "make setup | train | export | serve | test | test-long | test-all | test-fast | bench | tune | bench-train | soak | deploy-manifests | data | lint | clean"
+	@echo "make setup | train | export | serve | test | test-long | test-all | test-fast | bench | tune | bench-train | soak | chaos | deploy-manifests | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
 	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) PRECISION=$(PRECISION) (fp32|fp16|int8) DEPLOY=HOST:GRPC_PORT"
@@ -124,15 +126,23 @@ soak: $(STAMP)
 	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench \
 		--data $(or $(DATA),$(call recipe_get,data))/val $(SOAK_ARGS)
 
+# Kill a random tritonserver every 15 s and roll a version out and back, under load at
+# concurrency 4, on REPLICAS (default 2) of its own: sent/answered/failed, p50/p99 in and out
+# of faults, time to full capacity (bench/local/chaos-*-latest.{json,png}). CHAOS_ARGS=...
+chaos: $(STAMP)
+	$(PY) -m serve chaos --model $(MODEL) --model-repository $(REPO) --replicas $(or $(REPLICAS),2) \
+		--data $(or $(DATA),$(call recipe_get,data))/val --out bench/local $(CHAOS_ARGS)
+
 # Deployment + Service + HPA (queue time via prometheus-adapter) + ServiceMonitor + admin-key
 # Secret, rendered from $(REPO). MODEL_STORE=s3://bucket/path or pvc:CLAIM (default pvc:triton-models).
 deploy-manifests: $(STAMP)
-	$(PY) -m serve manifests --model-repository $(REPO) --out $(K8S_OUT) --replicas $(REPLICAS) \
+	$(PY) -m serve manifests --model-repository $(REPO) --out $(K8S_OUT) --replicas $(or $(REPLICAS),2) \
 		--image $(IMAGE) --namespace $(NAMESPACE) $(if $(MODEL_STORE),--model-store $(MODEL_STORE))
 
 serve: $(STAMP)
 	exec $(PY) -m serve run --model-repository $(REPO) --http-port $(HTTP_PORT) \
-		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --watchdog $(WATCHDOG)
+		--grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) --watchdog $(WATCHDOG) \
+		--replicas $(or $(REPLICAS),1)
 
 # Every behaviour, with per-architecture repetitions on representative architectures
 # (the marker `exhaustive` holds the rest: `make test-all`), less the few long end-to-end

@@ -95,6 +95,12 @@ COMMANDS = [
         run_soak_command,
     ),
     Command(
+        "chaos",
+        "kill tritonservers and roll out a version under load: no failed request",
+        lambda p: chaos_module().add_arguments(p),
+        lambda a: chaos_module().run_command(a),
+    ),
+    Command(
         "manifests",
         "Kubernetes manifests for N Tritons serving the repository (make deploy-manifests)",
         lambda p: add_manifests_arguments(p),
@@ -107,6 +113,12 @@ COMMANDS = [
         lambda a: perf_analyzer_module().run_command(a),
     ),
 ]
+
+
+def chaos_module():  # noqa: ANN202 - the module, imported only when the command is used
+    from serve.tools import chaos
+
+    return chaos
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -102,6 +102,15 @@ def run_health(a: argparse.Namespace) -> int:
             f"{m['success']:8.0f} {m['failure']:7.0f} {m['avg_queue_ms']:9.2f} "
             f"{m['avg_compute_ms']:10.2f} {m['avg_batch']:9.2f}"
         )
+    if h["replicas"]:
+        print(f"\n{'replica':8s} {'address':22s} {'state':8s} {'in flight':>9s} {'requests':>9s}")
+        for r in h["replicas"]:
+            print(
+                f"{r['name']:8s} {r['address']:22s} {r['state']:8s} {r['in_flight']:9d} "
+                f"{r['requests']:9d}"
+            )
+        up = sum(r["state"] == "UP" for r in h["replicas"])
+        print(f"{up} of {len(h['replicas'])} replicas in rotation")
     return 0 if h["ready"] else 1
 
 

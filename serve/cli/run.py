@@ -136,7 +136,61 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="inference and metadata need this key too (header inference-key)",
     )
     add_flags(f, FrontLimits, [PRIVATE_FLAG])
+    r = p.add_argument_group(
+        "replicas (serve/runtime/private.py)",
+        "tritonservers behind the same front, balanced by least outstanding requests and "
+        "health-checked on Triton's readiness; a dead one is restarted and what it failed "
+        "retried on another",
+    )
+    r.add_argument(
+        "--replicas",
+        type=int,
+        default=env_int("REPLICAS", 1),
+        metavar="N",
+        help="local tritonservers on the same model repository (default: $REPLICAS or 1)",
+    )
+    r.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[,key=FILE][,tls][,ca=FILE]",
+        help="another machine's server behind the same front (repeatable): its HTTP "
+        "port (gRPC PORT+1, metrics PORT+2, as Triton's defaults), the file of its admin "
+        "key, TLS and the CA to verify it",
+    )
     p.add_argument("extra", nargs="*", help="more tritonserver flags, after --")
+
+
+def remote_replicas(specs: list[str], first: int) -> list:
+    """``--replica`` values as replicas ``r<first>``, ``r<first+1>``, ...: UsageError
+    naming a bad one."""
+    from serve.core.errors import UsageError
+    from serve.runtime.front_options import Replica
+
+    out = []
+    for i, spec in enumerate(specs):
+        address, *options = spec.split(",")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65534:
+            raise UsageError(f"--replica {spec!r}: give HOST:PORT (the HTTP port)")
+        extra: dict[str, object] = {}
+        for opt in options:
+            name, _, value = opt.partition("=")
+            if name == "key" and value:
+                extra["admin_key"] = auth.read_key_file(Path(value))
+            elif name == "tls" and not value:
+                extra["tls"] = True
+            elif name == "ca" and value:
+                extra["ca_file"], extra["tls"] = str(Path(value).resolve()), True
+            else:
+                raise UsageError(
+                    f"--replica {spec!r}: unknown option {opt!r} (key=FILE, tls, ca=FILE)"
+                )
+        http = int(port)
+        out.append(
+            Replica(f"r{first + i}", host.strip("[]"), http, http + 1, http + 2, False, **extra)
+        )
+    return out
 
 
 def front_limits(a: argparse.Namespace) -> FrontLimits:
@@ -165,7 +219,8 @@ def run_run(a: argparse.Namespace) -> int:
 
         find_haproxy()  # refuse early, naming the fix
         limits = front_limits(a)
-        server = PublicServer(opts, limits, inherit_output=True)
+        remote = remote_replicas(a.replica, a.replicas)
+        server = PublicServer(opts, limits, inherit_output=True, replicas=a.replicas, remote=remote)
         return run_supervised(opts, a.watchdog, server=server)
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         log.error("--no-front serves Triton's own ports: loopback only (got --host %s)", a.host)

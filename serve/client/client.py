@@ -47,6 +47,15 @@ from serve.core.errors import (
 )
 from serve.core.preprocess import DEFAULT_LIMITS, ImageError, ImageSource, Limits, describe
 
+
+def local_replicas(url: str, key: str | None) -> list[str]:
+    """The names of the local replicas behind the front at ``url`` ([]: a single server)."""
+    from serve.client.admin import replicas
+
+    reps = replicas(url, key)
+    return [r.name for r in reps if r.local] if len(reps) > 1 else []
+
+
 __all__ = [
     "AsyncClassifier",
     "Classifier",
@@ -108,6 +117,7 @@ class Classifier(ClassifierBase):
                     timeout=timeout,
                     call_kwargs=self._call_kwargs(connect_timeout, auth.headers(key)),
                     shm_dir=lambda: auth.shm_dir(self.url),
+                    replicas=lambda: local_replicas(self.url, key),
                 )
                 with self._pool.lease(1):  # register one region now: a remote server fails here
                     pass

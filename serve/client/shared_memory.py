@@ -87,6 +87,7 @@ class SharedMemoryPool:
         timeout: float = 30.0,
         call_kwargs: dict[str, Any] | None = None,
         shm_dir: Callable[[], str | None] | None = None,
+        replicas: Callable[[], list[str]] | None = None,
     ) -> None:
         if max_regions < 1:
             raise UsageError("max_regions must be >= 1")
@@ -95,6 +96,9 @@ class SharedMemoryPool:
         self.timeout = timeout
         self.call_kwargs = dict(call_kwargs or {})  # headers=..., client_timeout=...
         self.shm_dir = shm_dir or (lambda: None)
+        # the local replicas behind a front (each must know a region: the owner's
+        # requests naming it go to any of them); [] for a single server
+        self.replicas = replicas or (lambda: [])
         self._cond = threading.Condition()
         self._free: list[Region] = []
         self._count = 0  # regions that exist or are being created (<= max_regions)
@@ -143,11 +147,21 @@ class SharedMemoryPool:
         with contextlib.suppress(Exception):
             shm.destroy_shared_memory_region(region.handle)
 
+    def _each_replica(self) -> list[dict[str, Any]]:
+        """The call kwargs for each local replica (one replica header each), or as they
+        are for a single server."""
+        names = self.replicas()
+        if not names:
+            return [self.call_kwargs]
+        base = dict(self.call_kwargs.get("headers") or {})
+        return [{**self.call_kwargs, "headers": {**base, "trainserve-replica": n}} for n in names]
+
     def _register(self, region: Region) -> None:
         try:
-            self.client.register_system_shared_memory(
-                region.name, region.key, region.size, **self.call_kwargs
-            )
+            for kwargs in self._each_replica():
+                self.client.register_system_shared_memory(
+                    region.name, region.key, region.size, **kwargs
+                )
         except Exception as e:  # noqa: BLE001
             why = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
             raise ClientError(
@@ -158,8 +172,9 @@ class SharedMemoryPool:
 
     def _destroy(self, region: Region) -> None:
 
-        with contextlib.suppress(Exception):
-            self.client.unregister_system_shared_memory(region.name, **self.call_kwargs)
+        for kwargs in self._each_replica():
+            with contextlib.suppress(Exception):
+                self.client.unregister_system_shared_memory(region.name, **kwargs)
         self._free_memory(region)
 
     def _acquire(self, nbytes: int) -> Region | None:
@@ -235,8 +250,9 @@ class SharedMemoryPool:
         """Tell the server about ``region`` again (after a server restart); a file region
         whose folder went with the old server is made anew where the server is now.
         Returns the region to use (the same one, or its replacement)."""
-        with contextlib.suppress(Exception):
-            self.client.unregister_system_shared_memory(region.name, **self.call_kwargs)
+        for kwargs in self._each_replica():
+            with contextlib.suppress(Exception):
+                self.client.unregister_system_shared_memory(region.name, **kwargs)
         if region.path is not None and (
             not region.path.exists() or str(region.path.parent) != self.shm_dir()
         ):

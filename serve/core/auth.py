@@ -159,6 +159,23 @@ def metrics_url(url: str | None, default_port: int = 8002) -> str | None:
     return f"http://{host}:{default_port}/metrics" if port in ("8000", "8001") else None
 
 
+def http_url_file(url: str) -> Path:
+    """Where ``serve run`` records the HTTP address of the server whose gRPC is ``url``
+    (its replicas' control is an HTTP route)."""
+    return key_path(url).with_name(key_path(url).name + ".http")
+
+
+def http_url(url: str | None) -> str | None:
+    """The HTTP ``HOST:PORT`` of the server at ``url``: ``url`` itself when it is one,
+    what ``serve run`` recorded for it, or None."""
+    if not url:
+        return "127.0.0.1:8000"
+    try:
+        return http_url_file(url).read_text().strip() or None
+    except OSError:
+        return None
+
+
 def remove_key_files(paths: list[Path]) -> None:
     for p in paths:
         with contextlib.suppress(OSError):

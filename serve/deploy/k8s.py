@@ -14,6 +14,10 @@ What is rendered (``<out>/triton.yaml``, several documents, plus ``<out>/secret.
   loads (warmup, engine deserialization) time; Prometheus scrape annotations for :8002;
   a GPU per pod when a model runs on GPU; the restricted control APIs behind the admin
   key (serve/core/auth.py's flags, the key taken from the Secret through ``$(TRITON_ADMIN_KEY)``);
+* ``PodDisruptionBudget``: at most one replica voluntarily down at a time; with the
+  Deployment's rolling update (``maxUnavailable: 0``, ``maxSurge: 1``, ``minReadySeconds``)
+  the same promise ``serve run --replicas`` keeps on one machine: no replica leaves
+  rotation before another is ready;
 * ``Service`` (HTTP 8000, gRPC 8001, metrics 8002);
 * ``HorizontalPodAutoscaler`` (autoscaling/v2) on a Pods metric,
   ``triton_queue_time_us_per_request``: Triton's cumulative queue time
@@ -250,6 +254,8 @@ def deployment(cfg: DeployConfig, repo: Repository) -> dict[str, Any]:
         "metadata": _meta(cfg),
         "spec": {
             "replicas": cfg.replicas,
+            # a new pod counts as available once ready for this long (warmed up)
+            "minReadySeconds": 10,
             "selector": {"matchLabels": _labels(cfg)},
             "strategy": {
                 "type": "RollingUpdate",
@@ -260,6 +266,17 @@ def deployment(cfg: DeployConfig, repo: Repository) -> dict[str, Any]:
                 "spec": spec,
             },
         },
+    }
+
+
+def disruption_budget(cfg: DeployConfig) -> dict[str, Any]:
+    """At most one replica voluntarily down at a time (node drains, cluster upgrades),
+    as the rolling update (``maxUnavailable: 0``) and ``serve run``'s rollouts do."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(cfg),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _labels(cfg)}},
     }
 
 
@@ -360,6 +377,7 @@ def render(cfg: DeployConfig) -> dict[str, list[dict[str, Any]]]:
     return {
         "triton.yaml": [
             deployment(cfg, repo),
+            disruption_budget(cfg),
             service(cfg),
             autoscaler(cfg),
             adapter_rules(cfg),

@@ -16,6 +16,8 @@ from serve.runtime.front_options import (
     H2_WINDOW,
     INFERENCE_KEY_HEADER,
     MAX_META_BYTES,
+    REPLICA_HEADER,
+    REPLICAS_LUA,
     SHM_REFUSED,
     FrontOptions,
 )
@@ -112,6 +114,7 @@ def _global(o: FrontOptions) -> list[str]:
         "    hard-stop-after 30s",
         f"    lua-load {GRPC_CHECK_LUA}",
         f"    lua-load {BODY_RATE_LUA}",
+        f"    lua-load {REPLICAS_LUA}",
         *([f"    stats socket {o.stats_socket} mode 600 level operator"] if o.stats_socket else []),
         "    log stderr format short local0 warning",
         "",
@@ -273,6 +276,71 @@ def _late_body(o: FrontOptions) -> str:
     )
 
 
+# Control calls that change or read one replica's state: with several replicas each must
+# reach every replica (the owner's tools call each in turn, naming it), so an unnamed
+# one is refused rather than sent to whichever replica is least busy.
+HTTP_CONTROL = (
+    r"^/v2/(repository/models/|systemsharedmemory|cudasharedmemory|trace|logging)"
+    r"|^/v2/models(/[^/]+(/versions/[0-9]+)?)?/stats$"
+)
+GRPC_CONTROL = (
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "SystemSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "ModelStatistics",
+    "TraceSetting",
+    "LogSettings",
+)
+
+
+def _replica_rules(o: FrontOptions, wire: str) -> list[str]:
+    """The owner's calls for one replica (header ``trainserve-replica``): a name that is
+    not a replica refused, the replicas' own control service (replicas.lua, HTTP), and -
+    with several replicas - a control call that names none refused, saying why."""
+    names = " ".join(r.name for r in o.replicas)
+    if wire == "http":
+        control = f"path_reg '{HTTP_CONTROL}'"
+        refuse_bad = _err(400, f"{REPLICA_HEADER} names no replica here ({names})")
+        refuse_unnamed = _err(
+            400,
+            f"this server runs {len(o.replicas)} replicas ({names}): a control call goes "
+            f"to each, naming it (header {REPLICA_HEADER}); python -m serve "
+            "load|unload|rollback|restart do so",
+        )
+    else:
+        control = "path " + " ".join(GRPC_SERVICE + m for m in GRPC_CONTROL)
+        refuse_bad = _grpc_err(3, f"{REPLICA_HEADER} names no replica here ({names})")
+        refuse_unnamed = _grpc_err(
+            9,
+            f"this server runs {len(o.replicas)} replicas ({names}): a control call goes "
+            f"to each, naming it (metadata {REPLICA_HEADER}); python -m serve "
+            "load|unload|rollback|restart do so",
+        )
+    lines = [
+        f"    acl for_replica req.hdr({REPLICA_HEADER}) -m found",
+        f"    acl known_replica req.hdr({REPLICA_HEADER}) -m str {names}",
+        f"    acl control {control}",
+        f"    http-request return {refuse_bad} if admin for_replica !known_replica",
+        "    http-request deny deny_status 403 if !admin for_replica",
+    ]
+    if wire == "http":
+        local = " ".join(r.name for r in o.replicas if r.local)
+        lines += [
+            f'    http-request set-var(txn.local_replicas) str("{local}")'
+            " if admin { path_beg /v2/trainserve/replicas }",
+            "    http-request use-service lua.replica_control if admin "
+            "{ path_beg /v2/trainserve/replicas }",
+        ]
+    if len(o.replicas) > 1:
+        lines.append(f"    http-request return {refuse_unnamed} if admin control !for_replica")
+    return lines
+
+
 def _http_routes(o: FrontOptions) -> list[str]:
     """HTTP: the owner's calls, the open routes, the whole body (then the body checks
     and the queue bound, which so counts only requests that arrived whole) and the
@@ -282,6 +350,7 @@ def _http_routes(o: FrontOptions) -> list[str]:
         # body is checked as the public's is (a malformed body kills Triton whoever sends
         # it), but it may name internal models and shared memory, and skips the queue bound
         "    acl any_infer path_reg ^/v2/models/[^/]{1,128}(/versions/[0-9]{1,18})?/infer$",
+        *_replica_rules(o, "http"),
         "    http-request allow if admin !any_infer",
         "    http-request allow if health is_get",
         "    http-request return "
@@ -325,7 +394,8 @@ def _http_routes(o: FrontOptions) -> list[str]:
         + f" if !admin large_body {{ be_conn(triton_http_large) ge {o.max_large_requests} }}",
         # the owner's inference shares the public backends (and their bounds); the rest of
         # the owner's calls (control plane, statistics, watchdog probes) skip the queue
-        "    use_backend triton_http_admin if admin !model_infer",
+        "    use_backend triton_http_admin if admin !model_infer or admin for_replica",
+        "    use_backend triton_http_shm if admin names_shm",
         "    use_backend triton_http_large if large_body",
         "    default_backend triton_http",
         "",
@@ -348,20 +418,125 @@ def _body_rate(o: FrontOptions) -> str:
     return f"    filter lua.body_rate {int(o.body_timeout_s * 1000)} {o.min_body_rate}"
 
 
+def _servers(o: FrontOptions, wire: str, maxconn: int, check: bool = False) -> list[str]:
+    """One ``server`` line per replica. ``check``: this backend health-checks every
+    replica on Triton's own readiness (HTTP); the other backends track its verdicts, so
+    a replica that is dead or not ready (or not yet warmed up: Triton is ready only once
+    its models are loaded and warmed) is out of rotation everywhere within about a
+    second, and back only after two good checks."""
+    primary = "triton_http"
+    lines = []
+    for r in o.replicas:
+        proto = " proto h2" if wire == "grpc" else ""
+        ssl = ""
+        if r.tls:
+            verify = f" verify required ca-file {r.ca_file}" if r.ca_file else " verify none"
+            ssl = " ssl" + verify + (" alpn h2" if wire == "grpc" else "")
+        if not check:
+            state = f" track {primary}/{r.name}"
+        elif r.via:  # the check goes where the HTTP requests go
+            state = " check" + (" check-ssl" if r.tls else "")
+        else:
+            state = f" check port {r.http_port}" + (" check-ssl" if r.tls else "")
+        line = f"    server {r.name} {r.endpoint(wire)}{proto}{ssl} maxconn {maxconn}{state}"
+        lines.append(line)
+    return lines
+
+
+def _balanced(o: FrontOptions, retry: bool) -> list[str]:
+    """How a backend spreads requests over the replicas: least outstanding requests;
+    with ``retry``, an inference a replica failed before answering (refused or reset
+    connection, no response, 503) is sent once more, to another replica - never one that
+    was answered (HAProxy resends only a request it holds whole: every request the queue
+    bound counts)."""
+    lines = ["    balance leastconn"]
+    if retry and len(o.replicas) > 1:
+        lines += [
+            "    retries 1",
+            "    option redispatch 1",
+            "    retry-on conn-failure empty-response 503",
+        ]
+    if any(not r.local for r in o.replicas):  # the owner's key never leaves the machine
+        lines += [
+            f"    http-request del-header {auth.HEADER}",
+            f"    http-request del-header {auth.GRPC_HEADER}",
+        ]
+    return lines
+
+
+def _health_checks(o: FrontOptions) -> list[str]:
+    """Each replica is checked on Triton's readiness of every public model (a fresh
+    replica is in rotation once its models are loaded and warmed up). Not on the server's
+    own readiness: Triton 2.51 reports the server not ready while it unloads a version a
+    rollout replaced, though the new one serves (measured: 2.5 s per replica)."""
+    lines = ["    option httpchk"]
+    for model in o.public_models:
+        lines += [
+            "    http-check connect default",
+            f"    http-check send meth GET uri /v2/models/{model}/ready ver HTTP/1.1"
+            " hdr host triton",
+            "    http-check expect status 200",
+        ]
+    return lines + [
+        "    default-server inter 1s fastinter 250ms downinter 500ms fall 2 rise 2"
+        " observe layer4 error-limit 1 on-error mark-down",
+    ]
+
+
+def _owner_routes(o: FrontOptions, local_only: bool = False) -> list[str]:
+    """The owner's calls for one replica (header ``trainserve-replica``) go to that one -
+    even while it is down or loading (``force-persist``: never to another one instead);
+    the header is the front's own and goes no further (a remote replica's front has its
+    own replicas); a remote replica gets its own admin key, never ours."""
+    named = "{ var(txn.replica) -m found }"
+    lines = [
+        f"    http-request set-var(txn.replica) req.hdr({REPLICA_HEADER})",
+        f"    http-request del-header {REPLICA_HEADER}",
+        f"    force-persist if {named}",
+    ]
+    servers = [r for r in o.replicas if r.local or not local_only]
+    for r in servers:
+        this = f"{{ var(txn.replica) -m str {r.name} }}"
+        if not r.local:
+            lines += [
+                f"    http-request del-header {auth.HEADER} if {this}",
+                f"    http-request del-header {auth.GRPC_HEADER} if {this}",
+            ]
+            if r.admin_key:
+                lines += [
+                    f"    http-request set-header {auth.HEADER} {r.admin_key} if {this}",
+                    f"    http-request set-header {auth.GRPC_HEADER} {r.admin_key} if {this}",
+                ]
+    return lines + [
+        f"    use-server {r.name} if {{ var(txn.replica) -m str {r.name} }}" for r in servers
+    ]
+
+
 def _http_backends(o: FrontOptions) -> list[str]:
     return [
         "backend triton_http",
-        f"    server triton {o.triton_http} maxconn {o.max_queue + 16}",
+        *_balanced(o, retry=True),
+        *_health_checks(o),
+        *_servers(o, "http", o.max_queue + 16, check=True),
         "    http-error " + _err(503, BUSY),
         *_rewrite_parse_errors(),
         "",
         "backend triton_http_large",  # requests over small_body_bytes: the byte bound
-        f"    server triton {o.triton_http} maxconn {o.max_large_requests + 4}",
+        *_balanced(o, retry=False),
+        *_servers(o, "http", o.max_large_requests + 4),
         "    http-error " + _err(503, BUSY),
         *_rewrite_parse_errors(),
         "",
         "backend triton_http_admin",  # the owner's calls (watchdog probes) skip the queue
-        f"    server triton {o.triton_http} maxconn 16",
+        "    balance leastconn",
+        *_owner_routes(o),
+        *_servers(o, "http", 16),
+        "",
+        # the owner's inference naming shared memory: only where the regions are (local)
+        "backend triton_http_shm",
+        "    balance leastconn",
+        *_owner_routes(o, local_only=True),
+        *[line for line in _servers(o, "http", o.max_queue + 16) if _is_local(o, line)],
         "",
     ]
 
@@ -413,6 +588,7 @@ def _grpc_routes(o: FrontOptions) -> list[str]:
     # the owner's inference: any model name, shared memory allowed; the rest checked alike
     owner_spec = "/".join(["@owner"] + single)
     return [
+        *_replica_rules(o, "grpc"),
         # the owner's calls skip the checks below, except inference: checked as the
         # public's is, but it may name internal models and shared memory (the Lua check's
         # "@owner") and skips the queue bound
@@ -455,6 +631,8 @@ def _grpc_routes(o: FrontOptions) -> list[str]:
         + _grpc_err(14, BUSY)
         + f" if !admin large_body {{ be_conn(triton_grpc_large) ge {o.max_large_requests} }}",
         f"    use_backend triton_grpc_admin if admin !{{ path {GRPC_SERVICE}ModelInfer }}",
+        "    use_backend triton_grpc_admin if admin for_replica",
+        "    use_backend triton_grpc_shm if admin { var(txn.shm) -m found }",
         "    use_backend triton_grpc_large if large_body",
         "    default_backend triton_grpc",
         "",
@@ -464,28 +642,49 @@ def _grpc_routes(o: FrontOptions) -> list[str]:
 def _grpc_backends(o: FrontOptions) -> list[str]:
     return [
         "backend triton_grpc",
-        f"    server triton {o.triton_grpc} proto h2 maxconn {o.max_queue + 16}",
+        *_balanced(o, retry=True),
+        *_servers(o, "grpc", o.max_queue + 16),
         "",
         "backend triton_grpc_large",
-        f"    server triton {o.triton_grpc} proto h2 maxconn {o.max_large_requests + 4}",
+        *_balanced(o, retry=False),
+        *_servers(o, "grpc", o.max_large_requests + 4),
         "",
         "backend triton_grpc_admin",
-        f"    server triton {o.triton_grpc} proto h2 maxconn 16",
+        "    balance leastconn",
+        *_owner_routes(o),
+        *_servers(o, "grpc", 16),
+        "",
+        # the owner's inference naming shared memory: only where the regions are (local)
+        "backend triton_grpc_shm",
+        "    balance leastconn",
+        *_owner_routes(o, local_only=True),
+        *[line for line in _servers(o, "grpc", o.max_queue + 16) if _is_local(o, line)],
         "",
     ]
 
 
+def _is_local(o: FrontOptions, server_line: str) -> bool:
+    name = server_line.split()[1]
+    return next(r.local for r in o.replicas if r.name == name)
+
+
 def _metrics(o: FrontOptions) -> list[str]:
+    """The metrics port: ``/metrics`` is every replica's Triton metrics, each sample
+    labelled ``replica`` (front_metrics in grpc_check.lua; sum them over the label for
+    the whole), ``/metrics/front`` HAProxy's own (its Prometheus exporter: each replica's
+    state and requests in flight)."""
+    targets = " ".join(f"{r.name}={r.endpoint('metrics')}" for r in o.replicas)
     return [
         "frontend metrics_in",
         f"    bind {o.metrics_bind}",
         "    maxconn 64",
         "    tcp-request connection track-sc0 src table conn_per_client",
         "    tcp-request connection reject if { sc0_conn_cur gt 8 }",
-        "    http-request return " + _err(404, "only /metrics here") + " if !{ path /metrics }",
-        "    default_backend triton_metrics",
-        "",
-        "backend triton_metrics",
-        f"    server triton {o.triton_metrics} maxconn 4",
+        "    http-request use-service prometheus-exporter if { path /metrics/front }",
+        "    http-request return "
+        + _err(404, "only /metrics and /metrics/front here")
+        + " if !{ path /metrics }",
+        f'    http-request set-var(txn.metrics_targets) str("{targets}")',
+        "    http-request use-service lua.replica_metrics",
         "",
     ]

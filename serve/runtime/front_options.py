@@ -37,18 +37,60 @@ MAX_META_BYTES = 4096  # the largest non-inference gRPC message (a model name an
 GRPC_CHECK_LUA = Path(__file__).with_name("grpc_check.lua")
 # The deadline of a body too large to wait for whole (its size at the least rate).
 BODY_RATE_LUA = Path(__file__).with_name("body_rate.lua")
+# The replicas' control (drain, ready, their state) and their metrics, labelled.
+REPLICAS_LUA = Path(__file__).with_name("replicas.lua")
+
+
+REPLICA_HEADER = "trainserve-replica"  # names the replica an owner's control call is for
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One tritonserver behind the front: its name (``r0``, ``r1``, ...: HAProxy's server
+    name and the value of :data:`REPLICA_HEADER`) and where its ports are. A local one
+    runs in the stack's own namespace (shared memory reaches it); a remote one is another
+    machine's server, reached over the network (its front's admin key, TLS)."""
+
+    name: str
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    local: bool = True
+    admin_key: str = ""  # a remote replica's: set on the owner's calls routed to it
+    tls: bool = False  # a remote replica's ports speak TLS
+    ca_file: str = ""  # verify the remote's certificate with this CA ("" with tls: none)
+    # reached through Unix sockets ``<via>-http.sock`` etc. (the stack's egress: the front
+    # runs in Triton's private namespace, which has no route out; serve/runtime/stack.py)
+    via: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"r[0-9]{1,3}", self.name):
+            raise UsageError(f"replica name {self.name!r} is not r<number>")
+        if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}", self.host):
+            raise UsageError(f"replica host {self.host!r} is not a plain host name or address")
+        if self.admin_key and not re.fullmatch(r"[A-Za-z0-9_.~+/=-]{16,256}", self.admin_key):
+            raise UsageError("keys must be 16-256 URL-safe characters")
+
+    def address(self, port: int) -> str:
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
+
+    def endpoint(self, wire: str) -> str:
+        """Where the front connects for ``wire`` (http, grpc, metrics)."""
+        if self.via:
+            return f"unix@{self.via}-{wire}.sock"
+        port = {"http": self.http_port, "grpc": self.grpc_port, "metrics": self.metrics_port}
+        return self.address(port[wire])
 
 
 @dataclass
 class FrontOptions:
-    """What the front listens on, what it lets through, and where Triton is."""
+    """What the front listens on, what it lets through, and where the Tritons are."""
 
     http_bind: str  # haproxy bind spec: "fd@3", "127.0.0.1:8000"
     grpc_bind: str
     metrics_bind: str
-    triton_http: str  # where Triton listens (inside its namespace): "127.0.0.1:8000"
-    triton_grpc: str
-    triton_metrics: str
+    replicas: list[Replica]  # the tritonservers behind the front, balanced
     public_models: list[str]  # models anyone may infer on
     internal_models: list[str] = field(default_factory=list)  # named in no open request
     single_input: bool = False  # every model of the repository has exactly one input
@@ -83,6 +125,10 @@ class FrontOptions:
     owner_grpc: str = ""
 
     def __post_init__(self) -> None:
+        if not self.replicas:
+            raise UsageError("the front needs at least one replica")
+        if len({r.name for r in self.replicas}) != len(self.replicas):
+            raise UsageError("replica names must differ")
         if not self.public_models:
             raise UsageError("the front needs at least one public model")
         for name in [*self.public_models, *self.internal_models]:

@@ -102,6 +102,18 @@ local function parse_spec(spec)
   return t
 end
 
+-- "no such public model: X; public models: a, b" (the names from the spec)
+local function not_public(name, spec)
+  local public = {}
+  for n in string.gmatch(spec or "", "[^/]+") do
+    if n:sub(1, 1) ~= "@" then
+      public[#public + 1] = n
+    end
+  end
+  return "no such public model: " .. name:sub(1, 64):gsub("[^%w_.-]", "?")
+    .. "; public models: " .. table.concat(public, ", ")
+end
+
 local SHM_PARAMETER = "shared_memory_region"
 local SHM_REFUSED = "shared-memory inputs and outputs need the admin key"
 local INVALID_ARGUMENT, PERMISSION_DENIED = 3, 7
@@ -122,7 +134,8 @@ local function check(body, spec)
   end
   -- a shared-memory input or output (a parameter named so, anywhere the buffer shows)
   local owner = limits["@owner"] == true -- the admin key's call: names and shm not checked
-  if not owner and string.find(body, SHM_PARAMETER, 6, true) then
+  local shm = string.find(body, SHM_PARAMETER, 6, true) ~= nil
+  if shm and not owner then
     return SHM_REFUSED, PERMISSION_DENIED
   end
   local j = n
@@ -155,7 +168,7 @@ local function check(body, spec)
       local name = body:sub(first, last)
       if not owner and not limits[name] then
         code = PERMISSION_DENIED
-        return "no such public model: " .. name:sub(1, 64):gsub("[^%w_.-]", "?")
+        return not_public(name, spec)
       end
       model = name
     elseif num == 5 and wire == 2 then
@@ -202,7 +215,11 @@ end
 -- into one buffer (half the body seen) and costs CPU per request; the fetch reads the
 -- buffered body as it is (``txn.f:req_body()``, after ``wait-for-body``).
 core.register_fetches("grpc_infer_check", function(txn, spec)
-  local ok, why, code = pcall(check, txn.f:req_body() or "", spec)
+  local body = txn.f:req_body() or ""
+  if string.find(body, SHM_PARAMETER, 6, true) then
+    txn:set_var("txn.shm", 1) -- the owner's request goes where the regions are
+  end
+  local ok, why, code = pcall(check, body, spec)
   if not ok then
     why, code = "unreadable request (" .. tostring(why) .. ")", INVALID_ARGUMENT
   end
@@ -241,7 +258,7 @@ local function check_meta(body, spec, max_bytes)
       local name = body:sub(first, last)
       if not public[name] then
         code = PERMISSION_DENIED
-        return "no such public model: " .. name:sub(1, 64):gsub("[^%w_.-]", "?")
+        return not_public(name, spec)
       end
       named = true
     elseif num == 2 and wire == 2 then

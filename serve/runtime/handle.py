@@ -155,10 +155,14 @@ class ServerHandle(ABC):
         return self.process is not None and self.process.poll() is None
 
     def _write_key_files(self) -> None:
-        """The admin key and the metrics URL, mode 0600, where local clients look."""
-        self._key_files = self.opts.write_key_files() + [
-            auth.write_key_file(auth.metrics_url_file(u), self.metrics_url) for u in self.opts.urls
-        ]
+        """The admin key, the metrics URL and the HTTP address, mode 0600, where local
+        clients look."""
+        self._key_files = self.opts.write_key_files()
+        for u in self.opts.urls:
+            self._key_files += [
+                auth.write_key_file(auth.metrics_url_file(u), self.metrics_url),
+                auth.write_key_file(auth.http_url_file(u), self.http_url),
+            ]
 
     def _spawn(self, cmd: list[str], **popen: Any) -> None:
         """Start ``cmd`` in a session of its own, its output to ``log_path``, to our

@@ -12,13 +12,15 @@ from typing import Literal, get_args
 from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
 from serve.core.errors import UsageError
 from serve.runtime.front import FrontOptions
+from serve.runtime.front_options import Replica
 from serve.runtime.server_options import LOOPBACK
 
 log = logging.getLogger(__name__)
 
 
 DTYPE_BYTES = {"TYPE_FP32": 4, "TYPE_FP16": 2, "TYPE_UINT8": 1, "TYPE_INT8": 1, "TYPE_INT64": 8}
-PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace
+PRIVATE_PORTS = (8000, 8001, 8002)  # Triton's ports inside its own namespace (replica r0;
+REPLICA_PORT_STEP = 100  # replica rK listens on these + K x REPLICA_PORT_STEP)
 # the front's owner listeners (HTTP, gRPC) inside that namespace: every call there is the
 # owner's without a key (only the owner can enter the namespace; perf_analyzer runs there)
 OWNER_PORTS = (8010, 8011)
@@ -108,23 +110,31 @@ def repository_models(repo: Path) -> RepositoryModels:
     return RepositoryModels(public, internal, largest + (64 << 10), single)
 
 
+def local_replica(index: int, ports: tuple[int, int, int]) -> Replica:
+    """Replica ``r<index>`` of this stack, its Triton on loopback ``ports``."""
+    return Replica(f"r{index}", LOOPBACK, *ports)
+
+
+def replica_ports(index: int) -> tuple[int, int, int]:
+    """The private ports (HTTP, gRPC, metrics) of local replica ``index`` in the namespace."""
+    step = index * REPLICA_PORT_STEP
+    return (PRIVATE_PORTS[0] + step, PRIVATE_PORTS[1] + step, PRIVATE_PORTS[2] + step)
+
+
 def front_options(
     limits: FrontLimits,
     models: RepositoryModels,
     fds: list[int],
-    triton_ports: tuple[int, int, int],
+    replicas: list[Replica],
     **extra: str,
 ) -> FrontOptions:
-    """The front for Triton on loopback ``triton_ports`` (HTTP, gRPC, metrics), serving
-    the inherited public sockets ``fds`` with ``limits``."""
-    http, grpc, metrics = triton_ports
+    """The front for the Tritons ``replicas``, serving the inherited public sockets
+    ``fds`` with ``limits``."""
     return FrontOptions(
         http_bind=f"fd@{fds[0]}",
         grpc_bind=f"fd@{fds[1]}",
         metrics_bind=f"fd@{fds[2]}",
-        triton_http=f"{LOOPBACK}:{http}",
-        triton_grpc=f"{LOOPBACK}:{grpc}",
-        triton_metrics=f"{LOOPBACK}:{metrics}",
+        replicas=replicas,
         public_models=models.public,
         internal_models=models.internal,
         single_input=models.single_input,

@@ -13,11 +13,16 @@ shared-memory client creates its regions in that folder through
 ``/proc/<tritonserver>/root/dev/shm``. Without ``unshare`` (see :func:`namespace_prefix`) the
 same module runs in the host namespace with Triton on loopback ports (the fallback).
 
-This process supervises both: HAProxy is restarted when it dies (a crash of the front
-never takes Triton down), tritonserver's exit ends everything with its exit code, and
-SIGTERM/SIGINT stop HAProxy, then tritonserver (cleanly, within its exit timeout).
-Everything here runs with umask 077, so Triton's and the python backend's files and IPC
-regions in /dev/shm are the owner's alone.
+This process supervises them all: one tritonserver per local replica (``serve run
+--replicas N``, each on its own private ports), each restarted when it dies - at once,
+then with a growing backoff, and given up (loudly, with the reason it died) after
+:data:`FAST_DEATHS` deaths each within :data:`FAST_DEATH_S` of its start; HAProxy is
+restarted when it dies (a crash of the front never takes a Triton down). While a replica
+is dead or restarting, the front's health checks keep it out of rotation and retry what
+it failed on another replica. When every replica has been given up, everything ends
+with the last one's exit code. SIGTERM/SIGINT stop HAProxy, then the tritonservers
+(cleanly, within their exit timeout). Everything here runs with umask 077, so Triton's
+and the python backend's files and IPC regions in /dev/shm are the owner's alone.
 """
 
 from __future__ import annotations
@@ -38,13 +43,26 @@ from pathlib import Path
 log = logging.getLogger("serve.runtime.private")
 
 
+FAST_DEATHS = 5  # a replica that dies this many times in a row, each time
+FAST_DEATH_S = 30.0  # within this long of its start, is given up
+BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0)  # wait before the n-th restart in a row
+
+
+@dataclass
+class ReplicaSpec:
+    """One local tritonserver: its replica name, command, environment and HTTP address."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    http: str  # HOST:PORT its HTTP listens on (for readiness)
+
+
 @dataclass
 class PrivateSpec:
     """What the child runs (written by the parent to a 0600 file, read once)."""
 
-    triton_cmd: list[str]
-    triton_env: dict[str, str]
-    triton_http: str  # HOST:PORT Triton's HTTP listens on (for readiness)
+    replicas: list[ReplicaSpec]
     haproxy_cmd: list[str]
     pass_fds: list[int] = field(default_factory=list)
     in_namespace: bool = True
@@ -61,7 +79,9 @@ class PrivateSpec:
 
     @classmethod
     def read(cls, path: Path) -> PrivateSpec:
-        return cls(**json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        raw["replicas"] = [ReplicaSpec(**r) for r in raw["replicas"]]
+        return cls(**raw)
 
 
 def namespace_prefix() -> tuple[list[str], str]:
@@ -140,15 +160,95 @@ def _ready(url: str) -> bool:
         return False
 
 
+class Replica:
+    """A local tritonserver kept running: started, restarted when it dies (with backoff),
+    given up after repeated fast deaths."""
+
+    def __init__(self, spec: ReplicaSpec) -> None:
+        self.spec = spec
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.fast_deaths = 0
+        self.restart_at = 0.0
+        self.given_up = False
+        self.last_code: int | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.spec.cmd, env=self.spec.env, preexec_fn=die_with_parent)
+        self.started = time.monotonic()
+        log.info("replica %s: tritonserver started (pid %d)", self.spec.name, self.proc.pid)
+
+    def tend(self) -> None:
+        """Restart a dead one when its backoff is over; give it up after fast deaths."""
+        if self.given_up or self.proc is None:
+            return
+        code = self.proc.poll()
+        if code is None:
+            if time.monotonic() - self.started > FAST_DEATH_S:
+                self.fast_deaths = 0
+            return
+        now = time.monotonic()
+        if not self.restart_at:  # it just died: say why, schedule the restart
+            self.last_code = code
+            why = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit {code}"
+            fast = now - self.started < FAST_DEATH_S
+            self.fast_deaths = self.fast_deaths + 1 if fast else 1
+            if self.fast_deaths >= FAST_DEATHS:
+                self.given_up = True
+                log.error(
+                    "replica %s: tritonserver died (%s), %d times in a row within %.0f s of "
+                    "its start: GIVING UP on this replica (see its log above)",
+                    self.spec.name,
+                    why,
+                    self.fast_deaths,
+                    FAST_DEATH_S,
+                )
+                return
+            wait = BACKOFF_S[min(self.fast_deaths - 1, len(BACKOFF_S) - 1)]
+            log.error(
+                "replica %s: tritonserver (pid %d) died (%s) after %.1f s; restarting it in "
+                "%.1f s (the front keeps it out of rotation until it is ready)",
+                self.spec.name,
+                self.proc.pid,
+                why,
+                now - self.started,
+                wait,
+            )
+            self.restart_at = now + wait
+        if now >= self.restart_at:
+            self.restart_at = 0.0
+            self.start()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        if self.proc is None:
+            return 1
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        return self.proc.returncode
+
+
 def run(spec: PrivateSpec) -> int:
-    """Start Triton, wait until ready, start (and keep restarting) HAProxy; returns
-    tritonserver's exit code."""
+    """Start the Tritons, wait until one is ready, start (and keep restarting) HAProxy,
+    keep every Triton running; returns the exit code of the last replica given up (0
+    after a stop)."""
     os.umask(0o077)
     if spec.in_namespace:
         _loopback_up()
         _private_shm(spec.host_mount_namespace)
     stop = threading.Event()
-    triton = subprocess.Popen(spec.triton_cmd, env=spec.triton_env, preexec_fn=die_with_parent)
+    replicas = [Replica(r) for r in spec.replicas]
+    for r in replicas:
+        r.start()
     haproxy: subprocess.Popen | None = None
 
     def on_signal(signum: int, frame: object) -> None:
@@ -157,13 +257,17 @@ def run(spec: PrivateSpec) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     deadline = time.monotonic() + spec.ready_timeout
-    while not stop.is_set() and triton.poll() is None and not _ready(spec.triton_http):
-        if time.monotonic() > deadline:
-            log.error("tritonserver not ready after %.0f s", spec.ready_timeout)
+    while not stop.is_set() and not any(r.alive() and _ready(r.spec.http) for r in replicas):
+        if time.monotonic() > deadline or all(not r.alive() for r in replicas):
+            log.error("no tritonserver ready after %.0f s", spec.ready_timeout)
             stop.set()
         stop.wait(0.2)
     restarts = 0
-    while not stop.is_set() and triton.poll() is None:
+    while not stop.is_set():
+        for r in replicas:
+            r.tend()
+        if all(r.given_up for r in replicas):
+            break
         if haproxy is None or haproxy.poll() is not None:
             if haproxy is not None:
                 restarts += 1
@@ -182,14 +286,12 @@ def run(spec: PrivateSpec) -> int:
             haproxy.wait(10)
         except subprocess.TimeoutExpired:
             haproxy.kill()
-    if triton.poll() is None:
-        triton.send_signal(signal.SIGTERM)
-        try:
-            triton.wait(spec.exit_timeout)
-        except subprocess.TimeoutExpired:
-            triton.kill()
-            triton.wait(10)
-    return triton.returncode if triton.returncode is not None else 1
+    for r in replicas:
+        r.stop(spec.exit_timeout)
+    codes = [r.wait(spec.exit_timeout) for r in replicas]
+    if all(r.given_up for r in replicas):
+        return next((r.last_code for r in replicas if r.last_code), 1) or 1
+    return max(codes) if any(c > 0 for c in codes) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,17 +33,19 @@ from pathlib import Path
 from serve.core import auth
 from serve.core.errors import SetupError
 from serve.runtime.front import find_haproxy, render
+from serve.runtime.front_options import Replica
 from serve.runtime.handle import ServerHandle, free_port
 from serve.runtime.install import TritonInstall
 from serve.runtime.limits import (
     OWNER_PORTS,
-    PRIVATE_PORTS,
     FrontLimits,
     RepositoryModels,
     front_options,
+    local_replica,
+    replica_ports,
     repository_models,
 )
-from serve.runtime.private import PrivateSpec, namespace_prefix
+from serve.runtime.private import PrivateSpec, ReplicaSpec, die_with_parent, namespace_prefix
 from serve.runtime.server_options import LOOPBACK, ServerOptions, server_command
 
 log = logging.getLogger(__name__)
@@ -82,9 +84,16 @@ class PublicServer(ServerHandle):
         log_path: str | Path | None = None,
         inherit_output: bool = False,
         owner_listeners: bool = False,
+        replicas: int = 1,
+        remote: list[Replica] | None = None,
     ) -> None:
         super().__init__(opts, log_path, inherit_output)
         self.limits = limits or FrontLimits()
+        if replicas < 1 and not remote:
+            raise SetupError("serve run needs at least one replica (local or --replica)")
+        self.replica_count = replicas  # local tritonservers, each on its own private ports
+        self.remote = list(remote or [])  # other machines' servers behind the same front
+        self.replicas: list[Replica] = []
         self.in_namespace = False
         self.private_why = ""
         # the front's keyless owner listeners: always inside the private namespace (only
@@ -92,20 +101,30 @@ class PublicServer(ServerHandle):
         # namespace: every local user reaches them while it runs, as they reach Triton)
         self.owner_listeners = owner_listeners
         self._owner_ports: tuple[int, int] | None = None
+        self._egress_proc: subprocess.Popen | None = None
 
     # -- the TritonServer interface (the URLs and admin_key: ServerHandle) ---------------
     @property
     def pid(self) -> int:
-        """tritonserver's PID (a child of the private supervisor)."""
+        """The first local tritonserver's PID (a child of the private supervisor)."""
+        pids = self.triton_pids()
+        if not pids:
+            raise SetupError("tritonserver is not running under the front's supervisor")
+        return pids[0]
+
+    def triton_pids(self, wait: float = 5.0) -> list[int]:
+        """The local tritonservers' PIDs, oldest first (a restarted replica's is new)."""
         assert self.process is not None
-        for _ in range(100):
-            kids = child_pids(self.process.pid)
-            for k in kids:
+        end = time.monotonic() + wait
+        while True:
+            found = []
+            for k in child_pids(self.process.pid):
                 with contextlib.suppress(OSError):
                     if Path(f"/proc/{k}/exe").resolve().name == "tritonserver":
-                        return k
+                        found.append(k)
+            if found or time.monotonic() > end:
+                return sorted(found, key=lambda k: Path(f"/proc/{k}").stat().st_mtime)
             time.sleep(0.05)
-        raise SetupError("tritonserver is not running under the front's supervisor")
 
     def front_stats(self) -> list[dict[str, str]]:
         """HAProxy's ``show stat`` (one dict per frontend/backend/server row)."""
@@ -155,20 +174,38 @@ class PublicServer(ServerHandle):
         self, haproxy: str, install: TritonInstall, models: RepositoryModels, timeout: float
     ) -> None:
         prefix = self._private_prefix()
-        ports, triton_opts = self._triton_options()
-        token = self._inference_token(triton_opts)
+        if self.remote and not self.in_namespace:
+            raise SetupError("remote replicas need Triton's private namespace (root or user ns)")
         self._workdir = Path(tempfile.mkdtemp(prefix="trainserve-front-"))
         os.chmod(self._workdir, 0o700)
+        specs: list[ReplicaSpec] = []
+        self.replicas = []
+        token = ""
+        for i in range(self.replica_count):
+            ports, triton_opts = self._triton_options(i)
+            token = token or self._inference_token(triton_opts)
+            if token:
+                triton_opts.extra_args = [*triton_opts.extra_args, *self._token_flags(token)]
+            # each replica's slow-image lane (serve/core/isolated_decode.py SlowLane)
+            runtime = self._workdir / f"replica-r{i}"
+            runtime.mkdir(mode=0o700)
+            specs.append(
+                ReplicaSpec(
+                    name=f"r{i}",
+                    cmd=server_command(install, triton_opts),
+                    env={
+                        **install.environment(jemalloc=triton_opts.jemalloc_path()),
+                        "TRAINSERVE_RUNTIME_DIR": str(runtime),
+                    },
+                    http=f"{LOOPBACK}:{ports[0]}",
+                )
+            )
+            self.replicas.append(local_replica(i, ports))
+        self.replicas += self._egress(haproxy) if self.remote else []
         fds = [s.fileno() for s in self._sockets]
-        cfg = self._write_front(haproxy, models, fds, ports, token)
+        cfg = self._write_front(haproxy, models, fds, token)
         spec = PrivateSpec(
-            triton_cmd=server_command(install, triton_opts),
-            triton_env={
-                **install.environment(jemalloc=triton_opts.jemalloc_path()),
-                # the preprocess models' slow-image lane (serve/core/isolated_decode.py SlowLane)
-                "TRAINSERVE_RUNTIME_DIR": str(self._workdir),
-            },
-            triton_http=f"{LOOPBACK}:{ports[0]}",
+            replicas=specs,
             haproxy_cmd=[haproxy, "-W", "-db", "-f", str(cfg)],
             pass_fds=fds,
             in_namespace=self.in_namespace,
@@ -188,6 +225,52 @@ class PublicServer(ServerHandle):
             folder = f"/proc/{self.pid}/root/dev/shm"
             self._key_files += [auth.write_shm_dir_file(u, folder) for u in self.opts.urls]
 
+    def _egress(self, haproxy: str) -> list[Replica]:
+        """The remote replicas as the front reaches them: Triton's private namespace has no
+        route out, so a second HAProxy in this (the machine's) namespace relays each remote
+        replica's ports (TCP: TLS and the health checks pass through) from Unix sockets in
+        the private folder (0700), which the front, in the namespace, connects to."""
+        assert self._workdir is not None
+        lines = [
+            "# Generated by `python -m serve run`: the remote replicas egress (stack.py)",
+            "global",
+            "    maxconn 4000",
+            "    log stderr format short local0 warning",
+            "defaults",
+            "    mode tcp",
+            "    log global",
+            "    timeout connect 5s",
+            f"    timeout client {self.limits.request_timeout_s + 30:g}s",
+            f"    timeout server {self.limits.request_timeout_s + 30:g}s",
+        ]
+        reached = []
+        for r in self.remote:
+            via = str(self._workdir / f"egress-{r.name}")
+            for wire, port in (
+                ("http", r.http_port),
+                ("grpc", r.grpc_port),
+                ("metrics", r.metrics_port),
+            ):
+                lines += [
+                    f"listen egress_{r.name}_{wire}",
+                    f"    bind unix@{via}-{wire}.sock mode 600",
+                    f"    server {r.name} {r.address(port)}",
+                ]
+            reached.append(replace(r, via=via))
+        cfg = write_private(self._workdir / "egress.cfg", "\n".join(lines) + "\n")
+        check = subprocess.run([haproxy, "-c", "-q", "-f", str(cfg)], capture_output=True)
+        if check.returncode != 0:
+            out = (check.stdout + check.stderr).decode(errors="replace")
+            raise SetupError(f"haproxy refused the egress configuration {cfg}: {out[-2000:]}")
+        self._egress_proc = subprocess.Popen(
+            [haproxy, "-db", "-f", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=None if self.inherit_output else subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # serve run killed outright: no relay left behind
+        )
+        return reached
+
     def _private_prefix(self) -> list[str]:
         """The command prefix of a private network namespace for the stack ([] on
         loopback: asked for, or no namespace to be had where ``private`` allows it)."""
@@ -201,10 +284,13 @@ class PublicServer(ServerHandle):
         self.in_namespace, self.private_why = bool(prefix), why
         return prefix
 
-    def _triton_options(self) -> tuple[tuple[int, int, int], ServerOptions]:
-        """Triton's ports (HTTP, gRPC, metrics) and options behind the front: fixed
-        ports, unrestricted, in the namespace; free loopback ports, restricted, without."""
-        ports = PRIVATE_PORTS if self.in_namespace else (free_port(), free_port(), free_port())
+    def _triton_options(self, index: int = 0) -> tuple[tuple[int, int, int], ServerOptions]:
+        """Replica ``index``'s ports (HTTP, gRPC, metrics) and options behind the front:
+        fixed ports, unrestricted, in the namespace; free loopback ports, restricted,
+        without."""
+        ports = (
+            replica_ports(index) if self.in_namespace else (free_port(), free_port(), free_port())
+        )
         triton_opts = replace(
             self.opts,
             host=LOOPBACK,
@@ -227,28 +313,28 @@ class PublicServer(ServerHandle):
         return ports, triton_opts
 
     def _inference_token(self, triton_opts: ServerOptions) -> str:
-        """With an inference key: the token Triton requires for inference (added to
-        ``triton_opts``), which the front sets for clients with the key; else ""."""
+        """With an inference key: the token Triton requires for inference, which the
+        front sets for clients with the key; else ""."""
         if not self.limits.inference_key:
             return ""
         # Triton refuses inference without this header itself (after reading the body:
         # a clear error, where HAProxy 2.6 would reset a half-read stream); the
         # front sets it for clients with the inference key. Only the front reaches a
         # namespaced Triton, so the token in its argv is worth nothing to local users.
-        token = auth.new_key()
-        triton_opts.extra_args = [
-            *triton_opts.extra_args,
+        return auth.new_key()
+
+    @staticmethod
+    def _token_flags(token: str) -> list[str]:
+        return [
             f"--grpc-restricted-protocol=inference:inference-key={token}",
             f"--http-restricted-api=inference:inference-key={token}",
         ]
-        return token
 
     def _write_front(
         self,
         haproxy: str,
         models: RepositoryModels,
         fds: list[int],
-        ports: tuple[int, int, int],
         token: str,
     ) -> Path:
         """The front's configuration (and TLS file) in the private folder, checked by
@@ -276,7 +362,7 @@ class PublicServer(ServerHandle):
             self.limits,
             models,
             fds,
-            ports,
+            self.replicas,
             admin_key=self.opts.admin_key if self.opts.restricted else "",
             tls_pem=tls_pem,
             inference_token=token,
@@ -299,7 +385,7 @@ class PublicServer(ServerHandle):
         one's)."""
         http = wire == "http"
         if self.in_namespace:
-            ports = PRIVATE_PORTS if direct else OWNER_PORTS
+            ports = replica_ports(0) if direct else OWNER_PORTS
             return f"{LOOPBACK}:{ports[0 if http else 1]}", self.pid
         if direct:
             raise SetupError("Triton is reached directly only inside its namespace")
@@ -334,6 +420,13 @@ class PublicServer(ServerHandle):
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM the stack (front first, then Triton), wait, SIGKILL the group if needed;
         the key files, sockets and the private folder go."""
+        if self._egress_proc is not None:
+            self._egress_proc.terminate()
+            try:
+                self._egress_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._egress_proc.kill()
+            self._egress_proc = None
         return self._stop(timeout)
 
 

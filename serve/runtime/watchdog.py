@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ class WatchdogConfig:
     timeout: float = 30.0  # per probe (a busy server queues it behind real work)
     hung_rounds: int = 3  # consecutive timed-out probes before a model counts as hung
     admin_key: str | None = None  # None: found for the URL (serve/core/auth.py)
+    replica: str | None = None  # one replica behind the front (None: whichever answers)
 
 
 @dataclass
@@ -131,8 +132,7 @@ class Watchdog:
         the owner's requests are not refused as busy."""
         import tritonclient.grpc as grpcclient
 
-        key = self.cfg.admin_key or auth.resolve_key(self.cfg.url)
-        headers = auth.headers(key)
+        headers = self._headers()
         client = grpcclient.InferenceServerClient(self.cfg.url)
         try:
             meta = client.get_model_metadata(
@@ -152,6 +152,16 @@ class Watchdog:
         finally:
             client.close()
 
+    def _headers(self) -> dict[str, str] | None:
+        key = self.cfg.admin_key or auth.resolve_key(self.cfg.url)
+        headers = dict(auth.headers(key) or {})
+        if self.cfg.replica:
+            headers[admin.REPLICA_HEADER] = self.cfg.replica
+        return headers or None
+
+    def _session(self) -> Any:
+        return admin.session(self.cfg.url, self.cfg.admin_key, replica=self.cfg.replica)
+
     @staticmethod
     def _completed(a: admin.Admin) -> dict[str, int]:
         """Finished requests per model; empty when statistics cannot be read (a hint)."""
@@ -164,7 +174,7 @@ class Watchdog:
         """Finished-request counts, polled until each of ``models`` moved past ``before``
         or a window of max(probe timeout, 2 s) ends: a busy model shows progress."""
         deadline = time.monotonic() + max(self.cfg.timeout, 2.0)
-        with admin.session(self.cfg.url, self.cfg.admin_key) as a:
+        with self._session() as a:
             while True:
                 now = self._completed(a)
                 moved = all(now.get(m, -1) > before.get(m, -1) >= 0 for m in models)
@@ -177,7 +187,7 @@ class Watchdog:
         each as many times as it has instances, one probe after another);
         restart the models with a dead or hung stub and bring back their ensembles."""
         result = Round()
-        with admin.session(self.cfg.url, self.cfg.admin_key) as a:
+        with self._session() as a:
             ready = [(m.name, m.version) for m in a.index() if m.state == "READY"]
             configs = {name: a.config(name) or {} for name in {n for n, _ in ready}}
             ensembles = {n for n, c in configs.items() if c.get("platform") == "ensemble"}
@@ -223,15 +233,17 @@ class Watchdog:
         return result
 
     def _heal(self, dead: dict[str, str], ensembles: set[str], result: Round) -> None:
+        where = f" on replica {self.cfg.replica}" if self.cfg.replica else ""
         for name, why in dead.items():
-            self.say(f"watchdog: {why}")
-            self.say(f"watchdog: restarting '{name}' (new stub processes)")
-            how = admin.restart(self.cfg.url, name, self.cfg.admin_key)
-            self.say(f"watchdog: restarted '{name}' ({how})")
+            self.say(f"watchdog: {why}{where}")
+            self.say(f"watchdog: restarting '{name}'{where} (new stub processes)")
+            with self._session() as a:
+                how = admin.restart_one(a, name)
+            self.say(f"watchdog: restarted '{name}'{where} ({how})")
             self.timeouts[name] = 0
             result.restarted.append(name)
         if dead:
-            with admin.session(self.cfg.url, self.cfg.admin_key) as a:
+            with self._session() as a:
                 now_ready = {m.name for m in a.index() if m.state == "READY"}
                 for name in sorted(ensembles - now_ready):
                     self.say(f"watchdog: loading ensemble '{name}' again")
@@ -247,14 +259,22 @@ def check_once(cfg: WatchdogConfig, log: Callable[[str], None] = print) -> Round
 def watch(
     cfg: WatchdogConfig, stop: threading.Event, log_fn: Callable[[str], None] | None = None
 ) -> None:
-    """Run rounds every ``cfg.interval`` seconds until ``stop`` is set. A round that cannot
-    reach the server (restarting, shutting down) is skipped."""
-    dog = Watchdog(cfg, log_fn)
+    """Run rounds every ``cfg.interval`` seconds until ``stop`` is set: one per replica in
+    rotation behind the front (each remembers its own hung rounds), or one for a server
+    without replicas. A round that cannot reach the server (restarting, shutting down)
+    is skipped."""
+    dogs: dict[str | None, Watchdog] = {}
     while not stop.wait(cfg.interval):
         try:
-            dog.check_once()
-        except Exception as e:  # noqa: BLE001 - keep watching: the server may be restarting
-            dog.say(f"watchdog: round skipped: {type(e).__name__}: {e}")
+            names = [r.name for r in admin.replicas(cfg.url, cfg.admin_key) if r.up]
+        except Exception:  # noqa: BLE001 - the front is restarting: next round
+            names = []
+        for name in names or [cfg.replica]:
+            dog = dogs.setdefault(name, Watchdog(replace(cfg, replica=name), log_fn))
+            try:
+                dog.check_once()
+            except Exception as e:  # noqa: BLE001 - keep watching: the server may be restarting
+                dog.say(f"watchdog: round skipped: {type(e).__name__}: {e}")
 
 
 def main_loop(cfg: WatchdogConfig) -> int:

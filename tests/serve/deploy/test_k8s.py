@@ -19,7 +19,14 @@ from serve.deploy.k8s import QUEUE_METRIC
 from tests.helpers import example_card, run_cli
 
 K8S_VERSION = "1.31.0"  # the schema version validated against (bundled by the package)
-CORE_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "Secret"}
+CORE_KINDS = {
+    "Deployment",
+    "Service",
+    "HorizontalPodAutoscaler",
+    "ConfigMap",
+    "Secret",
+    "PodDisruptionBudget",
+}
 
 
 def _repo(root: Path, serving: ServingConfig, plans: dict[str, dict] | None = None) -> Path:
@@ -60,6 +67,11 @@ def test_cpu_repository_manifests_validate_and_wire_up(tmp_path: Path) -> None:
     assert set(by_kind) == CORE_KINDS | {"ServiceMonitor"}
     dep, svc, hpa = by_kind["Deployment"], by_kind["Service"], by_kind["HorizontalPodAutoscaler"]
     assert dep["spec"]["replicas"] == 3
+    # issue 31: rolling updates with no unavailable replica, a disruption budget
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert by_kind["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    pdb_selector = by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+    assert pdb_selector == dep["spec"]["selector"]["matchLabels"]
     pod = dep["spec"]["template"]
     (c,) = pod["spec"]["containers"]
     # the first release clear of every published Triton security bulletin

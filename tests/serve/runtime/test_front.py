@@ -674,14 +674,17 @@ def test_generated_config_is_valid_for_every_key(tmp_path, key):
     import subprocess
 
     from serve.runtime.front import FrontOptions, find_haproxy, render
+    from serve.runtime.front_options import Replica
 
     opts = FrontOptions(
         http_bind="127.0.0.1:1",
         grpc_bind="127.0.0.1:2",
         metrics_bind="127.0.0.1:3",
-        triton_http="127.0.0.1:4",
-        triton_grpc="127.0.0.1:5",
-        triton_metrics="127.0.0.1:6",
+        replicas=[
+            Replica("r0", "127.0.0.1", 4, 5, 6),
+            Replica("r1", "127.0.0.1", 14, 15, 16),
+            Replica("r2", "10.0.0.9", 8000, 8001, 8002, False, key, True, via="/tmp/x-r2"),
+        ],
         public_models=["antsbees", "antsbees_image"],
         internal_models=["antsbees_preprocess"],
         admin_key=key,
