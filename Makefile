@@ -112,7 +112,8 @@ bench-train: $(STAMP)
 # Poisson request rates) vs in-process ORT and PyTorch, one run.
 bench: $(STAMP)
 	$(PY) -m export bench --model $(MODEL) --checkpoint $(OUT)/checkpoint.pt \
-		--model-repository $(REPO) --out bench $(if $(DATA),--data $(DATA)/val) $(BENCH_ARGS)
+		--model-repository $(REPO) --out bench $(if $(DATA),--data $(DATA)/val) \
+		$(if $(REPLICAS),--replicas $(REPLICAS)) $(BENCH_ARGS)
 
 # Search instances x max batch x queue delay with perf_analyzer; publish the best config
 # under the p99 budget (a config change, no new version). TUNE_ARGS="--p99-ms 100 ...".

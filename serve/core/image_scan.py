@@ -22,6 +22,14 @@ import re
 import struct
 from dataclasses import dataclass
 
+if __package__:  # serve.core.image_scan: the project's error root
+    from serve.core.errors import UserError
+else:  # image_scan.py in a Triton preprocess model, where no serve package exists
+
+    class UserError(Exception):  # type: ignore[no-redef]
+        """Stands in for ``serve.core.errors.UserError`` where this file runs alone."""
+
+
 # The served formats, by their first bytes (Pillow's format names).
 SERVED = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
 SERVED_NAMES = "JPEG, PNG, GIF, BMP, TIFF, WebP"
@@ -46,7 +54,7 @@ INTERLACED_PNG_FACTOR = 2
 JPEG_SCAN_SHARE = 25  # ~25 extra scans of a progressive JPEG cost one more full decode
 
 
-class ScanError(ValueError):
+class ScanError(UserError, ValueError):
     """The bytes are not an image of a served format, or its structure is over a limit."""
 
 

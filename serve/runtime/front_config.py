@@ -337,7 +337,13 @@ def _replica_rules(o: FrontOptions, wire: str) -> list[str]:
             "{ path_beg /v2/trainserve/replicas }",
         ]
     if len(o.replicas) > 1:
-        lines.append(f"    http-request return {refuse_unnamed} if admin control !for_replica")
+        # perf_analyzer (the owner's listener) reads statistics unnamed: one replica's
+        stats = "path_end /stats" if wire == "http" else f"path {GRPC_SERVICE}ModelStatistics"
+        lines += [
+            f"    acl statistics {stats}",
+            f"    http-request return {refuse_unnamed} if admin control !for_replica"
+            " !owner or admin control !for_replica owner !statistics",
+        ]
     return lines
 
 

@@ -32,6 +32,7 @@ from serve.tools.bench_inputs import (
     bench_inputs,
     image_pipeline_baseline,
     onnxruntime_baseline,
+    write_input_data,
 )
 from serve.tools.bench_report import FRONT_AB_ROUNDS, front_cost, mark_levels
 from serve.tools.bench_server import ExternalServer, server_context
@@ -159,6 +160,12 @@ def sweep(cfg: BenchConfig, inputs: BenchInputs, ort: Level, report: dict[str, A
             levels = adjacent_levels(srv, cfg, inputs, report) + front_cost_levels(
                 srv, cfg, inputs, ort, report
             )
+    if cfg.replicas > 1 and not cfg.grpc_url:
+        from serve.tools.replica_bench import compare
+
+        data = write_input_data(inputs, cfg.model, Path(cfg.out) / ".perf_analyzer")["tensor"]
+        report["replicas"] = compare(cfg, data, cfg.replicas)
+    with server_context(cfg, repo, Path(cfg.out)) as srv:
         if not isinstance(srv, ExternalServer) and cfg.lockout_seconds > 0:
             from serve.tools import lockout
 

@@ -41,6 +41,7 @@ class BenchConfig:
     http_url: str = ""
     no_front: bool = False
     lockout_seconds: float = 10.0
+    replicas: int = 1
     out: str = "bench"
     table: str = ""
 
@@ -125,6 +126,12 @@ SERVER_FLAGS = [
         "seconds per phase of the lockout figure: a normal client while slow senders, "
         "hostile images and silent connections try to lock it out of the bench's own "
         "stack (0: not measured)",
+    ),
+    Flag(
+        "replicas",
+        "--replicas",
+        "N > 1: also one tritonserver against N behind the front, in alternating rounds "
+        "(the same ONNX Runtime threads per core), with the CPU time per image",
     ),
     Flag("out", "--out"),
     Flag(
