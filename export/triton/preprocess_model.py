@@ -104,9 +104,8 @@ class TritonPythonModel:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
             except Exception as e:  # one bad request never affects the others
                 reason = str(e) or type(e).__name__
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad image: {reason}"))
-                )
+                bad = pb_utils.TritonError(f"bad image: {reason}", pb_utils.TritonError.INVALID_ARG)
+                responses.append(pb_utils.InferenceResponse(error=bad))
         return responses
 
     def finalize(self):

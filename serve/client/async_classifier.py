@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from serve.client.classifier_base import ClassifierBase
+from serve.client.classifier_base import ClassifierBase, server_image_error
 from serve.client.connect import DEFAULT_URLS, make_client, protocol_module
 from serve.client.model_info import ModelInfo, Prediction, predictions
 from serve.core.errors import ClientError, ModelNotReady, ServerUnavailable, classify_error
@@ -86,6 +86,9 @@ class AsyncClassifier(ClassifierBase):
         except ClientError:
             raise
         except Exception as e:  # noqa: BLE001 - aiohttp / grpc.aio transport errors
+            bad = server_image_error(e)
+            if bad is not None:
+                raise bad from e
             raise classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
 
     async def classify(

@@ -52,3 +52,12 @@ class ClassifierBase:
 
     def _chunks(self, array: np.ndarray) -> list[np.ndarray]:
         return [array[i : i + self.max_batch] for i in range(0, len(array), self.max_batch)]
+
+
+def server_image_error(e: BaseException) -> ImageError | None:
+    """An image the server could not decode ("bad image: ..." from the preprocess model,
+    through the ensemble) as the ImageError a local decode raises: the server's reason,
+    none of the ensemble's wrapping. None for any other error."""
+    text = str(e)
+    at = text.lower().find("bad image: ")
+    return None if at < 0 else ImageError(text[at + len("bad image: ") :])

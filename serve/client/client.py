@@ -24,6 +24,7 @@ batching) serve/client/classifier_base.py; every name still imports from here.
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import time
 from collections.abc import Sequence
@@ -32,7 +33,11 @@ from typing import Any
 import numpy as np
 
 from serve.client.async_classifier import AsyncClassifier
-from serve.client.classifier_base import ClassifierBase, read_bytes  # noqa: F401 - re-exported
+from serve.client.classifier_base import (  # noqa: F401 - read_bytes re-exported
+    ClassifierBase,
+    read_bytes,
+    server_image_error,
+)
 from serve.client.connect import DEFAULT_URLS, make_client, protocol_module
 from serve.client.model_info import ModelInfo, Prediction, predictions
 from serve.client.shared_memory import SharedMemoryPool, is_unknown_region
@@ -106,6 +111,9 @@ class Classifier(ClassifierBase):
         self.limits = DEFAULT_LIMITS if max_pixels is None else Limits(max_pixels=max_pixels)
         self.client = make_client(protocol, self.url, connect_timeout, timeout)
         self._pool: SharedMemoryPool | None = None
+        # the version of ``model`` that answered the last request (an ensemble answers as
+        # its own version)
+        self.last_version = ""
         try:
             self.info = self._describe_model()
             self.max_batch = max(1, min(max_batch, self.info.max_batch_size or max_batch))
@@ -137,12 +145,32 @@ class Classifier(ClassifierBase):
         except ClientError:
             raise
         except Exception as e:  # noqa: BLE001 - tritonclient, gevent, socket errors
+            bad = server_image_error(e)
+            if bad is not None:
+                raise bad from e
             raise classify_error(e, what, self.url, self.protocol, self.model, self.version) from e
+
+    def _why_not_live(self) -> str:
+        """HTTP: what the port said instead (the front's metrics port names the others)."""
+        if self.protocol != "http":
+            return ""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{self.url}/v2/health/live", timeout=5):
+                return ""
+        except urllib.error.HTTPError as e:
+            with contextlib.suppress(Exception):
+                return f": {json.loads(e.read())['error']}"
+        except Exception:  # noqa: BLE001 - the reason is a courtesy
+            pass
+        return ""
 
     def _describe_model(self) -> ModelInfo:
         kw = self._call_kwargs(self.connect_timeout)
         if not self._call("server liveness", self.client.is_server_live, **kw):
-            raise ServerUnavailable(f"Triton at {self.url} is not live")
+            raise ServerUnavailable(f"Triton at {self.url} is not live{self._why_not_live()}")
         if not self._call(
             "model readiness", self.client.is_model_ready, self.model, self.version, **kw
         ):
@@ -166,6 +194,16 @@ class Classifier(ClassifierBase):
             text = str(e).lower()
             if "unknown model" not in text and "not found" not in text:
                 return "is not ready"
+        if self.version:  # the model may exist: then name its versions, not the models
+            try:
+                meta = self.client.get_model_metadata(self.model)
+                versions = meta.get("versions") if isinstance(meta, dict) else meta.versions
+                if versions:
+                    return (
+                        f"does not exist (versions of '{self.model}' here: {', '.join(versions)})"
+                    )
+            except Exception:  # noqa: BLE001 - the model itself is missing: below
+                pass
         names = ""
         try:
             from serve.client import admin
@@ -188,6 +226,7 @@ class Classifier(ClassifierBase):
         if self._pool is None or batch.dtype == object:
             inp.set_data_from_numpy(batch)
             result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
+            self._answered_by(result)
             return result.as_numpy(self.info.output_name)
         # the owner's key goes with requests that name a region (the public front refuses
         # them otherwise: a region name in a request reads or writes that region)
@@ -206,7 +245,19 @@ class Classifier(ClassifierBase):
                 self._pool.reregister(region)
                 self._pool.attach(inp, batch, region)
                 result = self._call("inference", self.client.infer, self.model, [inp], **kwargs)
+            self._answered_by(result)
             return result.as_numpy(self.info.output_name)
+
+    def _answered_by(self, result: Any) -> None:
+        """Remember the model version that answered (``last_version``)."""
+        with contextlib.suppress(Exception):
+            response = result.get_response()
+            version = (
+                response.get("model_version", "")
+                if isinstance(response, dict)
+                else response.model_version
+            )
+            self.last_version = str(version)
 
     def _infer(self, batch: np.ndarray, class_count: int = 0) -> np.ndarray:
         attempt = 0
@@ -272,12 +323,12 @@ class Classifier(ClassifierBase):
             try:
                 for (i, _), preds in zip(group, self.classify_array(batch, top_k), strict=True):
                     out[i] = preds
-            except InferenceFailed:
+            except (InferenceFailed, ImageError):
                 for i, a in group:
                     try:
                         out[i] = self.classify_array(a[None], top_k)[0]
-                    except InferenceFailed as e:
-                        out[i] = InferenceFailed(f"{describe(images[i])}: {e}")
+                    except (InferenceFailed, ImageError) as e:
+                        out[i] = type(e)(f"{describe(images[i])}: {e}")
         return out
 
     def close(self) -> None:

@@ -126,9 +126,12 @@ def is_transient(error: Exception) -> bool:
 def classify_error(
     e: BaseException, what: str, url: str, protocol: str, model: str, version: str = ""
 ) -> ClientError:
-    """The ClientError for a tritonclient/transport exception ``e`` raised by ``what``."""
+    """The ClientError for a tritonclient/transport exception ``e`` raised by ``what``
+    (an image the server could not decode is the client's ``server_image_error``)."""
     text = str(e)
     lowered = text.lower()
+    if "this is the " in lowered and " port" in lowered:  # the front: the wrong port
+        return ServerUnavailable(f"{url} ({protocol}): {text}")
     if any(s in lowered for s in BUSY_MARKERS):
         return ServerBusy(
             f"{what} refused by {url} for now (server busy: the front's request bound or "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import gc
 import math
 import os
 import resource
@@ -52,6 +53,10 @@ else:  # image_isolated_decode.py beside its siblings in a Triton preprocess mod
 DECODE_RATE = 40_000_000
 DEADLINE_MARGIN = 8.0
 MIN_DEADLINE_S = 0.25  # the shortest deadline of a cheap image
+# A cheap image's deadline is the worker's CPU time (a busy machine slows a decode, it
+# does not make it more work); its wall-clock time is bounded at this many times that.
+WALL_SLACK = 20.0
+POLL_S = 0.02  # how often a decode's CPU time is read
 
 
 def _die_with_parent() -> None:
@@ -61,17 +66,39 @@ def _die_with_parent() -> None:
 
 
 def _cap_memory(cap_bytes: int) -> None:
-    """Cap this process's address space at what it uses now plus ``cap_bytes``: a decode
-    that needs more fails with MemoryError (reported as an ImageError)."""
+    """Cap this process's address space at what it uses now plus ``cap_bytes`` (the soft
+    limit, set again before each decode): a decode that needs more fails with MemoryError
+    (reported as an ImageError). The cyclic garbage collector is off in a decoder: garbage
+    inherited from the forking process, freed mid-decode, would widen the cap."""
+    gc.disable()
     with contextlib.suppress(OSError, ValueError):
         status = Path("/proc/self/status").read_text()
         vm = int(status.split("VmSize:")[1].split()[0]) * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (vm + cap_bytes, vm + cap_bytes))
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        soft = vm + cap_bytes if hard == resource.RLIM_INFINITY else min(vm + cap_bytes, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def _rss_bytes() -> int:
+def _private_bytes(pid: int) -> int:
+    """Memory only ``pid`` holds (Private_Clean + Private_Dirty of smaps_rollup): what a
+    forked decoder allocates or copies on write, which its resident size misses when it
+    reuses pages inherited from its parent; its resident size where the kernel lacks
+    smaps_rollup."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return _rss_bytes(pid)
+    total = 0
+    for line in text.splitlines():
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def _rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of ``pid`` (this process by default; 0 if it is gone)."""
     with contextlib.suppress(OSError, IndexError, ValueError):
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return 0
 
 
@@ -106,16 +133,30 @@ def _read_exact(fd: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_until(fd: int, n: int, end: float) -> bytes | None:
-    """``n`` bytes from ``fd`` before the monotonic time ``end``; None at the deadline,
-    EOFError if the writer is gone."""
+def _cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _read_until(
+    fd: int, n: int, end: float, over: Callable[[], bool] | None = None
+) -> bytes | None:
+    """``n`` bytes from ``fd`` before the monotonic time ``end`` and while ``over()`` is
+    false (checked every ``POLL_S``); None at either deadline, EOFError if the writer is
+    gone."""
     chunks, left = [], n
     while left:
         wait = end - time.monotonic()
         if wait <= 0:
             return None
-        ready, _, _ = select.select([fd], [], [], wait)
+        ready, _, _ = select.select([fd], [], [], wait if over is None else min(wait, POLL_S))
         if not ready:
+            if over is not None and over():
+                return None
             continue
         chunk = os.read(fd, min(left, 1 << 20))
         if not chunk:
@@ -171,7 +212,6 @@ class DecodeWorker:
 
     def _serve(self, read_fd: int, write_fd: int) -> None:
         """The worker's loop: a length-prefixed image in, a length-prefixed answer out."""
-        _cap_memory(self.limits.decode_memory_bytes)
         start_rss = _rss_bytes()
         while True:
             try:
@@ -179,25 +219,44 @@ class DecodeWorker:
                 data = _read_exact(read_fd, n)
             except EOFError:
                 return
+            _cap_memory(self.limits.decode_memory_bytes)
             payload = _decode_payload(data, self.geometry, self.limits)
             _write_all(write_fd, struct.pack("<Q", len(payload)) + payload)
             if _rss_bytes() - start_rss > self.limits.decode_memory_bytes:
                 return  # grown: the next decode gets a fresh worker
 
-    def decode(self, data: bytes, deadline_s: float, name: str) -> np.ndarray:
+    def decode(
+        self, data: bytes, deadline_s: float, name: str, wall_s: float | None = None
+    ) -> np.ndarray:
         """The pixels of ``data``, or :class:`ImageError` (the decoder's reason, its memory
-        cap, or ``deadline_s`` passed: the worker is killed)."""
+        cap, or a deadline passed: the worker is killed). ``deadline_s`` is the worker's
+        CPU time for this image; ``wall_s`` (default ``WALL_SLACK`` x that) its time."""
+        wall = deadline_s * WALL_SLACK if wall_s is None else min(wall_s, deadline_s * WALL_SLACK)
         for attempt in (1, 2):  # a worker that exited since (grown, killed) is replaced
             if not self.pid:
                 self._start()
+            pid, cpu0, mem0 = self.pid, _cpu_s(self.pid), _private_bytes(self.pid)
+            grown: list[int] = []
+
+            # The address-space cap (set in the worker) misses what the worker reuses of
+            # the free heap it inherited from a large parent; the memory it makes its own
+            # is watched here too.
+            def over(
+                pid: int = pid, cpu0: float = cpu0, mem0: int = mem0, grown: list = grown
+            ) -> bool:
+                if _private_bytes(pid) - mem0 > self.limits.decode_memory_bytes:
+                    grown.append(1)
+                    return True
+                return _cpu_s(pid) - cpu0 > deadline_s
+
             try:
                 _write_all(self._to, struct.pack("<Q", len(data)) + data)
-                end = time.monotonic() + deadline_s
-                head = _read_until(self._from, 8, end)
+                end = time.monotonic() + wall
+                head = _read_until(self._from, 8, end, over)
                 payload = (
                     None
                     if head is None
-                    else _read_until(self._from, *struct.unpack("<Q", head), end)
+                    else _read_until(self._from, *struct.unpack("<Q", head), end, over)
                 )
             except (EOFError, BrokenPipeError):
                 status = self.close()
@@ -206,10 +265,19 @@ class DecodeWorker:
                 why = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else "exited"
                 raise pre.ImageError(f"{name}: the decoder stopped ({why})") from None
             if payload is None:
+                cpu = _cpu_s(pid) - cpu0
                 self.close()
+                if grown:
+                    cap = self.limits.decode_memory_bytes >> 20
+                    raise pre.ImageError(f"{name}: needs more than the {cap} MiB decode memory cap")
+                if cpu > deadline_s:
+                    raise pre.ImageError(
+                        f"{name}: decoding took more than {deadline_s:.2g} s of CPU time, far "
+                        "more than its size and format need (stopped)"
+                    )
                 raise pre.ImageError(
-                    f"{name}: decoding took longer than {deadline_s:.2g} s, far more than its "
-                    "size and format need (stopped)"
+                    f"{name}: decoding took longer than {wall:.2g} s (the server is too busy "
+                    "or the request's deadline came first; stopped)"
                 )
             return _answer(payload, self.geometry, name, "no result")
         raise AssertionError("unreachable")
@@ -373,12 +441,11 @@ def preprocess_bounded(
     name = f"{pre.describe(data)} ({info})"
     if info.work <= limits.max_fast_work:
         deadline = fast_deadline(info.work, limits)
-        if budget_s is not None:
-            deadline = max(0.01, min(deadline, budget_s))
+        wall = None if budget_s is None else max(0.01, budget_s)
         own = worker is None
         worker = worker or DecodeWorker(geometry, limits)
         try:
-            return worker.decode(data, deadline, name)
+            return worker.decode(data, deadline, name, wall)
         finally:
             if own:
                 worker.close()

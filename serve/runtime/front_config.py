@@ -60,7 +60,7 @@ def _grpc_name_prefix_hex(name: str) -> str:
 
 def _err(status: int, message: str) -> str:
     """An HTTP refusal: ``status`` with a JSON body ``{"error": message}``."""
-    body = '{"error":"' + message.replace('"', "'") + '"}'
+    body = '{"error":"' + message.replace('"', "`").replace("'", "`") + '"}'
     return f"status {status} content-type application/json string '{body}'"
 
 
@@ -226,6 +226,7 @@ def _http_checks(o: FrontOptions) -> list[str]:
             if o.inference_key and o.inference_token
             else []
         ),
+        *_wrong_port(o, "HTTP/REST"),
         "    http-request return "
         + _err(431, f"request headers over {MAX_HEADER_BYTES} bytes")
         + " if big_headers",
@@ -452,20 +453,29 @@ def _servers(o: FrontOptions, wire: str, maxconn: int, check: bool = False) -> l
 def _balanced(o: FrontOptions, retry: bool) -> list[str]:
     """How a backend spreads requests over the replicas: least outstanding requests;
     with ``retry``, an inference a replica failed before answering (refused or reset
-    connection, no response, 503) is sent once more, to another replica - never one that
-    was answered (HAProxy resends only a request it holds whole: every request the queue
-    bound counts)."""
+    connection, no response, 503) is sent again, to another replica if one is up, else to
+    the same one as it restarts (for up to 12 s) - never one that was answered (HAProxy
+    resends only a request it holds whole: every request the queue bound counts)."""
     lines = ["    balance leastconn"]
-    if retry and len(o.replicas) > 1:
+    if retry:
         lines += [
-            "    retries 1",
-            "    option redispatch 1",
+            # another replica at once (redispatch); a lone replica a second later each
+            # time (HAProxy's turn-around): its restart (2-5 s measured) is waited out.
+            # Redispatch with one replica would answer 503 once it is marked down.
+            "    retries 12",
+            *(["    option redispatch 1"] if len(o.replicas) > 1 else []),
             "    retry-on conn-failure empty-response 503",
         ]
     if any(not r.local for r in o.replicas):  # the owner's key never leaves the machine
         lines += [
             f"    http-request del-header {auth.HEADER}",
             f"    http-request del-header {auth.GRPC_HEADER}",
+        ]
+    if retry:  # while none is up, a request waits on the first (connection refused until
+        # it is back) instead of an instant 503
+        lines += [
+            "    force-persist if { nbsrv eq 0 }",
+            f"    use-server {o.replicas[0].name} if {{ nbsrv eq 0 }}",
         ]
     return lines
 
@@ -674,6 +684,25 @@ def _is_local(o: FrontOptions, server_line: str) -> bool:
     return next(r.local for r in o.replicas if r.name == name)
 
 
+def _ports(o: FrontOptions) -> str:
+    """Where each protocol is served, for a client at the wrong port."""
+    http, grpc, metrics = o.public_ports
+    if not http:
+        return "see the ports this server was started with"
+    return f"HTTP/REST on port {http}, gRPC on port {grpc}, metrics on port {metrics}"
+
+
+def _wrong_port(o: FrontOptions, this: str) -> list[str]:
+    """A gRPC call at a port that is not the gRPC one: a gRPC status naming the right
+    port (a gRPC client shows grpc-message; HAProxy reads HTTP/2 prior knowledge on
+    any port, so the call arrives whole enough to answer)."""
+    return [
+        "    http-request return "
+        + _grpc_err(12, f"this is the {this} port, not gRPC: {_ports(o)}")
+        + " if { req.hdr(content-type) -m beg application/grpc }",
+    ]
+
+
 def _metrics(o: FrontOptions) -> list[str]:
     """The metrics port: ``/metrics`` is every replica's Triton metrics, each sample
     labelled ``replica`` (front_metrics in grpc_check.lua; sum them over the label for
@@ -686,9 +715,10 @@ def _metrics(o: FrontOptions) -> list[str]:
         "    maxconn 64",
         "    tcp-request connection track-sc0 src table conn_per_client",
         "    tcp-request connection reject if { sc0_conn_cur gt 8 }",
+        *_wrong_port(o, "metrics"),
         "    http-request use-service prometheus-exporter if { path /metrics/front }",
         "    http-request return "
-        + _err(404, "only /metrics and /metrics/front here")
+        + _err(404, f"this is the metrics port: only /metrics and /metrics/front ({_ports(o)})")
         + " if !{ path /metrics }",
         f'    http-request set-var(txn.metrics_targets) str("{targets}")',
         "    http-request use-service lua.replica_metrics",

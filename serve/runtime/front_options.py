@@ -123,6 +123,9 @@ class FrontOptions:
     # (perf_analyzer runs there, so no key sits in its argv)
     owner_http: str = ""
     owner_grpc: str = ""
+    # the public ports (HTTP, gRPC, metrics) as clients see them, for the messages that
+    # send a client that came to the wrong one to the right one (0: unknown)
+    public_ports: tuple[int, int, int] = (0, 0, 0)
 
     def __post_init__(self) -> None:
         if not self.replicas:

@@ -5,6 +5,8 @@ body) and the :class:`~serve.runtime.front.FrontOptions` rendered from both."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -121,6 +123,15 @@ def replica_ports(index: int) -> tuple[int, int, int]:
     return (PRIVATE_PORTS[0] + step, PRIVATE_PORTS[1] + step, PRIVATE_PORTS[2] + step)
 
 
+def _port_of(fd: int) -> int:
+    """The port a listening socket (an inherited file descriptor) is bound to."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return int(sock.getsockname()[1])
+    except (OSError, IndexError, TypeError, ValueError):
+        return 0
+
+
 def front_options(
     limits: FrontLimits,
     models: RepositoryModels,
@@ -131,6 +142,7 @@ def front_options(
     """The front for the Tritons ``replicas``, serving the inherited public sockets
     ``fds`` with ``limits``."""
     return FrontOptions(
+        public_ports=(_port_of(fds[0]), _port_of(fds[1]), _port_of(fds[2])),
         http_bind=f"fd@{fds[0]}",
         grpc_bind=f"fd@{fds[1]}",
         metrics_bind=f"fd@{fds[2]}",

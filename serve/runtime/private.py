@@ -27,6 +27,7 @@ and the python backend's files and IPC regions in /dev/shm are the owner's alone
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -145,7 +146,6 @@ def _private_shm(host_mnt: str) -> None:
 def die_with_parent() -> None:
     """Ask the kernel to SIGTERM this process when its parent dies (PR_SET_PDEATHSIG), so
     a supervisor killed with SIGKILL leaves no server behind."""
-    import contextlib
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
@@ -174,7 +174,11 @@ class Replica:
         self.last_code: int | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.spec.cmd, env=self.spec.env, preexec_fn=die_with_parent)
+        # A process group of its own: its python-backend stubs outlive a killed tritonserver
+        # (they do not watch their parent), and are killed with the group when it dies.
+        self.proc = subprocess.Popen(
+            self.spec.cmd, env=self.spec.env, preexec_fn=die_with_parent, process_group=0
+        )
         self.started = time.monotonic()
         log.info("replica %s: tritonserver started (pid %d)", self.spec.name, self.proc.pid)
 
@@ -189,6 +193,7 @@ class Replica:
             return
         now = time.monotonic()
         if not self.restart_at:  # it just died: say why, schedule the restart
+            self.kill_leftovers()
             self.last_code = code
             why = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit {code}"
             fast = now - self.started < FAST_DEATH_S
@@ -222,6 +227,12 @@ class Replica:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def kill_leftovers(self) -> None:
+        """Kill what is left of a dead tritonserver's process group (its stubs)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
     def stop(self, timeout: float) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -234,6 +245,7 @@ class Replica:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+        self.kill_leftovers()
         return self.proc.returncode
 
 
@@ -280,14 +292,16 @@ def run(spec: PrivateSpec) -> int:
                 spec.haproxy_cmd, pass_fds=tuple(spec.pass_fds), preexec_fn=die_with_parent
             )
         stop.wait(0.2)
+    # everything is told to stop at once, then waited for (a slow one delays no other)
     if haproxy is not None and haproxy.poll() is None:
         haproxy.terminate()
+    for r in replicas:
+        r.stop(spec.exit_timeout)
+    if haproxy is not None:
         try:
             haproxy.wait(10)
         except subprocess.TimeoutExpired:
             haproxy.kill()
-    for r in replicas:
-        r.stop(spec.exit_timeout)
     codes = [r.wait(spec.exit_timeout) for r in replicas]
     if all(r.given_up for r in replicas):
         return next((r.last_code for r in replicas if r.last_code), 1) or 1

@@ -150,6 +150,12 @@ class PublicServer(ServerHandle):
         return None
 
     # -- lifecycle -----------------------------------------------------------------------
+    def check_ports(self) -> None:
+        """Fail now (one line: which port, and why) if a public port is taken - before
+        anything is printed or written, e.g. by a second ``make serve``."""
+        for p in (self.opts.http_port, self.opts.grpc_port, self.opts.metrics_port):
+            listen_socket(self.opts.host, p).close()
+
     def start(self, timeout: float = 180.0) -> PublicServer:
         """Bind the public ports, start the private stack, wait until the front answers
         ready; a no-op while it already runs."""

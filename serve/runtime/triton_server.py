@@ -74,6 +74,8 @@ def run_supervised(opts: ServerOptions, watchdog_interval: float, server: Any = 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if hasattr(server, "check_ports"):  # a port in use: one error line, not the banner
+        server.check_ports()
     log.info("%s", describe(opts, watchdog_interval))
     try:
         server.start(timeout=600)

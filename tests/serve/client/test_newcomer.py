@@ -37,15 +37,28 @@ def test_metrics_url_is_unknown_rather_than_guessed():
     ("args", "expected"),
     [
         (["--protocol", "http", "--url", "GRPC"], "gRPC port"),
+        # the front answers a gRPC call at its HTTP or metrics port with the right ports
+        (["--protocol", "grpc", "--url", "HTTP"], "this is the HTTP/REST port, not gRPC"),
+        (["--protocol", "grpc", "--url", "METRICS"], "this is the metrics port, not gRPC"),
+        (["--protocol", "http", "--url", "METRICS"], "this is the metrics port"),
         (["--url", "http://HTTP"], "HOST:PORT, not a URL"),
         # through the front, which names the models it serves
         (["--model", "no_such_model"], "public models: antsbees, antsbees_image"),
     ],
-    ids=["http-to-grpc-port", "url-with-scheme", "unknown-model"],
+    ids=[
+        "http-to-grpc-port",
+        "grpc-to-http-port",
+        "grpc-to-metrics-port",
+        "http-to-metrics-port",
+        "url-with-scheme",
+        "unknown-model",
+    ],
 )
 def test_client_errors_name_the_mistake(server, val_images, args, expected):
-    """One clear line, exit 1, no traceback."""
+    """One clear line, exit 1, no traceback; a wrong port's answer names the right ones."""
+    metrics = server.metrics_url.split("//", 1)[1].split("/", 1)[0]
     args = [a.replace("GRPC", server.grpc_url).replace("HTTP", server.http_url) for a in args]
+    args = [a.replace("METRICS", metrics) for a in args]
     if "--url" not in args:
         args += ["--url", server.grpc_url]
     if "--model" not in args:
@@ -54,6 +67,9 @@ def test_client_errors_name_the_mistake(server, val_images, args, expected):
     assert out.returncode != 0
     assert expected in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
+    if "this is the" in expected:
+        port = server.grpc_url.rsplit(":", 1)[1]
+        assert f"gRPC on port {port}" in out.stderr, out.stderr
 
 
 def test_a_model_that_does_not_exist_is_named_so(own_server, val_images):

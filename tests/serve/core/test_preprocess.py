@@ -356,7 +356,7 @@ def test_every_decode_runs_in_a_worker_under_a_deadline(val_images: list[Path]) 
     image that decodes far longer than its estimate is stopped at the deadline with an
     error that says so, the worker killed (no child left) and the next image decoded by a
     fresh one."""
-    from serve.core.isolated_decode import DecodeWorker
+    from serve.core.isolated_decode import WALL_SLACK, DecodeWorker
     from serve.tools.hostile_images import rle_eol_bmp
 
     geometry = ResizeCrop(256, 224)
@@ -368,9 +368,9 @@ def test_every_decode_runs_in_a_worker_under_a_deadline(val_images: list[Path]) 
             assert np.array_equal(worker.decode(data, 5.0, path.name), preprocess(data, geometry))
         assert worker.forks == 1
         started = time.monotonic()
-        with pytest.raises(ImageError, match=r"longer than 0.3 s, far more than"):
+        with pytest.raises(ImageError, match=r"more than 0.3 s of CPU time, far more than"):
             worker.decode(rle_eol_bmp(), 0.3, "slow.bmp")  # 6 s in place
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 0.3 * WALL_SLACK  # never past the wall bound
         assert _children() <= before | {worker.pid} and not worker.pid
         data = val_images[0].read_bytes()
         assert np.array_equal(worker.decode(data, 5.0, "again"), preprocess(data, geometry))

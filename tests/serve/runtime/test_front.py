@@ -26,7 +26,14 @@ from tritonclient.utils import InferenceServerException
 from serve.core import auth
 from serve.core.contract import IMAGE_INPUT, INPUT_NAME, PIXELS_OUTPUT
 from serve.core.preprocess import ResizeCrop, preprocess
-from tests.helpers import child_pids, expensive_jpeg, process_alive, stub_pids, wait_until
+from tests.helpers import (
+    child_pids,
+    expensive_jpeg,
+    process_alive,
+    run_cli,
+    stub_pids,
+    wait_until,
+)
 
 GEOMETRY = ResizeCrop(256, 224)
 MODULES = {"grpc": grpcclient, "http": httpclient}
@@ -630,6 +637,16 @@ def test_a_second_server_on_the_same_ports_leaves_the_first_alone(front, model_r
         PublicServer(opts).start()
     assert key_file.read_text() == before
     assert admin.list_models(front.grpc_url, auth.resolve_key(front.grpc_url))
+    # a second `serve run` there: one error line naming the port, no banner before it
+    ports = [str(p) for p in (opts.http_port, opts.grpc_port, opts.metrics_port)]
+    flags = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    proc = run_cli(
+        "serve", "run", "--model-repository", str(model_repo), *flags, check=False, timeout=120
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"cannot listen on 127.0.0.1:{ports[0]}" in out, out
+    assert "tritonserver:" not in out and "Traceback" not in out, out
+    assert key_file.read_text() == before
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -694,6 +711,7 @@ def test_generated_config_is_valid_for_every_key(tmp_path, key):
     cfg.write_text(render(opts))
     check = subprocess.run([find_haproxy(), "-c", "-f", str(cfg)], capture_output=True)
     assert check.returncode == 0, check.stderr.decode()
+    assert "[WARNING]" not in check.stderr.decode(), check.stderr.decode()  # rules in order
 
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:

@@ -18,9 +18,9 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 
 from serve.client import admin
-from serve.client.client import AsyncClassifier, Classifier, InferenceFailed, ModelNotReady
+from serve.client.client import AsyncClassifier, Classifier, ModelNotReady
 from serve.core.contract import ModelCard
-from serve.core.preprocess import ResizeCrop, preprocess
+from serve.core.preprocess import ImageError, ResizeCrop, preprocess
 from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
 from tests.helpers import run_cli, wait_until
 
@@ -148,10 +148,13 @@ def test_client_errors_are_typed(server):
     with pytest.raises(ModelNotReady, match="no_such_model"):
         Classifier(server.grpc_url, "no_such_model")
     with Classifier(server.grpc_url, "antsbees_image") as clf:
-        with pytest.raises(InferenceFailed, match="not a readable image"):
+        # the server's decode failure is an ImageError, as a local decode's: its reason,
+        # not the ensemble's "[StatusCode.INTERNAL] in ensemble ..." wrapping
+        with pytest.raises(ImageError, match="not a readable image") as bad:
             clf.classify([b"garbage bytes"])
+        assert "ensemble" not in str(bad.value) and "StatusCode" not in str(bad.value)
         out = clf.classify_each([b"garbage", b""], top_k=1)
-        assert all(isinstance(r, Exception) for r in out)
+        assert all(isinstance(r, ImageError) for r in out), out
 
 
 def test_async_classifier_many_in_flight(server, val_images):
@@ -278,7 +281,7 @@ def test_publish_while_serving_then_rollback(model_repo, trained_run, hymenopter
                 str(repo),
                 "--out-dir",
                 str(tmp_path / "out"),
-                "--fp16-limit",
+                "--advisory-sample",
                 "8",
                 "--no-int8-stage",  # publishing under traffic is the point, not INT8
                 "--no-triton-parity",
@@ -345,7 +348,7 @@ def test_publishing_is_atomic_for_a_polling_reader(model_repo, trained_run, tmp_
             str(tmp_path / "out"),
             "--parity-limit",
             "16",
-            "--fp16-limit",
+            "--advisory-sample",
             "8",
             "--no-int8-stage",
             "--no-triton-parity",

@@ -238,7 +238,7 @@ def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path, flags: list[str]) 
         # stack (the front and tritonserver) as children.
         assert (server_pid == proc.pid) == ("--no-front" in flags)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0  # the server's own exit code
+        assert proc.wait(timeout=90) == 0  # the server's own exit code
         assert not process_alive(server_pid)
     finally:
         if proc.poll() is None:
@@ -253,7 +253,7 @@ def test_make_serve_in_foreground_stops_on_sigterm(model_repo: Path) -> None:
         (child,) = child_pids(proc.pid)  # make execs nothing itself: one recipe process
         server_pid = _tritonserver_under(child)
         proc.send_signal(signal.SIGTERM)  # make passes it on; the supervisor stops the server
-        proc.wait(timeout=30)
+        proc.wait(timeout=90)  # the bound: Triton's exit timeout (10 s) + the kill (20 s later)
         deadline = time.monotonic() + 30
         while (process_alive(server_pid) or process_alive(child)) and time.monotonic() < deadline:
             time.sleep(0.2)
