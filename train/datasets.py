@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from serve.core.errors import UsageError
+from serve.core.sampling import stratified
 from train.data import image_folder
 
 KINDS = ("auto", "imagefolder", "npz", "cifar10", "cifar100")
@@ -130,11 +131,11 @@ def dataset_split(
 
 
 def subset(ds: Dataset, n: int, seed: int) -> Dataset:
-    """A fixed random subset of ``n`` items (all when n <= 0), keeping classes/targets."""
+    """A fixed stratified sample of ``n`` items (every class in proportion; all when n
+    <= 0; serve/core/sampling.py), keeping classes/targets."""
     if n <= 0 or n >= len(ds):
         return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    sub = torch.utils.data.Subset(ds, sorted(idx))
+    sub = torch.utils.data.Subset(ds, stratified(ds.targets, n, seed))  # type: ignore[attr-defined]
     sub.classes = ds.classes  # type: ignore[attr-defined]
     sub.targets = [ds.targets[i] for i in sub.indices]  # type: ignore[attr-defined]
     return sub

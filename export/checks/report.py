@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from export.checks.parity import Stage
+from serve.core.files import atomic_write_json
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(path, report)
 
 
 def _fmt(v: float | None, spec: str = ".3g") -> str:

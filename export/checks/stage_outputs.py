@@ -78,15 +78,18 @@ def sample_names(ds: Any) -> list[str]:
 def pytorch_logits(
     ckpt: Checkpoint, pixels: PixelBatches, dtype: torch.dtype = torch.float32
 ) -> np.ndarray:
-    """The trained model as trained: ``(x / 255 - mean) / std`` then the network."""
-    model = model_from_checkpoint(ckpt).to(dtype)
+    """The trained model as trained: ``(x / 255 - mean) / std`` then the network, in the
+    channels-last layout (oneDNN's fast path on CPU: 2x here, the same numbers within
+    float rounding)."""
+    model = model_from_checkpoint(ckpt).to(dtype).to(memory_format=torch.channels_last)
     pre = ckpt.card.preprocessing
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
     std = torch.tensor(pre.std).view(1, 3, 1, 1)
     outs = []
     for x in progress(pixels.batches, desc=f"pytorch {str(dtype).split('.')[-1]}"):
         normalized = (torch.from_numpy(x) / 255 - mean) / std
-        outs.append(model(normalized.to(dtype)).float().numpy())
+        batch = normalized.to(dtype).contiguous(memory_format=torch.channels_last)
+        outs.append(model(batch).float().numpy())
     return np.concatenate(outs)
 
 

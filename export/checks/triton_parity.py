@@ -1,5 +1,6 @@
-"""The Triton stages of the parity report: the model as published, through a real
-tritonserver (the one ``make serve`` runs), over HTTP and gRPC."""
+"""The Triton stages of the parity report: the model as published, through the stack
+``make serve`` runs (the front, tritonserver in its private namespace: no admin key in
+any process's argv), over HTTP and gRPC."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def triton_logits(
     each protocol's logits for every image; with ``images`` (the same images, encoded),
     also the raw-image ensemble's logits under the key ``image``."""
     from serve.client.client import Classifier
-    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.stack import PublicServer
+    from serve.runtime.triton_server import ServerOptions, free_port
 
     out: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="parity-repo-") as tmp:
@@ -36,7 +38,7 @@ def triton_logits(
             grpc_port=free_port(),
             metrics_port=free_port(),
         )
-        with TritonServer(opts, log_path=Path(tmp) / "server.log") as server:
+        with PublicServer(opts, log_path=Path(tmp) / "server.log") as server:
             for protocol in protocols:
                 url = server.http_url if protocol == "http" else server.grpc_url
                 with Classifier(url, model_name, protocol=protocol) as clf:

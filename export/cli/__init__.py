@@ -58,7 +58,7 @@ COMMANDS = [
         description="Quantize the run's FP32 ONNX once per calibration choice, choose on "
         "held-out training images (never the val images the export gate judges), and "
         "report each choice's val agreement, accuracy and gate verdict beside it "
-        "(bench/int8-calibration-latest.json and .png).",
+        "(bench/local/int8-calibration-latest.json and .png).",
     ),
     Command(
         "tune",

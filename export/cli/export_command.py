@@ -55,14 +55,17 @@ OUTPUT_FLAGS = [
     Flag(
         "parity_limit",
         "--parity-limit",
-        "compare on a fixed random subset of N images (0: every image)",
+        "compare on a fixed stratified sample of N images (every class; 0: every image)",
     ),
     Flag("fp16", "--no-fp16-stages", "skip the FP16 ONNX / PyTorch FP16 parity stages"),
     Flag(
-        "fp16_limit",
-        "--fp16-limit",
-        "PyTorch FP16 runs slowly on CPU: its stage uses the first N images",
+        "advisory",
+        "--advisory",
+        "reduced-precision stages that are not published (they decide nothing): on a "
+        "stratified sample (every class, seed 0), on every image, or off; INT8 is "
+        "quantized only with PRECISION=int8 or 'all'",
     ),
+    Flag("advisory_sample", "--advisory-sample", "images in the advisory stages' sample"),
     Flag(
         "fp16_tolerance",
         "--fp16-tolerance",

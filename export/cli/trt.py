@@ -18,7 +18,9 @@ def add_trt_arguments(p: argparse.ArgumentParser) -> None:
     add_model_repository(g)
     g.add_argument("--version", type=int, default=0, help="the version (default: the latest)")
     g.add_argument("--data", default="", help="ImageFolder root: its val images check the engine")
-    g.add_argument("--split", default="val")
+    g.add_argument(
+        "--split", default="val", help="the folder of --data whose images check the engine"
+    )
     g.add_argument("--parity-limit", type=int, default=256, help="images to compare (0: all)")
     g.add_argument(
         "--tolerance",

@@ -72,8 +72,9 @@ def pytorch_fp16_logits(
 ) -> tuple[np.ndarray, int]:
     """The trained model in FP16 (``.half()``), inputs normalized in FP32 then cast.
 
-    Returns the logits (as float32) of the first ``limit`` images (all when 0) - CPU FP16
-    is slow - and how many images that was.
+    Returns the logits (as float32) of the first ``limit`` images of ``pixels`` (all when
+    0) and how many images that was; the export passes a stratified sample when the stage
+    is advisory (CPU FP16 is slow), every image when it gates.
     """
     model = model_from_checkpoint(ckpt).half().eval()
     pre = ckpt.card.preprocessing

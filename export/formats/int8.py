@@ -25,14 +25,16 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import onnx
 
-from export.checks.stage_outputs import PixelBatches
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_bytes
+
+if TYPE_CHECKING:  # the pixels type only: importing it would import torch
+    from export.checks.stage_outputs import PixelBatches
 
 log = logging.getLogger(__name__)
 

@@ -23,18 +23,24 @@ from export.formats.tensorrt_rtx import RtxBuild, import_rtx, rtx_build, rtx_cap
 from export.pipeline.config import ExportConfig
 from export.pipeline.job import ExportJob
 from export.pipeline.ledger import Ledger
-from export.pipeline.precision import Int8Export, check_int8
+from export.pipeline.precision import Int8Export, check_int8, reduced_stage
+from serve.core import hints
 from serve.core.contract import INPUT_NAME, OUTPUT_NAME
 from serve.core.errors import UsageError
 from train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
-NO_TENSORRT = (
-    "TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
-    "engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
-    "--engine, or use --gpu-backend onnxruntime"
-)
+
+def no_tensorrt(why: str) -> str:
+    """Why TARGET=gpu with the tensorrt backend cannot go on here, and the ways out (in
+    the form the user typed)."""
+    return (
+        f"TARGET=gpu with the tensorrt backend needs TensorRT and a GPU to build the "
+        f"engine ({why}); build it on a GPU host (`python -m export trt`) and pass "
+        f"{hints.flag('--engine PLAN')}, or use "
+        f"{hints.flag('--gpu-backend onnxruntime', 'GPU_BACKEND', 'onnxruntime')}"
+    )
 
 
 def start(cfg: ExportConfig) -> ExportJob:
@@ -43,7 +49,7 @@ def start(cfg: ExportConfig) -> ExportJob:
     if cfg.serving.kind == "gpu-tensorrt" and not cfg.engine:
         ok, why = tensorrt_status()
         if not ok:
-            raise TensorRTUnavailable(NO_TENSORRT.format(why=why))
+            raise TensorRTUnavailable(no_tensorrt(why))
     if cfg.trt_rtx_targets:  # an unknown compute capability is an error before any work
         try:
             rtx = import_rtx()
@@ -99,27 +105,40 @@ def reference_outputs(job: ExportJob) -> Ledger:
         job.ckpt, job.data, cfg.split, cfg.batch_size, cfg.workers, cfg.parity_limit
     )
     log.info("parity on %d %s images of %s", pixels.count, cfg.split, job.data)
-    return Ledger(
+    started = time.perf_counter()
+    reference = pytorch_logits(job.ckpt, pixels)
+    ledger = Ledger(
         pixels=pixels,
-        reference=pytorch_logits(job.ckpt, pixels),
+        reference=reference,
         classes=job.ckpt.card.classes,
         reduced_gate=cfg.precision.gate,
         gating=job.gating,
     )
+    ledger.seconds["pytorch-fp32"] = time.perf_counter() - started
+    return ledger
 
 
 def check_onnxruntime(job: ExportJob, ledger: Ledger, int8: Int8Export) -> None:
     """ONNX Runtime FP32 (element-wise gate) and FP16 (accuracy gate, gating only when
     FP16 is published), then INT8 (:func:`export.pipeline.precision.check_int8`)."""
-    ort32 = onnxruntime_logits(job.onnx_path, ledger.pixels)
+    with ledger.timed("onnxruntime-fp32"):
+        ort32 = onnxruntime_logits(job.onnx_path, ledger.pixels)
     ledger.compare("onnxruntime-fp32", "pytorch-fp32", ledger.reference, ort32, job.fp32_gate)
     if not job.cfg.fp16:
         for stage_name in ("onnxruntime-fp16", "pytorch-fp16"):
             ledger.skip(stage_name, "pytorch-fp32", "disabled (--no-fp16-stages)")
     else:
-        ledger.compare_reduced("onnxruntime-fp16", onnxruntime_logits(job.fp16_path, ledger.pixels))
-        half, _ = pytorch_fp16_logits(job.ckpt, ledger.pixels, job.cfg.fp16_limit)
-        ledger.compare_reduced("pytorch-fp16", half)
+        if job.cfg.advisory == "sample" and not {"onnxruntime-fp16", "pytorch-fp16"} <= job.gating:
+            log.info(
+                "advisory stages (not published) judged on a stratified sample of %d of %d "
+                "images (seed 0); --advisory all judges every one",
+                min(job.cfg.advisory_sample, ledger.pixels.count),
+                ledger.pixels.count,
+            )
+        reduced_stage(
+            job, ledger, "onnxruntime-fp16", lambda px: onnxruntime_logits(job.fp16_path, px)
+        )
+        reduced_stage(job, ledger, "pytorch-fp16", lambda px: pytorch_fp16_logits(job.ckpt, px)[0])
     check_int8(job, ledger, int8)
 
 
@@ -136,7 +155,7 @@ def check_tensorrt(job: ExportJob, ledger: Ledger) -> Path | None:
     ok, why = tensorrt_status()
     if not ok:
         if wants_engine and engine is None:
-            raise TensorRTUnavailable(NO_TENSORRT.format(why=why))
+            raise TensorRTUnavailable(no_tensorrt(why))
         ledger.skip(stage_name, "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
         return engine
     if engine is None:

@@ -18,6 +18,9 @@ from export.triton.config import ServingConfig
 from serve.core.errors import UsageError
 
 Precision = Literal["fp32", "fp16", "int8"]
+# the reduced-precision stages that decide nothing (not published): on a stratified
+# sample of the val images, on every one, or not at all
+Advisory = Literal["sample", "all", "off"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 INT8_STAGE = "onnxruntime-int8"
 
@@ -76,7 +79,8 @@ class ExportConfig:
     atol: float = FP32_GATE.atol
     parity_limit: int = 0
     fp16: bool = True
-    fp16_limit: int = 1000
+    advisory: Advisory = "sample"
+    advisory_sample: int = 32
     keep_fp16_edges: bool = False
     fp16_tolerance: float = FP16_GATE.atol
     triton_parity: bool = True
@@ -101,5 +105,7 @@ class ExportConfig:
                 f"atol {self.atol:g} must be in (0, {FP32_GATE.atol:g}]: the gate can "
                 "be tightened, not loosened (use --force to publish anyway)"
             )
+        if self.advisory_sample < 1:
+            raise UsageError(f"--advisory-sample must be >= 1, got {self.advisory_sample}")
         if self.fp16_tolerance <= 0:
             raise UsageError(f"fp16 tolerance must be > 0, got {self.fp16_tolerance:g}")

@@ -7,8 +7,10 @@ Steps add to it through :meth:`Ledger.compare`, :meth:`Ledger.compare_reduced` a
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +18,7 @@ import numpy as np
 from export.checks.parity import AccuracyGate, Stage, Thresholds, format_stage, judge, skipped
 from export.checks.stage_outputs import PixelBatches
 from export.formats.tensorrt_rtx import RtxBuild
+from serve.core.sampling import stratified
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,16 @@ class Ledger:
     stages: list[Stage] = field(default_factory=list)
     diffs: dict[str, np.ndarray] = field(default_factory=dict)
     logits: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # what each stage's run took
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name``'s computation (``parity.json`` timings)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def compare(
         self,
@@ -42,20 +55,42 @@ class Ledger:
         out: np.ndarray,
         gate: Thresholds,
         gating: bool = True,
+        indices: np.ndarray | None = None,
     ) -> Stage:
-        """Judge stage ``name``'s logits ``out`` against ``ref`` (stage ``reference``)."""
-        labels = self.pixels.labels[: len(out)]
+        """Judge stage ``name``'s logits ``out`` against ``ref`` (stage ``reference``);
+        ``indices``: the images ``out`` is of (a sample), else all of them."""
+        labels = self.pixels.labels if indices is None else self.pixels.labels[indices]
         stage = judge(name, reference, ref, out, gate, gating, labels, self.classes)
         self.stages.append(stage)
         self._record(name, out, ref)
         log.info("%s", format_stage(stage))
         return stage
 
-    def compare_reduced(self, name: str, out: np.ndarray) -> Stage:
+    def compare_reduced(
+        self, name: str, out: np.ndarray, indices: np.ndarray | None = None
+    ) -> Stage:
         """A reduced-precision stage vs ``pytorch-fp32``, judged by the accuracy gate;
         gating when its model is what gets published."""
-        ref = self.reference[: len(out)]
-        return self.compare(name, "pytorch-fp32", ref, out, self.reduced_gate, name in self.gating)
+        ref = self.reference if indices is None else self.reference[indices]
+        gating = name in self.gating
+        return self.compare(name, "pytorch-fp32", ref, out, self.reduced_gate, gating, indices)
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """A stratified sample of ``n`` images (every class in proportion, fixed by
+        ``seed``: serve/core/sampling.py) as indices."""
+        return np.asarray(stratified(self.pixels.labels, n, seed), dtype=np.int64)
+
+    def pixels_of(self, indices: np.ndarray | None) -> PixelBatches:
+        """The images at ``indices`` as pixel batches (all of them for None)."""
+        if indices is None:
+            return self.pixels
+        size = max(len(b) for b in self.pixels.batches)
+        every = np.concatenate(self.pixels.batches)[indices]
+        return PixelBatches(
+            [every[i : i + size] for i in range(0, len(every), size)],
+            self.pixels.labels[indices],
+            [self.pixels.paths[i] for i in indices],
+        )
 
     def skip(self, name: str, reference: str, reason: str) -> None:
         """Record stage ``name`` as skipped, with why."""

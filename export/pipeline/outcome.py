@@ -21,6 +21,7 @@ from export.triton.publish import Published, publish
 from export.triton.warmup import val_images
 from serve.core.cli_common import GateRefused
 from serve.core.contract import ModelCard, ParitySummary
+from serve.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +185,25 @@ def publish_release(
     )
     published = publish_into(job, Path(job.cfg.repository), card.replace(parity=summary), engine)
     target = published.classifier
+    keep_report(job.out_dir, target / "report")
     log.info(
         "published %s version %s (%s) -> %s", job.name, target.name, job.cfg.serving.kind, target
     )
     if report["forced"]:
         log.warning("WARNING: published despite failed parity (--force); recorded in the card")
     return published
+
+
+REPORT_FILES = ("parity.json", "parity.md", "parity.png")
+
+
+def keep_report(run_dir: Path, record: Path) -> None:
+    """The version's own copy of its parity report (``<version>/report/``), so an older
+    version's report survives the next export (the run folder keeps only the latest)."""
+    record.mkdir(exist_ok=True)
+    for name in REPORT_FILES:
+        if (run_dir / name).is_file():
+            atomic_write_bytes(record / name, (run_dir / name).read_bytes())
 
 
 def deploy_release(

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.checks.stage_outputs import load_pixels, onnxruntime_logits
+import numpy as np
+
+from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
 from export.formats.int8 import metadata_of, preprocess_for_quantization, quantize_int8
 from export.pipeline.config import INT8_STAGE
 from export.pipeline.job import ExportJob
@@ -62,6 +65,12 @@ def export_int8(job: ExportJob) -> Int8Export:
     pc = job.cfg.precision
     if not pc.int8:
         return Int8Export()
+    if pc.precision != "int8" and job.cfg.advisory != "all":
+        # advisory: it decides nothing here, and calibrating is most of an export's time
+        return Int8Export(
+            skipped="advisory (INT8 is not published): not quantized; PRECISION=int8 "
+            "publishes it if it passes, --advisory all reports it"
+        )
     cal = pc.calibration
     data = calibration_data(job)
     if Path(data).suffix == ".npz" and Path(data).resolve() == Path(job.data).resolve():
@@ -97,6 +106,25 @@ def export_int8(job: ExportJob) -> Int8Export:
     )
 
 
+def reduced_stage(
+    job: ExportJob, ledger: Ledger, name: str, logits: Callable[[PixelBatches], np.ndarray]
+) -> None:
+    """Judge reduced-precision stage ``name`` (``logits`` of some pixels): on every val
+    image when it gates publishing (or ``--advisory all``); an advisory one on a
+    stratified sample of ``--advisory-sample`` images (``sample``, the default) or not
+    at all (``off``): it decides nothing, so it costs little."""
+    cfg = job.cfg
+    indices = None
+    if name not in ledger.gating and cfg.advisory != "all":
+        if cfg.advisory == "off":
+            ledger.skip(name, "pytorch-fp32", "advisory (not published): --advisory off")
+            return
+        indices = ledger.sample(cfg.advisory_sample)
+    with ledger.timed(name):
+        out = logits(ledger.pixels_of(indices))
+    ledger.compare_reduced(name, out, indices)
+
+
 def check_int8(job: ExportJob, ledger: Ledger, int8: Int8Export) -> None:
     """``onnxruntime-int8`` vs ``pytorch-fp32``, accuracy-gated (gating for INT8 on CPU),
     and the TensorRT flavour's accuracy with ONNX Runtime (advisory; on GPU the
@@ -106,8 +134,8 @@ def check_int8(job: ExportJob, ledger: Ledger, int8: Int8Export) -> None:
         ledger.skip(INT8_STAGE, "pytorch-fp32", why)
         ledger.skip(INT8_TRT_STAGE, "pytorch-fp32", why)
         return
-    ledger.compare_reduced(INT8_STAGE, onnxruntime_logits(job.int8_path, ledger.pixels))
-    ledger.compare_reduced(INT8_TRT_STAGE, onnxruntime_logits(job.int8_trt_path, ledger.pixels))
+    reduced_stage(job, ledger, INT8_STAGE, lambda px: onnxruntime_logits(job.int8_path, px))
+    reduced_stage(job, ledger, INT8_TRT_STAGE, lambda px: onnxruntime_logits(job.int8_trt_path, px))
 
 
 def precision_details(

@@ -12,6 +12,8 @@ stages append their verdicts to it, and the fallback and speed gate revise their
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,8 @@ from export.pipeline.precision import export_int8
 from export.pipeline.precision_fallback import fallback_step, speed_gate
 
 __all__ = ["STEPS", "ExportConfig", "ParityFailed", "Step", "run_export"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,44 @@ def run_export(cfg: ExportConfig) -> dict[str, Any]:
     """Run every step; returns the report (with ``published`` and ``served`` when they
     happened). Raises ParityFailed (after writing the report) when a gating stage failed
     and ``force`` is off."""
+    begun = time.perf_counter()
     products: dict[str, Any] = {"job": start(cfg)}
-    for step in STEPS:
-        out = step.run(**{name: products[name] for name in step.needs})
-        if step.gives:
-            products[step.gives] = out
+    steps: dict[str, float] = {"start": time.perf_counter() - begun}
+    try:
+        for step in STEPS:
+            t = time.perf_counter()
+            out = step.run(**{name: products[name] for name in step.needs})
+            steps[step.name] = time.perf_counter() - t
+            if step.gives:
+                products[step.gives] = out
+    finally:
+        steps["total"] = time.perf_counter() - begun
+        _record_timings(products, steps)
     return products["result"]
+
+
+def _record_timings(products: dict[str, Any], steps: dict[str, float]) -> None:
+    """Each step's and each stage's wall time: printed, and kept in ``parity.json`` (and
+    the published version's copy of it) once the run is over."""
+    from export.checks.report import write_json
+
+    ledger = products.get("ledger")
+    timings = {
+        "steps_s": {k: round(v, 2) for k, v in steps.items()},
+        "stages_s": {k: round(v, 2) for k, v in (ledger.seconds if ledger else {}).items()},
+    }
+    width = max(len(k) for k in [*timings["steps_s"], *timings["stages_s"]])
+    lines = [f"  {k:<{width}} {v:7.1f} s" for k, v in timings["steps_s"].items() if v >= 0.05]
+    lines += [f"    {k:<{width - 2}} {v:7.1f} s" for k, v in timings["stages_s"].items()]
+    log.info("where the time went:\n%s", "\n".join(lines))
+    report = products.get("report")
+    if report is None:
+        return
+    report["timings"] = timings
+    job = products["job"]
+    write_json(report, job.out_dir / "parity.json")
+    published = products.get("published")
+    if published is not None:  # the version's own record (export/triton/publish.py)
+        record = published.classifier / "report" / "parity.json"
+        if record.parent.is_dir():
+            write_json(report, record)

@@ -226,6 +226,13 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
         for t in fallback["tried"]
     )
     assert set(fallback["images_per_s"]) >= {"fp32", "plain", "fallback"}
+    # The INT8 TensorRT flavour (symmetric, float biases) built by TensorRT-RTX: explicit
+    # Q/DQ, INT8 tensors; ONNX Runtime judges it too (advisory: the CPU serves its own).
+    builds = {b["precision"]: b for b in report["tensorrt_builds"]}
+    assert builds["int8"]["onnx"] == "model_int8_trt.onnx" and builds["int8"]["status"] == "built"
+    assert builds["int8"]["layer_types"].get("INT8", 0) > 0
+    trt_int8 = by_name["onnxruntime-int8-tensorrt"]
+    assert trt_int8["gating"] is False and trt_int8["top1_agreement"] is not None
     version = repo / "antsbees" / "1"
     assert sha256(version / "model.onnx") == sha256(out / "model_int8.onnx")
     graph = onnx.load(str(version / "model.onnx"))

@@ -42,14 +42,15 @@ BUILD_KEYS = {
 
 
 def test_every_exported_precision_is_built(trained_run: Path, model_repo: Path) -> None:
-    """`make export` (the session export): FP32, FP16 and INT8 ONNX (INT8: its TensorRT
-    flavour) each parsed and built by TensorRT-RTX for 8.6, 8.9 and 12.0, recorded in
-    parity.json and parity.md; the engines stay in the run folder (no target serves them)."""
+    """`make export` (the session export): FP32 and FP16 ONNX each parsed and built by
+    TensorRT-RTX for 8.6, 8.9 and 12.0, recorded in parity.json and parity.md; the engines
+    stay in the run folder (no target serves them). INT8 is quantized only where it is
+    published (test_int8 builds its TensorRT flavour)."""
     import tensorrt_rtx
 
     report = json.loads((trained_run / "parity.json").read_text())
     builds = {b["precision"]: b for b in report["tensorrt_builds"]}
-    assert set(builds) == {"fp32", "fp16", "int8"}
+    assert set(builds) == {"fp32", "fp16"}
     for b in builds.values():
         assert set(b) == BUILD_KEYS
         assert b["status"] == "built", b["reason"]
@@ -63,18 +64,10 @@ def test_every_exported_precision_is_built(trained_run: Path, model_repo: Path) 
     assert set(builds["fp32"]["layer_types"]) <= {"FLOAT", "INT32", "INT64", "BOOL"}
     fp16 = builds["fp16"]["layer_types"]
     assert fp16["HALF"] > fp16.get("FLOAT", 0)  # FP16 inside, FP32 only at the edges
-    # The INT8 TensorRT flavour (symmetric, float biases): explicit Q/DQ, INT8 tensors;
-    # ONNX Runtime judges it too (advisory here: the CPU serves its own flavour).
-    assert builds["int8"]["onnx"] == "model_int8_trt.onnx"
-    assert builds["int8"]["layer_types"].get("INT8", 0) > 0
-    by_name = {s["name"]: s for s in report["stages"]}
-    trt_int8 = by_name["onnxruntime-int8-tensorrt"]
-    assert trt_int8["gating"] is False and trt_int8["images"] == report["images"]
-    assert trt_int8["top1_agreement"] is not None
     # The engines are not published: the CPU target serves ONNX Runtime.
     assert not list(model_repo.rglob("*.engine"))
     md = (trained_run / "parity.md").read_text()
-    assert "## TensorRT-RTX builds" in md and "model_int8_trt.onnx | int8" in md
+    assert "## TensorRT-RTX builds" in md and "model.onnx | fp32" in md
     # Running an engine needs a GPU: that stage is still skipped, with the reason.
     (trt_stage,) = [s for s in report["stages"] if s["name"] == "tensorrt-fp16"]
     assert trt_stage["status"] == "skipped" and "GPU" in trt_stage["reason"]

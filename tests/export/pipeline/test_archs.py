@@ -131,8 +131,10 @@ def test_every_arch_exports_and_passes_parity(
             fp16=False,  # FP16 on random weights says little; FP32 parity is the point here
             triton_parity=False,
             # INT8 (calibration + fallback search, ~75 s per ImageNet arch) is test_int8's job;
-            # CIFAR keeps it on to check that the .npz case skips with the reason
+            # CIFAR keeps it on (advisory stages all run) to check that the .npz case skips
+            # with the reason
             precision=PrecisionConfig(int8=not imagenet),
+            advisory="sample" if imagenet else "all",
         )
     )
     stage = report["stages"][0]

@@ -93,7 +93,11 @@ def test_published_repository_layout(model_repo: Path, trained_run: Path) -> Non
     # Triton's python-backend stub runs an isolated interpreter that ignores
     # PYTHONDONTWRITEBYTECODE, so once served, model.py's __pycache__ appears beside it.
     published = sorted(p.name for p in v1.iterdir() if p.name != "__pycache__")
-    assert published == ["model.onnx", "model.py", "model_card.json"]
+    assert published == ["model.onnx", "model.py", "model_card.json", "report"]
+    # the version's own report (parity, timings): kept when a later export rewrites runs/
+    report = sorted(p.name for p in (v1 / "report").iterdir())
+    assert report == ["parity.json", "parity.md", "parity.png"], report
+    assert "timings" in json.loads((v1 / "report" / "parity.json").read_text())
     raw = json.loads((v1 / "model_card.json").read_text())
     card = ModelCard.from_dict(raw)  # the published card follows the schema
     assert card.classes == ["ants", "bees"] and card.version == 1
