@@ -8,7 +8,7 @@
   summarizes each recipe: best val acc mean +- std over seeds, time to 90/93/95%, total.
 * CIFAR: training and inference images/s of every 32x32 architecture (batch 128).
 
-Writes ``bench/train-<date>.json``, ``bench/train-latest.json`` and a PNG beside them.
+Writes ``bench/local/train-<date>.json``, ``bench/local/train-latest.json`` and a PNG beside them.
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ from serve.core.files import atomic_write_json
 log = logging.getLogger(__name__)
 
 TARGETS = (0.90, 0.93, 0.95)
-ANTSBEES_RECIPES = ("antsbees_tutorial", "antsbees_feature_extract", "antsbees_finetune")
+ANTSBEES_RECIPES = (
+    "antsbees_tutorial",
+    "antsbees_feature_extract",
+    "antsbees_probe",
+    "antsbees_finetune",
+)
 
 
 def _resnet18_weights_available(timeout: float) -> tuple[bool, str]:
@@ -243,14 +248,22 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench")
+    p.add_argument(
+        "--out",
+        default="bench/local",
+        help="report folder (train-<date>.json, train-latest.json and .png; runs in <out>/runs)",
+    )
     p.add_argument("--data", default=None, help="ants/bees ImageFolder (default: the recipes')")
     p.add_argument("--epochs", type=int, default=None, help="override the recipes' epochs")
     p.add_argument(
         "--recipes", nargs="+", default=list(ANTSBEES_RECIPES), help="ants/bees recipes to run"
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--skip-antsbees", action="store_true")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of each ants/bees run"
+    )
+    p.add_argument(
+        "--skip-antsbees", action="store_true", help="no ants/bees time-to-accuracy part"
+    )
     p.add_argument("--skip-cifar", action="store_true", help="no CIFAR images/s part")
     p.add_argument(
         "--cifar-archs",
@@ -264,7 +277,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="keep the runs (and CIFAR rows) of <out>/train-latest.json that this "
         "invocation does not repeat (e.g. add seeds of one recipe); each run keeps its date",
     )
-    p.add_argument("--download-timeout", type=float, default=10.0)
+    p.add_argument(
+        "--download-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to wait for ResNet-18's ImageNet weights (else its rows are skipped)",
+    )
 
 
 def run(a: argparse.Namespace) -> int:
@@ -299,7 +317,9 @@ def run(a: argparse.Namespace) -> int:
                     r["date"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                     report["time_to_accuracy"].append(r)
                     log.info(
-                        "  best val acc %s, %s s", r.get("best_val_acc"), r.get("seconds_total")
+                        "  best val acc %.2f%%, %.0f s",
+                        100 * float(r.get("best_val_acc") or 0),
+                        float(r.get("seconds_total") or 0),
                     )
     cifar_archs = getattr(a, "cifar_archs", None)
     for name in cifar_archs or ():

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from serve.core import hints
 from serve.core.contract import CardError, ModelCard
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write
@@ -177,7 +178,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load with ``weights_only=True`` and validate its card, naming what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (run `make train` first)")
+        train = hints.command("train", "python -m train --out " + str(path.parent))
+        raise FileNotFoundError(f"checkpoint {path} does not exist (run `{train}` first)")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -8,6 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from serve.core import hints
 from serve.core.cli_common import Command
 from serve.core.cli_common import main as cli_main
 from serve.core.errors import UsageError
@@ -41,7 +42,7 @@ RUN_FLAGS = [
 WHERE_FLAGS = [
     F("model_name", "--model", "run/served model name"),
     F("data", "--data", "ImageFolder root, .npz file or folder, or CIFAR root"),
-    F("dataset", "--dataset"),
+    F("dataset", "--dataset", "how --data is read (auto: recognised from the path)"),
     F("download", "--download", "download torchvision CIFAR when missing (needs internet)"),
     F("out", "--out", "output folder (default runs/<model>)"),
 ]
@@ -53,7 +54,11 @@ MODEL_FLAGS = [
         "110, resnet18_cifar, vgg11, vgg16, alexnet, googlenet, googlenet_cifar",
     ),
     F("batchnorm", "--batchnorm", "BatchNorm on/off (CIFAR archs)"),
-    F("dropout", "--dropout"),
+    F(
+        "dropout",
+        "--dropout",
+        "classifier dropout of vgg11/16, alexnet, googlenet_cifar (unset: the arch's)",
+    ),
     F(
         "inception",
         "--inception",
@@ -66,34 +71,47 @@ MODEL_FLAGS = [
         "(the paper: 0.3; default 0: none); dropped at export",
     ),
     F("width", "--width", "googlenet_cifar: channel multiplier (default 1, the paper's widths)"),
-    F("mode", "--mode"),
+    F(
+        "mode",
+        "--mode",
+        "finetune: train the whole network; feature-extract: frozen backbone, head only",
+    ),
     F("pretrained", "--pretrained", "auto | imagenet | none | a weights file"),
 ]
 PREPROCESSING_FLAGS = [
-    F("resize", "--resize"),
-    F("crop", "--crop"),
-    F("mean", "--mean", nargs=3),
-    F("std", "--std", nargs=3),
-    F("augment", "--augment"),
+    F(
+        "resize",
+        "--resize",
+        "shorter side resized to this (px) before the crop: eval, pad-crop training",
+    ),
+    F("crop", "--crop", "input size (px): the eval center crop, the training random crop"),
+    F("mean", "--mean", "normalization mean per RGB channel (pixels in 0..1)", nargs=3),
+    F("std", "--std", "normalization std per RGB channel (pixels in 0..1)", nargs=3),
+    F(
+        "augment",
+        "--augment",
+        "training crops: random-resized-crop + flip (ImageNet); pad-crop: resize, padded "
+        "random crop + flip (CIFAR); none: the eval transform",
+    ),
 ]
 OPTIMISATION_FLAGS = [
-    F("epochs", "--epochs"),
+    F("epochs", "--epochs", "training epochs"),
     F("batch_size", "--batch-size", "global batch (split over processes)"),
-    F("optimizer", "--optimizer"),
-    F("lr", "--lr"),
-    F("momentum", "--momentum"),
-    F("nesterov", "--nesterov"),
-    F("weight_decay", "--weight-decay"),
-    F("betas", "--betas", nargs=2),
-    F("schedule", "--schedule"),
-    F("step_size", "--step-size", "step schedule: epochs per decay"),
-    F("milestones", "--milestones", "multistep schedule epochs"),
+    F("optimizer", "--optimizer", "sgd (--momentum, --nesterov) or adam/adamw (--betas)"),
+    F("lr", "--lr", "base learning rate (warmup ramps up to it, the schedule decays it)"),
+    F("momentum", "--momentum", "SGD momentum"),
+    F("nesterov", "--nesterov", "SGD with Nesterov momentum"),
+    F("weight_decay", "--weight-decay", "weight decay (L2 for sgd/adam, decoupled for adamw)"),
+    F("betas", "--betas", "adam/adamw beta1 beta2", nargs=2),
+    F("schedule", "--schedule", "lr schedule after warmup, stepped once per epoch"),
+    F("step_size", "--step-size", "step schedule: epochs per decay, or a fraction of --epochs"),
+    F("milestones", "--milestones", "multistep: epochs to decay at, or fractions of --epochs"),
     F("gamma", "--gamma", "decay factor (step/multistep/exponential)"),
     F("decay", "--decay", "inverse-time: lr / (1 + decay * epoch)"),
     F("min_lr", "--min-lr", "cosine floor"),
-    F("warmup_epochs", "--warmup-epochs"),
+    F("warmup_epochs", "--warmup-epochs", "epochs of linear lr warmup (0: none)"),
     F("warmup_start", "--warmup-start", "warmup starts at lr * this"),
-    F("label_smoothing", "--label-smoothing"),
+    F("label_smoothing", "--label-smoothing", "label smoothing of the training loss, in [0, 1)"),
     F(
         "cache_features",
         "--cache-features",
@@ -102,19 +120,23 @@ OPTIMISATION_FLAGS = [
     F("feature_views", "--feature-views", "augmented views cached per image"),
 ]
 HARDWARE_FLAGS = [
-    F("device", "--device"),
+    F("device", "--device", "auto: CUDA when available, else CPU"),
     F("amp", "--amp", "autocast dtype"),
-    F("channels_last", "--channels-last"),
+    F("channels_last", "--channels-last", "NHWC memory format for the model and its batches"),
     F("sync_bn", "--sync-bn", "torchrun on GPUs: BatchNorm statistics over the global batch"),
     F("workers", "--workers", "DataLoader workers"),
     F("threads", "--threads", "torch threads (0: default)"),
-    F("seed", "--seed"),
-    F("deterministic", "--deterministic"),
+    F("seed", "--seed", "seed of init, data order, augmentation and --train-subset (+ the rank)"),
+    F(
+        "deterministic",
+        "--deterministic",
+        "deterministic torch kernels (warns where there is none; no cuDNN autotune)",
+    ),
     F("train_subset", "--train-subset", "use N random training images"),
     F("val_subset", "--val-subset", "use N random val images"),
     F("max_train_batches", "--max-train-batches", "limit per epoch (smoke runs)"),
     F("max_val_batches", "--max-val-batches", "limit per epoch (smoke runs)"),
-    F("download_timeout", "--download-timeout"),
+    F("download_timeout", "--download-timeout", "seconds to wait on a pretrained weights download"),
     F("tensorboard", "--tensorboard", "also log to <out>/tensorboard"),
 ]
 GROUPS = {
@@ -179,8 +201,24 @@ def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     from train.trainer import Run
 
-    Run(config_from_args(args)).fit()
+    cfg = config_from_args(args)
+    try:
+        Run(cfg).fit()
+    except KeyboardInterrupt:
+        last = Path(cfg.out) / "last.pt"
+        if last.is_file():
+            log.error("interrupted; to go on from the last finished epoch: %s", resume_hint(last))
+        else:
+            log.error("interrupted before the first epoch ended: nothing saved to resume")
+        raise
     return 0
+
+
+def resume_hint(last: Path) -> str:
+    """The command that resumes from ``last`` (in the form the user typed)."""
+    if hints.via_make():
+        return hints.flag(f"--resume {last}")
+    return f"python -m train --resume {last}"
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -194,17 +232,26 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         help="ImageFolder root, .npz file/folder or CIFAR root (default: the "
         "checkpoint's training data)",
     )
-    p.add_argument("--dataset", default="auto")
-    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--dataset",
+        default="auto",
+        help="auto (recognised from --data), imagefolder, npz, cifar10 or cifar100",
+    )
+    p.add_argument("--split", default="val", help="split to evaluate: train or val")
     p.add_argument(
         "--mean",
         type=float,
         nargs=3,
         help="normalization of --weights (default: known for published weights, else required)",
     )
-    p.add_argument("--std", type=float, nargs=3)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        help="normalization of --weights (default: known for published weights, else required)",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--confusion", help="also save the confusion matrix PNG here")
     p.add_argument(
         "--limit",
@@ -238,7 +285,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default="data", help="folder to unpack into")
     p.add_argument(
-        "--dataset", choices=("hymenoptera", "cifar10", "cifar100"), default="hymenoptera"
+        "--dataset",
+        choices=("hymenoptera", "cifar10", "cifar100"),
+        default="hymenoptera",
+        help="what to download (into ROOT/hymenoptera_data, ROOT/cifar10, ROOT/cifar100)",
     )
 
 
@@ -297,9 +347,21 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def add_modules_arguments(p: argparse.ArgumentParser) -> None:
-    from train.modules import add_arguments
-
-    add_arguments(p)
+    """The flags of ``python -m train modules`` (here: its module imports torch)."""
+    p.add_argument(
+        "--out",
+        default="bench/local",
+        help="report folder (modules-<date>.json, modules-latest.json and .png)",
+    )
+    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
+    p.add_argument(
+        "--module-batch", type=int, default=32, help="batch of the single-module measurements"
+    )
+    p.add_argument("--net-batch", type=int, default=16, help="batch of the reduced network")
+    p.add_argument(
+        "--naive-net-batch", type=int, default=4, help="batch of the naive network (~10x FLOPs)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
 
 
 def run_modules(args: argparse.Namespace) -> int:
@@ -312,6 +374,26 @@ def add_cv_arguments(p: argparse.ArgumentParser) -> None:
     from train.select import add_arguments
 
     add_arguments(p)
+
+
+def add_probe_cv_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``python -m train probe-cv`` (here: its module imports torch)."""
+    from train.config import default_data
+
+    p.add_argument(
+        "--data",
+        default=default_data(),
+        help="ImageFolder root: its training images are cross-validated (val only reported)",
+    )
+    p.add_argument("--folds", type=int, default=3, help="k of the stratified k-fold split")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds of the folds and the head's training, each a full cross-validation",
+    )
+    p.add_argument("--out", default="bench/local", help="folder of probe-cv-latest.json and .png")
 
 
 def run_cv(args: argparse.Namespace) -> int:
@@ -368,11 +450,11 @@ COMMANDS = [
     Command(
         "probe-cv",
         "cross-validate the linear probe's head init and learning rate on cached features",
-        lambda p: _probe_cv().add_arguments(p),
+        add_probe_cv_arguments,
         lambda a: _probe_cv().run(a),
         description="How the default recipe's head_init and lp_lr were chosen: the "
         "offline backbone's features once, then k-fold CV of each candidate on the "
-        "training images (bench/probe-cv-latest.json and .png).",
+        "training images (bench/local/probe-cv-latest.json and .png).",
     ),
 ]
 

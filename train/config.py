@@ -33,7 +33,7 @@ AMP: tuple[str, ...] = get_args(Amp)
 AUTO_AUGMENTS: tuple[str, ...] = get_args(AutoAugment)
 DEVICES: tuple[str, ...] = get_args(Device)
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-DEFAULT_RECIPE = "antsbees_finetune"
+DEFAULT_RECIPE = "antsbees_probe"
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared/data/hymenoptera_data"
 LOCAL_DATA = Path("data/hymenoptera_data")
 
@@ -76,8 +76,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: Schedule = "step"
-    step_size: int = 7
-    milestones: list[int] = field(default_factory=list)
+    # epochs, or fractions of ``epochs`` (0 < x < 1): a shortened run keeps its shape
+    step_size: float = 7
+    milestones: list[float] = field(default_factory=list)
     gamma: float = 0.1
     decay: float = 0.1
     min_lr: float = 0.0
@@ -114,6 +115,11 @@ class TrainConfig:
     download_timeout: float = 15.0
     tensorboard: bool = False
 
+    def in_epochs(self, value: float) -> int:
+        """``step_size`` or a milestone in epochs: a fraction (0 < x < 1) of ``epochs``
+        (rounded, at least 1), else the epoch itself."""
+        return max(1, round(value * self.epochs)) if 0 < value < 1 else int(value)
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         choices = {
@@ -134,9 +140,15 @@ class TrainConfig:
                 f"epochs must be >= 1 (0 only for mode finetune with lp_epochs > 0, the "
                 f"linear probe alone), got {self.epochs}"
             )
-        for name in ("batch_size", "step_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name, values in (("step_size", [self.step_size]), ("milestones", self.milestones)):
+            for v in values:
+                if not (0 < v < 1 or (v >= 1 and float(v).is_integer())):
+                    raise UsageError(
+                        f"{name} must be whole epochs (>= 1) or fractions of the run "
+                        f"(0 < x < 1), got {v}"
+                    )
         for name in ("resize", "crop"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -163,7 +175,7 @@ class TrainConfig:
         if self.head_init and self.pretrained not in ("auto", "imagenet"):
             raise UsageError(f"head_init needs ImageNet weights, not pretrained={self.pretrained}")
         if self.schedule == "multistep" and not self.milestones:
-            raise UsageError("schedule 'multistep' needs milestones (e.g. [100, 150])")
+            raise UsageError("schedule 'multistep' needs milestones (e.g. [0.5, 0.75] of the run)")
         for name in (
             "workers",
             "threads",

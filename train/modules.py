@@ -4,8 +4,8 @@ The naive Inception module (parallel 1x1, 3x3, 5x5 convolutions and a 3x3 max-po
 concatenated) against the module with 1x1 reductions, at the same branch widths and the
 same input: parameters, FLOPs per image (``torch.utils.flop_counter``: 2 per
 multiply-add) and training / inference images/s on this machine; then the whole 32 px
-GoogLeNet built both ways. Writes ``bench/modules-<date>.json``, ``bench/modules-latest.json``
-and ``bench/modules-latest.png``.
+GoogLeNet built both ways. Writes ``bench/local/modules-<date>.json``,
+``bench/local/modules-latest.json`` and ``bench/local/modules-latest.png``.
 """
 
 from __future__ import annotations
@@ -182,17 +182,6 @@ def plot(report: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     save_figure(fig, path)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="bench")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
-    p.add_argument("--module-batch", type=int, default=32)
-    p.add_argument("--net-batch", type=int, default=16, help="batch of the reduced network")
-    p.add_argument(
-        "--naive-net-batch", type=int, default=4, help="batch of the naive network (~10x FLOPs)"
-    )
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
 
 
 def run(a: argparse.Namespace) -> int:

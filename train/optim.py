@@ -41,9 +41,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> S.LRS
     """The main schedule over the epochs after warmup, stepped once per epoch."""
     main_epochs = max(1, cfg.epochs - cfg.warmup_epochs)
     if cfg.schedule == "step":
-        main: S.LRScheduler = S.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+        step = cfg.in_epochs(cfg.step_size)
+        main: S.LRScheduler = S.StepLR(optimizer, step_size=step, gamma=cfg.gamma)
     elif cfg.schedule == "multistep":
-        milestones = [m - cfg.warmup_epochs for m in cfg.milestones]
+        milestones = [cfg.in_epochs(m) - cfg.warmup_epochs for m in cfg.milestones]
         main = S.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.gamma)
     elif cfg.schedule == "exponential":
         main = S.ExponentialLR(optimizer, gamma=cfg.gamma)

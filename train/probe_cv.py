@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from serve.core.cli_common import tool_main
 from serve.core.files import atomic_write_json
 from train.data import Preprocess, image_folder
 from train.models import build_model
@@ -102,16 +101,6 @@ def accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
         return (head(x).argmax(1) == y).float().mean().item()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``python -m train probe-cv``."""
-    from train.config import default_data
-
-    p.add_argument("--data", default=default_data())
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default="bench")
-
-
 def run(a: argparse.Namespace) -> int:
     """Compute features, score every candidate, write JSON + PNG, print the table."""
     t0 = time.perf_counter()
@@ -175,12 +164,3 @@ def plot(report: dict[str, Any], path: Path) -> None:
     )
     ax.grid(alpha=0.3, axis="x")
     save_figure(fig, path)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m train.probe_cv``: the old spelling of ``python -m train probe-cv``."""
-    return tool_main("python -m train.probe_cv", __doc__, add_arguments, run, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

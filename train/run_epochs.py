@@ -132,10 +132,10 @@ class RunEpochs(RunSetup):
             self.model.to(memory_format=torch.channels_last)
         self.lp_val_acc = va.acc
         log.info(
-            "linear probe: %d epochs on %d cached view(s), val acc %.4f (%.1fs)",
+            "linear probe: %d epochs on %d cached view(s), val acc %.2f%% (%.1fs)",
             cfg.lp_epochs,
             cache.views,
-            self.lp_val_acc,
+            100 * self.lp_val_acc,
             time.perf_counter() - t,
         )
         return EpochOutcome(tr, va, preds, targets)

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from serve.core import hints
 from serve.core.errors import UserError
 from serve.core.files import atomic_write_json, atomic_write_text, remove_stale_temp_files
 from serve.core.plots import plot_confusion
@@ -92,10 +93,12 @@ class RunOutputs:
             diff = settings_differences(out, settings) if settings is not None else None
             why = f" with other settings ({'; '.join(diff)})" if diff else ""
             state = "" if (out / "summary.json").is_file() else " (unfinished)"
+            resume = hints.flag(f"--resume {out / 'last.pt'}")
+            another = "OUT" if hints.via_make() else "--out"
             raise OutputExists(
                 f"{out} already holds {', '.join(existing)} from an earlier run{state}{why}: "
-                f"resume it (--resume {out / 'last.pt'}), pass --overwrite, or choose "
-                "another --out"
+                f"resume it ({resume}), start over ({hints.flag('--overwrite')}), or choose "
+                f"another {another}"
             )
         self.metrics_path = out / "metrics.jsonl"
 
@@ -108,14 +111,21 @@ class RunOutputs:
         atomic_write_text(self.out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
-    def epoch(self, row: dict[str, Any], ckpt: Checkpoint, improved: bool, title: str) -> None:
+    def epoch(
+        self,
+        row: dict[str, Any],
+        ckpt: Checkpoint,
+        improved: bool,
+        title: str,
+        stages: list[tuple[int, str]] | None = None,
+    ) -> None:
         """Append the metrics row, save the checkpoints (best first), redraw the curves."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if improved:
             save_checkpoint(ckpt, self.out / "checkpoint.pt")
         save_checkpoint(ckpt, self.out / "last.pt")
-        plot_curves(ckpt.history, self.out / "curves.png", title=title)
+        plot_curves(ckpt.history, self.out / "curves.png", title=title, stages=stages)
 
     def finish(
         self,

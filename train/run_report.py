@@ -46,6 +46,30 @@ def epoch_row(epoch: int, lr: float, te: float, r: EpochOutcome) -> dict[str, An
     }
 
 
+def run_title(cfg: Any, arch: str) -> str:
+    """What the run is, in words: ``antsbees: efficientnet_lite0, linear probe + fine-tune
+    (pretrained auto)``, ``cifar10_resnet20: resnet20 from scratch``."""
+    if cfg.pretrained == "none":
+        how = "from scratch"
+    elif cfg.mode == "feature_extract":
+        how = "feature extraction (frozen backbone)"
+    elif cfg.lp_epochs > 0 and cfg.epochs == 0:
+        how = "linear probe (frozen backbone)"
+    elif cfg.lp_epochs > 0:
+        how = "linear probe + fine-tune"
+    else:
+        how = "fine-tune"
+    weights = "" if cfg.pretrained == "none" else f" (weights: {cfg.pretrained})"
+    return f"{cfg.model_name}: {arch}, {how}{weights}"
+
+
+def run_stages(cfg: Any) -> list[tuple[int, str]]:
+    """The stages of a run by first epoch (LP-FT: the probe is epoch 0), for the curves."""
+    if cfg.mode == "finetune" and cfg.lp_epochs > 0 and cfg.epochs > 0 and cfg.pretrained != "none":
+        return [(0, "linear probe"), (1, "fine-tune")]
+    return []
+
+
 class RunReport(RunCard):
     """Records each epoch (history, best, checkpoints, curves, log line) and reports the
     run's start and end."""
@@ -103,8 +127,10 @@ class RunReport(RunCard):
             val_images=r.val.samples,
             confusion=confusion,
         )
-        title = f"{self.cfg.model_name} ({self.arch}, {self.cfg.mode})"
-        self.outputs.epoch(row, self._checkpoint(epoch, metrics), improved, title)
+        title = run_title(self.cfg, self.arch)
+        self.outputs.epoch(
+            row, self._checkpoint(epoch, metrics), improved, title, run_stages(self.cfg)
+        )
         if writer is not None:
             for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
                 writer.add_scalar(key, row[key], epoch)
@@ -113,14 +139,14 @@ class RunReport(RunCard):
 
     def _log_epoch(self, row: dict[str, Any], r: EpochOutcome, improved: bool) -> None:
         log.info(
-            "epoch %3d/%d  lr %.2e  train loss %.4f acc %.4f  val loss %.4f acc %.4f  %.1fs%s",
+            "epoch %3d/%d  lr %.2e  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  %.1fs%s",
             row["epoch"],
             self.cfg.epochs,
             row["lr"],
             r.train.loss,
-            r.train.acc,
+            100 * r.train.acc,
             r.val.loss,
-            r.val.acc,
+            100 * r.val.acc,
             row["seconds"],
             "  *best*" if improved else "",
         )
@@ -140,8 +166,8 @@ class RunReport(RunCard):
                 f"({self.info.note.split(':')[0]})"
             )
         log.info(
-            "done: best val acc %.4f at epoch %d (%s, %s, %s); %.1fs total; checkpoint %s",
-            best["val_acc"],
+            "done: best val acc %.2f%% at epoch %d (%s, %s, %s); %.1fs total; checkpoint %s",
+            100 * best["val_acc"],
             best["epoch"],
             cfg.model_name,
             self.arch,

@@ -27,7 +27,6 @@ from typing import Any
 
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
-from train.data import is_image_file
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,8 @@ def stratified_indices(labels: list[int], k: int, seed: int = 0) -> list[list[in
 def stratified_folds(root: Path, k: int, seed: int = 0) -> list[dict[str, list[Path]]]:
     """``k`` folds of ``root/train``: per fold, class -> held-out image paths
     (:func:`stratified_indices` over the files in sorted order)."""
+    from train.data import is_image_file  # torch: not for --help
+
     train = root / "train"
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())
     if not classes:
@@ -171,9 +172,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="ImageFolder root (default: the hymenoptera data)")
     p.add_argument("--candidate", action="append", required=True, help="'LABEL RECIPE k=v ...'")
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", default="bench/cv")
+    p.add_argument("--folds", type=int, default=3, help="k of the stratified k-fold split")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="seeds each candidate trains with per fold",
+    )
+    p.add_argument(
+        "--out",
+        default="bench/local/cv",
+        help="cv-latest.json and .png, the folds and the runs (a finished run is not repeated)",
+    )
 
 
 def run(a: argparse.Namespace) -> int:
@@ -197,7 +208,9 @@ def run(a: argparse.Namespace) -> int:
         root = materialize_fold(folds, i, out / "folds" / f"k{a.folds}-{i}")
         r = score_run(cand, root, out / "runs" / f"{cand.label}-f{i}-s{seed}", seed)
         results.append({"candidate": cand.label, "fold": i, "seed": seed, **r})
-        log.info("cv %s fold %d seed %d: held-out acc %.4f", cand.label, i, seed, r["last_acc"])
+        log.info(
+            "cv %s fold %d seed %d: held-out acc %.2f%%", cand.label, i, seed, 100 * r["last_acc"]
+        )
         report = {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "data": str(data),

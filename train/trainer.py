@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from serve.core import hints
 from serve.core.errors import SetupError, UsageError
 from train.config import TrainConfig
 from train.datasets import detect_kind
@@ -88,12 +89,13 @@ class Run(RunEpochs, RunReport):
         if self.finished is not None:
             cleanup(self.dist)
             log.info(
-                "%s already holds a finished run of these exact settings (best val acc %s at "
-                "epoch %s): nothing to train; --overwrite (TRAIN_ARGS=--overwrite) trains it "
-                "again, another OUT keeps both",
+                "%s already holds a finished run of these exact settings (best val acc %.2f%% at "
+                "epoch %s): nothing to train; %s trains it again, another %s keeps both",
                 self.out,
-                self.finished.get("best_val_acc"),
+                100 * float(self.finished.get("best_val_acc") or 0),
                 self.finished.get("best_epoch"),
+                hints.flag("--overwrite"),
+                "OUT" if hints.via_make() else "--out",
             )
             return self.finished
         try:

@@ -43,14 +43,30 @@ def test_recipes_are_valid_and_he_et_al_is_exact() -> None:
         he["schedule"],
         he["milestones"],
         he["gamma"],
-    ) == ("sgd", 0.1, 0.9, 0.0001, 128, 200, "multistep", [100, 150], 0.1)
+    ) == ("sgd", 0.1, 0.9, 0.0001, 128, 200, "multistep", [0.5, 0.75], 0.1)
     default = config_from_args([])
     assert (default.recipe, default.model_name, default.mode) == (
-        "antsbees_finetune",
+        "antsbees_probe",
         "antsbees",
         "finetune",
     )
-    assert default.lp_epochs > 0 and default.ema_decay > 0  # LP-FT with weight EMA
+    assert default.lp_epochs > 0 and default.epochs == 0  # LP-FT's linear probe alone
+    lpft = config_from_args(["--recipe", "antsbees_finetune"])
+    assert lpft.lp_epochs > 0 and lpft.epochs > 0 and lpft.ema_decay > 0  # LP-FT with EMA
+    # the probe is LP-FT's first stage exactly: every setting it reads is the same
+    for key in (
+        "head_init",
+        "feature_views",
+        "lp_epochs",
+        "lp_lr",
+        "lp_batch_size",
+        "label_smoothing",
+        "rrc_scale",
+        "channels_last",
+        "batch_size",
+        "arch",
+    ):
+        assert getattr(default, key) == getattr(lpft, key), key
     cfg = config_from_args(["--recipe", "cifar10_resnet20", "--epochs", "3", "--no-batchnorm"])
     assert (cfg.epochs, cfg.lr, cfg.batchnorm, cfg.out) == (3, 0.1, False, "runs/cifar10_resnet20")
 
@@ -114,6 +130,37 @@ def test_schedules_with_warmup(schedule: str) -> None:
         assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False)) and lrs[-1] < 0.01
 
 
+@pytest.mark.parametrize(
+    ("recipe", "epochs", "decays"),
+    [
+        ("cifar10_resnet20", 200, [100, 150]),  # He et al.'s epochs
+        ("cifar10_resnet20", 20, [10, 15]),  # EPOCHS=20 keeps the schedule's shape
+        ("cifar10_vgg16", 30, [3, 6, 9, 12, 15, 18, 21, 24, 27]),
+        ("antsbees_tutorial", 5, [1, 2, 3, 4]),
+    ],
+)
+def test_schedules_scale_with_epochs(recipe: str, epochs: int, decays: list[int]) -> None:
+    """Milestones and step sizes are fractions of the run: `make train EPOCHS=N` lowers
+    the learning rate at the same points of a shorter run."""
+    cfg = config_from_args(["--recipe", recipe, "--epochs", str(epochs)])
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [e for e in range(1, epochs) if lrs[e] < lrs[e - 1] * 0.99] == decays
+
+
+def test_schedule_points_are_epochs_or_fractions() -> None:
+    with pytest.raises(ValueError, match="milestones must be whole epochs"):
+        TrainConfig(schedule="multistep", milestones=[1.5]).validate()
+    with pytest.raises(ValueError, match="step_size must be whole epochs"):
+        TrainConfig(step_size=0).validate()
+    assert TrainConfig(epochs=7, step_size=0.5).in_epochs(0.5) == 4
+
+
 def test_tutorial_recipe_is_the_pytorch_tutorial() -> None:
     """Tutorial: SGD lr 0.001 momentum 0.9, StepLR(7, 0.1), 25 epochs, batch 4,
     RandomResizedCrop(224) + flip, every layer trains; none of the extras."""
@@ -131,7 +178,8 @@ def test_tutorial_recipe_is_the_pytorch_tutorial() -> None:
         False,
         0.0,
     )
-    assert (cfg.schedule, cfg.step_size, cfg.gamma, cfg.warmup_epochs) == ("step", 7, 0.1, 0)
+    assert (cfg.schedule, cfg.gamma, cfg.warmup_epochs) == ("step", 0.1, 0)
+    assert cfg.in_epochs(cfg.step_size) == 7  # StepLR(7) at the tutorial's 25 epochs
     assert (cfg.epochs, cfg.batch_size, cfg.label_smoothing) == (25, 4, 0.0)
     assert (cfg.augment, cfg.rrc_scale, cfg.auto_augment) == (None, [0.08, 1.0], "none")
     assert (cfg.lp_epochs, cfg.train_blocks, cfg.frozen_bn, cfg.ema_decay) == (0, 0, False, 0.0)
@@ -370,3 +418,23 @@ def test_default_recipe_resumes_exactly(tmp_path: Path, hymenoptera: Path) -> No
     assert [r["epoch"] for r in rows("split")] == [0, 1, 2]
     assert rows("straight") == rows("split")
     assert summary["lp_val_acc"] == rows("straight")[0]["val_acc"]
+
+
+def test_run_titles_say_what_the_run_is(tmp_path) -> None:
+    """curves.png's title: a CIFAR recipe trains from scratch (not "finetune"); LP-FT
+    marks the probe (epoch 0) and fine-tuning as stages."""
+    from train.plots import plot_curves
+    from train.run_report import run_stages, run_title
+
+    scratch = config_from_args(["--recipe", "cifar10_resnet20"])
+    assert run_title(scratch, "resnet20") == "cifar10_resnet20: resnet20, from scratch"
+    assert run_stages(scratch) == []
+    assert "linear probe (frozen backbone)" in run_title(config_from_args([]), "resnet18")
+    assert run_stages(config_from_args([])) == []  # the default: the probe alone
+    lpft = config_from_args(["--recipe", "antsbees_finetune"])
+    assert "linear probe + fine-tune" in run_title(lpft, "resnet18")
+    assert run_stages(lpft) == [(0, "linear probe"), (1, "fine-tune")]
+    row = {"train_loss": 1.0, "val_loss": 1.0, "train_acc": 0.5, "val_acc": 0.5, "lr": 0.1}
+    history = [{**row, "epoch": e, "val_acc": 0.5 + e / 10} for e in range(3)]
+    plot_curves(history, tmp_path / "curves.png", "t", run_stages(lpft))
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
