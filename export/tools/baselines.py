@@ -5,12 +5,12 @@ peak of torch's BLAS."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from serve.core.machine import timed_gflops
+from serve.tools.bench_inputs import costed_level
 from serve.tools.loadgen import Level, level, measure
 from train.checkpoint import Checkpoint
 
@@ -30,11 +30,11 @@ def pytorch_baseline(
     model = pixel_model(ckpt)
     x = torch.from_numpy(pixels[:batch])
 
-    def once(_: Any) -> None:
+    def once() -> None:
         with torch.inference_mode():
             model(x)
 
-    return level("pytorch", "tensor", batch, 1, measure(once, 1, window, cap))
+    return costed_level("pytorch", "tensor", batch, once, window, cap, "fp32")
 
 
 def tensorrt_baseline(

@@ -16,14 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from export.tools.baselines import gemm_gflops_torch, pytorch_baseline, tensorrt_baseline
 from serve.core.flags import Flag, add_flags, build
 from serve.core.machine import gemm_gflops_onnxruntime
 from serve.tools import bench as serve_bench
 from serve.tools.bench_config import BENCH_FLAGS, BenchConfig, add_bench_flags
 from serve.tools.bench_inputs import onnxruntime_baseline
 from serve.tools.bench_report import write_report
-from train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +86,8 @@ def engine_baseline(cfg: ExportBenchConfig, version_dir: Path, pixels: Any) -> A
     """The bare-engine row for ``--engine`` or the version's plan that runs on this GPU
     (``model.sm<cc>.plan`` per compute capability, ``model.plan`` hardware-compatible);
     else the reasons, recorded as skipped."""
+    from export.tools.baselines import tensorrt_baseline
+
     plans = [Path(cfg.engine)] if cfg.engine else sorted(version_dir.glob("model*.plan"))
     if not plans:
         return f"no TensorRT engine in {version_dir} (a CPU repository has none)"
@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def bench(cfg: ExportBenchConfig) -> int:
-    """Baselines + the Triton sweep, written as bench/<model>-latest.json/.png."""
+    """Baselines + the Triton sweep, written as <out>/<model>-latest.json/.png."""
+    from export.tools.baselines import gemm_gflops_torch, pytorch_baseline  # torch: here only
+    from train.checkpoint import load_checkpoint
+
     ckpt_path = Path(cfg.checkpoint or f"runs/{cfg.model}/checkpoint.pt")
     ckpt = load_checkpoint(ckpt_path)
     data = cfg.data or str(Path(ckpt.config.get("data", "")) / "val")

@@ -26,12 +26,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from export.checks.parity import ACCURACY_GATE, AccuracyGate, diff_stats, judge
-from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
 from export.formats.int8 import (
     CALIBRATION_METHODS,
     Calibration,
@@ -43,6 +42,9 @@ from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
 from serve.core.machine import machine_info
 
+if TYPE_CHECKING:  # stage_outputs imports torch: only when a search runs (fast --help)
+    from export.checks.stage_outputs import PixelBatches
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,7 @@ class SearchConfig:
     checkpoint: Path
     onnx: Path | None = None  # default: model.onnx beside the checkpoint
     data: str = ""  # default: the checkpoint's training data
-    out: Path = Path("bench")
+    out: Path = Path("bench/local")
     methods: tuple[str, ...] = CALIBRATION_METHODS
     per_channel: tuple[bool, ...] = (True, False)
     counts: tuple[int, ...] = (32, 0)  # 0: the whole calibration half
@@ -72,6 +74,8 @@ class SearchConfig:
 
 def _take(pixels: PixelBatches, index: np.ndarray, batch_size: int) -> PixelBatches:
     """The images ``index`` of ``pixels``, re-batched."""
+    from export.checks.stage_outputs import PixelBatches
+
     x = np.concatenate(pixels.batches)[index]
     return PixelBatches(
         [x[i : i + batch_size] for i in range(0, len(x), batch_size)],
@@ -110,6 +114,8 @@ def _try_candidate(
     cfg: SearchConfig, sets: _Sets, prepared: Path, tmp: Path, i: int, choice: tuple
 ) -> dict[str, Any]:
     """Quantize with one (method, per_channel, count) and judge it: selection half, val."""
+    from export.checks.stage_outputs import onnxruntime_logits
+
     method, per_channel, count = choice
     n = count or sets.calib.count
     cal = Calibration(count=n, method=method, per_channel=per_channel)
@@ -164,6 +170,7 @@ def _try_candidate(
 
 def search(cfg: SearchConfig) -> dict[str, Any]:
     """Quantize with every candidate, judge on the selection half, report val too."""
+    from export.checks.stage_outputs import load_pixels, onnxruntime_logits
     from train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(cfg.checkpoint)
@@ -244,28 +251,60 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax.bar(x + 0.2, val, 0.4, label="val (reported only)")
     floor = 100 * report["agreement_floor"]
     ax.axhline(floor, color="gray", ls="--", lw=1, label=f"val agreement floor {floor:.1f}%")
+    bottom = max(0, min(sel + val) - 4)
+    for k, r in enumerate(rows):  # the export gate's verdict on val, over each pair
+        ok = r["val"]["gate"] == "passed"
+        ax.annotate(
+            "pass" if ok else "FAIL",
+            (k, max(sel[k], val[k]) + 0.15),
+            ha="center",
+            fontsize=7,
+            color="tab:green" if ok else "tab:red",
+            weight="bold",
+        )
     i = rows.index(report["chosen"])
-    ax.annotate("chosen", (i, max(sel[i], val[i])), ha="center", va="bottom")
+    labels[i] = "CHOSEN\n" + labels[i]
     ax.set_xticks(x, labels, fontsize=7)
-    ax.set_ylim(max(0, min(sel + val) - 3), 100.5)
+    ax.get_xticklabels()[i].set_weight("bold")
+    ax.set_ylim(bottom, 101.2)
     ax.set_ylabel("top-1 agreement with FP32 (%)")
-    ax.set_title(f"INT8 calibration choices ({report['arch']}; {report['machine']['cpu']})")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(
+        f"INT8 calibration choices: {report.get('model', '')} ({report['arch']}), "
+        f"{report['machine']['cpu']}, {str(report.get('date', ''))[:10]}; "
+        "pass/FAIL: the export gate on val"
+    )
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, path)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``python -m export calibrate``."""
-    p.add_argument("--checkpoint", default="runs/antsbees/checkpoint.pt")
+    p.add_argument(
+        "--checkpoint",
+        default="runs/antsbees/checkpoint.pt",
+        help="the run's checkpoint (classes, preprocessing, data)",
+    )
     p.add_argument("--onnx", default="", help="FP32 ONNX (default: model.onnx beside it)")
     p.add_argument("--data", default="", help="dataset (default: the checkpoint's)")
-    p.add_argument("--out", default="bench")
-    p.add_argument("--methods", nargs="+", default=list(CALIBRATION_METHODS))
+    p.add_argument(
+        "--out", default="bench/local", help="folder of int8-calibration-latest.json and .png"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(CALIBRATION_METHODS),
+        help="ONNX Runtime calibration methods to try",
+    )
     p.add_argument(
         "--counts", nargs="+", type=int, default=[32, 0], help="calibration images (0: all)"
     )
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (the images)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the training images' split into calibration and selection halves",
+    )
 
 
 def config_from(a: argparse.Namespace) -> SearchConfig:

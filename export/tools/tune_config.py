@@ -26,7 +26,7 @@ class TuneConfig:
     stability: float = 10.0
     max_trials: int = 6
     min_gain: float = 1.05
-    out: str = "bench"
+    out: str = "bench/local"
     publish: bool = False
     table: str = ""
 
@@ -38,23 +38,37 @@ def _ints(s: str) -> list[int]:
 _COMMA = {"type": _ints, "nargs": None}  # one comma-separated argument
 
 TUNE_FLAGS = [
-    Flag("model", "--model"),
-    Flag("model_repository", "--model-repository"),
+    Flag("model", "--model", "the classifier whose serving config is searched"),
+    Flag("model_repository", "--model-repository", "Triton model repository"),
     Flag("data", "--data", "ImageFolder split with images (.../val)"),
     Flag("p99_ms", "--p99-ms", "the p99 latency budget"),
-    Flag("instances", "--instances", "", _COMMA),
-    Flag("max_batch_sizes", "--max-batch-sizes", "", _COMMA),
-    Flag("delays_us", "--delays-us", "", _COMMA),
-    Flag("concurrency", "--concurrency", "", _COMMA),
+    Flag("instances", "--instances", "instance counts to try (comma-separated)", _COMMA),
+    Flag(
+        "max_batch_sizes", "--max-batch-sizes", "max batch sizes to try (comma-separated)", _COMMA
+    ),
+    Flag(
+        "delays_us",
+        "--delays-us",
+        "dynamic batching max queue delays to try, microseconds (comma-separated)",
+        _COMMA,
+    ),
+    Flag(
+        "concurrency",
+        "--concurrency",
+        "concurrency levels each config is measured at (comma-separated)",
+        _COMMA,
+    ),
     Flag("window", "--window", "seconds per measurement window"),
-    Flag("stability", "--stability"),
-    Flag("max_trials", "--max-trials"),
+    Flag(
+        "stability", "--stability", "perf_analyzer -s: %% that 3 consecutive windows may differ by"
+    ),
+    Flag("max_trials", "--max-trials", "perf_analyzer -r: windows before a level is unstable"),
     Flag(
         "min_gain",
         "--min-gain",
         "publish a config only if it beats the current one by this factor (noise)",
     ),
-    Flag("out", "--out"),
+    Flag("out", "--out", "folder of <model>-tune.json and .png"),
     Flag(
         "publish",
         "--publish",

@@ -54,37 +54,68 @@ def report(cfg: TuneConfig, trials: list[Trial], facts: dict[str, Any]) -> dict:
     }
 
 
+MARKERS = "osD^v<>Ph*Xd"
+
+
 def plot(rep: dict, path: Path) -> None:
-    """Throughput against p99 per candidate, the budget as a line."""
+    """Throughput against p99 per candidate (one colour and marker per config; a config
+    measured twice - the current one, first and last - dashed the second time), points
+    labelled with their concurrency, points over the p99 budget crossed out, the winner
+    drawn thick, the budget as a line."""
     from serve.core.plots import plt, save_figure
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(11, 6))
+    styles: dict[str, tuple[Any, str]] = {}
+    seen: set[str] = set()
+    budget = rep["p99_budget_ms"]
     for t in rep["trials"]:
         pts = t["points"]
         if not pts:
             continue
-        style = "-" if t["knobs"] == rep["winner"] else ":"
-        width = 2.5 if t["knobs"] == rep["winner"] or t["is_current"] else 1
-        tag = " (winner)" if t["knobs"] == rep["winner"] else ""
-        tag += " (current)" if t["is_current"] else ""
+        label = t["label"]
+        if label not in styles:
+            n = len(styles)
+            styles[label] = (plt.get_cmap("tab20")(n % 20), MARKERS[n % len(MARKERS)])
+        color, marker = styles[label]
+        winner = t["knobs"] == rep["winner"]
+        tags = [tag for tag, on in (("winner", winner), ("current", t["is_current"])) if on]
+        again = label in seen
+        seen.add(label)
+        name = label + (f" ({', '.join(tags)})" if tags else "") + (" again" if again else "")
+        xs, ys = [p["p99_ms"] for p in pts], [p["throughput"] for p in pts]
         ax.plot(
-            [p["p99_ms"] for p in pts],
-            [p["throughput"] for p in pts],
-            "o" + style,
-            lw=width,
-            ms=3,
-            label=t["label"] + tag,
+            xs,
+            ys,
+            ls="--" if again else "-",
+            marker=marker,
+            color=color,
+            lw=2.5 if winner else 1,
+            ms=5,
+            label=name,
         )
-    ax.axvline(rep["p99_budget_ms"], color="k", ls="--", lw=1, label="p99 budget")
+        for p in pts:
+            ax.annotate(
+                f"c{p['concurrency']}",
+                (p["p99_ms"], p["throughput"]),
+                fontsize=6,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
+        over = [p for p in pts if p["p99_ms"] > budget]
+        ax.plot([p["p99_ms"] for p in over], [p["throughput"] for p in over], "x", color="red")
+    ax.plot([], [], "x", color="red", label="over the p99 budget")
+    ax.axvline(budget, color="k", ls="--", lw=1, label=f"p99 budget {budget:g} ms")
+    m = rep["machine"]
     ax.set(
         xscale="log",
         xlabel="p99 latency (ms, log)",
         ylabel="throughput (images/s)",
-        title=f"{rep['model']} configs on {rep['machine']['cpu']}, {rep['machine']['cores']} "
-        "cores (i=instances, b=max batch, d=queue delay us)",
+        title=f"{rep['model']} v{rep.get('version', '?')} ({str(rep.get('precision', '')).upper()})"
+        f" configs on {m['cpu']}, {m['cores']} cores, {str(rep.get('date', ''))[:10]}\n"
+        "i=instances, b=max batch, d=queue delay (us); labels: concurrency",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
 
 

@@ -11,7 +11,7 @@ tritonserver on a copy of the repository ``--runs`` times and time
 * ``steady_ms``: the median of the next ``--steady`` requests of the same kind.
 
 The image sent is never one of the warmup images. Results go to
-``bench/warmup-latest.json`` and ``.png`` (median over runs, with every run's numbers).
+``bench/local/warmup-latest.json`` and ``.png`` (median over runs, with every run's numbers).
 """
 
 from __future__ import annotations
@@ -181,12 +181,23 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``python -m export warmup-bench``."""
-    p.add_argument("--model-repository", default="model_repository")
-    p.add_argument("--model", default="antsbees")
+    p.add_argument(
+        "--model-repository",
+        default="model_repository",
+        help="Triton model repository (each start serves a copy)",
+    )
+    p.add_argument("--model", default="antsbees", help="the classifier (and its <model>_image)")
     p.add_argument("--data", required=True, help="folder of val images (not the warmup ones)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--steady", type=int, default=10)
-    p.add_argument("--out", default="bench")
+    p.add_argument(
+        "--runs", type=int, default=3, help="fresh server starts per variant and request kind"
+    )
+    p.add_argument(
+        "--steady",
+        type=int,
+        default=10,
+        help="requests after the first: the steady latency's median",
+    )
+    p.add_argument("--out", default="bench/local", help="folder of warmup-latest.json and .png")
 
 
 def run_command(a: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from serve.tools.bench_report import FRONT_AB_ROUNDS, front_cost, mark_levels
 from serve.tools.bench_server import ExternalServer, server_context
 from serve.tools.bench_triton import (  # noqa: F401 - re-exported
     PaSettings,
+    compare_to,
     level_from_row,
     load_generator,
     loads,
@@ -115,39 +116,48 @@ def adjacent_levels(
     front: Any, cfg: BenchConfig, inputs: BenchInputs, report: dict[str, Any]
 ) -> list[Level]:
     """The ``triton-*`` rows, one protocol x input at a time, each group's ratios taken to
-    in-process baselines measured just before it (``report["baselines"]``): this machine's
-    speed drifts by a third within minutes (measured: the same ORT session 9.7 -> 14 ms per
-    image), so a ratio to a baseline from the start of the run says more about the drift
-    than about the server."""
+    in-process baselines measured just before and just after it (``report["baselines"]``;
+    the ratio is to their mean, ``ratio_min``/``ratio_max`` to each): this machine's speed
+    drifts by a third within minutes (docs/benchmarks.md), so a ratio to a baseline from
+    the start of the run says more about the drift than about the server."""
     levels: list[Level] = []
     report["baselines"] = []
+    before = in_process_baselines(cfg, inputs)
     for protocol in cfg.protocols:
         for kind in cfg.inputs:
             if protocol == "grpc-shm" and kind == "raw":  # shm carries pixel tensors
                 continue
-            ort, pipeline = in_process_baselines(cfg, inputs)
+            combos = [(protocol, kind, c, r) for c, r in loads(cfg)]
+            group = triton_levels(front, cfg, inputs, None, report["skipped"], combos=combos)
+            after = in_process_baselines(cfg, inputs)  # and the next group's "before"
+            ort = [before[0], after[0]]
+            pipeline = (before[1].throughput + after[1].throughput) / 2
+            for lv in group:
+                compare_to(lv, ort)
             report["baselines"].append(
                 {
                     "protocol": protocol,
                     "input": kind,
-                    "onnxruntime": ort.throughput,
-                    "image_pipeline": pipeline.throughput,
+                    "onnxruntime": sum(b.throughput for b in ort) / 2,
+                    "onnxruntime_range": sorted(b.throughput for b in ort),
+                    "onnxruntime_cpu_ms_per_image": [b.server.get("cpu_ms_per_image") for b in ort],
+                    "image_pipeline": pipeline,
                 }
             )
-            combos = [(protocol, kind, c, r) for c, r in loads(cfg)]
-            group = triton_levels(front, cfg, inputs, ort, report["skipped"], combos=combos)
-            mark_levels(group, pipeline.throughput)
+            mark_levels(group, pipeline)
             levels += group
+            before = after
     return levels
 
 
 def sweep(cfg: BenchConfig, inputs: BenchInputs, ort: Level, report: dict[str, Any]) -> list[Level]:
     """The Triton rows (perf_analyzer) on a server of the bench's own: ``triton-*``
-    through the public front (what users get; serve/runtime/front.py), and in the same run a few
-    levels ``front-*`` and ``direct-*`` (the same tritonserver without the front) in turn,
-    ``FRONT_AB_ROUNDS`` times each, so the front's cost is a ratio that the machine's drift
-    hits on both sides (``report["front_cost"]``). perf_analyzer runs in Triton's
-    namespace, where the front's owner listener and Triton's own port need no key. Then
+    through the public front (what users get; serve/runtime/front.py), and with
+    ``--front-cost`` a few levels ``front-*`` and ``direct-*`` (the same tritonserver
+    without the front) in turn, ``FRONT_AB_ROUNDS`` times each, so the front's cost is a
+    ratio that the machine's drift hits on both sides (``report["front_cost"]``).
+    perf_analyzer runs in Triton's namespace, where the front's owner listener and
+    Triton's own port need no key. Then
     the lockout figure (``report["lockout"]``: serve/tools/lockout.py). ``--grpc-url``
     measures that server as it is (no lockout figure: it would attack it)."""
     repo = Path(cfg.model_repository)
@@ -157,9 +167,9 @@ def sweep(cfg: BenchConfig, inputs: BenchInputs, ort: Level, report: dict[str, A
             levels = triton_levels(srv, cfg, inputs, ort, skipped, direct=cfg.no_front)
             mark_levels(levels, report.get("image_pipeline_baseline"))
         else:
-            levels = adjacent_levels(srv, cfg, inputs, report) + front_cost_levels(
-                srv, cfg, inputs, ort, report
-            )
+            levels = adjacent_levels(srv, cfg, inputs, report)
+            if cfg.front_cost:
+                levels += front_cost_levels(srv, cfg, inputs, ort, report)
     if cfg.replicas > 1 and not cfg.grpc_url:
         from serve.tools.replica_bench import compare
 

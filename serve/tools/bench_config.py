@@ -40,9 +40,10 @@ class BenchConfig:
     grpc_url: str = ""
     http_url: str = ""
     no_front: bool = False
+    front_cost: bool = False
     lockout_seconds: float = 10.0
     replicas: int = 1
-    out: str = "bench"
+    out: str = "bench/local"
     table: str = ""
 
 
@@ -75,17 +76,27 @@ def _comma(parse: Callable[[str], list]) -> dict:
 
 
 LOAD_FLAGS = [
-    Flag("model", "--model"),
-    Flag("model_repository", "--model-repository"),
+    Flag("model", "--model", "the classifier measured; raw inputs go to <model>_image"),
+    Flag("model_repository", "--model-repository", "Triton model repository"),
     Flag("data", "--data", "ImageFolder split with images to send (.../val)"),
-    Flag("concurrency", "--concurrency", "", _comma(_ints)),
+    Flag(
+        "concurrency",
+        "--concurrency",
+        "closed-loop concurrency levels (comma-separated)",
+        _comma(_ints),
+    ),
     Flag(
         "protocols",
         "--protocols",
         "grpc-shm: gRPC with the pixels in system shared memory (same machine only)",
         _comma(_names(get_args(Protocol))),
     ),
-    Flag("inputs", "--inputs", "", _comma(_names(get_args(InputKind)))),
+    Flag(
+        "inputs",
+        "--inputs",
+        "comma-separated; tensor: pixels preprocessed here, raw: encoded files to <model>_image",
+        _comma(_names(get_args(InputKind))),
+    ),
     Flag(
         "request_rate",
         "--request-rate",
@@ -116,9 +127,14 @@ SERVER_FLAGS = [
     Flag(
         "no_front",
         "--no-front",
-        "measure the bundled tritonserver directly only (default: through the public "
-        "front, plus direct levels for the front's cost)",
+        "measure the bundled tritonserver directly only (default: through the public front)",
         {"action": "store_true"},  # the field says no: a plain switch, not --no-X off
+    ),
+    Flag(
+        "front_cost",
+        "--front-cost",
+        "also measure the front's cost: a few levels through the front and direct to "
+        "Triton, in turn, twice each (about 16 levels more)",
     ),
     Flag(
         "lockout_seconds",
@@ -133,7 +149,7 @@ SERVER_FLAGS = [
         "N > 1: also one tritonserver against N behind the front, in alternating rounds "
         "(the same ONNX Runtime threads per core), with the CPU time per image",
     ),
-    Flag("out", "--out"),
+    Flag("out", "--out", "folder of <model>-<date>.json, <model>-latest.json and .png"),
     Flag(
         "table",
         "--table",

@@ -5,6 +5,8 @@ Runtime; decode + preprocess + ONNX Runtime) (torch-free)."""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from serve.core.contract import IMAGE_INPUT, INPUT_NAME, ModelCard
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, latest_version
 from serve.core.preprocess import ResizeCrop, preprocess
+from serve.core.sampling import stratified
 from serve.tools import perf_analyzer as pa
 from serve.tools.loadgen import Level, level, measure
 
@@ -38,8 +41,8 @@ def read_card(version_dir: Path) -> ModelCard:
 
 
 def bench_inputs(repo: Path, model: str, data: str | Path, count: int = 16) -> BenchInputs:
-    """``count`` images of the ImageFolder split ``data`` (tiled when it holds fewer), as
-    the model's input pixels and as encoded bytes."""
+    """``count`` images of the ImageFolder split ``data`` (a stratified sample: every
+    class; tiled when it holds fewer), as the model's input pixels and as encoded bytes."""
     if not data:
         raise UsageError("give --data: an ImageFolder split with images to send (e.g. .../val)")
     version_dir = latest_version(repo / model)
@@ -47,7 +50,7 @@ def bench_inputs(repo: Path, model: str, data: str | Path, count: int = 16) -> B
     pre = card.preprocessing
     geometry = ResizeCrop(pre.resize, pre.crop, pre.interpolation)
     _, samples = list_image_folder(data)
-    paths = [p for p, _ in samples][:count]
+    paths = [samples[i][0] for i in stratified([label for _, label in samples], count)]
     pixels = np.stack([preprocess(p, geometry) for p in paths])
     raw = np.array([[Path(p).read_bytes()] for p in paths], dtype=object)
     while len(pixels) < count:
@@ -69,8 +72,36 @@ def onnxruntime_baseline(
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     x = pixels[:batch]
-    m = measure(lambda _: session.run(None, {name: x}), 1, window, cap)
-    return level("onnxruntime", "tensor", batch, 1, m, precision)
+    return costed_level(
+        "onnxruntime", "tensor", batch, lambda: session.run(None, {name: x}), window, cap, precision
+    )
+
+
+def costed_level(
+    backend: str,
+    kind: str,
+    batch: int,
+    once: Callable[[], Any],
+    window: float,
+    cap: float,
+    precision: str,
+) -> Level:
+    """``once`` measured in a closed loop of one (:func:`measure`), with this process's
+    CPU time per image over the measurement (``server["cpu_ms_per_image"]``: every
+    thread's, as the serving processes' is counted)."""
+    calls = [0]
+
+    def counted(_: Any) -> None:
+        once()
+        calls[0] += 1
+
+    cpu0 = time.process_time()
+    m = measure(counted, 1, window, cap)
+    cpu = time.process_time() - cpu0
+    lv = level(backend, kind, batch, 1, m, precision)
+    if calls[0]:
+        lv.server["cpu_ms_per_image"] = 1000 * cpu / (calls[0] * batch)
+    return lv
 
 
 def image_pipeline_baseline(
@@ -91,12 +122,11 @@ def image_pipeline_baseline(
     name = session.get_inputs()[0].name
     images = [bytes(r[0]) for r in raw[:batch]]
 
-    def once(_: Any) -> None:
+    def once() -> None:
         x = np.stack([preprocess(b, geometry) for b in images])
         session.run(None, {name: x})
 
-    m = measure(once, 1, window, cap)
-    return level("image-pipeline", "raw", batch, 1, m, precision)
+    return costed_level("image-pipeline", "raw", batch, once, window, cap, precision)
 
 
 def write_input_data(inputs: BenchInputs, model: str, out_dir: Path) -> dict[str, Path]:

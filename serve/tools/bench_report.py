@@ -34,71 +34,137 @@ def write_report(report: dict[str, Any], out: Path, model: str) -> list[Path]:
     return paths
 
 
+WHERE = {
+    "triton": "served (front)",
+    "front": "served (front)",
+    "direct": "Triton direct",
+}
+
+
+def where(backend: str) -> str:
+    """Where a row ran: through the public front, to Triton directly, or in-process."""
+    return WHERE.get(backend.split("-", 1)[0], "in-process")
+
+
+def title(report: dict[str, Any]) -> str:
+    """Model, version, precision, machine: what a figure or table measured."""
+    m = report["machine"]
+    return (
+        f"{report['model']} v{report.get('version', '?')} ({report['arch']}, "
+        f"{report.get('precision', 'fp32').upper()}) on {m['cpu']}, {m['cores']} cores, "
+        f"{str(report.get('date', ''))[:10]}"
+    )
+
+
+def failed(r: dict[str, Any]) -> bool:
+    """A level that did not pass: errors, or a stall (p99 over 5x p50)."""
+    return bool(r.get("errors")) or bool((r.get("server") or {}).get("stall"))
+
+
+MARKERS = "osD^v<>Ph*Xd"
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput against p99 latency: a line per backend x input (closed loop: labels are
+    the concurrency; open loop dashed, labels the request rate), distinct markers, the
+    in-process baselines as stars, failed levels (errors, stalls) crossed out in red."""
     from serve.core.plots import plt, save_figure
 
-    fig, ax = plt.subplots(figsize=(9, 5))
-    groups: dict[tuple[str, str, bool], list[dict]] = {}
+    fig, ax = plt.subplots(figsize=(11, 6))
+    groups: dict[tuple[str, str, str, bool], list[dict]] = {}
     for r in report["results"]:
-        groups.setdefault((r["backend"], r["input"], bool(r.get("request_rate"))), []).append(r)
-    for (backend, kind, open_loop), rows in groups.items():
+        key = (r["backend"], r["input"], r.get("precision", ""), bool(r.get("request_rate")))
+        groups.setdefault(key, []).append(r)
+    for n, ((backend, kind, precision, open_loop), rows) in enumerate(groups.items()):
         rows = sorted(rows, key=lambda r: (r["concurrency"], r.get("request_rate") or 0))
         xs, ys = [r["p99_ms"] for r in rows], [r["throughput"] for r in rows]
-        style = ("s--" if open_loop else "o-") if backend.startswith("triton") else "*"
-        label = f"{backend} ({kind}{', Poisson rate' if open_loop else ''})"
-        ax.plot(xs, ys, style, ms=8 if style == "*" else 4, label=label)
-        if backend.startswith("triton"):
+        served = where(backend) != "in-process"
+        label = f"{backend} {kind} {precision.upper()}, {where(backend)}"
+        if open_loop:
+            label += ", Poisson arrivals"
+        if served:
+            style = "--" if open_loop else "-"
+            color = plt.get_cmap("tab20")(n % 20)
+            ax.plot(xs, ys, style, marker=MARKERS[n % len(MARKERS)], ms=5, color=color, label=label)
             for r in rows:
                 ax.annotate(
-                    f"{r['request_rate']:g}/s" if open_loop else str(r["concurrency"]),
+                    f"{r['request_rate']:g}/s" if open_loop else f"c{r['concurrency']}",
                     (r["p99_ms"], r["throughput"]),
                     fontsize=7,
                     textcoords="offset points",
                     xytext=(3, 3),
                 )
+        else:
+            ax.plot(xs, ys, "*", ms=12, label=label)
+        bad = [r for r in rows if failed(r)]
+        if bad:
+            ax.plot(
+                [r["p99_ms"] for r in bad],
+                [r["throughput"] for r in bad],
+                "x",
+                color="red",
+                ms=11,
+                mew=2,
+            )
+    ax.plot([], [], "x", color="red", ms=9, mew=2, label="failed: errors or a stall")
     ax.set(
         xscale="log",
         xlabel="p99 latency (ms, log)",
         ylabel="throughput (images/s)",
-        title=f"{report['model']} ({report['arch']}) on {report['machine']['cpu']}, "
-        f"{report['machine']['cores']} cores; labels = concurrency or request rate",
+        title=title(report) + "\nlabels: concurrency (c) or request rate (/s)",
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
 
 
 def markdown_table(report: dict[str, Any], concurrency: tuple[int, ...] = (1, 4, 16)) -> str:
-    """The docs' table from a bench JSON: the in-process baselines, then every Triton
-    row at the given concurrency levels and every request-rate row."""
+    """The docs' table from a bench JSON: the in-process baselines, then every served row
+    at the given concurrency levels and every request-rate row. ``x ORT`` is the ratio to
+    in-process ONNX Runtime measured just before and after the row's group (their range
+    in brackets); ``CPU ms/img`` the serving processes' CPU time per image (front,
+    tritonserver, stubs), ``x ORT CPU`` its ratio to in-process ONNX Runtime's own."""
     head = (
-        "| backend | input | load | img/s | p50 ms | p99 ms | errors | x ORT "
-        "| queue ms | compute ms | avg batch |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| backend | where | precision | input | load | img/s | p50 ms | p99 ms | errors "
+        "| x ORT (range) | CPU ms/img | x ORT CPU | queue ms | compute ms | avg batch |\n"
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: | ---: |"
     )
     ort = next(r for r in report["results"] if r["backend"] == "onnxruntime")
     lines = [head]
     for r in report["results"]:
-        triton = r["backend"].startswith("triton")
+        served = where(r["backend"]) != "in-process"
         rate = r.get("request_rate")
-        if triton and not rate and r["concurrency"] not in concurrency:
+        if served and not rate and r["concurrency"] not in concurrency:
             continue
         load = f"{rate:g} req/s" if rate else f"c={r['concurrency']}"
-        name = r["backend"] if triton else f"{r['backend']} in-process"
-        name = name.replace("pytorch", "pytorch eager")
-        ratio = r.get("ratio_to_onnxruntime") or r["throughput"] / ort["throughput"]
+        name = r["backend"].replace("pytorch", "pytorch eager")
         srv = r.get("server") or {}
+        ratio = r.get("ratio_to_onnxruntime") or r["throughput"] / ort["throughput"]
+        spread = f"{ratio:.2f}"
+        if "ratio_min" in srv:
+            spread += f" ({srv['ratio_min']:.2f}-{srv['ratio_max']:.2f})"
+        if rate:  # an offered rate, not a capacity: no ratio
+            spread = ""
+        cpu = f"{srv['cpu_ms_per_image']:.1f}" if srv.get("cpu_ms_per_image") else ""
+        cpu_ratio = (
+            f"{srv['cpu_ratio_to_onnxruntime']:.2f}" if srv.get("cpu_ratio_to_onnxruntime") else ""
+        )
         extra = (
-            f"{srv.get('avg_queue_ms', 0):.1f} | {srv.get('avg_compute_ms', 0):.1f} | "
+            f"{srv.get('queue_ms', srv.get('avg_queue_ms', 0)):.1f} | "
+            f"{srv.get('compute_infer_ms', srv.get('avg_compute_ms', 0)):.1f} | "
             f"{srv.get('avg_executed_batch', 0):.2f}"
-            if triton
+            if served
             else " |  | "
         )
+        mark = " FAILED" if failed(r) else ""
         lines.append(
-            f"| {name} | {r['input']} | {load} | {r['throughput']:.1f} | "
-            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {ratio:.2f} | {extra} |"
+            f"| {name}{mark} | {where(r['backend'])} | {r.get('precision', '').upper()} | "
+            f"{r['input']} | {load} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p99_ms']:.1f} | {r['errors']} | {spread} | {cpu} | {cpu_ratio} | "
+            f"{extra} |"
         )
-    return "\n".join(lines)
+    return f"{title(report)}\n\n" + "\n".join(lines)
 
 
 FRONT_AB_ROUNDS = 2  # front / direct measured in turn this many times per level

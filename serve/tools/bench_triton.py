@@ -19,6 +19,7 @@ from serve.tools.bench_config import BenchConfig, Distribution
 from serve.tools.bench_inputs import BenchInputs, write_input_data
 from serve.tools.bench_server import _delta, _server_stats, admin_key
 from serve.tools.loadgen import Level
+from serve.tools.proc_stats import cpu_seconds, descendants
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,9 @@ def triton_levels(
             protocol, kind, conc, rate = combo
             target = model if kind == "tensor" else image_model_name(model)
             profile = _profile(srv, settings, target, combo, batch, str(data[kind]), direct)
+            procs = serving_processes(srv)
             before = _server_stats(stats_client, [model, target], headers)
+            cpu0 = cpu_seconds(procs)
             try:
                 result = pa.run(profile, work / "level.csv")
             except pa.Unstable as e:
@@ -147,17 +150,43 @@ def triton_levels(
                 skipped[f"{prefix}-{protocol} {kind} {load}"] = str(e)
                 log.warning("%s-%s %s %s: %s", prefix, protocol, kind, load, e)
                 continue
+            cpu = cpu_seconds(procs) - cpu0
             after = _server_stats(stats_client, [model, target], headers)
             lv = level_from_row(result, f"{prefix}-{protocol}", kind, batch, inputs.card.precision)
             lv.server.update(_delta(before, after))
             lv.errors = int(after["fail"] - before["fail"])
+            images = after["inferences"] - before["inferences"]
+            if procs and images > 0:
+                lv.server["cpu_ms_per_image"] = 1000 * cpu / images
             if baseline is not None:
-                lv.ratio_to_onnxruntime = lv.throughput / baseline.throughput
+                compare_to(lv, [baseline])
             levels.append(lv)
             _log_level(lv, kind, conc, rate)
     finally:
         stats_client.close()
     return levels
+
+
+def serving_processes(srv: Any) -> list[int]:
+    """The processes that serve (the front, the tritonservers, their python-backend stubs
+    and decoders): the stack's process tree; none for a server started elsewhere."""
+    process = getattr(srv, "process", None)
+    return descendants(process.pid) if process is not None else []
+
+
+def compare_to(lv: Level, baselines: list[Level]) -> None:
+    """``lv``'s ratios to in-process ONNX Runtime measured around it (before and after):
+    throughput to their mean with the range over them, CPU time per image likewise."""
+    speeds = [b.throughput for b in baselines if b.throughput > 0]
+    if speeds:
+        lv.ratio_to_onnxruntime = lv.throughput * len(speeds) / sum(speeds)
+        lv.server["ratio_min"] = lv.throughput / max(speeds)
+        lv.server["ratio_max"] = lv.throughput / min(speeds)
+    costs = [b.server["cpu_ms_per_image"] for b in baselines if b.server.get("cpu_ms_per_image")]
+    if costs and lv.server.get("cpu_ms_per_image"):
+        lv.server["cpu_ratio_to_onnxruntime"] = (
+            lv.server["cpu_ms_per_image"] * len(costs) / sum(costs)
+        )
 
 
 def level_from_row(result: pa.Result, backend: str, kind: str, batch: int, precision: str) -> Level:

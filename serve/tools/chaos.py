@@ -57,8 +57,8 @@ class ChaosConfig:
 
 
 CHAOS_FLAGS = [
-    Flag("model", "--model"),
-    Flag("model_repository", "--model-repository"),
+    Flag("model", "--model", "the classifier under load (and its <model>_image)"),
+    Flag("model_repository", "--model-repository", "Triton model repository (a copy is served)"),
     Flag("data", "--data", "ImageFolder split with images to send (.../val)", {"required": True}),
     Flag("replicas", "--replicas", "local tritonservers behind the front"),
     Flag("seconds", "--seconds", "how long the load runs"),

@@ -144,7 +144,11 @@ def _run_once(profile: Profile, csv_path: Path, timeout: float) -> Result | None
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``python -m serve perf-analyzer``."""
-    p.add_argument("action", choices=["install", "check"])
+    p.add_argument(
+        "action",
+        choices=["install", "check"],
+        help="install: from the wheel into <prefix>; check: print its version and path",
+    )
     p.add_argument("--prefix", default=sys.prefix, help="the venv (default: this one)")
     p.add_argument(
         "--cache",

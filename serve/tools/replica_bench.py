@@ -24,38 +24,12 @@ from typing import Any
 from serve.client.admin import read_metrics
 from serve.tools import perf_analyzer as pa
 from serve.tools.bench_config import BenchConfig
+from serve.tools.proc_stats import cpu_seconds, descendants
 
 log = logging.getLogger(__name__)
 
 ROUNDS = 3
 CONCURRENCY = 4
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process under it."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of ``pids`` (processes gone since are not counted)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
 
 
 def answered(metrics_url: str, model: str) -> float:

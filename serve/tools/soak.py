@@ -6,13 +6,12 @@ accounting.
 run for ``--seconds`` against a server started on free ports (or ``--url``). Every
 failure is counted with its message; the resident memory of tritonserver and its
 python-backend stubs is sampled every second. Passes with 0 failed requests and RSS
-growth after warm-up within ``--max-rss-growth-mib``. Writes bench/soak-latest.json.
+growth after warm-up within ``--max-rss-growth-mib``. Writes bench/local/soak-latest.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -27,30 +26,7 @@ from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
 from serve.core.flags import Flag, add_flags, build
 from serve.tools.bench_inputs import bench_inputs
-
-
-def process_tree_rss(pid: int) -> int:
-    """RSS in bytes of ``pid`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    total, stack = 0, [pid]
-    while stack:
-        p = stack.pop()
-        stack += children.get(p, [])
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+from serve.tools.proc_stats import tree_rss
 
 
 def run_soak(
@@ -105,7 +81,7 @@ def run_soak(
     while time.monotonic() - t0 < seconds:
         time.sleep(1.0)
         if server_pid:
-            rss.append((round(time.monotonic() - t0, 1), process_tree_rss(server_pid)))
+            rss.append((round(time.monotonic() - t0, 1), tree_rss(server_pid)))
     stop.set()
     for t in threads:
         t.join(60)
@@ -145,12 +121,12 @@ class SoakConfig:
     allocator: Allocator = "both"
     shared_memory: bool = True
     warmup: float | None = None
-    out: str = "bench"
+    out: str = "bench/local"
 
 
 SOAK_FLAGS = [
-    Flag("model", "--model"),
-    Flag("model_repository", "--model-repository"),
+    Flag("model", "--model", "the classifier loaded; raw-image clients use <model>_image"),
+    Flag("model_repository", "--model-repository", "Triton model repository"),
     Flag(
         "data",
         "--data",
@@ -158,8 +134,12 @@ SOAK_FLAGS = [
         {"required": True},
     ),
     Flag("seconds", "--seconds", "per allocator"),
-    Flag("concurrency", "--concurrency"),
-    Flag("max_rss_growth_mib", "--max-rss-growth-mib"),
+    Flag("concurrency", "--concurrency", "closed-loop clients (mixed gRPC/HTTP, tensor/raw)"),
+    Flag(
+        "max_rss_growth_mib",
+        "--max-rss-growth-mib",
+        "pass bound: RSS growth (MiB) of tritonserver and its stubs after the warm-up",
+    ),
     Flag(
         "allocator",
         "--allocator",
@@ -176,7 +156,7 @@ SOAK_FLAGS = [
         "--warmup",
         "seconds before RSS growth is judged (default: a third of --seconds)",
     ),
-    Flag("out", "--out"),
+    Flag("out", "--out", "folder of soak-latest.json and .png and the server logs"),
 ]
 
 

@@ -201,6 +201,7 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
         "3",
         "--lockout-seconds",
         "2",
+        "--front-cost",
         "--out",
         str(tmp_path),
     ]
@@ -248,6 +249,12 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
     for r in report["results"]:
         assert set(r) >= RESULT_KEYS and r["errors"] == 0 and r["throughput"] > 0
         assert r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        # CPU time per image: in-process ONNX Runtime's own, the serving processes' (/proc)
+        assert r["server"].get("cpu_ms_per_image", 0) > 0, r
+        if r["backend"].startswith("triton"):  # to the baselines just before and after
+            srv = r["server"]
+            assert srv["ratio_min"] <= r["ratio_to_onnxruntime"] <= srv["ratio_max"], srv
+            assert srv["cpu_ratio_to_onnxruntime"] > 0
         if r["backend"].startswith(("triton", "direct")):
             assert r["ratio_to_onnxruntime"] > 0 and r["server"]["avg_executed_batch"] >= 1
             assert "stall" in r["server"] or r["request_rate"]
