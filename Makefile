@@ -8,7 +8,7 @@ STAMP := $(VENV)/.setup-done
 
 # A recipe (train/recipes/<name>.yaml) holds a run's settings; the variables below
 # override it only when set (make train RECIPE=cifar10_resnet20 EPOCHS=5).
-RECIPE ?= antsbees_finetune
+RECIPE ?= antsbees_probe
 # A recipe setting, resolved by train/config.py alone (YAML, no torch: ~0.1 s); expanded
 # when a target runs, after `setup` (empty before the venv exists).
 recipe_get = $(shell test -x $(PY) && $(PY) -m train.config $(RECIPE) $(1) 2>/dev/null)
@@ -84,7 +84,7 @@ data: $(STAMP)
 	$(PY) -m train data --root data
 
 train: $(STAMP)
-	$(PY) -m train --recipe $(RECIPE) --model $(MODEL) --out $(OUT) \
+	TRAINSERVE_MAKE=train TRAINSERVE_RECIPE=$(RECIPE) $(PY) -m train --recipe $(RECIPE) --model $(MODEL) --out $(OUT) \
 		$(if $(DATA),--data $(DATA)) $(if $(ARCH),--arch $(ARCH)) $(if $(MODE),--mode $(MODE)) \
 		$(if $(PRETRAINED),--pretrained $(PRETRAINED)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
@@ -97,7 +97,7 @@ train: $(STAMP)
 # Every ONNX for TensorRT is also built with TensorRT-RTX (no GPU needed) for 8.6 8.9 12.0:
 # EXPORT_ARGS="--trt-rtx-targets 8.6" changes the list; parity.json tensorrt_builds.
 export: $(STAMP)
-	$(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) \
+	TRAINSERVE_MAKE=export TRAINSERVE_RECIPE=$(RECIPE) $(PY) -m export --checkpoint $(OUT)/checkpoint.pt --name $(MODEL) \
 		$(if $(DATA),--data $(DATA)) --model-repository $(REPO) --target $(TARGET) \
 		$(if $(GPU_BACKEND),--gpu-backend $(GPU_BACKEND)) $(if $(DEPLOY),--deploy $(DEPLOY)) \
 		--precision $(PRECISION) $(EXPORT_ARGS)
@@ -106,25 +106,25 @@ export: $(STAMP)
 # ~45 min, the tutorial's 25 epochs are most of it) and CIFAR images/s. Add runs to the
 # last report: BENCH_ARGS="--recipes antsbees_tutorial --seeds 1 2 --skip-cifar --merge".
 bench-train: $(STAMP)
-	$(PY) -m train bench --out bench $(BENCH_ARGS)
+	TRAINSERVE_MAKE=train TRAINSERVE_RECIPE=$(RECIPE) $(PY) -m train bench --out bench/local $(BENCH_ARGS)
 
 # perf_analyzer against Triton (gRPC, gRPC+shm, HTTP; tensor/raw; concurrency sweep and
 # Poisson request rates) vs in-process ORT and PyTorch, one run.
 bench: $(STAMP)
 	$(PY) -m export bench --model $(MODEL) --checkpoint $(OUT)/checkpoint.pt \
-		--model-repository $(REPO) --out bench $(if $(DATA),--data $(DATA)/val) \
+		--model-repository $(REPO) --out bench/local $(if $(DATA),--data $(DATA)/val) \
 		$(if $(REPLICAS),--replicas $(REPLICAS)) $(BENCH_ARGS)
 
 # Search instances x max batch x queue delay with perf_analyzer; publish the best config
 # under the p99 budget (a config change, no new version). TUNE_ARGS="--p99-ms 100 ...".
 tune: $(STAMP)
-	$(PY) -m export tune --model $(MODEL) --model-repository $(REPO) --out bench \
+	$(PY) -m export tune --model $(MODEL) --model-repository $(REPO) --out bench/local \
 		--data $(or $(DATA),$(call recipe_get,data))/val --publish $(TUNE_ARGS)
 
 # Concurrency 16, mixed protocols and inputs, once with jemalloc and once with glibc malloc
-# (5 minutes each): 0 failures, bounded RSS growth, both growths in bench/soak-latest.{json,png}.
+# (5 minutes each): 0 failures, bounded RSS growth, both growths in bench/local/soak-latest.{json,png}.
 soak: $(STAMP)
-	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench \
+	$(PY) -m serve soak --model $(MODEL) --model-repository $(REPO) --out bench/local \
 		--data $(or $(DATA),$(call recipe_get,data))/val $(SOAK_ARGS)
 
 # Kill a random tritonserver every 15 s and roll a version out and back, under load at

@@ -38,8 +38,8 @@ def test_make_names_model_once_without_torch(tmp_path: Path) -> None:
     ).stdout
     assert "--model antsbees" in out and "--name antsbees" in out
     calls = log.read_text().splitlines()
-    assert calls == ["-m train.config antsbees_finetune model_name"]
-    resolve = ["-m", "train.config", "antsbees_finetune", "model_name"]
+    assert calls == ["-m train.config antsbees_probe model_name"]
+    resolve = ["-m", "train.config", "antsbees_probe", "model_name"]
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", *resolve],
         cwd=ROOT,
@@ -121,3 +121,30 @@ def test_every_flag_and_make_variable_the_readme_names_exists() -> None:
     compose = (ROOT / "serve" / "deploy" / "docker-compose.gpu.yml").read_text()
     assert "TRITON_IMAGE" in compose
     assert sorted(variables - defined - {"KEY", "TRITON_IMAGE"}) == []
+
+
+def test_user_runs_never_write_what_the_repository_tracks() -> None:
+    """Every tool's default output folder (make's and the commands' own) is git-ignored:
+    a user's run never rewrites the dated results the docs quote (bench/results/)."""
+    import re
+    import subprocess
+
+    from export.tools.tune_config import TuneConfig
+    from serve.tools.bench_config import BenchConfig
+    from serve.tools.chaos import ChaosConfig
+    from serve.tools.soak import SoakConfig
+
+    outs = {BenchConfig().out, TuneConfig().out, SoakConfig().out, ChaosConfig().out}
+    for source in ROOT.glob("*/**/*.py"):
+        if ".venv" not in source.parts and "tests" not in source.parts:
+            outs |= set(re.findall(r'default="(bench[^"]*)"', source.read_text()))
+    outs |= set(re.findall(r"--out (bench\S*)", (ROOT / "Makefile").read_text()))
+    assert len(outs) >= 2 and "bench/results" not in outs, outs
+    for out in sorted(outs):
+        probe = f"{out}/x-latest.json"
+        ignored = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT)
+        assert ignored.returncode == 0, f"{probe} is not git-ignored"
+    tracked = subprocess.run(
+        ["git", "check-ignore", "-q", "bench/results/x.json"], cwd=ROOT
+    ).returncode
+    assert tracked == 1  # the committed results are not ignored

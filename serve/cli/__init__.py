@@ -15,6 +15,7 @@ from serve.cli.classify import (
 from serve.cli.operate import (
     add_admin_arguments,
     add_health_arguments,
+    add_models_arguments,
     add_watchdog_arguments,
     run_health,
     run_model_op,
@@ -50,8 +51,8 @@ COMMANDS = [
     ),
     Command(
         "models",
-        "list models, versions and their state",
-        lambda p: add_admin_arguments(p, model=False, protocols=True),
+        "list models, versions, their state, precision and accuracy",
+        add_models_arguments,
         run_models,
     ),
     Command(

@@ -18,8 +18,8 @@ log = logging.getLogger("serve.cli")
 
 
 def add_classify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--model", default="antsbees")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files to classify")
+    p.add_argument("--model", default="antsbees", help="served model (with --raw: <model>_image)")
     p.add_argument(
         "--raw",
         action="store_true",
@@ -27,7 +27,7 @@ def add_classify_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--version", default="", help="pin a model version (default: latest)")
     add_url(p)
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=2, help="most likely classes shown per image")
     p.add_argument("--batch-size", type=int, default=16, help="images per request")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -63,7 +63,8 @@ def run_classify(a: argparse.Namespace) -> int:
                     {"label": p.label, "probability": p.probability, "index": p.index}
                     for p in result
                 ]
-                print(json.dumps({"image": path, "model": model, "predictions": preds}))
+                answer = {"image": path, "model": model, "version": clf.last_version}
+                print(json.dumps({**answer, "predictions": preds}))
             else:
                 ranked = "  ".join(f"{p.label} {p.probability:.4f}" for p in result)
                 print(f"{path}: {ranked}")
@@ -73,13 +74,19 @@ def run_classify(a: argparse.Namespace) -> int:
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="antsbees_image")
+    p.add_argument(
+        "--model",
+        default="antsbees_image",
+        help="served model: <name>_image takes the files, <name> pixels preprocessed here",
+    )
     p.add_argument("--data", required=True, help="a folder of <class>/<image> (e.g. .../val)")
-    p.add_argument("--version", default="")
+    p.add_argument("--version", default="", help="pin a model version (default: latest)")
     add_url(p)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images per request")
     p.add_argument("--confusion", default="", help="confusion matrix PNG path")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="print accuracy, per-class and confusion as JSON"
+    )
 
 
 def run_evaluate(a: argparse.Namespace) -> int:

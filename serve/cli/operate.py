@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from serve.client.connect import DEFAULT_URLS
 from serve.core import auth
@@ -28,9 +29,41 @@ def add_admin_arguments(
     p: argparse.ArgumentParser, model: bool = True, protocols: bool = False
 ) -> None:
     if model:
-        p.add_argument("model")
+        p.add_argument("model", help="the model's name in the repository")
     add_url(p, protocols=protocols)
     add_admin_key(p)
+
+
+def add_models_arguments(p: argparse.ArgumentParser) -> None:
+    add_admin_arguments(p, model=False, protocols=True)
+    p.add_argument(
+        "--model-repository",
+        default="model_repository",
+        help="where each version's model card is read, when this machine has it: its "
+        "precision, accuracy and parity (default: model_repository)",
+    )
+
+
+def version_facts(repo: Path, model: str, version: str) -> str:
+    """What a published version's card says: precision, parity, accuracy ("" when the
+    card is not on this machine)."""
+    from serve.core.contract import CardError, ModelCard
+
+    path = repo / model / version / "model_card.json"
+    if not version.isdigit() or not path.is_file():
+        return ""
+    try:
+        card = ModelCard.read(path)
+    except CardError:
+        return "card unreadable"
+    facts = [card.precision]
+    if card.parity is not None:
+        facts.append("parity passed" if card.parity.passed else "parity FAILED")
+        if card.parity.reference_accuracy is not None:
+            facts.append(f"val acc {100 * card.parity.reference_accuracy:.2f}%")
+    if card.published:
+        facts.append(f"published {card.published[:16]}")
+    return ", ".join(facts)
 
 
 def run_models(a: argparse.Namespace) -> int:
@@ -38,9 +71,11 @@ def run_models(a: argparse.Namespace) -> int:
 
     protocol = getattr(a, "protocol", "grpc")
     url = a.url or DEFAULT_URLS[protocol]
+    repo = Path(a.model_repository)
     for m in admin.list_models(url, auth.resolve_key(url, a.admin_key_file), protocol):
         reason = f"  ({m.reason})" if m.reason else ""
-        print(f"{m.name:32s} {m.version or '-':>4s}  {m.state}{reason}")
+        facts = version_facts(repo, m.name, m.version)
+        print(f"{m.name:32s} {m.version or '-':>4s}  {m.state:10s}{reason}  {facts}".rstrip())
     return 0
 
 
@@ -74,7 +109,7 @@ def add_health_arguments(p: argparse.ArgumentParser) -> None:
         help="the server's Prometheus URL; default: what `serve run` recorded for --url, "
         "else :$METRICS_PORT for a server on the default ports, else unknown",
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the health report as JSON")
 
 
 def run_health(a: argparse.Namespace) -> int:

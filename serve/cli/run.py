@@ -24,9 +24,15 @@ FRONT_FLAGS = [
         "--max-body-bytes",
         "largest request body; 0 = sized from the repository (max batch x input size)",
     ),
-    Flag("max_json_bytes", "--max-json-bytes"),
-    Flag("max_json_depth", "--max-json-depth"),
-    Flag("max_connections", "--max-connections"),
+    Flag(
+        "max_json_bytes",
+        "--max-json-bytes",
+        "largest HTTP JSON tensor body, or JSON header of a binary one (bytes)",
+    ),
+    Flag(
+        "max_json_depth", "--max-json-depth", "deepest nesting of an HTTP inference request's JSON"
+    ),
+    Flag("max_connections", "--max-connections", "open connections per port, HTTP and gRPC each"),
     Flag(
         "max_per_client",
         "--max-per-client",
@@ -67,7 +73,7 @@ FRONT_FLAGS = [
         "a body larger than the front holds gets this plus its size at --min-body-rate",
     ),
     Flag("min_body_rate", "--min-body-rate", "bytes/s the rest of a large body must keep up"),
-    Flag("request_timeout_s", "--request-timeout"),
+    Flag("request_timeout_s", "--request-timeout", "seconds the front waits for Triton's answer"),
     Flag("tls_cert", "--tls-cert", "PEM certificate: TLS on HTTP and gRPC"),
     Flag("tls_key", "--tls-key", "PEM private key of --tls-cert (mode 0600)"),
 ]
@@ -86,10 +92,27 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=LOOPBACK,
         help="address to bind (loopback by default; 0.0.0.0 exposes the server)",
     )
-    p.add_argument("--http-port", type=int, default=env_int("HTTP_PORT", 8000))
-    p.add_argument("--grpc-port", type=int, default=env_int("GRPC_PORT", 8001))
-    p.add_argument("--metrics-port", type=int, default=env_int("METRICS_PORT", 8002))
-    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=env_int("HTTP_PORT", 8000),
+        help="HTTP/REST port ($HTTP_PORT sets the default)",
+    )
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=env_int("GRPC_PORT", 8001),
+        help="gRPC port ($GRPC_PORT sets the default)",
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env_int("METRICS_PORT", 8002),
+        help="Prometheus metrics port ($METRICS_PORT sets the default)",
+    )
+    p.add_argument(
+        "--log-verbose", type=int, default=0, help="tritonserver's --log-verbose level (0: off)"
+    )
     p.add_argument(
         "--watchdog",
         type=float,

@@ -47,17 +47,17 @@ def perf_analyzer_module():  # noqa: ANN202 - the module, imported only when the
 
 
 MANIFEST_FLAGS = [
-    Flag("name", "--name"),
-    Flag("namespace", "--namespace"),
+    Flag("name", "--name", "name of the Deployment, Service, HPA and the rest (a DNS label)"),
+    Flag("namespace", "--namespace", "Kubernetes namespace of every object"),
     Flag(
         "image",
         "--image",
         "Triton image (default 26.07: the first release clear of every published "
         "Triton security bulletin; CUDA 13.3.1, needs a driver for CUDA 13.3)",
     ),
-    Flag("replicas", "--replicas"),
-    Flag("min_replicas", "--min-replicas"),
-    Flag("max_replicas", "--max-replicas"),
+    Flag("replicas", "--replicas", "the Deployment's Triton pods at start"),
+    Flag("min_replicas", "--min-replicas", "HPA: fewest pods"),
+    Flag("max_replicas", "--max-replicas", "HPA: most pods"),
     Flag(
         "model_store",
         "--model-store",

@@ -93,10 +93,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser(
-    prog: str, description: str, commands: Sequence[Command]
+    prog: str, description: str, commands: Sequence[Command], only: str | None = None
 ) -> argparse.ArgumentParser:
     """An argparse parser with one subparser per command (informative defaults shown in
-    --help, :class:`HelpFormatter`)."""
+    --help, :class:`HelpFormatter`). ``only``: the command about to run; the others get
+    no arguments (their help line is enough, and declaring a command's arguments may
+    import its heavy modules: ``--help`` stays fast)."""
     parser = Parser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in commands:
@@ -106,7 +108,8 @@ def build_parser(
             description=c.description or c.help,
             formatter_class=HelpFormatter,
         )
-        c.add_arguments(p)
+        if only is None or c.name == only:
+            c.add_arguments(p)
         p.set_defaults(_run=c.run)
     return parser
 
@@ -126,8 +129,10 @@ def main(
         argv = [default, *argv]
     setup_logging()
 
+    chosen = argv[0] if argv and argv[0] in names else (default if top_level_help else None)
+
     def parse_and_run() -> int | None:  # the parser too: its defaults read the environment
-        parser = build_parser(prog, description, commands)
+        parser = build_parser(prog, description, commands, only=chosen or "")
         if default and top_level_help:  # the default command's options, not only the list
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             print(parser.format_help())
@@ -214,7 +219,12 @@ def add_url(p: argparse.ArgumentParser, protocols: bool = True) -> None:
         "127.0.0.1:$HTTP_PORT for http)",
     )
     if protocols:
-        p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+        p.add_argument(
+            "--protocol",
+            choices=("grpc", "http"),
+            default="grpc",
+            help="the server's API to use (the default --url follows it)",
+        )
 
 
 def add_admin_key(p: argparse.ArgumentParser) -> None:
