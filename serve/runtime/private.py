@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger("serve.runtime.private")
 
@@ -57,6 +59,9 @@ class ReplicaSpec:
     cmd: list[str]
     env: dict[str, str]
     http: str  # HOST:PORT its HTTP listens on (for readiness)
+    # its private HOST:PORTs -> what clients use instead ("gRPC 127.0.0.1:8001"): its log
+    # lines that name a private address say so (Triton knows only its own ports)
+    public_names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +165,24 @@ def _ready(url: str) -> bool:
         return False
 
 
+def relay_log(stream: IO[bytes], names: dict[str, str], replica: str) -> None:
+    """Copy a tritonserver's output to this process's stderr, line by line, each private
+    address followed by what clients use instead; returns at end of output."""
+    marks = [
+        (
+            re.compile(rb"(?<![\d.])" + re.escape(addr.encode()) + rb"(?!\d)"),
+            f"{addr} (replica {replica}, private; clients use {public})".encode(),
+        )
+        for addr, public in names.items()
+    ]
+    for line in iter(stream.readline, b""):
+        for pattern, text in marks:
+            line = pattern.sub(lambda _, text=text: text, line)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+
+
 class Replica:
     """A local tritonserver kept running: started, restarted when it dies (with backoff),
     given up after repeated fast deaths."""
@@ -172,13 +195,25 @@ class Replica:
         self.restart_at = 0.0
         self.given_up = False
         self.last_code: int | None = None
+        self.relay: threading.Thread | None = None
 
     def start(self) -> None:
         # A process group of its own: its python-backend stubs outlive a killed tritonserver
         # (they do not watch their parent), and are killed with the group when it dies.
+        names = self.spec.public_names
         self.proc = subprocess.Popen(
-            self.spec.cmd, env=self.spec.env, preexec_fn=die_with_parent, process_group=0
+            self.spec.cmd,
+            env=self.spec.env,
+            preexec_fn=die_with_parent,
+            process_group=0,
+            stdout=subprocess.PIPE if names else None,
+            stderr=subprocess.STDOUT if names else None,
         )
+        if names:
+            self.relay = threading.Thread(
+                target=relay_log, args=(self.proc.stdout, names, self.spec.name), daemon=True
+            )
+            self.relay.start()
         self.started = time.monotonic()
         log.info("replica %s: tritonserver started (pid %d)", self.spec.name, self.proc.pid)
 
@@ -246,6 +281,8 @@ class Replica:
             self.proc.kill()
             self.proc.wait(10)
         self.kill_leftovers()
+        if self.relay is not None:  # its last lines (the unloads) before this process ends
+            self.relay.join(5.0)
         return self.proc.returncode
 
 

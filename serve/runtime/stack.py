@@ -204,6 +204,7 @@ class PublicServer(ServerHandle):
                         "TRAINSERVE_RUNTIME_DIR": str(runtime),
                     },
                     http=f"{LOOPBACK}:{ports[0]}",
+                    public_names=self._public_names(ports),
                 )
             )
             self.replicas.append(local_replica(i, ports))
@@ -289,6 +290,13 @@ class PublicServer(ServerHandle):
             raise SetupError(f"no private network namespace for Triton: {why}")
         self.in_namespace, self.private_why = bool(prefix), why
         return prefix
+
+    def _public_names(self, ports: tuple[int, int, int]) -> dict[str, str]:
+        """A replica's private addresses -> the public ones its clients use."""
+        o = self.opts
+        public = (f"HTTP {o.host}:{o.http_port}", f"gRPC {o.host}:{o.grpc_port}")
+        public += (f"metrics {o.host}:{o.metrics_port}",)
+        return {f"{LOOPBACK}:{p}": name for p, name in zip(ports, public, strict=True)}
 
     def _triton_options(self, index: int = 0) -> tuple[tuple[int, int, int], ServerOptions]:
         """Replica ``index``'s ports (HTTP, gRPC, metrics) and options behind the front:

@@ -101,7 +101,7 @@ def baseline_report(
     ort, pipeline = in_process_baselines(cfg, inputs)
     peak = report["machine"].get("peak_gflops_fp32")
     if inputs.card.gflop_per_image and peak:
-        ort.server = {"efficiency_of_peak": ort.throughput * inputs.card.gflop_per_image / peak}
+        ort.server["efficiency_of_peak"] = ort.throughput * inputs.card.gflop_per_image / peak
     report["results"].append(asdict(ort))
     log.info("onnxruntime in-process: %.1f img/s", ort.throughput)
     report["results"].append(asdict(pipeline))

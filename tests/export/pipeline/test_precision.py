@@ -245,6 +245,7 @@ def test_export_gpu_onnxruntime_target_here(trained_run: Path, tmp_path: Path) -
     assert sorted(p.name for p in (repo / "antsbees" / "1").iterdir()) == [
         "model.onnx",
         "model_card.json",
+        "report",  # this version's own parity report, kept beside it
     ]
     report = json.loads((tmp_path / "out" / "parity.json").read_text())
     triton = [s for s in report["stages"] if s["name"].startswith("triton")]

@@ -230,7 +230,7 @@ def _tritonserver_under(pid: int) -> int:
 )
 def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path, flags: list[str]) -> None:
     cmd = [os.sys.executable, "-m", "serve", "run", "--model-repository", str(model_repo)]
-    proc, _, url = _serve([*cmd, *flags], model_repo)
+    proc, ports, url = _serve([*cmd, *flags], model_repo)
     try:
         _wait_ready(url, proc)
         server_pid = _tritonserver_under(proc.pid)
@@ -243,7 +243,14 @@ def test_serve_run_stops_cleanly_on_sigterm(model_repo: Path, flags: list[str]) 
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert "successfully unloaded 'antsbees'" in proc.stdout.read()
+    output = proc.stdout.read()
+    assert "successfully unloaded 'antsbees'" in output
+    # Triton's own log names its private ports; behind the front each such line says
+    # which public port clients use instead
+    started = [ln for ln in output.splitlines() if "Started GRPCInferenceService at" in ln]
+    assert started, output[-2000:]
+    if "--no-front" not in flags:
+        assert f"clients use gRPC 127.0.0.1:{ports['GRPC_PORT']})" in started[0], started
 
 
 def test_make_serve_in_foreground_stops_on_sigterm(model_repo: Path) -> None:
