@@ -20,6 +20,7 @@ Two gates:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,6 +112,7 @@ class Stage:
     thresholds: dict[str, Any] = field(default_factory=dict)
     gating: bool = True
     fallback: dict[str, Any] | None = None
+    nonfinite: int = 0  # NaN or infinite values among this stage's outputs (a failure)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -144,6 +146,20 @@ def diff_stats(reference: np.ndarray, output: np.ndarray, stat: str = "max") -> 
     stats["max_abs_scaled"] = stats["max_abs"] / max(scale, REL_EPS)
     stats["median_abs_scaled"] = stats["median_abs"] / max(scale, REL_EPS)
     return stats
+
+
+def first_nonfinite(
+    logits: np.ndarray, names: Sequence[str] | None = None, classes: Sequence[str] | None = None
+) -> tuple[int, str]:
+    """How many values of the [N, C] ``logits`` are NaN or infinite, and where the first
+    one is (its image's name or index, its output's class or index, its value)."""
+    bad = ~np.isfinite(logits)
+    if not bad.any():
+        return 0, ""
+    i, j = (int(v) for v in np.argwhere(bad)[0])
+    image = names[i] if names is not None and i < len(names) else f"#{i}"
+    output = classes[j] if classes and j < len(classes) else str(j)
+    return int(bad.sum()), f"image {image}, output {output} = {logits[i, j]}"
 
 
 def accuracy_stats(
@@ -183,8 +199,13 @@ def judge(
     gating: bool = True,
     labels: np.ndarray | None = None,
     classes: list[str] | None = None,
+    names: Sequence[str] | None = None,
 ) -> Stage:
     """Compare and apply ``gate``; a failed stage names the numbers that failed.
+
+    A NaN or infinity in either side's logits fails the stage whatever the gate, naming
+    the first one's image (``names``, else its index) and output; the statistics are then
+    those of the finite values (non-finite ones counted as 0).
 
     ``gate`` is element-wise (:class:`Thresholds`, FP32 stages) or accuracy-based
     (:class:`AccuracyGate`, reduced precision; needs ``labels``). With ``labels`` the
@@ -192,10 +213,21 @@ def judge(
     stage is judged and reported the same way but does not block publishing.
     """
     stat = gate.stat if isinstance(gate, Thresholds) else "median"
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    problems, nonfinite = [], 0
+    for side, logits in ((f"reference ({reference})", ref), ("output", out)):
+        count, where = first_nonfinite(logits, names, classes)
+        if count:
+            problems.append(f"{count} non-finite {side} value(s), the first: {where}")
+            nonfinite += count if side == "output" else 0
+    if problems:
+        ref, out = (
+            np.nan_to_num(ref, nan=0.0, posinf=0.0, neginf=0.0),
+            np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0),
+        )
     stats = diff_stats(ref, out, stat)
     if labels is not None:
         stats.update(accuracy_stats(ref, out, labels, classes or []))
-    problems = []
     if isinstance(gate, AccuracyGate):
         if labels is None:
             raise ValueError(f"{name}: the accuracy gate needs the images' labels")
@@ -237,6 +269,7 @@ def judge(
         gate="accuracy" if isinstance(gate, AccuracyGate) else "elementwise",
         thresholds=thresholds,
         gating=gating,
+        nonfinite=nonfinite,
         **stats,
     )
 

@@ -60,7 +60,9 @@ class Ledger:
         """Judge stage ``name``'s logits ``out`` against ``ref`` (stage ``reference``);
         ``indices``: the images ``out`` is of (a sample), else all of them."""
         labels = self.pixels.labels if indices is None else self.pixels.labels[indices]
-        stage = judge(name, reference, ref, out, gate, gating, labels, self.classes)
+        paths = self.pixels.paths
+        names = paths if indices is None else [paths[i] for i in indices]
+        stage = judge(name, reference, ref, out, gate, gating, labels, self.classes, names)
         self.stages.append(stage)
         self._record(name, out, ref)
         log.info("%s", format_stage(stage))

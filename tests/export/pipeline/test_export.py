@@ -186,6 +186,30 @@ def test_parity_judge_thresholds() -> None:
         diff_stats(ref, ref[:, :5])
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_stage_with_a_non_finite_output_fails_naming_it(bad: float) -> None:
+    """NaN compares false with every tolerance: without its own check such a stage would
+    pass the element-wise gate. Either gate fails it, naming the image and the output."""
+    from export.checks.parity import ACCURACY_GATE
+
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(20, 2)).astype(np.float32)
+    out = ref.copy()
+    out[7, 1] = out[9, 0] = bad
+    names = [f"val/img{i}.jpg" for i in range(20)]
+    labels = ref.argmax(1)
+    for gate in (FP32_GATE, ACCURACY_GATE):
+        stage = judge("s", "pytorch-fp32", ref, out, gate, True, labels, ["ants", "bees"], names)
+        assert stage.status == "failed" and stage.nonfinite == 2
+        assert "2 non-finite output value(s), the first: image val/img7.jpg, output bees" in (
+            stage.reason
+        )
+        assert all(np.isfinite(v) for v in (stage.max_abs, stage.median_rel)), stage
+        json.loads(json.dumps(stage.to_dict(), allow_nan=False))  # parity.json stays JSON
+    stage = judge("s", "onnxruntime-fp32", out, ref, FP32_GATE, names=names)
+    assert stage.status == "failed" and "non-finite reference (onnxruntime-fp32)" in stage.reason
+
+
 def test_export_missing_checkpoint_is_clear(tmp_path: Path) -> None:
     proc = run_cli("export", "--checkpoint", str(tmp_path / "none.pt"), check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
