@@ -175,7 +175,7 @@ def relay_log(stream: IO[bytes], names: dict[str, str], replica: str) -> None:
         )
         for addr, public in names.items()
     ]
-    for line in iter(stream.readline, b""):
+    for line in iter(lambda: stream.readline(1 << 16), b""):  # a line at most 64 KiB
         for pattern, text in marks:
             line = pattern.sub(lambda _, text=text: text, line)
         with contextlib.suppress(OSError, ValueError):

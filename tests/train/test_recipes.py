@@ -27,6 +27,19 @@ from train.select import Candidate, materialize_fold, stratified_folds
 from train.trainer import Run
 
 
+def _lr_per_epoch(cfg: TrainConfig) -> list[float]:
+    """The learning rate of each epoch of ``cfg``'s schedule (optimizer and scheduler as
+    the trainer builds them)."""
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_recipes_are_valid_and_he_et_al_is_exact() -> None:
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     assert {"antsbees_finetune", "antsbees_feature_extract", "cifar10_resnet20"} <= set(names)
@@ -109,13 +122,7 @@ def test_schedules_with_warmup(schedule: str) -> None:
         warmup_epochs=2,
         warmup_start=0.1,
     )
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
-    sched = build_scheduler(opt, cfg)
-    lrs = []
-    for _ in range(cfg.epochs):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_per_epoch(cfg)
     assert lrs[0] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.1)  # linear warmup
     expected_after = {
         "step": [0.1] * 4 + [0.05] * 4,
@@ -143,13 +150,7 @@ def test_schedules_scale_with_epochs(recipe: str, epochs: int, decays: list[int]
     """Milestones and step sizes are fractions of the run: `make train EPOCHS=N` lowers
     the learning rate at the same points of a shorter run."""
     cfg = config_from_args(["--recipe", recipe, "--epochs", str(epochs)])
-    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
-    sched = build_scheduler(opt, cfg)
-    lrs = []
-    for _ in range(cfg.epochs):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_per_epoch(cfg)
     assert [e for e in range(1, epochs) if lrs[e] < lrs[e - 1] * 0.99] == decays
 
 
