@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -44,11 +45,56 @@ def log_tail(path: Path | None, lines: int = 30) -> str:
     return "\n--- server log ---\n" + "\n".join(tail)
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+_rng = random.SystemRandom()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections and ``bind(port 0)``."""
+    try:
+        low, high = (int(v) for v in _EPHEMERAL_RANGE.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A currently free TCP port on ``host``."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free on ``host`` now and stays free until a server binds it.
+
+    A port from the kernel's ephemeral range (what ``bind(port 0)`` returns) can be taken
+    by any outgoing connection or other ``bind(0)`` in the moments before our server
+    binds it ("address already in use"). This picks at random below that range, where
+    the kernel never hands ports out by itself, checks that the port binds, and never
+    returns the same port twice in one process.
+    """
+    low, _high = _ephemeral_range()
+    floor = 10000
+    if low - floor >= 1000:
+        for _ in range(200):
+            port = _rng.randrange(floor, low)
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
+                return port
+    for _ in range(50):  # the ephemeral range is all there is: ask the kernel
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise SetupError(f"no free TCP port on {host}")
 
 
 class ServerHandle(ABC):
