@@ -41,10 +41,10 @@ MODEL_STORE ?=
 K8S_OUT ?= deploy/k8s
 NAMESPACE ?= default
 
-.PHONY: help setup lock data train export serve test test-long test-all test-fast lint format clean bench-train bench tune soak chaos deploy-manifests
+.PHONY: help setup lock data train export serve test test-long test-all test-fast lint format clean bench-train bench profile tune soak chaos deploy-manifests
 
 help:
-	@echo "make setup | train | export | serve | test | test-long | test-all | test-fast | bench | tune | bench-train | soak | chaos | deploy-manifests | data | lint | clean"
+	@echo "make setup | train | export | serve | test | test-long | test-all | test-fast | bench | profile | tune | bench-train | soak | chaos | deploy-manifests | data | lint | clean"
 	@echo "  RECIPE=$(RECIPE) MODEL=$(MODEL) OUT=$(OUT) REPO=$(REPO)"
 	@echo "  overrides when set: DATA ARCH MODE PRETRAINED EPOCHS TRAIN_ARGS EXPORT_ARGS"
 	@echo "  export: TARGET=$(TARGET) (cpu|gpu) GPU_BACKEND=(tensorrt|onnxruntime) PRECISION=$(PRECISION) (fp32|fp16|int8) DEPLOY=HOST:GRPC_PORT"
@@ -114,6 +114,11 @@ bench: $(STAMP)
 	$(PY) -m export bench --model $(MODEL) --checkpoint $(OUT)/checkpoint.pt \
 		--model-repository $(REPO) --out bench/local $(if $(DATA),--data $(DATA)/val) \
 		$(if $(REPLICAS),--replicas $(REPLICAS)) $(BENCH_ARGS)
+
+# Every in-process runtime (PyTorch, ONNX Runtime FP32/FP16/INT8) at batch 1..64 on the
+# export's parity bundle: images/s, latency, saturation. PROFILE_ARGS="--batches 1,8,32".
+profile: $(STAMP)
+	$(PY) -m export profile $(OUT) --out bench/local $(PROFILE_ARGS)
 
 # Search instances x max batch x queue delay with perf_analyzer; publish the best config
 # under the p99 budget (a config change, no new version). TUNE_ARGS="--p99-ms 100 ...".

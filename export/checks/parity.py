@@ -113,6 +113,7 @@ class Stage:
     gating: bool = True
     fallback: dict[str, Any] | None = None
     nonfinite: int = 0  # NaN or infinite values among this stage's outputs (a failure)
+    localized: dict[str, Any] | None = None  # its first divergent layer, when it failed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -259,7 +260,13 @@ def judge(
             rel_text = (
                 f" and {gate.stat} rel diff {rel_val:.3g} > {gate.rtol:g}" if gate.rtol else ""
             )
-            problems.append(f"{gate.stat} abs diff {abs_val:.3g} > {gate.atol:g}{rel_text}")
+            i, j = np.unravel_index(int(np.abs(out - ref).argmax()), ref.shape)
+            image = names[i] if names is not None and i < len(names) else f"#{i}"
+            output = classes[j] if classes and j < len(classes) else str(j)
+            problems.append(
+                f"{gate.stat} abs diff {abs_val:.3g} > {gate.atol:g}{rel_text} (the largest: "
+                f"image {image}, output {output}: {out[i, j]:.6g} vs {ref[i, j]:.6g})"
+            )
         thresholds = asdict(gate)
     return Stage(
         name=name,

@@ -45,6 +45,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         acc_text = "" if acc is None else f"{acc:.2%} ({s['reference_accuracy']:.2%})"
         note = s["reason"]
         fb = s.get("fallback") or {}
+        first = (s.get("localized") or {}).get("first_over_tolerance")
+        if first:
+            note += f" first layer over tolerance: {first['node']} ({first['op']})"
         if fb.get("excluded"):
             note += (
                 f" fallback kept {len(fb['excluded'])} nodes in FP32: {', '.join(fb['excluded'])}"
@@ -67,8 +70,33 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         "here (reason given); they are never dropped silently.",
         "",
     ]
+    for s in report["stages"]:
+        if s.get("localized"):
+            lines += s["localized"]["table"]
+    lines += replay_markdown(report.get("bundle") or {})
     lines += rtx_builds_markdown(report.get("tensorrt_builds") or [])
     path.write_text("\n".join(lines))
+
+
+def replay_markdown(bundle: dict[str, Any]) -> list[str]:
+    """How to run each stage again from the bundle alone (parity.md)."""
+    if not bundle:
+        return []
+    lines = [
+        "## Replay",
+        "",
+        f"`{bundle['path']}` holds the exact 8-bit pixels every stage saw, the labels, each "
+        "stage's logits, the gates and the model files: copied to another machine it "
+        "replays there without the checkpoint, the dataset or torch (exit 0 passed, 3 "
+        "failed; `--model FILE` / `--engine PLAN` / `--url HOST:PORT` replay another model, "
+        "a TensorRT plan or a running server; `python -m export localize BUNDLE --stage "
+        "NAME` finds the first layer of a reduced-precision graph that goes wrong).",
+        "",
+        "| stage | command |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {name} | `{cmd}` |" for name, cmd in bundle.get("replay", {}).items()]
+    return [*lines, ""]
 
 
 def rtx_builds_markdown(builds: list[dict[str, Any]]) -> list[str]:

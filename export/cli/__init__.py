@@ -1,8 +1,10 @@
 """Command line: ``python -m export [export]`` (checkpoint -> ONNX -> parity -> model
-repository), ``trt`` (ONNX -> TensorRT engine, or this GPU's plan added to a published
-version, on GPU hosts), ``bench`` (``make bench``), ``calibrate``, ``tune`` (``make
-tune``) and ``warmup-bench``: the command list here, each group in its own module of this
-package (options.py holds the option groups several commands share)."""
+repository), ``replay`` and ``localize`` (a stage again from its parity bundle; the first
+layer that goes wrong), ``profile`` (every runtime across batch sizes), ``trt`` (ONNX ->
+TensorRT engine, or this GPU's plan added to a published version, on GPU hosts),
+``bench`` (``make bench``), ``calibrate``, ``tune`` (``make tune``) and
+``warmup-bench``: the command list here, each group in its own module of this package
+(options.py holds the option groups several commands share)."""
 
 from __future__ import annotations
 
@@ -12,10 +14,16 @@ from export.cli.export_command import EXPORT_DESCRIPTION, add_export_arguments, 
 from export.cli.tools import (
     add_bench_arguments,
     add_calibrate_arguments,
+    add_localize_arguments,
+    add_profile_arguments,
+    add_replay_arguments,
     add_tune_arguments,
     add_warmup_bench_arguments,
     run_bench,
     run_calibrate,
+    run_localize,
+    run_profile,
+    run_replay,
     run_tune,
     run_warmup_bench,
 )
@@ -43,6 +51,40 @@ COMMANDS = [
         "this GPU's plan from a published version's model.onnx, check it against ONNX "
         "Runtime FP32 on the val images of --data, and add it to the version "
         "(model.sm<cc>.plan, cc_model_filenames). Needs TensorRT and a CUDA GPU.",
+    ),
+    Command(
+        "replay",
+        "run one parity stage again from its bundle alone, judged as the export did",
+        add_replay_arguments,
+        run_replay,
+        description="Run one stage of an export's parity again from its bundle "
+        "(runs/<model>/parity, or a version's report/parity) alone: the exact pixels, the "
+        "saved reference and outputs, the gate and the model file; no checkpoint, dataset "
+        "or torch (except for the PyTorch stages). Judged against the saved reference and "
+        "against the stage's saved outputs under the stage's own gate; exit 0 passed, 3 "
+        "failed. --model/--engine/--url replay another file, a TensorRT plan, a running "
+        "Triton.",
+    ),
+    Command(
+        "localize",
+        "the first layer where a reduced-precision graph diverges from FP32",
+        add_localize_arguments,
+        run_localize,
+        description="Run a reduced-precision stage's graph and the FP32 graph from a "
+        "parity bundle in ONNX Runtime with every node output exposed, on the images the "
+        "stage gets most wrong; report each layer's error relative to its tensor's scale "
+        "in graph order, the first over the tolerance, and a plot "
+        "(localize-<stage>.json/.md/.png).",
+    ),
+    Command(
+        "profile",
+        "every in-process runtime across batch sizes 1..64 (images/s, latency, saturation)",
+        add_profile_arguments,
+        run_profile,
+        description="PyTorch FP32 and ONNX Runtime FP32/FP16/INT8 (a TensorRT plan with "
+        "--engine) at batch 1, 2, 4, ..., 64 on the parity bundle's images: median and p90 "
+        "latency, images/s and the batch each runtime saturates at. Writes "
+        "<out>/<model>-batch-sweep.json and .png.",
     ),
     Command(
         "bench",
@@ -80,8 +122,8 @@ COMMANDS = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m export [export|trt|bench|calibrate|tune|warmup-bench] ...`` (``export``
-    by default)."""
+    """``python -m export COMMAND ...`` (``export`` by default; :data:`COMMANDS` lists
+    them)."""
     return cli_main(
         "python -m export",
         "Export, check and publish models (`python -m export COMMAND -h`).",

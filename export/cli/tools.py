@@ -1,5 +1,5 @@
-"""The measuring commands of ``python -m export``: bench, calibrate, tune, warmup-bench
-(each imports its module only when used)."""
+"""The measuring and checking commands of ``python -m export``: bench, calibrate, tune,
+warmup-bench, profile, replay, localize (each imports its module only when used)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,39 @@ def run_warmup_bench(a: argparse.Namespace) -> int:
     from export.tools.warmup_bench import run_command
 
     return run_command(a)
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    from export.tools.profile import add_arguments
+
+    add_arguments(p)
+
+
+def run_profile(a: argparse.Namespace) -> int:
+    from export.tools.profile import run
+
+    return run(a)
+
+
+def add_replay_arguments(p: argparse.ArgumentParser) -> None:
+    from export.tools.replay import add_arguments
+
+    add_arguments(p)
+
+
+def run_replay(a: argparse.Namespace) -> int:
+    from export.tools.replay import run
+
+    return run(a)
+
+
+def add_localize_arguments(p: argparse.ArgumentParser) -> None:
+    from export.checks.localize import add_arguments
+
+    add_arguments(p)
+
+
+def run_localize(a: argparse.Namespace) -> int:
+    from export.checks.localize import run
+
+    return run(a)

@@ -76,6 +76,8 @@ def export_models(job: ExportJob) -> ExportedOnnx:
         card.num_classes,
         job.onnx_path,
     )
+    for stale in job.out_dir.glob("localize-*"):  # an earlier export's failure report
+        stale.unlink()
     cache = OnnxCache.resolve(job.cfg.onnx_cache)
     t = time.perf_counter()
     exported = export_onnx(

@@ -23,6 +23,7 @@ Precision = Literal["fp32", "fp16", "int8"]
 Advisory = Literal["sample", "all", "off"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 INT8_STAGE = "onnxruntime-int8"
+INT8_TRT_STAGE = "onnxruntime-int8-tensorrt"  # model_int8_trt.onnx, the TensorRT flavour
 
 
 def gating_stages(precision: str, target: str) -> set[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from export.checks.parity import FP16_GATE, FP32_GATE, Thresholds
 from export.formats.tensorrt_rtx import RtxBuild
-from export.pipeline.config import ExportConfig, gating_stages
+from export.pipeline.config import INT8_STAGE, INT8_TRT_STAGE, ExportConfig, gating_stages
 from serve.core.files import sha256
 from train.checkpoint import Checkpoint
 
@@ -64,6 +64,19 @@ class ExportJob:
         if self.cfg.serving.target != "cpu" or self.precision == "fp32":
             return self.onnx_path
         return self.int8_path if self.precision == "int8" else self.fp16_path
+
+    def stage_models(self, engine: Path | None = None) -> dict[str, Path]:
+        """The model file each parity stage runs (what the bundle carries to replay it)."""
+        models = {
+            "onnxruntime-fp32": self.onnx_path,
+            "onnxruntime-fp16": self.fp16_path,
+            INT8_STAGE: self.int8_path,
+            INT8_TRT_STAGE: self.int8_trt_path,
+            **{f"triton-{k}": self.served_onnx for k in ("http", "grpc", "image")},
+        }
+        if engine is not None:
+            models.update({"tensorrt-fp16": engine, "tensorrt-int8": engine})
+        return models
 
     @property
     def gating(self) -> set[str]:

@@ -37,6 +37,8 @@ class Ledger:
     diffs: dict[str, np.ndarray] = field(default_factory=dict)
     logits: dict[str, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # what each stage's run took
+    indices: dict[str, np.ndarray] = field(default_factory=dict)  # a sampled stage's images
+    encoded: list[bytes] | None = None  # what the raw-image stage sent
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -65,6 +67,8 @@ class Ledger:
         stage = judge(name, reference, ref, out, gate, gating, labels, self.classes, names)
         self.stages.append(stage)
         self._record(name, out, ref)
+        if indices is not None:
+            self.indices[name] = np.asarray(indices, np.int64)
         log.info("%s", format_stage(stage))
         return stage
 

@@ -10,6 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from export.checks.bundle import BUNDLE_DIR, REFERENCE_STAGE, Bundle, copy_bundle, write_bundle
 from export.checks.report import write_histogram, write_json, write_markdown
 from export.checks.stage_outputs import encoded_images
 from export.formats.onnx_export import ExportedOnnx, exported_card, model_gflops
@@ -83,6 +84,7 @@ def check_triton(job: ExportJob, ledger: Ledger, card: ModelCard, engine: Path |
     from export.checks.triton_parity import triton_logits
 
     images = encoded_images(job.ckpt, job.data, cfg.split, cfg.parity_limit)
+    ledger.encoded = images
     outputs = triton_logits(
         lambda repo: publish_into(job, repo, card, engine), job.name, ledger.pixels, images
     )
@@ -131,22 +133,53 @@ def write_reports(
         "tensorrt_builds": [b.to_dict() for b in rtx_builds],
         "versions": _versions(),
     }
+    bundle = write_bundle(
+        job.out_dir / BUNDLE_DIR,
+        model=job.name,
+        pixels=ledger.pixels.batches,
+        labels=ledger.pixels.labels,
+        names=ledger.pixels.paths,
+        classes=ledger.classes,
+        stages=ledger.stages,
+        logits={REFERENCE_STAGE: ledger.reference, **ledger.logits},
+        indices=ledger.indices,
+        models=job.stage_models(engine),
+        images=ledger.encoded,
+        versions=report["versions"],
+        where=str(job.out_dir / BUNDLE_DIR),
+        checkpoint=str(cfg.checkpoint),
+    )
+    report["bundle"] = {"path": str(bundle), "replay": Bundle.load(bundle).meta["replay"]}
     write_json(report, job.out_dir / "parity.json")
     write_markdown(report, job.out_dir / "parity.md")
     write_histogram(ledger.stages, ledger.diffs, job.out_dir / "parity.png")
-    log.info("wrote %s/parity.json, parity.md, parity.png", job.out_dir)
+    log.info("wrote %s/parity.json, parity.md, parity.png and the bundle %s/", job.out_dir, bundle)
     return report
 
 
 def _versions() -> dict[str, str]:
+    """What computed the stages: the libraries' versions ("" when not installed)."""
+    from importlib import metadata
+
     import onnx
     import onnxruntime
     import torch
+
+    def installed(*dists: str) -> str:
+        for dist in dists:
+            try:
+                return f"{dist} {metadata.version(dist)}"
+            except metadata.PackageNotFoundError:
+                continue
+        return ""
 
     return {
         "torch": str(torch.__version__),
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
+        "tensorrt": installed("tensorrt", "tensorrt_cu12", "tensorrt_rtx_cu12", "tensorrt_rtx"),
+        "triton": installed("nvidia-pytriton"),
+        "tritonclient": installed("tritonclient"),
         "python": platform.python_version(),
     }
 
@@ -204,6 +237,9 @@ def keep_report(run_dir: Path, record: Path) -> None:
     for name in REPORT_FILES:
         if (run_dir / name).is_file():
             atomic_write_bytes(record / name, (run_dir / name).read_bytes())
+    for found in run_dir.glob("localize-*"):  # a failed stage's layer-by-layer report
+        atomic_write_bytes(record / found.name, found.read_bytes())
+    copy_bundle(run_dir / BUNDLE_DIR, record / BUNDLE_DIR)
 
 
 def deploy_release(

@@ -27,14 +27,12 @@ import numpy as np
 
 from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
 from export.formats.int8 import metadata_of, preprocess_for_quantization, quantize_int8
-from export.pipeline.config import INT8_STAGE
+from export.pipeline.config import INT8_STAGE, INT8_TRT_STAGE
 from export.pipeline.job import ExportJob
 from export.pipeline.ledger import Ledger
 from serve.core.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-INT8_TRT_STAGE = "onnxruntime-int8-tensorrt"  # model_int8_trt.onnx, the TensorRT flavour
 
 
 @dataclass(frozen=True)

@@ -326,6 +326,41 @@ def search(
     return dataclasses.replace(final, fallback=record), logits, ranked[:chosen]
 
 
+def localize_failure(job: ExportJob, ledger: Ledger, stage: Stage) -> Stage:
+    """A failed gating stage's graph, layer by layer against FP32 on the images it gets
+    most wrong (export/checks/localize.py): ``localize-<stage>.json/.md/.png`` in the
+    run folder, the first layer over tolerance in the stage's record."""
+    from export.checks.localize import (
+        localize,
+        markdown,
+        pick_images,
+        tolerance_for,
+        write_outputs,
+    )
+
+    model = job.stage_models().get(stage.name)
+    if model is None or model.suffix != ".onnx" or not model.is_file():
+        return stage
+    logits = ledger.logits[stage.name]
+    indices = ledger.indices.get(stage.name)
+    reference = ledger.reference if indices is None else ledger.reference[indices]
+    chosen = pick_images(logits, reference, 8)
+    chosen = chosen if indices is None else indices[chosen]
+    pixels = np.concatenate(ledger.pixels.batches)[chosen]
+    loc = localize(model, job.onnx_path, pixels, tolerance_for(stage.name), stage.name)
+    paths = write_outputs(loc, job.out_dir)
+    log.info("%s (%s)", loc.summary(), paths["png"])
+    first = loc.to_dict()["first_over_tolerance"]
+    record = {
+        "first_over_tolerance": first,
+        "tolerance": loc.tolerance,
+        "images": loc.images,
+        "report": paths["md"].name,
+        "table": markdown(loc),
+    }
+    return dataclasses.replace(stage, localized=record)
+
+
 def fallback_step(job: ExportJob, ledger: Ledger) -> dict[str, list[str]]:
     """Run :func:`search` for every gating reduced stage that failed (when enabled) and
     revise its verdict; returns, per stage the fallback made pass, the nodes kept in FP32
@@ -335,13 +370,15 @@ def fallback_step(job: ExportJob, ledger: Ledger) -> dict[str, list[str]]:
     for stage in list(ledger.stages):
         if stage.name not in job.gating or stage.status != "failed":
             continue
+        stage = localize_failure(job, ledger, stage)
+        ledger.revise(stage)
         if not pc.fallback:
             status = "disabled (--no-precision-fallback)"
         elif stage.name not in SUPPORTED:
             status = f"not available for {stage.name} here"
         else:
             final, logits, nodes = search(job, ledger, stage)
-            ledger.revise(final, logits)
+            ledger.revise(dataclasses.replace(final, localized=stage.localized), logits)
             if logits is not None:
                 excluded[stage.name] = nodes
             continue

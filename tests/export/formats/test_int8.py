@@ -146,6 +146,12 @@ def test_int8_fails_a_strict_gate_without_fallback(trained_run: Path, tmp_path: 
     )
     assert stage["gating"] is True and stage["status"] == "failed"
     assert stage["fallback"] == {"status": "disabled (--no-precision-fallback)"}
+    # the failed stage was localized by itself: its graph layer by layer against FP32
+    localized = stage["localized"]
+    assert localized["report"] == "localize-onnxruntime-int8.md" and localized["images"] == 8
+    layers = json.loads((tmp_path / "out" / "localize-onnxruntime-int8.json").read_text())
+    assert len(layers["layers"]) > 20 and layers["tolerance"] == localized["tolerance"]
+    assert "Layer by layer: onnxruntime-int8" in (tmp_path / "out" / "parity.md").read_text()
 
 
 @pytest.mark.long

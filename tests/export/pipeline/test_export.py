@@ -96,7 +96,7 @@ def test_published_repository_layout(model_repo: Path, trained_run: Path) -> Non
     assert published == ["model.onnx", "model.py", "model_card.json", "report"]
     # the version's own report (parity, timings): kept when a later export rewrites runs/
     report = sorted(p.name for p in (v1 / "report").iterdir())
-    assert report == ["parity.json", "parity.md", "parity.png"], report
+    assert report == ["parity", "parity.json", "parity.md", "parity.png"], report
     assert "timings" in json.loads((v1 / "report" / "parity.json").read_text())
     raw = json.loads((v1 / "model_card.json").read_text())
     card = ModelCard.from_dict(raw)  # the published card follows the schema
