@@ -7,6 +7,11 @@ gate, keep the nodes that hurt most in FP32 until it passes (or the budget runs 
    is its sensitivity (:func:`block_sensitivity`). Per-node local noise was tried first
    and ranked the late layers worst, while the early ones matter most: their error is
    amplified by everything after them.
+   A second ranking, from the same training images, orders the nodes by the error each
+   adds layer by layer (export/checks/localize.py: its output's relative error minus its
+   inputs'); it is searched too, for sets smaller than the first ranking's,
+   and the ranking that passes with fewer nodes in FP32 is kept (``ranking`` and
+   ``rankings`` in the record).
 2. Search: exclude the worst ``k`` nodes (``nodes_to_exclude`` for ONNX Runtime
    quantization, ``node_block_list`` for the FP16 converter), ``k`` = 1, 2, 4, ...; re-run
    the stage on every val image under the same gate; once one passes, halve the step back
@@ -37,6 +42,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from export.checks.localize import Localization, localize
 from export.checks.parity import Stage, format_stage, judge
 from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
 from export.formats.fp16 import convert_fp16
@@ -228,8 +234,9 @@ class _Search:
 
 def _ranked_nodes(
     job: ExportJob, stage: Stage, rebuild: Callable[[list[str]], None], paths: tuple[Path, Path]
-) -> tuple[list[str], list[tuple[list[str], float]]]:
-    """The compute nodes, most sensitive block first, and the blocks with their scores."""
+) -> tuple[list[str], list[tuple[list[str], float]], PixelBatches]:
+    """The compute nodes, most sensitive block first, the blocks with their scores, and
+    the training images that measured them."""
     fp32_path, model_path = paths
     pc = job.cfg.precision
     nodes = quantizable_nodes(onnx.load(str(fp32_path)))
@@ -243,7 +250,21 @@ def _ranked_nodes(
         len(nodes),
         [(b[0], round(gain, 5)) for b, gain in blocks],
     )
-    return [n for block, _ in blocks for n in block], blocks
+    return [n for block, _ in blocks for n in block], blocks, probe
+
+
+def probe_localization(
+    stage: Stage, model_path: Path, fp32_path: Path, probe: PixelBatches
+) -> Localization:
+    """The plain reduced graph layer by layer on the 8 *training* images (of the probe)
+    where it differs most from FP32: the second ranking's evidence, never the val images
+    the gate judges."""
+    from export.checks.localize import pick_images, tolerance_for
+
+    reduced = onnxruntime_logits(model_path, probe)
+    fp32 = onnxruntime_logits(fp32_path, probe)
+    pixels = np.concatenate(probe.batches)[pick_images(reduced, fp32, 8)]
+    return localize(model_path, fp32_path, pixels, tolerance_for(stage.name), stage.name)
 
 
 def _record(
@@ -269,25 +290,95 @@ def _record(
     }
 
 
+def localize_ranking(loc: Localization | None, nodes: list[str], fp32_path: Path) -> list[str]:
+    """The compute ``nodes`` ordered by the error each adds in the layer-by-layer
+    localization (its output's relative error minus the largest of its inputs'), the
+    largest first; nodes the localization did not see follow in graph order."""
+    if loc is None:
+        return []
+    error = {layer.tensor: layer.rel_rms for layer in loc.layers}
+    graph = {n.name: n for n in onnx.load(str(fp32_path), load_external_data=False).graph.node}
+    added: dict[str, float] = {}
+    for name in nodes:
+        node = graph.get(name)
+        if node is None or node.output[0] not in error:
+            continue
+        before = max((error[i] for i in node.input if i in error), default=0.0)
+        added[name] = error[node.output[0]] - before
+    ranked = sorted(added, key=lambda n: added[n], reverse=True)
+    return ranked + [n for n in nodes if n not in added]
+
+
+def _search_with(
+    job: ExportJob,
+    ledger: Ledger,
+    stage: Stage,
+    ranked: list[str],
+    paths: tuple[Path, Callable[[list[str]], None]],
+    method: str,
+    max_k: int,
+) -> tuple[_Search, int | None]:
+    model_path, rebuild = paths
+    candidates_dir = model_path.parent / f"fallback_candidates_{method}"
+    shutil.rmtree(candidates_dir, ignore_errors=True)
+    candidates_dir.mkdir()
+    state = _Search(job, ledger, stage, ranked, model_path, rebuild, candidates_dir)
+    return state, state.smallest_passing(max_k) if max_k >= 1 else None
+
+
 def search(
     job: ExportJob, ledger: Ledger, stage: Stage
 ) -> tuple[Stage, np.ndarray | None, list[str]]:
     """Find the nodes to keep in FP32 for ``stage`` to pass. Returns the final verdict,
     the chosen model's logits and the nodes it keeps in FP32 (None and [] when no set
-    passed: the plain model stays the stage's file)."""
+    passed: the plain model stays the stage's file).
+
+    Two rankings are searched, both measured on training images: block sensitivity,
+    then the error each node adds layer by layer (:func:`probe_localization`), only for
+    sets smaller than the first's; the one that passes with fewer nodes in FP32 is kept
+    (block sensitivity on a tie), and the record says which."""
     pc = job.cfg.precision
     fp32_path, model_path, rebuild = _builder(job, stage.name)
     plain_copy = model_path.with_name(model_path.stem + "_plain.onnx")
     shutil.copyfile(model_path, plain_copy)
     t0 = time.perf_counter()
-    ranked, blocks = _ranked_nodes(job, stage, rebuild, (fp32_path, model_path))
+    ranked, blocks, probe = _ranked_nodes(job, stage, rebuild, (fp32_path, model_path))
     max_k = max(1, int(len(ranked) * pc.fallback_max_fraction))
-    candidates_dir = model_path.parent / "fallback_candidates"
-    shutil.rmtree(candidates_dir, ignore_errors=True)
-    candidates_dir.mkdir()
-    state = _Search(job, ledger, stage, ranked, model_path, rebuild, candidates_dir)
-    passing = state.smallest_passing(max_k)
+    state, passing = _search_with(
+        job, ledger, stage, ranked, (model_path, rebuild), "block_sensitivity", max_k
+    )
+    rankings: dict[str, Any] = {
+        "block_sensitivity": {"smallest_passing": passing, "tried": len(state.tried)}
+    }
+    loc = probe_localization(stage, model_path, fp32_path, probe)  # the plain graph
+    by_layer = localize_ranking(loc, ranked, fp32_path)
+    if by_layer and by_layer[: passing or max_k] != ranked[: passing or max_k]:
+        other, other_passing = _search_with(
+            job,
+            ledger,
+            stage,
+            by_layer,
+            (model_path, rebuild),
+            "localize",
+            (passing - 1) if passing else max_k,
+        )
+        rankings["localize"] = {"smallest_passing": other_passing, "tried": len(other.tried)}
+        if other_passing is not None:
+            shutil.rmtree(state.candidates_dir, ignore_errors=True)
+            state, passing, ranked = other, other_passing, by_layer
+        else:
+            shutil.rmtree(other.candidates_dir, ignore_errors=True)
+    chosen_ranking = "localize" if ranked is by_layer and by_layer else "block_sensitivity"
+    log.info("fallback rankings for %s: %s; kept %s", stage.name, rankings, chosen_ranking)
+    candidates_dir = state.candidates_dir
     record = _record(state, blocks, max_k, time.perf_counter() - t0)
+    record.update(rankings=rankings, ranking=chosen_ranking)
+    if chosen_ranking == "localize":
+        record["method"] = (
+            "error each node adds layer by layer (localize, the 8 of the 32 training "
+            "images where the plain graph differs most from FP32), largest first; it kept "
+            "fewer nodes in FP32 than block sensitivity"
+        )
     if passing is None:
         shutil.rmtree(candidates_dir, ignore_errors=True)
         shutil.copyfile(plain_copy, model_path)  # the plain model stays the stage's file
@@ -327,16 +418,11 @@ def search(
 
 
 def localize_failure(job: ExportJob, ledger: Ledger, stage: Stage) -> Stage:
-    """A failed gating stage's graph, layer by layer against FP32 on the images it gets
-    most wrong (export/checks/localize.py): ``localize-<stage>.json/.md/.png`` in the
-    run folder, the first layer over tolerance in the stage's record."""
-    from export.checks.localize import (
-        localize,
-        markdown,
-        pick_images,
-        tolerance_for,
-        write_outputs,
-    )
+    """A failed gating stage's graph, layer by layer against the FP32 graph its node
+    names refer to, on the val images it gets most wrong (export/checks/localize.py):
+    ``localize-<stage>.json/.md/.png`` in the run folder, the first layer over tolerance
+    in the stage's record (a report for people; the fallback ranks on training images)."""
+    from export.checks.localize import markdown, pick_images, tolerance_for, write_outputs
 
     model = job.stage_models().get(stage.name)
     if model is None or model.suffix != ".onnx" or not model.is_file():
@@ -347,7 +433,8 @@ def localize_failure(job: ExportJob, ledger: Ledger, stage: Stage) -> Stage:
     chosen = pick_images(logits, reference, 8)
     chosen = chosen if indices is None else indices[chosen]
     pixels = np.concatenate(ledger.pixels.batches)[chosen]
-    loc = localize(model, job.onnx_path, pixels, tolerance_for(stage.name), stage.name)
+    fp32 = _builder(job, stage.name)[0] if stage.name in SUPPORTED else job.onnx_path
+    loc = localize(model, fp32, pixels, tolerance_for(stage.name), stage.name)
     paths = write_outputs(loc, job.out_dir)
     log.info("%s (%s)", loc.summary(), paths["png"])
     first = loc.to_dict()["first_over_tolerance"]

@@ -163,3 +163,38 @@ def test_pixels_that_are_not_8_bit_are_refused():
     assert exact_uint8([np.array([[0.0, 255.0]])]).dtype == np.uint8
     with pytest.raises(ValueError, match="8-bit"):
         exact_uint8([np.array([[0.5]])])
+
+
+def test_the_localize_ranking_puts_the_node_that_adds_error_first(tmp_path: Path):
+    """Three convolutions in a row; the middle one adds the most error layer by layer
+    (its output's error minus its input's), so the fallback's second ranking tries it
+    first; a node the localization did not see comes last."""
+    from onnx import TensorProto, helper
+
+    from export.checks.localize import LayerError, Localization
+    from export.pipeline.precision_fallback import localize_ranking
+
+    w = numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    nodes = [
+        helper.make_node("Conv", [a, "w"], [b], name=n)
+        for n, a, b in (
+            ("c1", "x", "t1"),
+            ("c2", "t1", "t2"),
+            ("c3", "t2", "t3"),
+            ("c4", "t3", "y"),
+        )
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 2, 2])],
+        [w],
+    )
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    loc = Localization("s", "m", "r", 4, 0.05)
+    for i, (tensor, err) in enumerate((("t1", 0.01), ("t2", 0.31), ("t3", 0.35))):
+        loc.layers.append(LayerError(i, tensor, f"c{i + 1}", "Conv", err, err, 1.0))
+    assert localize_ranking(loc, ["c1", "c2", "c3", "c4"], path) == ["c2", "c3", "c1", "c4"]
+    assert localize_ranking(None, ["c1"], path) == []

@@ -236,6 +236,15 @@ def test_int8_fallback_publishes_and_triton_serves_it(trained_run: Path, tmp_pat
         for t in fallback["tried"]
     )
     assert set(fallback["images_per_s"]) >= {"fp32", "plain", "fallback"}
+    # The failed plain stage was localized, and its layer-by-layer ranking was searched
+    # beside block sensitivity: the one passing with fewer nodes in FP32 was kept.
+    assert stage["localized"]["images"] == 8
+    passing = {k: r["smallest_passing"] for k, r in fallback["rankings"].items()}
+    assert "block_sensitivity" in passing and fallback["ranking"] in passing
+    best = min(
+        (k for k in passing if passing[k]), key=lambda k: (passing[k], k != "block_sensitivity")
+    )
+    assert fallback["ranking"] == best, fallback["rankings"]
     # The INT8 TensorRT flavour (symmetric, float biases) built by TensorRT-RTX: explicit
     # Q/DQ, INT8 tensors; ONNX Runtime judges it too (advisory: the CPU serves its own).
     builds = {b["precision"]: b for b in report["tensorrt_builds"]}

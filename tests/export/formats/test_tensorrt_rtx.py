@@ -106,7 +106,7 @@ def test_unparsable_graph_fails_with_the_parsers_message(tmp_path: Path) -> None
 
 
 def test_fp16_network_is_fp16_except_where_the_fallback_kept_fp32(
-    trained_run: Path, tmp_path: Path
+    trained_run: Path, model_repo: Path, tmp_path: Path
 ) -> None:
     """The strongly typed network of an FP16 graph with nodes kept in FP32 (the precision
     fallback's own conversion, ``node_block_list``): those convolutions are FP32, every
