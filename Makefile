@@ -169,6 +169,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check train export serve tests
 	$(PY) -m ruff format --check train export serve tests
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff format train export serve tests

@@ -110,8 +110,9 @@ def model_repo(
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """What ``serve run`` serves, on free loopback ports: the HAProxy front on the public
     ports, the real tritonserver private behind it; stopped by PID afterwards."""
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
     from serve.runtime.stack import PublicServer
-    from serve.runtime.triton_server import ServerOptions, free_port
 
     opts = ServerOptions(
         model_repository=str(model_repo),
@@ -130,7 +131,9 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
 def own_server(model_repo: Path, tmp_path: Path):
     """A server of its own, for tests that kill or restart things. Its shutdown grace is
     3 s, not 10: with a stub killed or stopped, Triton waits out the whole grace."""
-    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
+    from serve.runtime.triton_server import TritonServer
 
     opts = ServerOptions(
         model_repository=str(model_repo),

@@ -136,7 +136,7 @@ class Bundle:
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with path.open("wb") as f:
-        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+        np.savez_compressed(f, **arrays)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

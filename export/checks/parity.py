@@ -260,7 +260,7 @@ def judge(
             rel_text = (
                 f" and {gate.stat} rel diff {rel_val:.3g} > {gate.rtol:g}" if gate.rtol else ""
             )
-            i, j = np.unravel_index(int(np.abs(out - ref).argmax()), ref.shape)
+            i, j = (int(v) for v in np.unravel_index(int(np.abs(out - ref).argmax()), ref.shape))
             image = names[i] if names is not None and i < len(names) else f"#{i}"
             output = classes[j] if classes and j < len(classes) else str(j)
             problems.append(

@@ -145,7 +145,7 @@ def write_histogram(stages: list[Stage], diffs: dict[str, np.ndarray], path: Pat
         status = s.status if s.gating else f"{s.status}, advisory"
         ax.hist(
             np.maximum(diffs[s.name].ravel(), floor),
-            bins=bins,
+            bins=bins.tolist(),
             histtype="step",
             lw=1.5,
             label=f"{s.name} vs {s.reference} ({status})",

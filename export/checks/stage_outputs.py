@@ -47,7 +47,7 @@ def load_pixels(
     """Every image of the split (or a fixed random ``limit`` of them) through the
     checkpoint's own eval Resize + CenterCrop, as float32 0..255 pixels."""
     pre = Preprocess.from_card(ckpt.card.preprocessing)
-    ds = subset(
+    ds: Any = subset(  # an ImageFolder or an array dataset, maybe through a Subset
         dataset_split(data, split, pre.eval_transform(normalize=False), _kind(ckpt, data)),
         limit,
         seed=0,
@@ -115,7 +115,7 @@ def encoded_images(
 
     from PIL import Image
 
-    ds = subset(dataset_split(data, split, None, _kind(ckpt, data)), limit, seed=0)
+    ds: Any = subset(dataset_split(data, split, None, _kind(ckpt, data)), limit, seed=0)
     base, idx = (ds.dataset, list(ds.indices)) if hasattr(ds, "indices") else (ds, None)
     idx = idx if idx is not None else list(range(len(base)))
     if hasattr(base, "samples"):

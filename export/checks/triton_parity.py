@@ -25,8 +25,9 @@ def triton_logits(
     each protocol's logits for every image; with ``images`` (the same images, encoded),
     also the raw-image ensemble's logits under the key ``image``."""
     from serve.client.client import Classifier
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
     from serve.runtime.stack import PublicServer
-    from serve.runtime.triton_server import ServerOptions, free_port
 
     out: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="parity-repo-") as tmp:

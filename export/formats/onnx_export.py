@@ -36,6 +36,9 @@ class PixelClassifier(nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std_t))
         self.register_buffer("shift", mean_t / std_t)
 
+    scale: torch.Tensor  # buffers (register_buffer)
+    shift: torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x * self.scale - self.shift)
 
@@ -109,6 +112,8 @@ def trace_onnx(ckpt: Checkpoint, *, opset: int = OPSET) -> onnx.ModelProto:
             verbose=False,
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
         )
+    if program is None:
+        raise RuntimeError("torch.onnx.export returned no program")
     proto = program.model_proto
     # Name the batch axis the same way Triton/TensorRT tools expect.
     for value in (*proto.graph.input, *proto.graph.output):

@@ -55,7 +55,7 @@ class Ledger:
         reference: str,
         ref: np.ndarray,
         out: np.ndarray,
-        gate: Thresholds,
+        gate: Thresholds | AccuracyGate,
         gating: bool = True,
         indices: np.ndarray | None = None,
     ) -> Stage:

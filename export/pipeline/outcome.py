@@ -105,7 +105,7 @@ def write_reports(
     returns the report."""
     cfg = job.cfg
     passed = ledger.passed(job.failed_required_builds(rtx_builds))
-    report = {
+    report: dict[str, Any] = {
         "model": job.name,
         "checkpoint": str(cfg.checkpoint),
         "checkpoint_sha256": card.provenance.checkpoint_sha256,

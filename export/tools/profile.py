@@ -12,6 +12,7 @@ runtime saturates at (the smallest within 5% of its best images/s). Writes
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -83,7 +84,7 @@ def runtimes(
         path = bundle.model_path(stage) if stage in bundle.stages else None
         if path is not None and path.is_file() and path.resolve() not in seen:
             seen.add(path.resolve())
-            out[stage] = lambda path=path: _onnxruntime(path, threads)
+            out[stage] = functools.partial(_onnxruntime, path, threads)
     if engine is not None:
         out["tensorrt"] = lambda: _tensorrt(engine)
     return out

@@ -125,9 +125,9 @@ def replay(bundle: Bundle, name: str, source: ReplaySource) -> tuple[Stage, Stag
     reference, ref_indices = bundle.outputs(record.reference)
     if ref_indices is not None and indices is None:
         raise UsageError(f"the reference {record.reference} covers a sample, {name} every image")
-    if ref_indices is not None:
+    if ref_indices is not None and indices is not None:
         where = {int(j): k for k, j in enumerate(ref_indices)}
-        reference = reference[[where[int(i)] for i in indices]]  # type: ignore[union-attr]
+        reference = reference[[where[int(i)] for i in indices]]
     elif indices is not None:
         reference = reference[indices]
     _pixels, labels, names = bundle.inputs()

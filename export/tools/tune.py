@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ def with_knobs(text: str, knobs: Knobs) -> str:
 
 
 def candidates(
-    current: Knobs, instances: list[int], batches: list[int], delays: list[int]
+    current: Knobs, instances: Sequence[int], batches: Sequence[int], delays: Sequence[int]
 ) -> list[Knobs]:
     """The published config first, then the grid (without a duplicate of it), then the
     published config again: the machine may drift during a search, so the current config

@@ -76,7 +76,9 @@ def one_start(repo: Path, name: str, kind: str, payload: np.ndarray, steady: int
     """Start a server on ``repo``, time load, first and steady requests, stop it."""
     import tritonclient.grpc as grpcclient
 
-    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
+    from serve.runtime.triton_server import TritonServer
 
     opts = ServerOptions(
         model_repository=str(repo),

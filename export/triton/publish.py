@@ -243,8 +243,9 @@ def publish(
         warm.preprocess.write(pre_dir)
         add_warmup(cfg, warm.classifier.samples)
         add_warmup(pre_cfg, warm.preprocess.samples)
-        version_dir, card = _publish_version(model_dir, files, cfg, labels, card)
-        assert card is not None
+        version_dir, published = _publish_version(model_dir, files, cfg, labels, card)
+        assert published is not None
+        card = published
         pre_files = {
             "model.py": PREPROCESS_MODEL,
             "image_preprocess.py": IMAGE_PREPROCESS,

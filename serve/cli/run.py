@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from serve.core import auth
 from serve.core.cli_common import (
@@ -12,8 +13,9 @@ from serve.core.cli_common import (
     env_int,
 )
 from serve.core.flags import Flag, add_flags, build
+from serve.runtime.server_options import LOOPBACK, ServerOptions
 from serve.runtime.stack import FrontLimits
-from serve.runtime.triton_server import LOOPBACK, ServerOptions, exec_server, run_supervised
+from serve.runtime.triton_server import exec_server, run_supervised
 
 log = logging.getLogger("serve.cli")
 
@@ -196,7 +198,7 @@ def remote_replicas(specs: list[str], first: int) -> list:
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65534:
             raise UsageError(f"--replica {spec!r}: give HOST:PORT (the HTTP port)")
-        extra: dict[str, object] = {}
+        extra: dict[str, Any] = {}
         for opt in options:
             name, _, value = opt.partition("=")
             if name == "key" and value:

@@ -334,8 +334,8 @@ def load(
 
 def unload(url: str | None, model: str, key: str | None = None) -> None:
     """Unload ``model`` from every replica."""
-    reps = replicas(url, key)
-    for name in [r.name for r in reps] or [None]:
+    names: list[str | None] = [r.name for r in replicas(url, key)]
+    for name in names or [None]:
         with session(url, key, replica=name) as a:
             a.unload(model)
 

@@ -295,9 +295,6 @@ class Classifier(ClassifierBase):
             results += predictions(entries, len(chunk), top_k)
         return results
 
-    def classify_pixels(self, pixels: np.ndarray, top_k: int = 1) -> list[list[Prediction]]:
-        return self.classify_array(pixels, top_k)
-
     def classify(self, images: Sequence[ImageSource], top_k: int = 1) -> list[list[Prediction]]:
         """Top-k (label, probability) per image; images are paths or encoded bytes.
         Raises ImageError / InferenceFailed on the first bad image."""

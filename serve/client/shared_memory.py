@@ -206,7 +206,7 @@ class SharedMemoryPool:
     def _release(self, region: Region | None) -> None:
         with self._cond:
             keep = region is not None and not self._closed
-            if keep:
+            if keep and region is not None:
                 self._free.append(region)
             else:
                 self._count -= 1

@@ -49,7 +49,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, where)
     if dataclasses.is_dataclass(tp):
-        return build(tp, value, where)
+        return build(typing.cast(type, tp), value, where)
     if tp is Any:
         return value
     if origin is list:

@@ -200,7 +200,9 @@ def env_int(name: str, default: int) -> int:
         raise UsageError(f"{name} must be an integer, got {value!r}") from None
 
 
-def add_model_repository(p: argparse.ArgumentParser, default: str = "model_repository") -> None:
+def add_model_repository(
+    p: argparse.ArgumentParser | argparse._ArgumentGroup, default: str = "model_repository"
+) -> None:
     p.add_argument(
         "--model-repository",
         dest="model_repository",

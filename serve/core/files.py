@@ -102,7 +102,7 @@ def remove_stale_temp_files(folder: str | Path, older_than_s: float = 0.0) -> li
     """Delete temp files that killed writers left in ``folder`` (``.<name>.<pid>.<id>.tmp``
     whose process is gone, or older than ``older_than_s`` when > 0). Returns what was
     removed."""
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed

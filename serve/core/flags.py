@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 T = TypeVar("T")
@@ -36,7 +36,7 @@ class Flag:
     field: str
     option: str
     help: str = ""
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def dest(self) -> str:

@@ -256,7 +256,7 @@ class DecodeWorker:
                 payload = (
                     None
                     if head is None
-                    else _read_until(self._from, *struct.unpack("<Q", head), end, over)
+                    else _read_until(self._from, struct.unpack("<Q", head)[0], end, over)
                 )
             except (EOFError, BrokenPipeError):
                 status = self.close()

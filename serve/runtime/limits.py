@@ -9,7 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
 from serve.core.errors import UsageError
@@ -79,7 +79,9 @@ def repository_models(repo: Path) -> RepositoryModels:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    public, internal, largest = [], [], 1 << 20
+    public: list[str] = []
+    internal: list[str] = []
+    largest = 1 << 20
     configs = [
         (p, text_format.Parse(p.read_text(), mc.ModelConfig()))
         for p in sorted(repo.glob("*/config.pbtxt"))
@@ -137,7 +139,7 @@ def front_options(
     models: RepositoryModels,
     fds: list[int],
     replicas: list[Replica],
-    **extra: str,
+    **extra: Any,
 ) -> FrontOptions:
     """The front for the Tritons ``replicas``, serving the inherited public sockets
     ``fds`` with ``limits``."""

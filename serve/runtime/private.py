@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
@@ -165,6 +166,11 @@ def _ready(url: str) -> bool:
         return False
 
 
+def _constant(text: bytes) -> Callable[[re.Match[bytes]], bytes]:
+    """A ``re.sub`` replacement that is ``text`` as it is (no backslash escapes)."""
+    return lambda _match: text
+
+
 def relay_log(stream: IO[bytes], names: dict[str, str], replica: str) -> None:
     """Copy a tritonserver's output to this process's stderr, line by line, each private
     address followed by what clients use instead; returns at end of output."""
@@ -177,7 +183,7 @@ def relay_log(stream: IO[bytes], names: dict[str, str], replica: str) -> None:
     ]
     for line in iter(lambda: stream.readline(1 << 16), b""):  # a line at most 64 KiB
         for pattern, text in marks:
-            line = pattern.sub(lambda _, text=text: text, line)
+            line = pattern.sub(_constant(text), line)
         with contextlib.suppress(OSError, ValueError):
             sys.stderr.buffer.write(line)
             sys.stderr.buffer.flush()

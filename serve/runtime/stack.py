@@ -294,8 +294,11 @@ class PublicServer(ServerHandle):
     def _public_names(self, ports: tuple[int, int, int]) -> dict[str, str]:
         """A replica's private addresses -> the public ones its clients use."""
         o = self.opts
-        public = (f"HTTP {o.host}:{o.http_port}", f"gRPC {o.host}:{o.grpc_port}")
-        public += (f"metrics {o.host}:{o.metrics_port}",)
+        public = (
+            f"HTTP {o.host}:{o.http_port}",
+            f"gRPC {o.host}:{o.grpc_port}",
+            f"metrics {o.host}:{o.metrics_port}",
+        )
         return {f"{LOOPBACK}:{p}": name for p, name in zip(ports, public, strict=True)}
 
     def _triton_options(self, index: int = 0) -> tuple[tuple[int, int, int], ServerOptions]:

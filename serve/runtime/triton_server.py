@@ -17,33 +17,15 @@ import signal
 import threading
 from typing import Any
 
-from serve.runtime.handle import ServerHandle, free_port, http_status, log_tail
-from serve.runtime.install import JEMALLOC_PATHS, TritonInstall, TritonNotFound, find_jemalloc
+from serve.runtime.handle import ServerHandle
+from serve.runtime.install import TritonInstall
 from serve.runtime.server_options import (
-    LOOPBACK,
-    LOOPBACK_HOSTS,
     ServerOptions,
     describe,
     server_command,
 )
 
-__all__ = [
-    "JEMALLOC_PATHS",
-    "LOOPBACK",
-    "LOOPBACK_HOSTS",
-    "ServerOptions",
-    "TritonInstall",
-    "TritonNotFound",
-    "TritonServer",
-    "describe",
-    "exec_server",
-    "find_jemalloc",
-    "free_port",
-    "http_status",
-    "log_tail",
-    "run_supervised",
-    "server_command",
-]
+__all__ = ["TritonServer", "exec_server", "run_supervised"]
 
 log = logging.getLogger(__name__)
 

@@ -196,7 +196,7 @@ class Watchdog:
         result.probed = [f"{n}:{v}" for n, v in targets]
         with ThreadPoolExecutor(max_workers=max(1, min(8, len(targets)))) as pool:
             outcomes = list(
-                pool.map(lambda t: self._probe(*t, instance_count(configs[t[0]])), targets)
+                pool.map(lambda t: self._probe(t[0], t[1], instance_count(configs[t[0]])), targets)
             )
         slow = {n for (n, _), e in zip(targets, outcomes, strict=True) if e and is_timeout(e)}
         completed_after = self._watch_progress(slow, completed_before) if slow else {}
@@ -265,6 +265,7 @@ def watch(
     is skipped."""
     dogs: dict[str | None, Watchdog] = {}
     while not stop.wait(cfg.interval):
+        names: list[str | None]
         try:
             names = [r.name for r in admin.replicas(cfg.url, cfg.admin_key) if r.up]
         except Exception:  # noqa: BLE001 - the front is restarting: next round

@@ -98,7 +98,8 @@ class ExternalServer:
 def bench_server_options(repo: Path, load_models: list[str] | None = None) -> Any:
     """Options of a private bundled server on free loopback ports, with the control plane
     locked as under ``serve run``."""
-    from serve.runtime.triton_server import ServerOptions, free_port
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
 
     return ServerOptions(
         model_repository=str(repo),

@@ -6,6 +6,7 @@ in-process ONNX Runtime baseline. The sweep around it is serve/tools/bench.py.""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,7 @@ def triton_levels(
     baseline: Level | None,
     skipped: dict[str, str] | None = None,
     prefix: str = "triton",
-    combos: list[Combo] | None = None,
+    combos: Sequence[Combo] | None = None,
     direct: bool = False,
 ) -> list[Level]:
     """perf_analyzer over ``cfg.protocols`` x ``cfg.inputs`` x (concurrency levels, then

@@ -138,5 +138,5 @@ def level(
         stable=m.stable,
         seconds=round(m.seconds, 2),
         precision=precision,
-        **percentiles(m.latencies_s),
+        **percentiles(m.latencies_s),  # type: ignore[arg-type]  # p50_ms .. p99_ms: floats
     )

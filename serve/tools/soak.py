@@ -167,7 +167,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def allocators_to_run(choice: Allocator) -> list[str]:
     """The allocators a soak runs, jemalloc first; ``both`` without jemalloc installed
     runs glibc alone and says so. Asking for jemalloc without it is an error."""
-    from serve.runtime.triton_server import find_jemalloc
+    from serve.runtime.install import find_jemalloc
 
     if choice == "both":
         if find_jemalloc() is None:
@@ -203,7 +203,9 @@ def run(a: argparse.Namespace) -> int:
 
 def soak(cfg: SoakConfig) -> int:
     """One soak per allocator, each on its own fresh server; 0 when every one passed."""
-    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
+    from serve.runtime.triton_server import TritonServer
 
     repo = Path(cfg.model_repository)
     inputs = bench_inputs(repo, cfg.model, cfg.data, 32)

@@ -217,7 +217,9 @@ def test_published_model_warms_up_on_the_real_server(
     says so, per model) and the model then answers a real image."""
     import tritonclient.grpc as grpcclient
 
-    from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
+    from serve.runtime.triton_server import TritonServer
 
     for model, suffix in (("antsbees", "fp32"), ("antsbees_preprocess", "bytes")):
         cfg = parse_config((model_repo / model / "config.pbtxt").read_text())

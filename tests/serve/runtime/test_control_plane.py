@@ -22,7 +22,7 @@ from serve.client.client import Classifier
 from serve.core import auth
 from serve.core.contract import INPUT_NAME
 from serve.core.preprocess import ResizeCrop, preprocess
-from serve.runtime.triton_server import ServerOptions
+from serve.runtime.server_options import ServerOptions
 from serve.runtime.watchdog import Watchdog, WatchdogConfig, check_once
 from tests.helpers import process_alive, stub_pids, wait_until
 
@@ -222,7 +222,7 @@ def _wrapped_repo(model_repo: Path, tmp_path: Path, model_py: str) -> tuple[Serv
     """A copy of the repository whose classifier runs ``model_py`` over the published
     model.py (renamed served_model.py), its behaviour switched by a gate file; server
     options on free ports for it."""
-    from serve.runtime.triton_server import free_port
+    from serve.runtime.handle import free_port
 
     repo = tmp_path / "repo"
     shutil.copytree(model_repo, repo)

@@ -42,8 +42,9 @@ MODULES = {"grpc": grpcclient, "http": httpclient}
 @pytest.fixture(scope="module")
 def front(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """``serve run``'s stack on free loopback ports: HAProxy public, Triton private."""
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
     from serve.runtime.stack import FrontLimits, PublicServer
-    from serve.runtime.triton_server import ServerOptions, free_port
 
     opts = ServerOptions(
         model_repository=str(model_repo),
@@ -622,8 +623,8 @@ def test_a_second_server_on_the_same_ports_leaves_the_first_alone(front, model_r
     """Issue 20 item 1: the ports are checked before any key file is written, so the
     running server's owner keeps control."""
     from serve.client import admin
+    from serve.runtime.server_options import ServerOptions
     from serve.runtime.stack import PublicServer
-    from serve.runtime.triton_server import ServerOptions
 
     key_file = auth.key_path(front.grpc_url)
     before = key_file.read_text()
@@ -735,8 +736,9 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 def test_tls_and_inference_key(model_repo, tmp_path, pixels):
     """``--tls-cert/--tls-key``: HTTPS and gRPC over TLS; ``--inference-key-file``:
     inference needs the key (header ``inference-key``), the admin key also passes."""
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
     from serve.runtime.stack import FrontLimits, PublicServer
-    from serve.runtime.triton_server import ServerOptions, free_port
 
     cert, key = _self_signed(tmp_path)
     opts = ServerOptions(
@@ -783,7 +785,8 @@ def test_a_killed_owner_leaves_no_server_behind(model_repo):
     code = (
         "import sys, time\n"
         "from serve.runtime.stack import PublicServer\n"
-        "from serve.runtime.triton_server import ServerOptions, free_port\n"
+        "from serve.runtime.handle import free_port\n"
+        "from serve.runtime.server_options import ServerOptions\n"
         f"o = ServerOptions(model_repository={str(model_repo)!r}, http_port=free_port(),"
         " grpc_port=free_port(), metrics_port=free_port())\n"
         "s = PublicServer(o).start()\n"

@@ -23,13 +23,10 @@ from serve.client import admin
 from serve.client.client import Classifier, ClientError, InferenceFailed
 from serve.core import auth
 from serve.core.preprocess import ResizeCrop, preprocess
-from serve.runtime.triton_server import (
-    ServerOptions,
-    TritonInstall,
-    TritonServer,
-    free_port,
-    server_command,
-)
+from serve.runtime.handle import free_port
+from serve.runtime.install import TritonInstall
+from serve.runtime.server_options import ServerOptions, server_command
+from serve.runtime.triton_server import TritonServer
 from serve.runtime.watchdog import WatchdogConfig, check_once
 from serve.tools.soak import run_soak
 from tests.helpers import ROOT, child_pids, process_alive, stub_pids, wait_until

@@ -21,7 +21,9 @@ from serve.client import admin
 from serve.client.client import AsyncClassifier, Classifier, ModelNotReady
 from serve.core.contract import ModelCard
 from serve.core.preprocess import ImageError, ResizeCrop, preprocess
-from serve.runtime.triton_server import ServerOptions, TritonServer, free_port
+from serve.runtime.handle import free_port
+from serve.runtime.server_options import ServerOptions
+from serve.runtime.triton_server import TritonServer
 from tests.helpers import run_cli, wait_until
 
 GEOMETRY = ResizeCrop(256, 224)

@@ -28,8 +28,9 @@ GEOMETRY = ResizeCrop(256, 224)
 
 
 def _stack(repo: Path, tmp_path: Path, replicas: int = 2, remote=None):
+    from serve.runtime.handle import free_port
+    from serve.runtime.server_options import ServerOptions
     from serve.runtime.stack import PublicServer
-    from serve.runtime.triton_server import ServerOptions, free_port
 
     opts = ServerOptions(
         model_repository=str(repo),

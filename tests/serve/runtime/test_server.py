@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from serve.client.client import Classifier, ServerUnavailable
 from serve.core.preprocess import ResizeCrop, preprocess
-from serve.runtime.triton_server import free_port
+from serve.runtime.handle import free_port
 from tests.helpers import ROOT, child_pids, process_alive, run_cli
 
 GEOMETRY = ResizeCrop(256, 224)
@@ -307,7 +307,8 @@ def test_start_then_with_runs_one_server_and_cleans_up(tmp_path: Path) -> None:
     no-op, not a second process on the same ports that leaks the first); leaving the block
     stops it and removes its admin key files."""
     from serve.core import auth
-    from serve.runtime.triton_server import ServerOptions, TritonServer
+    from serve.runtime.server_options import ServerOptions
+    from serve.runtime.triton_server import TritonServer
 
     (tmp_path / "repo").mkdir()
     opts = ServerOptions(
