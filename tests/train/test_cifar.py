@@ -1,4 +1,4 @@
-"""Issue 3: CIFAR architectures and data, pretrained CIFAR ResNets, recipes, resume, DDP,
+"""CIFAR architectures and data, pretrained CIFAR ResNets, recipes, resume, DDP,
 AMP, and every architecture through train -> resume -> evaluate -> export -> parity."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 22: GoogLeNet. The Inception modules (naive and 1x1-reduced) are the paper's,
+"""GoogLeNet. The Inception modules (naive and 1x1-reduced) are the paper's,
 the 32 px network's options and auxiliary classifiers, torchvision's GoogLeNet with its
 ImageNet weights (or the offline fallback), and a GoogLeNet trained with auxiliary
 classifiers going through export (one output), parity, FP16/INT8 and Triton."""

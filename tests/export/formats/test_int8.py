@@ -1,4 +1,4 @@
-"""Issue 12: the accuracy gate for reduced precision, INT8 ONNX published and served by the
+"""The accuracy gate for reduced precision, INT8 ONNX published and served by the
 real Triton, and the automatic precision fallback on an honestly failing case."""
 
 from __future__ import annotations

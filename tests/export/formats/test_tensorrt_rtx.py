@@ -1,4 +1,4 @@
-"""Issue 19: every exported ONNX is parsed and built by a real TensorRT (NVIDIA's
+"""Every exported ONNX is parsed and built by a real TensorRT (NVIDIA's
 TensorRT for RTX, whose builder runs without a GPU), strongly typed: the engine's
 precision is the graph's. Running engines needs a GPU and stays skipped here."""
 

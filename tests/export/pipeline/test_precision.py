@@ -1,4 +1,4 @@
-"""Issue 4: FP16 stages, the TensorRT path (runs where TensorRT and a GPU exist), GPU and
+"""FP16 stages, the TensorRT path (runs where TensorRT and a GPU exist), GPU and
 CPU model repositories, and the release parity report across every stage."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11: model warmup from real val images, one TensorRT plan per compute capability,
+"""Model warmup from real val images, one TensorRT plan per compute capability,
 the ONNX Runtime TensorRT engine cache - every generated config parsed strictly - and the
 real server warming the published model up."""
 

@@ -1,4 +1,4 @@
-"""Issue 20: what a new user hits with the clients and operations commands - custom ports,
+"""What a new user hits with the clients and operations commands - custom ports,
 a wrong protocol or URL form, a model that does not exist."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 11: Kubernetes manifests rendered from a published repository and validated
+"""Kubernetes manifests rendered from a published repository and validated
 offline against the Kubernetes JSON schema (kubernetes-validate bundles the schemas; no
 cluster runs here). The ServiceMonitor is a prometheus-operator CRD, not in the core
 schema: it is checked for the fields prometheus-operator needs instead."""
@@ -67,7 +67,7 @@ def test_cpu_repository_manifests_validate_and_wire_up(tmp_path: Path) -> None:
     assert set(by_kind) == CORE_KINDS | {"ServiceMonitor"}
     dep, svc, hpa = by_kind["Deployment"], by_kind["Service"], by_kind["HorizontalPodAutoscaler"]
     assert dep["spec"]["replicas"] == 3
-    # issue 31: rolling updates with no unavailable replica, a disruption budget
+    # rolling updates with no unavailable replica, a disruption budget
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert by_kind["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
     pdb_selector = by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]

@@ -1,4 +1,4 @@
-"""Issue 9: the locked control plane, a hung stub healed by the watchdog, a request with
+"""The locked control plane, a hung stub healed by the watchdog, a request with
 one bad image among several, and bounded queues that reject a flood."""
 
 from __future__ import annotations

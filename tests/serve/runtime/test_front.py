@@ -1,4 +1,4 @@
-"""Issue 17: the public front (HAProxy) before a private tritonserver.
+"""The public front (HAProxy) before a private tritonserver.
 
 Every attack is sent to the real front and the real tritonserver; afterwards the *same*
 tritonserver process (PID checked: no restart hides a death) answers a normal request
@@ -620,7 +620,7 @@ def test_the_front_is_restarted_when_it_dies(front, pixels, expected):
 
 
 def test_a_second_server_on_the_same_ports_leaves_the_first_alone(front, model_repo):
-    """Issue 20 item 1: the ports are checked before any key file is written, so the
+    """The ports are checked before any key file is written, so the
     running server's owner keeps control."""
     from serve.client import admin
     from serve.runtime.server_options import ServerOptions
@@ -652,7 +652,7 @@ def test_a_second_server_on_the_same_ports_leaves_the_first_alone(front, model_r
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_no_stalls_for_sequential_tensor_requests(server, pixels, protocol):
-    """Issue 18: one client sending one 602 KB tensor after another never waits for
+    """One client sending one 602 KB tensor after another never waits for
     Triton's batcher. With any dynamic-batching queue policy, Triton 2.51 wakes the
     batcher for a new request only if an instance is idle at that moment and otherwise
     sleeps 500 ms (seen: p50 6 ms, p99 515 ms). A condition on the distribution, not on

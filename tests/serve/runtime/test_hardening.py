@@ -1,4 +1,4 @@
-"""Issue 6: bad input against the live server, a short soak, faults (backend process
+"""Bad input against the live server, a short soak, faults (backend process
 killed, server restarted, training killed mid-checkpoint) and security defaults."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 5: the raw-image endpoint (ensemble), versions and rollout on a live server,
+"""The raw-image endpoint (ensemble), versions and rollout on a live server,
 the client library (sync and async), health, and served accuracy."""
 
 from __future__ import annotations

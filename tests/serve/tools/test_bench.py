@@ -239,7 +239,7 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
     ]:
         assert {(backend, kind, None), (backend, kind, 10.0)} <= levels
     assert {("onnxruntime", "tensor", None), ("pytorch", "tensor", None)} <= levels
-    # issue 17/18: the same tritonserver measured directly too, so the front's cost is a
+    # the same tritonserver measured directly too, so the front's cost is a
     # ratio; the raw-image levels against the in-process image pipeline
     assert {("direct-grpc", "tensor", None), ("direct-grpc", "raw", None)} <= levels
     assert ("image-pipeline", "raw", None) in levels and report["image_pipeline_baseline"] > 0
@@ -258,14 +258,14 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
         if r["backend"].startswith(("triton", "direct")):
             assert r["ratio_to_onnxruntime"] > 0 and r["server"]["avg_executed_batch"] >= 1
             assert "stall" in r["server"] or r["request_rate"]
-            # where the time went inside Triton, per request (issue 18)
+            # where the time went inside Triton, per request
             assert 0 < r["server"]["compute_infer_ms"] <= r["server"]["in_triton_ms"]
         if r["backend"].startswith("triton") and r["input"] == "raw":
             assert r["server"]["ratio_to_image_pipeline"] > 0
     assert "tensorrt" in report["skipped"]  # no engine in a CPU repository
     assert (tmp_path / "antsbees-latest.png").read_bytes().startswith(b"\x89PNG")
     assert len(list(tmp_path.glob("antsbees-2*.json"))) == 1
-    lockout = report["lockout"]  # issue 30: the phases, each judged against idle
+    lockout = report["lockout"]  # the phases, each judged against idle
     phases = {r["phase"] for r in lockout["phases"]}
     assert {"idle", "slow senders x4", "slow senders x64", "hostile images x3"} <= phases
     for r in lockout["phases"]:
