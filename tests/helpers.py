@@ -35,7 +35,7 @@ T = TypeVar("T")
 def example_card(**overrides: Any) -> Any:
     """A valid two-class ``ModelCard`` (ResNet-18 geometry, ImageNet mean/std) for tests
     that need a card but no trained model; ``overrides`` go to ``ModelCard.create``."""
-    from serve.core.contract import ModelCard
+    from serve.core.card import ModelCard
 
     fields: dict[str, Any] = {
         "name": "m",

@@ -128,7 +128,7 @@ def _raising_cli(raise_: str, env: dict[str, str] | None = None) -> subprocess.C
         "import sys\n"
         "from serve.core.cli_common import Command, main\n"
         "from serve.core.errors import *  # noqa: F403\n"
-        "from serve.core.contract import CardError\n"
+        "from serve.core.card_reader import CardError\n"
         "from serve.core.files import WriteError\n"
         f"def run(args):\n    raise {raise_}\n"
         "command = Command('go', 'raise', lambda p: None, run)\n"

@@ -1,6 +1,6 @@
 """Self-describing checkpoints, written atomically and read without unpickling code.
 
-A checkpoint holds the model card (``serve.core.contract.ModelCard``: architecture and its
+A checkpoint holds the model card (``serve.core.card.ModelCard``: architecture and its
 options, classes, input, eval preprocessing, provenance, metrics) - everything the export
 stage needs - and everything ``--resume`` needs: weights, epoch, optimizer, scheduler,
 scaler, RNG states, history. On disk it is a plain dict of tensors, strings, numbers,
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from serve.core import hints
-from serve.core.contract import CardError, ModelCard
+from serve.core.card import ModelCard
+from serve.core.card_reader import CardError
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write
 

@@ -11,9 +11,9 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
-from serve.core.contract import DEFAULT_INTERPOLATION, Preprocessing
+from serve.core.card import Preprocessing
 from serve.core.errors import UsageError
-from serve.core.preprocess import IMAGE_EXTENSIONS, ImageError, load_image
+from serve.core.preprocess import DEFAULT_INTERPOLATION, IMAGE_EXTENSIONS, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -149,7 +149,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     return load_image(path)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageError", "Preprocess", "load_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "Preprocess", "load_rgb"]
 
 
 def is_image_file(path: str) -> bool:

@@ -61,7 +61,7 @@ def evaluate_model(
             print(f"{name:>20s}: {100 * acc:6.2f}%  ({n} images)")
         print(f"top-1: {100 * res.acc:.2f}%")
     if confusion_png:
-        from train.trainer import confusion_matrix
+        from train.run_report import confusion_matrix
 
         plot_confusion(
             confusion_matrix(preds, targets, len(ds.classes)), list(ds.classes), confusion_png

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from serve.core.contract import Metrics, ModelCard, Pretrained, Provenance, redact_paths
+from serve.core.card import Metrics, ModelCard, Pretrained, Provenance, redact_paths
 from train.checkpoint import Checkpoint, rng_state
 from train.run_setup import RunSetup
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from serve.core.contract import Metrics
+from serve.core.card import Metrics
 from train.run_card import RunCard
 from train.run_epochs import EpochOutcome
 from train.run_outputs import banner

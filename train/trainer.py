@@ -27,20 +27,13 @@ from train.distributed import barrier, cleanup, init_distributed
 from train.engine import Precision
 from train.finetune import make_ema
 from train.models import get_arch
-from train.run_epochs import EpochOutcome, RunEpochs
+from train.run_epochs import RunEpochs
 from train.run_outputs import RunOutputs, finished_run
-from train.run_report import RunReport, confusion_matrix, is_better
-from train.run_setup import resolve_data, seed_everything
+from train.run_report import RunReport
+from train.run_setup import resolve_data
 
 # the public names, whichever module now defines them (other code imports them from here)
-__all__ = [
-    "EpochOutcome",
-    "Run",
-    "confusion_matrix",
-    "is_better",
-    "resolve_data",
-    "seed_everything",
-]
+__all__ = ["Run"]
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from export.checks.stage_outputs import PixelBatches
-from serve.core.contract import image_model_name
+from serve.core.names import image_model_name
 
 
 def triton_logits(

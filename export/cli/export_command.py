@@ -123,7 +123,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export_command(a: argparse.Namespace) -> int:
-    from export.pipeline.release import ExportConfig, run_export
+    from export.pipeline.config import ExportConfig
+    from export.pipeline.release import run_export
 
     profile = profile_from(a)
     cfg = build(

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from export.formats.onnx_cache import OnnxCache, cache_key
-from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
+from serve.core.card import ModelCard
 from serve.core.files import atomic_write_bytes
+from serve.core.names import INPUT_NAME, OUTPUT_NAME
 from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.models import build_model, drop_aux
 

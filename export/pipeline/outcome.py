@@ -20,8 +20,8 @@ from export.pipeline.ledger import Ledger
 from export.pipeline.precision import Int8Export, precision_details, served_stage
 from export.triton.publish import Published, publish
 from export.triton.warmup import val_images
+from serve.core.card import ModelCard, ParitySummary
 from serve.core.cli_common import GateRefused
-from serve.core.contract import ModelCard, ParitySummary
 from serve.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)

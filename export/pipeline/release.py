@@ -28,7 +28,6 @@ from export.pipeline.build import (
 )
 from export.pipeline.config import ExportConfig
 from export.pipeline.outcome import (
-    ParityFailed,
     check_triton,
     deploy_release,
     gate,
@@ -40,7 +39,7 @@ from export.pipeline.outcome import (
 from export.pipeline.precision import export_int8
 from export.pipeline.precision_fallback import fallback_step, speed_gate
 
-__all__ = ["STEPS", "ExportConfig", "ParityFailed", "Step", "run_export"]
+__all__ = ["STEPS", "Step", "run_export"]
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,7 @@ def _pytorch(checkpoint: Path, threads: int) -> Runner:
 
 def _tensorrt(engine: Path) -> Runner:
     from export.formats.tensorrt_engine import tensorrt_logits
-    from serve.core.contract import INPUT_NAME, OUTPUT_NAME
+    from serve.core.names import INPUT_NAME, OUTPUT_NAME
 
     return lambda x: tensorrt_logits(engine, [x], INPUT_NAME, OUTPUT_NAME)
 

@@ -67,12 +67,12 @@ def _run(
     runtime = record.runtime
     if source.engine:
         from export.formats.tensorrt_engine import tensorrt_logits
-        from serve.core.contract import INPUT_NAME, OUTPUT_NAME
+        from serve.core.names import INPUT_NAME, OUTPUT_NAME
 
         return tensorrt_logits(source.engine, [pixels], INPUT_NAME, OUTPUT_NAME)
     if source.url:
         from serve.client.client import Classifier
-        from serve.core.contract import image_model_name
+        from serve.core.names import image_model_name
 
         model = bundle.meta["model"]
         if runtime == "triton-image":

@@ -35,10 +35,10 @@ from export.tools.tune_config import TUNE_FLAGS, TuneConfig
 from export.tools.tune_trials import Knobs, Point, Trial
 from export.triton.config import config_text, parse_config, signature
 from serve.core import auth
-from serve.core.contract import image_model_name, preprocess_model_name
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
 from serve.core.flags import add_flags, build
+from serve.core.names import image_model_name, preprocess_model_name
 from serve.tools import perf_analyzer as pa
 from serve.tools.bench_inputs import bench_inputs, write_input_data
 from serve.tools.bench_server import bench_server_options, bench_stack

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from export.triton.config import config_text, parse_config
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
 from serve.core.errors import SetupError, UsageError
 from serve.core.files import atomic_write_json, versions
 from serve.core.machine import cpu_model
+from serve.core.names import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
 from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def one_start(repo: Path, name: str, kind: str, payload: np.ndarray, steady: int
 
 def _payloads(repo: Path, name: str, data: Path) -> dict[str, np.ndarray]:
     """One val image that is not a warmup image: pixels [1, 3, H, W] and bytes [1, 1]."""
-    from serve.core.contract import ModelCard
+    from serve.core.card import ModelCard
 
     card_path = repo / name / str(versions(repo / name)[-1]) / "model_card.json"
     card = ModelCard.read(card_path)

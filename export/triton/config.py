@@ -33,36 +33,42 @@ from typing import Literal, get_args
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serve.core.contract import (
-    DECODE_DEADLINE_S,
+from serve.core.card import ModelCard
+from serve.core.errors import UsageError
+from serve.core.names import (
     IMAGE_INPUT,
     INPUT_NAME,
-    MAX_ASPECT_RATIO,
-    MAX_FAST_WORK,
-    MAX_IMAGE_BYTES,
-    MAX_PIXELS,
-    MAX_RESIZED_PIXELS,
     OUTPUT_NAME,
     PARAM_CROP,
     PARAM_DECODE_DEADLINE,
+    PARAM_DECODE_MEMORY,
     PARAM_INTERPOLATION,
     PARAM_MAX_ASPECT_RATIO,
     PARAM_MAX_FAST_WORK,
     PARAM_MAX_IMAGE_BYTES,
     PARAM_MAX_PIXELS,
+    PARAM_MAX_REQUEST_WORK,
     PARAM_MAX_RESIZED_PIXELS,
     PARAM_PIXEL_RANGE,
+    PARAM_REQUEST_DEADLINE,
     PARAM_RESIZE,
     PARAM_SLOW_LANE_SLOTS,
     PIXELS_OUTPUT,
-    SLOW_LANE_SLOTS,
-    ModelCard,
     image_model_name,
     preprocess_model_name,
 )
-from serve.core.errors import UsageError
-from serve.core.names import PARAM_DECODE_MEMORY, PARAM_MAX_REQUEST_WORK, PARAM_REQUEST_DEADLINE
-from serve.core.preprocess import DECODE_MEMORY_BYTES, MAX_REQUEST_WORK, REQUEST_DEADLINE_S
+from serve.core.preprocess import (
+    DECODE_DEADLINE_S,
+    DECODE_MEMORY_BYTES,
+    MAX_ASPECT_RATIO,
+    MAX_FAST_WORK,
+    MAX_IMAGE_BYTES,
+    MAX_PIXELS,
+    MAX_REQUEST_WORK,
+    MAX_RESIZED_PIXELS,
+    REQUEST_DEADLINE_S,
+    SLOW_LANE_SLOTS,
+)
 
 CPU_INSTANCES = 2  # classifier instances on CPU unless told (ServingConfig.instances)
 KEEP_VERSIONS = 2  # the classifier's version policy: the latest 2 stay loaded

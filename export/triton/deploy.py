@@ -10,9 +10,10 @@ from typing import Any
 from serve.client import admin
 from serve.client.client import Classifier
 from serve.client.evaluate import evaluate_served
-from serve.core.contract import ModelCard, image_model_name, preprocess_model_name
+from serve.core.card import ModelCard
 from serve.core.errors import ClientError
 from serve.core.files import atomic_write_json
+from serve.core.names import image_model_name, preprocess_model_name
 
 
 def deploy_and_measure(
@@ -64,4 +65,4 @@ def deploy_and_measure(
     return result
 
 
-__all__ = ["ClientError", "deploy_and_measure"]
+__all__ = ["deploy_and_measure"]

@@ -42,10 +42,11 @@ from export.formats.tensorrt_engine import (
     tensorrt_logits,
 )
 from export.triton.config import config_text, parse_config, set_plans, target_of
+from serve.core.card import ModelCard
 from serve.core.cli_common import GateRefused
-from serve.core.contract import INPUT_NAME, OUTPUT_NAME, ModelCard
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_text, copy_into, locked, sha256, versions
+from serve.core.names import INPUT_NAME, OUTPUT_NAME
 from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)

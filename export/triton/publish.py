@@ -4,7 +4,7 @@ Layout::
 
     <repo>/<name>/config.pbtxt         model-level config (export/triton/config.py)
     <repo>/<name>/labels.txt           one class name per line (label_filename)
-    <repo>/<name>/<N>/model_card.json  everything known about version N (serve/core/contract.py)
+    <repo>/<name>/<N>/model_card.json  everything known about version N (serve/core/card.py)
     <repo>/<name>/<N>/...              the target's files:
 
 * ``cpu``: ``model.onnx`` (FP32, or the INT8/FP16 model when that precision was
@@ -55,7 +55,7 @@ from export.triton.config import (
     target_of,
 )
 from export.triton.warmup import build_warmup
-from serve.core.contract import ModelCard, image_model_name, preprocess_model_name
+from serve.core.card import ModelCard
 from serve.core.errors import UsageError, UserError
 from serve.core.files import (
     atomic_write_text,
@@ -66,6 +66,7 @@ from serve.core.files import (
     staged_dir,
     versions,
 )
+from serve.core.names import image_model_name, preprocess_model_name
 
 # The Triton-side model files, copied into each version as model.py (python backend).
 MODEL_FILES = Path(__file__).resolve().parent

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from export.triton.config import WarmupSample
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, ModelCard
+from serve.core.card import ModelCard
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_bytes
+from serve.core.names import IMAGE_INPUT, INPUT_NAME
 from serve.core.preprocess import ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from serve.core.cli_common import (
     add_admin_key,
     add_url,
 )
-from serve.core.contract import image_model_name
+from serve.core.names import image_model_name
 
 log = logging.getLogger("serve.cli")
 

@@ -47,7 +47,8 @@ def add_models_arguments(p: argparse.ArgumentParser) -> None:
 def version_facts(repo: Path, model: str, version: str) -> str:
     """What a published version's card says: precision, parity, accuracy ("" when the
     card is not on this machine)."""
-    from serve.core.contract import CardError, ModelCard
+    from serve.core.card import ModelCard
+    from serve.core.card_reader import CardError
 
     path = repo / model / version / "model_card.json"
     if not version.isdigit() or not path.is_file():

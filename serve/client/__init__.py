@@ -7,10 +7,10 @@ from serve.core.exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "client": [
-            "Classifier",
-            "AsyncClassifier",
-            "Prediction",
+        "client": ["Classifier"],
+        "async_classifier": ["AsyncClassifier"],
+        "model_info": ["Prediction"],
+        "serve.core.errors": [
             "ClientError",
             "InferenceFailed",
             "ModelNotReady",

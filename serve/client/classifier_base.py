@@ -2,7 +2,7 @@
 the model's input (pixels preprocessed here, or encoded bytes as they are), its
 inputs/outputs and batches of at most the model's max batch. The clients themselves are
 serve/client/client.py (:class:`~serve.client.client.Classifier`) and
-serve/client/async_classifier.py (:class:`~serve.client.client.AsyncClassifier`)."""
+serve/client/async_classifier.py (:class:`~serve.client.async_classifier.AsyncClassifier`)."""
 
 from __future__ import annotations
 

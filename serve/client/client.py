@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from serve.client.async_classifier import AsyncClassifier
 from serve.client.classifier_base import (  # noqa: F401 - read_bytes re-exported
     ClassifierBase,
     read_bytes,
@@ -61,17 +60,7 @@ def local_replicas(url: str, key: str | None) -> list[str]:
     return [r.name for r in reps if r.local] if len(reps) > 1 else []
 
 
-__all__ = [
-    "AsyncClassifier",
-    "Classifier",
-    "ClientError",
-    "DEFAULT_URLS",
-    "InferenceFailed",
-    "ModelNotReady",
-    "Prediction",
-    "ServerUnavailable",
-    "is_transient",
-]
+__all__ = ["Classifier", "DEFAULT_URLS"]
 
 
 class Classifier(ClassifierBase):

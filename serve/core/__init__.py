@@ -7,7 +7,8 @@ from serve.core.exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "contract": ["ModelCard", "Metrics", "Preprocessing", "Pretrained", "CardError"],
+        "card": ["ModelCard", "Metrics", "Preprocessing", "Pretrained"],
+        "card_reader": ["CardError"],
         "errors": ["TrainServeError", "UserError", "UsageError", "SetupError", "GateRefused"],
         "files": ["atomic_write", "atomic_write_json", "publish_dir", "staged_dir", "WriteError"],
         # not the function ``preprocess``: the name is its module's (serve.core.preprocess)

@@ -1,9 +1,13 @@
 """The model card (torch-free): a :class:`ModelCard` says everything the next stage needs
 about a model - architecture, classes, input tensor, eval preprocessing and where
 normalization happens, provenance (including the pretrained fallback), metrics, parity
-and precision, files with their sha256, cost per image. Part of the contract
-(serve/core/contract.py, which tells the card's story); read strictly by
-serve/core/card_reader.py."""
+and precision, files with their sha256, cost per image - in the spirit of timm's
+``PretrainedCfg`` and torchvision's ``Weights.meta``. Training writes it into every
+checkpoint; export completes it and publishes it as ``<version>/model_card.json``;
+serving, benchmarks and clients read it. ``ModelCard.from_dict`` validates strictly
+(serve/core/card_reader.py) and names the first thing that is wrong; the published card
+holds no machine-local path (file names and hashes only). With serve/core/names.py (the
+tensor, model and parameter names) it is the contract every stage shares."""
 
 from __future__ import annotations
 

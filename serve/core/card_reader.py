@@ -1,7 +1,7 @@
 """A small strict reader for the model card's dataclasses (torch-free): a JSON object
 becomes the dataclass it must be, and :class:`CardError` names the first thing that is
-wrong (unknown or missing keys, a value of the wrong type). Part of the contract
-(serve/core/contract.py); :meth:`serve.core.card.ModelCard.from_dict` reads with it."""
+wrong (unknown or missing keys, a value of the wrong type).
+:meth:`serve.core.card.ModelCard.from_dict` reads with it."""
 
 from __future__ import annotations
 

@@ -14,14 +14,17 @@ def lazy_exports(
     package: str, exports: dict[str, list[str]]
 ) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
     """``__all__``, ``__getattr__`` and ``__dir__`` for ``package`` from ``{module:
-    [names]}`` (modules relative to the package)."""
+    [names]}`` (modules relative to the package, or absolute: ``serve.core.errors``)."""
     where = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         module = where.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(f"{package}.{module}"), name)
+        full = (
+            module if module.startswith(("serve.", "export.", "train.")) else f"{package}.{module}"
+        )
+        return getattr(importlib.import_module(full), name)
 
     def __dir__() -> list[str]:
         return sorted(where)

@@ -1,7 +1,7 @@
 """The names every stage shares (torch-free): the tensor names of every exported
 classifier and of the image pipeline, the three model names one export publishes, and
 the Triton config parameters a client or the preprocess model reads through the API.
-Part of the contract (serve/core/contract.py)."""
+With the model card (serve/core/card.py), the contract every stage shares."""
 
 from __future__ import annotations
 

@@ -7,10 +7,13 @@ from serve.core.exports import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(
     __name__,
     {
-        "triton_server": ["ServerOptions", "TritonServer", "free_port"],
+        "triton_server": ["TritonServer"],
+        "server_options": ["ServerOptions"],
+        "handle": ["free_port"],
         "stack": ["PublicServer"],
         "limits": ["FrontLimits"],
-        "front": ["FrontOptions", "render"],
+        "front_options": ["FrontOptions"],
+        "front_config": ["render"],
         "watchdog": ["Watchdog", "WatchdogConfig"],
     },
 )

@@ -64,12 +64,10 @@ import shutil
 from pathlib import Path
 
 from serve.core.errors import UserError
-from serve.runtime.front_config import render
-from serve.runtime.front_options import FrontOptions
 
 # FrontOptions (serve/runtime/front_options.py) and render (serve/runtime/front_config.py)
 # are this module's names too: the front is imported from here.
-__all__ = ["HAPROXY_PATHS", "FrontOptions", "FrontUnavailable", "find_haproxy", "render"]
+__all__ = ["HAPROXY_PATHS", "FrontUnavailable", "find_haproxy"]
 
 HAPROXY_PATHS = ("/usr/sbin/haproxy", "/usr/bin/haproxy", "/usr/local/sbin/haproxy")
 

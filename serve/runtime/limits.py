@@ -1,6 +1,6 @@
 """The front's limits: the knobs ``serve run`` exposes (:class:`FrontLimits`), what the
 repository's models need (:func:`repository_models`: names, inputs, the largest valid
-body) and the :class:`~serve.runtime.front.FrontOptions` rendered from both."""
+body) and the :class:`~serve.runtime.front_options.FrontOptions` rendered from both."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from serve.core.contract import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
 from serve.core.errors import UsageError
-from serve.runtime.front import FrontOptions
-from serve.runtime.front_options import Replica
+from serve.core.names import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
+from serve.runtime.front_options import FrontOptions, Replica
 from serve.runtime.server_options import LOOPBACK
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from pathlib import Path
 
 from serve.core import auth
 from serve.core.errors import SetupError
-from serve.runtime.front import find_haproxy, render
+from serve.runtime.front import find_haproxy
+from serve.runtime.front_config import render
 from serve.runtime.front_options import Replica
 from serve.runtime.handle import ServerHandle, free_port
 from serve.runtime.install import TritonInstall

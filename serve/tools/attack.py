@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, image_model_name
+from serve.core.names import IMAGE_INPUT, INPUT_NAME, image_model_name
 
 H2_PREFACE_PATH = "/inference.GRPCInferenceService/ModelInfer"
 

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from serve.client.evaluate import list_image_folder
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, ModelCard
+from serve.core.card import ModelCard
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, latest_version
+from serve.core.names import IMAGE_INPUT, INPUT_NAME
 from serve.core.preprocess import ResizeCrop, preprocess
 from serve.core.sampling import stratified
 from serve.tools import perf_analyzer as pa

@@ -14,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from serve.core import auth
-from serve.core.contract import image_model_name
+from serve.core.names import image_model_name
 from serve.tools import perf_analyzer as pa
 from serve.tools.bench_config import BenchConfig, Distribution
 from serve.tools.bench_inputs import BenchInputs, write_input_data

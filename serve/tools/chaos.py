@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, image_model_name
 from serve.core.files import atomic_write_json, latest_version
 from serve.core.flags import Flag, add_flags, build
+from serve.core.names import IMAGE_INPUT, INPUT_NAME, image_model_name
 
 log = logging.getLogger(__name__)
 

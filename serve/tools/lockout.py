@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, image_model_name
+from serve.core.names import IMAGE_INPUT, INPUT_NAME, image_model_name
 from serve.tools.attack import ClientRun, normal_client
 
 log = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from serve.client.client import Classifier
-from serve.core.contract import image_model_name
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
 from serve.core.flags import Flag, add_flags, build
+from serve.core.names import image_model_name
 from serve.tools.bench_inputs import bench_inputs
 from serve.tools.proc_stats import tree_rss
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve.core.contract import ModelCard
+from serve.core.card import ModelCard
 from tests.helpers import PY, ROOT, run_cli, wait_until
 from train.checkpoint import (
     Checkpoint,

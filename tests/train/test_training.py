@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from serve.core.preprocess import ImageError
 from tests.helpers import OFFLINE_ENV, run_cli
 from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.data import ImageError, Preprocess, build_datasets, load_rgb
+from train.data import Preprocess, build_datasets, load_rgb
 from train.evaluate import evaluate_checkpoint
 from train.models import ARCHS, build_model
 from train.pretrained import efficientnet_lite0_state_dict, resolve_pretrained

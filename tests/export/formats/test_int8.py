@@ -13,10 +13,10 @@ import pytest
 from export.checks.parity import AccuracyGate, judge
 from export.formats.int8 import Calibration
 from export.formats.tensorrt_engine import tensorrt_status
-from export.pipeline.config import PrecisionConfig
-from export.pipeline.release import ExportConfig, run_export
+from export.pipeline.config import ExportConfig, PrecisionConfig
+from export.pipeline.release import run_export
 from export.triton.config import ServingConfig
-from serve.core.contract import ModelCard
+from serve.core.card import ModelCard
 from serve.core.files import sha256, versions
 from tests.helpers import run_cli
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from export.formats.onnx_cache import ENV, OnnxCache, cache_key
 from export.formats.onnx_export import export_onnx, read_metadata
-from serve.core.contract import ModelCard
+from serve.core.card import ModelCard
 from serve.core.files import sha256
 from train.checkpoint import checkpoint_from_model, save_checkpoint
 from train.models import arch_options, build_model

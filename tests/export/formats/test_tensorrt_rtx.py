@@ -25,7 +25,7 @@ from export.formats.tensorrt_rtx import (
 from export.pipeline.config import ExportConfig
 from export.pipeline.job import ExportJob
 from export.triton.config import ServingConfig
-from serve.core.contract import INPUT_NAME
+from serve.core.names import INPUT_NAME
 
 BUILD_KEYS = {
     "onnx",

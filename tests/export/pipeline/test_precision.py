@@ -15,10 +15,10 @@ import yaml
 from export.formats.int8 import Calibration
 from export.formats.onnx_export import read_metadata
 from export.formats.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
-from export.pipeline.config import PrecisionConfig
-from export.pipeline.release import ExportConfig, run_export
+from export.pipeline.config import ExportConfig, PrecisionConfig
+from export.pipeline.release import run_export
 from export.triton.config import ServingConfig, classifier_config, config_text, parse_config
-from serve.core.contract import ModelCard
+from serve.core.card import ModelCard
 from serve.core.files import versions
 from tests.helpers import ROOT, SHARED, run_cli
 from train.checkpoint import checkpoint_from_model, save_checkpoint

@@ -85,7 +85,7 @@ def test_import_graph_has_one_direction() -> None:
     """Every import goes down: train -> serve.core; export -> train, serve; inside serve
     core <- client <- runtime <- tools, deploy -> core; inside export checks <- formats
     <- triton <- pipeline <- tools <- cli."""
-    assert {"serve.core.contract", "serve.runtime.stack", "train.trainer"} <= MODULES.keys()
+    assert {"serve.core.card", "serve.runtime.stack", "train.trainer"} <= MODULES.keys()
     assert {"export.checks.parity", "export.pipeline.release"} <= MODULES.keys()
     stray = [m for m in MODULES if m.startswith("export.") and _room(m) == "export"]
     assert stray == ["export.__main__"], f"export modules outside a room: {stray}"
@@ -182,3 +182,29 @@ def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> N
     assert "ImageError: <12 bytes>: not a readable image: not one of the served" in proc.stdout
     assert "bounded ImageError: <12 bytes>: not a readable image" in proc.stdout
     assert "UsageError need 0 < crop (16) <= resize (8)" in proc.stdout
+
+
+def test_every_name_a_package_face_lists_imports() -> None:
+    """``from serve.client import AsyncClassifier`` and the like (the package faces of
+    serve/core/exports.py) resolve for every name they list, from its defining module."""
+    import importlib
+    import pkgutil
+
+    import export
+    import serve
+    import train
+
+    broken = []
+    for pkg in (serve, export, train):
+        names = [pkg.__name__]
+        names += [
+            m.name for m in pkgutil.walk_packages(pkg.__path__, f"{pkg.__name__}.") if m.ispkg
+        ]
+        for name in names:
+            module = importlib.import_module(name)
+            for attr in getattr(module, "__all__", []):
+                try:
+                    getattr(module, attr)
+                except (AttributeError, ImportError) as e:
+                    broken.append(f"{name}.{attr}: {e}")
+    assert not broken, broken

@@ -20,7 +20,7 @@ from export.triton.config import parse_config
 from serve.client import admin
 from serve.client.client import Classifier
 from serve.core import auth
-from serve.core.contract import INPUT_NAME
+from serve.core.names import INPUT_NAME
 from serve.core.preprocess import ResizeCrop, preprocess
 from serve.runtime.server_options import ServerOptions
 from serve.runtime.watchdog import Watchdog, WatchdogConfig, check_once

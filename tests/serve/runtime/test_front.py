@@ -24,7 +24,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from serve.core import auth
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME, PIXELS_OUTPUT
+from serve.core.names import IMAGE_INPUT, INPUT_NAME, PIXELS_OUTPUT
 from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import (
     child_pids,
@@ -691,8 +691,9 @@ def test_generated_config_is_valid_for_every_key(tmp_path, key):
     ACL flag without the ``--`` that the generator puts before it."""
     import subprocess
 
-    from serve.runtime.front import FrontOptions, find_haproxy, render
-    from serve.runtime.front_options import Replica
+    from serve.runtime.front import find_haproxy
+    from serve.runtime.front_config import render
+    from serve.runtime.front_options import FrontOptions, Replica
 
     opts = FrontOptions(
         http_bind="127.0.0.1:1",

@@ -20,8 +20,9 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from serve.client import admin
-from serve.client.client import Classifier, ClientError, InferenceFailed
+from serve.client.client import Classifier
 from serve.core import auth
+from serve.core.errors import ClientError, InferenceFailed
 from serve.core.preprocess import ResizeCrop, preprocess
 from serve.runtime.handle import free_port
 from serve.runtime.install import TritonInstall

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from serve.core import auth
-from serve.core.contract import IMAGE_INPUT, INPUT_NAME
+from serve.core.names import IMAGE_INPUT, INPUT_NAME
 from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import wait_until
 

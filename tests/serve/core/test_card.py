@@ -7,15 +7,9 @@ import json
 
 import pytest
 
-from serve.core.contract import (
-    SCHEMA,
-    CardError,
-    ModelCard,
-    classifier_name,
-    image_model_name,
-    preprocess_model_name,
-    redact_paths,
-)
+from serve.core.card import SCHEMA, ModelCard, redact_paths
+from serve.core.card_reader import CardError
+from serve.core.names import classifier_name, image_model_name, preprocess_model_name
 from tests.helpers import example_card
 
 
