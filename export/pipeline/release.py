@@ -2,21 +2,20 @@
 every stage on every val image -> TensorRT-RTX builds of every ONNX -> report -> publish
 when every gating stage passed -> deploy to a live server when asked (``--deploy URL``).
 
-:data:`STEPS` is the run, in order. A step's inputs are its parameters, each named for
-a product of an earlier step (``job`` is the run's inputs, from :func:`start`); its
-output is its return value, stored under the step's ``gives`` name. Only the
-``ledger`` (the parity record, export/pipeline/ledger.py) is extended after it is made:
-stages append their verdicts to it, and the fallback and speed gate revise theirs.
+:func:`run_export` is the run, one typed call per step in order: each step takes what it
+reads (``job`` is the run's inputs, from :func:`start`) and returns what it makes, so a
+reader and the type checker follow every product from where it is made to where it is
+read. Only the ``ledger`` (the parity record, export/pipeline/ledger.py) is extended
+after it is made: stages append their verdicts to it, and the fallback and speed gate
+revise theirs.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from export.pipeline.build import (
     build_tensorrt_rtx,
@@ -27,6 +26,8 @@ from export.pipeline.build import (
     start,
 )
 from export.pipeline.config import ExportConfig
+from export.pipeline.job import ExportJob
+from export.pipeline.ledger import Ledger
 from export.pipeline.outcome import (
     check_triton,
     deploy_release,
@@ -38,74 +39,76 @@ from export.pipeline.outcome import (
 )
 from export.pipeline.precision import export_int8
 from export.pipeline.precision_fallback import fallback_step, speed_gate
+from export.triton.publish import Published
 
-__all__ = ["STEPS", "Step", "run_export"]
+__all__ = ["StepTimer", "run_export"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Step:
-    """One step: ``run(**products it names)``; its result is stored as ``gives``."""
-
-    run: Callable[..., Any]
-    gives: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.run.__name__
-
-    @property
-    def needs(self) -> tuple[str, ...]:
-        """The products it reads: its parameters' names."""
-        return tuple(inspect.signature(self.run).parameters)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-STEPS: list[Step] = [
-    Step(export_models, gives="onnx"),
-    Step(reference_outputs, gives="ledger"),
-    Step(export_int8, gives="int8"),
-    Step(check_onnxruntime),
-    Step(fallback_step, gives="fallback"),
-    Step(speed_gate, gives="int8_speed"),
-    Step(check_tensorrt, gives="engine"),
-    Step(build_tensorrt_rtx, gives="rtx_builds"),
-    Step(make_card, gives="card"),
-    Step(check_triton),
-    Step(write_reports, gives="report"),
-    Step(gate),
-    Step(publish_release, gives="published"),
-    Step(deploy_release, gives="served"),
-    Step(summary, gives="result"),
-]
+class StepTimer:
+    """Runs a step and keeps its wall time under the step's name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.order: list[str] = []
+
+    def __call__(self, step: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        begun = time.perf_counter()
+        try:
+            return step(*args, **kwargs)
+        finally:
+            self.seconds[step.__name__] = time.perf_counter() - begun
+            self.order.append(step.__name__)
 
 
-def run_export(cfg: ExportConfig) -> dict[str, Any]:
+def run_export(cfg: ExportConfig, timer: StepTimer | None = None) -> dict[str, Any]:
     """Run every step; returns the report (with ``published`` and ``served`` when they
     happened). Raises ParityFailed (after writing the report) when a gating stage failed
-    and ``force`` is off."""
+    and ``force`` is off. Parity comes before the card, the card before the Triton check,
+    the report before the gate, the gate before publishing: nothing is published before
+    it is judged."""
+    step = timer or StepTimer()
     begun = time.perf_counter()
-    products: dict[str, Any] = {"job": start(cfg)}
-    steps: dict[str, float] = {"start": time.perf_counter() - begun}
+    job = step(start, cfg)
+    ledger: Ledger | None = None
+    report: dict[str, Any] | None = None
+    published: Published | None = None
     try:
-        for step in STEPS:
-            t = time.perf_counter()
-            out = step.run(**{name: products[name] for name in step.needs})
-            steps[step.name] = time.perf_counter() - t
-            if step.gives:
-                products[step.gives] = out
+        onnx = step(export_models, job)
+        ledger = step(reference_outputs, job)
+        int8 = step(export_int8, job)
+        step(check_onnxruntime, job, ledger, int8)
+        fallback = step(fallback_step, job, ledger)
+        int8_speed = step(speed_gate, job, ledger)
+        engine = step(check_tensorrt, job, ledger)
+        rtx_builds = step(build_tensorrt_rtx, job, int8)
+        card = step(make_card, job, ledger, int8, fallback, int8_speed)
+        step(check_triton, job, ledger, card, engine)
+        report = step(write_reports, job, onnx, ledger, int8, rtx_builds, card, engine)
+        step(gate, job, ledger, rtx_builds)
+        published = step(publish_release, job, card, report, engine)
+        served = step(deploy_release, job, published, report)
+        return step(summary, report, published, served)
     finally:
-        steps["total"] = time.perf_counter() - begun
-        _record_timings(products, steps)
-    return products["result"]
+        seconds = {**step.seconds, "total": time.perf_counter() - begun}
+        _record_timings(job, ledger, report, published, seconds)
 
 
-def _record_timings(products: dict[str, Any], steps: dict[str, float]) -> None:
+def _record_timings(
+    job: ExportJob,
+    ledger: Ledger | None,
+    report: dict[str, Any] | None,
+    published: Published | None,
+    steps: dict[str, float],
+) -> None:
     """Each step's and each stage's wall time: printed, and kept in ``parity.json`` (and
     the published version's copy of it) once the run is over."""
     from export.checks.report import write_json
 
-    ledger = products.get("ledger")
     timings = {
         "steps_s": {k: round(v, 2) for k, v in steps.items()},
         "stages_s": {k: round(v, 2) for k, v in (ledger.seconds if ledger else {}).items()},
@@ -114,13 +117,10 @@ def _record_timings(products: dict[str, Any], steps: dict[str, float]) -> None:
     lines = [f"  {k:<{width}} {v:7.1f} s" for k, v in timings["steps_s"].items() if v >= 0.05]
     lines += [f"    {k:<{width - 2}} {v:7.1f} s" for k, v in timings["stages_s"].items()]
     log.info("where the time went:\n%s", "\n".join(lines))
-    report = products.get("report")
     if report is None:
         return
     report["timings"] = timings
-    job = products["job"]
     write_json(report, job.out_dir / "parity.json")
-    published = products.get("published")
     if published is not None:  # the version's own record (export/triton/publish.py)
         record = published.classifier / "report" / "parity.json"
         if record.parent.is_dir():
