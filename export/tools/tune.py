@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 from export.tools.tune_config import TUNE_FLAGS, TuneConfig
 from export.tools.tune_trials import Knobs, Point, Trial
-from export.triton.config import config_text, parse_config, signature
+from export.triton.config import signature
 from serve.core import auth
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
 from serve.core.flags import add_flags, build
+from serve.core.model_config import config_text, parse_config
 from serve.core.names import image_model_name, preprocess_model_name
 from serve.tools import perf_analyzer as pa
 from serve.tools.bench_inputs import bench_inputs, write_input_data

@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from serve.core.card import ModelCard
@@ -302,16 +301,6 @@ def ensemble_config(name: str, card: ModelCard, serving: ServingConfig) -> mc.Mo
     clf.output_map[OUTPUT_NAME] = OUTPUT_NAME
     cfg.parameters["classifier"].string_value = name
     return cfg
-
-
-def config_text(cfg: mc.ModelConfig) -> str:
-    """Protobuf text format, as Triton reads it."""
-    return text_format.MessageToString(cfg)
-
-
-def parse_config(text: str) -> mc.ModelConfig:
-    """Strict parse of a config.pbtxt (unknown fields are errors)."""
-    return text_format.Parse(text, mc.ModelConfig())
 
 
 def signature(cfg: mc.ModelConfig) -> tuple:

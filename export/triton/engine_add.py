@@ -41,11 +41,12 @@ from export.formats.tensorrt_engine import (
     require_tensorrt,
     tensorrt_logits,
 )
-from export.triton.config import config_text, parse_config, set_plans, target_of
+from export.triton.config import set_plans, target_of
 from serve.core.card import ModelCard
 from serve.core.cli_common import GateRefused
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_text, copy_into, locked, sha256, versions
+from serve.core.model_config import config_text, parse_config
 from serve.core.names import INPUT_NAME, OUTPUT_NAME
 from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 

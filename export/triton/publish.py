@@ -45,10 +45,8 @@ from export.triton.config import (
     ServingConfig,
     add_warmup,
     classifier_config,
-    config_text,
     ensemble_config,
     geometry,
-    parse_config,
     preprocess_config,
     set_plans,
     signature,
@@ -66,6 +64,7 @@ from serve.core.files import (
     staged_dir,
     versions,
 )
+from serve.core.model_config import config_text, parse_config
 from serve.core.names import image_model_name, preprocess_model_name
 
 # The Triton-side model files, copied into each version as model.py (python backend).

@@ -44,12 +44,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from serve.core import auth
 from serve.core.errors import UsageError
 from serve.core.files import atomic_write_text
+from serve.core.model_config import parse_config
 
 # The cluster reaches :8000, so the default is the first release clear of every published
 # Triton security bulletin (docs/deployment.md): 26.07, built on CUDA 13.3.1 (releases before it are
@@ -126,7 +126,7 @@ def scan_repository(path: str | Path) -> Repository:
     for cfg_path in configs:
         text = cfg_path.read_text()
         digest.update(cfg_path.parent.name.encode() + b"\0" + text.encode())
-        cfg = text_format.Parse(text, mc.ModelConfig())
+        cfg = parse_config(text)
         models.append(cfg_path.parent.name)
         gpu |= any(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group)
         python |= cfg.backend == "python"

@@ -75,16 +75,14 @@ class RepositoryModels:
 def repository_models(repo: Path) -> RepositoryModels:
     """Public and internal model names and the largest valid request body, from the
     ``config.pbtxt`` files (parsed with Triton's ModelConfig protobuf)."""
-    from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
+
+    from serve.core.model_config import read_config
 
     public: list[str] = []
     internal: list[str] = []
     largest = 1 << 20
-    configs = [
-        (p, text_format.Parse(p.read_text(), mc.ModelConfig()))
-        for p in sorted(repo.glob("*/config.pbtxt"))
-    ]
+    configs = [(p, read_config(p)) for p in sorted(repo.glob("*/config.pbtxt"))]
     # encoded images: the preprocess model's per-image byte limit (an ensemble has none)
     image_limits = [
         int(c.parameters[PARAM_MAX_IMAGE_BYTES].string_value)

@@ -43,14 +43,12 @@ def answered(metrics_url: str, model: str) -> float:
 def split_instances(repo: Path, model: str, replicas: int, work: Path) -> Path:
     """A scratch repository whose classifier has 1/``replicas`` of the instances (at least
     one), each with the threads it had, the rest as in ``repo`` (linked)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
+    from serve.core.model_config import config_text, read_config
     from serve.tools.chaos import scratch_repository
 
     scratch = scratch_repository(repo, work)
     path = scratch / model / "config.pbtxt"
-    cfg = text_format.Parse(path.read_text(), mc.ModelConfig())
+    cfg = read_config(path)
     count = sum(g.count or 1 for g in cfg.instance_group) or 1
     threads = int(cfg.parameters["intra_op_threads"].string_value or 0) or max(
         1, len(os.sched_getaffinity(0)) // count
@@ -60,7 +58,7 @@ def split_instances(repo: Path, model: str, replicas: int, work: Path) -> Path:
     # the threads per instance of the one-replica config (export/triton/python_model.py
     # would give a lone instance every core)
     cfg.parameters["intra_op_threads"].string_value = str(threads)
-    path.write_text(text_format.MessageToString(cfg))
+    path.write_text(config_text(cfg))
     return scratch
 
 

@@ -10,8 +10,8 @@ import torch
 
 from export.pipeline.config import ExportConfig, PrecisionConfig
 from export.pipeline.release import run_export
-from export.triton.config import parse_config
 from serve.core.card import ModelCard
+from serve.core.model_config import parse_config
 from tests.helpers import CIFAR, SHARED
 from train.checkpoint import checkpoint_from_model, save_checkpoint
 from train.data import Preprocess

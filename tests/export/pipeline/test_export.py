@@ -14,9 +14,9 @@ import pytest
 
 from export.checks.parity import FP32_GATE, diff_stats, judge
 from export.formats.onnx_export import read_metadata
-from export.triton.config import parse_config
 from serve.core.card import ModelCard
 from serve.core.files import sha256, versions
+from serve.core.model_config import parse_config
 from tests.helpers import run_cli
 from train.checkpoint import load_checkpoint
 

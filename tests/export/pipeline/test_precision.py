@@ -17,9 +17,10 @@ from export.formats.onnx_export import read_metadata
 from export.formats.tensorrt_engine import EngineProfile, mismatches, tensorrt_status
 from export.pipeline.config import ExportConfig, PrecisionConfig
 from export.pipeline.release import run_export
-from export.triton.config import ServingConfig, classifier_config, config_text, parse_config
+from export.triton.config import ServingConfig, classifier_config
 from serve.core.card import ModelCard
 from serve.core.files import versions
+from serve.core.model_config import config_text, parse_config
 from tests.helpers import ROOT, SHARED, run_cli
 from train.checkpoint import checkpoint_from_model, save_checkpoint
 from train.models import build_model

@@ -23,13 +23,12 @@ from export.triton.config import (
     ServingConfig,
     add_warmup,
     classifier_config,
-    config_text,
     ensemble_config,
-    parse_config,
     preprocess_config,
     set_plans,
 )
 from export.triton.warmup import build_warmup
+from serve.core.model_config import config_text, parse_config
 from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import example_card, run_cli, wait_until
 

@@ -13,8 +13,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from export.triton.config import ServingConfig, classifier_config, config_text, set_plans
+from export.triton.config import ServingConfig, classifier_config, set_plans
 from serve.core import auth
+from serve.core.model_config import config_text
 from serve.deploy.k8s import QUEUE_METRIC
 from tests.helpers import example_card, run_cli
 

@@ -16,10 +16,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from export.triton.config import parse_config
 from serve.client import admin
 from serve.client.client import Classifier
 from serve.core import auth
+from serve.core.model_config import parse_config
 from serve.core.names import INPUT_NAME
 from serve.core.preprocess import ResizeCrop, preprocess
 from serve.runtime.server_options import ServerOptions

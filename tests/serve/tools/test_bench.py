@@ -275,7 +275,8 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
 
 def test_tune_tiny_grid_publishes_the_winner(model_repo: Path, tmp_path: Path) -> None:
     _binary()
-    from export.triton.config import parse_config, signature
+    from export.triton.config import signature
+    from serve.core.model_config import parse_config
 
     repo = tmp_path / "repo"
     shutil.copytree(model_repo, repo, symlinks=True, ignore=shutil.ignore_patterns(".lock"))
