@@ -655,9 +655,12 @@ def test_no_stalls_for_sequential_tensor_requests(server, pixels, protocol):
     """One client sending one 602 KB tensor after another never waits for
     Triton's batcher. With any dynamic-batching queue policy, Triton 2.51 wakes the
     batcher for a new request only if an instance is idle at that moment and otherwise
-    sleeps 500 ms (seen: p50 6 ms, p99 515 ms). A condition on the distribution, not on
-    wall-clock time: the slowest answer stays within a few times the median (a stall is
-    a flat ~500 ms, so it also stands out on a loaded machine)."""
+    sleeps 500 ms (seen: p50 6 ms, p99 515 ms: a stall every 0.5-2 s). A condition on the
+    distribution, not on wall-clock time: answers stay within a few times the median (a
+    stall is a flat ~500 ms, so it also stands out on a loaded machine). One outlier is
+    allowed - a busy core can deschedule a single request for a few hundred ms (seen
+    once in CI: 377 ms among 400 at a 12.5 ms median) - while the batcher's stalls come
+    several times in the 8 s this runs."""
     import time
 
     module = MODULES[protocol]
@@ -679,7 +682,7 @@ def test_no_stalls_for_sequential_tensor_requests(server, pixels, protocol):
     lat = np.array(latencies)
     median, slowest = float(np.median(lat)), float(lat.max())
     stalled = (lat > 5 * median) & (lat > median + 0.3)
-    assert not stalled.any(), (
+    assert stalled.sum() <= 1, (
         f"{int(stalled.sum())} of {len(lat)} requests stalled: median {median * 1e3:.1f} ms, "
         f"slowest {slowest * 1e3:.1f} ms"
     )
