@@ -93,6 +93,10 @@ class Bundle:
         if meta.get("format") != FORMAT:
             raise UsageError(f"{path}: bundle format {meta.get('format')}, expected {FORMAT}")
         stages = {s["name"]: StageRecord(**s) for s in meta["stages"]}
+        for r in stages.values():  # a bundle from elsewhere names files inside itself only
+            for file in (r.model, r.outputs):
+                if file and (Path(file).name != file or file.startswith(".")):
+                    raise UsageError(f"{path}: stage {r.name} names {file!r}, not a file in it")
         return cls(path, meta, stages)
 
     @property

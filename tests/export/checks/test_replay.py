@@ -34,6 +34,18 @@ def replay(bundle: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def localize(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    """``python -m export localize`` of the FP16 stage on its 4 worst images."""
+    return subprocess.run(
+        [PY, "-m", "export", "localize", str(bundle), "--stage", "onnxruntime-fp16"]
+        + ["--images", "4", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture
 def carried(trained_run: Path, model_repo: Path, tmp_path: Path) -> Path:
     """The export's bundle, copied to a folder of its own."""
@@ -83,6 +95,12 @@ def test_a_carried_bundle_replays_without_torch_or_the_dataset(carried: Path, se
     # a stage that needs the checkpoint says so instead of importing torch
     proc = replay(carried, "--stage", "pytorch-fp16", cwd=tmp_path)
     assert proc.returncode == 2 and "--checkpoint" in proc.stderr
+    # a bundle that names a file outside itself is refused, nothing read
+    meta = json.loads((carried / "bundle.json").read_text())
+    meta["stages"][1]["model"] = "../../model.onnx"
+    (carried / "bundle.json").write_text(json.dumps(meta))
+    proc = replay(carried, "--stage", meta["stages"][1]["name"], cwd=tmp_path)
+    assert proc.returncode == 2 and "not a file in it" in proc.stderr
 
 
 def test_a_changed_saved_output_fails_its_replay_naming_the_image(carried: Path, tmp_path):
@@ -109,14 +127,7 @@ def test_a_broken_fp16_layer_is_localized_to_that_layer(carried: Path, tmp_path)
     w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1.5, w.name))
     onnx.save(model, str(tmp_path / "broken.onnx"))
     out = tmp_path / "loc"
-    proc = subprocess.run(
-        [PY, "-m", "export", "localize", str(carried), "--stage", "onnxruntime-fp16"]
-        + ["--model", str(tmp_path / "broken.onnx"), "--images", "4", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = localize(carried, "--model", str(tmp_path / "broken.onnx"), "--out", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "localize-onnxruntime-fp16.json").read_text())
     first = report["first_over_tolerance"]
@@ -127,14 +138,7 @@ def test_a_broken_fp16_layer_is_localized_to_that_layer(carried: Path, tmp_path)
     assert (out / "localize-onnxruntime-fp16.png").stat().st_size > 0
     assert broken.output[0] in (out / "localize-onnxruntime-fp16.md").read_text()
     # the FP16 graph as exported has no layer over tolerance
-    good = subprocess.run(
-        [PY, "-m", "export", "localize", str(carried), "--stage", "onnxruntime-fp16"]
-        + ["--images", "4", "--out", str(tmp_path / "ok")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    good = localize(carried, "--out", str(tmp_path / "ok"))
     assert good.returncode == 0, good.stderr
     ok = json.loads((tmp_path / "ok" / "localize-onnxruntime-fp16.json").read_text())
     assert ok["first_over_tolerance"] is None and len(ok["layers"]) > 20
