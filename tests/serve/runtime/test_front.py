@@ -567,7 +567,7 @@ def test_expensive_images_never_hold_up_the_cheap_ones(front, val_images, pixels
     threads = [threading.Thread(target=send_slow) for _ in range(3)]
     for t in threads:
         t.start()
-    wait_until(_decoders(front).__len__, 60, "an expensive image decoded in a forked child")
+    wait_until(lambda: _decoders(front), 60, "an expensive image decoded in a forked child")
     cheap = [p.read_bytes() for p in val_images[:5]]
     reference = [_image_infer(front.grpc_url, data) for data in cheap]
     still_decoding = any(t.is_alive() for t in threads)
