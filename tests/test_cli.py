@@ -127,6 +127,7 @@ def _raising_cli(raise_: str, env: dict[str, str] | None = None) -> subprocess.C
     code = (
         "import sys\n"
         "from serve.core.cli_common import Command, main\n"
+        "from serve.backend.errors import *  # noqa: F403\n"
         "from serve.core.errors import *  # noqa: F403\n"
         "from serve.core.card_reader import CardError\n"
         "from serve.core.files import WriteError\n"
@@ -190,7 +191,7 @@ def _project_exception_classes() -> list[type]:
     found = []
     for package in ("train", "export", "serve"):
         for path in sorted((ROOT / package).rglob("*.py")):
-            if path.stem in ("__main__", "python_model", "preprocess_model"):
+            if path.stem in ("__main__", "classifier_model", "preprocess_model"):
                 continue  # the Triton models import triton_python_backend_utils
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             module = importlib.import_module(name)
@@ -208,7 +209,7 @@ def test_settings_of_the_wrong_type_are_one_line() -> None:
     """YAML reads ``1e-3`` as a string: it is a number all the same; a word where a number
     belongs is one error line naming the setting (it was a TypeError in validate, which
     the error root turns into a bug's traceback and exit 1)."""
-    from serve.core.errors import UsageError
+    from serve.backend.errors import UsageError
     from train.config import parse_sets, resolve_config
 
     assert resolve_config(overrides=parse_sets(["lr=1e-3", "epochs=3.0"])).lr == 0.001
@@ -223,7 +224,8 @@ def test_settings_of_the_wrong_type_are_one_line() -> None:
 
 
 def test_every_project_exception_has_the_one_root() -> None:
-    from serve.core.errors import GateRefused, TrainServeError, UserError
+    from serve.backend.errors import TrainServeError, UserError
+    from serve.core.errors import GateRefused
 
     classes = _project_exception_classes()
     assert len(classes) >= 25  # the walk found them (30 when written)

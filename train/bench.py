@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.core.files import atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from serve.backend.errors import UsageError
 from serve.core import hints
 from serve.core.card import ModelCard
 from serve.core.card_reader import CardError
-from serve.core.errors import UsageError
 from serve.core.files import atomic_write
 
 FORMAT = "trainserve.checkpoint/2"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 
 
 def _norm(channels: int, batchnorm: bool) -> nn.Module:

@@ -8,10 +8,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from serve.backend.errors import UsageError
 from serve.core import hints
 from serve.core.cli_common import Command
 from serve.core.cli_common import main as cli_main
-from serve.core.errors import UsageError
 from serve.core.flags import Flag, add_flags
 from train.config import (
     DEFAULT_RECIPE,

@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from serve.core.errors import UsageError, UserError
+from serve.backend.errors import UsageError, UserError
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
+from serve.backend.errors import UsageError
+from serve.backend.preprocess import DEFAULT_INTERPOLATION, IMAGE_EXTENSIONS, load_image
 from serve.core.card import Preprocessing
-from serve.core.errors import UsageError
-from serve.core.preprocess import DEFAULT_INTERPOLATION, IMAGE_EXTENSIONS, load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.core.sampling import stratified
 from train.data import image_folder
 

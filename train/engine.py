@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from serve.core.errors import UserError
+from serve.backend.errors import UserError
 from train.distributed import DistInfo, all_reduce_sum
 from train.progress import progress
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.core.plots import plot_confusion
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.data import Preprocess

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from train.engine import EpochResult
 from train.feature_cache import FeatureCache, train_head_epoch
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from serve.core.errors import SetupError, UsageError, UserError
+from serve.backend.errors import UsageError, UserError
+from serve.core.errors import SetupError
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 from train.models import build_model, get_arch, head_parameter_names, replace_head
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
+from serve.backend.errors import UserError
 from serve.core import hints
-from serve.core.errors import UserError
 from serve.core.files import atomic_write_json, atomic_write_text, remove_stale_temp_files
 from serve.core.plots import plot_confusion
 from train.checkpoint import Checkpoint, save_checkpoint

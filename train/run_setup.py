@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from train.checkpoint import Checkpoint, load_checkpoint, set_rng_state
 from train.config import TrainConfig
 from train.data import Preprocess

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from serve.backend.errors import UsageError
 from serve.core import hints
-from serve.core.errors import SetupError, UsageError
+from serve.core.errors import SetupError
 from train.config import TrainConfig
 from train.datasets import detect_kind
 from train.distributed import barrier, cleanup, init_distributed

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from export.checks.parity import AccuracyGate, Stage, Thresholds
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.core.files import fsync_dir
 
 log = logging.getLogger(__name__)

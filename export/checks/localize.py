@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from train.checkpoint import Checkpoint, model_from_checkpoint
 from train.data import Preprocess
 from train.datasets import dataset_split, subset

@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 
 from export.cli.options import add_engine_arguments, profile_from
+from serve.backend.errors import UsageError
 from serve.core.cli_common import add_model_repository
-from serve.core.errors import UsageError
 
 
 def add_trt_arguments(p: argparse.ArgumentParser) -> None:

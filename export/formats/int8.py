@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 import numpy as np
 import onnx
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.core.files import atomic_write_bytes
 
 if TYPE_CHECKING:  # the pixels type only: importing it would import torch

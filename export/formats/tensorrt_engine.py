@@ -42,7 +42,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from serve.core.errors import UsageError, UserError
+from serve.backend.errors import UsageError, UserError
 from serve.core.files import atomic_write_text
 
 EnginePrecision = Literal["fp32", "fp16", "int8"]

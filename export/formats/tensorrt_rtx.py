@@ -24,7 +24,7 @@ from export.formats.tensorrt_engine import (
     layer_types,
     strong_typing_flags,
 )
-from serve.core.errors import UsageError, UserError
+from serve.backend.errors import UsageError, UserError
 from serve.core.files import atomic_write_bytes
 
 RTX_MODULE = "tensorrt_rtx"

@@ -24,8 +24,8 @@ from export.pipeline.config import ExportConfig
 from export.pipeline.job import ExportJob
 from export.pipeline.ledger import Ledger
 from export.pipeline.precision import Int8Export, check_int8, reduced_stage
+from serve.backend.errors import UsageError
 from serve.core import hints
-from serve.core.errors import UsageError
 from serve.core.names import INPUT_NAME, OUTPUT_NAME
 from train.checkpoint import load_checkpoint
 

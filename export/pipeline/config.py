@@ -15,7 +15,7 @@ from export.formats.int8 import Calibration
 from export.formats.tensorrt_engine import EngineProfile
 from export.formats.tensorrt_rtx import DEFAULT_RTX_TARGETS, parse_targets
 from export.triton.config import ServingConfig
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 
 Precision = Literal["fp32", "fp16", "int8"]
 # the reduced-precision stages that decide nothing (not published): on a stratified

@@ -30,7 +30,7 @@ from export.formats.int8 import metadata_of, preprocess_for_quantization, quanti
 from export.pipeline.config import INT8_STAGE, INT8_TRT_STAGE
 from export.pipeline.job import ExportJob
 from export.pipeline.ledger import Ledger
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 
 log = logging.getLogger(__name__)
 

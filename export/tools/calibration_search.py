@@ -38,7 +38,7 @@ from export.formats.int8 import (
     preprocess_for_quantization,
     quantize_int8,
 )
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.core.files import atomic_write_json
 from serve.core.machine import machine_info
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from export.checks.bundle import Bundle
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import numpy as np
 
 from export.checks.bundle import Bundle, StageRecord
 from export.checks.parity import Stage, format_stage, judge
+from serve.backend.errors import UsageError
 from serve.core.cli_common import EXIT_GATE, EXIT_OK
-from serve.core.errors import UsageError
 
 log = logging.getLogger(__name__)
 

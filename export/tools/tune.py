@@ -34,8 +34,8 @@ from tqdm import tqdm
 from export.tools.tune_config import TUNE_FLAGS, TuneConfig
 from export.tools.tune_trials import Knobs, Point, Trial
 from export.triton.config import signature
+from serve.backend.errors import UsageError
 from serve.core import auth
-from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, atomic_write_text, latest_version, locked
 from serve.core.flags import add_flags, build
 from serve.core.model_config import config_text, parse_config

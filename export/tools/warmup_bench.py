@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from serve.core.errors import SetupError, UsageError
+from serve.backend.errors import UsageError
+from serve.backend.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
+from serve.core.errors import SetupError
 from serve.core.files import atomic_write_json, versions
 from serve.core.machine import cpu_model
 from serve.core.model_config import config_text, parse_config
 from serve.core.names import IMAGE_INPUT, INPUT_NAME, OUTPUT_NAME, image_model_name
-from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)
 

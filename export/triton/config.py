@@ -32,8 +32,20 @@ from typing import Literal, get_args
 
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serve.backend.errors import UsageError
+from serve.backend.preprocess import (
+    DECODE_DEADLINE_S,
+    DECODE_MEMORY_BYTES,
+    MAX_ASPECT_RATIO,
+    MAX_FAST_WORK,
+    MAX_IMAGE_BYTES,
+    MAX_PIXELS,
+    MAX_REQUEST_WORK,
+    MAX_RESIZED_PIXELS,
+    REQUEST_DEADLINE_S,
+    SLOW_LANE_SLOTS,
+)
 from serve.core.card import ModelCard
-from serve.core.errors import UsageError
 from serve.core.names import (
     IMAGE_INPUT,
     INPUT_NAME,
@@ -55,18 +67,6 @@ from serve.core.names import (
     PIXELS_OUTPUT,
     image_model_name,
     preprocess_model_name,
-)
-from serve.core.preprocess import (
-    DECODE_DEADLINE_S,
-    DECODE_MEMORY_BYTES,
-    MAX_ASPECT_RATIO,
-    MAX_FAST_WORK,
-    MAX_IMAGE_BYTES,
-    MAX_PIXELS,
-    MAX_REQUEST_WORK,
-    MAX_RESIZED_PIXELS,
-    REQUEST_DEADLINE_S,
-    SLOW_LANE_SLOTS,
 )
 
 CPU_INSTANCES = 2  # classifier instances on CPU unless told (ServingConfig.instances)

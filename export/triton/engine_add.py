@@ -8,7 +8,7 @@
    version/hardware compatibility);
 2. engine parity on this GPU: TensorRT vs ONNX Runtime (CPU, the same graph) on real
    val images,
-   decoded and resized by the served preprocessing (serve/core/preprocess.py), judged with
+   decoded and resized by the served preprocessing (serve/backend/preprocess.py), judged with
    the FP16 thresholds (top-1 agreement and median difference); a failure refuses the
    plan (exit 3) and changes nothing;
 3. under the model's publish lock: ``model.sm<cc>.plan`` (or ``model.plan`` for a
@@ -42,13 +42,13 @@ from export.formats.tensorrt_engine import (
     tensorrt_logits,
 )
 from export.triton.config import set_plans, target_of
+from serve.backend.errors import UsageError
+from serve.backend.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 from serve.core.card import ModelCard
 from serve.core.cli_common import GateRefused
-from serve.core.errors import UsageError
 from serve.core.files import atomic_write_text, copy_into, locked, sha256, versions
 from serve.core.model_config import config_text, parse_config
 from serve.core.names import INPUT_NAME, OUTPUT_NAME
-from serve.core.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ Layout::
     <repo>/<name>/<N>/...              the target's files:
 
 * ``cpu``: ``model.onnx`` (FP32, or the INT8/FP16 model when that precision was
-  published) + ``model.py``, the python backend running ONNX Runtime on CPU;
+  published) + the python backend's files (``model.py`` and its siblings: the package
+  serve/backend copied whole), running ONNX Runtime on CPU;
 * ``gpu`` + ``tensorrt``: ``model.sm<cc>.plan`` per compute capability (or ``model.plan``
   when hardware-compatible), each with its ``.json``, listed in ``cc_model_filenames``,
   and the ``model.onnx`` they were built from - FP16, or INT8 Q/DQ: the plans are strongly
@@ -16,7 +17,8 @@ Layout::
   another GPU to the version from it);
 * ``gpu`` + ``onnxruntime``: ``model.onnx`` with the TensorRT execution accelerator.
 
-Beside it ``<name>_preprocess`` (next version) and the ``<name>_image`` ensemble.
+Beside it ``<name>_preprocess`` (next version: serve/backend copied whole, its
+``model.py`` runs the preprocess model) and the ``<name>_image`` ensemble.
 ``<repo>/<name>/warmup/`` and ``<repo>/<name>_preprocess/warmup/`` hold the warmup
 inputs (real val images, export/triton/warmup.py) the configs' ``model_warmup`` entries name.
 
@@ -36,9 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import serve.core.image_scan as serve_image_scan
-import serve.core.isolated_decode as serve_isolated_decode
-import serve.core.preprocess as serve_preprocess
+import serve.backend
 from export.formats.tensorrt_engine import metadata_path, plan_filename, repository_plans
 from export.triton.config import (
     BACKEND_NAMES,
@@ -53,8 +53,8 @@ from export.triton.config import (
     target_of,
 )
 from export.triton.warmup import build_warmup
+from serve.backend.errors import UsageError, UserError
 from serve.core.card import ModelCard
-from serve.core.errors import UsageError, UserError
 from serve.core.files import (
     atomic_write_text,
     copy_into,
@@ -67,13 +67,6 @@ from serve.core.files import (
 from serve.core.model_config import config_text, parse_config
 from serve.core.names import image_model_name, preprocess_model_name
 
-# The Triton-side model files, copied into each version as model.py (python backend).
-MODEL_FILES = Path(__file__).resolve().parent
-PYTHON_MODEL = MODEL_FILES / "python_model.py"
-PREPROCESS_MODEL = MODEL_FILES / "preprocess_model.py"
-IMAGE_PREPROCESS = Path(serve_preprocess.__file__).resolve()
-ISOLATED_DECODE = Path(serve_isolated_decode.__file__).resolve()
-IMAGE_SCAN = Path(serve_image_scan.__file__).resolve()
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -151,10 +144,17 @@ def check_compatible(model_dir: Path, cfg, labels: list[str], card: ModelCard) -
         )
 
 
+def backend_files() -> dict[str, Path]:
+    """The python backend's files of a version: the package serve/backend, whole (its
+    ``model.py`` is Triton's entry point)."""
+    package = Path(serve.backend.__file__).resolve().parent
+    return {p.name: p for p in sorted(package.glob("*.py"))}
+
+
 def version_files(onnx_path: Path, serving: ServingConfig, engine: Path | None) -> dict[str, Path]:
     """Files of one version for the target: name in the version folder -> source."""
     if serving.target == "cpu":
-        return {"model.onnx": onnx_path, "model.py": PYTHON_MODEL}
+        return {"model.onnx": onnx_path, **backend_files()}
     if serving.gpu_backend == "onnxruntime":
         return {"model.onnx": onnx_path}
     if engine is None:
@@ -246,13 +246,7 @@ def publish(
         version_dir, published = _publish_version(model_dir, files, cfg, labels, card)
         assert published is not None
         card = published
-        pre_files = {
-            "model.py": PREPROCESS_MODEL,
-            "image_preprocess.py": IMAGE_PREPROCESS,
-            "image_isolated_decode.py": ISOLATED_DECODE,
-            "image_scan.py": IMAGE_SCAN,
-        }
-        pre_version, _ = _publish_version(pre_dir, pre_files, pre_cfg, None)
+        pre_version, _ = _publish_version(pre_dir, backend_files(), pre_cfg, None)
         ens_dir = repo / image_model_name(name)
         (ens_dir / "1").mkdir(parents=True, exist_ok=True)  # an ensemble's version is empty
         _write_config(ens_dir, ensemble_config(name, card, serving), labels)

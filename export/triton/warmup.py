@@ -12,7 +12,7 @@ of one item in row-major order; for a BYTES (``TYPE_STRING``) input every elemen
 4-byte little-endian length followed by its bytes. So:
 
 * the classifier (``input``: FP32 [3, H, W]): one val image decoded and resized exactly
-  as the preprocess model does (serve/core/preprocess.py), 0..255 RGB, float32 little-endian;
+  as the preprocess model does (serve/backend/preprocess.py), 0..255 RGB, float32 little-endian;
 * the preprocess model (``IMAGE``: BYTES [1]): the same image's encoded file, length-
   prefixed, so its decoder runs on a real JPEG/PNG.
 
@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from export.triton.config import WarmupSample
+from serve.backend.errors import UsageError
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.core.card import ModelCard
-from serve.core.errors import UsageError
 from serve.core.files import atomic_write_bytes
 from serve.core.names import IMAGE_INPUT, INPUT_NAME
-from serve.core.preprocess import ResizeCrop, preprocess
 
 log = logging.getLogger(__name__)
 

@@ -189,7 +189,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def remote_replicas(specs: list[str], first: int) -> list:
     """``--replica`` values as replicas ``r<first>``, ``r<first+1>``, ...: UsageError
     naming a bad one."""
-    from serve.core.errors import UsageError
+    from serve.backend.errors import UsageError
     from serve.runtime.front_options import Replica
 
     out = []

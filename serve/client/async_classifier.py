@@ -9,11 +9,11 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+from serve.backend.preprocess import DEFAULT_LIMITS, ImageSource
 from serve.client.classifier_base import ClassifierBase, server_image_error
 from serve.client.connect import DEFAULT_URLS, make_client, protocol_module
 from serve.client.model_info import ModelInfo, Prediction, predictions
 from serve.core.errors import ClientError, ModelNotReady, ServerUnavailable, classify_error
-from serve.core.preprocess import DEFAULT_LIMITS, ImageSource
 
 
 class AsyncClassifier(ClassifierBase):

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from serve.backend.preprocess import ImageError, ImageSource, Limits, preprocess
 from serve.client.model_info import ModelInfo
-from serve.core.preprocess import ImageError, ImageSource, Limits, preprocess
 
 
 def read_bytes(source: ImageSource) -> bytes:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from serve.backend.preprocess import DEFAULT_LIMITS, ImageError, ImageSource, Limits, describe
 from serve.client.classifier_base import (  # noqa: F401 - read_bytes re-exported
     ClassifierBase,
     read_bytes,
@@ -49,7 +50,6 @@ from serve.core.errors import (
     classify_error,
     is_transient,
 )
-from serve.core.preprocess import DEFAULT_LIMITS, ImageError, ImageSource, Limits, describe
 
 
 def local_replicas(url: str, key: str | None) -> list[str]:

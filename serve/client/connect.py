@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.core.errors import ServerUnavailable, UsageError
+from serve.backend.errors import UsageError
+from serve.core.errors import ServerUnavailable
 
 __all__ = ["DEFAULT_URLS", "KEEPALIVE", "make_client", "protocol_module"]
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from serve.backend.errors import UsageError
+from serve.backend.preprocess import IMAGE_EXTENSIONS
 from serve.client.client import Classifier
-from serve.core.errors import UsageError
-from serve.core.preprocess import IMAGE_EXTENSIONS
 
 
 @dataclass

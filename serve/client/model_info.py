@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from serve.backend.preprocess import DEFAULT_INTERPOLATION, ResizeCrop
 from serve.core.errors import ClientError
 from serve.core.names import PARAM_CROP, PARAM_INTERPOLATION, PARAM_RESIZE
-from serve.core.preprocess import DEFAULT_INTERPOLATION, ResizeCrop
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from serve.core.errors import ClientError, UsageError
+from serve.backend.errors import UsageError
+from serve.core.errors import ClientError
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The shared kernel every stage imports (torch-free, light): the model-card contract,
-atomic files, bounded image decoding, the admin key, the error root, the CLI pattern,
-machine facts and plots. ``train`` may import only this sub-package of ``serve``."""
+atomic files, the admin key, the errors beyond the root, the CLI pattern, machine facts
+and plots. ``train`` may import only this sub-package of ``serve`` and serve.backend
+(bounded image decoding and the error root, the code Triton runs)."""
 
 from serve.core.exports import lazy_exports
 
@@ -9,10 +10,8 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         "card": ["ModelCard", "Metrics", "Preprocessing", "Pretrained"],
         "card_reader": ["CardError"],
-        "errors": ["TrainServeError", "UserError", "UsageError", "SetupError", "GateRefused"],
+        "errors": ["SetupError", "GateRefused"],
         "files": ["atomic_write", "atomic_write_json", "publish_dir", "staged_dir", "WriteError"],
-        # not the function ``preprocess``: the name is its module's (serve.core.preprocess)
-        "preprocess": ["load_image", "ImageError", "Limits", "DEFAULT_LIMITS", "ResizeCrop"],
         "cli_common": ["Command", "main", "run_guarded"],
         "machine": ["machine_info", "cpu_model"],
         "plots": ["save_figure", "plot_confusion"],

@@ -21,7 +21,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from serve.core.errors import UserError
+from serve.backend.errors import UserError
 
 HEADER = "admin-key"
 ENV_KEY = "TRAINSERVE_ADMIN_KEY"

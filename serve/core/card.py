@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serve.backend.preprocess import DEFAULT_INTERPOLATION, RESAMPLING
 from serve.core.card_reader import CardError, build
 from serve.core.names import INPUT_NAME, OUTPUT_NAME, PIXEL_RANGE
-from serve.core.preprocess import DEFAULT_INTERPOLATION, RESAMPLING
 
 SCHEMA = "trainserve.model_card/1"
 

@@ -10,7 +10,7 @@ import types
 import typing
 from typing import Any, Union
 
-from serve.core.errors import UserError
+from serve.backend.errors import UserError
 
 
 class CardError(UserError, ValueError):

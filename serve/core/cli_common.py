@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 # GateRefused is imported from here too (export's gates subclass it)
-from serve.core.errors import GateRefused, UsageError, UserError
+from serve.backend.errors import UsageError, UserError
+from serve.core.errors import GateRefused
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

@@ -1,36 +1,16 @@
-"""The project's error root, and the client's error types with how a
+"""The error family beyond its root, and the client's error types with how a
 tritonclient/transport error maps onto them (torch-free).
 
-Every exception this project raises on purpose derives from :class:`TrainServeError`:
-
-* :class:`UserError` - bad input, usage or environment that the user can fix (a bad
-  flag value, a corrupt file, no server at the URL): the CLIs print one ``error: ...``
-  line and exit 2 (``TRAINSERVE_DEBUG=1`` adds the traceback). :class:`UsageError` is
-  the common one, a ``ValueError`` too, so ``except ValueError`` still catches it;
-  :class:`SetupError` (a ``RuntimeError``) is a machine that lacks what is needed;
-* :class:`GateRefused` - a quality gate (parity, accuracy) refused a model: exit 3.
-
-Anything else - a ``KeyError``, a ``TypeError``, a bare ``ValueError`` - is a bug: the
-CLIs log its traceback and exit 1 (``serve/core/cli_common.py``). Each project exception
-keeps the builtin base it had before (``CardError`` is a ``ValueError``, ``WriteError``
-an ``OSError``, ``ClientError`` a ``RuntimeError``) so existing handlers still match.
-
-The client's errors: every error a caller sees is a :class:`ClientError` subclass (or an
+The root - ``TrainServeError``, ``UserError`` (one ``error:`` line, exit 2) and
+``UsageError`` - is ``serve/backend/errors.py``, at the bottom of the house (the code
+Triton runs raises it too). Here: :class:`SetupError` (a machine that lacks what is
+needed), :class:`GateRefused` (a quality gate refused a model: exit 3) and the client's
+errors - every error a caller sees is a :class:`ClientError` subclass (or an
 ``ImageError`` for a bad local image)."""
 
 from __future__ import annotations
 
-
-class TrainServeError(Exception):
-    """The root of every exception this project raises on purpose."""
-
-
-class UserError(TrainServeError):
-    """Bad input, usage or environment the user can fix: one ``error:`` line, exit 2."""
-
-
-class UsageError(UserError, ValueError):
-    """A bad value the user gave: a flag, a config or recipe key, a file's contents."""
+from serve.backend.errors import TrainServeError, UserError
 
 
 class SetupError(UserError, RuntimeError):

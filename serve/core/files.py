@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from serve.core.errors import UserError
+from serve.backend.errors import UserError
 
 TEMP_MARK = ".tmp"
 STAGING_PREFIX = ".staging-"

@@ -10,7 +10,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 
 
 def config_text(cfg: mc.ModelConfig) -> str:

@@ -46,8 +46,8 @@ from typing import Any
 import yaml
 from tritonclient.grpc import model_config_pb2 as mc
 
+from serve.backend.errors import UsageError
 from serve.core import auth
-from serve.core.errors import UsageError
 from serve.core.files import atomic_write_text
 from serve.core.model_config import parse_config
 

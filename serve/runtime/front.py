@@ -63,7 +63,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from serve.core.errors import UserError
+from serve.backend.errors import UserError
 
 # FrontOptions (serve/runtime/front_options.py) and render (serve/runtime/front_config.py)
 # are this module's names too: the front is imported from here.

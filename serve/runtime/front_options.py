@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 # gRPC methods anyone may call (the model name inside is checked where it can be).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.core.names import PARAM_MAX_IMAGE_BYTES, PREPROCESS_SUFFIX
 from serve.runtime.front_options import FrontOptions, Replica
 from serve.runtime.server_options import LOOPBACK

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serve.backend.errors import UsageError
 from serve.core import auth
-from serve.core.errors import UsageError
 from serve.runtime.install import TritonInstall, find_jemalloc
 
 LOOPBACK = "127.0.0.1"

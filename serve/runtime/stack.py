@@ -193,7 +193,7 @@ class PublicServer(ServerHandle):
             token = token or self._inference_token(triton_opts)
             if token:
                 triton_opts.extra_args = [*triton_opts.extra_args, *self._token_flags(token)]
-            # each replica's slow-image lane (serve/core/isolated_decode.py SlowLane)
+            # each replica's slow-image lane (serve/backend/isolated_decode.py SlowLane)
             runtime = self._workdir / f"replica-r{i}"
             runtime.mkdir(mode=0o700)
             specs.append(

@@ -23,9 +23,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from serve.backend.preprocess import ResizeCrop
 from serve.core.flags import build
 from serve.core.machine import gemm_gflops_onnxruntime, machine_info
-from serve.core.preprocess import ResizeCrop
 from serve.tools.bench_config import BENCH_FLAGS, BenchConfig, add_bench_flags
 from serve.tools.bench_inputs import (
     BenchInputs,

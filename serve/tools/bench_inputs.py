@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from serve.backend.errors import UsageError
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.client.evaluate import list_image_folder
 from serve.core.card import ModelCard
-from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json, latest_version
 from serve.core.names import IMAGE_INPUT, INPUT_NAME
-from serve.core.preprocess import ResizeCrop, preprocess
 from serve.core.sampling import stratified
 from serve.tools import perf_analyzer as pa
 from serve.tools.loadgen import Level, level, measure
@@ -114,7 +114,7 @@ def image_pipeline_baseline(
     cap: float,
     precision: str = "fp32",
 ) -> Level:
-    """The raw-image path's own limit: decode + preprocess (serve/core/preprocess.py, what the
+    """The raw-image path's own limit: decode + preprocess (serve/backend/preprocess.py, what the
     server-side preprocess model runs) + ONNX Runtime, in one process, on the same
     encoded images and batch as the ``raw`` Triton levels."""
     import onnxruntime as ort

@@ -4,7 +4,7 @@ is slow per byte, per marker or per small unit rather than per pixel (the tests'
 
 Each is a few hundred bytes to a few tens of kilobytes, within every size limit of the
 served formats, and decodes to a valid picture: what a stranger would send to hold the
-decoders. :func:`corpus` names them; serve/core/image_scan.py is what must see through
+decoders. :func:`corpus` names them; serve/backend/image_scan.py is what must see through
 them.
 """
 

@@ -15,7 +15,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-from serve.core.errors import UserError
+from serve.backend.errors import UserError
 from serve.core.files import atomic_write_text
 
 VERSION = "2.51.0"

@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.core.errors import UsageError
+from serve.backend.errors import UsageError
 from serve.tools.perf_analyzer_install import PerfAnalyzerError
 
 US_PER_MS = 1000.0

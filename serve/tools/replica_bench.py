@@ -55,7 +55,7 @@ def split_instances(repo: Path, model: str, replicas: int, work: Path) -> Path:
     )
     for group in cfg.instance_group:
         group.count = max(1, (group.count or 1) // replicas)
-    # the threads per instance of the one-replica config (export/triton/python_model.py
+    # the threads per instance of the one-replica config (serve/backend/classifier_model.py
     # would give a lone instance every core)
     cfg.parameters["intra_op_threads"].string_value = str(threads)
     path.write_text(config_text(cfg))

@@ -20,8 +20,8 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from serve.backend.errors import UsageError
 from serve.client.client import Classifier
-from serve.core.errors import UsageError
 from serve.core.files import atomic_write_json
 from serve.core.flags import Flag, add_flags, build
 from serve.core.names import image_model_name

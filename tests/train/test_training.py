@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.core.preprocess import ImageError
+from serve.backend.preprocess import ImageError
 from tests.helpers import OFFLINE_ENV, run_cli
 from train.checkpoint import load_checkpoint, model_from_checkpoint
 from train.data import Preprocess, build_datasets, load_rgb

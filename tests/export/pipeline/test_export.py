@@ -17,7 +17,7 @@ from export.formats.onnx_export import read_metadata
 from serve.core.card import ModelCard
 from serve.core.files import sha256, versions
 from serve.core.model_config import parse_config
-from tests.helpers import run_cli
+from tests.helpers import ROOT, run_cli
 from train.checkpoint import load_checkpoint
 
 STAGE_KEYS = {
@@ -92,8 +92,13 @@ def test_published_repository_layout(model_repo: Path, trained_run: Path) -> Non
     v1 = model_dir / "1"
     # Triton's python-backend stub runs an isolated interpreter that ignores
     # PYTHONDONTWRITEBYTECODE, so once served, model.py's __pycache__ appears beside it.
+    # The python code is serve/backend, whole (model.py is Triton's entry into it).
     published = sorted(p.name for p in v1.iterdir() if p.name != "__pycache__")
-    assert published == ["model.onnx", "model.py", "model_card.json", "report"]
+    backend = sorted(p.name for p in (ROOT / "serve" / "backend").glob("*.py"))
+    assert "model.py" in backend
+    assert published == sorted(["model.onnx", "model_card.json", "report", *backend])
+    card = json.loads((v1 / "model_card.json").read_text())
+    assert sorted(card["files"]) == sorted(["model.onnx", *backend])
     # the version's own report (parity, timings): kept when a later export rewrites runs/
     report = sorted(p.name for p in (v1 / "report").iterdir())
     assert report == ["parity", "parity.json", "parity.md", "parity.png"], report

@@ -28,8 +28,8 @@ from export.triton.config import (
     set_plans,
 )
 from export.triton.warmup import build_warmup
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.core.model_config import config_text, parse_config
-from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import example_card, run_cli, wait_until
 
 TRT_OK, TRT_WHY = tensorrt_status()

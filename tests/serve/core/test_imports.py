@@ -1,8 +1,8 @@
-"""The house has one direction: train -> serve.core, export -> train and serve, and inside
-serve and export their rooms in layers (serve: core, client, runtime, tools, deploy on
-core; export: checks, formats, triton, pipeline, tools, cli); serve imports neither train
-nor export, no module is in an import circle, and every serve module imports with torch
-absent."""
+"""The house has one direction: train -> serve.core and serve.backend, export -> train and
+serve, and inside serve and export their rooms in layers (serve: backend - self-contained,
+it runs inside Triton - core, client, runtime, tools, deploy on core; export: checks,
+formats, triton, pipeline, tools, cli); serve imports neither train nor export, no module is
+in an import circle, and every serve module imports with torch absent."""
 
 from __future__ import annotations
 
@@ -19,8 +19,16 @@ PACKAGES = ("train", "export", "serve")
 # Which rooms a room may import: serve's sub-packages stand in layers (core at the
 # bottom: the kernel every stage shares; then the clients; the server runtime; the
 # tools that measure it), deploy stands on core alone, and serve's own top (cli.py,
-# __main__.py) over all of them. train may use only serve.core.
-SERVE_ROOMS = ("serve.core", "serve.client", "serve.runtime", "serve.tools", "serve.deploy")
+# __main__.py) over all of them; serve.backend under everything (the code Triton runs,
+# self-contained). train may use only serve.backend and serve.core.
+SERVE_ROOMS = (
+    "serve.backend",
+    "serve.core",
+    "serve.client",
+    "serve.runtime",
+    "serve.tools",
+    "serve.deploy",
+)
 # export's rooms, bottom first: measuring and judging (checks), the model files (formats),
 # the model repository (triton), the export run (pipeline), the tools around it, the CLI
 # over all of them. Each may import the rooms below it, train and serve.
@@ -37,14 +45,16 @@ EXPORT_ROOMS = {
     for i, room in enumerate(EXPORT_LAYERS)
 }
 ROOMS = (*SERVE_ROOMS, *EXPORT_LAYERS)
+BASE = {"serve.backend", "serve.core"}
 ALLOWED = {
-    "serve.core": {"serve.core"},
-    "serve.client": {"serve.core", "serve.client"},
-    "serve.runtime": {"serve.core", "serve.client", "serve.runtime"},
-    "serve.tools": {"serve.core", "serve.client", "serve.runtime", "serve.tools"},
-    "serve.deploy": {"serve.core", "serve.deploy"},
+    "serve.backend": {"serve.backend"},
+    "serve.core": BASE,
+    "serve.client": {*BASE, "serve.client"},
+    "serve.runtime": {*BASE, "serve.client", "serve.runtime"},
+    "serve.tools": {*BASE, "serve.client", "serve.runtime", "serve.tools"},
+    "serve.deploy": {*BASE, "serve.deploy"},
     "serve": {"serve", *SERVE_ROOMS},
-    "train": {"train", "serve.core"},
+    "train": {"train", *BASE},
     **EXPORT_ROOMS,
     "export": {"export", "export.cli"},  # export/__init__.py, __main__.py
 }
@@ -53,7 +63,13 @@ MODULES = {
     for package in PACKAGES
     for p in sorted((ROOT / package).rglob("*.py"))
 }
-SERVE_MODULES = sorted(m for m in MODULES if m.startswith("serve") and not m.endswith("__main__"))
+# The Triton models need Triton's stub module (triton_python_backend_utils) to import.
+TRITON_ONLY = {"serve.backend.classifier_model", "serve.backend.preprocess_model"}
+SERVE_MODULES = sorted(
+    m
+    for m in MODULES
+    if m.startswith("serve") and not m.endswith("__main__") and m not in TRITON_ONLY
+)
 
 
 def _room(module: str) -> str:
@@ -82,9 +98,9 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_import_graph_has_one_direction() -> None:
-    """Every import goes down: train -> serve.core; export -> train, serve; inside serve
-    core <- client <- runtime <- tools, deploy -> core; inside export checks <- formats
-    <- triton <- pipeline <- tools <- cli."""
+    """Every import goes down: train -> serve.core, serve.backend; export -> train, serve;
+    inside serve backend <- core <- client <- runtime <- tools, deploy -> core; inside
+    export checks <- formats <- triton <- pipeline <- tools <- cli."""
     assert {"serve.core.card", "serve.runtime.stack", "train.trainer"} <= MODULES.keys()
     assert {"export.checks.parity", "export.pipeline.release"} <= MODULES.keys()
     stray = [m for m in MODULES if m.startswith("export.") and _room(m) == "export"]
@@ -148,35 +164,49 @@ def test_serve_cli_commands_work_without_torch() -> None:
         assert proc.returncode == 0 and "usage:" in proc.stdout, (command.name, proc.stderr)
 
 
-def test_the_preprocess_copy_runs_without_the_serve_package(tmp_path: Path) -> None:
-    """serve/core/preprocess.py and isolated_decode.py are copied as
-    ``image_preprocess.py`` and ``image_isolated_decode.py`` next to the Triton preprocess
-    model, where no ``serve`` package exists: the errors keep their builtin bases through
-    the stand-ins for serve.core.errors, and the isolated decoder imports its sibling."""
+def test_the_backend_runs_whole_in_a_version_folder(tmp_path: Path) -> None:
+    """serve/backend is copied whole into each python-backend version, which Triton
+    imports as a package named for the version (``3.model``), with no ``serve`` package:
+    its files import only each other (relatively), the standard library and third-party
+    packages, and there they decode and refuse images with the project's error root."""
     import shutil
 
-    core = ROOT / "serve" / "core"
-    shutil.copy(core / "preprocess.py", tmp_path / "image_preprocess.py")
-    shutil.copy(core / "isolated_decode.py", tmp_path / "image_isolated_decode.py")
-    shutil.copy(core / "image_scan.py", tmp_path / "image_scan.py")
+    backend = ROOT / "serve" / "backend"
+    ours = []
+    for path in sorted(backend.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                ours += [
+                    f"{path.name}: {a.name}" for a in node.names if a.name.split(".")[0] in PACKAGES
+                ]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                ours += [f"{path.name}: {node.module}"] * (node.module.split(".")[0] in PACKAGES)
+    assert not ours, f"serve/backend must import its own files relatively: {ours}"
+    version = tmp_path / "model" / "3"
+    version.mkdir(parents=True)
+    for path in backend.glob("*.py"):
+        shutil.copy(path, version / path.name)
     code = (
-        "import sys; sys.modules['serve'] = None\n"  # `import serve...` raises ImportError
-        "import image_preprocess as p\n"
-        "import image_isolated_decode as d\n"
-        "assert issubclass(p.ImageError, ValueError) and issubclass(p.DecodeBusy, RuntimeError)\n"
-        "assert issubclass(p.ImageError, p.UserError) and p.UserError.__module__ == p.__name__\n"
-        "assert d.pre is p  # the sibling copy, not a serve package\n"
-        "import image_scan\n"
-        "assert p.scanning is image_scan and d.scanning is image_scan\n"
+        "import importlib, sys; sys.modules['serve'] = None\n"  # `import serve` fails
+        "sys.path.append(sys.argv[1])\n"  # as Triton's stub: the model folder
+        "m = importlib.import_module('3.model')\n"
+        "p = importlib.import_module('3.preprocess')\n"
+        "d = importlib.import_module('3.isolated_decode')\n"
+        "e = importlib.import_module('3.errors')\n"
+        "assert issubclass(p.ImageError, e.UserError) and issubclass(p.ImageError, ValueError)\n"
+        "assert issubclass(p.DecodeBusy, RuntimeError) and d.pre is p\n"
         "try:\n    p.preprocess(b'not an image', p.ResizeCrop(8, 8))\n"
-        "except p.ImageError as e:\n    print('ImageError:', e)\n"
+        "except e.UserError as x:\n    print('ImageError:', x)\n"
         "try:\n    d.preprocess_bounded(b'not an image', p.ResizeCrop(8, 8), p.Limits(), None)\n"
-        "except p.ImageError as e:\n    print('bounded ImageError:', e)\n"
+        "except p.ImageError as x:\n    print('bounded ImageError:', x)\n"
         "try:\n    p.ResizeCrop(8, 16)\n"
-        "except ValueError as e:\n    print(type(e).__name__, e)\n"
+        "except e.UsageError as x:\n    print(type(x).__name__, x)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", code, str(version.parent)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ImageError: <12 bytes>: not a readable image: not one of the served" in proc.stdout

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from serve.core.isolated_decode import SlowLane, decode_isolated, preprocess_bounded
-from serve.core.preprocess import (
+from serve.backend.isolated_decode import SlowLane, decode_isolated, preprocess_bounded
+from serve.backend.preprocess import (
     DECODE_NICE,
     DecodeBusy,
     ImageError,
@@ -148,7 +148,7 @@ def test_jpegs_with_too_many_scans_are_refused_before_decoding() -> None:
 def test_tiles_far_larger_than_the_image_are_refused() -> None:
     """A 64x64 TIFF holding one 26500x26500 deflate tile decodes 2 GB: the tile list is
     checked before decoding (``check_work``)."""
-    from serve.core.preprocess import DEFAULT_LIMITS, check_work
+    from serve.backend.preprocess import DEFAULT_LIMITS, check_work
 
     im = Image.open(io.BytesIO(_encoded(Image.new("L", (64, 64)), "TIFF")))
     check_work("ok.tif", im, DEFAULT_LIMITS)
@@ -332,7 +332,7 @@ def test_cheap_looking_images_are_seen_through_before_any_decoder() -> None:
     """Each class of the hostile corpus (a few hundred bytes to 0.5 MB each, decoding for
     up to 6 s): refused by its structure, or estimated over the fast path's budget (so it
     goes to the slow lane), before a decoder runs; the structure scan itself is quick."""
-    from serve.core.image_scan import ScanError, scan
+    from serve.backend.image_scan import ScanError, scan
     from serve.tools.hostile_images import corpus
 
     limits = Limits()
@@ -356,7 +356,7 @@ def test_every_decode_runs_in_a_worker_under_a_deadline(val_images: list[Path]) 
     image that decodes far longer than its estimate is stopped at the deadline with an
     error that says so, the worker killed (no child left) and the next image decoded by a
     fresh one."""
-    from serve.core.isolated_decode import WALL_SLACK, DecodeWorker
+    from serve.backend.isolated_decode import WALL_SLACK, DecodeWorker
     from serve.tools.hostile_images import rle_eol_bmp
 
     geometry = ResizeCrop(256, 224)
@@ -383,7 +383,7 @@ def test_every_decode_runs_in_a_worker_under_a_deadline(val_images: list[Path]) 
 def test_a_decoder_over_its_memory_cap_fails_cleanly() -> None:
     """A 36 MP image needs ~110 MB decoded: with a 64 MiB cap the decode fails with an
     ImageError naming the image, and the worker decodes the next one."""
-    from serve.core.isolated_decode import DecodeWorker
+    from serve.backend.isolated_decode import DecodeWorker
 
     big = _encoded(Image.new("RGB", (6000, 6000), (1, 2, 3)), "PNG")
     small = _encoded(Image.new("RGB", (300, 200), (9, 8, 7)), "PNG")
@@ -400,7 +400,7 @@ def test_a_decoder_over_its_memory_cap_fails_cleanly() -> None:
 def test_a_request_is_bounded_as_a_whole(val_images: list[Path]) -> None:
     """All items checked before any is decoded (the first bad one named), the total work
     bounded, the request's own deadline, and a cancelled request stops being decoded."""
-    from serve.core.isolated_decode import DecodeWorker, preprocess_request
+    from serve.backend.isolated_decode import DecodeWorker, preprocess_request
 
     geometry = ResizeCrop(256, 224)
     good = [p.read_bytes() for p in val_images[:3]]

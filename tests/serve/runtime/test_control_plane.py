@@ -16,12 +16,12 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.client import admin
 from serve.client.client import Classifier
 from serve.core import auth
 from serve.core.model_config import parse_config
 from serve.core.names import INPUT_NAME
-from serve.core.preprocess import ResizeCrop, preprocess
 from serve.runtime.server_options import ServerOptions
 from serve.runtime.watchdog import Watchdog, WatchdogConfig, check_once
 from tests.helpers import process_alive, stub_pids, wait_until
@@ -191,17 +191,13 @@ def test_one_bad_image_fails_the_whole_request_naming_it(server, val_images):
         client.close()
 
 
-# A model.py that wraps the published one (renamed served_model.py) in the same folder.
+# A model.py that wraps the published one (renamed served_model.py) in the same folder:
+# Triton imports the version folder as a package, so the wrapper imports its sibling.
 WRAPPER = """
 import os
 import time
-import importlib.util
 
-_spec = importlib.util.spec_from_file_location(
-    "served_model", os.path.join(os.path.dirname(__file__), "served_model.py")
-)
-_served = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_served)
+from . import served_model as _served
 """
 
 GATED_MODEL = (

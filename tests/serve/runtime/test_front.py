@@ -23,9 +23,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.core import auth
 from serve.core.names import IMAGE_INPUT, INPUT_NAME, PIXELS_OUTPUT
-from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import (
     child_pids,
     expensive_jpeg,
@@ -534,7 +534,7 @@ def _image_infer(url: str, data: bytes) -> np.ndarray:
 def _decoders(front) -> list[int]:
     """The slow lane's forked decode children of the preprocess model's stubs (expensive
     images: niced, unlike each instance's own decoder process)."""
-    from serve.core.preprocess import DECODE_NICE
+    from serve.backend.preprocess import DECODE_NICE
 
     found = []
     for stub in stub_pids(front.triton_pid):

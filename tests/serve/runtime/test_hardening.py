@@ -19,11 +19,11 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.client import admin
 from serve.client.client import Classifier
 from serve.core import auth
 from serve.core.errors import ClientError, InferenceFailed
-from serve.core.preprocess import ResizeCrop, preprocess
 from serve.runtime.handle import free_port
 from serve.runtime.install import TritonInstall
 from serve.runtime.server_options import ServerOptions, server_command

@@ -17,12 +17,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
+from serve.backend.preprocess import ImageError, ResizeCrop, preprocess
 from serve.client import admin
 from serve.client.async_classifier import AsyncClassifier
 from serve.client.client import Classifier
 from serve.core.card import ModelCard
 from serve.core.errors import ModelNotReady
-from serve.core.preprocess import ImageError, ResizeCrop, preprocess
 from serve.runtime.handle import free_port
 from serve.runtime.server_options import ServerOptions
 from serve.runtime.triton_server import TritonServer

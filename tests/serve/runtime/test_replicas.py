@@ -19,9 +19,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.core import auth
 from serve.core.names import IMAGE_INPUT, INPUT_NAME
-from serve.core.preprocess import ResizeCrop, preprocess
 from tests.helpers import wait_until
 
 GEOMETRY = ResizeCrop(256, 224)

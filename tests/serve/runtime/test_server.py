@@ -16,9 +16,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from serve.backend.preprocess import ResizeCrop, preprocess
 from serve.client.client import Classifier
 from serve.core.errors import ServerUnavailable
-from serve.core.preprocess import ResizeCrop, preprocess
 from serve.runtime.handle import free_port
 from tests.helpers import ROOT, child_pids, process_alive, run_cli
 

@@ -1,6 +1,6 @@
 """Image decoding and the eval geometry, with Pillow and NumPy only (no torch; of this
-project only the error root, ``serve.core.errors``, with stand-ins where it is absent: the file
-is copied as it is into the server-side preprocess model, which has no ``serve`` package).
+project only its own package: it runs inside Triton's preprocess model as it runs in the
+client and the training data loader).
 
 Reproduces the training eval transform exactly - torchvision's PIL path of
 ``Resize(resize)`` (shorter side, Pillow's resampling) and ``CenterCrop(crop)`` - and
@@ -9,7 +9,7 @@ returns float32 0..255 RGB pixels, CHW: exported models normalize inside.
 The work per image is bounded before anything big is allocated: only the formats we
 serve are decoded (``SERVED_FORMATS``, recognised by their first bytes); the encoded size
 and the source pixels are checked from the header; :func:`inspect` reads an image's
-structure without Pillow (serve/core/image_scan.py: JPEG scans and segments, PNG chunks,
+structure without Pillow (serve/backend/image_scan.py: JPEG scans and segments, PNG chunks,
 TIFF strips and pages, run-length BMP, lossless WebP - what makes decoders slow per byte
 rather than per pixel) and refuses what is over its limits; a tiled image's tiles (TIFF)
 may not be much larger than the image (a 64x64 TIFF with one 26500x26500 deflate tile
@@ -20,7 +20,7 @@ center crop's source region is resampled (Pillow's ``resize(box=...)``, the same
 weights), so the work is bounded by the crop.
 
 Time and memory are bounded in the server: every image is decoded out of process under a
-deadline and a memory cap (serve/core/isolated_decode.py): a cheap one (estimated work up
+deadline and a memory cap (serve/backend/isolated_decode.py): a cheap one (estimated work up
 to ``max_fast_work``, default a 16 MP baseline JPEG, ~0.4 s here) in the instance's
 reused decoder process, an expensive one in a forked child killed at
 ``decode_deadline_s`` and only in one of a few ``SlowLane`` slots shared by all of a
@@ -42,21 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-if __package__:  # serve.core.preprocess
-    import serve.core.image_scan as scanning
-else:  # image_preprocess.py beside image_scan.py in a Triton preprocess model
-    import image_scan as scanning  # type: ignore[no-redef]
-
-try:  # the project's error root (serve/core/errors.py, the standard library only)
-    from serve.core.errors import UsageError, UserError
-except ImportError:  # this file alone, as image_preprocess.py of a Triton preprocess model
-
-    class UserError(Exception):  # type: ignore[no-redef]
-        """Stands in for ``serve.core.errors.UserError`` where this file runs alone."""
-
-    class UsageError(UserError, ValueError):  # type: ignore[no-redef]
-        """Stands in for ``serve.core.errors.UsageError`` where this file runs alone."""
-
+from . import image_scan as scanning
+from .errors import UsageError, UserError
 
 # Limits (the server-side preprocess model reads them from its config parameters).
 MAX_IMAGE_BYTES = 64 << 20  # encoded bytes per image
@@ -224,7 +211,7 @@ def check_work(name: str, im: Image.Image, limits: Limits) -> None:
 
 
 def inspect(source: ImageSource, limits: Limits = DEFAULT_LIMITS) -> scanning.Scan:
-    """Read the structure only (serve/core/image_scan.py, no decoder): format, size and
+    """Read the structure only (serve/backend/image_scan.py, no decoder): format, size and
     estimated decode work; refuse what is not a served format or over the limits. A few
     steps per marker, chunk or tile, bounded in number."""
     name = describe(source)

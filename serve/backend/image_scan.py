@@ -1,6 +1,5 @@
 """What an encoded image will cost to decode, read from its structure before any decoder
-sees it (the standard library only; copied with preprocess.py into the Triton preprocess
-model).
+sees it (the standard library only).
 
 Pillow's decoders are not all proportional to the pixels they make: some parse their
 container in Python, a step per marker, chunk, tile or run, so a file of a few kilobytes
@@ -13,7 +12,7 @@ slow: JPEG scans and marker segments, PNG chunks and interlacing, GIF blocks bef
 first frame, run-length and other compressed BMP, TIFF strips, tiles and pages, lossless
 and animated WebP. Structures over the limits are refused with the reason; the server
 still decodes every image under a deadline and a memory cap, whatever its estimate
-(serve/core/isolated_decode.py).
+(serve/backend/isolated_decode.py).
 """
 
 from __future__ import annotations
@@ -22,13 +21,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-if __package__:  # serve.core.image_scan: the project's error root
-    from serve.core.errors import UserError
-else:  # image_scan.py in a Triton preprocess model, where no serve package exists
-
-    class UserError(Exception):  # type: ignore[no-redef]
-        """Stands in for ``serve.core.errors.UserError`` where this file runs alone."""
-
+from .errors import UserError
 
 # The served formats, by their first bytes (Pillow's format names).
 SERVED = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")

@@ -1,6 +1,7 @@
 """Triton python-backend model: runs this version's ONNX file with ONNX Runtime (CPU).
 
-Copied into each published version as ``model.py``. Config parameters used:
+A CPU version runs it (through ``model.py``, this package copied whole into each
+version). Config parameters used:
 ``onnx_file`` (default model.onnx) and ``intra_op_threads`` (0: the cores this process
 may use, shared out among the model's instances; one instance: ONNX Runtime's default).
 Requests of one dynamic batch run as one ORT call; a bad request gets its own
@@ -30,7 +31,7 @@ def intra_op_threads(config, params):
     return max(1, len(os.sched_getaffinity(0)) // count)
 
 
-class TritonPythonModel:
+class ClassifierModel:
     """Python-backend entry points: initialize, execute, finalize."""
 
     def initialize(self, args):

@@ -1,7 +1,7 @@
 """Every image the server decodes is decoded apart, under a deadline and a memory cap.
 
 :func:`preprocess_bounded` is what the server does with the encoded images of one
-request: it reads each one's structure first (serve/core/image_scan.py: the served
+request: it reads each one's structure first (serve/backend/image_scan.py: the served
 formats by their first bytes, the size, the estimated decode work, with the slow-per-byte
 decoders counted), refuses what is over the limits - per image, and the request's
 total - before any decoder runs, then decodes each image out of process:
@@ -15,10 +15,7 @@ total - before any decoder runs, then decodes each image out of process:
   a model's instances, so expensive images never occupy every instance: when the lane is
   full the next one is refused at once as "server busy" and the normal images go on.
 
-No decoder's time or memory stays in the caller's process. Copied, like
-serve/core/preprocess.py (``image_preprocess.py``) and serve/core/image_scan.py, into each
-Triton preprocess model as ``image_isolated_decode.py``, where no ``serve`` package exists:
-there it imports its sibling copies.
+No decoder's time or memory stays in the caller's process.
 """
 
 from __future__ import annotations
@@ -41,12 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__:  # serve.core.isolated_decode
-    import serve.core.image_scan as scanning
-    import serve.core.preprocess as pre
-else:  # image_isolated_decode.py beside its siblings in a Triton preprocess model
-    import image_preprocess as pre  # type: ignore[no-redef]
-    import image_scan as scanning  # type: ignore[no-redef]
+from . import image_scan as scanning
+from . import preprocess as pre
 
 # Decode speed used to turn an estimate into a deadline (pixel-passes per second: a 16 MP
 # baseline JPEG in 0.4 s on the 2-vCPU AMD EPYC here), and the margin over it.

@@ -1,23 +1,20 @@
 """Triton python-backend model: encoded image bytes -> the classifier's input pixels.
 
-Copied into each published ``<model>_preprocess`` version as ``model.py``, next to
-``image_preprocess.py``, ``image_isolated_decode.py`` and ``image_scan.py`` (copies of
-``serve/core/preprocess.py``, ``serve/core/isolated_decode.py`` and
-``serve/core/image_scan.py``, the same decoder the training data loader and the client
-use). Every step is read from the config's parameters, which ``make export`` fills from
-the model card: decode with Pillow (the served formats only, known by their first
-bytes), EXIF orientation, any mode -> RGB, Resize(shorter side) + CenterCrop, float32
-0..255 CHW. Each request's images are read for their structure before any decoder runs
-(encoded bytes, source pixels, aspect ratio, the estimated decode work of each and of all:
-the ``max_*`` parameters), then every one is decoded out of this process under a deadline
-and a memory cap: a cheap one in the instance's reused decoder process, one whose
-structure promises more work than ``max_fast_work`` in a forked child killed at
-``decode_deadline_s``, in one of ``slow_lane_slots`` places shared by every instance of
-the model (a full lane answers "server busy" at once), so expensive images never hold
-every instance while cheap ones wait. A request whose client has cancelled, or whose
-``request_deadline_s`` passed, stops being decoded. The model has no dynamic batching:
-each request is decoded on its own, and a slow one never delays a request batched with
-it.
+The ``<model>_preprocess`` versions run it (through ``model.py``, this package copied whole
+into each version), with the same decoder the training data loader and the client use
+(``preprocess.py``, ``isolated_decode.py``, ``image_scan.py``). Every step is read from the
+config's parameters, which ``make export`` fills from the model card: decode with Pillow
+(the served formats only, known by their first bytes), EXIF orientation, any mode -> RGB,
+Resize(shorter side) + CenterCrop, float32 0..255 CHW. Each request's images are read for
+their structure before any decoder runs (encoded bytes, source pixels, aspect ratio, the
+estimated decode work of each and of all: the ``max_*`` parameters), then every one is
+decoded out of this process under a deadline and a memory cap: a cheap one in the instance's
+reused decoder process, one whose structure promises more work than ``max_fast_work`` in a
+forked child killed at ``decode_deadline_s``, in one of ``slow_lane_slots`` places shared by
+every instance of the model (a full lane answers "server busy" at once), so expensive images
+never hold every instance while cheap ones wait. A request whose client has cancelled, or
+whose ``request_deadline_s`` passed, stops being decoded. The model has no dynamic batching:
+each request is decoded on its own, and a slow one never delays a request batched with it.
 
 A request with several images is answered as a whole: if any item is bad, the request
 fails with ``bad image: item k: <reason>`` naming the first bad item, and no pixels are
@@ -26,23 +23,14 @@ and the model stays healthy (every exception is caught per request).
 """
 
 import json
-import os
-import sys
 
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from image_isolated_decode import DecodeWorker, SlowLane, preprocess_request  # noqa: E402
-from image_preprocess import (  # noqa: E402
-    SLOW_LANE_SLOTS,
-    DecodeBusy,
-    ImageError,
-    Limits,
-    ResizeCrop,
-)
+from .isolated_decode import DecodeWorker, SlowLane, preprocess_request
+from .preprocess import SLOW_LANE_SLOTS, DecodeBusy, ImageError, Limits, ResizeCrop
 
 
-class TritonPythonModel:
+class PreprocessModel:
     """Python-backend entry points: initialize, execute, finalize."""
 
     def initialize(self, args):
