@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from export.checks.parity import AccuracyGate, Stage, Thresholds
+from export.checks.parity import Gate, Stage, gate_from_record
 from serve.backend.errors import UsageError
 from serve.core.files import fsync_dir
 
@@ -54,12 +54,9 @@ class StageRecord:
     reason: str
     outputs: str | None  # <stage>.npz, None when it was skipped
 
-    def gate_object(self) -> Thresholds | AccuracyGate:
+    def gate_object(self) -> Gate:
         """The gate the export judged this stage with."""
-        if self.gate == "accuracy":
-            keys = AccuracyGate.__dataclass_fields__
-            return AccuracyGate(**{k: v for k, v in self.thresholds.items() if k in keys})
-        return Thresholds(**{k: self.thresholds[k] for k in Thresholds.__dataclass_fields__})
+        return gate_from_record(self.gate, self.thresholds)
 
 
 def runtime_of(stage: str) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -35,10 +35,34 @@ class Thresholds:
     """``min_top1`` agreement, plus an error statistic (``max`` or ``median``) that must be
     within ``atol`` (absolute) or, when ``rtol`` is set, within ``rtol`` (relative)."""
 
+    kind: ClassVar[str] = "elementwise"
     min_top1: float = 1.0
     stat: str = "max"
     atol: float = 1e-3
     rtol: float | None = None
+
+    def check(
+        self, stats: dict[str, Any], ref: np.ndarray, out: np.ndarray, where: Where
+    ) -> list[str]:
+        """What fails this gate: top-1 agreement, then the statistic over both tolerances
+        (Polygraphy's rule), naming the image and output with the largest difference."""
+        problems = []
+        if stats["top1_agreement"] < self.min_top1:
+            problems.append(f"top-1 agreement {stats['top1_agreement']:.4%} < {self.min_top1:.2%}")
+        abs_val, rel_val = stats[f"{self.stat}_abs"], stats[f"{self.stat}_rel"]
+        if abs_val > self.atol and (self.rtol is None or rel_val > self.rtol):
+            rel = f" and {self.stat} rel diff {rel_val:.3g} > {self.rtol:g}" if self.rtol else ""
+            i, j = (int(v) for v in np.unravel_index(int(np.abs(out - ref).argmax()), ref.shape))
+            problems.append(
+                f"{self.stat} abs diff {abs_val:.3g} > {self.atol:g}{rel} (the largest: "
+                f"image {where.image(i)}, output {where.output(j)}: {out[i, j]:.6g} vs "
+                f"{ref[i, j]:.6g})"
+            )
+        return problems
+
+    def record(self, images: int) -> dict[str, Any]:
+        """The thresholds as parity.json and the bundle keep them."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -55,6 +79,8 @@ class AccuracyGate:
     agreement must still reach ``small_set_min_agreement`` (a floor against a model that
     reshuffles many answers; it only ever lowers ``min_agreement``, never raises it)."""
 
+    kind: ClassVar[str] = "accuracy"
+    stat: ClassVar[str] = "median"  # the element-wise statistic reported beside it
     min_agreement: float = 0.995
     max_accuracy_drop: float = 0.005
     small_set_images: int = 200
@@ -72,6 +98,78 @@ class AccuracyGate:
         if images < self.small_set_images and self.small_set_drop_images:
             return max(self.max_accuracy_drop, self.small_set_drop_images / images)
         return self.max_accuracy_drop
+
+    def check(
+        self, stats: dict[str, Any], ref: np.ndarray, out: np.ndarray, where: Where
+    ) -> list[str]:
+        """What fails this gate: agreement under the floor, too many broken answers on a
+        small set, labelled accuracy too far below the reference's (needs the labels'
+        statistics in ``stats``)."""
+        if "accuracy_drop" not in stats:
+            raise ValueError(f"{where.stage}: the accuracy gate needs the images' labels")
+        images, problems = stats["images"], []
+        floor = self.agreement_floor(images)
+        small = images < self.small_set_images
+        flips = f" ({stats['flips_break']} flips break, {stats['flips_fix']} fix)" if small else ""
+        if stats["top1_agreement"] < floor:
+            problems.append(f"top-1 agreement {stats['top1_agreement']:.4%} < {floor:.2%}{flips}")
+        if small and stats["flips_break"] > self.small_set_drop_images:
+            problems.append(
+                f"{stats['flips_break']} flips break a correct reference answer (allowed "
+                f"{self.small_set_drop_images} on a set of {images} images)"
+            )
+        allowed = self.allowed_drop(images)
+        if stats["accuracy_drop"] > allowed + 1e-12:
+            problems.append(
+                f"accuracy {stats['accuracy']:.2%} is {100 * stats['accuracy_drop']:.2f} points "
+                f"below the reference's {stats['reference_accuracy']:.2%} "
+                f"(allowed {100 * allowed:.2f})"
+            )
+        return problems
+
+    def record(self, images: int) -> dict[str, Any]:
+        """The thresholds as parity.json and the bundle keep them, with what they came to
+        on this set."""
+        floor = self.agreement_floor(images)
+        return {**asdict(self), "allowed_drop": self.allowed_drop(images), "agreement_floor": floor}
+
+
+class Gate(Protocol):
+    """A stage's gate judges itself: its ``kind`` (parity.json's ``gate``), the
+    element-wise statistic it reports, what fails it, and its thresholds as recorded."""
+
+    kind: ClassVar[str]
+
+    @property
+    def stat(self) -> str: ...
+
+    def check(
+        self, stats: dict[str, Any], ref: np.ndarray, out: np.ndarray, where: Where
+    ) -> list[str]: ...
+
+    def record(self, images: int) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Where:
+    """How a verdict names an image and an output: by file name and class when known."""
+
+    stage: str
+    names: Sequence[str] | None = None
+    classes: Sequence[str] | None = None
+
+    def image(self, i: int) -> str:
+        return self.names[i] if self.names is not None and i < len(self.names) else f"#{i}"
+
+    def output(self, j: int) -> str:
+        return self.classes[j] if self.classes and j < len(self.classes) else str(j)
+
+
+def gate_from_record(kind: str, thresholds: dict[str, Any]) -> Gate:
+    """The gate a stage was judged with, from parity.json's or the bundle's record."""
+    cls: type[Thresholds] | type[AccuracyGate] = AccuracyGate if kind == "accuracy" else Thresholds
+    keys = cls.__dataclass_fields__
+    return cls(**{k: v for k, v in thresholds.items() if k in keys})
 
 
 # FP32 stages: every logit within 1e-3 and the same top-1 everywhere.
@@ -149,18 +247,14 @@ def diff_stats(reference: np.ndarray, output: np.ndarray, stat: str = "max") -> 
     return stats
 
 
-def first_nonfinite(
-    logits: np.ndarray, names: Sequence[str] | None = None, classes: Sequence[str] | None = None
-) -> tuple[int, str]:
+def first_nonfinite(logits: np.ndarray, where: Where) -> tuple[int, str]:
     """How many values of the [N, C] ``logits`` are NaN or infinite, and where the first
     one is (its image's name or index, its output's class or index, its value)."""
     bad = ~np.isfinite(logits)
     if not bad.any():
         return 0, ""
     i, j = (int(v) for v in np.argwhere(bad)[0])
-    image = names[i] if names is not None and i < len(names) else f"#{i}"
-    output = classes[j] if classes and j < len(classes) else str(j)
-    return int(bad.sum()), f"image {image}, output {output} = {logits[i, j]}"
+    return int(bad.sum()), f"image {where.image(i)}, output {where.output(j)} = {logits[i, j]}"
 
 
 def accuracy_stats(
@@ -196,7 +290,7 @@ def judge(
     reference: str,
     ref: np.ndarray,
     out: np.ndarray,
-    gate: Thresholds | AccuracyGate = FP32_GATE,
+    gate: Gate = FP32_GATE,
     gating: bool = True,
     labels: np.ndarray | None = None,
     classes: list[str] | None = None,
@@ -208,73 +302,36 @@ def judge(
     the first one's image (``names``, else its index) and output; the statistics are then
     those of the finite values (non-finite ones counted as 0).
 
-    ``gate`` is element-wise (:class:`Thresholds`, FP32 stages) or accuracy-based
-    (:class:`AccuracyGate`, reduced precision; needs ``labels``). With ``labels`` the
+    ``gate`` judges itself (:class:`Gate`): element-wise (:class:`Thresholds`, FP32
+    stages) or accuracy-based (:class:`AccuracyGate`, reduced precision; needs
+    ``labels``). With ``labels`` the
     stage also carries labelled accuracy of both sides. A non-``gating`` (advisory)
     stage is judged and reported the same way but does not block publishing.
     """
-    stat = gate.stat if isinstance(gate, Thresholds) else "median"
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    where = Where(name, names, classes)
     problems, nonfinite = [], 0
     for side, logits in ((f"reference ({reference})", ref), ("output", out)):
-        count, where = first_nonfinite(logits, names, classes)
+        count, first = first_nonfinite(logits, where)
         if count:
-            problems.append(f"{count} non-finite {side} value(s), the first: {where}")
+            problems.append(f"{count} non-finite {side} value(s), the first: {first}")
             nonfinite += count if side == "output" else 0
     if problems:
         ref, out = (
             np.nan_to_num(ref, nan=0.0, posinf=0.0, neginf=0.0),
             np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0),
         )
-    stats = diff_stats(ref, out, stat)
+    stats = diff_stats(ref, out, gate.stat)
     if labels is not None:
         stats.update(accuracy_stats(ref, out, labels, classes or []))
-    if isinstance(gate, AccuracyGate):
-        if labels is None:
-            raise ValueError(f"{name}: the accuracy gate needs the images' labels")
-        floor = gate.agreement_floor(stats["images"])
-        small = stats["images"] < gate.small_set_images
-        flips = f" ({stats['flips_break']} flips break, {stats['flips_fix']} fix)" if small else ""
-        if stats["top1_agreement"] < floor:
-            problems.append(f"top-1 agreement {stats['top1_agreement']:.4%} < {floor:.2%}{flips}")
-        if small and stats["flips_break"] > gate.small_set_drop_images:
-            problems.append(
-                f"{stats['flips_break']} flips break a correct reference answer (allowed "
-                f"{gate.small_set_drop_images} on a set of {stats['images']} images)"
-            )
-        allowed = gate.allowed_drop(stats["images"])
-        if stats["accuracy_drop"] > allowed + 1e-12:
-            problems.append(
-                f"accuracy {stats['accuracy']:.2%} is {100 * stats['accuracy_drop']:.2f} points "
-                f"below the reference's {stats['reference_accuracy']:.2%} "
-                f"(allowed {100 * allowed:.2f})"
-            )
-        thresholds = {**asdict(gate), "allowed_drop": allowed, "agreement_floor": floor}
-    else:
-        if stats["top1_agreement"] < gate.min_top1:
-            problems.append(f"top-1 agreement {stats['top1_agreement']:.4%} < {gate.min_top1:.2%}")
-        abs_val, rel_val = stats[f"{gate.stat}_abs"], stats[f"{gate.stat}_rel"]
-        abs_bad = abs_val > gate.atol
-        rel_bad = gate.rtol is None or rel_val > gate.rtol
-        if abs_bad and rel_bad:
-            rel_text = (
-                f" and {gate.stat} rel diff {rel_val:.3g} > {gate.rtol:g}" if gate.rtol else ""
-            )
-            i, j = (int(v) for v in np.unravel_index(int(np.abs(out - ref).argmax()), ref.shape))
-            image = names[i] if names is not None and i < len(names) else f"#{i}"
-            output = classes[j] if classes and j < len(classes) else str(j)
-            problems.append(
-                f"{gate.stat} abs diff {abs_val:.3g} > {gate.atol:g}{rel_text} (the largest: "
-                f"image {image}, output {output}: {out[i, j]:.6g} vs {ref[i, j]:.6g})"
-            )
-        thresholds = asdict(gate)
+    problems += gate.check(stats, ref, out, where)
     return Stage(
         name=name,
         reference=reference,
         status="failed" if problems else "passed",
         reason="; ".join(problems),
-        gate="accuracy" if isinstance(gate, AccuracyGate) else "elementwise",
-        thresholds=thresholds,
+        gate=gate.kind,
+        thresholds=gate.record(stats["images"]),
         gating=gating,
         nonfinite=nonfinite,
         **stats,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from export.checks.parity import AccuracyGate, Stage, Thresholds, format_stage, judge, skipped
+from export.checks.parity import AccuracyGate, Gate, Stage, format_stage, judge, skipped
 from export.checks.stage_outputs import PixelBatches
 from export.formats.tensorrt_rtx import RtxBuild
 from serve.core.sampling import stratified
@@ -55,7 +55,7 @@ class Ledger:
         reference: str,
         ref: np.ndarray,
         out: np.ndarray,
-        gate: Thresholds | AccuracyGate,
+        gate: Gate,
         gating: bool = True,
         indices: np.ndarray | None = None,
     ) -> Stage:
