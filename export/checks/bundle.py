@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from export.checks.parity import Gate, Stage, gate_from_record
+from export.checks.stages import REFERENCE, StageName
 from serve.backend.errors import UsageError
 from serve.core.files import fsync_dir
 
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 BUNDLE_DIR = "parity"
-REFERENCE_STAGE = "pytorch-fp32"
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,6 @@ class StageRecord:
     def gate_object(self) -> Gate:
         """The gate the export judged this stage with."""
         return gate_from_record(self.gate, self.thresholds)
-
-
-def runtime_of(stage: str) -> str:
-    """The runtime a stage's name says it ran on."""
-    for prefix in ("triton-http", "triton-grpc", "triton-image"):
-        if stage == prefix:
-            return prefix
-    return stage.split("-", 1)[0]
 
 
 @dataclass
@@ -207,7 +199,7 @@ def write_bundle(
                 StageRecord(
                     name=s.name,
                     reference=s.reference,
-                    runtime=runtime_of(s.name),
+                    runtime=StageName(s.name).runtime,
                     model=model_file,
                     gate=s.gate,
                     thresholds=dict(s.thresholds),
@@ -231,7 +223,7 @@ def write_bundle(
             "replay": {
                 r.name: replay_command(r, where or str(target), checkpoint)
                 for r in records
-                if r.name != REFERENCE_STAGE and r.outputs
+                if r.name != REFERENCE and r.outputs
             },
         }
         (staging / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -247,7 +239,7 @@ def write_bundle(
 
 def _reference_record(logits: dict[str, np.ndarray]) -> StageRecord:
     return StageRecord(
-        name=REFERENCE_STAGE,
+        name=REFERENCE,
         reference="",
         runtime="pytorch",
         model=None,
@@ -256,7 +248,7 @@ def _reference_record(logits: dict[str, np.ndarray]) -> StageRecord:
         gating=False,
         status="reference",
         reason="the checkpoint in PyTorch FP32: every stage is judged against it",
-        outputs=f"{REFERENCE_STAGE}.npz" if REFERENCE_STAGE in logits else None,
+        outputs=f"{REFERENCE}.npz" if REFERENCE in logits else None,
     )
 
 

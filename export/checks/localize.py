@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from export.checks.stages import REFERENCE, StageName
 from serve.backend.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ class Localization:
 
 
 def tolerance_for(stage: str) -> float:
-    """The default tolerance for a stage's precision (from its name)."""
-    return TOLERANCE["int8"] if "int8" in stage else TOLERANCE["fp16"]
+    """The default tolerance for a stage's precision."""
+    return TOLERANCE["int8"] if StageName(stage).precision == "int8" else TOLERANCE["fp16"]
 
 
 def _session(path: str | Path) -> tuple[Any, list[str]]:
@@ -284,7 +285,7 @@ def run(a: argparse.Namespace) -> int:
     bundle = Bundle.load(a.bundle)
     record = bundle.stage(a.stage)
     model = Path(a.model) if a.model else bundle.model_path(a.stage)
-    fp32 = bundle.model_path("onnxruntime-fp32")
+    fp32 = bundle.model_path(StageName.ONNXRUNTIME_FP32)
     if model is None or fp32 is None:
         raise UsageError(
             f"localize compares ONNX graphs: {a.stage} ({record.runtime}) has no ONNX file in "
@@ -292,7 +293,7 @@ def run(a: argparse.Namespace) -> int:
         )
     pixels, _labels, _names = bundle.inputs()
     saved, indices = bundle.outputs(a.stage)
-    reference, _ = bundle.outputs("pytorch-fp32")
+    reference, _ = bundle.outputs(REFERENCE)
     reference = reference if indices is None else reference[indices]
     chosen = pick_images(saved, reference, a.images)
     chosen = chosen if indices is None else indices[chosen]

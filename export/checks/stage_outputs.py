@@ -1,33 +1,20 @@
-"""Logits of each pipeline stage on the same real images (the inputs of every parity check)."""
+"""The real images every parity stage runs on: the val split through the checkpoint's own
+eval transform as pixel batches, and the same images encoded (export/runners run them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
+from export.checks.stages import PixelBatches
 from serve.backend.errors import UsageError
-from train.checkpoint import Checkpoint, model_from_checkpoint
+from train.checkpoint import Checkpoint
 from train.data import Preprocess
 from train.datasets import dataset_split, subset
 from train.progress import progress
-
-
-@dataclass
-class PixelBatches:
-    """Eval-transformed images as float32 0..255 NCHW pixel batches, with labels and paths."""
-
-    batches: list[np.ndarray]
-    labels: np.ndarray
-    paths: list[str]
-
-    @property
-    def count(self) -> int:
-        return len(self.paths)
 
 
 def _kind(ckpt: Checkpoint, data: str | Path) -> str:
@@ -72,38 +59,6 @@ def sample_names(ds: Any) -> list[str]:
     if hasattr(base, "samples"):
         return [base.samples[i][0] for i in idx]
     return [f"{getattr(base, 'source', 'dataset')}[{i}]" for i in idx]
-
-
-@torch.no_grad()
-def pytorch_logits(
-    ckpt: Checkpoint, pixels: PixelBatches, dtype: torch.dtype = torch.float32
-) -> np.ndarray:
-    """The trained model as trained: ``(x / 255 - mean) / std`` then the network, in the
-    channels-last layout (oneDNN's fast path on CPU: 2x here, the same numbers within
-    float rounding)."""
-    model = model_from_checkpoint(ckpt).to(dtype).to(memory_format=torch.channels_last)
-    pre = ckpt.card.preprocessing
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-    outs = []
-    for x in progress(pixels.batches, desc=f"pytorch {str(dtype).split('.')[-1]}"):
-        normalized = (torch.from_numpy(x) / 255 - mean) / std
-        batch = normalized.to(dtype).contiguous(memory_format=torch.channels_last)
-        outs.append(model(batch).float().numpy())
-    return np.concatenate(outs)
-
-
-def onnxruntime_logits(onnx_path: str | Path, pixels: PixelBatches, threads: int = 0) -> np.ndarray:
-    """ONNX Runtime (CPU) on the 0..255 pixels, batch by batch."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate(
-        [session.run(None, {name: x})[0] for x in progress(pixels.batches, desc="onnxruntime")]
-    )
 
 
 def encoded_images(

@@ -34,7 +34,7 @@ from serve.backend.errors import UsageError
 from serve.core.files import atomic_write_bytes
 
 if TYPE_CHECKING:  # the pixels type only: importing it would import torch
-    from export.checks.stage_outputs import PixelBatches
+    from export.checks.stages import PixelBatches
 
 log = logging.getLogger(__name__)
 

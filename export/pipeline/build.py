@@ -9,14 +9,14 @@ import logging
 import time
 from pathlib import Path
 
-from export.checks.stage_outputs import load_pixels, onnxruntime_logits, pytorch_logits
-from export.formats.fp16 import convert_fp16, pytorch_fp16_logits
+from export.checks.stage_outputs import load_pixels
+from export.checks.stages import REFERENCE, StageName
+from export.formats.fp16 import convert_fp16
 from export.formats.onnx_cache import OnnxCache
 from export.formats.onnx_export import ExportedOnnx, export_onnx
 from export.formats.tensorrt_engine import (
     TensorRTUnavailable,
     build_engine,
-    tensorrt_logits,
     tensorrt_status,
 )
 from export.formats.tensorrt_rtx import RtxBuild, import_rtx, rtx_build, rtx_capabilities
@@ -24,9 +24,12 @@ from export.pipeline.config import ExportConfig
 from export.pipeline.job import ExportJob
 from export.pipeline.ledger import Ledger
 from export.pipeline.precision import Int8Export, check_int8, reduced_stage
+from export.runners.onnxruntime import OnnxRuntimeRunner
+from export.runners.pytorch import PyTorchRunner
+from export.runners.tensorrt import TensorRTRunner
 from serve.backend.errors import UsageError
 from serve.core import hints
-from serve.core.names import INPUT_NAME, OUTPUT_NAME
+from serve.core.names import INPUT_NAME
 from train.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -108,7 +111,7 @@ def reference_outputs(job: ExportJob) -> Ledger:
     )
     log.info("parity on %d %s images of %s", pixels.count, cfg.split, job.data)
     started = time.perf_counter()
-    reference = pytorch_logits(job.ckpt, pixels)
+    reference = PyTorchRunner(job.ckpt, REFERENCE).logits(pixels)
     ledger = Ledger(
         pixels=pixels,
         reference=reference,
@@ -116,31 +119,31 @@ def reference_outputs(job: ExportJob) -> Ledger:
         reduced_gate=cfg.precision.gate,
         gating=job.gating,
     )
-    ledger.seconds["pytorch-fp32"] = time.perf_counter() - started
+    ledger.seconds[REFERENCE] = time.perf_counter() - started
     return ledger
 
 
 def check_onnxruntime(job: ExportJob, ledger: Ledger, int8: Int8Export) -> None:
     """ONNX Runtime FP32 (element-wise gate) and FP16 (accuracy gate, gating only when
     FP16 is published), then INT8 (:func:`export.pipeline.precision.check_int8`)."""
-    with ledger.timed("onnxruntime-fp32"):
-        ort32 = onnxruntime_logits(job.onnx_path, ledger.pixels)
-    ledger.compare("onnxruntime-fp32", "pytorch-fp32", ledger.reference, ort32, job.fp32_gate)
+    fp32 = StageName.ONNXRUNTIME_FP32
+    with ledger.timed(fp32):
+        ort32 = OnnxRuntimeRunner(job.onnx_path, fp32).logits(ledger.pixels)
+    ledger.compare(fp32, REFERENCE, ledger.reference, ort32, job.fp32_gate)
+    fp16_stages = (StageName.ONNXRUNTIME_FP16, StageName.PYTORCH_FP16)
     if not job.cfg.fp16:
-        for stage_name in ("onnxruntime-fp16", "pytorch-fp16"):
-            ledger.skip(stage_name, "pytorch-fp32", "disabled (--no-fp16-stages)")
+        for stage_name in fp16_stages:
+            ledger.skip(stage_name, REFERENCE, "disabled (--no-fp16-stages)")
     else:
-        if job.cfg.advisory == "sample" and not {"onnxruntime-fp16", "pytorch-fp16"} <= job.gating:
+        if job.cfg.advisory == "sample" and not set(fp16_stages) <= job.gating:
             log.info(
                 "advisory stages (not published) judged on a stratified sample of %d of %d "
                 "images (seed 0); --advisory all judges every one",
                 min(job.cfg.advisory_sample, ledger.pixels.count),
                 ledger.pixels.count,
             )
-        reduced_stage(
-            job, ledger, "onnxruntime-fp16", lambda px: onnxruntime_logits(job.fp16_path, px)
-        )
-        reduced_stage(job, ledger, "pytorch-fp16", lambda px: pytorch_fp16_logits(job.ckpt, px)[0])
+        reduced_stage(job, ledger, OnnxRuntimeRunner(job.fp16_path, StageName.ONNXRUNTIME_FP16))
+        reduced_stage(job, ledger, PyTorchRunner(job.ckpt, StageName.PYTORCH_FP16))
     check_int8(job, ledger, int8)
 
 
@@ -152,13 +155,13 @@ def check_tensorrt(job: ExportJob, ledger: Ledger) -> Path | None:
     cfg = job.cfg
     wants_engine = cfg.serving.kind == "gpu-tensorrt"
     int8 = job.precision == "int8" and cfg.serving.target == "gpu"
-    stage_name = "tensorrt-int8" if int8 else "tensorrt-fp16"
+    stage_name = StageName.TENSORRT_INT8 if int8 else StageName.TENSORRT_FP16
     engine = Path(cfg.engine) if cfg.engine else None
     ok, why = tensorrt_status()
     if not ok:
         if wants_engine and engine is None:
             raise TensorRTUnavailable(no_tensorrt(why))
-        ledger.skip(stage_name, "pytorch-fp32", f"{why}; runs on GPU hosts with TensorRT")
+        ledger.skip(stage_name, REFERENCE, f"{why}; runs on GPU hosts with TensorRT")
         return engine
     if engine is None:
         engine = job.out_dir / "model.plan"
@@ -178,7 +181,7 @@ def check_tensorrt(job: ExportJob, ledger: Ledger) -> Path | None:
             meta["gpu_name"],
             meta["build_seconds"],
         )
-    logits = tensorrt_logits(engine, ledger.pixels.batches, INPUT_NAME, OUTPUT_NAME)
+    logits = TensorRTRunner(engine, stage_name).logits(ledger.pixels)
     ledger.compare_reduced(stage_name, logits)
     return engine
 

@@ -11,6 +11,7 @@ from export.checks.parity import (
     FP32_GATE,
     AccuracyGate,
 )
+from export.checks.stages import StageName
 from export.formats.int8 import Calibration
 from export.formats.tensorrt_engine import EngineProfile
 from export.formats.tensorrt_rtx import DEFAULT_RTX_TARGETS, parse_targets
@@ -22,17 +23,16 @@ Precision = Literal["fp32", "fp16", "int8"]
 # sample of the val images, on every one, or not at all
 Advisory = Literal["sample", "all", "off"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-INT8_STAGE = "onnxruntime-int8"
-INT8_TRT_STAGE = "onnxruntime-int8-tensorrt"  # model_int8_trt.onnx, the TensorRT flavour
 
 
-def gating_stages(precision: str, target: str) -> set[str]:
+def gating_stages(precision: str, target: str) -> set[StageName]:
     """The reduced-precision stages that gate publishing for this precision and target."""
     if target == "gpu":
         if precision == "int8":
-            return {"tensorrt-int8"}
-        return {"onnxruntime-fp16", "pytorch-fp16", "tensorrt-fp16"}
-    return {"int8": {INT8_STAGE}, "fp16": {"onnxruntime-fp16"}}.get(precision, set())
+            return {StageName.TENSORRT_INT8}
+        return {StageName.ONNXRUNTIME_FP16, StageName.PYTORCH_FP16, StageName.TENSORRT_FP16}
+    served = {"int8": StageName.ONNXRUNTIME_INT8, "fp16": StageName.ONNXRUNTIME_FP16}
+    return {served[precision]} if precision in served else set()
 
 
 @dataclass

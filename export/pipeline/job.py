@@ -10,8 +10,9 @@ from functools import cached_property
 from pathlib import Path
 
 from export.checks.parity import FP16_GATE, FP32_GATE, Thresholds
+from export.checks.stages import TRITON_STAGES, StageName
 from export.formats.tensorrt_rtx import RtxBuild
-from export.pipeline.config import INT8_STAGE, INT8_TRT_STAGE, ExportConfig, gating_stages
+from export.pipeline.config import ExportConfig, gating_stages
 from serve.core.files import sha256
 from train.checkpoint import Checkpoint
 
@@ -67,19 +68,19 @@ class ExportJob:
 
     def stage_models(self, engine: Path | None = None) -> dict[str, Path]:
         """The model file each parity stage runs (what the bundle carries to replay it)."""
-        models = {
-            "onnxruntime-fp32": self.onnx_path,
-            "onnxruntime-fp16": self.fp16_path,
-            INT8_STAGE: self.int8_path,
-            INT8_TRT_STAGE: self.int8_trt_path,
-            **{f"triton-{k}": self.served_onnx for k in ("http", "grpc", "image")},
+        models: dict[str, Path] = {
+            StageName.ONNXRUNTIME_FP32: self.onnx_path,
+            StageName.ONNXRUNTIME_FP16: self.fp16_path,
+            StageName.ONNXRUNTIME_INT8: self.int8_path,
+            StageName.ONNXRUNTIME_INT8_TENSORRT: self.int8_trt_path,
+            **{stage: self.served_onnx for stage in TRITON_STAGES},
         }
         if engine is not None:
-            models.update({"tensorrt-fp16": engine, "tensorrt-int8": engine})
+            models.update({StageName.TENSORRT_FP16: engine, StageName.TENSORRT_INT8: engine})
         return models
 
     @property
-    def gating(self) -> set[str]:
+    def gating(self) -> set[StageName]:
         """The reduced-precision stages that gate publishing here (:func:`gating_stages`)."""
         return gating_stages(self.precision, self.cfg.serving.target)
 

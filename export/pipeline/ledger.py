@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from export.checks.parity import AccuracyGate, Gate, Stage, format_stage, judge, skipped
-from export.checks.stage_outputs import PixelBatches
+from export.checks.stages import REFERENCE, PixelBatches, StageName
 from export.formats.tensorrt_rtx import RtxBuild
 from serve.core.sampling import stratified
 
@@ -32,7 +32,7 @@ class Ledger:
     reference: np.ndarray  # pytorch-fp32 logits on every image
     classes: list[str]
     reduced_gate: AccuracyGate
-    gating: set[str]
+    gating: set[StageName]
     stages: list[Stage] = field(default_factory=list)
     diffs: dict[str, np.ndarray] = field(default_factory=dict)
     logits: dict[str, np.ndarray] = field(default_factory=dict)
@@ -79,7 +79,7 @@ class Ledger:
         gating when its model is what gets published."""
         ref = self.reference if indices is None else self.reference[indices]
         gating = name in self.gating
-        return self.compare(name, "pytorch-fp32", ref, out, self.reduced_gate, gating, indices)
+        return self.compare(name, REFERENCE, ref, out, self.reduced_gate, gating, indices)
 
     def sample(self, n: int, seed: int = 0) -> np.ndarray:
         """A stratified sample of ``n`` images (every class in proportion, fixed by

@@ -10,9 +10,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from export.checks.bundle import BUNDLE_DIR, REFERENCE_STAGE, Bundle, copy_bundle, write_bundle
+from export.checks.bundle import BUNDLE_DIR, Bundle, copy_bundle, write_bundle
 from export.checks.report import write_histogram, write_json, write_markdown
 from export.checks.stage_outputs import encoded_images
+from export.checks.stages import REFERENCE, TRITON_STAGES
 from export.formats.onnx_export import ExportedOnnx, exported_card, model_gflops
 from export.formats.tensorrt_rtx import RtxBuild
 from export.pipeline.job import ExportJob
@@ -21,7 +22,7 @@ from export.pipeline.precision import Int8Export, precision_details, served_stag
 from export.triton.publish import Published, publish
 from export.triton.warmup import val_images
 from serve.core.card import ModelCard, ParitySummary
-from serve.core.cli_common import GateRefused
+from serve.core.errors import GateRefused
 from serve.core.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,6 @@ def check_triton(job: ExportJob, ledger: Ledger, card: ModelCard, engine: Path |
     backend). The server runs the served model with ONNX Runtime: it must return exactly
     that stage's logits."""
     cfg = job.cfg
-    names = ("triton-http", "triton-grpc", "triton-image")
     served = served_stage(job.precision)
     if not cfg.triton_parity or cfg.serving.target != "cpu":
         reason = (
@@ -78,18 +78,18 @@ def check_triton(job: ExportJob, ledger: Ledger, card: ModelCard, engine: Path |
             else "the bundled tritonserver has only the python backend; serve the GPU "
             "repository with the NGC container (serve/deploy/docker-compose.gpu.yml)"
         )
-        for stage_name in names:
+        for stage_name in TRITON_STAGES:
             ledger.skip(stage_name, served, reason)
         return
-    from export.checks.triton_parity import triton_logits
+    from export.runners.triton import served as served_by_triton
 
     images = encoded_images(job.ckpt, job.data, cfg.split, cfg.parity_limit)
     ledger.encoded = images
-    outputs = triton_logits(
-        lambda repo: publish_into(job, repo, card, engine), job.name, ledger.pixels, images
-    )
-    for key, logits in outputs.items():
-        ledger.compare(f"triton-{key}", served, ledger.logits[served], logits, job.fp32_gate)
+    pixels = dataclasses.replace(ledger.pixels, images=images)
+    with served_by_triton(lambda repo: publish_into(job, repo, card, engine), job.name) as runners:
+        outputs = {runner.stage: runner.logits(pixels) for runner in runners}
+    for stage_name, logits in outputs.items():
+        ledger.compare(stage_name, served, ledger.logits[served], logits, job.fp32_gate)
 
 
 def write_reports(
@@ -141,7 +141,7 @@ def write_reports(
         names=ledger.pixels.paths,
         classes=ledger.classes,
         stages=ledger.stages,
-        logits={REFERENCE_STAGE: ledger.reference, **ledger.logits},
+        logits={REFERENCE: ledger.reference, **ledger.logits},
         indices=ledger.indices,
         models=job.stage_models(engine),
         images=ledger.encoded,

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
+from export.checks.stage_outputs import load_pixels
+from export.checks.stages import REFERENCE, StageName
 from export.formats.int8 import metadata_of, preprocess_for_quantization, quantize_int8
-from export.pipeline.config import INT8_STAGE, INT8_TRT_STAGE
 from export.pipeline.job import ExportJob
 from export.pipeline.ledger import Ledger
+from export.runners.onnxruntime import OnnxRuntimeRunner
+from export.runners.runner import Runner
 from serve.backend.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,9 @@ class Int8Export:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def served_stage(precision: str) -> str:
+def served_stage(precision: str) -> StageName:
     """The stage whose model is the served ``model.onnx`` on CPU."""
-    return {"fp32": "onnxruntime-fp32", "fp16": "onnxruntime-fp16", "int8": INT8_STAGE}[precision]
+    return StageName(f"onnxruntime-{precision}")
 
 
 def calibration_data(job: ExportJob) -> str:
@@ -104,22 +103,21 @@ def export_int8(job: ExportJob) -> Int8Export:
     )
 
 
-def reduced_stage(
-    job: ExportJob, ledger: Ledger, name: str, logits: Callable[[PixelBatches], np.ndarray]
-) -> None:
-    """Judge reduced-precision stage ``name`` (``logits`` of some pixels): on every val
-    image when it gates publishing (or ``--advisory all``); an advisory one on a
-    stratified sample of ``--advisory-sample`` images (``sample``, the default) or not
-    at all (``off``): it decides nothing, so it costs little."""
+def reduced_stage(job: ExportJob, ledger: Ledger, runner: Runner) -> None:
+    """Judge the reduced-precision stage ``runner`` runs: on every val image when it
+    gates publishing (or ``--advisory all``); an advisory one on a stratified sample of
+    ``--advisory-sample`` images (``sample``, the default) or not at all (``off``): it
+    decides nothing, so it costs little."""
     cfg = job.cfg
+    name = runner.stage
     indices = None
     if name not in ledger.gating and cfg.advisory != "all":
         if cfg.advisory == "off":
-            ledger.skip(name, "pytorch-fp32", "advisory (not published): --advisory off")
+            ledger.skip(name, REFERENCE, "advisory (not published): --advisory off")
             return
         indices = ledger.sample(cfg.advisory_sample)
     with ledger.timed(name):
-        out = logits(ledger.pixels_of(indices))
+        out = runner.logits(ledger.pixels_of(indices))
     ledger.compare_reduced(name, out, indices)
 
 
@@ -129,11 +127,12 @@ def check_int8(job: ExportJob, ledger: Ledger, int8: Int8Export) -> None:
     ``tensorrt-int8`` stage judges its engine)."""
     if not int8.built:
         why = int8.skipped or "disabled (--no-int8-stage)"
-        ledger.skip(INT8_STAGE, "pytorch-fp32", why)
-        ledger.skip(INT8_TRT_STAGE, "pytorch-fp32", why)
+        ledger.skip(StageName.ONNXRUNTIME_INT8, REFERENCE, why)
+        ledger.skip(StageName.ONNXRUNTIME_INT8_TENSORRT, REFERENCE, why)
         return
-    reduced_stage(job, ledger, INT8_STAGE, lambda px: onnxruntime_logits(job.int8_path, px))
-    reduced_stage(job, ledger, INT8_TRT_STAGE, lambda px: onnxruntime_logits(job.int8_trt_path, px))
+    reduced_stage(job, ledger, OnnxRuntimeRunner(job.int8_path, StageName.ONNXRUNTIME_INT8))
+    trt_flavour = StageName.ONNXRUNTIME_INT8_TENSORRT
+    reduced_stage(job, ledger, OnnxRuntimeRunner(job.int8_trt_path, trt_flavour))
 
 
 def precision_details(
@@ -165,8 +164,8 @@ def precision_details(
     }
     if pc.precision == "int8" and int8.details:
         details["int8"] = dict(int8.details)
-        if INT8_STAGE in fallback:
-            details["int8"]["nodes_excluded"] = fallback[INT8_STAGE]
+        if StageName.ONNXRUNTIME_INT8 in fallback:
+            details["int8"]["nodes_excluded"] = fallback[StageName.ONNXRUNTIME_INT8]
         if int8_speed is not None:
             details["int8"]["speed"] = int8_speed
     return details

@@ -44,17 +44,18 @@ import onnx
 
 from export.checks.localize import Localization, localize
 from export.checks.parity import Stage, format_stage, judge
-from export.checks.stage_outputs import PixelBatches, load_pixels, onnxruntime_logits
+from export.checks.stage_outputs import load_pixels
+from export.checks.stages import PixelBatches, StageName
 from export.formats.fp16 import convert_fp16
 from export.formats.int8 import metadata_of, quantizable_nodes, quantize_int8
-from export.pipeline.config import INT8_STAGE
 from export.pipeline.job import ExportJob
 from export.pipeline.ledger import Ledger
 from export.pipeline.precision import calibration_data
+from export.runners.onnxruntime import OnnxRuntimeRunner
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = (INT8_STAGE, "onnxruntime-fp16")
+SUPPORTED = (StageName.ONNXRUNTIME_INT8, StageName.ONNXRUNTIME_FP16)
 
 
 def _mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,15 +76,15 @@ def block_sensitivity(
     One block at a time rather than one node at a time: the error a node injects is
     amplified by the layers after it, so it is measured where it matters - the logits -
     at ``groups`` re-builds instead of one per node."""
-    fp32 = onnxruntime_logits(fp32_path, probe)
+    fp32 = OnnxRuntimeRunner(fp32_path).logits(probe)
     rebuild([])
-    base = _mse(onnxruntime_logits(model_path, probe), fp32)
+    base = _mse(OnnxRuntimeRunner(model_path).logits(probe), fp32)
     size = max(1, -(-len(nodes) // groups))
     blocks = [nodes[i : i + size] for i in range(0, len(nodes), size)]
     scored = []
     for block in blocks:
         rebuild(block)
-        scored.append((block, base - _mse(onnxruntime_logits(model_path, probe), fp32)))
+        scored.append((block, base - _mse(OnnxRuntimeRunner(model_path).logits(probe), fp32)))
     rebuild([])
     return sorted(scored, key=lambda bs: bs[1], reverse=True)
 
@@ -147,7 +148,7 @@ def describe_speed(speed: dict[str, Any], name: str) -> str:
 def _builder(job: ExportJob, stage_name: str) -> tuple[Path, Path, Callable[[list[str]], None]]:
     """(FP32 graph the node names refer to, the stage's model file, rebuild(excluded))."""
     cfg = job.cfg
-    if stage_name == INT8_STAGE:
+    if stage_name == StageName.ONNXRUNTIME_INT8:
         prepared = job.out_dir / "model_prepared.onnx"
         cache = job.out_dir / "int8_calibration.json"
         meta = metadata_of(job.onnx_path)
@@ -183,7 +184,7 @@ class _Search:
         """Rebuild with the worst ``k`` nodes in FP32 and judge it on every image."""
         pc, ledger = self.job.cfg.precision, self.ledger
         self.rebuild(self.ranked[:k])
-        logits = onnxruntime_logits(self.model_path, ledger.pixels)
+        logits = OnnxRuntimeRunner(self.model_path).logits(ledger.pixels)
         s = judge(
             self.stage.name,
             self.stage.reference,
@@ -261,8 +262,8 @@ def probe_localization(
     the gate judges."""
     from export.checks.localize import pick_images, tolerance_for
 
-    reduced = onnxruntime_logits(model_path, probe)
-    fp32 = onnxruntime_logits(fp32_path, probe)
+    reduced = OnnxRuntimeRunner(model_path).logits(probe)
+    fp32 = OnnxRuntimeRunner(fp32_path).logits(probe)
     pixels = np.concatenate(probe.batches)[pick_images(reduced, fp32, 8)]
     return localize(model_path, fp32_path, pixels, tolerance_for(stage.name), stage.name)
 
@@ -482,7 +483,7 @@ def speed_gate(job: ExportJob, ledger: Ledger) -> dict[str, Any] | None:
     pc = job.cfg.precision
     if pc.precision != "int8" or job.cfg.serving.target != "cpu":
         return None
-    stage = ledger.stage(INT8_STAGE)
+    stage = ledger.stage(StageName.ONNXRUNTIME_INT8)
     if stage is None or stage.status != "passed":
         return None
     models = {"fp32": job.onnx_path, "int8": job.int8_path}

@@ -26,11 +26,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from export.checks.parity import ACCURACY_GATE, AccuracyGate, diff_stats, judge
+from export.checks.stages import PixelBatches, StageName
 from export.formats.int8 import (
     CALIBRATION_METHODS,
     Calibration,
@@ -41,9 +42,6 @@ from export.formats.int8 import (
 from serve.backend.errors import UsageError
 from serve.core.files import atomic_write_json
 from serve.core.machine import machine_info
-
-if TYPE_CHECKING:  # stage_outputs imports torch: only when a search runs (fast --help)
-    from export.checks.stage_outputs import PixelBatches
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +72,6 @@ class SearchConfig:
 
 def _take(pixels: PixelBatches, index: np.ndarray, batch_size: int) -> PixelBatches:
     """The images ``index`` of ``pixels``, re-batched."""
-    from export.checks.stage_outputs import PixelBatches
-
     x = np.concatenate(pixels.batches)[index]
     return PixelBatches(
         [x[i : i + batch_size] for i in range(0, len(x), batch_size)],
@@ -114,7 +110,7 @@ def _try_candidate(
     cfg: SearchConfig, sets: _Sets, prepared: Path, tmp: Path, i: int, choice: tuple
 ) -> dict[str, Any]:
     """Quantize with one (method, per_channel, count) and judge it: selection half, val."""
-    from export.checks.stage_outputs import onnxruntime_logits
+    from export.runners.onnxruntime import OnnxRuntimeRunner
 
     method, per_channel, count = choice
     n = count or sets.calib.count
@@ -124,15 +120,15 @@ def _try_candidate(
     t0 = time.perf_counter()
     details = quantize_int8(prepared, path, cal, pixels, tmp / f"cal-{i}.json")
     seconds = time.perf_counter() - t0
-    sel_logits = onnxruntime_logits(path, sets.select)
+    sel_logits = OnnxRuntimeRunner(path).logits(sets.select)
     sel = diff_stats(sets.fp32_select, sel_logits, "median")
     sel["accuracy"] = float((sel_logits.argmax(1) == sets.select.labels).mean())
     sel["reference_accuracy"] = float((sets.fp32_select.argmax(1) == sets.select.labels).mean())
     stage = judge(
-        "onnxruntime-int8",
-        "onnxruntime-fp32",
+        StageName.ONNXRUNTIME_INT8,
+        StageName.ONNXRUNTIME_FP32,
         sets.fp32_val,
-        onnxruntime_logits(path, sets.val),
+        OnnxRuntimeRunner(path).logits(sets.val),
         cfg.gate,
         labels=sets.val.labels,
         classes=sets.classes,
@@ -170,7 +166,8 @@ def _try_candidate(
 
 def search(cfg: SearchConfig) -> dict[str, Any]:
     """Quantize with every candidate, judge on the selection half, report val too."""
-    from export.checks.stage_outputs import load_pixels, onnxruntime_logits
+    from export.checks.stage_outputs import load_pixels
+    from export.runners.onnxruntime import OnnxRuntimeRunner
     from train.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(cfg.checkpoint)
@@ -185,8 +182,8 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
         calib,
         select,
         val,
-        onnxruntime_logits(onnx, select),
-        onnxruntime_logits(onnx, val),
+        OnnxRuntimeRunner(onnx).logits(select),
+        OnnxRuntimeRunner(onnx).logits(val),
         list(ckpt.card.classes),
     )
     with tempfile.TemporaryDirectory(prefix="calibrate.") as tmp:

@@ -12,7 +12,6 @@ runtime saturates at (the smallest within 5% of its best images/s). Writes
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,9 @@ from typing import Any
 import numpy as np
 
 from export.checks.bundle import Bundle
+from export.checks.stages import REFERENCE, PixelBatches, StageName
+from export.runners.onnxruntime import OnnxRuntimeRunner
+from export.runners.runner import Runner
 from serve.backend.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -29,68 +31,38 @@ log = logging.getLogger(__name__)
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 SATURATION = 0.95  # within 5% of the best images/s
 
-Runner = Callable[[np.ndarray], Any]
 
-
-def _onnxruntime(path: Path, threads: int) -> Runner:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})
-
-
-def _pytorch(checkpoint: Path, threads: int) -> Runner:
-    import torch
-
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
-
-    if threads:
-        torch.set_num_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt).eval().to(memory_format=torch.channels_last)
-    pre = ckpt.card.preprocessing
-    mean = torch.tensor(pre.mean).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std).view(1, 3, 1, 1)
-
-    @torch.no_grad()
-    def run(x: np.ndarray) -> Any:
-        batch = ((torch.from_numpy(x) / 255 - mean) / std).contiguous(
-            memory_format=torch.channels_last
-        )
-        return model(batch)
-
-    return run
-
-
-def _tensorrt(engine: Path) -> Runner:
-    from export.formats.tensorrt_engine import tensorrt_logits
-    from serve.core.names import INPUT_NAME, OUTPUT_NAME
-
-    return lambda x: tensorrt_logits(engine, [x], INPUT_NAME, OUTPUT_NAME)
-
-
-def runtimes(
+def runners(
     bundle: Bundle, checkpoint: Path | None, engine: Path | None, threads: int
-) -> dict[str, Callable[[], Runner]]:
-    """Each runtime to sweep, by stage name, as a factory (built only when swept)."""
-    out: dict[str, Callable[[], Runner]] = {}
+) -> dict[str, Runner]:
+    """Each runtime to sweep, by stage name (``tensorrt`` for a plan); each loads its
+    model on first use, when it is swept."""
+    out: dict[str, Runner] = {}
     if checkpoint is not None and checkpoint.is_file():
-        out["pytorch-fp32"] = lambda: _pytorch(checkpoint, threads)
+        from export.runners.pytorch import PyTorchRunner
+        from train.checkpoint import load_checkpoint
+
+        out[REFERENCE] = PyTorchRunner(load_checkpoint(checkpoint), REFERENCE, threads)
     seen: set[Path] = set()
-    for stage in ("onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"):
+    for stage in (
+        StageName.ONNXRUNTIME_FP32,
+        StageName.ONNXRUNTIME_FP16,
+        StageName.ONNXRUNTIME_INT8,
+    ):
         path = bundle.model_path(stage) if stage in bundle.stages else None
         if path is not None and path.is_file() and path.resolve() not in seen:
             seen.add(path.resolve())
-            out[stage] = functools.partial(_onnxruntime, path, threads)
+            out[stage] = OnnxRuntimeRunner(path, stage, threads)
     if engine is not None:
-        out["tensorrt"] = lambda: _tensorrt(engine)
+        from export.runners.tensorrt import TensorRTRunner
+
+        out["tensorrt"] = TensorRTRunner(engine, StageName.TENSORRT_FP16)
     return out
 
 
-def time_batch(run: Runner, x: np.ndarray, seconds: float, min_runs: int = 3) -> dict[str, float]:
+def time_batch(
+    run: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float, min_runs: int = 3
+) -> dict[str, float]:
     """Median and p90 latency of ``run(x)`` after one warmup call, over at least
     ``min_runs`` calls and ``seconds`` of running."""
     run(x)
@@ -117,7 +89,7 @@ def saturation(rows: list[dict[str, float]]) -> int:
 
 
 def sweep(
-    factories: dict[str, Callable[[], Runner]],
+    runners: dict[str, Runner],
     pixels: np.ndarray,
     batches: tuple[int, ...],
     seconds: float,
@@ -126,8 +98,11 @@ def sweep(
     from train.progress import progress
 
     results: dict[str, dict[str, Any]] = {}
-    for name, factory in factories.items():
-        run = factory()
+    for name, runner in runners.items():
+
+        def run(x: np.ndarray, runner: Runner = runner) -> np.ndarray:
+            return runner.logits(PixelBatches.of(x, batch=len(x)))
+
         rows = []
         for b in progress(batches, desc=f"{name} batch sweep"):
             x = np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:])), np.float32)
@@ -198,11 +173,11 @@ def run(a: argparse.Namespace) -> int:
     if not batches or min(batches) < 1:
         raise UsageError(f"--batches: sizes of 1 or more, got {a.batches!r}")
     checkpoint = Path(a.checkpoint) if a.checkpoint else bundle.path.parent / "checkpoint.pt"
-    factories = runtimes(bundle, checkpoint, Path(a.engine) if a.engine else None, a.threads)
-    if not factories:
+    found = runners(bundle, checkpoint, Path(a.engine) if a.engine else None, a.threads)
+    if not found:
         raise UsageError(f"nothing to sweep in {bundle.path}")
     pixels, _labels, _names = bundle.inputs()
-    results = sweep(factories, pixels, batches, a.seconds)
+    results = sweep(found, pixels, batches, a.seconds)
     for r in results.values():
         r["best_images_per_s"] = max(row["images_per_s"] for row in r["rows"])
     report = {

@@ -21,6 +21,8 @@ import numpy as np
 
 from export.checks.bundle import Bundle, StageRecord
 from export.checks.parity import Stage, format_stage, judge
+from export.checks.stages import PixelBatches, StageName
+from export.runners.runner import Runner
 from serve.backend.errors import UsageError
 from serve.core.cli_common import EXIT_GATE, EXIT_OK
 
@@ -47,72 +49,54 @@ class ReplaySource:
         return f"ONNX Runtime, {model}"
 
 
-def onnxruntime_run(model: str | Path, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-    """ONNX Runtime (CPU) on float32 pixels, ``batch`` images at a time."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate(
-        [session.run(None, {name: pixels[i : i + batch]})[0] for i in range(0, len(pixels), batch)]
-    )
-
-
-def _run(
-    bundle: Bundle, record: StageRecord, source: ReplaySource, indices: np.ndarray | None
-) -> np.ndarray:
-    pixels, _labels, _names = bundle.inputs()
-    if indices is not None:
-        pixels = pixels[indices]
-    runtime = record.runtime
+def runner_for(bundle: Bundle, record: StageRecord, source: ReplaySource) -> Runner:
+    """The runner of stage ``record`` from ``source`` (each needs only its own library:
+    torch only for a PyTorch stage)."""
+    stage = StageName(record.name)
     if source.engine:
-        from export.formats.tensorrt_engine import tensorrt_logits
-        from serve.core.names import INPUT_NAME, OUTPUT_NAME
+        from export.runners.tensorrt import TensorRTRunner
 
-        return tensorrt_logits(source.engine, [pixels], INPUT_NAME, OUTPUT_NAME)
+        return TensorRTRunner(source.engine, stage)
     if source.url:
-        from serve.client.client import Classifier
-        from serve.core.names import image_model_name
+        from export.runners.triton import TritonRunner
 
-        model = bundle.meta["model"]
-        if runtime == "triton-image":
-            images = bundle.images()
-            chosen = images if indices is None else [images[i] for i in indices]
-            with Classifier(source.url, image_model_name(model)) as clf:
-                return clf.logits(np.array([[b] for b in chosen], dtype=object))
-        protocol = "http" if runtime == "triton-http" else "grpc"
-        with Classifier(source.url, model, protocol=protocol) as clf:
-            return clf.logits(pixels)
-    if runtime.startswith("triton"):
+        return TritonRunner(source.url, bundle.meta["model"], stage)
+    if stage.is_triton:
         raise UsageError(
             f"stage {record.name} ran on Triton: give --url HOST:PORT of a server serving "
             f"{bundle.meta['model']} (`make serve`: localhost:8000 HTTP, localhost:8001 gRPC)"
         )
-    if source.checkpoint or runtime == "pytorch":
+    if source.checkpoint or stage.runtime == "pytorch":
         if not source.checkpoint:
             raise UsageError(
                 f"stage {record.name} ran the checkpoint in PyTorch: give --checkpoint FILE "
                 "(or replay another runtime's stage, which needs neither torch nor the checkpoint)"
             )
-        return _pytorch(source.checkpoint, record, pixels)
+        from export.runners.pytorch import PyTorchRunner
+        from train.checkpoint import load_checkpoint
+
+        fp16 = stage.precision == "fp16"
+        pytorch = StageName.PYTORCH_FP16 if fp16 else StageName.PYTORCH_FP32
+        return PyTorchRunner(load_checkpoint(Path(source.checkpoint)), pytorch)
+    from export.runners.onnxruntime import OnnxRuntimeRunner
+
     model = source.model or bundle.model_path(record.name)
     if model is None:
         raise UsageError(f"the bundle has no model file for stage {record.name}; give --model FILE")
     if not Path(model).is_file():
         raise UsageError(f"no model file {model}")
-    return onnxruntime_run(model, pixels)
+    return OnnxRuntimeRunner(model, stage)
 
 
-def _pytorch(checkpoint: str, record: StageRecord, pixels: np.ndarray) -> np.ndarray:
-    from export.checks.stage_outputs import PixelBatches, pytorch_logits
-    from export.formats.fp16 import pytorch_fp16_logits
-    from train.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(Path(checkpoint))
-    batches = PixelBatches([pixels[i : i + 32] for i in range(0, len(pixels), 32)], np.zeros(0), [])
-    if "fp16" in record.name:
-        return pytorch_fp16_logits(ckpt, batches)[0]
-    return pytorch_logits(ckpt, batches)
+def _inputs(bundle: Bundle, stage: StageName, indices: np.ndarray | None) -> PixelBatches:
+    """The bundle's exact pixels (and, for the raw-image stage, encoded files) of the
+    images the stage ran on."""
+    pixels, _labels, _names = bundle.inputs()
+    images = bundle.images() if stage == StageName.TRITON_IMAGE else None
+    if indices is not None:
+        pixels = pixels[indices]
+        images = None if images is None else [images[i] for i in indices]
+    return PixelBatches.of(pixels, images=images)
 
 
 def replay(bundle: Bundle, name: str, source: ReplaySource) -> tuple[Stage, Stage]:
@@ -134,7 +118,7 @@ def replay(bundle: Bundle, name: str, source: ReplaySource) -> tuple[Stage, Stag
     if indices is not None:
         labels, names = labels[indices], [names[i] for i in indices]
     log.info("replaying %s on %d images (%s)", name, len(saved), source.describe(bundle, record))
-    out = _run(bundle, record, source, indices)
+    out = runner_for(bundle, record, source).logits(_inputs(bundle, StageName(name), indices))
     gate = record.gate_object()
     classes = bundle.classes
     vs_reference = judge(

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from export.checks.parity import Thresholds, judge
+from export.checks.stages import PixelBatches, StageName
 from export.formats.tensorrt_engine import (
     EngineProfile,
     build_engine,
@@ -39,16 +40,17 @@ from export.formats.tensorrt_engine import (
     plan_filename,
     repository_plans,
     require_tensorrt,
-    tensorrt_logits,
 )
+from export.runners.onnxruntime import OnnxRuntimeRunner
+from export.runners.tensorrt import TensorRTRunner
 from export.triton.config import set_plans, target_of
 from serve.backend.errors import UsageError
 from serve.backend.preprocess import IMAGE_EXTENSIONS, ResizeCrop, preprocess
 from serve.core.card import ModelCard
-from serve.core.cli_common import GateRefused
+from serve.core.errors import GateRefused
 from serve.core.files import atomic_write_text, copy_into, locked, sha256, versions
 from serve.core.model_config import config_text, parse_config
-from serve.core.names import INPUT_NAME, OUTPUT_NAME
+from serve.core.names import INPUT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +88,6 @@ def val_pixels(card: ModelCard, data: str | Path, split: str, limit: int) -> np.
     return np.stack([preprocess(f, geometry) for f in files])
 
 
-def onnxruntime_reference(onnx_path: Path, pixels: np.ndarray, batch: int) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate(
-        [session.run(None, {name: pixels[i : i + batch]})[0] for i in range(0, len(pixels), batch)]
-    )
-
-
 def _version_dir(model_dir: Path, version: int) -> Path:
     found = versions(model_dir)
     if not found:
@@ -126,22 +118,19 @@ def add_plan(job: AddPlan) -> dict[str, Any]:
     profile = replace(
         job.profile, min_batch=1, opt_batch=min(job.profile.opt_batch, top), max_batch=top
     )
-    pixels = val_pixels(card, job.data, job.split, job.limit)
-    reference = onnxruntime_reference(onnx_path, pixels, profile.max_batch)
+    pixels = PixelBatches.of(val_pixels(card, job.data, job.split, job.limit), profile.max_batch)
+    reference = OnnxRuntimeRunner(onnx_path).logits(pixels)
     with tempfile.TemporaryDirectory(prefix="trt-plan-") as tmp:
         built = Path(tmp) / "model.plan"
         meta = build_engine(
             onnx_path, built, profile, INPUT_NAME, card.input.shape, job.timing_cache or None
         )
-        batches = [
-            pixels[i : i + profile.max_batch] for i in range(0, len(pixels), profile.max_batch)
-        ]
-        logits = tensorrt_logits(built, batches, INPUT_NAME, OUTPUT_NAME)
+        # strongly typed: the plan computes in the version's model.onnx types
+        stage_name = StageName(f"tensorrt-{meta['precision']}")
+        logits = TensorRTRunner(built, stage_name).logits(pixels)
         gate = Thresholds(
             min_top1=job.min_top1, stat="median", atol=job.tolerance, rtol=job.tolerance
         )
-        # strongly typed: the plan computes in the version's model.onnx types
-        stage_name = f"tensorrt-{meta['precision']}"
         stage = judge(stage_name, "onnxruntime", reference, logits, gate, True)
         if stage.status == "failed":
             raise EngineParityFailed(

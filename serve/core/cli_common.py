@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-# GateRefused is imported from here too (export's gates subclass it)
 from serve.backend.errors import UsageError, UserError
 from serve.core.errors import GateRefused
 

@@ -314,7 +314,7 @@ def test_tensorrt_int8_engine_is_strongly_typed_and_gated(
 
 
 def test_calibration_halves_are_disjoint_training_images() -> None:
-    from export.checks.stage_outputs import PixelBatches
+    from export.checks.stages import PixelBatches
     from export.tools.calibration_search import split_training
 
     x = np.arange(10 * 3 * 2 * 2, dtype=np.float32).reshape(10, 3, 2, 2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.checks.parity import FP32_GATE, AccuracyGate
-from export.checks.stage_outputs import PixelBatches
+from export.checks.stages import PixelBatches
 from export.pipeline.ledger import Ledger
 
 

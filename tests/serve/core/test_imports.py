@@ -35,6 +35,7 @@ SERVE_ROOMS = (
 EXPORT_LAYERS = (
     "export.checks",
     "export.formats",
+    "export.runners",
     "export.triton",
     "export.pipeline",
     "export.tools",
@@ -100,7 +101,7 @@ def _imports(path: Path) -> set[str]:
 def test_import_graph_has_one_direction() -> None:
     """Every import goes down: train -> serve.core, serve.backend; export -> train, serve;
     inside serve backend <- core <- client <- runtime <- tools, deploy -> core; inside
-    export checks <- formats <- triton <- pipeline <- tools <- cli."""
+    export checks <- formats <- runners <- triton <- pipeline <- tools <- cli."""
     assert {"serve.core.card", "serve.runtime.stack", "train.trainer"} <= MODULES.keys()
     assert {"export.checks.parity", "export.pipeline.release"} <= MODULES.keys()
     stray = [m for m in MODULES if m.startswith("export.") and _room(m) == "export"]
