@@ -18,10 +18,9 @@ import triton_python_backend_utils as pb_utils
 
 def intra_op_threads(config, params):
     """ONNX Runtime's intra-op threads for one instance: the config's value, else the
-    cores this process may use divided among the instances (0 = ORT's default for one).
-    Two instances x 1 thread ran 1.4x one instance x 2 threads at concurrency 4 on 2
-    cores (docs/benchmarks.md "Instances x threads"): a parallel section of a two-thread session
-    waits for whichever thread the frontend or load generator took the core from."""
+    cores this process may use divided among the instances (0 = ORT's default for one):
+    a parallel section of a two-thread session waits for whichever thread the frontend
+    or load generator took the core from (docs/benchmarks.md "Instances x threads")."""
     threads = int(params.get("intra_op_threads", "0") or 0)
     if threads > 0:
         return threads
@@ -42,10 +41,8 @@ class ClassifierModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads(config, params)
         options.inter_op_num_threads = 1
-        # No CPU memory arena: after one batch-64 request the arena kept the stub at
-        # ~795 MiB for good, without it ~190 MiB, at the same batch-1 speed (measured
-        # in-process on EfficientNet-Lite0 and ResNet-18, AMD EPYC, busy machine; arena
-        # shrinkage per run gave the same memory, a little slower).
+        # No CPU memory arena: it keeps a large batch's memory for good, at the same
+        # speed without it (docs/benchmarks.md "Memory after large batches").
         options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         self.input_name = config["input"][0]["name"]

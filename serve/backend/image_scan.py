@@ -3,8 +3,8 @@ sees it (the standard library only).
 
 Pillow's decoders are not all proportional to the pixels they make: some parse their
 container in Python, a step per marker, chunk, tile or run, so a file of a few kilobytes
-can keep one busy for seconds (measured: a 40-byte run-length BMP 8 s, a small JPEG of
-empty marker segments 35 s and 1 GB). :func:`scan` recognises the served formats by their
+can keep one busy for seconds (docs/benchmarks.md "Where the code's constants come
+from"). :func:`scan` recognises the served formats by their
 first bytes (an allow-list: nothing else reaches a decoder), walks each container with
 fixed-cost steps (a bounded number of them), and returns the work the decode will take
 (:attr:`Scan.work`, in pixel-passes like ``ImageInfo.work``) counting what makes decoders
@@ -37,9 +37,9 @@ MAX_TIFF_PIECES = 100_000  # strips or tiles of the first page
 MAX_TIFF_PAGES = 64
 MAX_WEBP_CHUNKS = 1_000
 
-# The cost of one parsing step, in pixel-passes (measured on Pillow 13, AMD EPYC: a marker
-# segment, chunk or tile costs about what decoding ~2000 pixels does), and the slowdown
-# of decoders that work in Python or per small unit.
+# The cost of one parsing step, in pixel-passes (a marker segment, chunk or tile costs
+# about what decoding STEP_COST pixels does; docs/benchmarks.md "Where the code's
+# constants come from"), and the slowdown of decoders that work in Python or per unit.
 STEP_COST = 2_000
 RLE_BMP_FACTOR = 16  # Pillow's BMP run-length decoder is Python, per run
 LOSSLESS_WEBP_FACTOR = 4

@@ -41,8 +41,8 @@ import numpy as np
 from . import image_scan as scanning
 from . import preprocess as pre
 
-# Decode speed used to turn an estimate into a deadline (pixel-passes per second: a 16 MP
-# baseline JPEG in 0.4 s on the 2-vCPU AMD EPYC here), and the margin over it.
+# Decode speed used to turn an estimate into a deadline (pixel-passes per second;
+# docs/benchmarks.md "Where the code's constants come from"), and the margin over it.
 DECODE_RATE = 40_000_000
 DEADLINE_MARGIN = 8.0
 MIN_DEADLINE_S = 0.25  # the shortest deadline of a cheap image

@@ -106,9 +106,9 @@ def _global(o: FrontOptions) -> list[str]:
         f"    tune.bufsize {o.bufsize}",
         "    tune.http.maxhdr 64",
         f"    tune.h2.max-concurrent-streams {o.max_grpc_streams}",
-        # a 602 KB tensor in one window instead of ten 64 KiB round trips: -0.6 ms p50 at
-        # c=1 (3 runs, 3.0 -> 2.3 ms outside Triton). A stream that does not drain holds
-        # up only its own connection
+        # a 602 KB tensor in one window instead of ten 64 KiB round trips (docs/
+        # benchmarks.md "Where the code's constants come from"). A stream that does not
+        # drain holds up only its own connection
         f"    tune.h2.initial-window-size {H2_WINDOW}",
         f"    tune.h2.max-frame-size {H2_FRAME}",
         "    hard-stop-after 30s",
@@ -460,7 +460,7 @@ def _balanced(o: FrontOptions, retry: bool) -> list[str]:
     if retry:
         lines += [
             # another replica at once (redispatch); a lone replica a second later each
-            # time (HAProxy's turn-around): its restart (2-5 s measured) is waited out.
+            # time (HAProxy's turn-around): its restart (seconds) is waited out.
             # Redispatch with one replica would answer 503 once it is marked down.
             "    retries 12",
             *(["    option redispatch 1"] if len(o.replicas) > 1 else []),
@@ -484,7 +484,7 @@ def _health_checks(o: FrontOptions) -> list[str]:
     """Each replica is checked on Triton's readiness of every public model (a fresh
     replica is in rotation once its models are loaded and warmed up). Not on the server's
     own readiness: Triton 2.51 reports the server not ready while it unloads a version a
-    rollout replaced, though the new one serves (measured: 2.5 s per replica)."""
+    rollout replaced, though the new one serves (seconds per replica)."""
     lines = ["    option httpchk"]
     for model in o.public_models:
         lines += [
