@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from serve.backend.errors import UsageError
-from train.checkpoint import Checkpoint, model_from_checkpoint
-from train.data import Preprocess
-from train.datasets import dataset_split, subset
-from train.progress import progress
+from train.data.datasets import dataset_split, subset
+from train.data.preprocess import Preprocess
+from train.models.checkpoint import Checkpoint, model_from_checkpoint
+from train.run.progress import progress
 
 
 @dataclass

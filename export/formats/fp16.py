@@ -18,8 +18,8 @@ import torch
 
 from export.checks.stage_outputs import PixelBatches
 from serve.core.files import atomic_write_bytes
-from train.checkpoint import Checkpoint, model_from_checkpoint
-from train.progress import progress
+from train.models.checkpoint import Checkpoint, model_from_checkpoint
+from train.run.progress import progress
 
 
 def first_and_last_nodes(model: onnx.ModelProto) -> list[str]:

@@ -27,7 +27,7 @@ from export.pipeline.precision import Int8Export, check_int8, reduced_stage
 from serve.backend.errors import UsageError
 from serve.core import hints
 from serve.core.names import INPUT_NAME, OUTPUT_NAME
-from train.checkpoint import load_checkpoint
+from train.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from export.checks.parity import FP16_GATE, FP32_GATE, Thresholds
 from export.formats.tensorrt_rtx import RtxBuild
 from export.pipeline.config import INT8_STAGE, INT8_TRT_STAGE, ExportConfig, gating_stages
 from serve.core.files import sha256
-from train.checkpoint import Checkpoint
+from train.models.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def _try_candidate(
 def search(cfg: SearchConfig) -> dict[str, Any]:
     """Quantize with every candidate, judge on the selection half, report val too."""
     from export.checks.stage_outputs import load_pixels, onnxruntime_logits
-    from train.checkpoint import load_checkpoint
+    from train.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(cfg.checkpoint)
     onnx = cfg.onnx or cfg.checkpoint.parent / "model.onnx"

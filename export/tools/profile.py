@@ -45,7 +45,7 @@ def _onnxruntime(path: Path, threads: int) -> Runner:
 def _pytorch(checkpoint: Path, threads: int) -> Runner:
     import torch
 
-    from train.checkpoint import load_checkpoint, model_from_checkpoint
+    from train.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     if threads:
         torch.set_num_threads(threads)
@@ -123,7 +123,7 @@ def sweep(
     seconds: float,
 ) -> dict[str, dict[str, Any]]:
     """Every runtime at every batch size (images tiled from ``pixels``)."""
-    from train.progress import progress
+    from train.run.progress import progress
 
     results: dict[str, dict[str, Any]] = {}
     for name, factory in factories.items():

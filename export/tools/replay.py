@@ -106,7 +106,7 @@ def _run(
 def _pytorch(checkpoint: str, record: StageRecord, pixels: np.ndarray) -> np.ndarray:
     from export.checks.stage_outputs import PixelBatches, pytorch_logits
     from export.formats.fp16 import pytorch_fp16_logits
-    from train.checkpoint import load_checkpoint
+    from train.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(Path(checkpoint))
     batches = PixelBatches([pixels[i : i + 32] for i in range(0, len(pixels), 32)], np.zeros(0), [])

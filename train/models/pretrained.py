@@ -20,8 +20,8 @@ from torch import nn
 
 from serve.backend.errors import UsageError, UserError
 from serve.core.errors import SetupError
-from train.data import IMAGENET_MEAN, IMAGENET_STD
-from train.models import build_model, get_arch, head_parameter_names, replace_head
+from train.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from train.models.archs import build_model, get_arch, head_parameter_names, replace_head
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def _our_card(meta: dict[str, Any]) -> Any:
     """The model card of one of our checkpoints (any format version), else None."""
     if not str(meta.get("format", "")).startswith("trainserve.checkpoint/"):
         return None
-    from train.checkpoint import Checkpoint
+    from train.models.checkpoint import Checkpoint
 
     return Checkpoint.from_dict(meta).card
 

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from serve.backend.errors import UsageError
 from serve.core.plots import plot_confusion
-from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.data import Preprocess
-from train.datasets import dataset_split, subset
-from train.engine import evaluate
-from train.models import build_model, get_arch
-from train.pretrained import known_weights, load_backbone, read_state_dict_file
+from train.data.datasets import dataset_split, subset
+from train.data.preprocess import Preprocess
+from train.models.archs import build_model, get_arch
+from train.models.checkpoint import load_checkpoint, model_from_checkpoint
+from train.models.pretrained import known_weights, load_backbone, read_state_dict_file
+from train.run.loop import validate
 
 
 def per_class_accuracy(
@@ -53,7 +53,7 @@ def evaluate_model(
             f"{data} ({split}) classes {list(ds.classes)} differ from the model's {list(classes)}"
         )
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
-    res, preds, targets = evaluate(model.eval(), loader, desc=f"evaluate {split}")
+    res, preds, targets = validate(model.eval(), loader, desc=f"evaluate {split}")
     per_class = per_class_accuracy(preds, targets, list(ds.classes))
     if verbose:
         for name, acc in per_class.items():
@@ -61,7 +61,7 @@ def evaluate_model(
             print(f"{name:>20s}: {100 * acc:6.2f}%  ({n} images)")
         print(f"top-1: {100 * res.acc:.2f}%")
     if confusion_png:
-        from train.run_report import confusion_matrix
+        from train.run.report import confusion_matrix
 
         plot_confusion(
             confusion_matrix(preds, targets, len(ds.classes)), list(ds.classes), confusion_png

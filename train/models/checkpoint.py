@@ -192,7 +192,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     """Rebuild the checkpoint's architecture and load its weights strictly (eval mode)."""
-    from train.models import build_model
+    from train.models.archs import build_model
 
     card = ckpt.card
     model = build_model(card.arch, card.num_classes, **card.arch_options)

@@ -23,10 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from serve.core.files import atomic_write_json
-from train.data import Preprocess, image_folder
-from train.models import build_model
-from train.pretrained import OFFLINE_MEAN, OFFLINE_STD, efficientnet_lite0_state_dict
-from train.select import stratified_indices
+from train.data.datasets import image_folder
+from train.data.preprocess import Preprocess
+from train.models.archs import build_model
+from train.models.pretrained import OFFLINE_MEAN, OFFLINE_STD, efficientnet_lite0_state_dict
+from train.tools.kfold import stratified_indices
 
 log = logging.getLogger(__name__)
 ANT_BEE = [310, 309]  # ImageNet "ant", "bee" in class order (ants, bees)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from serve.backend.errors import UsageError
-from train.data import IMAGENET_MEAN, IMAGENET_STD
+from train.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def _googlenet_cifar(
     aux: bool = False,
     width: float = 1.0,
 ) -> nn.Module:
-    from train.cifar_models import CifarGoogLeNet
+    from train.models.cifar import CifarGoogLeNet
 
     return CifarGoogLeNet(num_classes, batchnorm, dropout, inception, aux, width)
 
@@ -85,7 +85,7 @@ def _efficientnet_lite0(num_classes: int) -> nn.Module:
 
 def _cifar(kind: str, depth: int | str = 0) -> Callable[..., nn.Module]:
     def build(num_classes: int, batchnorm: bool = True, dropout: float = 0.5) -> nn.Module:
-        from train import cifar_models as cm
+        from train.models import cifar as cm
 
         if kind == "resnet":
             return cm.CifarResNet((int(depth) - 2) // 6, num_classes, batchnorm)
@@ -206,7 +206,7 @@ def arch_options(
         )
     with_inception = [n for n, s in ARCHS.items() if "inception" in s.options]
     if "inception" in spec.options:
-        from train.cifar_models import INCEPTION_KINDS
+        from train.models.cifar import INCEPTION_KINDS
 
         kind = inception or "reduced"
         if kind not in INCEPTION_KINDS:
