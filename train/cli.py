@@ -187,9 +187,7 @@ def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
 
         known = {f.name for f in fields(TrainConfig)}
         base = {k: v for k, v in load_checkpoint(values["resume"]).config.items() if k in known}
-        cfg = TrainConfig.from_dict({**base, "overwrite": False, **values})
-        cfg.validate()
-        return cfg
+        return TrainConfig.from_dict({**base, "overwrite": False, **values})
     cfg = resolve_config(recipe, values)
     if not cfg.data:
         cfg.data = default_data()

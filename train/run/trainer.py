@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 def prepare(cfg: TrainConfig) -> TrainJob:
     """The run's fixed inputs, resolved before any work: an unknown arch, a missing
     ``--data``, an absent CUDA device or an indivisible batch fail here."""
-    cfg.validate()
     get_arch(cfg.arch)  # an unknown arch fails before any work, listing the known ones
     data = resolve_data(cfg.data)
     # a missing --data is named before the out folder's state (the likelier mistake)
