@@ -69,7 +69,7 @@ def compute_features(
 ) -> FeatureCache:
     """Run the frozen backbone over every view of the training set and over val."""
     backbone = _Backbone(model, arch)
-    # channels_last: about 2x faster convolutions on CPU (and tensor cores on GPU).
+    # channels_last: faster convolutions on CPU, tensor cores on GPU (docs/training.md).
     precision = Precision(precision.device, precision.amp, channels_last=True)
     model.to(memory_format=torch.channels_last)
     try:
