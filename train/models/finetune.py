@@ -1,6 +1,6 @@
 """What fine-tuning does to a pretrained model beyond the tutorial: top-block fine-tuning,
 frozen BatchNorm, the head started from ImageNet rows. (LP-FT's linear probe is
-``train.run.feature_cache.linear_probe``; the weight EMA ``train.run.setup.make_ema``.)
+``train.run._feature_cache.linear_probe``; the weight EMA ``train.run._setup.make_ema``.)
 
 * ``train_blocks``: only the top N blocks (and everything after them) train
   (:func:`freeze_below`); the frozen bottom costs no backward pass and its BatchNorm layers

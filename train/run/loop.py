@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from serve.backend.errors import UserError
-from train.run.distributed import DistInfo, all_reduce_sum
+from train.run._distributed import DistInfo, all_reduce_sum
 from train.run.precision import Precision
 from train.run.progress import progress
 

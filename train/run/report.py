@@ -14,8 +14,8 @@ import torch
 
 from serve.core.card import Metrics
 from train.config import TrainConfig
-from train.run.card import run_checkpoint
-from train.run.epochs import EpochOutcome
+from train.run._card import run_checkpoint
+from train.run._epochs import EpochOutcome
 from train.run.outputs import RunOutputs, banner
 from train.run.state import RunState
 

@@ -3,7 +3,7 @@ state, no class hierarchy).
 
 :class:`TrainJob` holds the run's fixed inputs, resolved from its config before any work
 (data path, dataset kind, processes, device, precision); :class:`RunState` everything
-``train.run.setup.build_state`` builds from them (model, data, optimization) and what the
+``train.run._setup.build_state`` builds from them (model, data, optimization) and what the
 run has done so far (next epoch, history, best epoch), which the epoch functions update.
 """
 
@@ -22,7 +22,7 @@ from train.config import TrainConfig
 from train.data.preprocess import Preprocess
 from train.models.checkpoint import Checkpoint
 from train.models.pretrained import PretrainedInfo
-from train.run.distributed import DistInfo
+from train.run._distributed import DistInfo
 from train.run.precision import Precision
 
 

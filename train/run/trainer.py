@@ -5,9 +5,9 @@ rank 0 writes). Feature-extract mode trains the head on cached backbone features
 
 :class:`Run` is the entry point (the CLI's and the tests'): it resolves the config's
 :class:`~train.run.state.TrainJob`, then :meth:`Run.fit` builds the
-:class:`~train.run.state.RunState` (``setup.py``) and runs the epochs over it as plain
-functions: ``epochs.py`` (one epoch: full, on cached features, the linear probe),
-``report.py`` (history, best epoch, checkpoints, log lines, summary), ``card.py`` (model
+:class:`~train.run.state.RunState` (``_setup.py``) and runs the epochs over it as plain
+functions: ``_epochs.py`` (one epoch: full, on cached features, the linear probe),
+``report.py`` (history, best epoch, checkpoints, log lines, summary), ``_card.py`` (model
 card, checkpoint, resolved config) and ``outputs.py`` (the files in ``OUT``).
 """
 
@@ -28,19 +28,19 @@ from serve.core.errors import SetupError
 from train.config import TrainConfig
 from train.data.datasets import detect_kind
 from train.models.archs import get_arch
-from train.run.card import resolved_config
-from train.run.distributed import barrier, cleanup, init_distributed
-from train.run.epochs import (
+from train.run._card import resolved_config
+from train.run._distributed import barrier, cleanup, init_distributed
+from train.run._epochs import (
     EpochOutcome,
     cache_features,
     cached_epoch,
     full_epoch,
     linear_probe_stage,
 )
+from train.run._setup import build_state, resolve_data, start_ema
 from train.run.outputs import RunOutputs, finished_run
 from train.run.precision import Precision
 from train.run.report import announce, finish, open_tensorboard, record_epoch
-from train.run.setup import build_state, resolve_data, start_ema
 from train.run.state import RunState, TrainJob
 
 log = logging.getLogger(__name__)

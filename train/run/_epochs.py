@@ -18,9 +18,9 @@ import torch
 from train.data.datasets import subset
 from train.models.archs import get_head
 from train.models.finetune import batchnorms
-from train.run.feature_cache import FeatureCache, compute_features, linear_probe, train_head_epoch
+from train.run._feature_cache import FeatureCache, compute_features, linear_probe, train_head_epoch
+from train.run._setup import split
 from train.run.loop import EpochResult, train_one_epoch, validate
-from train.run.setup import split
 from train.run.state import RunState
 
 log = logging.getLogger(__name__)
