@@ -13,8 +13,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -187,10 +188,16 @@ def dataset_split(
         ) from e
 
 
+def classes_of(ds: Dataset) -> list[str]:
+    """The class names of a dataset of ours: every one names them (ImageFolder, the NumPy
+    and CIFAR datasets, :func:`subset`), though torch's Dataset type does not say so."""
+    return list(ds.classes)  # type: ignore[attr-defined]
+
+
 def subset(ds: Dataset, n: int, seed: int) -> Dataset:
     """A fixed stratified sample of ``n`` items (every class in proportion; all when n
     <= 0; serve/core/sampling.py), keeping classes/targets."""
-    if n <= 0 or n >= len(ds):
+    if n <= 0 or n >= len(cast(Sized, ds)):
         return ds
     sub = torch.utils.data.Subset(ds, stratified(ds.targets, n, seed))  # type: ignore[attr-defined]
     sub.classes = ds.classes  # type: ignore[attr-defined]

@@ -30,8 +30,8 @@ class Preprocess:
 
     resize: int = 256
     crop: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # 3 values (checked)
+    std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = DEFAULT_INTERPOLATION
     augment: str = "random-resized-crop"
     padding: int = 4

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import nn
 
@@ -27,8 +27,8 @@ class ArchSpec:
     resize: int
     crop: int
     augment: str
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     options: tuple[str, ...] = ()
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -98,8 +98,17 @@ def _cifar(kind: str, depth: int | str = 0) -> Callable[..., nn.Module]:
     return build
 
 
-_IMAGENET = {"family": "imagenet", "resize": 256, "crop": 224, "augment": "random-resized-crop"}
-_CIFAR = {"family": "cifar", "resize": 32, "crop": 32, "augment": "pad-crop"}
+class _Family(TypedDict):
+    """What every architecture of a family shares: its input size and augmentation."""
+
+    family: str
+    resize: int
+    crop: int
+    augment: str
+
+
+_IMAGENET = _Family(family="imagenet", resize=256, crop=224, augment="random-resized-crop")
+_CIFAR = _Family(family="cifar", resize=32, crop=32, augment="pad-crop")
 
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": ArchSpec(

@@ -41,8 +41,8 @@ class PretrainedInfo:
     source: str
     fallback: bool = False
     note: str = ""
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainedInfo:

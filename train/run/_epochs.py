@@ -143,7 +143,7 @@ def linear_probe_stage(state: RunState) -> EpochOutcome:
         state.job.device,
     )
     if cfg.channels_last:  # compute_features leaves the model contiguous
-        state.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        state.model.to(memory_format=torch.channels_last)
     state.lp_val_acc = va.acc
     log.info(
         "linear probe: %d epochs on %d cached view(s), val acc %.2f%% (%.1fs)",

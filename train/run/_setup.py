@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from serve.backend.errors import UsageError
 from train.config import TrainConfig
-from train.data.datasets import dataset_split, subset
+from train.data.datasets import classes_of, dataset_split, subset
 from train.data.preprocess import Preprocess
 from train.models.archs import arch_options, build_model, get_arch, get_head
 from train.models.checkpoint import Checkpoint, load_checkpoint, set_rng_state
@@ -81,7 +81,7 @@ def build_state(job: TrainJob) -> RunState:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed + job.dist.rank, cfg.deterministic)
-    classes = list(split(job, "train", None).classes)  # type: ignore[attr-defined]
+    classes = classes_of(split(job, "train", None))
     options = arch_options(
         cfg.arch, cfg.batchnorm, cfg.dropout, cfg.inception, cfg.aux_weight > 0, cfg.width
     )
@@ -100,13 +100,13 @@ def build_state(job: TrainJob) -> RunState:
     train_ds = subset(split(job, "train", pre.train_transform()), cfg.train_subset, cfg.seed)
     # A fixed val subset, whatever the seed: `evaluate --limit N` sees the same images.
     val_ds = subset(split(job, "val", pre.eval_transform()), cfg.val_subset, 0)
-    val_classes = list(val_ds.classes)  # type: ignore[attr-defined]
+    val_classes = classes_of(val_ds)
     if val_classes != classes:
         raise UsageError(
             f"train classes {classes} and val classes {val_classes} differ in {job.data}"
         )
     loader_gen = torch.Generator().manual_seed(cfg.seed + 1000 * job.dist.rank)
-    sampler = DistributedSampler(
+    sampler: DistributedSampler[Any] = DistributedSampler(
         train_ds,
         num_replicas=job.dist.world_size,
         rank=job.dist.rank,
@@ -211,7 +211,7 @@ def _place_and_freeze(job: TrainJob, model: nn.Module, arch: str) -> tuple[bool,
     cfg = job.cfg
     model.to(job.device)
     if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model.to(memory_format=torch.channels_last)
     feature_extract = cfg.mode == "feature-extract"
     if feature_extract:
         for p in model.parameters():
@@ -234,7 +234,8 @@ def _wrap_distributed(job: TrainJob, model: nn.Module) -> tuple[nn.Module, nn.Mo
 
 def _restore(state: RunState, ckpt: Checkpoint) -> None:
     """A resumed run's optimizer, scheduler, scaler, history, best and RNG state."""
-    state.optimizer.load_state_dict(ckpt.optimizer)  # type: ignore[arg-type]
+    assert ckpt.optimizer is not None  # _load_resume refuses a checkpoint without one
+    state.optimizer.load_state_dict(ckpt.optimizer)
     if ckpt.scheduler:
         state.scheduler.load_state_dict(ckpt.scheduler)
     if ckpt.scaler and state.scaler.is_enabled():

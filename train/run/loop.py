@@ -81,13 +81,17 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         loss_sum += main_loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += int((logits.argmax(1) == y).sum().item())
         seen += len(y)
         # refresh=False: shown at the bar's next redraw (every 30 s in logs), not per batch
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
     bar.close()
-    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dist_info, precision.device)
-    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), int(seen))
+    total_loss, total_correct, total_seen = all_reduce_sum(
+        [loss_sum, correct, seen], dist_info, precision.device
+    )
+    return EpochResult(
+        total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
+    )
 
 
 @torch.no_grad()

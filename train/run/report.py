@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Sized
+from typing import Any, cast
 
 import torch
 
@@ -91,8 +92,8 @@ def announce(state: RunState) -> None:
         state.info.source,
         job.data,
         job.kind,
-        len(state.train_ds),  # type: ignore[arg-type]
-        len(state.val_ds),  # type: ignore[arg-type]
+        len(cast(Sized, state.train_ds)),
+        len(cast(Sized, state.val_ds)),
         job.device,
         procs,
         amp,

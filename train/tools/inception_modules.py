@@ -148,7 +148,7 @@ def run(a: argparse.Namespace) -> int:
         rows += measure_module(name, cin, px, a.module_batch, a.steps)
     rows.append(measure_network("naive", a.naive_net_batch, a.steps))
     rows.append(measure_network("reduced", a.net_batch, a.steps))
-    report = {
+    report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {**torch_machine(), "loadavg_1m_start": round(load0, 2)},
         "flops": "torch.utils.flop_counter.FlopCounterMode, forward, 2 per multiply-add",

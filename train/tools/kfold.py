@@ -56,7 +56,8 @@ def stratified_indices(labels: list[int], k: int, seed: int = 0) -> list[list[in
     balance."""
     if k < 2:
         raise UsageError(f"folds must be >= 2, got {k}")
-    rng, out = random.Random(seed), [[] for _ in range(k)]
+    rng = random.Random(seed)
+    out: list[list[int]] = [[] for _ in range(k)]
     for c in sorted(set(labels)):
         idx = [i for i, t in enumerate(labels) if t == c]
         rng.shuffle(idx)
