@@ -183,13 +183,11 @@ def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
     values.pop("command", None)
     recipe = values.pop("recipe", DEFAULT_RECIPE)
     if values.get("resume"):
-        from train.checkpoint import load_checkpoint
+        from train.models.checkpoint import load_checkpoint
 
         known = {f.name for f in fields(TrainConfig)}
         base = {k: v for k, v in load_checkpoint(values["resume"]).config.items() if k in known}
-        cfg = TrainConfig.from_dict({**base, "overwrite": False, **values})
-        cfg.validate()
-        return cfg
+        return TrainConfig.from_dict({**base, "overwrite": False, **values})
     cfg = resolve_config(recipe, values)
     if not cfg.data:
         cfg.data = default_data()
@@ -199,7 +197,7 @@ def config_from_args(args: argparse.Namespace | list[str]) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from train.trainer import Run
+    from train.run.trainer import Run
 
     cfg = config_from_args(args)
     try:
@@ -262,7 +260,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from train.evaluate import evaluate_checkpoint, evaluate_weights
+    from train.run.evaluate import evaluate_checkpoint, evaluate_weights
 
     common = {
         "dataset": args.dataset,
@@ -335,13 +333,13 @@ def run_recipe(args: argparse.Namespace) -> int:
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from train.bench import add_arguments
+    from train.tools.time_to_accuracy import add_arguments
 
     add_arguments(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from train.bench import run
+    from train.tools.time_to_accuracy import run
 
     return run(args)
 
@@ -365,13 +363,13 @@ def add_modules_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_modules(args: argparse.Namespace) -> int:
-    from train.modules import run
+    from train.tools.inception_modules import run
 
     return run(args)
 
 
 def add_cv_arguments(p: argparse.ArgumentParser) -> None:
-    from train.select import add_arguments
+    from train.tools.kfold import add_arguments
 
     add_arguments(p)
 
@@ -397,7 +395,7 @@ def add_probe_cv_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_cv(args: argparse.Namespace) -> int:
-    from train.select import run
+    from train.tools.kfold import run
 
     return run(args)
 
@@ -460,7 +458,7 @@ COMMANDS = [
 
 
 def _probe_cv():  # noqa: ANN202 - the module, imported only when the command is used
-    from train import probe_cv
+    from train.tools import probe_cv
 
     return probe_cv
 

@@ -115,13 +115,17 @@ class TrainConfig:
     download_timeout: float = 15.0
     tensorboard: bool = False
 
+    def __post_init__(self) -> None:
+        # the one validation: every TrainConfig is valid from construction on
+        self.validate()
+
     def in_epochs(self, value: float) -> int:
         """``step_size`` or a milestone in epochs: a fraction (0 < x < 1) of ``epochs``
         (rounded, at least 1), else the epoch itself."""
         return max(1, round(value * self.epochs)) if 0 < value < 1 else int(value)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise UsageError (a ValueError) naming the first bad field; run on construction."""
         choices = {
             "mode": MODES,
             "optimizer": OPTIMIZERS,
@@ -197,15 +201,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, rejecting unknown keys by name."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise UsageError(
-                f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
-        types = {f.name: str(f.type) for f in fields(cls)}
-        return cls(**{k: _typed(k, v, types[k]) for k, v in values.items()})
+        """Build from a dict, rejecting unknown keys by name (validated as constructed)."""
+        return cls(**typed_values(values))
+
+
+def typed_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each as its TrainConfig field's type; unknown keys and values of
+    the wrong type are one error naming them (the whole config is not validated here)."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(
+            f"unknown config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    return {k: _typed(k, v, types[k]) for k, v in values.items()}
 
 
 def _typed(name: str, value: Any, kind: str) -> Any:
@@ -265,14 +275,14 @@ def load_recipe(name: str) -> dict[str, Any]:
         raise UsageError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(values, dict):
         raise UsageError(f"recipe {path} must be a mapping of config keys")
-    TrainConfig.from_dict(values)  # unknown keys -> error naming them
+    typed_values(values)  # unknown keys, wrong types -> an error naming them
     return values
 
 
 def resolve_config(
     recipe: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Defaults <- recipe <- overrides, validated."""
+    """Defaults <- recipe <- overrides, validated (as constructed)."""
     values: dict[str, Any] = {}
     if recipe:
         values.update(load_recipe(recipe))
@@ -288,9 +298,7 @@ def resolve_config(
         log.info("pretrained=%s: not using the recipe's head_init", given["pretrained"])
         values["head_init"] = []
     values.update(given)
-    cfg = TrainConfig.from_dict(values)
-    cfg.validate()
-    return cfg
+    return TrainConfig.from_dict(values)
 
 
 def default_data() -> str:

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 
 from export.checks.stages import PixelBatches
 from serve.backend.errors import UsageError
-from train.checkpoint import Checkpoint
-from train.data import Preprocess
-from train.datasets import dataset_split, subset
-from train.progress import progress
+from train.data.datasets import dataset_split, subset
+from train.data.preprocess import Preprocess
+from train.models.checkpoint import Checkpoint
+from train.run.progress import progress
 
 
 def _kind(ckpt: Checkpoint, data: str | Path) -> str:

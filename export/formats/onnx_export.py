@@ -17,8 +17,8 @@ from export.formats.onnx_cache import OnnxCache, cache_key
 from serve.core.card import ModelCard
 from serve.core.files import atomic_write_bytes
 from serve.core.names import INPUT_NAME, OUTPUT_NAME
-from train.checkpoint import Checkpoint, model_from_checkpoint
-from train.models import build_model, drop_aux
+from train.models.archs import build_model, drop_aux
+from train.models.checkpoint import Checkpoint, model_from_checkpoint
 
 OPSET = 18
 

@@ -30,7 +30,7 @@ from export.runners.tensorrt import TensorRTRunner
 from serve.backend.errors import UsageError
 from serve.core import hints
 from serve.core.names import INPUT_NAME
-from train.checkpoint import load_checkpoint
+from train.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 

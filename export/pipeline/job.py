@@ -14,7 +14,7 @@ from export.checks.stages import TRITON_STAGES, StageName
 from export.formats.tensorrt_rtx import RtxBuild
 from export.pipeline.config import ExportConfig, gating_stages
 from serve.core.files import sha256
-from train.checkpoint import Checkpoint
+from train.models.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from export.checks.stages import PixelBatches, StageName
-from train.progress import progress
+from train.run.progress import progress
 
 
 @dataclass

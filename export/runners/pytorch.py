@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from export.checks.stages import PixelBatches, StageName
-from train.checkpoint import Checkpoint, model_from_checkpoint
-from train.progress import progress
+from train.models.checkpoint import Checkpoint, model_from_checkpoint
+from train.run.progress import progress
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from serve.core.machine import timed_gflops
 from serve.tools.bench_inputs import costed_level
 from serve.tools.loadgen import Level, level, measure
-from train.checkpoint import Checkpoint
+from train.models.checkpoint import Checkpoint
 
 
 def gemm_gflops_torch(seconds: float = 3.0, n: int = 2048) -> float:

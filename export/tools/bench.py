@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 def bench(cfg: ExportBenchConfig) -> int:
     """Baselines + the Triton sweep, written as <out>/<model>-latest.json/.png."""
     from export.tools.baselines import gemm_gflops_torch, pytorch_baseline  # torch: here only
-    from train.checkpoint import load_checkpoint
+    from train.models.checkpoint import load_checkpoint
 
     ckpt_path = Path(cfg.checkpoint or f"runs/{cfg.model}/checkpoint.pt")
     ckpt = load_checkpoint(ckpt_path)

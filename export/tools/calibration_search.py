@@ -168,7 +168,7 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
     """Quantize with every candidate, judge on the selection half, report val too."""
     from export.checks.stage_outputs import load_pixels
     from export.runners.onnxruntime import OnnxRuntimeRunner
-    from train.checkpoint import load_checkpoint
+    from train.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(cfg.checkpoint)
     onnx = cfg.onnx or cfg.checkpoint.parent / "model.onnx"

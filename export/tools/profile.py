@@ -40,7 +40,7 @@ def runners(
     out: dict[str, Runner] = {}
     if checkpoint is not None and checkpoint.is_file():
         from export.runners.pytorch import PyTorchRunner
-        from train.checkpoint import load_checkpoint
+        from train.models.checkpoint import load_checkpoint
 
         out[REFERENCE] = PyTorchRunner(load_checkpoint(checkpoint), REFERENCE, threads)
     seen: set[Path] = set()
@@ -95,7 +95,7 @@ def sweep(
     seconds: float,
 ) -> dict[str, dict[str, Any]]:
     """Every runtime at every batch size (images tiled from ``pixels``)."""
-    from train.progress import progress
+    from train.run.progress import progress
 
     results: dict[str, dict[str, Any]] = {}
     for name, runner in runners.items():

@@ -73,7 +73,7 @@ def runner_for(bundle: Bundle, record: StageRecord, source: ReplaySource) -> Run
                 "(or replay another runtime's stage, which needs neither torch nor the checkpoint)"
             )
         from export.runners.pytorch import PyTorchRunner
-        from train.checkpoint import load_checkpoint
+        from train.models.checkpoint import load_checkpoint
 
         fp16 = stage.precision == "fp16"
         pytorch = StageName.PYTORCH_FP16 if fp16 else StageName.PYTORCH_FP32

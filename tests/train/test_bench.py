@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.bench import merge_previous, summarize_recipes
+from train.tools.time_to_accuracy import merge_previous, summarize_recipes
 
 
 def _run(recipe: str, seed: int, acc: float, to95: float | None, total: float) -> dict:

@@ -16,13 +16,13 @@ import torch
 
 from serve.core.card import ModelCard
 from tests.helpers import PY, ROOT, run_cli, wait_until
-from train.checkpoint import (
+from train.models.archs import build_model
+from train.models.checkpoint import (
     Checkpoint,
     checkpoint_from_model,
     load_checkpoint,
     save_checkpoint,
 )
-from train.models import build_model
 
 
 def _card(name: str = "m") -> ModelCard:
@@ -49,7 +49,7 @@ def test_training_killed_during_checkpoint_write_keeps_previous(tmp_path: Path) 
     script = tmp_path / "writer.py"
     script.write_text(
         "import sys, torch\n"
-        "from train.checkpoint import save_checkpoint\n"
+        "from train.models.checkpoint import save_checkpoint\n"
         "i = 0\n"
         "while True:\n"
         "    save_checkpoint({'format': 'x', 'i': i, 'w': torch.full((4_000_000,), float(i))},"
@@ -175,7 +175,7 @@ def test_a_fresh_run_refuses_an_out_with_checkpoints(tmp_path: Path) -> None:
 def test_best_checkpoint_is_written_before_last(tmp_path: Path, monkeypatch) -> None:
     """On an improving epoch checkpoint.pt is saved first: a kill between the two writes
     leaves last.pt behind, never ahead of a missing best."""
-    from train import run_outputs
+    from train.run import outputs as run_outputs
 
     order: list[str] = []
     monkeypatch.setattr(run_outputs, "save_checkpoint", lambda c, p: order.append(Path(p).name))

@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from tests.helpers import PY, ROOT, SHARED, run_cli
-from train.checkpoint import load_checkpoint
 from train.config import TrainConfig
-from train.data import Preprocess
-from train.datasets import dataset_split
-from train.evaluate import evaluate_checkpoint, evaluate_weights
-from train.models import ARCHS, arch_options, build_model
-from train.trainer import Run
+from train.data.datasets import dataset_split
+from train.data.preprocess import Preprocess
+from train.models.archs import ARCHS, arch_options, build_model
+from train.models.checkpoint import load_checkpoint
+from train.run.evaluate import evaluate_checkpoint, evaluate_weights
+from train.run.trainer import Run
 
 pytestmark = pytest.mark.slow  # trains or exports real models: not in `make test-fast`
 

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from tests.helpers import CIFAR, OFFLINE_ENV, run_cli
-from train.checkpoint import load_checkpoint
-from train.cifar_models import INCEPTION_V1, CifarGoogLeNet, Inception
 from train.cli import config_from_args
-from train.engine import Precision, train_one_epoch
-from train.models import arch_options, build_model, drop_aux
+from train.models.archs import arch_options, build_model, drop_aux
+from train.models.checkpoint import load_checkpoint
+from train.models.cifar import INCEPTION_V1, CifarGoogLeNet, Inception
+from train.run.loop import train_one_epoch
+from train.run.precision import Precision
 
 WIDTHS_3A = INCEPTION_V1["3a"]  # 64, 96->128, 16->32, pool proj 32
 
@@ -157,9 +158,9 @@ def test_googlenet_imagenet_weights_call_ants_ants(hymenoptera: Path) -> None:
     cached, why = _googlenet_weights()
     if not cached.is_file():
         pytest.skip(why)
-    from train.data import Preprocess
-    from train.datasets import dataset_split
-    from train.pretrained import resolve_pretrained
+    from train.data.datasets import dataset_split
+    from train.data.preprocess import Preprocess
+    from train.models.pretrained import resolve_pretrained
 
     model, info = resolve_pretrained("googlenet", "imagenet", 1000)
     assert info.arch == "googlenet" and "GoogLeNet_Weights" in info.source
@@ -311,7 +312,7 @@ def test_module_flops_are_the_convolutions_multiply_adds() -> None:
     """`python -m train modules` counts 2 FLOPs per multiply-add of every convolution: for
     3a on 32x32 that is 2 * 1024 * (192*64 + 192*128*9 + 192*32*25) naive, and the
     reduced module's own sum; its rows give naive/reduced ratios from the same run."""
-    from train.modules import count_flops, ratios
+    from train.tools.inception_modules import count_flops, ratios
 
     hw = 32 * 32
     naive = Inception(192, WIDTHS_3A, "naive")

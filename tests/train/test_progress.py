@@ -18,7 +18,7 @@ def _stderr_of(code: str) -> str:
 
 def test_a_short_loop_writes_nothing_to_a_log() -> None:
     err = _stderr_of(
-        "from train.progress import progress\nfor _ in progress(range(50), desc='x'): pass\n"
+        "from train.run.progress import progress\nfor _ in progress(range(50), desc='x'): pass\n"
     )
     assert err == ""
 
@@ -26,7 +26,7 @@ def test_a_short_loop_writes_nothing_to_a_log() -> None:
 def test_a_long_loop_writes_whole_lines_and_its_final_count() -> None:
     err = _stderr_of(
         "import time\n"
-        "import train.progress as p\n"
+        "import train.run.progress as p\n"
         "p.LOG_INTERVAL_S = 0.05\n"
         "for _ in p.progress(range(6), desc='epoch 1/2 train'):\n"
         "    time.sleep(0.05)\n"

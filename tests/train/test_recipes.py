@@ -15,16 +15,17 @@ import torch
 from torchvision import transforms as T
 
 from tests.helpers import ROOT
-from train.checkpoint import load_checkpoint
 from train.cli import config_from_args
 from train.config import RECIPES_DIR, TrainConfig, load_recipe, resolve_config
-from train.data import Preprocess, is_image_file
-from train.finetune import block_names, init_head_from_imagenet
-from train.models import arch_options, build_model
-from train.optim import build_optimizer, build_scheduler
-from train.pretrained import efficientnet_lite0_state_dict
-from train.select import Candidate, materialize_fold, stratified_folds
-from train.trainer import Run
+from train.data.datasets import is_image_file
+from train.data.preprocess import Preprocess
+from train.models.archs import arch_options, build_model
+from train.models.checkpoint import load_checkpoint
+from train.models.finetune import block_names, init_head_from_imagenet
+from train.models.pretrained import efficientnet_lite0_state_dict
+from train.run.optim import build_optimizer, build_scheduler
+from train.run.trainer import Run
+from train.tools.kfold import Candidate, materialize_fold, stratified_folds
 
 
 def _lr_per_epoch(cfg: TrainConfig) -> list[float]:
@@ -424,8 +425,8 @@ def test_default_recipe_resumes_exactly(tmp_path: Path, hymenoptera: Path) -> No
 def test_run_titles_say_what_the_run_is(tmp_path) -> None:
     """curves.png's title: a CIFAR recipe trains from scratch (not "finetune"); LP-FT
     marks the probe (epoch 0) and fine-tuning as stages."""
-    from train.plots import plot_curves
-    from train.run_report import run_stages, run_title
+    from train.run.plots import plot_curves
+    from train.run.report import run_stages, run_title
 
     scratch = config_from_args(["--recipe", "cifar10_resnet20"])
     assert run_title(scratch, "resnet20") == "cifar10_resnet20: resnet20, from scratch"

@@ -12,11 +12,12 @@ from PIL import Image
 
 from serve.backend.preprocess import ImageError
 from tests.helpers import OFFLINE_ENV, run_cli
-from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.data import Preprocess, build_datasets, load_rgb
-from train.evaluate import evaluate_checkpoint
-from train.models import ARCHS, build_model
-from train.pretrained import efficientnet_lite0_state_dict, resolve_pretrained
+from train.data.datasets import build_datasets, load_rgb
+from train.data.preprocess import Preprocess
+from train.models.archs import ARCHS, build_model
+from train.models.checkpoint import load_checkpoint, model_from_checkpoint
+from train.models.pretrained import efficientnet_lite0_state_dict, resolve_pretrained
+from train.run.evaluate import evaluate_checkpoint
 
 EPOCH_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
 

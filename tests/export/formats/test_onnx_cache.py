@@ -16,8 +16,8 @@ from export.formats.onnx_cache import ENV, OnnxCache, cache_key
 from export.formats.onnx_export import export_onnx, read_metadata
 from serve.core.card import ModelCard
 from serve.core.files import sha256
-from train.checkpoint import checkpoint_from_model, save_checkpoint
-from train.models import arch_options, build_model
+from train.models.archs import arch_options, build_model
+from train.models.checkpoint import checkpoint_from_model, save_checkpoint
 
 
 def _checkpoint(path: Path, seed: int) -> Path:
@@ -51,7 +51,7 @@ def _tiny() -> onnx.ModelProto:
 
 @pytest.mark.slow
 def test_unchanged_checkpoint_reuses_the_graph(tmp_path: Path) -> None:
-    from train.checkpoint import load_checkpoint
+    from train.models.checkpoint import load_checkpoint
 
     cache = OnnxCache(tmp_path / "cache")
     a = _checkpoint(tmp_path / "a.pt", seed=0)

@@ -13,10 +13,10 @@ from export.pipeline.release import run_export
 from serve.core.card import ModelCard
 from serve.core.model_config import parse_config
 from tests.helpers import CIFAR, SHARED
-from train.checkpoint import checkpoint_from_model, save_checkpoint
-from train.data import Preprocess
-from train.datasets import dataset_split
-from train.models import ARCHS, arch_options, build_model
+from train.data.datasets import dataset_split
+from train.data.preprocess import Preprocess
+from train.models.archs import ARCHS, arch_options, build_model
+from train.models.checkpoint import checkpoint_from_model, save_checkpoint
 
 pytestmark = pytest.mark.slow  # trains or exports real models: not in `make test-fast`
 
@@ -105,7 +105,7 @@ def test_every_arch_exports_and_passes_parity(
     else:
         model = _calibrated(arch, batchnorm, calib, extra)
     if imagenet:
-        from train.models import replace_head
+        from train.models.archs import replace_head
 
         replace_head(model, arch, len(classes))
         model.eval()

@@ -18,7 +18,7 @@ from serve.core.card import ModelCard
 from serve.core.files import sha256, versions
 from serve.core.model_config import parse_config
 from tests.helpers import ROOT, run_cli
-from train.checkpoint import load_checkpoint
+from train.models.checkpoint import load_checkpoint
 
 STAGE_KEYS = {
     "name",

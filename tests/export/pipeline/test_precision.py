@@ -22,8 +22,8 @@ from serve.core.card import ModelCard
 from serve.core.files import versions
 from serve.core.model_config import config_text, parse_config
 from tests.helpers import ROOT, SHARED, run_cli
-from train.checkpoint import checkpoint_from_model, save_checkpoint
-from train.models import build_model
+from train.models.archs import build_model
+from train.models.checkpoint import checkpoint_from_model, save_checkpoint
 
 STAGES = [
     "onnxruntime-fp32",

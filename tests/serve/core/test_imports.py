@@ -1,8 +1,9 @@
 """The house has one direction: train -> serve.core and serve.backend, export -> train and
-serve, and inside serve and export their rooms in layers (serve: backend - self-contained,
-it runs inside Triton - core, client, runtime, tools, deploy on core; export: checks,
-formats, triton, pipeline, tools, cli); serve imports neither train nor export, no module is
-in an import circle, and every serve module imports with torch absent."""
+serve, and inside serve, export and train their rooms in layers (serve: backend -
+self-contained, it runs inside Triton - core, client, runtime, tools, deploy on core;
+export: checks, formats, triton, pipeline, tools, cli; train: config, data, models, run,
+tools, cli); serve imports neither train nor export, no module is in an import circle, and
+every serve module imports with torch absent."""
 
 from __future__ import annotations
 
@@ -29,9 +30,22 @@ SERVE_ROOMS = (
     "serve.tools",
     "serve.deploy",
 )
+BASE = {"serve.backend", "serve.core"}
+# train's rooms, bottom first: the config (torch-free: the Makefile reads a recipe
+# setting through it), the data, the models (archs, weights, the checkpoint file), the
+# run (its state and functions), the research tools over the run; train/cli.py (and
+# __main__, __init__) over all of them. Each may import the rooms below it and BASE.
+TRAIN_LAYERS = (
+    "train.config",
+    "train.data",
+    "train.models",
+    "train.run",
+    "train.tools",
+)
+TRAIN_ROOMS = {room: {*TRAIN_LAYERS[: i + 1], *BASE} for i, room in enumerate(TRAIN_LAYERS)}
 # export's rooms, bottom first: measuring and judging (checks), the model files (formats),
 # the model repository (triton), the export run (pipeline), the tools around it, the CLI
-# over all of them. Each may import the rooms below it, train and serve.
+# over all of them. Each may import the rooms below it, train's and serve's.
 EXPORT_LAYERS = (
     "export.checks",
     "export.formats",
@@ -42,11 +56,10 @@ EXPORT_LAYERS = (
     "export.cli",
 )
 EXPORT_ROOMS = {
-    room: {*EXPORT_LAYERS[: i + 1], "train", "serve", *SERVE_ROOMS}
+    room: {*EXPORT_LAYERS[: i + 1], "train", *TRAIN_LAYERS, "serve", *SERVE_ROOMS}
     for i, room in enumerate(EXPORT_LAYERS)
 }
-ROOMS = (*SERVE_ROOMS, *EXPORT_LAYERS)
-BASE = {"serve.backend", "serve.core"}
+ROOMS = (*SERVE_ROOMS, *EXPORT_LAYERS, *TRAIN_LAYERS)
 ALLOWED = {
     "serve.backend": {"serve.backend"},
     "serve.core": BASE,
@@ -55,7 +68,8 @@ ALLOWED = {
     "serve.tools": {*BASE, "serve.client", "serve.runtime", "serve.tools"},
     "serve.deploy": {*BASE, "serve.deploy"},
     "serve": {"serve", *SERVE_ROOMS},
-    "train": {"train", *BASE},
+    **TRAIN_ROOMS,
+    "train": {"train", *TRAIN_LAYERS, *BASE},  # train/cli.py, __init__.py, __main__.py
     **EXPORT_ROOMS,
     "export": {"export", "export.cli"},  # export/__init__.py, __main__.py
 }
@@ -76,7 +90,7 @@ SERVE_MODULES = sorted(
 def _room(module: str) -> str:
     """The room a module of ours belongs to: ``serve.core`` for serve/core/files.py,
     ``export.checks`` for export/checks/parity.py, ``serve`` for serve/cli/run.py,
-    ``train`` for anything under train/."""
+    ``train.run`` for train/run/trainer.py, ``train`` for train/cli.py."""
     parts = module.split(".")
     if len(parts) > 1 and ".".join(parts[:2]) in ROOMS:
         return ".".join(parts[:2])
@@ -102,7 +116,7 @@ def test_import_graph_has_one_direction() -> None:
     """Every import goes down: train -> serve.core, serve.backend; export -> train, serve;
     inside serve backend <- core <- client <- runtime <- tools, deploy -> core; inside
     export checks <- formats <- runners <- triton <- pipeline <- tools <- cli."""
-    assert {"serve.core.card", "serve.runtime.stack", "train.trainer"} <= MODULES.keys()
+    assert {"serve.core.card", "serve.runtime.stack", "train.run.trainer"} <= MODULES.keys()
     assert {"export.checks.parity", "export.pipeline.release"} <= MODULES.keys()
     stray = [m for m in MODULES if m.startswith("export.") and _room(m) == "export"]
     assert stray == ["export.__main__"], f"export modules outside a room: {stray}"

@@ -25,7 +25,8 @@ from serve.backend.preprocess import (
     preprocess,
 )
 from tests.helpers import child_pids, expensive_jpeg, wait_until
-from train.data import Preprocess, load_rgb
+from train.data.datasets import load_rgb
+from train.data.preprocess import Preprocess
 
 
 def test_matches_torchvision_eval_transform_on_every_val_image(val_images: list[Path]) -> None:

@@ -38,7 +38,7 @@ ANTSBEES_RECIPES = (
 
 
 def _resnet18_weights_available(timeout: float) -> tuple[bool, str]:
-    from train.pretrained import PretrainedUnavailable, torchvision_resnet18_state_dict
+    from train.models.pretrained import PretrainedUnavailable, torchvision_resnet18_state_dict
 
     try:
         torchvision_resnet18_state_dict(timeout)
@@ -180,9 +180,9 @@ def merge_previous(report: dict[str, Any], previous: Path) -> None:
 
 def images_per_second(arch: str, batch: int = 128, steps: int = 5) -> dict[str, Any]:
     """Training (forward+backward+SGD step) and inference throughput at 32x32
-    (train.modules.throughput: the same measurement as the Inception module comparison)."""
-    from train.models import build_model
-    from train.modules import throughput
+    (train.tools._speed.throughput: the same measurement as the Inception modules')."""
+    from train.models.archs import build_model
+    from train.tools._speed import throughput
 
     model = build_model(arch, 10)
     speed = throughput(model, (3, 32, 32), batch, steps, classes=10)
@@ -287,8 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(a: argparse.Namespace) -> int:
     """``python -m train bench``: see the module docstring."""
-    from train.models import ARCHS
-    from train.modules import torch_machine
+    from train.models.archs import ARCHS
+    from train.tools._speed import torch_machine
 
     out = Path(a.out)
     runs = out / "runs"

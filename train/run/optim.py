@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch.optim import lr_scheduler as S
@@ -24,7 +25,8 @@ def build_optimizer(
             weight_decay=cfg.weight_decay,
         )
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    betas = cast(tuple[float, float], tuple(cfg.betas))  # two values: Adam unpacks them
+    return cls(params, lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
 
 
 class InverseTime:

@@ -1,18 +1,16 @@
-"""Image datasets and the transforms of the PyTorch transfer-learning recipe."""
+"""A model's preprocessing: the eval geometry and normalization it records, and the
+training transforms (the PyTorch transfer-learning recipe's and CIFAR's augmentation)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from torchvision import datasets
 from torchvision import transforms as T
 
 from serve.backend.errors import UsageError
-from serve.backend.preprocess import DEFAULT_INTERPOLATION, IMAGE_EXTENSIONS, load_image
+from serve.backend.preprocess import DEFAULT_INTERPOLATION
 from serve.core.card import Preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,8 +30,8 @@ class Preprocess:
 
     resize: int = 256
     crop: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN  # 3 values (checked)
+    std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = DEFAULT_INTERPOLATION
     augment: str = "random-resized-crop"
     padding: int = 4
@@ -138,62 +136,3 @@ class _ToFloat:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float32)
-
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode a served-format image, apply EXIF orientation, convert to RGB.
-
-    The same decoder the (torch-free) client and the server use, so training,
-    evaluation and serving see identical pixels. Raises ImageError naming the file.
-    """
-    return load_image(path)
-
-
-__all__ = ["IMAGE_EXTENSIONS", "Preprocess", "load_rgb"]
-
-
-def is_image_file(path: str) -> bool:
-    """True for the file extensions we read (see IMAGE_EXTENSIONS), case-insensitive."""
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def check_image_folder(root: Path, split: str) -> Path:
-    """Return ``root/split`` after checking it is an ImageFolder with class subfolders."""
-    split_dir = root / split
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
-    if not split_dir.is_dir():
-        raise FileNotFoundError(
-            f"data folder {root} has no '{split}/' subfolder (expected {root}/train/<class>/*.jpg "
-            f"and {root}/val/<class>/*.jpg)"
-        )
-    classes = [p for p in split_dir.iterdir() if p.is_dir()]
-    if not classes:
-        raise UsageError(
-            f"{split_dir} has no class subfolders (expected {split_dir}/<class>/*.jpg)"
-        )
-    return split_dir
-
-
-def image_folder(root: Path, split: str, transform: Any) -> datasets.ImageFolder:
-    """An ImageFolder over ``root/split`` that reads every image as RGB via :func:`load_rgb`."""
-    return datasets.ImageFolder(
-        str(check_image_folder(root, split)),
-        transform=transform,
-        loader=load_rgb,
-        is_valid_file=is_image_file,
-    )
-
-
-def build_datasets(
-    root: str | Path, pre: Preprocess
-) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
-    """Train and val datasets for an ImageFolder root; their class lists must agree."""
-    root = Path(root)
-    train = image_folder(root, "train", pre.train_transform())
-    val = image_folder(root, "val", pre.eval_transform())
-    if train.classes != val.classes:
-        raise UsageError(
-            f"train classes {train.classes} and val classes {val.classes} differ in {root}"
-        )
-    return train, val

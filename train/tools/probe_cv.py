@@ -23,10 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from serve.core.files import atomic_write_json
-from train.data import Preprocess, image_folder
-from train.models import build_model
-from train.pretrained import OFFLINE_MEAN, OFFLINE_STD, efficientnet_lite0_state_dict
-from train.select import stratified_indices
+from train.data.datasets import image_folder
+from train.data.preprocess import Preprocess
+from train.models.archs import build_model, get_head
+from train.models.pretrained import OFFLINE_MEAN, OFFLINE_STD, efficientnet_lite0_state_dict
+from train.tools.kfold import stratified_indices
 
 log = logging.getLogger(__name__)
 ANT_BEE = [310, 309]  # ImageNet "ant", "bee" in class order (ants, bees)
@@ -45,7 +46,8 @@ def features(data: Path, views: int = 2) -> dict[str, Any]:
     model = build_model("efficientnet_lite0", 1000)
     state, _ = efficientnet_lite0_state_dict(model)
     model.load_state_dict(state)
-    head = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
+    classifier = get_head(model, "efficientnet_lite0")
+    head = (classifier.weight.detach().clone(), classifier.bias.detach().clone())
     model.classifier = nn.Identity()
     model.eval().to(memory_format=torch.channels_last)
     pre = Preprocess(mean=OFFLINE_MEAN, std=OFFLINE_STD, rrc_scale=(0.25, 1.0))

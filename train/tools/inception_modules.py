@@ -21,28 +21,12 @@ import torch
 from torch import nn
 
 from serve.core.files import atomic_write_json
+from train.tools._speed import throughput, torch_machine
 
 log = logging.getLogger(__name__)
 
 # Module positions measured: (Table 1 name, input channels of the reduced network, px)
 MODULES = (("3a", 192, 32), ("4e", 528, 16))
-
-
-def torch_machine() -> dict[str, Any]:
-    """The machine a training benchmark ran on: CPU, cores, torch and its threads, GPU,
-    and the load average (over the core count: other work shared the CPU)."""
-    import torch
-
-    from serve.core.machine import cpu_model
-
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": str(torch.__version__),
-        "threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "loadavg_1m": round(os.getloadavg()[0], 2),  # > cores: other work shares the CPU
-    }
 
 
 def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
@@ -55,44 +39,13 @@ def count_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops())
 
 
-def throughput(
-    model: nn.Module, shape: tuple[int, ...], batch: int, steps: int, classes: int = 0
-) -> dict[str, float]:
-    """Training (forward, backward, SGD step) and inference images/s after one warm-up
-    step each. ``classes``: cross-entropy on random labels; 0: the mean square of the
-    output (a module alone)."""
-    x = torch.randn(batch, *shape)
-    y = torch.randint(0, max(classes, 1), (batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-
-    def loss_of(out: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(out, y) if classes else out.square().mean()
-
-    model.train()
-    for i in range(steps + 1):
-        if i == 1:
-            t0 = time.perf_counter()
-        opt.zero_grad()
-        loss_of(model(x)).backward()
-        opt.step()
-    train = batch * steps / (time.perf_counter() - t0)
-    model.eval()
-    with torch.inference_mode():
-        model(x)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            model(x)
-        infer = batch * steps / (time.perf_counter() - t0)
-    return {"train_images_per_s": round(train, 2), "infer_images_per_s": round(infer, 2)}
-
-
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def measure_module(name: str, cin: int, px: int, batch: int, steps: int) -> list[dict[str, Any]]:
     """Naive vs reduced Inception module ``name`` (its Table 1 widths) on ``cin`` x px x px."""
-    from train.cifar_models import INCEPTION_V1, Inception
+    from train.models.cifar import INCEPTION_V1, Inception
 
     rows = []
     for kind in ("naive", "reduced"):
@@ -115,7 +68,7 @@ def measure_module(name: str, cin: int, px: int, batch: int, steps: int) -> list
 
 def measure_network(kind: str, batch: int, steps: int) -> dict[str, Any]:
     """The whole 32 px GoogLeNet (no auxiliary classifiers) with ``kind`` modules."""
-    from train.cifar_models import CifarGoogLeNet
+    from train.models.cifar import CifarGoogLeNet
 
     torch.manual_seed(0)
     model = CifarGoogLeNet(10, inception=kind)
@@ -195,7 +148,7 @@ def run(a: argparse.Namespace) -> int:
         rows += measure_module(name, cin, px, a.module_batch, a.steps)
     rows.append(measure_network("naive", a.naive_net_batch, a.steps))
     rows.append(measure_network("reduced", a.net_batch, a.steps))
-    report = {
+    report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {**torch_machine(), "loadavg_1m_start": round(load0, 2)},
         "flops": "torch.utils.flop_counter.FlopCounterMode, forward, 2 per multiply-add",

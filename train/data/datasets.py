@@ -13,21 +13,81 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import datasets
 
 from serve.backend.errors import UsageError
+from serve.backend.preprocess import IMAGE_EXTENSIONS, load_image
 from serve.core.sampling import stratified
-from train.data import image_folder
+from train.data.preprocess import Preprocess
 
 KINDS = ("auto", "imagefolder", "npz", "cifar10", "cifar100")
 NPZ_TRAIN = ("train.npz", "train_subset_5k.npz")
 NPZ_VAL = ("val.npz", "test.npz")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode a served-format image, apply EXIF orientation, convert to RGB.
+
+    The same decoder the (torch-free) client and the server use, so training,
+    evaluation and serving see identical pixels. Raises ImageError naming the file.
+    """
+    return load_image(path)
+
+
+
+def is_image_file(path: str) -> bool:
+    """True for the file extensions we read (see IMAGE_EXTENSIONS), case-insensitive."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_image_folder(root: Path, split: str) -> Path:
+    """Return ``root/split`` after checking it is an ImageFolder with class subfolders."""
+    split_dir = root / split
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"data folder {root} has no '{split}/' subfolder (expected {root}/train/<class>/*.jpg "
+            f"and {root}/val/<class>/*.jpg)"
+        )
+    classes = [p for p in split_dir.iterdir() if p.is_dir()]
+    if not classes:
+        raise UsageError(
+            f"{split_dir} has no class subfolders (expected {split_dir}/<class>/*.jpg)"
+        )
+    return split_dir
+
+
+def image_folder(root: Path, split: str, transform: Any) -> datasets.ImageFolder:
+    """An ImageFolder over ``root/split`` that reads every image as RGB via :func:`load_rgb`."""
+    return datasets.ImageFolder(
+        str(check_image_folder(root, split)),
+        transform=transform,
+        loader=load_rgb,
+        is_valid_file=is_image_file,
+    )
+
+
+def build_datasets(
+    root: str | Path, pre: Preprocess
+) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """Train and val datasets for an ImageFolder root; their class lists must agree."""
+    root = Path(root)
+    train = image_folder(root, "train", pre.train_transform())
+    val = image_folder(root, "val", pre.eval_transform())
+    if train.classes != val.classes:
+        raise UsageError(
+            f"train classes {train.classes} and val classes {val.classes} differ in {root}"
+        )
+    return train, val
 
 
 class ArrayDataset(Dataset):
@@ -118,8 +178,6 @@ def dataset_split(
         return image_folder(data, split, transform)
     if kind == "npz":
         return load_npz(_npz_file(data, split), transform)
-    from torchvision import datasets
-
     cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
     try:
         return cls(str(data), train=split == "train", transform=transform, download=download)
@@ -130,10 +188,16 @@ def dataset_split(
         ) from e
 
 
+def classes_of(ds: Dataset) -> list[str]:
+    """The class names of a dataset of ours: every one names them (ImageFolder, the NumPy
+    and CIFAR datasets, :func:`subset`), though torch's Dataset type does not say so."""
+    return list(ds.classes)  # type: ignore[attr-defined]
+
+
 def subset(ds: Dataset, n: int, seed: int) -> Dataset:
     """A fixed stratified sample of ``n`` items (every class in proportion; all when n
     <= 0; serve/core/sampling.py), keeping classes/targets."""
-    if n <= 0 or n >= len(ds):
+    if n <= 0 or n >= len(cast(Sized, ds)):
         return ds
     sub = torch.utils.data.Subset(ds, stratified(ds.targets, n, seed))  # type: ignore[attr-defined]
     sub.classes = ds.classes  # type: ignore[attr-defined]

@@ -56,7 +56,8 @@ def stratified_indices(labels: list[int], k: int, seed: int = 0) -> list[list[in
     balance."""
     if k < 2:
         raise UsageError(f"folds must be >= 2, got {k}")
-    rng, out = random.Random(seed), [[] for _ in range(k)]
+    rng = random.Random(seed)
+    out: list[list[int]] = [[] for _ in range(k)]
     for c in sorted(set(labels)):
         idx = [i for i, t in enumerate(labels) if t == c]
         rng.shuffle(idx)
@@ -68,7 +69,7 @@ def stratified_indices(labels: list[int], k: int, seed: int = 0) -> list[list[in
 def stratified_folds(root: Path, k: int, seed: int = 0) -> list[dict[str, list[Path]]]:
     """``k`` folds of ``root/train``: per fold, class -> held-out image paths
     (:func:`stratified_indices` over the files in sorted order)."""
-    from train.data import is_image_file  # torch: not for --help
+    from train.data.datasets import is_image_file  # torch: not for --help
 
     train = root / "train"
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())
@@ -108,7 +109,7 @@ def materialize_fold(folds: list[dict[str, list[Path]]], i: int, dest: Path) -> 
 def score_run(cand: Candidate, data: Path, out: Path, seed: int) -> dict[str, Any]:
     """Train ``cand`` on one fold; the held-out result of its last epoch."""
     from train.config import resolve_config
-    from train.trainer import Run
+    from train.run.trainer import Run
 
     cfg = resolve_config(
         cand.recipe,

@@ -126,7 +126,7 @@ class CifarResNet18(nn.Module):
         return self.linear(out.mean(dim=(2, 3)))
 
 
-VGG_CFG = {
+VGG_CFG: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg16": [
         64,
@@ -280,7 +280,7 @@ class Inception(nn.Module):
             self.branch5 = nn.Sequential(
                 _conv_bn_relu(cin, r5, 1, batchnorm), _conv_bn_relu(r5, n5, 5, batchnorm)
             )
-            self.pool = nn.Sequential(
+            self.pool: nn.Module = nn.Sequential(
                 nn.MaxPool2d(3, stride=1, padding=1), _conv_bn_relu(cin, pp, 1, batchnorm)
             )
             self.out_channels = n1 + n3 + n5 + pp

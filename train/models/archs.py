@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from torch import nn
 
 from serve.backend.errors import UsageError
-from train.data import IMAGENET_MEAN, IMAGENET_STD
+from train.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class ArchSpec:
     resize: int
     crop: int
     augment: str
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     options: tuple[str, ...] = ()
     description: str = ""
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -64,7 +64,7 @@ def _googlenet_cifar(
     aux: bool = False,
     width: float = 1.0,
 ) -> nn.Module:
-    from train.cifar_models import CifarGoogLeNet
+    from train.models.cifar import CifarGoogLeNet
 
     return CifarGoogLeNet(num_classes, batchnorm, dropout, inception, aux, width)
 
@@ -85,7 +85,7 @@ def _efficientnet_lite0(num_classes: int) -> nn.Module:
 
 def _cifar(kind: str, depth: int | str = 0) -> Callable[..., nn.Module]:
     def build(num_classes: int, batchnorm: bool = True, dropout: float = 0.5) -> nn.Module:
-        from train import cifar_models as cm
+        from train.models import cifar as cm
 
         if kind == "resnet":
             return cm.CifarResNet((int(depth) - 2) // 6, num_classes, batchnorm)
@@ -98,8 +98,17 @@ def _cifar(kind: str, depth: int | str = 0) -> Callable[..., nn.Module]:
     return build
 
 
-_IMAGENET = {"family": "imagenet", "resize": 256, "crop": 224, "augment": "random-resized-crop"}
-_CIFAR = {"family": "cifar", "resize": 32, "crop": 32, "augment": "pad-crop"}
+class _Family(TypedDict):
+    """What every architecture of a family shares: its input size and augmentation."""
+
+    family: str
+    resize: int
+    crop: int
+    augment: str
+
+
+_IMAGENET = _Family(family="imagenet", resize=256, crop=224, augment="random-resized-crop")
+_CIFAR = _Family(family="cifar", resize=32, crop=32, augment="pad-crop")
 
 ARCHS: dict[str, ArchSpec] = {
     "resnet18": ArchSpec(
@@ -206,7 +215,7 @@ def arch_options(
         )
     with_inception = [n for n, s in ARCHS.items() if "inception" in s.options]
     if "inception" in spec.options:
-        from train.cifar_models import INCEPTION_KINDS
+        from train.models.cifar import INCEPTION_KINDS
 
         kind = inception or "reduced"
         if kind not in INCEPTION_KINDS:
