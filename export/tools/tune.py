@@ -41,6 +41,8 @@ from serve.core.flags import add_flags, build
 from serve.core.model_config import config_text, parse_config
 from serve.core.names import image_model_name, preprocess_model_name
 from serve.tools import perf_analyzer as pa
+from serve.tools import perf_analyzer_install as pa_install
+from serve.tools import perf_analyzer_profile as pa_profile
 from serve.tools.bench_inputs import bench_inputs, write_input_data
 from serve.tools.bench_server import bench_server_options, bench_stack
 
@@ -145,7 +147,7 @@ def search(cfg: TuneConfig, work: Path) -> tuple[list[Trial], dict[str, Any]]:
                     _reload(client, cfg.model, headers)
                     # through the front's owner listener, in Triton's namespace (no key)
                     trial.points = measure(srv.perf_url("grpc"), cfg, data)
-                except (pa.PerfAnalyzerError, TimeoutError, Exception) as e:  # noqa: BLE001
+                except (pa_install.PerfAnalyzerError, TimeoutError, Exception) as e:  # noqa: BLE001
                     trial.error = str(e).splitlines()[0][:300]  # recorded; the search goes on
                 log.info("%-16s %s", trial.knobs.label, trial.error or _describe(trial, cfg.p99_ms))
         finally:
@@ -159,7 +161,7 @@ def measure(where: tuple[str, int], cfg: TuneConfig, data: Path) -> list[Point]:
     url, netns_pid = where
     points = []
     for conc in cfg.concurrency:
-        profile = pa.Profile(
+        profile = pa_profile.Profile(
             model=cfg.model,
             url=url,
             netns_pid=netns_pid,

@@ -11,7 +11,7 @@ from typing import Any
 from export.tools.tune_config import TuneConfig
 from export.tools.tune_trials import Trial
 from serve.core.machine import machine_info
-from serve.tools import perf_analyzer as pa
+from serve.tools import perf_analyzer_install as pa_install
 
 
 def report(cfg: TuneConfig, trials: list[Trial], facts: dict[str, Any]) -> dict:
@@ -32,7 +32,7 @@ def report(cfg: TuneConfig, trials: list[Trial], facts: dict[str, Any]) -> dict:
         "p99_budget_ms": budget,
         "objective": "max throughput over the concurrency levels whose p99 <= budget",
         "search": "perf_analyzer over the grid, one bundled server, reload per candidate",
-        "load_generator": {"tool": "perf_analyzer", "version": pa.version()},
+        "load_generator": {"tool": "perf_analyzer", "version": pa_install.version()},
         # the command, then every setting (as the parsed arguments recorded them)
         "settings": {"command": "tune", **asdict(cfg)},
         "trials": [

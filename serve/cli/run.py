@@ -13,8 +13,8 @@ from serve.core.cli_common import (
     env_int,
 )
 from serve.core.flags import Flag, add_flags, build
+from serve.runtime.limits import FrontLimits
 from serve.runtime.server_options import LOOPBACK, ServerOptions
-from serve.runtime.stack import FrontLimits
 from serve.runtime.triton_server import exec_server, run_supervised
 
 log = logging.getLogger("serve.cli")

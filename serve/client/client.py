@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 
 from serve.backend.preprocess import DEFAULT_LIMITS, ImageError, ImageSource, Limits, describe
-from serve.client.classifier_base import (  # noqa: F401 - read_bytes re-exported
+from serve.client.classifier_base import (
     ClassifierBase,
-    read_bytes,
     server_image_error,
 )
 from serve.client.connect import DEFAULT_URLS, make_client, protocol_module
@@ -60,7 +59,7 @@ def local_replicas(url: str, key: str | None) -> list[str]:
     return [r.name for r in reps if r.local] if len(reps) > 1 else []
 
 
-__all__ = ["Classifier", "DEFAULT_URLS"]
+__all__ = ["Classifier"]
 
 
 class Classifier(ClassifierBase):

@@ -36,10 +36,8 @@ from serve.tools.bench_inputs import (
 )
 from serve.tools.bench_report import FRONT_AB_ROUNDS, front_cost, mark_levels
 from serve.tools.bench_server import ExternalServer, server_context
-from serve.tools.bench_triton import (  # noqa: F401 - re-exported
-    PaSettings,
+from serve.tools.bench_triton import (
     compare_to,
-    level_from_row,
     load_generator,
     loads,
     triton_levels,

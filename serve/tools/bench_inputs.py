@@ -20,7 +20,7 @@ from serve.core.card import ModelCard
 from serve.core.files import atomic_write_json, latest_version
 from serve.core.names import IMAGE_INPUT, INPUT_NAME
 from serve.core.sampling import stratified
-from serve.tools import perf_analyzer as pa
+from serve.tools import perf_analyzer_profile as pa_profile
 from serve.tools.loadgen import Level, level, measure
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,9 @@ def write_input_data(inputs: BenchInputs, model: str, out_dir: Path) -> dict[str
     pixels) and ``raw`` (the encoded files for the image pipeline's BYTES input)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pixels = [np.ascontiguousarray(x, dtype="<f4").tobytes() for x in inputs.pixels]
-    raw = [pa.bytes_element(bytes(r[0])) for r in inputs.raw]
+    raw = [pa_profile.bytes_element(bytes(r[0])) for r in inputs.raw]
     files = {
-        "tensor": pa.input_data_json(INPUT_NAME, pixels),
-        "raw": pa.input_data_json(IMAGE_INPUT, raw, [1]),
+        "tensor": pa_profile.input_data_json(INPUT_NAME, pixels),
+        "raw": pa_profile.input_data_json(IMAGE_INPUT, raw, [1]),
     }
     return {k: atomic_write_json(out_dir / f"{model}-{k}.json", v) for k, v in files.items()}

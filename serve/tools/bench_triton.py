@@ -16,6 +16,8 @@ from tqdm import tqdm
 from serve.core import auth
 from serve.core.names import image_model_name
 from serve.tools import perf_analyzer as pa
+from serve.tools import perf_analyzer_install as pa_install
+from serve.tools import perf_analyzer_profile as pa_profile
 from serve.tools.bench_config import BenchConfig, Distribution
 from serve.tools.bench_inputs import BenchInputs, write_input_data
 from serve.tools.bench_server import _delta, _server_stats, admin_key
@@ -72,14 +74,14 @@ def _profile(
     batch: int,
     data: str,
     direct: bool = False,
-) -> pa.Profile:
+) -> pa_profile.Profile:
     """The perf_analyzer run of one level against ``target`` on ``srv``: through the
     front's owner listener (``direct``: Triton itself), inside the server's namespaces,
     with no key in its argv."""
     protocol, _, conc, rate = combo
     wire, shm = ("grpc", "system") if protocol == "grpc-shm" else (protocol, "none")
     url, netns_pid = srv.perf_url(wire, direct)
-    return pa.Profile(
+    return pa_profile.Profile(
         model=target,
         url=url,
         netns_pid=netns_pid,
@@ -190,7 +192,9 @@ def compare_to(lv: Level, baselines: list[Level]) -> None:
         )
 
 
-def level_from_row(result: pa.Result, backend: str, kind: str, batch: int, precision: str) -> Level:
+def level_from_row(
+    result: pa_profile.Result, backend: str, kind: str, batch: int, precision: str
+) -> Level:
     """A report row from perf_analyzer's (single-level) CSV."""
     row = result.rows[-1]
     return Level(
@@ -217,8 +221,8 @@ def load_generator(cfg: BenchConfig) -> dict[str, Any]:
     """The report's ``load_generator``: the tool, its version and how it measured."""
     return {
         "tool": "perf_analyzer",
-        "version": pa.version(),
-        "source": f"tritonclient {pa.VERSION} wheel (bin/perf_analyzer)",
+        "version": pa_install.version(),
+        "source": f"tritonclient {pa_install.VERSION} wheel (bin/perf_analyzer)",
         "settings": asdict(PaSettings.from_config(cfg)),
         "in_process": "serve.tools.loadgen: closed loop, 3 windows within 10% (the baselines)",
     }

@@ -33,31 +33,16 @@ from pathlib import Path
 
 from serve.core.cli_common import tool_main
 from serve.core.errors import SetupError
-from serve.tools.perf_analyzer_install import (  # noqa: F401 - re-exported
-    NEEDS,
-    VERSION,
-    WHEEL_FILE,
-    WHEEL_MEMBER,
-    WHEEL_SHA256,
-    WHEEL_SPEC,
+from serve.tools.perf_analyzer_install import (
     PerfAnalyzerError,
     bin_dir,
-    cudart_dir,
-    fetch_wheel,
     find_binary,
     install,
-    missing_libraries,
     version,
-    wrapper_script,
 )
-from serve.tools.perf_analyzer_profile import (  # noqa: F401 - re-exported
-    MIN_REQUESTS_PER_WINDOW,
-    US_PER_MS,
+from serve.tools.perf_analyzer_profile import (
     Profile,
     Result,
-    Row,
-    bytes_element,
-    input_data_json,
     parse_csv,
 )
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from serve.client.admin import read_metrics
 from serve.tools import perf_analyzer as pa
+from serve.tools import perf_analyzer_profile as pa_profile
 from serve.tools.bench_config import BenchConfig
 from serve.tools.proc_stats import cpu_seconds, descendants
 
@@ -88,7 +89,7 @@ def compare(cfg: BenchConfig, data: Path, replicas: int) -> dict[str, Any]:
         for rnd in range(ROUNDS):
             for name, srv in stacks.items():
                 url, pid = srv.perf_url("grpc")
-                profile = pa.Profile(
+                profile = pa_profile.Profile(
                     model=cfg.model,
                     url=url,
                     netns_pid=pid,

@@ -248,7 +248,8 @@ def test_a_flood_beyond_the_queue_bound_is_rejected_fast(model_repo, tmp_path):
     model.py underneath), so what is refused does not depend on how fast a loaded client
     sends. (Pausing the stub with SIGSTOP instead crashed Triton 2.51's python backend
     once under load: boost lock_exception in ModelInstanceExecute.)"""
-    from serve.runtime.stack import FrontLimits, PublicServer
+    from serve.runtime.limits import FrontLimits
+    from serve.runtime.stack import PublicServer
 
     published = (model_repo / "antsbees" / "config.pbtxt").read_text()
     assert not parse_config(published).dynamic_batching.HasField("default_queue_policy")
@@ -317,7 +318,8 @@ def test_the_queue_is_bounded_in_bytes_too(model_repo, tmp_path):
     second batch is refused as server busy while the first is inside Triton - on HTTP
     and gRPC - and single-image requests still get in; released, all are answered."""
     from serve.core.errors import classify_error
-    from serve.runtime.stack import FrontLimits, PublicServer
+    from serve.runtime.limits import FrontLimits
+    from serve.runtime.stack import PublicServer
 
     opts, gate = _wrapped_repo(model_repo, tmp_path, GATED_MODEL)
     # 16 requests of up to 1 MiB (one image each), and one batch (the rest of 32 MiB)
@@ -448,7 +450,8 @@ def test_one_client_gets_at_most_its_concurrency_share(model_repo, tmp_path):
     """``--max-per-client``: the front counts one address's requests in flight (HTTP/2
     streams of one connection too); over the share they are refused at once with a clear
     error while the others are answered, so one client cannot take the whole queue."""
-    from serve.runtime.stack import FrontLimits, PublicServer
+    from serve.runtime.limits import FrontLimits
+    from serve.runtime.stack import PublicServer
 
     opts, gate = _wrapped_repo(model_repo, tmp_path, GATED_MODEL)
     results: list[str] = []

@@ -43,8 +43,9 @@ MODULES = {"grpc": grpcclient, "http": httpclient}
 def front(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     """``serve run``'s stack on free loopback ports: HAProxy public, Triton private."""
     from serve.runtime.handle import free_port
+    from serve.runtime.limits import FrontLimits
     from serve.runtime.server_options import ServerOptions
-    from serve.runtime.stack import FrontLimits, PublicServer
+    from serve.runtime.stack import PublicServer
 
     opts = ServerOptions(
         model_repository=str(model_repo),
@@ -741,8 +742,9 @@ def test_tls_and_inference_key(model_repo, tmp_path, pixels):
     """``--tls-cert/--tls-key``: HTTPS and gRPC over TLS; ``--inference-key-file``:
     inference needs the key (header ``inference-key``), the admin key also passes."""
     from serve.runtime.handle import free_port
+    from serve.runtime.limits import FrontLimits
     from serve.runtime.server_options import ServerOptions
-    from serve.runtime.stack import FrontLimits, PublicServer
+    from serve.runtime.stack import PublicServer
 
     cert, key = _self_signed(tmp_path)
     opts = ServerOptions(

@@ -14,6 +14,8 @@ import pytest
 
 from serve.core import auth
 from serve.tools import perf_analyzer as pa
+from serve.tools import perf_analyzer_install as pa_install
+from serve.tools import perf_analyzer_profile as pa_profile
 from tests.helpers import HYMENOPTERA, run_cli
 
 RESULT_KEYS = {
@@ -32,15 +34,15 @@ RESULT_KEYS = {
 
 def _binary() -> Path:
     try:
-        return pa.find_binary()
-    except pa.PerfAnalyzerError as e:
+        return pa_install.find_binary()
+    except pa_install.PerfAnalyzerError as e:
         pytest.skip(f"perf_analyzer is not installed: {e}")
 
 
 def test_perf_analyzer_found_after_setup() -> None:
     binary = _binary()
-    assert pa.version(binary) == pa.VERSION  # the bundled tritonserver's version
-    assert pa.missing_libraries(binary.parent.parent / "libexec" / "perf_analyzer") == []
+    assert pa_install.version(binary) == pa_install.VERSION  # the bundled tritonserver's version
+    assert pa_install.missing_libraries(binary.parent.parent / "libexec" / "perf_analyzer") == []
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def bench_server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory):
     srv.stop()
 
 
-def _profile(server, protocol: str = "grpc", direct: bool = False, **kw) -> pa.Profile:
+def _profile(server, protocol: str = "grpc", direct: bool = False, **kw) -> pa_profile.Profile:
     """perf_analyzer where make bench runs it: in the server's namespaces, at the front's
     owner listener (``direct``: Triton's own port), with no key in its argv."""
     url, pid = server.perf_url(protocol, direct)
@@ -75,7 +77,7 @@ def _profile(server, protocol: str = "grpc", direct: bool = False, **kw) -> pa.P
         "max_trials": 6,
         "stability_percentage": 50,
     }
-    return pa.Profile(**{**base, **kw})
+    return pa_profile.Profile(**{**base, **kw})
 
 
 def _argv_with(secret: str) -> list[str]:
@@ -132,7 +134,7 @@ def test_perf_analyzer_csv_parsed_into_rows(
 
 def test_perf_analyzer_failure_names_the_command(bench_server, tmp_path: Path) -> None:
     profile = _profile(bench_server, model="no_such_model", concurrency=1)
-    with pytest.raises(pa.PerfAnalyzerError, match="no_such_model"):
+    with pytest.raises(pa_install.PerfAnalyzerError, match="no_such_model"):
         pa.run(profile, tmp_path / "out.csv")
 
 
@@ -148,8 +150,8 @@ def test_perf_analyzer_needs_no_key_in_its_argv(
     if not bench_server.in_namespace:
         pytest.skip(f"no private namespace here: {bench_server.private_why}")
     kw = {"concurrency": 1, "shared_memory": "system", "input_data": str(input_data["tensor"])}
-    public = pa.Profile(model="antsbees", url=bench_server.grpc_url, **kw)
-    with pytest.raises(pa.PerfAnalyzerError, match="admin key|not a public"):
+    public = pa_profile.Profile(model="antsbees", url=bench_server.grpc_url, **kw)
+    with pytest.raises(pa_install.PerfAnalyzerError, match="admin key|not a public"):
         pa.run(public, tmp_path / "out.csv")
     rows: list = []
     run = threading.Thread(
@@ -225,7 +227,7 @@ def test_bench_short_sweep(model_repo: Path, trained_run: Path, tmp_path: Path) 
     assert not leaks, leaks
     report = json.loads((tmp_path / "antsbees-latest.json").read_text())
     assert report["load_generator"]["tool"] == "perf_analyzer"
-    assert report["load_generator"]["version"] == pa.VERSION
+    assert report["load_generator"]["version"] == pa_install.VERSION
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["peak_gflops_fp32"] > 1 and machine["cpu"]
     assert report["gflop_per_image"] > 0.1
