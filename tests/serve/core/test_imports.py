@@ -253,3 +253,42 @@ def test_every_name_a_package_face_lists_imports() -> None:
                 except (AttributeError, ImportError) as e:
                     broken.append(f"{name}.{attr}: {e}")
     assert not broken, broken
+
+
+# pyplot with the headless backend chosen before its first import (serve/core/plots.py)
+FROM_ELSEWHERE = {"serve.core.plots.plt"}
+
+
+def _defined(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        targets += [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            elts = target.elts if isinstance(target, ast.Tuple) else [target]
+            names |= {e.id for e in elts if isinstance(e, ast.Name)}
+    return names
+
+
+def test_each_name_is_imported_from_the_module_that_defines_it() -> None:
+    """No module hands on another module's names: ``from serve.runtime.stack import
+    FrontLimits`` would make stack a second home of limits' class. Package faces
+    (``__init__``) are the exception by design (they point at the defining modules)."""
+    files = [*MODULES.values(), *sorted((ROOT / "tests").rglob("*.py"))]
+    wrong = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+                continue
+            source = MODULES.get(node.module)
+            if source is None or source.name == "__init__.py":
+                continue  # not ours, or a package face
+            defined = _defined(source)
+            for alias in node.names:
+                name = f"{node.module}.{alias.name}"
+                if alias.name not in defined and name not in MODULES and name not in FROM_ELSEWHERE:
+                    wrong.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not wrong, wrong
