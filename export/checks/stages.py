@@ -36,6 +36,16 @@ class PixelBatches:
         batches = [pixels[i : i + batch] for i in range(0, len(pixels), batch)]
         return cls(batches, np.zeros(0, np.int64), [], images)
 
+    def take(self, indices: np.ndarray, batch: int = 0) -> PixelBatches:
+        """The images at ``indices`` (pixels, labels, paths, encoded images), in batches
+        of ``batch`` (0: the size of these batches)."""
+        batch = batch or max(len(b) for b in self.batches)
+        taken = PixelBatches.of(np.concatenate(self.batches)[indices], batch)
+        taken.labels = self.labels[indices]
+        taken.paths = [self.paths[i] for i in indices]
+        taken.images = None if self.images is None else [self.images[i] for i in indices]
+        return taken
+
 
 class StageName(str, Enum):
     """One parity stage: a runtime running one model file at one precision."""

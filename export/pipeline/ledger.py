@@ -88,15 +88,7 @@ class Ledger:
 
     def pixels_of(self, indices: np.ndarray | None) -> PixelBatches:
         """The images at ``indices`` as pixel batches (all of them for None)."""
-        if indices is None:
-            return self.pixels
-        size = max(len(b) for b in self.pixels.batches)
-        every = np.concatenate(self.pixels.batches)[indices]
-        return PixelBatches(
-            [every[i : i + size] for i in range(0, len(every), size)],
-            self.pixels.labels[indices],
-            [self.pixels.paths[i] for i in indices],
-        )
+        return self.pixels if indices is None else self.pixels.take(indices)
 
     def skip(self, name: str, reference: str, reason: str) -> None:
         """Record stage ``name`` as skipped, with why."""

@@ -70,23 +70,13 @@ class SearchConfig:
             raise UsageError(f"calibration counts must be >= 0 (0: all), got {self.counts}")
 
 
-def _take(pixels: PixelBatches, index: np.ndarray, batch_size: int) -> PixelBatches:
-    """The images ``index`` of ``pixels``, re-batched."""
-    x = np.concatenate(pixels.batches)[index]
-    return PixelBatches(
-        [x[i : i + batch_size] for i in range(0, len(x), batch_size)],
-        pixels.labels[index],
-        [pixels.paths[i] for i in index],
-    )
-
-
 def split_training(pixels: PixelBatches, seed: int, batch_size: int) -> tuple[PixelBatches, ...]:
     """The training images cut in two halves (fixed seed): calibration, selection."""
     order = np.random.default_rng(seed).permutation(pixels.count)
     half = pixels.count // 2
     if half < 1:
         raise UsageError(f"{pixels.count} training images: need at least 2 to split")
-    return _take(pixels, order[:half], batch_size), _take(pixels, order[half:], batch_size)
+    return pixels.take(order[:half], batch_size), pixels.take(order[half:], batch_size)
 
 
 def _candidate_key(c: dict[str, Any]) -> tuple[float, float, int]:
@@ -115,7 +105,7 @@ def _try_candidate(
     method, per_channel, count = choice
     n = count or sets.calib.count
     cal = Calibration(count=n, method=method, per_channel=per_channel)
-    pixels = _take(sets.calib, np.arange(min(n, sets.calib.count)), cfg.batch_size)
+    pixels = sets.calib.take(np.arange(min(n, sets.calib.count)), cfg.batch_size)
     path = tmp / f"int8-{i}.onnx"
     t0 = time.perf_counter()
     details = quantize_int8(prepared, path, cal, pixels, tmp / f"cal-{i}.json")

@@ -61,3 +61,15 @@ def test_the_image_stage_needs_encoded_images() -> None:
     runner = TritonRunner("localhost:1", "m", StageName.TRITON_IMAGE)
     with pytest.raises(UsageError, match="encoded images"):
         runner.logits(PixelBatches.of(np.zeros((1, 3, 4, 4), np.float32)))
+
+
+def test_a_sample_of_the_images_keeps_each_ones_label_path_and_encoding() -> None:
+    pixels = np.arange(7 * 3 * 4 * 4, dtype=np.float32).reshape(7, 3, 4, 4)
+    whole = PixelBatches.of(pixels, batch=3, images=[bytes([i]) for i in range(7)])
+    whole.labels, whole.paths = np.arange(7) % 2, [f"img{i}.jpg" for i in range(7)]
+    sample = whole.take(np.array([5, 0, 6]))
+    assert [len(b) for b in sample.batches] == [3] and sample.count == 3
+    np.testing.assert_array_equal(np.concatenate(sample.batches), pixels[[5, 0, 6]])
+    assert list(sample.labels) == [1, 0, 0] and sample.paths == ["img5.jpg", "img0.jpg", "img6.jpg"]
+    assert sample.images == [b"\x05", b"\x00", b"\x06"]
+    assert [len(b) for b in whole.take(np.arange(7), batch=2).batches] == [2, 2, 2, 1]

@@ -190,12 +190,10 @@ def test_the_backend_runs_whole_in_a_version_folder(tmp_path: Path) -> None:
     ours = []
     for path in sorted(backend.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                ours += [
-                    f"{path.name}: {a.name}" for a in node.names if a.name.split(".")[0] in PACKAGES
-                ]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                ours += [f"{path.name}: {node.module}"] * (node.module.split(".")[0] in PACKAGES)
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            ours += [f"{path.name}: {n}" for n in names if n.split(".")[0] in PACKAGES]
     assert not ours, f"serve/backend must import its own files relatively: {ours}"
     version = tmp_path / "model" / "3"
     version.mkdir(parents=True)
